@@ -1,0 +1,34 @@
+"""fastq: message and background-task processing on pinned uvloop workers fed by shared-memory rings."""
+
+from fastq.errors import (
+    BrokerConnectionError,
+    ConfigError,
+    FastqError,
+    FrameTooLarge,
+    PeerLost,
+    RingBusy,
+    RingClosed,
+    RingCorrupt,
+    RingEmpty,
+    RingFull,
+    RingNotFound,
+    WorkerLost,
+)
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "BrokerConnectionError",
+    "ConfigError",
+    "FastqError",
+    "FrameTooLarge",
+    "PeerLost",
+    "RingBusy",
+    "RingClosed",
+    "RingCorrupt",
+    "RingEmpty",
+    "RingFull",
+    "RingNotFound",
+    "WorkerLost",
+    "__version__",
+]

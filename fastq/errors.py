@@ -1,0 +1,61 @@
+"""The FastqError tree. Each class mixes in the standard-library exception users already catch."""
+
+from __future__ import annotations
+
+import queue
+
+
+class FastqError(Exception):
+    """Base class for all fastq errors."""
+
+
+class ConfigError(FastqError, ValueError):
+    """Raised when a setting is invalid: a Config field, a broker URL, a ring's size or name."""
+
+
+class FrameTooLarge(FastqError, ValueError):
+    """Raised by ``put_many`` before anything is written when a frame can never fit in the ring."""
+
+
+class RingFull(FastqError, queue.Full):
+    """Raised by ``*_nowait`` puts, or on timeout, when the ring has no room.
+
+    ``written`` is how many frames of the call, counted from the first, were written before the
+    ring filled up: those are committed and the caller resends only ``frames[written:]``.
+    """
+
+    def __init__(self, message: str = "", written: int = 0) -> None:
+        super().__init__(message)
+        self.written = written
+
+
+class RingEmpty(FastqError, queue.Empty):
+    """Raised by ``*_nowait`` gets, or on timeout, when the ring holds no frame."""
+
+
+class RingClosed(FastqError):
+    """Raised when using a ring that was closed, by this handle or by the process at the other end."""
+
+
+class RingNotFound(FastqError, FileNotFoundError):
+    """Raised by ``Ring.attach`` when no ring has that name."""
+
+
+class RingBusy(FastqError):
+    """Raised when a second producer (or consumer) tries to use a single-producer single-consumer ring."""
+
+
+class RingCorrupt(FastqError):
+    """Raised when shared memory does not hold a ring of this fastq version, or was overwritten."""
+
+
+class PeerLost(RingClosed):
+    """The process at the other end of a ring died while this side waited on it."""
+
+
+class BrokerConnectionError(FastqError, ConnectionError):
+    """The broker went away; ``__cause__`` holds the underlying client's exception."""
+
+
+class WorkerLost(FastqError):
+    """A worker died while holding messages; they were requeued."""
