@@ -1,0 +1,662 @@
+"""Reference implementation of fastq._core: slow and obvious on purpose.
+
+Any behavioural difference from this module is a bug in _core.pyx. The layout constants, the
+naming helpers and the value types below are the contract both implementations share; _core.pyx
+imports them instead of defining them twice, and tests/unit/test_ring_layout.py checks that a ring
+written by one implementation reads back through the other.
+
+Memory ordering: this twin relies on aligned 8-byte memoryview loads and stores being single
+instructions and on the strong ordering of x86-64. It is the reference for behaviour and layout,
+not a transport for weakly ordered CPUs; _core.pyx uses C11 acquire/release atomics. A wake-up it
+misses (it has no store-load fence) costs at most WAIT_SLICE_SECONDS, never a hang.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import re
+import secrets
+import select
+import socket
+import struct
+import time
+from multiprocessing import resource_tracker, util
+from typing import Iterable, NamedTuple
+
+import _posixshmem
+
+from fastq.errors import (
+    ConfigError,
+    FrameTooLarge,
+    PeerLost,
+    RingBusy,
+    RingClosed,
+    RingCorrupt,
+    RingEmpty,
+    RingFull,
+    RingNotFound,
+)
+
+#: Bytes before the data area: 32 little-endian u64 slots, grouped in 64-byte lines by writer.
+HEADER_BYTES = 256
+#: First slot of every ring; the last byte is the layout version.
+MAGIC = int.from_bytes(b"fastqRg1", "little")
+
+# Slot numbers (index of a u64 in the header); RingHeader in _core.pxd has the same order.
+SLOT_MAGIC, SLOT_CAPACITY, SLOT_CLOSED = 0, 1, 2
+# Line 1 (bytes 64-127): written by the producer.
+SLOT_HEAD, SLOT_FRAMES_PUT, SLOT_PUTS_BLOCKED, SLOT_PEAK_USED = 8, 9, 10, 11
+SLOT_PRODUCER_PID, SLOT_PRODUCER_WAITING = 12, 13
+# Line 2 (bytes 128-191): written by the consumer.
+SLOT_TAIL, SLOT_FRAMES_GOT, SLOT_GETS_BLOCKED = 16, 17, 18
+SLOT_CONSUMER_PID, SLOT_CONSUMER_WAITING = 19, 20
+
+#: Each frame is a u32 length, the payload, and padding to FRAME_ALIGN.
+FRAME_HEADER = struct.Struct("<I")
+FRAME_ALIGN = 8
+MIN_SIZE_BYTES = 64
+#: Frame lengths are u32, so the data area stays below 4 GiB.
+MAX_SIZE_BYTES = 1 << 32
+#: A wait with no news wakes this often to check that the peer process still lives.
+WAIT_SLICE_SECONDS = 0.25
+#: Default for Ring.spin_seconds: how long a blocking wait spins before it sleeps.
+SPIN_SECONDS = 50e-6
+
+PRODUCER, CONSUMER = "producer", "consumer"
+
+__all__ = ["Ring", "RingStatistics"]
+
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,200}")
+
+
+class RingStatistics(NamedTuple):
+    """A snapshot of one ring; counters are totals since the ring was created."""
+
+    used_bytes: int
+    capacity_bytes: int
+    frames: int
+    peak_used_bytes: int
+    puts_blocked: int
+    gets_blocked: int
+    frames_put: int
+    frames_got: int
+    producer_pid: int
+    consumer_pid: int
+    closed: bool
+
+
+def record_bytes(size: int) -> int:
+    """Bytes one frame of ``size`` payload bytes takes in the ring."""
+    return (FRAME_HEADER.size + size + FRAME_ALIGN - 1) & ~(FRAME_ALIGN - 1)
+
+
+def check_size(size_bytes: int) -> int:
+    """Validate a requested ring size; returns the data capacity (rounded up to FRAME_ALIGN)."""
+    if not isinstance(size_bytes, int) or isinstance(size_bytes, bool):
+        raise ConfigError(f"size_bytes must be an int, got {type(size_bytes).__name__}")
+    if not MIN_SIZE_BYTES <= size_bytes <= MAX_SIZE_BYTES:
+        raise ConfigError(
+            f"size_bytes={size_bytes} is outside {MIN_SIZE_BYTES}..{MAX_SIZE_BYTES}; "
+            "pick a ring size in that range"
+        )
+    return min((size_bytes + FRAME_ALIGN - 1) & ~(FRAME_ALIGN - 1), MAX_SIZE_BYTES)
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ConfigError(
+            f"ring name {name!r} is not 1-200 characters of letters, digits, '_', '.' or '-'; "
+            "pass such a name or None for a generated one"
+        )
+    return name
+
+
+def new_name() -> str:
+    return "fq-" + secrets.token_hex(8)
+
+
+def wakeup_address(name: str, role: str) -> bytes:
+    """Abstract unix-socket address (Linux) where the ``role`` end of ring ``name`` takes wake-ups.
+
+    Nothing is created on disk, and the kernel frees the address when the process dies: that is
+    how the other end learns, without any pid check, that its peer is gone.
+    """
+    return b"\0fastq/" + name.encode() + b"/" + role[0].encode()
+
+
+def check_timeout(timeout: float | None) -> float | None:
+    """Turn a timeout in seconds into a monotonic deadline (None: wait as long as it takes)."""
+    if timeout is None:
+        return None
+    if not timeout >= 0:  # also rejects NaN
+        raise ConfigError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
+    return time.monotonic() + timeout
+
+
+def check_max_frames(max_frames: int) -> None:
+    if max_frames < 1:
+        raise ConfigError(f"max_frames must be >= 1, got {max_frames}")
+
+
+def register_creator(name: str) -> util.Finalize:
+    """Make sure the segment of a ring this process created is unlinked when the process ends.
+
+    Normal exit and an exception in a multiprocessing child run the finalizer; SIGKILL leaves it
+    to the resource tracker, which unlinks the segment when the last process sharing it is gone.
+    """
+    resource_tracker.register("/" + name, "shared_memory")
+    return util.Finalize(None, unlink_segment, args=(name, True), exitpriority=0)
+
+
+def unlink_segment(name: str, creator: bool) -> None:
+    try:
+        _posixshmem.shm_unlink("/" + name)
+    except FileNotFoundError:
+        return
+    if creator:
+        resource_tracker.unregister("/" + name, "shared_memory")
+
+
+def open_segment(name: str, size: int | None) -> mmap.mmap:
+    """Create (``size`` given) or open (``size=None``) the shared-memory segment of ring ``name``."""
+    flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if size is not None else 0)
+    try:
+        fd = _posixshmem.shm_open("/" + name, flags, 0o600)
+    except FileExistsError:
+        raise ConfigError(
+            f"a ring named {name!r} already exists; attach to it or pick another name"
+        ) from None
+    except FileNotFoundError:
+        raise RingNotFound(f"no ring named {name!r}; create it first or check the name") from None
+    try:
+        if size is not None:
+            os.ftruncate(fd, size)
+        else:
+            size = os.fstat(fd).st_size
+            if size < HEADER_BYTES + MIN_SIZE_BYTES:
+                raise RingCorrupt(f"segment {name!r} has {size} bytes: it is not a fastq ring")
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+
+
+def check_header(name: str, magic: int, capacity: int, segment_bytes: int) -> None:
+    if magic != MAGIC:
+        raise RingCorrupt(
+            f"segment {name!r} starts with {magic:#x}, expected the fastq ring magic {MAGIC:#x}; "
+            "it is not a ring of this fastq version"
+        )
+    if capacity + HEADER_BYTES != segment_bytes:
+        raise RingCorrupt(
+            f"ring {name!r} claims {capacity} data bytes but its segment has {segment_bytes}"
+        )
+
+
+def too_large(name: str, index: int, size: int, capacity: int) -> FrameTooLarge:
+    return FrameTooLarge(
+        f"frame {index} of {size} bytes exceeds max_frame_bytes={capacity - FRAME_HEADER.size} "
+        f"of ring {name!r} (size_bytes={capacity}); create the ring with a larger size_bytes "
+        "or split the payload"
+    )
+
+
+def full(name: str, written: int, total: int, timeout: bool) -> RingFull:
+    why = "the wait timed out" if timeout else "put_many_nowait does not wait"
+    return RingFull(
+        f"ring {name!r} is full: {written} of {total} frames written and {why}; "
+        f"resend frames[{written}:] once the consumer catches up",
+        written,
+    )
+
+
+def frame_view(index: int, frame: object) -> memoryview:
+    """A flat byte view of one frame given to put_many, or a TypeError that says what to pass."""
+    try:
+        view = memoryview(frame)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            f"frame {index} is {type(frame).__name__}, expected bytes or another "
+            "bytes-like object; encode it first"
+        ) from None
+    if not view.contiguous:
+        raise TypeError(f"frame {index} is a non-contiguous buffer; pass a contiguous copy")
+    return view.cast("B") if view.ndim != 1 or view.format != "B" else view
+
+
+def bind_wakeup(name: str, role: str, holder_pid: int) -> socket.socket:
+    """Take the ``role`` end of ring ``name``: bind its wake-up address, or raise RingBusy."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+    try:
+        sock.bind(wakeup_address(name, role))
+    except OSError as e:
+        sock.close()
+        if e.errno != errno.EADDRINUSE:
+            raise
+        raise RingBusy(
+            f"ring {name!r} already has a {role} (pid {holder_pid}); a ring carries frames "
+            "from one producer to one consumer: give each pair its own ring"
+        ) from None
+    return sock
+
+
+def send_wakeup(address: bytes) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        try:
+            s.sendto(b"\1", socket.MSG_DONTWAIT, address)
+        except OSError:
+            pass  # its buffer is full of wake-ups already, or it is gone: both fine
+
+
+def probe(address: bytes) -> bool:
+    """True when some process has ``address`` bound; sends nothing."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(address)
+        except OSError:
+            return False
+    return True
+
+
+class Ring:
+    """A single-producer single-consumer ring of byte frames in shared memory.
+
+    One process puts, one process gets; either may have created the ring. Frames are any
+    bytes-like objects; ``get_many`` returns them as ``bytes`` in put order.
+    """
+
+    spin_seconds: float
+
+    def __init__(self) -> None:
+        raise TypeError("use Ring.create(size_bytes) or Ring.attach(name)")
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, size_bytes: int, *, name: str | None = None) -> Ring:
+        """Create a ring with ``size_bytes`` of frame space.
+
+        Parameters:
+            size_bytes: data bytes (64 B to 4 GiB, rounded up to 8); a frame of n bytes takes
+                n + 4 rounded up to 8.
+            name: the shared-memory name other processes attach by; generated when None.
+
+        Raises:
+            ConfigError: the size or name is invalid, or a ring of that name exists.
+        """
+        capacity = check_size(size_bytes)
+        name = new_name() if name is None else check_name(name)
+        self = cls.__new__(cls)
+        self._setup(name, open_segment(name, HEADER_BYTES + capacity))
+        self._finalizer = register_creator(name)
+        h = self._h
+        h[SLOT_CAPACITY] = capacity
+        h[SLOT_MAGIC] = MAGIC  # last: an attacher that sees the magic sees the rest
+        self._capacity = capacity
+        return self
+
+    @classmethod
+    def attach(cls, name: str) -> Ring:
+        """Open the ring another process created.
+
+        Raises:
+            RingNotFound: no ring has that name.
+            RingCorrupt: the segment is not a ring of this fastq version.
+        """
+        check_name(name)
+        segment = open_segment(name, None)
+        self = cls.__new__(cls)
+        self._setup(name, segment)
+        self._finalizer = None
+        try:
+            check_header(name, self._h[SLOT_MAGIC], self._h[SLOT_CAPACITY], len(segment))
+        except BaseException:
+            self._release()
+            raise
+        self._capacity = self._h[SLOT_CAPACITY]
+        return self
+
+    def _setup(self, name: str, segment: mmap.mmap) -> None:
+        self._name = name
+        self._mmap = segment
+        view = memoryview(segment)
+        self._h = view[:HEADER_BYTES].cast("Q")
+        self._data = view[HEADER_BYTES:]
+        self._view = view
+        self._sockets: dict[str, socket.socket] = {}
+        self._open = True
+        self.spin_seconds = SPIN_SECONDS
+
+    def _release(self) -> None:
+        for s in self._sockets.values():
+            s.close()
+        self._sockets.clear()
+        self._h.release()
+        self._data.release()
+        self._view.release()
+        self._mmap.close()
+        self._open = False
+
+    def __del__(self) -> None:
+        # Dropped without close(): the sockets go (the peer sees this end as gone), the ring
+        # stays open for the other end.
+        for s in getattr(self, "_sockets", {}).values():
+            s.close()
+
+    def close(self) -> None:
+        """Close the ring for both ends, wake the peer, and unmap it from this process.
+
+        The consumer still gets the frames already put, then ``RingClosed``; puts raise
+        ``RingClosed``. Idempotent. The name stays until ``unlink()``.
+        """
+        if not self._open:
+            return
+        self._h[SLOT_CLOSED] = 1
+        for role in (PRODUCER, CONSUMER):
+            self._wake(role)
+        self._release()
+
+    def unlink(self) -> None:
+        """Remove the ring's name so that nothing is left in /dev/shm (the creator's job).
+
+        Processes that have it open keep their mapping. Idempotent.
+        """
+        unlink_segment(self._name, self._finalizer is not None)
+        if self._finalizer is not None:
+            self._finalizer.cancel()
+            self._finalizer = None
+
+    def __enter__(self) -> Ring:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Close; the creator also unlinks."""
+        self.close()
+        if self._finalizer is not None:
+            self.unlink()
+
+    # -- properties -------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self._capacity
+
+    @property
+    def max_frame_bytes(self) -> int:
+        return self._capacity - FRAME_HEADER.size
+
+    @property
+    def closed(self) -> bool:
+        """True when this handle or the other end closed the ring."""
+        return not self._open or bool(self._h[SLOT_CLOSED])
+
+    # -- producer ---------------------------------------------------------------------------
+
+    def put_many(self, frames: Iterable[object], *, timeout: float | None = None) -> int:
+        """Put all ``frames`` in order, waiting for room as long as ``timeout`` allows.
+
+        Frames are written as a prefix: when the call raises ``RingFull``, frames
+        ``[0:exc.written]`` are in the ring and the rest are not. Returns ``len(frames)``.
+
+        Raises:
+            FrameTooLarge: some frame can never fit; nothing was written.
+            RingFull: the timeout passed first (``exc.written`` tells how far it got).
+            RingClosed: the ring is closed; ``PeerLost`` when the consumer died while we waited.
+            RingBusy: another process is this ring's producer.
+        """
+        return self._put(frames, check_timeout(timeout), wait=True)
+
+    def put_many_nowait(self, frames: Iterable[object]) -> int:
+        """Put the longest prefix of ``frames`` that fits now; ``RingFull`` if that is not all."""
+        return self._put(frames, None, wait=False)
+
+    def put(self, frame: object, *, timeout: float | None = None) -> None:
+        self.put_many((frame,), timeout=timeout)
+
+    def put_nowait(self, frame: object) -> None:
+        self.put_many_nowait((frame,))
+
+    def _put(self, frames: Iterable[object], deadline: float | None, *, wait: bool) -> int:
+        self._check_open()
+        views = [frame_view(i, f) for i, f in enumerate(frames)]
+        for i, v in enumerate(views):
+            if record_bytes(v.nbytes) > self._capacity:
+                raise too_large(self._name, i, v.nbytes, self._capacity)
+        if not views:
+            return 0
+        self._take_role(PRODUCER)
+        written, blocked = 0, False
+        while True:
+            if self._h[SLOT_CLOSED]:
+                raise RingClosed(f"ring {self._name!r} is closed; no more frames can be put")
+            written = self._write(views, written)
+            if written == len(views):
+                return written
+            if not wait:
+                raise full(self._name, written, len(views), timeout=False)
+            if not blocked:
+                self._h[SLOT_PUTS_BLOCKED] += 1
+                blocked = True
+            need = record_bytes(views[written].nbytes)
+            if not self._wait(PRODUCER, deadline, lambda: self._free() >= need):
+                raise full(self._name, written, len(views), timeout=True)
+
+    def _free(self) -> int:
+        return self._capacity - (self._h[SLOT_HEAD] - self._h[SLOT_TAIL])
+
+    def _write(self, views: list[memoryview], start: int) -> int:
+        h, data, cap = self._h, self._data, self._capacity
+        head, tail = h[SLOT_HEAD], h[SLOT_TAIL]
+        free, pos = cap - (head - tail), head % cap
+        i = start
+        while i < len(views):
+            size = views[i].nbytes
+            rec = record_bytes(size)
+            if rec > free:
+                break
+            FRAME_HEADER.pack_into(data, pos, size)
+            p = pos + FRAME_HEADER.size  # < cap: pos and cap are multiples of 8
+            first = min(size, cap - p)
+            data[p : p + first] = views[i][:first]
+            data[: size - first] = views[i][first:]
+            pos, head, free, i = (pos + rec) % cap, head + rec, free - rec, i + 1
+        if i > start:
+            h[SLOT_HEAD] = head  # publish: the payload above is written before the head moves
+            h[SLOT_FRAMES_PUT] += i - start
+            h[SLOT_PEAK_USED] = max(h[SLOT_PEAK_USED], cap - free)
+            self._wake(CONSUMER)
+        return i
+
+    # -- consumer ---------------------------------------------------------------------------
+
+    def get_many(self, max_frames: int = 1024, *, timeout: float | None = None) -> list[bytes]:
+        """Return 1 to ``max_frames`` frames in put order, waiting for the first one.
+
+        Raises:
+            RingEmpty: ``timeout`` passed with no frame.
+            RingClosed: the ring is closed and drained; ``PeerLost`` when the producer died while
+                we waited.
+            RingBusy: another process is this ring's consumer.
+        """
+        check_max_frames(max_frames)
+        deadline = check_timeout(timeout)
+        self._check_open()
+        self._take_role(CONSUMER)
+        blocked = False
+        while True:
+            frames = self._read(max_frames)
+            if frames:
+                return frames
+            if self._h[SLOT_CLOSED]:
+                raise RingClosed(f"ring {self._name!r} is closed and drained")
+            if not blocked:
+                self._h[SLOT_GETS_BLOCKED] += 1
+                blocked = True
+            if not self._wait(CONSUMER, deadline, self._readable):
+                raise RingEmpty(f"ring {self._name!r} stayed empty until the timeout")
+
+    def get_many_nowait(self, max_frames: int = 1024) -> list[bytes]:
+        """Return the frames there are now (at most ``max_frames``); ``RingEmpty`` if none."""
+        check_max_frames(max_frames)
+        self._check_open()
+        self._take_role(CONSUMER)
+        frames = self._read(max_frames)
+        if frames:
+            return frames
+        if self._h[SLOT_CLOSED]:
+            raise RingClosed(f"ring {self._name!r} is closed and drained")
+        raise RingEmpty(f"ring {self._name!r} is empty")
+
+    def get(self, *, timeout: float | None = None) -> bytes:
+        return self.get_many(1, timeout=timeout)[0]
+
+    def get_nowait(self) -> bytes:
+        return self.get_many_nowait(1)[0]
+
+    def _readable(self) -> bool:
+        return self._h[SLOT_HEAD] != self._h[SLOT_TAIL] or bool(self._h[SLOT_CLOSED])
+
+    def _read(self, max_frames: int) -> list[bytes]:
+        h, data, cap = self._h, self._data, self._capacity
+        tail, head = h[SLOT_TAIL], h[SLOT_HEAD]
+        pos, out = tail % cap, []
+        while tail != head and len(out) < max_frames:
+            (size,) = FRAME_HEADER.unpack_from(data, pos)
+            rec = record_bytes(size)
+            if rec > head - tail:
+                raise RingCorrupt(
+                    f"ring {self._name!r} holds a frame of {size} bytes at offset {pos} but only "
+                    f"{head - tail} bytes are unread: another writer broke the ring"
+                )
+            p = pos + FRAME_HEADER.size
+            first = min(size, cap - p)
+            out.append(bytes(data[p : p + first]) + bytes(data[: size - first]))
+            pos, tail = (pos + rec) % cap, tail + rec
+        if out:
+            h[SLOT_TAIL] = tail
+            h[SLOT_FRAMES_GOT] += len(out)
+            self._wake(PRODUCER)
+        return out
+
+    # -- waiting ----------------------------------------------------------------------------
+
+    def fileno(self) -> int:
+        """The consumer's wake-up descriptor, for ``loop.add_reader``; see ``request_wakeup``."""
+        self._check_open()
+        return self._take_role(CONSUMER).fileno()
+
+    def request_wakeup(self) -> bool:
+        """Ask the producer to make ``fileno()`` readable at its next put.
+
+        Returns False, and asks nothing, when a frame (or the close) is already there: get it
+        instead of sleeping. After the descriptor fires, call ``clear_wakeup()``.
+        """
+        self._check_open()
+        self._take_role(CONSUMER)
+        self._h[SLOT_CONSUMER_WAITING] = 1
+        if self._readable():
+            self._h[SLOT_CONSUMER_WAITING] = 0
+            return False
+        self._h[SLOT_GETS_BLOCKED] += 1
+        return True
+
+    def clear_wakeup(self) -> None:
+        """Drain ``fileno()`` and withdraw a pending ``request_wakeup``."""
+        self._check_open()
+        self._h[SLOT_CONSUMER_WAITING] = 0
+        self._drain(self._take_role(CONSUMER))
+
+    def producer_alive(self) -> bool:
+        """True while a producer process holds this ring (its wake-up address is bound)."""
+        return self._alive(PRODUCER)
+
+    def consumer_alive(self) -> bool:
+        """True while a consumer process holds this ring (its wake-up address is bound)."""
+        return self._alive(CONSUMER)
+
+    def _alive(self, role: str) -> bool:
+        if role in self._sockets:
+            return True
+        return probe(wakeup_address(self._name, role))
+
+    def _wait(self, role: str, deadline: float | None, ready) -> bool:  # type: ignore[no-untyped-def]
+        """Sleep until ``ready()`` or the deadline; False on timeout. Raises PeerLost."""
+        sock = self._sockets[role]
+        slot = SLOT_PRODUCER_WAITING if role == PRODUCER else SLOT_CONSUMER_WAITING
+        peer = CONSUMER if role == PRODUCER else PRODUCER
+        peer_pid = SLOT_CONSUMER_PID if role == PRODUCER else SLOT_PRODUCER_PID
+        while True:
+            self._h[slot] = 1
+            if ready():
+                self._h[slot] = 0
+                return True
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                self._h[slot] = 0
+                return False
+            wait = WAIT_SLICE_SECONDS if deadline is None else min(WAIT_SLICE_SECONDS, deadline - now)
+            woken = bool(select.select([sock], [], [], wait)[0])
+            self._h[slot] = 0
+            self._drain(sock)
+            if ready():
+                return True
+            if self._h[SLOT_CLOSED]:
+                return True  # the caller raises RingClosed
+            if not woken and self._h[peer_pid] and not self._alive(peer):
+                raise PeerLost(
+                    f"the {peer} of ring {self._name!r} (pid {self._h[peer_pid]}) is gone"
+                )
+
+    @staticmethod
+    def _drain(sock: socket.socket) -> None:
+        try:
+            while sock.recv(64):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _wake(self, role: str) -> None:
+        slot = SLOT_PRODUCER_WAITING if role == PRODUCER else SLOT_CONSUMER_WAITING
+        if self._h[slot]:
+            self._h[slot] = 0
+            send_wakeup(wakeup_address(self._name, role))
+
+    def _take_role(self, role: str) -> socket.socket:
+        sock = self._sockets.get(role)
+        if sock is None:
+            slot = SLOT_PRODUCER_PID if role == PRODUCER else SLOT_CONSUMER_PID
+            sock = self._sockets[role] = bind_wakeup(self._name, role, self._h[slot])
+            self._h[slot] = os.getpid()
+        return sock
+
+    # -- introspection ----------------------------------------------------------------------
+
+    def statistics(self) -> RingStatistics:
+        self._check_open()
+        h = self._h
+        return RingStatistics(
+            used_bytes=h[SLOT_HEAD] - h[SLOT_TAIL],
+            capacity_bytes=self._capacity,
+            frames=h[SLOT_FRAMES_PUT] - h[SLOT_FRAMES_GOT],
+            peak_used_bytes=h[SLOT_PEAK_USED],
+            puts_blocked=h[SLOT_PUTS_BLOCKED],
+            gets_blocked=h[SLOT_GETS_BLOCKED],
+            frames_put=h[SLOT_FRAMES_PUT],
+            frames_got=h[SLOT_FRAMES_GOT],
+            producer_pid=h[SLOT_PRODUCER_PID],
+            consumer_pid=h[SLOT_CONSUMER_PID],
+            closed=bool(h[SLOT_CLOSED]),
+        )
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise RingClosed(f"this handle of ring {self._name!r} was closed")
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<Ring {self._name!r} {state} capacity_bytes={self._capacity}>"
