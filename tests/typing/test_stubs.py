@@ -1,0 +1,52 @@
+"""fastq/_core.pyi is the contract: the stub, the extension and the twin name the same things."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import pytest
+
+from fastq import _core, _core_py
+
+STUB = Path(_core_py.__file__).with_name("_core.pyi")
+
+
+def _stub_names() -> dict[str, set[str]]:
+    tree = ast.parse(STUB.read_text())
+    names: dict[str, set[str]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            names[node.name] = {
+                n.name if isinstance(n, ast.FunctionDef) else n.target.id  # type: ignore[union-attr]
+                for n in node.body
+                if isinstance(n, ast.FunctionDef | ast.AnnAssign)
+            }
+        elif isinstance(node, ast.Assign) and node.targets[0].id == "__all__":  # type: ignore[attr-defined]
+            names["__all__"] = set(ast.literal_eval(node.value))
+    return names
+
+
+def _public(cls: type) -> set[str]:
+    return {n for n in dir(cls) if not n.startswith("_") or n in {"__enter__", "__exit__"}} - set(dir(tuple))
+
+
+@pytest.mark.cython
+@pytest.mark.parametrize("module", [_core, _core_py], ids=["cython", "python"])
+def test_stub_and_implementation_export_the_same_names(module):
+    stub = _stub_names()
+    assert set(module.__all__) == stub["__all__"]
+    ring = _public(module.Ring) | ({"spin_seconds"} if module is _core_py else set())
+    assert ring == stub["Ring"]
+    assert set(module.RingStatistics._fields) == stub["RingStatistics"]
+
+
+@pytest.mark.cython
+def test_stub_signatures_match_the_twin():
+    tree = ast.parse(STUB.read_text())
+    ring = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Ring")
+    for fn in (n for n in ring.body if isinstance(n, ast.FunctionDef) and not n.decorator_list):
+        params = [a.arg for a in fn.args.args + fn.args.kwonlyargs]
+        twin = inspect.signature(getattr(_core_py.Ring, fn.name))
+        assert params == [p for p in twin.parameters if twin.parameters[p].kind != inspect.Parameter.VAR_POSITIONAL], fn.name

@@ -1,0 +1,92 @@
+"""The import direction of ../shared/STYLE.md, as a test (trio's test_exports, uvloop's test_sourcecode)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import fastq
+
+PACKAGE = Path(fastq.__file__).parent
+
+#: module -> the fastq modules it may import (STYLE.md §2). `_bench` is the `fastq bench` suite:
+#: it sits beside cli and may import what it measures.
+ALLOWED: dict[str, set[str]] = {
+    "errors": set(),
+    "_core_py": {"errors"},
+    "_core": {"errors", "_core_py"},
+    "ring": {"_core", "_core_py", "errors"},
+    "config": {"errors"},
+    "message": {"errors"},
+    "autosize": {"config"},
+    "broker.base": {"message", "errors"},
+    "broker.memory": {"broker.base", "message", "errors"},
+    "broker.sqlite": {"broker.base", "message", "errors"},
+    "broker.amqp": {"broker.base", "message", "errors", "config"},
+    "worker": {"ring", "message", "broker.base", "autosize", "config", "logging", "errors"},
+    "supervisor": {"worker", "ring", "autosize", "config", "logging", "errors"},
+    "task": {"config", "message", "broker", "supervisor", "errors"},
+    "app": {"config", "message", "broker", "supervisor", "task", "errors"},
+    "pool": {"worker", "ring", "autosize", "config", "message", "errors"},
+    "logging": set(),
+    "cli": {"app", "config", "autosize", "logging", "_bench", "errors"},
+    "__main__": {"cli"},
+    "__init__": {"errors", "app", "task", "pool", "config", "ring"},
+    "_bench": {"ring", "errors", "_bench"},
+    "testing": {"app", "broker", "config", "errors"},
+}
+#: Third-party modules and the one fastq module allowed to import each.
+HEAVY = {"aiormq": {"broker.amqp"}, "uvloop": {"worker"}, "psutil": {"autosize", "worker"}}
+
+
+def _modules():
+    for path in sorted(PACKAGE.rglob("*.py")) + sorted(PACKAGE.rglob("*.pyx")):
+        rel = path.relative_to(PACKAGE).with_suffix("")
+        parts = rel.parts[:-1] if rel.name == "__init__" and len(rel.parts) > 1 else rel.parts
+        yield ".".join(parts), path
+
+
+def _imports(path: Path) -> set[str]:
+    source = path.read_text()
+    if path.suffix == ".pyx":  # only the Python-level imports of the extension matter here
+        source = "\n".join(line for line in source.splitlines() if line.startswith(("import ", "from ")) and "cimport" not in line)
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "fastq":
+                found |= {a.name for a in node.names}
+            elif node.module.startswith("fastq."):
+                found.add(node.module[len("fastq."):])
+            else:
+                found.add("!" + node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                found.add(a.name[len("fastq."):] if a.name.startswith("fastq.") else "!" + a.name.split(".")[0])
+    return found
+
+
+def _group(name: str) -> str:
+    return "_bench" if name.startswith("_bench") else name
+
+
+def test_fastq_modules_import_only_downward():
+    wrong = []
+    for name, path in _modules():
+        key = _group(name)
+        assert key in ALLOWED, f"{name} is not in the layer table: add it to ALLOWED and STYLE.md"
+        for imported in _imports(path):
+            if imported.startswith("!"):
+                users = HEAVY.get(imported[1:])
+                if users is not None and key not in users:
+                    wrong.append(f"{name} imports {imported[1:]}, which only {sorted(users)} may")
+            elif _group(imported) not in ALLOWED[key] and _group(imported) != key:
+                wrong.append(f"{name} imports fastq.{imported}")
+    assert wrong == []
+
+
+def test_import_fastq_loads_no_heavy_dependency():
+    code = "import fastq, sys; print(sorted({'aiormq', 'uvloop', 'psutil'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
