@@ -17,6 +17,9 @@ static inline void fq_store_relaxed(uint64_t *p, uint64_t v) { __atomic_store_n(
 static inline uint64_t fq_exchange(uint64_t *p, uint64_t v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
 static inline void fq_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
+/* Ask for a cache line the consumer reads soon: it was last written on the producer's core. */
+static inline void fq_prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
+
 /* A polite spin: lets the sibling hyperthread run and saves power while waiting. */
 static inline void fq_pause(void)
 {

@@ -11,6 +11,7 @@ cdef extern from "_atomic.h" nogil:
     uint64_t fq_exchange(uint64_t* p, uint64_t v)
     void fq_fence()
     void fq_pause()
+    void fq_prefetch(const void* p)
 
 
 cdef extern from "sys/un.h" nogil:

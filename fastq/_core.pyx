@@ -15,6 +15,8 @@ from cpython.bytes cimport (
     PyBytes_GET_SIZE,
 )
 from cpython.exc cimport PyErr_CheckSignals
+from cpython.list cimport PyList_New, PyList_SET_ITEM
+from cpython.ref cimport Py_INCREF
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
@@ -57,6 +59,8 @@ cdef enum:
     PUBLISH_BYTES = 65536
     # Payloads up to this size are copied as soon as their bytes object exists.
     INLINE_BYTES = 4096
+    # How far ahead of the frame it reads the consumer asks for cache lines.
+    PREFETCH_BYTES = 2048
 
 # Python objects used on slow paths, cached as C globals (uvloop's stdlib.pxi).
 cdef Py_ssize_t HEADER_BYTES = _ref.HEADER_BYTES
@@ -432,7 +436,8 @@ cdef class Ring:
                 self._get_cap = 0
                 raise MemoryError()
             self._get_cap = most
-        out = []
+        # The list is sized for the most frames there can be, filled, then cut to what was read.
+        out = PyList_New(most)
         pos = tail % cap
         t = tail
         while t != head and n < most:
@@ -448,16 +453,19 @@ cdef class Ring:
                         f"only {head - t} bytes are unread: another writer broke the ring"
                     )
                 src = pos + FRAME_HEADER_BYTES
+                if pos + PREFETCH_BYTES < cap:
+                    fq_prefetch(data + pos + PREFETCH_BYTES)
                 if size <= INLINE_BYTES and src + size <= cap:
-                    out.append(PyBytes_FromStringAndSize(<char*>data + src, size))
+                    frame = PyBytes_FromStringAndSize(<char*>data + src, size)
                 else:
                     frame = PyBytes_FromStringAndSize(NULL, size)
-                    out.append(frame)
                     self._get_ptrs[k] = PyBytes_AS_STRING(frame)
                     self._get_lens[k] = size
                     self._get_srcs[k] = src
                     total += size
                     k += 1
+                Py_INCREF(frame)  # PyList_SET_ITEM steals a reference
+                PyList_SET_ITEM(out, n, frame)
                 pos += rec
                 if pos >= cap:
                     pos -= cap
@@ -473,6 +481,7 @@ cdef class Ring:
             fq_store_relaxed(&h.frames_got, h.frames_got + <uint64_t>(n - n0))
             n0 = n
             self._wake(PRODUCER)
+        _list_truncate(out, n)
         return out
 
     # -- waiting ----------------------------------------------------------------------------
@@ -607,6 +616,15 @@ cdef class Ring:
     def __repr__(self):
         state = "closed" if self.closed else "open"
         return f"<Ring {self.name!r} {state} capacity_bytes={self._cap}>"
+
+
+cdef extern from "Python.h":
+    void Py_SET_SIZE(object o, Py_ssize_t size)
+
+
+cdef inline void _list_truncate(list items, Py_ssize_t n) noexcept:
+    # The slots past n were never filled (NULL); a list may hold more room than items.
+    Py_SET_SIZE(items, n)
 
 
 cdef void _copy_out(
