@@ -50,6 +50,8 @@ cdef class Ring:
     cdef object _mmap
     cdef Py_buffer _buf
     cdef bint _mapped
+    cdef bint _closing                # close() was called while a call on this handle ran
+    cdef int _calls[2]                # a put (get) call is running on this handle
     cdef readonly str name
     cdef object _finalizer
     cdef int _fds[2]                  # this handle's wake-up sockets by role; -1 until it takes one
@@ -68,8 +70,11 @@ cdef class Ring:
     cdef int _setup(self, str name, object segment) except -1
     cdef int _check_open(self) except -1
     cdef int _release(self) except -1
+    cdef int _enter(self, int role) except -1
+    cdef int _leave(self, int role) except -1
     cdef int _take_role(self, int role) except -1
     cdef Py_ssize_t _put(self, object frames, object timeout, bint wait) except -1
+    cdef Py_ssize_t _put_frames(self, tuple frames, double deadline, bint wait) except -1
     cdef Py_ssize_t _write(self, Py_ssize_t start, Py_ssize_t n) noexcept nogil
     cdef list _read(self, Py_ssize_t max_frames)
     cdef int _wait(self, int role, double deadline, uint64_t need) except -1

@@ -27,7 +27,7 @@ import os
 
 from fastq import _core_py as _ref
 from fastq._core_py import RingStatistics
-from fastq.errors import PeerLost, RingClosed, RingCorrupt, RingEmpty
+from fastq.errors import PeerLost, RingBusy, RingClosed, RingCorrupt, RingEmpty
 
 __all__ = ["Ring", "RingStatistics"]
 
@@ -70,6 +70,7 @@ cdef object _check_timeout = _ref.check_timeout
 cdef object _frame_view = _ref.frame_view
 cdef object _too_large = _ref.too_large
 cdef object _full = _ref.full
+cdef object _check_max_frames = _ref.check_max_frames
 
 assert sizeof(RingHeader) == _ref.HEADER_BYTES, "RingHeader and _core_py.HEADER_BYTES disagree"
 
@@ -82,6 +83,14 @@ cdef inline double _now() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)  # the clock time.monotonic() reads: deadlines mix freely
     return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef int _grow(void** block, Py_ssize_t n, size_t item) except -1:
+    cdef void* grown = PyMem_Realloc(block[0], n * item)
+    if grown == NULL:
+        raise MemoryError()  # the old block stays valid and owned
+    block[0] = grown
+    return 0
 
 
 cdef inline void _drain(int fd) noexcept nogil:
@@ -116,7 +125,9 @@ cdef class Ring:
 
     def __cinit__(self):
         self._mapped = False
+        self._closing = False
         self._fds[0] = self._fds[1] = -1
+        self._calls[0] = self._calls[1] = 0
         self.spin_seconds = _ref.SPIN_SECONDS
 
     def __init__(self):
@@ -179,6 +190,8 @@ cdef class Ring:
         self.name = name
         for role in (PRODUCER, CONSUMER):
             address = _ref.wakeup_address(name, ROLE_NAMES[role])
+            # check_name keeps names short enough; this guards the copy below regardless
+            assert len(address) <= sizeof(self._wake_addr[role].sun_path), "wake-up address too long"
             memset(&self._wake_addr[role], 0, sizeof(sockaddr_un))
             self._wake_addr[role].sun_family = AF_UNIX
             memcpy(self._wake_addr[role].sun_path, <char*>address, len(address))
@@ -199,16 +212,21 @@ cdef class Ring:
         return 0
 
     def close(self):
-        """Close the ring for both ends, wake the peer, and unmap it from this process."""
-        if not self._mapped:
+        """Close the ring for both ends, wake the peer, and unmap it from this process.
+
+        A call still running on this handle (another thread, or the code around a signal handler
+        that closes) ends with ``RingClosed``; the unmap waits for it.
+        """
+        if not self._mapped or self._closing:
             return
+        self._closing = True
         fq_store_release(&self._hdr.closed, 1)
         fq_fence()
-        if fq_exchange(&self._hdr.producer_waiting, 0):
-            _ref.send_wakeup(_ref.wakeup_address(self.name, _ref.PRODUCER))
-        if fq_exchange(&self._hdr.consumer_waiting, 0):
-            _ref.send_wakeup(_ref.wakeup_address(self.name, _ref.CONSUMER))
-        self._release()
+        for role in (PRODUCER, CONSUMER):
+            if fq_exchange(&self._hdr.producer_waiting if role == PRODUCER else &self._hdr.consumer_waiting, 0):
+                _ref.send_wakeup(_ref.wakeup_address(self.name, ROLE_NAMES[role]))
+        if not (self._calls[PRODUCER] or self._calls[CONSUMER]):
+            self._release()
 
     def unlink(self):
         """Remove the ring's name so that nothing is left in /dev/shm (the creator's job)."""
@@ -239,11 +257,28 @@ cdef class Ring:
     @property
     def closed(self):
         """True when this handle or the other end closed the ring."""
-        return not self._mapped or bool(fq_load_acquire(&self._hdr.closed))
+        return not self._mapped or self._closing or bool(fq_load_acquire(&self._hdr.closed))
 
     cdef int _check_open(self) except -1:
-        if not self._mapped:
+        if not self._mapped or self._closing:
             raise RingClosed(f"this handle of ring {self.name!r} was closed")
+        return 0
+
+    cdef int _enter(self, int role) except -1:
+        """Start a put (or get) call; one thread at a time per end, and close() waits for it."""
+        self._check_open()
+        if self._calls[role]:
+            raise RingBusy(
+                f"another thread is already the {ROLE_NAMES[role]} on this handle of ring "
+                f"{self.name!r}; use one thread per end of a ring"
+            )
+        self._calls[role] = 1
+        return 0
+
+    cdef int _leave(self, int role) except -1:
+        self._calls[role] = 0
+        if self._closing and not self._calls[1 - role]:
+            self._release()  # close() came while this call ran
         return 0
 
     cdef int _take_role(self, int role) except -1:
@@ -274,23 +309,27 @@ cdef class Ring:
 
     cdef Py_ssize_t _put(self, object frames, object timeout, bint wait) except -1:
         cdef double deadline = -1.0
-        cdef Py_ssize_t i, n, written = 0, total = 0
-        cdef Py_buffer view
-        cdef bint blocked = False
         if wait and timeout is not None:
             deadline = _check_timeout(timeout)
         self._check_open()
-        if not (type(frames) is list or type(frames) is tuple):
-            frames = list(frames)
-        n = len(frames)
+        # A private, immutable sequence: nothing the caller does meanwhile can free a frame.
+        if type(frames) is not tuple:
+            frames = tuple(frames)
+        self._enter(PRODUCER)
+        try:
+            return self._put_frames(<tuple>frames, deadline, wait)
+        finally:
+            self._leave(PRODUCER)
+
+    cdef Py_ssize_t _put_frames(self, tuple frames, double deadline, bint wait) except -1:
+        cdef Py_ssize_t i, n = len(frames), written = 0, total = 0
+        cdef Py_buffer view
+        cdef bint blocked = False
         if n > self._put_cap:
-            self._put_ptrs = <const char**>PyMem_Realloc(self._put_ptrs, n * sizeof(char*))
-            self._put_lens = <Py_ssize_t*>PyMem_Realloc(self._put_lens, n * sizeof(Py_ssize_t))
-            if self._put_ptrs == NULL or self._put_lens == NULL:
-                self._put_cap = 0
-                raise MemoryError()
+            _grow(<void**>&self._put_ptrs, n, sizeof(char*))
+            _grow(<void**>&self._put_lens, n, sizeof(Py_ssize_t))
             self._put_cap = n
-        keep = None  # views of non-bytes frames, alive until the copy is done
+        keep = []  # views of non-bytes frames, alive until the copy is done
         for i in range(n):
             frame = frames[i]
             if PyBytes_CheckExact(frame):
@@ -298,13 +337,12 @@ cdef class Ring:
                 self._put_lens[i] = PyBytes_GET_SIZE(frame)
             else:
                 frame = _frame_view(i, frame)
-                if keep is None:
-                    keep = []
                 keep.append(frame)
                 PyObject_GetBuffer(frame, &view, PyBUF_SIMPLE)
                 self._put_ptrs[i] = <const char*>view.buf
                 self._put_lens[i] = view.len
                 PyBuffer_Release(&view)  # the memoryview in keep holds the export
+        for i in range(n):
             if _record(self._put_lens[i]) > self._cap:
                 raise _too_large(self.name, i, self._put_lens[i], self._cap)
             total += self._put_lens[i]
@@ -336,7 +374,7 @@ cdef class Ring:
         cdef uint64_t published = head
         cdef uint64_t free = cap - (head - fq_load_acquire(&h.tail))
         cdef uint64_t pos = head % cap
-        cdef Py_ssize_t i = start
+        cdef Py_ssize_t i = start, counted = start
         while i < n:
             size = <uint64_t>self._put_lens[i]
             rec = _record(size)
@@ -358,56 +396,63 @@ cdef class Ring:
             head += rec
             free -= rec
             i += 1
-            if head - published >= PUBLISH_BYTES:
+            if head - published >= PUBLISH_BYTES or i == n:
+                # Count before publishing, so that frames_got never passes frames_put.
+                fq_store_relaxed(&h.frames_put, h.frames_put + <uint64_t>(i - counted))
+                counted = i
                 published = head
-                fq_store_release(&h.head, head)
+                fq_store_release(&h.head, head)  # publish: the frames above are complete
                 self._wake(CONSUMER)
-        if i > start:
-            fq_store_release(&h.head, head)  # publish: the frames above are complete
-            fq_store_relaxed(&h.frames_put, h.frames_put + <uint64_t>(i - start))
-            if cap - free > h.peak_used:
-                fq_store_relaxed(&h.peak_used, cap - free)
+        if i > counted:
+            fq_store_relaxed(&h.frames_put, h.frames_put + <uint64_t>(i - counted))
+            fq_store_release(&h.head, head)
             self._wake(CONSUMER)
+        if i > start and cap - free > h.peak_used:
+            fq_store_relaxed(&h.peak_used, cap - free)
         return i
 
     # -- consumer ---------------------------------------------------------------------------
 
-    def get_many(self, Py_ssize_t max_frames=1024, *, timeout=None):
+    def get_many(self, max_frames=1024, *, timeout=None):
         """Return 1 to ``max_frames`` frames in put order, waiting for the first one."""
         cdef double deadline = -1.0
+        cdef Py_ssize_t limit = _check_max_frames(max_frames)
         cdef bint blocked = False
         cdef list frames
-        if max_frames < 1:
-            _ref.check_max_frames(max_frames)
         if timeout is not None:
             deadline = _check_timeout(timeout)
-        self._check_open()
-        self._take_role(CONSUMER)
-        while True:
-            frames = self._read(max_frames)
+        self._enter(CONSUMER)
+        try:
+            self._take_role(CONSUMER)
+            while True:
+                frames = self._read(limit)
+                if frames is not None:
+                    return frames
+                if fq_load_acquire(&self._hdr.closed):
+                    raise RingClosed(f"ring {self.name!r} is closed and drained")
+                if not blocked:
+                    self._hdr.gets_blocked += 1
+                    blocked = True
+                if not self._wait(CONSUMER, deadline, 0):
+                    raise RingEmpty(f"ring {self.name!r} stayed empty until the timeout")
+        finally:
+            self._leave(CONSUMER)
+
+    def get_many_nowait(self, max_frames=1024):
+        """Return the frames there are now (at most ``max_frames``); ``RingEmpty`` if none."""
+        cdef Py_ssize_t limit = _check_max_frames(max_frames)
+        cdef list frames
+        self._enter(CONSUMER)
+        try:
+            self._take_role(CONSUMER)
+            frames = self._read(limit)
             if frames is not None:
                 return frames
             if fq_load_acquire(&self._hdr.closed):
                 raise RingClosed(f"ring {self.name!r} is closed and drained")
-            if not blocked:
-                self._hdr.gets_blocked += 1
-                blocked = True
-            if not self._wait(CONSUMER, deadline, 0):
-                raise RingEmpty(f"ring {self.name!r} stayed empty until the timeout")
-
-    def get_many_nowait(self, Py_ssize_t max_frames=1024):
-        """Return the frames there are now (at most ``max_frames``); ``RingEmpty`` if none."""
-        cdef list frames
-        if max_frames < 1:
-            _ref.check_max_frames(max_frames)
-        self._check_open()
-        self._take_role(CONSUMER)
-        frames = self._read(max_frames)
-        if frames is not None:
-            return frames
-        if fq_load_acquire(&self._hdr.closed):
-            raise RingClosed(f"ring {self.name!r} is closed and drained")
-        raise RingEmpty(f"ring {self.name!r} is empty")
+            raise RingEmpty(f"ring {self.name!r} is empty")
+        finally:
+            self._leave(CONSUMER)
 
     def get(self, *, timeout=None):
         return self.get_many(1, timeout=timeout)[0]
@@ -415,73 +460,88 @@ cdef class Ring:
     def get_nowait(self):
         return self.get_many_nowait(1)[0]
 
-    cdef list _read(self, Py_ssize_t max_frames):
-        """Up to max_frames frames, or None when the ring is empty."""
+    cdef list _read(self, Py_ssize_t limit):
+        """Up to ``limit`` frames, or None when the ring is empty.
+
+        Frames before a corrupt length are returned (and consumed); the error comes with the
+        next call, when the corrupt frame is the first one.
+        """
         cdef RingHeader* h = self._hdr
         cdef uint8_t* data = self._data
         cdef uint64_t cap = self._cap, tail = h.tail, head = fq_load_acquire(&h.head)
-        cdef uint64_t pos, src, t, size, rec
+        cdef uint64_t pos, src, t, size = 0, rec
         cdef Py_ssize_t n = 0, n0 = 0, k = 0, k0, total, most
+        cdef bint corrupt = False
         cdef list out
         if head == tail:
             return None
         most = <Py_ssize_t>((head - tail) // FRAME_ALIGN)  # every frame takes 8 bytes or more
-        if most > max_frames:
-            most = max_frames
+        if most > limit:
+            most = limit
+        if most < 1:
+            most = 1  # fewer than 8 unread bytes: a broken ring, reported below
         if most > self._get_cap:
-            self._get_ptrs = <char**>PyMem_Realloc(self._get_ptrs, most * sizeof(char*))
-            self._get_lens = <Py_ssize_t*>PyMem_Realloc(self._get_lens, most * sizeof(Py_ssize_t))
-            self._get_srcs = <uint64_t*>PyMem_Realloc(self._get_srcs, most * sizeof(uint64_t))
-            if self._get_ptrs == NULL or self._get_lens == NULL or self._get_srcs == NULL:
-                self._get_cap = 0
-                raise MemoryError()
+            _grow(<void**>&self._get_ptrs, most, sizeof(char*))
+            _grow(<void**>&self._get_lens, most, sizeof(Py_ssize_t))
+            _grow(<void**>&self._get_srcs, most, sizeof(uint64_t))
             self._get_cap = most
         # The list is sized for the most frames there can be, filled, then cut to what was read.
         out = PyList_New(most)
         pos = tail % cap
         t = tail
-        while t != head and n < most:
-            # Pass 1, GIL held: allocate the bytes objects of one chunk. Small payloads are copied
-            # right away while their cache lines are hot; large ones are left for pass 2.
-            k0, total = k, 0
-            while t != head and n < most and total < PUBLISH_BYTES:
-                size = (<uint32_t*>(data + pos))[0]
-                rec = _record(size)
-                if rec > head - t:
-                    raise RingCorrupt(
-                        f"ring {self.name!r} holds a frame of {size} bytes at offset {pos} but "
-                        f"only {head - t} bytes are unread: another writer broke the ring"
-                    )
-                src = pos + FRAME_HEADER_BYTES
-                if pos + PREFETCH_BYTES < cap:
-                    fq_prefetch(data + pos + PREFETCH_BYTES)
-                if size <= INLINE_BYTES and src + size <= cap:
-                    frame = PyBytes_FromStringAndSize(<char*>data + src, size)
+        try:
+            while t != head and n < most and not corrupt:
+                # Pass 1, GIL held: allocate the bytes objects of one chunk. Small payloads are
+                # copied right away while their cache lines are hot; large ones wait for pass 2.
+                k0, total = k, 0
+                while t != head and n < most and total < PUBLISH_BYTES:
+                    size = (<uint32_t*>(data + pos))[0]
+                    rec = _record(size)
+                    if rec > head - t:
+                        corrupt = True
+                        break
+                    src = pos + FRAME_HEADER_BYTES
+                    if pos + PREFETCH_BYTES < cap:
+                        fq_prefetch(data + pos + PREFETCH_BYTES)
+                    if size <= INLINE_BYTES and src + size <= cap:
+                        frame = PyBytes_FromStringAndSize(<char*>data + src, size)
+                    else:
+                        frame = PyBytes_FromStringAndSize(NULL, size)
+                        self._get_ptrs[k] = PyBytes_AS_STRING(frame)
+                        self._get_lens[k] = size
+                        self._get_srcs[k] = src
+                        total += size
+                        k += 1
+                    Py_INCREF(frame)  # PyList_SET_ITEM steals a reference
+                    PyList_SET_ITEM(out, n, frame)
+                    pos += rec
+                    if pos >= cap:
+                        pos -= cap
+                    t += rec
+                    n += 1
+                # Pass 2: copy the large payloads, without the GIL when that pays; free the space.
+                if total >= NOGIL_BYTES:
+                    with nogil:
+                        _copy_out(data, cap, self._get_srcs + k0, self._get_ptrs + k0, self._get_lens + k0, k - k0)
                 else:
-                    frame = PyBytes_FromStringAndSize(NULL, size)
-                    self._get_ptrs[k] = PyBytes_AS_STRING(frame)
-                    self._get_lens[k] = size
-                    self._get_srcs[k] = src
-                    total += size
-                    k += 1
-                Py_INCREF(frame)  # PyList_SET_ITEM steals a reference
-                PyList_SET_ITEM(out, n, frame)
-                pos += rec
-                if pos >= cap:
-                    pos -= cap
-                t += rec
-                n += 1
-            # Pass 2: copy the large payloads, without the GIL when that pays; free the space.
-            if total >= NOGIL_BYTES:
-                with nogil:
                     _copy_out(data, cap, self._get_srcs + k0, self._get_ptrs + k0, self._get_lens + k0, k - k0)
-            else:
-                _copy_out(data, cap, self._get_srcs + k0, self._get_ptrs + k0, self._get_lens + k0, k - k0)
-            fq_store_release(&h.tail, t)  # the producer may reuse the space only now
-            fq_store_relaxed(&h.frames_got, h.frames_got + <uint64_t>(n - n0))
-            n0 = n
-            self._wake(PRODUCER)
+                if n > n0:
+                    fq_store_relaxed(&h.frames_got, h.frames_got + <uint64_t>(n - n0))
+                    fq_store_release(&h.tail, t)  # the producer may reuse the space only now
+                    n0 = n
+                    self._wake(PRODUCER)
+        except BaseException:  # an allocation failed: keep what was consumed, or raise
+            _list_truncate(out, n)
+            if n0 == 0:
+                raise
+            del out[n0:]
+            return out
         _list_truncate(out, n)
+        if corrupt and n == 0:
+            raise RingCorrupt(
+                f"ring {self.name!r} holds a frame of {size} bytes at offset {pos} but only "
+                f"{head - t} bytes are unread: another writer broke the ring"
+            )
         return out
 
     # -- waiting ----------------------------------------------------------------------------
@@ -514,12 +574,10 @@ cdef class Ring:
 
     def producer_alive(self):
         """True while a producer process holds this ring (its wake-up address is bound)."""
-        self._check_open()
         return self._alive(PRODUCER)
 
     def consumer_alive(self):
         """True while a consumer process holds this ring (its wake-up address is bound)."""
-        self._check_open()
         return self._alive(CONSUMER)
 
     cdef bint _alive(self, int role) except -1:
@@ -545,7 +603,11 @@ cdef class Ring:
             sendto(fd, &one, 1, MSG_DONTWAIT, &self._wake_addr[role], self._wake_len[role])
 
     cdef int _wait(self, int role, double deadline, uint64_t need) except -1:
-        """Return 1 when ready (or closed), 0 at the deadline (< 0: none); raise PeerLost."""
+        """Return 1 when ready (or closed), 0 at the deadline (< 0: none); raise PeerLost.
+
+        Runs inside _enter/_leave: a close() from a signal handler or another thread leaves the
+        mapping in place until the call returns.
+        """
         cdef RingHeader* h = self._hdr
         cdef uint64_t* flag = &h.producer_waiting if role == PRODUCER else &h.consumer_waiting
         cdef uint64_t* peer_pid = &h.consumer_pid if role == PRODUCER else &h.producer_pid
@@ -586,7 +648,7 @@ cdef class Ring:
                 _drain(pfd.fd)
             if r < 0:
                 PyErr_CheckSignals()  # EINTR: let a KeyboardInterrupt through
-            if self._ready(role, need):
+            if self._closing or self._ready(role, need):
                 return 1
             if r == 0 and peer_pid[0] and not self._alive(1 - role):
                 raise PeerLost(
@@ -597,17 +659,21 @@ cdef class Ring:
 
     def statistics(self):
         cdef RingHeader* h
+        cdef uint64_t tail, got
         self._check_open()
         h = self._hdr
+        # The consumer's counters first: head and frames_put only grow, so nothing goes negative.
+        tail = fq_load_acquire(&h.tail)
+        got = fq_load_acquire(&h.frames_got)
         return RingStatistics(
-            used_bytes=h.head - h.tail,
+            used_bytes=fq_load_acquire(&h.head) - tail,
             capacity_bytes=self._cap,
-            frames=h.frames_put - h.frames_got,
+            frames=fq_load_acquire(&h.frames_put) - got,
             peak_used_bytes=h.peak_used,
             puts_blocked=h.puts_blocked,
             gets_blocked=h.gets_blocked,
             frames_put=h.frames_put,
-            frames_got=h.frames_got,
+            frames_got=got,
             producer_pid=h.producer_pid,
             consumer_pid=h.consumer_pid,
             closed=bool(h.closed),

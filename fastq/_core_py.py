@@ -13,8 +13,10 @@ misses (it has no store-load fence) costs at most WAIT_SLICE_SECONDS, never a ha
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
+import operator
 import os
 import re
 import secrets
@@ -23,7 +25,7 @@ import socket
 import struct
 import time
 from multiprocessing import resource_tracker, util
-from typing import Iterable, NamedTuple
+from typing import Iterable, Iterator, NamedTuple
 
 import _posixshmem
 
@@ -68,7 +70,10 @@ PRODUCER, CONSUMER = "producer", "consumer"
 
 __all__ = ["Ring", "RingStatistics"]
 
-_NAME = re.compile(r"[A-Za-z0-9_.-]{1,200}")
+#: A wake-up address is 9 bytes plus the name and must fit sockaddr_un's 108.
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,90}")
+#: get_many returns at most this many frames per call, whatever max_frames says.
+GET_MANY_LIMIT = 65536
 
 
 class RingStatistics(NamedTuple):
@@ -107,7 +112,7 @@ def check_size(size_bytes: int) -> int:
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ConfigError(
-            f"ring name {name!r} is not 1-200 characters of letters, digits, '_', '.' or '-'; "
+            f"ring name {name!r} is not 1-90 characters of letters, digits, '_', '.' or '-'; "
             "pass such a name or None for a generated one"
         )
     return name
@@ -135,9 +140,12 @@ def check_timeout(timeout: float | None) -> float | None:
     return time.monotonic() + timeout
 
 
-def check_max_frames(max_frames: int) -> None:
+def check_max_frames(max_frames: int) -> int:
+    """Validate max_frames; returns how many frames one call may return."""
+    max_frames = operator.index(max_frames)
     if max_frames < 1:
         raise ConfigError(f"max_frames must be >= 1, got {max_frames}")
+    return min(max_frames, GET_MANY_LIMIT)
 
 
 def register_creator(name: str) -> util.Finalize:
@@ -326,6 +334,8 @@ class Ring:
         self._view = view
         self._sockets: dict[str, socket.socket] = {}
         self._open = True
+        self._closing = False  # close() was called while a call on this handle ran
+        self._calls: set[str] = set()  # the ends (producer, consumer) with a call running
         self.spin_seconds = SPIN_SECONDS
 
     def _release(self) -> None:
@@ -348,14 +358,18 @@ class Ring:
         """Close the ring for both ends, wake the peer, and unmap it from this process.
 
         The consumer still gets the frames already put, then ``RingClosed``; puts raise
-        ``RingClosed``. Idempotent. The name stays until ``unlink()``.
+        ``RingClosed``. A call still running on this handle (another thread, or the code around a
+        signal handler that closes) ends with ``RingClosed``; the unmap waits for it.
+        Idempotent. The name stays until ``unlink()``.
         """
-        if not self._open:
+        if not self._open or self._closing:
             return
+        self._closing = True
         self._h[SLOT_CLOSED] = 1
         for role in (PRODUCER, CONSUMER):
             self._wake(role)
-        self._release()
+        if not self._calls:
+            self._release()
 
     def unlink(self) -> None:
         """Remove the ring's name so that nothing is left in /dev/shm (the creator's job).
@@ -393,7 +407,7 @@ class Ring:
     @property
     def closed(self) -> bool:
         """True when this handle or the other end closed the ring."""
-        return not self._open or bool(self._h[SLOT_CLOSED])
+        return not self._open or self._closing or bool(self._h[SLOT_CLOSED])
 
     # -- producer ---------------------------------------------------------------------------
 
@@ -423,6 +437,11 @@ class Ring:
 
     def _put(self, frames: Iterable[object], deadline: float | None, *, wait: bool) -> int:
         self._check_open()
+        frames = tuple(frames)  # a private, immutable sequence
+        with self._call(PRODUCER):
+            return self._put_frames(frames, deadline, wait=wait)
+
+    def _put_frames(self, frames: tuple[object, ...], deadline: float | None, *, wait: bool) -> int:
         views = [frame_view(i, f) for i, f in enumerate(frames)]
         for i, v in enumerate(views):
             if record_bytes(v.nbytes) > self._capacity:
@@ -466,8 +485,8 @@ class Ring:
             data[: size - first] = views[i][first:]
             pos, head, free, i = (pos + rec) % cap, head + rec, free - rec, i + 1
         if i > start:
+            h[SLOT_FRAMES_PUT] += i - start  # counted first: frames_got never passes frames_put
             h[SLOT_HEAD] = head  # publish: the payload above is written before the head moves
-            h[SLOT_FRAMES_PUT] += i - start
             h[SLOT_PEAK_USED] = max(h[SLOT_PEAK_USED], cap - free)
             self._wake(CONSUMER)
         return i
@@ -483,34 +502,34 @@ class Ring:
                 we waited.
             RingBusy: another process is this ring's consumer.
         """
-        check_max_frames(max_frames)
+        limit = check_max_frames(max_frames)
         deadline = check_timeout(timeout)
-        self._check_open()
-        self._take_role(CONSUMER)
-        blocked = False
-        while True:
-            frames = self._read(max_frames)
+        with self._call(CONSUMER):
+            self._take_role(CONSUMER)
+            blocked = False
+            while True:
+                frames = self._read(limit)
+                if frames:
+                    return frames
+                if self._h[SLOT_CLOSED]:
+                    raise RingClosed(f"ring {self._name!r} is closed and drained")
+                if not blocked:
+                    self._h[SLOT_GETS_BLOCKED] += 1
+                    blocked = True
+                if not self._wait(CONSUMER, deadline, self._readable):
+                    raise RingEmpty(f"ring {self._name!r} stayed empty until the timeout")
+
+    def get_many_nowait(self, max_frames: int = 1024) -> list[bytes]:
+        """Return the frames there are now (at most ``max_frames``); ``RingEmpty`` if none."""
+        limit = check_max_frames(max_frames)
+        with self._call(CONSUMER):
+            self._take_role(CONSUMER)
+            frames = self._read(limit)
             if frames:
                 return frames
             if self._h[SLOT_CLOSED]:
                 raise RingClosed(f"ring {self._name!r} is closed and drained")
-            if not blocked:
-                self._h[SLOT_GETS_BLOCKED] += 1
-                blocked = True
-            if not self._wait(CONSUMER, deadline, self._readable):
-                raise RingEmpty(f"ring {self._name!r} stayed empty until the timeout")
-
-    def get_many_nowait(self, max_frames: int = 1024) -> list[bytes]:
-        """Return the frames there are now (at most ``max_frames``); ``RingEmpty`` if none."""
-        check_max_frames(max_frames)
-        self._check_open()
-        self._take_role(CONSUMER)
-        frames = self._read(max_frames)
-        if frames:
-            return frames
-        if self._h[SLOT_CLOSED]:
-            raise RingClosed(f"ring {self._name!r} is closed and drained")
-        raise RingEmpty(f"ring {self._name!r} is empty")
+            raise RingEmpty(f"ring {self._name!r} is empty")
 
     def get(self, *, timeout: float | None = None) -> bytes:
         return self.get_many(1, timeout=timeout)[0]
@@ -521,14 +540,21 @@ class Ring:
     def _readable(self) -> bool:
         return self._h[SLOT_HEAD] != self._h[SLOT_TAIL] or bool(self._h[SLOT_CLOSED])
 
-    def _read(self, max_frames: int) -> list[bytes]:
+    def _read(self, limit: int) -> list[bytes]:
+        """Up to ``limit`` frames (empty when there are none).
+
+        Frames before a corrupt length are returned (and consumed); the error comes with the
+        next call, when the corrupt frame is the first one.
+        """
         h, data, cap = self._h, self._data, self._capacity
         tail, head = h[SLOT_TAIL], h[SLOT_HEAD]
         pos, out = tail % cap, []
-        while tail != head and len(out) < max_frames:
+        while tail != head and len(out) < limit:
             (size,) = FRAME_HEADER.unpack_from(data, pos)
             rec = record_bytes(size)
             if rec > head - tail:
+                if out:
+                    break
                 raise RingCorrupt(
                     f"ring {self._name!r} holds a frame of {size} bytes at offset {pos} but only "
                     f"{head - tail} bytes are unread: another writer broke the ring"
@@ -568,8 +594,9 @@ class Ring:
     def clear_wakeup(self) -> None:
         """Drain ``fileno()`` and withdraw a pending ``request_wakeup``."""
         self._check_open()
+        sock = self._take_role(CONSUMER)
         self._h[SLOT_CONSUMER_WAITING] = 0
-        self._drain(self._take_role(CONSUMER))
+        self._drain(sock)
 
     def producer_alive(self) -> bool:
         """True while a producer process holds this ring (its wake-up address is bound)."""
@@ -605,7 +632,7 @@ class Ring:
             self._drain(sock)
             if ready():
                 return True
-            if self._h[SLOT_CLOSED]:
+            if self._h[SLOT_CLOSED] or self._closing:
                 return True  # the caller raises RingClosed
             if not woken and self._h[peer_pid] and not self._alive(peer):
                 raise PeerLost(
@@ -639,23 +666,42 @@ class Ring:
     def statistics(self) -> RingStatistics:
         self._check_open()
         h = self._h
+        # The consumer's counters first: head and frames_put only grow, so nothing goes negative.
+        tail, got = h[SLOT_TAIL], h[SLOT_FRAMES_GOT]
         return RingStatistics(
-            used_bytes=h[SLOT_HEAD] - h[SLOT_TAIL],
+            used_bytes=h[SLOT_HEAD] - tail,
             capacity_bytes=self._capacity,
-            frames=h[SLOT_FRAMES_PUT] - h[SLOT_FRAMES_GOT],
+            frames=h[SLOT_FRAMES_PUT] - got,
             peak_used_bytes=h[SLOT_PEAK_USED],
             puts_blocked=h[SLOT_PUTS_BLOCKED],
             gets_blocked=h[SLOT_GETS_BLOCKED],
             frames_put=h[SLOT_FRAMES_PUT],
-            frames_got=h[SLOT_FRAMES_GOT],
+            frames_got=got,
             producer_pid=h[SLOT_PRODUCER_PID],
             consumer_pid=h[SLOT_CONSUMER_PID],
             closed=bool(h[SLOT_CLOSED]),
         )
 
     def _check_open(self) -> None:
-        if not self._open:
+        if not self._open or self._closing:
             raise RingClosed(f"this handle of ring {self._name!r} was closed")
+
+    @contextlib.contextmanager
+    def _call(self, role: str) -> Iterator[None]:
+        """One put (get) call: one thread at a time per end, and close() waits for it."""
+        self._check_open()
+        if role in self._calls:
+            raise RingBusy(
+                f"another thread is already the {role} on this handle of ring {self._name!r}; "
+                "use one thread per end of a ring"
+            )
+        self._calls.add(role)
+        try:
+            yield
+        finally:
+            self._calls.discard(role)
+            if self._closing and not self._calls:
+                self._release()  # close() came while this call ran
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import os
 import queue
 import select
 import threading
@@ -369,3 +370,99 @@ def test_unlink_removes_the_segment_and_a_with_block_unlinks_for_the_creator(rin
             path = Path("/dev/shm") / ring.name
             raise RuntimeError("the creator fails")
     assert not path.exists()
+
+
+def test_names_are_limited_so_the_wakeup_address_fits(ring_impl, make_ring):
+    assert make_ring(name="fqt-" + "n" * 86).name == "fqt-" + "n" * 86
+    with pytest.raises(ConfigError, match=r"is not 1-90 characters"):
+        ring_impl.Ring.create(4096, name="fqt-" + "n" * 87)
+
+
+def test_close_from_a_signal_handler_during_a_wait_ends_the_wait_with_ring_closed(make_ring):
+    import signal
+
+    ring = make_ring()
+    ring.spin_seconds = 0.0
+    old = signal.signal(signal.SIGALRM, lambda *a: ring.close())
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(RingClosed):
+            ring.get_many(timeout=5)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert ring.closed
+    with pytest.raises(RingClosed, match=r"^this handle of ring .* was closed$"):
+        ring.statistics()
+
+
+def test_closing_the_same_handle_from_another_thread_ends_its_wait(make_ring):
+    ring = make_ring()
+    ring.spin_seconds = 0.0
+    outcome = []
+
+    def consume():
+        try:
+            ring.get_many(timeout=10)
+        except RingClosed as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=consume)
+    t.start()
+    deadline = time.monotonic() + 5
+    while ring.statistics().gets_blocked == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    # A second thread on the same end of the same handle is refused while the first waits
+    with pytest.raises(RingBusy, match=r"^another thread is already the consumer on this handle"):
+        ring.get_many_nowait()
+    ring.close()
+    t.join(5)
+    assert len(outcome) == 1 and not t.is_alive()
+
+
+def test_a_huge_max_frames_is_capped_not_allocated(make_ring):
+    ring = make_ring(1 << 20)
+    ring.put_many([b""] * 70_000)  # 8 bytes each
+    got = ring.get_many(2**62)
+    assert len(got) == 65_536
+    assert len(ring.get_many(2**62)) == 70_000 - 65_536
+    with pytest.raises(TypeError):
+        ring.get_many(2.5)
+
+
+def test_frames_before_a_corrupt_length_are_delivered_then_the_corruption_is_reported(ring_impl, make_ring):
+    import mmap
+
+    import _posixshmem
+
+    from fastq import _core_py
+    from fastq.errors import RingCorrupt
+
+    ring = make_ring(1024)
+    ring.put_many([b"good", b"also good", b"victim"])
+    fd = _posixshmem.shm_open("/" + ring.name, os.O_RDWR, 0)
+    try:
+        with mmap.mmap(fd, _core_py.HEADER_BYTES + 1024) as raw:
+            # The third frame starts after records of 8 and 16 bytes; give it an impossible length
+            _core_py.FRAME_HEADER.pack_into(raw, _core_py.HEADER_BYTES + 24, 999)
+            assert ring.get_many() == [b"good", b"also good"]
+            with pytest.raises(RingCorrupt, match=r"holds a frame of 999 bytes at offset 24 but only 16 bytes are unread"):
+                ring.get_many_nowait()
+            # A head that moved by less than one record is reported too, not read as "no frames"
+            tail = int.from_bytes(raw[_core_py.SLOT_TAIL * 8 : _core_py.SLOT_TAIL * 8 + 8], "little")
+            raw[_core_py.SLOT_HEAD * 8 : _core_py.SLOT_HEAD * 8 + 8] = (tail + 4).to_bytes(8, "little")
+            with pytest.raises(RingCorrupt):
+                ring.get_many_nowait()
+    finally:
+        os.close(fd)
+
+
+def test_liveness_can_be_asked_on_a_closed_handle(ring_impl, make_ring):
+    ring = make_ring()
+    other = ring_impl.Ring.attach(ring.name)
+    other.fileno()
+    ring.close()
+    assert ring.consumer_alive() is True
+    assert ring.producer_alive() is False
+    other.close()
+    assert ring.consumer_alive() is False
