@@ -25,6 +25,29 @@ from fastq.errors import (
 )
 
 
+def wait_for(condition, timeout=5.0):
+    """Poll ``condition`` until it holds; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not hold in time"
+        time.sleep(0.001)
+
+
+def consume_in_thread(ring, outcome):
+    """Start a thread blocked in ring.get_many; RingClosed lands in ``outcome``."""
+
+    def consume():
+        try:
+            ring.get_many(timeout=10)
+        except RingClosed as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=consume)
+    t.start()
+    wait_for(lambda: ring.statistics().gets_blocked > 0)
+    return t
+
+
 def drain(ring, max_frames=1024):
     out = []
     while True:
@@ -229,18 +252,7 @@ def test_close_wakes_a_consumer_blocked_in_another_thread(ring_impl, make_ring):
     ring = make_ring()
     consumer = ring_impl.Ring.attach(ring.name)
     outcome = []
-
-    def consume():
-        try:
-            consumer.get_many(timeout=10)
-        except RingClosed as e:
-            outcome.append(e)
-
-    t = threading.Thread(target=consume)
-    t.start()
-    deadline = time.monotonic() + 5
-    while ring.statistics().gets_blocked == 0 and time.monotonic() < deadline:
-        time.sleep(0.001)
+    t = consume_in_thread(consumer, outcome)
     started = time.monotonic()
     ring.close()
     t.join(5)
@@ -256,9 +268,7 @@ def test_a_put_from_another_thread_wakes_a_blocked_get(ring_impl, make_ring):
     got = []
     t = threading.Thread(target=lambda: got.extend(ring.get_many(timeout=10)))
     t.start()
-    deadline = time.monotonic() + 5
-    while ring.statistics().gets_blocked == 0 and time.monotonic() < deadline:
-        time.sleep(0.001)
+    wait_for(lambda: ring.statistics().gets_blocked > 0)
     producer.put_many([b"wake", b"up"])
     t.join(10)
     producer.close()
@@ -400,18 +410,7 @@ def test_closing_the_same_handle_from_another_thread_ends_its_wait(make_ring):
     ring = make_ring()
     ring.spin_seconds = 0.0
     outcome = []
-
-    def consume():
-        try:
-            ring.get_many(timeout=10)
-        except RingClosed as e:
-            outcome.append(e)
-
-    t = threading.Thread(target=consume)
-    t.start()
-    deadline = time.monotonic() + 5
-    while ring.statistics().gets_blocked == 0 and time.monotonic() < deadline:
-        time.sleep(0.001)
+    t = consume_in_thread(ring, outcome)
     # A second thread on the same end of the same handle is refused while the first waits
     with pytest.raises(RingBusy, match=r"^another thread is already the consumer on this handle"):
         ring.get_many_nowait()
