@@ -19,6 +19,8 @@ static inline void fq_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
 /* Ask for a cache line the consumer reads soon: it was last written on the producer's core. */
 static inline void fq_prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
+/* Ask for ownership of a line the producer writes soon: the consumer's core read it last. */
+static inline void fq_prefetch_write(void *p) { __builtin_prefetch(p, 1, 3); }
 
 /* A polite spin: lets the sibling hyperthread run and saves power while waiting. */
 static inline void fq_pause(void)

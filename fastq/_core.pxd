@@ -12,6 +12,7 @@ cdef extern from "_atomic.h" nogil:
     void fq_fence()
     void fq_pause()
     void fq_prefetch(const void* p)
+    void fq_prefetch_write(void* p)
 
 
 cdef extern from "sys/un.h" nogil:

@@ -382,6 +382,8 @@ cdef class Ring:
                 free = cap - (head - fq_load_acquire(&h.tail))  # the consumer may have moved on
                 if rec > free:
                     break
+            if pos + PREFETCH_BYTES < cap:
+                fq_prefetch_write(data + pos + PREFETCH_BYTES)
             (<uint32_t*>(data + pos))[0] = <uint32_t>size
             p = pos + FRAME_HEADER_BYTES  # < cap: pos and cap are multiples of 8
             first = cap - p
