@@ -21,6 +21,7 @@ ALLOWED: dict[str, set[str]] = {
     "config": {"errors"},
     "message": {"errors"},
     "autosize": {"config"},
+    "broker": {"broker.base", "broker.memory", "broker.sqlite", "broker.amqp", "errors"},
     "broker.base": {"message", "errors"},
     "broker.memory": {"broker.base", "message", "errors"},
     "broker.sqlite": {"broker.base", "message", "errors"},

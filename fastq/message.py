@@ -1,0 +1,74 @@
+"""The envelope of a task message, and the one msgpack encoder and decoder that handle it.
+
+A task message's body is a msgpack array ``[id, task, args, enqueued_at, attempt, headers]``.
+``args`` stays raw msgpack until the worker decodes it with the task's own typed decoder, so a
+payload that does not validate is the task's failure, never the envelope's. No pickle, ever.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import msgspec
+
+from fastq.errors import FastqError
+
+
+class MessageError(FastqError, ValueError):
+    """A body that is not a fastq envelope; the reason says what was expected and what was seen."""
+
+
+class Envelope(msgspec.Struct, array_like=True, gc=False, frozen=True):
+    """One task call in flight: which task, its arguments (raw msgpack), and its history."""
+
+    id: str
+    task: str
+    args: msgspec.Raw
+    enqueued_at: float
+    attempt: int = 0
+    headers: dict[str, str] | None = None
+
+
+#: Shared by every call in a process: msgspec encoders and decoders are reusable and thread-safe.
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Envelope)
+
+
+def new_id() -> str:
+    """A message id: 32 hex characters, unique without coordination."""
+    return uuid.uuid4().hex
+
+
+def encode_args(args: tuple[object, ...]) -> msgspec.Raw:
+    """The positional arguments of a task call as raw msgpack (structs, builtins)."""
+    try:
+        return msgspec.Raw(_encoder.encode(args))
+    except TypeError as e:
+        raise MessageError(
+            f"task arguments must be msgspec Structs or builtins (no pickle): {e}"
+        ) from None
+
+
+def encode(task: str, args: tuple[object, ...], *, message_id: str | None = None,
+           headers: dict[str, str] | None = None) -> tuple[str, bytes]:
+    """Encode one task call; returns ``(message_id, body)``."""
+    message_id = message_id or new_id()
+    envelope = Envelope(message_id, task, encode_args(args), time.time(), 0, headers)
+    return message_id, _encoder.encode(envelope)
+
+
+def decode(body: bytes | memoryview) -> Envelope:
+    """Decode a body into an Envelope.
+
+    Raises:
+        MessageError: the body is not msgpack, or not an envelope (the reason is in words).
+    """
+    try:
+        return _decoder.decode(body)
+    except msgspec.DecodeError as e:
+        head = bytes(body[:16]).hex()
+        raise MessageError(
+            f"body of {len(body)} bytes is not a fastq task envelope ({e}); it starts with "
+            f"0x{head}; send it with task.send(), or consume the queue with @app.consumer"
+        ) from None
