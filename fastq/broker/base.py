@@ -1,0 +1,142 @@
+"""The async Broker interface every backend implements, and the values that cross it.
+
+Only the supervisor talks to a broker (workers never do). It fetches deliveries in batches, hands
+them to workers, and settles them in batches: ack when the handler finished, retry with a delay,
+dead-letter with a reason, or release (give back, unfinished). Producers publish, synchronously
+(``task.send``) or not. At-least-once: a delivery that is never settled comes back.
+"""
+
+from __future__ import annotations
+
+import abc
+import urllib.parse
+from collections.abc import Sequence
+
+import msgspec
+
+from fastq.errors import ConfigError
+
+
+class Message(msgspec.Struct, frozen=True, gc=False):
+    """One message to publish."""
+
+    body: bytes
+    message_id: str
+    headers: dict[str, str] | None = None
+    #: seconds before it may be delivered
+    delay: float = 0.0
+
+
+class Delivery(msgspec.Struct, gc=False):
+    """One message handed to this consumer; settle it by ``tag``."""
+
+    tag: int
+    queue: str
+    body: bytes
+    message_id: str
+    #: deliveries so far, this one included (1 on the first); crashes and releases count
+    attempts: int
+    #: times it failed and was scheduled again (settle(retry=...)); what max_retries counts
+    retries: int = 0
+    headers: dict[str, str] | None = None
+
+
+class Retry(msgspec.Struct, frozen=True, gc=False):
+    tag: int
+    delay: float
+    reason: str
+
+
+class DeadLetter(msgspec.Struct, frozen=True, gc=False):
+    """A message that failed for good, kept with the reason."""
+
+    id: int
+    queue: str
+    message_id: str
+    body: bytes
+    attempts: int
+    retries: int
+    reason: str
+    failed_at: float
+    headers: dict[str, str] | None = None
+
+
+class QueueDepth(msgspec.Struct, frozen=True):
+    #: deliverable now
+    ready: int
+    #: delivered and not settled yet
+    unacked: int
+    #: waiting for a retry delay to pass
+    delayed: int = 0
+
+
+class Broker(abc.ABC):
+    """A queue backend. Every method is safe to call from the one event loop that opened it,
+    except ``publish_sync``, which any thread may call."""
+
+    #: The URL with its password masked: the only form that goes into logs and errors.
+    url: str
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and prepare storage; idempotent."""
+
+    @abc.abstractmethod
+    async def declare(self, queue: str) -> None:
+        """Make sure ``queue`` exists (durable where the backend is)."""
+
+    @abc.abstractmethod
+    async def publish(self, queue: str, messages: Sequence[Message]) -> None:
+        """Publish in order; returns once the broker holds them (durably, where it is durable)."""
+
+    @abc.abstractmethod
+    def publish_sync(self, queue: str, messages: Sequence[Message]) -> None:
+        """``publish`` for code without an event loop, such as ``task.send()``."""
+
+    @abc.abstractmethod
+    async def fetch(self, queue: str, max_messages: int, *, timeout: float) -> list[Delivery]:
+        """Up to ``max_messages`` deliveries, waiting at most ``timeout`` seconds for the first."""
+
+    @abc.abstractmethod
+    async def settle(
+        self,
+        queue: str,
+        *,
+        ack: Sequence[int] = (),
+        retry: Sequence[Retry] = (),
+        dead: Sequence[tuple[int, str]] = (),
+        release: Sequence[int] = (),
+    ) -> None:
+        """Settle deliveries in one round trip: ack (done), retry (again after a delay),
+        dead-letter (with a reason), release (unfinished: deliverable again now)."""
+
+    @abc.abstractmethod
+    async def queue_depth(self, queue: str) -> QueueDepth:
+        """How many messages are ready, unacked and delayed."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections; unsettled deliveries come back to some consumer later."""
+
+
+def mask_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``: the only form to log or put in an error."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def query_float(url: str, params: dict[str, list[str]], name: str, default: float, minimum: float) -> float:
+    """A number from a broker URL's query, checked; ConfigError names the URL (masked)."""
+    if name not in params:
+        return default
+    raw = params[name][-1]
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value >= minimum:
+        raise ConfigError(f"{name}={raw!r} in {mask_url(url)} must be a number >= {minimum}")
+    return value

@@ -1,0 +1,187 @@
+"""``memory://``: an in-process broker for tests and engine-only benchmarks.
+
+Every ``open_broker("memory://name")`` in one process returns the same broker, so a producer and a
+supervisor in that process share its queues; another process sees nothing of them. It keeps the
+semantics of the durable brokers: FIFO, deliveries counted, retries after a delay, dead letters
+with their reason, unsettled deliveries released on close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+
+from fastq.broker.base import Broker, DeadLetter, Delivery, Message, QueueDepth, Retry
+
+
+class _Entry:
+    __slots__ = ("body", "message_id", "headers", "attempts", "retries")
+
+    def __init__(self, m: Message) -> None:
+        self.body, self.message_id, self.headers = m.body, m.message_id, m.headers
+        self.attempts = self.retries = 0
+
+
+class _Queue:
+    def __init__(self) -> None:
+        self.ready: deque[_Entry] = deque()
+        self.delayed: list[tuple[float, int, _Entry]] = []  # heap of (visible_at, seq, entry)
+        self.unacked: dict[int, _Entry] = {}
+        self.dead: list[DeadLetter] = []
+
+
+class MemoryBroker(Broker):
+    """See the module docstring. Thread-safe; ``fetch`` wakes on a publish from any thread."""
+
+    def __init__(self, url: str = "memory://") -> None:
+        self.url = url
+        self._lock = threading.Lock()
+        self._queues: dict[str, _Queue] = {}
+        self._tags = itertools.count(1)
+        self._seq = itertools.count()
+        self._dead_ids = itertools.count(1)
+        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+
+    def _queue(self, name: str) -> _Queue:
+        q = self._queues.get(name)
+        if q is None:
+            q = self._queues[name] = _Queue()
+        return q
+
+    async def open(self) -> None:
+        pass
+
+    async def declare(self, queue: str) -> None:
+        with self._lock:
+            self._queue(queue)
+
+    async def publish(self, queue: str, messages: Sequence[Message]) -> None:
+        self.publish_sync(queue, messages)
+
+    def publish_sync(self, queue: str, messages: Sequence[Message]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            q = self._queue(queue)
+            for m in messages:
+                if m.delay > 0:
+                    heapq.heappush(q.delayed, (now + m.delay, next(self._seq), _Entry(m)))
+                else:
+                    q.ready.append(_Entry(m))
+            waiters = list(self._waiters)
+        self._notify(waiters)
+
+    @staticmethod
+    def _notify(waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]) -> None:
+        for loop, event in waiters:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(event.set)
+
+    def _take(self, queue: str, max_messages: int) -> tuple[list[Delivery], float | None]:
+        """Deliveries now, and when the next delayed message becomes visible."""
+        now = time.monotonic()
+        out: list[Delivery] = []
+        with self._lock:
+            q = self._queue(queue)
+            while q.delayed and q.delayed[0][0] <= now:
+                q.ready.append(heapq.heappop(q.delayed)[2])
+            while q.ready and len(out) < max_messages:
+                e = q.ready.popleft()
+                e.attempts += 1
+                tag = next(self._tags)
+                q.unacked[tag] = e
+                out.append(Delivery(tag, queue, e.body, e.message_id, e.attempts, e.retries, e.headers))
+            return out, (q.delayed[0][0] if q.delayed else None)
+
+    async def fetch(self, queue: str, max_messages: int, *, timeout: float) -> list[Delivery]:
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + timeout
+        event = asyncio.Event()
+        waiter = (loop, event)
+        with self._lock:
+            self._waiters.add(waiter)
+        try:
+            while True:
+                event.clear()
+                out, next_visible = self._take(queue, max_messages)
+                now = time.monotonic()
+                if out or now >= deadline:
+                    return out
+                wait = deadline - now if next_visible is None else min(deadline, next_visible) - now
+                try:
+                    await asyncio.wait_for(event.wait(), max(wait, 0.0))
+                except TimeoutError:
+                    pass
+        finally:
+            with self._lock:
+                self._waiters.discard(waiter)
+
+    async def settle(
+        self,
+        queue: str,
+        *,
+        ack: Sequence[int] = (),
+        retry: Sequence[Retry] = (),
+        dead: Sequence[tuple[int, str]] = (),
+        release: Sequence[int] = (),
+    ) -> None:
+        now = time.monotonic()
+        with self._lock:
+            q = self._queue(queue)
+            for tag in ack:
+                q.unacked.pop(tag, None)
+            for r in retry:
+                e = q.unacked.pop(r.tag, None)
+                if e is not None:
+                    e.retries += 1
+                    heapq.heappush(q.delayed, (now + r.delay, next(self._seq), e))
+            for tag, reason in dead:
+                e = q.unacked.pop(tag, None)
+                if e is not None:
+                    q.dead.append(DeadLetter(next(self._dead_ids), queue, e.message_id, e.body,
+                                             e.attempts, e.retries, reason, time.time(), e.headers))
+            released = [e for e in map(q.unacked.pop, release, itertools.repeat(None)) if e is not None]
+            q.ready.extendleft(reversed(released))  # back at the front, in their order
+            waiters = list(self._waiters) if released or retry else []
+        self._notify(waiters)
+
+    async def queue_depth(self, queue: str) -> QueueDepth:
+        with self._lock:
+            q = self._queue(queue)
+            return QueueDepth(ready=len(q.ready), unacked=len(q.unacked), delayed=len(q.delayed))
+
+    def dead_letters(self, queue: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        """Dead letters, oldest first."""
+        with self._lock:
+            found = [d for name, q in self._queues.items() if queue in (None, name) for d in q.dead]
+        return sorted(found, key=lambda d: d.id)[:limit]
+
+    def requeue_dead_letters(self, ids: Sequence[int] | None = None, *, queue: str | None = None) -> int:
+        """Put dead letters (all, those of ``queue``, or those ``ids``) back, with fresh counts."""
+        moved = 0
+        with self._lock:
+            for name, q in self._queues.items():
+                if queue not in (None, name):
+                    continue
+                keep = []
+                for d in q.dead:
+                    if ids is None or d.id in ids:
+                        q.ready.append(_Entry(Message(d.body, d.message_id, d.headers)))
+                        moved += 1
+                    else:
+                        keep.append(d)
+                q.dead = keep
+            waiters = list(self._waiters)
+        self._notify(waiters)
+        return moved
+
+    async def close(self) -> None:
+        """Release every unsettled delivery (back to the front of its queue)."""
+        with self._lock:
+            for q in self._queues.values():
+                q.ready.extendleft(reversed(list(q.unacked.values())))
+                q.unacked.clear()

@@ -1,0 +1,297 @@
+"""``sqlite:///path``: the embedded, durable default broker. No server; the file is the queue.
+
+One row per message. A message is deliverable when ``visible_at`` has passed. A fetch claims a
+batch in one transaction: it writes this broker's lease owner and pushes ``visible_at`` one lease
+ahead; while the consumer lives, a background task keeps pushing it. Ack deletes the row, a retry
+sets ``visible_at`` to the retry time, a dead letter moves the row to ``fastq_dead_letters`` with its
+reason. If the consumer dies, its leases lapse and the messages are visible again: at-least-once,
+across restarts, with any number of producer processes and supervisors on one file (WAL, writers
+take turns with ``BEGIN IMMEDIATE``, a settle only touches rows this broker still leases).
+
+URL query: ``lease`` seconds (default 60; renewed every lease/3), ``synchronous`` ``normal``
+(default: a committed message survives the process crashing, not the machine losing power) or
+``full`` (survives that too, slower), ``poll`` seconds between looks at an empty queue that no
+publish in this process woke (default 0.05).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import sqlite3
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import msgspec
+
+from fastq.broker.base import Broker, DeadLetter, Delivery, Message, QueueDepth, Retry, query_float
+from fastq.errors import ConfigError
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS fastq_messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: a tag names one message forever
+    queue TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    body BLOB NOT NULL,
+    headers BLOB,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    retries INTEGER NOT NULL DEFAULT 0,
+    visible_at REAL NOT NULL,
+    lease_owner TEXT,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS fastq_messages_visible ON fastq_messages (queue, visible_at, id);
+CREATE TABLE IF NOT EXISTS fastq_dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    body BLOB NOT NULL,
+    headers BLOB,
+    attempts INTEGER NOT NULL,
+    retries INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    failed_at REAL NOT NULL
+);
+"""
+_INSERT = (
+    "INSERT INTO fastq_messages (queue, message_id, body, headers, visible_at) VALUES (?, ?, ?, ?, ?)"
+)
+_CLAIM = """
+UPDATE fastq_messages SET lease_owner = ?1, visible_at = ?2, attempts = attempts + 1
+WHERE id IN (SELECT id FROM fastq_messages WHERE queue = ?3 AND visible_at <= ?4
+             ORDER BY visible_at, id LIMIT ?5)
+RETURNING id, message_id, body, headers, attempts, retries
+"""
+_ACK = "DELETE FROM fastq_messages WHERE id = ? AND lease_owner = ?"
+_RETRY = (
+    "UPDATE fastq_messages SET visible_at = ?, lease_owner = NULL, retries = retries + 1, "
+    "last_error = ? WHERE id = ? AND lease_owner = ?"
+)
+_RELEASE = "UPDATE fastq_messages SET visible_at = ?, lease_owner = NULL WHERE id = ? AND lease_owner = ?"
+_BURY = """
+INSERT INTO fastq_dead_letters (queue, message_id, body, headers, attempts, retries, reason, failed_at)
+SELECT queue, message_id, body, headers, attempts, retries, ?, ? FROM fastq_messages
+WHERE id = ? AND lease_owner = ?
+"""
+_RENEW = "UPDATE fastq_messages SET visible_at = ? WHERE lease_owner = ?"
+_DEPTH = """
+SELECT coalesce(sum(visible_at <= ?1), 0),
+       coalesce(sum(visible_at > ?1 AND lease_owner IS NOT NULL), 0),
+       coalesce(sum(visible_at > ?1 AND lease_owner IS NULL), 0)
+FROM fastq_messages WHERE queue = ?2
+"""
+
+_headers_encoder = msgspec.msgpack.Encoder()
+_headers_decoder = msgspec.msgpack.Decoder(dict[str, str])
+
+
+def _pack(headers: dict[str, str] | None) -> bytes | None:
+    return None if not headers else _headers_encoder.encode(headers)
+
+
+def _unpack(raw: bytes | None) -> dict[str, str] | None:
+    return None if raw is None else _headers_decoder.decode(raw)
+
+
+def parse_url(url: str) -> tuple[str, dict[str, list[str]]]:
+    """``sqlite:///relative.db`` or ``sqlite:////absolute.db``: the path, and the query."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "sqlite" or parts.netloc or not parts.path.startswith("/") or parts.path == "/":
+        raise ConfigError(
+            f"{url!r} is not a SQLite broker URL; use sqlite:///relative/path.db or "
+            "sqlite:////absolute/path.db"
+        )
+    return parts.path[1:], urllib.parse.parse_qs(parts.query)
+
+
+class SqliteBroker(Broker):
+    """See the module docstring. Async methods run on one thread of its own, with its own
+    connection; ``publish_sync`` and the dead-letter methods use a connection per calling thread."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.path, params = parse_url(url)
+        self.lease = query_float(url, params, "lease", 60.0, 1.0)
+        self.poll = query_float(url, params, "poll", 0.05, 0.001)
+        mode = params.get("synchronous", ["normal"])[-1].lower()
+        if mode not in ("normal", "full"):
+            raise ConfigError(f"synchronous={mode!r} in {url} must be 'normal' or 'full'")
+        self.synchronous = mode
+        #: the lease owner this broker writes on what it claims
+        self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self._local = threading.local()
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._published: asyncio.Event | None = None
+        self._renewer: asyncio.Task[None] | None = None
+
+    # -- connections ------------------------------------------------------------------------
+
+    def _db(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
+            db.executescript(_SCHEMA)
+            self._local.db = db
+        return db
+
+    def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work`` in one write transaction on this thread's connection."""
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = work(db)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return result
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        assert self._executor is not None, "open() the broker first"
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # -- Broker -----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._executor is not None:
+            return
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fastq-sqlite")
+        self._loop = asyncio.get_running_loop()
+        self._published = asyncio.Event()
+        await self._run(self._db)
+        self._renewer = asyncio.create_task(self._renew_leases())
+
+    async def declare(self, queue: str) -> None:
+        pass  # a queue is the set of rows that name it
+
+    async def publish(self, queue: str, messages: Sequence[Message]) -> None:
+        await self._run(self.publish_sync, queue, messages)
+
+    def publish_sync(self, queue: str, messages: Sequence[Message]) -> None:
+        now = time.time()
+        rows = [(queue, m.message_id, m.body, _pack(m.headers), now + m.delay) for m in messages]
+        self._write(lambda db: db.executemany(_INSERT, rows))
+        loop, published = self._loop, self._published
+        if loop is not None and published is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(published.set)  # wake a fetch in this process at once
+
+    def _claim(self, queue: str, max_messages: int) -> list[Delivery]:
+        now = time.time()
+        rows = self._write(
+            lambda db: db.execute(_CLAIM, (self.owner, now + self.lease, queue, now, max_messages)).fetchall()
+        )
+        rows.sort()  # RETURNING has no order; ids are publish order
+        return [Delivery(r[0], queue, r[2], r[1], r[4], r[5], _unpack(r[3])) for r in rows]
+
+    async def fetch(self, queue: str, max_messages: int, *, timeout: float) -> list[Delivery]:
+        assert self._published is not None, "open() the broker first"
+        deadline = time.monotonic() + timeout
+        pause = 0.001
+        while True:
+            self._published.clear()
+            out = await self._run(self._claim, queue, max_messages)
+            remaining = deadline - time.monotonic()
+            if out or remaining <= 0:
+                return out
+            try:  # other processes publish without telling us: look again, less often each time
+                await asyncio.wait_for(self._published.wait(), min(pause, remaining))
+            except TimeoutError:
+                pause = min(pause * 2, self.poll)
+
+    async def settle(
+        self,
+        queue: str,
+        *,
+        ack: Sequence[int] = (),
+        retry: Sequence[Retry] = (),
+        dead: Sequence[tuple[int, str]] = (),
+        release: Sequence[int] = (),
+    ) -> None:
+        if ack or retry or dead or release:
+            await self._run(self._settle, ack, retry, dead, release)
+
+    def _settle(self, ack: Sequence[int], retry: Sequence[Retry], dead: Sequence[tuple[int, str]],
+                release: Sequence[int]) -> None:
+        now, me = time.time(), self.owner
+
+        def work(db: sqlite3.Connection) -> None:
+            if dead:
+                db.executemany(_BURY, [(reason, now, tag, me) for tag, reason in dead])
+                db.executemany(_ACK, [(tag, me) for tag, _ in dead])
+            if ack:
+                db.executemany(_ACK, [(tag, me) for tag in ack])
+            if retry:
+                db.executemany(_RETRY, [(now + r.delay, r.reason, r.tag, me) for r in retry])
+            if release:
+                db.executemany(_RELEASE, [(now, tag, me) for tag in release])
+
+        self._write(work)
+        if (retry or release) and self._loop is not None and self._published is not None:
+            self._loop.call_soon_threadsafe(self._published.set)
+
+    async def _renew_leases(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            await self._run(lambda: self._write(lambda db: db.execute(_RENEW, (time.time() + self.lease, self.owner))))
+
+    async def queue_depth(self, queue: str) -> QueueDepth:
+        row = await self._run(lambda: self._db().execute(_DEPTH, (time.time(), queue)).fetchone())
+        return QueueDepth(ready=row[0], unacked=row[1], delayed=row[2])
+
+    async def close(self) -> None:
+        """Stop renewing leases and release what this broker still holds: it is visible at once."""
+        if self._executor is None:
+            return
+        if self._renewer is not None:
+            self._renewer.cancel()
+            try:
+                await self._renewer
+            except asyncio.CancelledError:
+                pass
+        await self._run(lambda: self._write(lambda db: db.execute(
+            "UPDATE fastq_messages SET visible_at = ?, lease_owner = NULL WHERE lease_owner = ?",
+            (time.time(), self.owner))))
+        await self._run(self._close_db)
+        self._executor.shutdown()
+        self._executor = None
+
+    def _close_db(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    # -- dead letters (any thread) ----------------------------------------------------------
+
+    def dead_letters(self, queue: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        """Dead letters, oldest first, with the reason each one failed."""
+        rows = self._db().execute(
+            "SELECT id, queue, message_id, body, attempts, retries, reason, failed_at, headers "
+            "FROM fastq_dead_letters WHERE ?1 IS NULL OR queue = ?1 ORDER BY id LIMIT ?2",
+            (queue, limit),
+        ).fetchall()
+        return [DeadLetter(*r[:8], _unpack(r[8])) for r in rows]
+
+    def requeue_dead_letters(self, ids: Sequence[int] | None = None, *, queue: str | None = None) -> int:
+        """Put dead letters (all, those of ``queue``, or those ``ids``) back, with fresh counts."""
+        where = "(?1 IS NULL OR queue = ?1)" + ("" if ids is None else
+                 f" AND id IN ({','.join(str(int(i)) for i in ids) or 'NULL'})")
+
+        def work(db: sqlite3.Connection) -> int:
+            db.execute(
+                "INSERT INTO fastq_messages (queue, message_id, body, headers, visible_at) "
+                f"SELECT queue, message_id, body, headers, ?2 FROM fastq_dead_letters WHERE {where} "
+                "ORDER BY id", (queue, time.time()))
+            return db.execute(f"DELETE FROM fastq_dead_letters WHERE {where}", (queue,)).rowcount
+
+        return self._write(work)

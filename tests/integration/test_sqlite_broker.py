@@ -1,0 +1,154 @@
+"""The SQLite broker between real processes: many producers, two consumers, a consumer killed."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import signal
+import sqlite3
+import time
+
+from fastq.broker import open_broker
+from fastq.broker.base import Message, QueueDepth
+
+ctx = multiprocessing.get_context("spawn")
+
+
+def msgs(n, prefix=b"m"):
+    return [Message(prefix + b"%d" % i, f"id-{i}") for i in range(n)]
+
+
+def _produce(url: str, producer: int, count: int) -> None:
+    broker = open_broker(url)
+    for start in range(0, count, 100):  # many small transactions, interleaving with the others
+        broker.publish_sync("q", [Message(b"x", f"p{producer}-{i}") for i in range(start, start + 100)])
+
+
+def test_ten_producer_processes_at_once_lose_nothing(tmp_path):
+    url = f"sqlite:///{tmp_path}/many.db"
+    procs = [ctx.Process(target=_produce, args=(url, p, 2_000)) for p in range(10)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * 10
+    ids = [r[0] for r in sqlite3.connect(f"{tmp_path}/many.db").execute("SELECT message_id FROM fastq_messages")]
+    assert len(ids) == len(set(ids)) == 20_000
+
+
+def _consume(url: str, seen, stop_after: float) -> None:
+    async def main() -> None:
+        broker = open_broker(url)
+        await broker.open()
+        ids: list[str] = []
+        idle_since = time.monotonic()
+        while time.monotonic() - idle_since < stop_after:
+            got = await broker.fetch("q", 64, timeout=0.2)
+            if got:
+                idle_since = time.monotonic()
+                ids += [d.message_id for d in got]
+                await broker.settle("q", ack=[d.tag for d in got])
+        await broker.close()
+        seen.put(ids)  # once, at the end: the parent reads it before it joins
+
+    asyncio.run(main())
+
+
+def test_two_consumers_on_one_file_split_the_work_and_see_each_message_once(tmp_path):
+    # Given 10,000 messages in one file and two consumer processes (two supervisors' brokers)
+    url = f"sqlite:///{tmp_path}/two.db"
+    open_broker(url).publish_sync("q", msgs(10_000))
+    seen = ctx.SimpleQueue()
+    consumers = [ctx.Process(target=_consume, args=(url, seen, 1.0)) for _ in range(2)]
+    for c in consumers:
+        c.start()
+    first, second = seen.get(), seen.get()
+    for c in consumers:
+        c.join(60)
+    # Then every message was delivered exactly once (no fault, no duplicate), and both worked
+    assert sorted(first + second) == sorted(f"id-{i}" for i in range(10_000))
+    assert first and second
+
+
+def _hold(url: str, ready) -> None:
+    async def main() -> None:
+        broker = open_broker(url)
+        await broker.open()
+        got = await broker.fetch("q", 500, timeout=5)
+        ready.put(len(got))
+        await asyncio.sleep(600)  # holds its leases, renewing them, until killed
+
+    asyncio.run(main())
+
+
+def test_the_leases_of_a_killed_consumer_lapse_and_another_gets_everything(tmp_path):
+    url = f"sqlite:///{tmp_path}/killed.db?lease=1"
+    open_broker(url).publish_sync("q", msgs(1_000))
+    ready = ctx.SimpleQueue()
+    holder = ctx.Process(target=_hold, args=(url, ready))
+    holder.start()
+    try:
+        assert ready.get() == 500
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.join()
+
+        async def main() -> list[str]:
+            broker = open_broker(url)
+            await broker.open()
+            ids: list[str] = []
+            deadline = time.monotonic() + 30
+            while len(ids) < 1_000 and time.monotonic() < deadline:
+                got = await broker.fetch("q", 256, timeout=1)
+                ids += [d.message_id for d in got]
+                await broker.settle("q", ack=[d.tag for d in got])
+            depth = await broker.queue_depth("q")
+            await broker.close()
+            assert depth == QueueDepth(0, 0, 0)
+            return ids
+
+        ids = asyncio.run(main())
+        assert sorted(ids) == sorted(f"id-{i}" for i in range(1_000))
+    finally:
+        holder.kill()
+
+
+def test_a_lease_that_lapses_makes_the_message_visible_to_another_consumer(tmp_path):
+    url = f"sqlite:///{tmp_path}/lease.db?lease=1"
+
+    async def main():
+        a, b = open_broker(url), open_broker(url)
+        await a.open()
+        await b.open()
+        a._renewer.cancel()  # a consumer that stopped renewing, as a dead one does
+        await a.publish("q", msgs(1))
+        (held,) = await a.fetch("q", 1, timeout=1)
+        assert await b.fetch("q", 1, timeout=0.2) == []
+        (taken,) = await b.fetch("q", 1, timeout=3)
+        assert (taken.body, taken.attempts) == (b"m0", 2)
+        # The first consumer's late ack touches nothing it no longer holds
+        await a.settle("q", ack=[held.tag])
+        assert await b.queue_depth("q") == QueueDepth(ready=0, unacked=1, delayed=0)
+        await b.settle("q", ack=[taken.tag])
+        assert await b.queue_depth("q") == QueueDepth(0, 0, 0)
+        await b.close()
+
+    asyncio.run(main())
+
+
+def test_a_live_consumer_keeps_its_leases(tmp_path):
+    url = f"sqlite:///{tmp_path}/renew.db?lease=1"
+
+    async def main():
+        a, b = open_broker(url), open_broker(url)
+        await a.open()
+        await b.open()
+        await a.publish("q", msgs(1))
+        assert len(await a.fetch("q", 1, timeout=1)) == 1
+        assert await b.fetch("q", 1, timeout=2.5) == []  # two and a half leases: renewed
+        await a.close()
+        await b.close()
+
+    asyncio.run(main())
+
+
