@@ -1,5 +1,7 @@
 """fastq: message and background-task processing on pinned uvloop workers fed by shared-memory rings."""
 
+from fastq.app import App, Middleware, TimingMiddleware
+from fastq.config import Config
 from fastq.errors import (
     BrokerConnectionError,
     ConfigError,
@@ -14,6 +16,7 @@ from fastq.errors import (
     RingNotFound,
     WorkerLost,
 )
+from fastq.task import Consumer, Task
 
 __version__ = "0.1.0.dev0"
 
@@ -31,4 +34,10 @@ __all__ = [
     "RingNotFound",
     "WorkerLost",
     "__version__",
+    "App",
+    "Config",
+    "Consumer",
+    "Middleware",
+    "Task",
+    "TimingMiddleware",
 ]

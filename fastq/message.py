@@ -50,11 +50,12 @@ def encode_args(args: tuple[object, ...]) -> msgspec.Raw:
         ) from None
 
 
-def encode(task: str, args: tuple[object, ...], *, message_id: str | None = None,
+def encode(task: str, args: tuple[object, ...] | msgspec.Raw, *, message_id: str | None = None,
            headers: dict[str, str] | None = None) -> tuple[str, bytes]:
-    """Encode one task call; returns ``(message_id, body)``."""
+    """Encode one task call (arguments as values, or already raw); returns ``(message_id, body)``."""
     message_id = message_id or new_id()
-    envelope = Envelope(message_id, task, encode_args(args), time.time(), 0, headers)
+    raw = args if isinstance(args, msgspec.Raw) else encode_args(args)
+    envelope = Envelope(message_id, task, raw, time.time(), 0, headers)
     return message_id, _encoder.encode(envelope)
 
 

@@ -28,7 +28,7 @@ ALLOWED: dict[str, set[str]] = {
     "broker.amqp": {"broker.base", "message", "errors", "config"},
     "worker": {"ring", "message", "broker.base", "autosize", "config", "logging", "errors"},
     "supervisor": {"worker", "ring", "autosize", "config", "logging", "errors"},
-    "task": {"config", "message", "broker", "supervisor", "errors"},
+    "task": {"config", "message", "broker", "broker.base", "supervisor", "errors"},
     "app": {"config", "message", "broker", "supervisor", "task", "errors"},
     "pool": {"worker", "ring", "autosize", "config", "message", "errors"},
     "logging": set(),
@@ -53,8 +53,12 @@ def _imports(path: Path) -> set[str]:
     source = path.read_text()
     if path.suffix == ".pyx":  # only the Python-level imports of the extension matter here
         source = "\n".join(line for line in source.splitlines() if line.startswith(("import ", "from ")) and "cimport" not in line)
+    tree = ast.parse(source)
+    for node in ast.walk(tree):  # imports under `if TYPE_CHECKING:` never run: leave them out
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            node.body = []
     found = set()
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module:
             if node.module == "fastq":
                 found |= {a.name for a in node.names}

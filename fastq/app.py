@@ -1,0 +1,153 @@
+"""App: the task registry, its settings and its broker; where users start.
+
+    app = fastq.App("shop")
+
+    @app.task(queue="email", kind="io", max_retries=5)
+    async def send_receipt(order: Order) -> None: ...
+
+    send_receipt.send(Order(id=1, total=9.5))      # from anywhere: returns the message id
+
+Run its workers with ``fastq worker module:app``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, overload
+
+import msgspec
+
+from fastq.broker import Broker, mask_url, open_broker
+from fastq.config import Config
+from fastq.errors import ConfigError
+from fastq.task import Consumer, HandlerOptions, Kind, Task
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+logger = logging.getLogger(__name__)
+
+#: The queue of a task that names none.
+DEFAULT_QUEUE = "default"
+
+
+class Middleware:
+    """Hooks around every message a worker processes, called in the order they were given.
+
+    ``before_process`` runs before the handler; ``after_process`` after it, with the exception it
+    raised or None. A hook that raises fails the message like its handler would.
+    """
+
+    def before_process(self, message: Any) -> None:
+        pass
+
+    def after_process(self, message: Any, exc: BaseException | None) -> None:
+        pass
+
+
+class TimingMiddleware(Middleware):
+    """Logs each message's handler, outcome and duration (DEBUG, or WARNING on failure)."""
+
+    def before_process(self, message: Any) -> None:
+        message.started_at = time.perf_counter()
+
+    def after_process(self, message: Any, exc: BaseException | None) -> None:
+        took = time.perf_counter() - getattr(message, "started_at", time.perf_counter())
+        if exc is None:
+            logger.debug("%s %s done in %.6f s", message.handler, message.message_id, took)
+        else:
+            logger.warning("%s %s failed after %.6f s: %s: %s", message.handler, message.message_id,
+                           took, type(exc).__name__, exc)
+
+
+class App:
+    """A set of tasks and consumers sharing one broker and one Config.
+
+    Parameters:
+        name: shown in logs and plans.
+        broker: broker URL; default ``FASTQ_BROKER_URL``, else ``sqlite:///fastq.db``.
+        config: settings; default ``Config.from_env()`` (``broker`` wins over its URL).
+        middleware: hooks around every message, in order.
+    """
+
+    def __init__(self, name: str, broker: str | None = None, *, config: Config | None = None,
+                 middleware: Sequence[Middleware] = ()) -> None:
+        self.name = name
+        if config is None:
+            config = Config.from_env(broker_url=broker)
+        elif broker is not None:
+            config = msgspec.structs.replace(config, broker_url=broker)
+        self.config = config
+        self.middleware = list(middleware)
+        self.tasks: dict[str, Task] = {}
+        self.consumers: dict[str, Consumer] = {}
+        self._broker: Broker | None = None
+
+    @property
+    def broker(self) -> Broker:
+        """The broker of ``config.broker_url``, made on first use."""
+        if self._broker is None:
+            self._broker = open_broker(self.config.broker_url)
+        return self._broker
+
+    @overload
+    def task(self, fn: F) -> Task: ...
+
+    @overload
+    def task(self, *, queue: str | None = None, name: str | None = None, kind: Kind = "auto",
+             max_retries: int = 3, retry_backoff: float = 1.0, timeout: float | None = None,
+             concurrency: int | None = None, prefetch: int | None = None) -> Callable[[F], Task]: ...
+
+    def task(self, fn: Callable[..., Any] | None = None, *, queue: str | None = None,
+             name: str | None = None, kind: Kind = "auto", max_retries: int = 3,
+             retry_backoff: float = 1.0, timeout: float | None = None,
+             concurrency: int | None = None, prefetch: int | None = None) -> Any:
+        """Register a function (``async def`` or plain) as a task; use bare or with options.
+
+        Raises:
+            ConfigError: an option is out of range, or the name is taken.
+        """
+        options = HandlerOptions(queue=queue or DEFAULT_QUEUE, kind=kind, max_retries=max_retries,
+                                 retry_backoff=retry_backoff, timeout=timeout,
+                                 concurrency=concurrency, prefetch=prefetch)
+
+        def register(fn: Callable[..., Any]) -> Task:
+            task_name = name or f"{fn.__module__}.{fn.__qualname__}"
+            if task_name in self.tasks:
+                raise ConfigError(f"a task named {task_name!r} is registered already; pass name=")
+            if options.queue in self.consumers:
+                raise ConfigError(f"queue {options.queue!r} belongs to consumer "
+                                  f"{self.consumers[options.queue].name}; give the task another queue")
+            task = self.tasks[task_name] = Task(self, fn, task_name, options)
+            return task
+
+        return register(fn) if fn is not None else register
+
+    def consumer(self, queue: str, *, kind: Kind = "auto", max_retries: int = 3,
+                 retry_backoff: float = 1.0, timeout: float | None = None,
+                 concurrency: int | None = None, prefetch: int | None = None) -> Callable[[F], Consumer]:
+        """Register a handler for every message on ``queue``, whoever produced it; it receives
+        the raw body ``bytes``. The way to put fastq behind an existing queue."""
+        options = HandlerOptions(queue=queue, kind=kind, max_retries=max_retries,
+                                 retry_backoff=retry_backoff, timeout=timeout,
+                                 concurrency=concurrency, prefetch=prefetch)
+
+        def register(fn: Callable[[bytes], Any]) -> Consumer:
+            if queue in self.consumers or any(t.queue == queue for t in self.tasks.values()):
+                raise ConfigError(f"queue {queue!r} already has a handler; one consumer per queue")
+            c = self.consumers[queue] = Consumer(self, fn, options)
+            return c
+
+        return register
+
+    def queues(self) -> dict[str, HandlerOptions]:
+        """Every queue this app consumes, with the options that size it (the first task's)."""
+        found: dict[str, HandlerOptions] = {}
+        for handler in [*self.tasks.values(), *self.consumers.values()]:
+            found.setdefault(handler.queue, handler.options)
+        return found
+
+    def __repr__(self) -> str:
+        return (f"<App {self.name!r} broker={mask_url(self.config.broker_url)!r} "
+                f"tasks={len(self.tasks)} consumers={len(self.consumers)}>")

@@ -1,0 +1,152 @@
+"""Task and Consumer: registered handlers, their options, and how their messages are made and read.
+
+A task's parameters are typed (msgspec Structs, builtins); ``send`` validates the arguments
+against them before anything is published, and the worker validates again on decode, because a
+queue may hold messages from producers that are not this code. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Literal, get_type_hints
+
+import msgspec
+
+from fastq import message
+from fastq.broker.base import Message
+from fastq.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fastq.app import App
+
+Kind = Literal["io", "cpu", "auto"]
+KINDS = ("io", "cpu", "auto")
+
+
+class HandlerOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """What a task or consumer declared; None means "the app's setting, else autosize"."""
+
+    queue: str
+    kind: Kind = "auto"
+    max_retries: int = 3
+    #: first retry delay in seconds; doubles each retry, with jitter
+    retry_backoff: float = 1.0
+    #: seconds a handler may run; past it, the call fails as if it raised
+    timeout: float | None = None
+    concurrency: int | None = None
+    prefetch: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if not self.queue or not isinstance(self.queue, str):
+            raise ConfigError(f"queue must be a non-empty string, got {self.queue!r}")
+        if self.max_retries < 0:
+            raise ConfigError(f"max_retries must be >= 0, got {self.max_retries}")
+        if not self.retry_backoff >= 0:
+            raise ConfigError(f"retry_backoff must be >= 0 seconds, got {self.retry_backoff!r}")
+        if self.timeout is not None and not self.timeout > 0:
+            raise ConfigError(f"timeout must be > 0 seconds or None, got {self.timeout!r}")
+        for name in ("concurrency", "prefetch"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1 or None, got {value}")
+
+
+class Task:
+    """A function registered with ``@app.task``: call it directly, or ``send`` it to a worker."""
+
+    def __init__(self, app: App, fn: Callable[..., Any], name: str, options: HandlerOptions) -> None:
+        self.app, self.fn, self.name, self.options = app, fn, name, options
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.signature = inspect.signature(fn)
+        for p in self.signature.parameters.values():
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                raise ConfigError(
+                    f"task {name}: *args and **kwargs cannot be typed for the wire; "
+                    "declare each parameter with its type"
+                )
+        hints = get_type_hints(fn, include_extras=True)
+        types = tuple(hints.get(p, Any) for p in self.signature.parameters)
+        #: the type of the argument tuple, as the worker decodes it
+        self.args_type: Any = tuple[types] if types else tuple[()]
+        self._decoder = msgspec.msgpack.Decoder(self.args_type)
+
+    @property
+    def queue(self) -> str:
+        return self.options.queue
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the function here and now (no broker involved)."""
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name} queue={self.queue!r} kind={self.options.kind}>"
+
+    # -- producing --------------------------------------------------------------------------
+
+    def message(self, *args: Any, **kwargs: Any) -> Message:
+        """The broker message for one call, arguments validated against the parameter types.
+
+        Raises:
+            TypeError: the arguments do not fit the signature.
+            msgspec.ValidationError: an argument has the wrong type (the path says which).
+        """
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        try:
+            # Dicts become Structs; then the encoded arguments are decoded with the worker's own
+            # typed decoder, because convert() passes Struct instances through unchecked.
+            values = msgspec.convert(tuple(bound.arguments.values()), self.args_type, from_attributes=True)
+            args = message.encode_args(values)
+            self._decoder.decode(args)
+        except msgspec.ValidationError as e:
+            raise msgspec.ValidationError(f"task {self.name}: {e} (arguments in parameter order)") from None
+        message_id, body = message.encode(self.name, args)
+        return Message(body, message_id)
+
+    def send(self, *args: Any, **kwargs: Any) -> str:
+        """Publish one call; returns its message id once the broker holds it."""
+        m = self.message(*args, **kwargs)
+        self.app.broker.publish_sync(self.queue, [m])
+        return m.message_id
+
+    async def send_async(self, *args: Any, **kwargs: Any) -> str:
+        """``send`` for coroutines: the publish runs off the event loop."""
+        m = self.message(*args, **kwargs)
+        await asyncio.get_running_loop().run_in_executor(None, self.app.broker.publish_sync, self.queue, [m])
+        return m.message_id
+
+    def send_many(self, calls: Iterable[tuple[Any, ...]]) -> list[str]:
+        """Publish many calls (each a tuple of positional arguments) in one batch; their ids."""
+        messages = [self.message(*args) for args in calls]
+        if messages:
+            self.app.broker.publish_sync(self.queue, messages)
+        return [m.message_id for m in messages]
+
+    # -- consuming --------------------------------------------------------------------------
+
+    def decode_args(self, raw: bytes | memoryview) -> tuple[Any, ...]:
+        """The arguments of an envelope, validated (msgspec.ValidationError when they do not fit)."""
+        return self._decoder.decode(raw)
+
+
+class Consumer:
+    """A handler registered with ``@app.consumer(queue)``: gets the raw body of every message."""
+
+    def __init__(self, app: App, fn: Callable[[bytes], Any], options: HandlerOptions) -> None:
+        self.app, self.fn, self.options = app, fn, options
+        self.name = f"{fn.__module__}.{fn.__qualname__}"
+        self.is_async = inspect.iscoroutinefunction(fn)
+
+    @property
+    def queue(self) -> str:
+        return self.options.queue
+
+    def __call__(self, body: bytes) -> Any:
+        return self.fn(body)
+
+    def __repr__(self) -> str:
+        return f"<Consumer {self.name} queue={self.queue!r} kind={self.options.kind}>"

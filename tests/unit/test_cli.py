@@ -1,0 +1,70 @@
+"""The fastq command: send from a shell, and one-line errors for bad arguments."""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+
+import pytest
+
+from fastq import message
+from fastq.cli import RET_USAGE, main
+
+MODULE = """
+import msgspec, fastq
+
+class Order(msgspec.Struct):
+    id: int
+    total: float
+
+app = fastq.App("cli", broker="memory://cli-test")
+
+@app.task(queue="orders")
+def charge(order: Order, note: str = "") -> None: ...
+
+not_a_task = 42
+"""
+
+
+@pytest.fixture
+def shop(tmp_path, monkeypatch):
+    (tmp_path / "clishop.py").write_text(textwrap.dedent(MODULE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import clishop
+
+    return clishop
+
+
+def test_send_enqueues_a_call_from_json_and_prints_its_id(shop, capsys):
+    assert main(["send", "clishop:charge", '[{"id": 7, "total": 1.5}, "gift"]']) == 0
+    mid = capsys.readouterr().out.strip()
+
+    async def take():
+        return await shop.app.broker.fetch("orders", 10, timeout=0.1)
+
+    (d,) = asyncio.run(take())
+    env = message.decode(d.body)
+    assert d.message_id == mid
+    assert shop.charge.decode_args(env.args) == (shop.Order(7, 1.5), "gift")
+    assert main(["send", "clishop:charge", '{"order": {"id": 8, "total": 2}}']) == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["send", "clishop", "[]"], r"^fastq send: 'clishop' is not module:attribute, e\.g\. myproject\.tasks:app$"),
+        (["send", "nosuchmodule:x", "[]"], r"^fastq send: cannot import 'nosuchmodule': No module named 'nosuchmodule'; run from"),
+        (["send", "clishop:nothing", "[]"], r"^fastq send: module 'clishop' has no 'nothing'$"),
+        (["send", "clishop:not_a_task", "[]"], r"^fastq send: clishop:not_a_task is a int, not a task made with @app\.task$"),
+        (["send", "clishop:charge", "[1,"], r"^fastq send: arguments '\[1,' are not JSON"),
+        (["send", "clishop:charge", '[{"id": "x", "total": 1}]'], r"^fastq send: arguments do not fit .*Expected `int`, got `str`"),
+        (["bench", "--runs", "0"], r"^fastq bench: --runs must be >= 1, got 0$"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(shop, capsys, argv, error):
+    assert main(argv) == RET_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    import re
+
+    assert re.search(error, err.strip()), err
