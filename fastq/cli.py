@@ -6,10 +6,10 @@ Bad arguments exit with RET_USAGE and one line that says what to change, never a
 from __future__ import annotations
 
 import argparse
-import importlib
-import os
 import sys
 from typing import Any
+
+from fastq import _load
 
 RET_OK = 0
 RET_ERROR = 1
@@ -21,23 +21,10 @@ class UsageError(Exception):
 
 
 def load(spec: str) -> Any:
-    """The object named by ``module:attribute`` (the working directory is importable)."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise UsageError(f"{spec!r} is not module:attribute, e.g. myproject.tasks:app")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
     try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        raise UsageError(f"cannot import {module_name!r}: {e}; run from the directory that holds it") from None
-    obj: Any = module
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise UsageError(f"module {module_name!r} has no {attr!r}") from None
-    return obj
+        return _load.load(spec)
+    except _load.LoadError as e:
+        raise UsageError(str(e)) from None
 
 
 def _send(spec: str, arguments: str) -> int:
@@ -65,6 +52,46 @@ def _send(spec: str, arguments: str) -> int:
     return RET_OK
 
 
+def _worker(args: argparse.Namespace) -> int:
+    import logging
+
+    import msgspec
+
+    from fastq.app import App
+    from fastq.autosize import QueueSpec, Topology, plan
+    from fastq.config import Config
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
+    app = load(args.app)
+    if not isinstance(app, App):
+        raise UsageError(f"{args.app} is a {type(app).__name__}, not a fastq.App")
+    overrides = {k: v for k, v in (("processes", args.processes), ("concurrency", args.concurrency),
+                                   ("prefetch", args.prefetch), ("broker_url", args.broker)) if v is not None}
+    try:
+        config = msgspec.structs.replace(app.config, **overrides)
+        Config(**msgspec.structs.asdict(config))  # validated, with the setting named
+    except Exception as e:  # noqa: BLE001 - one line, whatever the cause
+        raise UsageError(str(e)) from None
+    app.config = config
+    app._broker = None
+    known = app.queues()
+    queues = args.queue or list(known)
+    unknown = [q for q in queues if q not in known]
+    if unknown or not queues:
+        raise UsageError(f"queues {unknown or queues} have no task or consumer in {args.app}; "
+                         f"known: {sorted(known)}")
+    the_plan = plan(Topology.detect(), [QueueSpec(name=q, kind=known[q].kind, concurrency=known[q].concurrency,
+                                                  prefetch=known[q].prefetch) for q in queues], config)
+    log = logging.getLogger("fastq.worker")
+    log.info("fastq worker %s on %s", args.app, app.broker.url)
+    for line in the_plan.explain().splitlines():
+        log.info("plan: %s", line)
+    from fastq.supervisor import Supervisor
+
+    return Supervisor(app, args.app, the_plan, config, queues, log_level=args.log_level.upper()).run_forever()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastq", description="fastq: queued messages and tasks on every core")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -77,8 +104,18 @@ def main(argv: list[str] | None = None) -> int:
     send = commands.add_parser("send", help="enqueue one task call from a shell; prints its message id")
     send.add_argument("task", help="module:task, e.g. shop.tasks:send_receipt")
     send.add_argument("arguments", nargs="?", default="[]", help="JSON list (positional) or object (by name)")
+    work = commands.add_parser("worker", help="run the workers of an app: fastq worker module:app")
+    work.add_argument("app", help="module:app, e.g. shop.tasks:app")
+    work.add_argument("--queue", action="append", help="consume only this queue (repeatable)")
+    work.add_argument("--processes", type=int, help="worker processes (default: one per usable core)")
+    work.add_argument("--concurrency", type=int, help="handlers at once per queue, whole host")
+    work.add_argument("--prefetch", type=int, help="unacked messages per queue, whole host")
+    work.add_argument("--broker", help="broker URL (default: the app's)")
+    work.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
     try:
+        if args.command == "worker":
+            return _worker(args)
         if args.command == "send":
             return _send(args.task, args.arguments)
         from fastq._bench import ring

@@ -1,0 +1,284 @@
+"""The parent process: owns the broker, the rings and the workers; dispatches, settles, restarts.
+
+For each queue it fetches while the host's prefetch budget has room, gives each delivery to the
+live worker with the fewest in flight, and settles completions in batches (ack, retry, dead).
+A worker that dies hands its in-flight messages to the others at once and is started again; a
+message that was in flight at three worker deaths is dead-lettered as the likely killer.
+SIGTERM/SIGINT: stop fetching, let in-flight work finish within ``shutdown_timeout``, settle it,
+give the rest back to the broker, exit 0; a second signal gives everything back at once.
+
+(The per-delivery bookkeeping here moves into fastq/_core.pyx as the Dispatcher next.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import multiprocessing
+import signal
+from typing import Any
+
+import msgspec
+
+from fastq import worker
+from fastq.autosize import Plan
+from fastq.broker.base import Retry
+from fastq.config import Config
+from fastq.errors import FrameTooLarge, RingClosed, RingFull
+from fastq.ring import Ring, get_many_async
+
+logger = logging.getLogger(__name__)
+
+#: a message in flight at this many worker deaths is dead-lettered
+MAX_WORKER_DEATHS = 3
+
+
+class _Pending:
+    __slots__ = ("queue", "delivery", "worker", "deaths")
+
+    def __init__(self, queue: str, delivery: Any) -> None:
+        self.queue, self.delivery, self.worker, self.deaths = queue, delivery, -1, 0
+
+
+class _Worker:
+    def __init__(self, index: int, cpu: int | None) -> None:
+        self.index, self.cpu = index, cpu
+        self.process: Any = None
+        self.inbox: Any = None
+        self.outbox: Any = None
+        self.in_flight: set[int] = set()
+        self.reader: asyncio.Task[None] | None = None
+        self.restarts = 0
+
+
+class Supervisor:
+    def __init__(self, app: Any, app_spec: str, plan: Plan, config: Config, queues: list[str],
+                 log_level: str = "WARNING") -> None:
+        self.app, self.app_spec, self.plan, self.config = app, app_spec, plan, config
+        self.queues = queues
+        self.log_level = log_level
+        self.broker = app.broker
+        self.prefetch = {q.name: q.prefetch for q in plan.queues}
+        self.concurrency = max(1, max(sum(q.per_process[i] for q in plan.queues) for i in range(plan.processes)))
+        self.pending: dict[int, _Pending] = {}
+        self.backlog: collections.deque[int] = collections.deque()  # dispatched nowhere yet
+        self.tags = itertools.count(1)
+        self.in_flight = dict.fromkeys(queues, 0)
+        self.room = asyncio.Event()
+        self.stopping = False
+        self.signals = 0
+        self.ctx = multiprocessing.get_context("spawn")
+        pinned = plan.pinned or (None,) * plan.processes
+        self.workers = [_Worker(i, pinned[i]) for i in range(plan.processes)]
+        self.settled = collections.Counter[str]()
+
+    # -- workers ----------------------------------------------------------------------------
+
+    def start_worker(self, w: _Worker) -> None:
+        size = self.config.ring_size_bytes
+        w.inbox, w.outbox = Ring.create(size), Ring.create(size)
+        spec = worker.WorkerSpec(index=w.index, cpu=w.cpu, app=self.app_spec, queues=tuple(self.queues),
+                                 input_ring=w.inbox.name, output_ring=w.outbox.name,
+                                 concurrency=self.concurrency, log_level=self.log_level)
+        w.process = self.ctx.Process(target=worker.main, args=(msgspec.msgpack.encode(spec),),
+                                     name=f"fastq-worker-{w.index}", daemon=True)
+        w.process.start()
+        loop = asyncio.get_running_loop()
+        loop.add_reader(w.process.sentinel, self.worker_exited, w)
+        w.reader = loop.create_task(self.read_completions(w))
+
+    def worker_exited(self, w: _Worker) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(w.process.sentinel)
+        w.process.join()
+        code = w.process.exitcode
+        lost, w.in_flight = w.in_flight, set()
+        if w.reader is not None:
+            w.reader.cancel()
+        for ring in (w.inbox, w.outbox):
+            ring.close()
+            ring.unlink()
+        if self.stopping and not lost:
+            return
+        logger.warning("worker %d (pid %s) exited with %s holding %d messages; handing them on",
+                       w.index, w.process.pid, code, len(lost))
+        dead = []
+        for tag in sorted(lost):
+            p = self.pending[tag]
+            p.deaths += 1
+            p.worker = -1
+            if p.deaths >= MAX_WORKER_DEATHS:
+                dead.append(tag)
+            else:
+                self.backlog.append(tag)
+        if dead:
+            loop.create_task(self.settle([], [], [(t, f"killed its worker {MAX_WORKER_DEATHS} times "
+                                                      f"(last exit code {code})") for t in dead], []))
+        if not self.stopping:
+            w.restarts += 1
+            self.start_worker(w)
+        self.dispatch_backlog()
+
+    # -- dispatch ---------------------------------------------------------------------------
+
+    def dispatch_backlog(self) -> None:
+        live = [w for w in self.workers if w.process is not None and w.process.is_alive()]
+        if not live:
+            return
+        frames: dict[int, list[bytes]] = collections.defaultdict(list)
+        order: dict[int, list[int]] = collections.defaultdict(list)
+        while self.backlog:
+            tag = self.backlog.popleft()
+            p = self.pending[tag]
+            w = min(live, key=lambda w: len(w.in_flight))
+            w.in_flight.add(tag)
+            p.worker = w.index
+            frames[w.index].append(worker.DELIVERY.pack(tag, p.delivery.retries,
+                                                        self.queues.index(p.queue)) + p.delivery.body)
+            order[w.index].append(tag)
+        for index, batch in frames.items():
+            w = self.workers[index]
+            try:
+                w.inbox.put_many_nowait(batch)
+            except RingFull as e:  # rare: the ring is sized for the prefetch; keep the rest back
+                for tag in order[index][e.written:]:
+                    w.in_flight.discard(tag)
+                    self.backlog.append(tag)
+            except (RingClosed, FrameTooLarge):
+                for tag in order[index]:
+                    w.in_flight.discard(tag)
+                    self.backlog.append(tag)
+
+    async def fetch_loop(self, queue: str) -> None:
+        limit = self.config.max_message_bytes
+        while not self.stopping:
+            room = self.prefetch[queue] - self.in_flight[queue]
+            if room <= 0:
+                self.room.clear()
+                await self.room.wait()
+                continue
+            deliveries = await self.broker.fetch(queue, min(room, self.config.batch_max), timeout=0.25)
+            too_large = []
+            for d in deliveries:
+                tag = next(self.tags)
+                self.pending[tag] = _Pending(queue, d)
+                self.in_flight[queue] += 1
+                if len(d.body) > limit:
+                    too_large.append((tag, f"message of {len(d.body)} bytes exceeds max_message_bytes={limit}"))
+                else:
+                    self.backlog.append(tag)
+            if too_large:
+                await self.settle([], [], too_large, [])
+            self.dispatch_backlog()
+
+    # -- completions ------------------------------------------------------------------------
+
+    async def read_completions(self, w: _Worker) -> None:
+        outbox = w.outbox
+        while True:
+            try:
+                frames = await get_many_async(outbox, 1024)
+            except RingClosed:
+                return
+            ack, retry, dead = [], [], []
+            for f in frames:
+                tag, status, delay = worker.COMPLETION.unpack_from(f)
+                if tag not in w.in_flight:
+                    continue  # already handed on after a restart: the new outcome will count
+                w.in_flight.discard(tag)
+                if status == worker.OK:
+                    ack.append(tag)
+                elif status == worker.RETRY:
+                    retry.append((tag, delay, bytes(f[worker.COMPLETION.size:]).decode()))
+                else:
+                    dead.append((tag, bytes(f[worker.COMPLETION.size:]).decode()))
+            await self.settle(ack, retry, dead, [])
+
+    async def settle(self, ack: list[int], retry: list[tuple[int, float, str]],
+                     dead: list[tuple[int, str]], release: list[int]) -> None:
+        by_queue: dict[str, dict[str, list[Any]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+        for tag in ack:
+            p = self.pending.pop(tag)
+            by_queue[p.queue]["ack"].append(p.delivery.tag)
+        for tag, delay, reason in retry:
+            p = self.pending.pop(tag)
+            by_queue[p.queue]["retry"].append(Retry(p.delivery.tag, delay, reason))
+        for tag, reason in dead:
+            p = self.pending.pop(tag)
+            logger.warning("dead letter %s on %r: %s", p.delivery.message_id, p.queue, reason)
+            by_queue[p.queue]["dead"].append((p.delivery.tag, reason))
+        for tag in release:
+            p = self.pending.pop(tag)
+            by_queue[p.queue]["release"].append(p.delivery.tag)
+        for queue, parts in by_queue.items():
+            await self.broker.settle(queue, **parts)
+            n = sum(map(len, parts.values()))
+            self.in_flight[queue] -= n
+            for kind, items in parts.items():
+                self.settled[kind] += len(items)
+        if by_queue:
+            self.room.set()
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def on_signal(self, signum: int) -> None:
+        self.signals += 1
+        self.stopping = True
+        self.room.set()
+        logger.warning("%s: %s", signal.Signals(signum).name,
+                       "stopping at once, giving unfinished work back" if self.signals > 1 else
+                       f"finishing in-flight work (up to {self.config.shutdown_timeout} s), then exiting")
+        if self.signals > 1:
+            self.stop_now.set()
+
+    def run_forever(self) -> int:
+        """Run until signalled; returns the exit code."""
+        return worker.run_loop(self.run())
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.stop_now = asyncio.Event()
+        await self.broker.open()
+        for q in self.queues:
+            await self.broker.declare(q)
+        for w in self.workers:
+            self.start_worker(w)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.on_signal, sig)
+        fetchers = [loop.create_task(self.fetch_loop(q)) for q in self.queues]
+        try:
+            await asyncio.gather(*fetchers)  # they return once stopping
+            deadline = loop.time() + self.config.shutdown_timeout
+            while self.pending and not self.stop_now.is_set() and loop.time() < deadline:
+                await asyncio.sleep(0.02)
+        finally:
+            await self.shutdown()
+        return 0
+
+    async def shutdown(self) -> None:
+        loop = asyncio.get_running_loop()
+        for w in self.workers:  # exits from here on are expected
+            if w.process is not None:
+                loop.remove_reader(w.process.sentinel)
+        for w in self.workers:
+            if w.process is not None and w.process.is_alive():
+                w.inbox.close()  # the worker finishes what it has, then exits
+        for w in self.workers:
+            if w.process is not None:
+                w.process.join(1.0)
+                if w.process.is_alive():
+                    w.process.kill()
+                    w.process.join()
+                if w.reader is not None:
+                    w.reader.cancel()
+        if self.pending:
+            logger.warning("giving %d unfinished messages back to the broker", len(self.pending))
+            await self.settle([], [], [], list(self.pending))
+        for w in self.workers:
+            for ring in (w.inbox, w.outbox):
+                if ring is not None:
+                    ring.close()
+                    ring.unlink()
+        await self.broker.close()

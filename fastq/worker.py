@@ -1,0 +1,213 @@
+"""A worker process: pinned to one core, one uvloop loop, frames in from one ring, completions out.
+
+Workers never touch the broker. The supervisor frames each delivery as ``[tag | retries | queue
+index | body]``; the worker decodes it, runs its handler, and decides what became of it, because
+it is the one that saw the exception: ``ok``, ``retry`` after a delay (exponential backoff with
+jitter, while retries < max_retries) or ``dead`` with the reason in words. A body that is not an
+envelope, names no task of the app, or whose arguments do not validate is dead at once.
+
+Handlers: ``async def`` runs on the loop, up to ``concurrency`` at once; a plain function of kind
+``cpu`` runs inline; of kind ``io`` in a thread pool; of kind ``auto`` inline while it is measured,
+then in the pool if it spends most of its time off the CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import random
+import signal
+import struct
+import time
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import msgspec
+
+from fastq import _load, message
+from fastq.errors import RingClosed
+from fastq.ring import Ring, get_many_async
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: supervisor -> worker: delivery tag, retries so far, queue index; the body follows
+DELIVERY = struct.Struct("<QIH")
+#: worker -> supervisor: delivery tag, outcome, retry delay in seconds; the reason follows (utf-8)
+COMPLETION = struct.Struct("<QBd")
+OK, RETRY, DEAD = 0, 1, 2
+#: an "auto" sync handler is measured over this many calls before it is classified
+AUTO_SAMPLES = 8
+#: below this share of on-CPU time, an "auto" sync handler counts as I/O-bound
+AUTO_IO_BELOW = 0.5
+
+
+class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything a worker needs, sent to it as msgpack (workers never read the environment)."""
+
+    index: int
+    cpu: int | None
+    app: str
+    queues: tuple[str, ...]
+    input_ring: str
+    output_ring: str
+    concurrency: int
+    log_level: str = "WARNING"
+
+
+class Processing:
+    """What middleware sees of one message."""
+
+    __slots__ = ("handler", "message_id", "queue", "retries", "started_at")
+
+    def __init__(self, handler: str, message_id: str, queue: str, retries: int) -> None:
+        self.handler, self.message_id, self.queue, self.retries = handler, message_id, queue, retries
+
+
+def pin(cpu: int | None, index: int) -> None:
+    if cpu is None:
+        return
+    try:
+        import psutil
+
+        psutil.Process().cpu_affinity([cpu])
+        logger.info("worker %d pinned to cpu %d", index, cpu)
+    except (OSError, AttributeError, ValueError) as e:  # reported, not fatal
+        logger.warning("worker %d could not be pinned to cpu %d: %s", index, cpu, e)
+
+
+def main(spec_bytes: bytes) -> None:
+    """Entry point of a worker process (spawn)."""
+    spec = msgspec.msgpack.decode(spec_bytes, type=WorkerSpec)
+    # Ctrl-C and `systemctl stop` signal the whole process group: the supervisor alone decides,
+    # and drains this worker by closing its input ring.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=spec.log_level, format=f"%(asctime)s %(process)d worker-{spec.index} %(levelname)s %(message)s")
+    pin(spec.cpu, spec.index)
+    app = _load.load(spec.app)
+    run_loop(Runtime(spec, app).serve())
+
+
+class Runtime:
+    def __init__(self, spec: WorkerSpec, app: Any) -> None:
+        self.spec, self.app = spec, app
+        self.inbox = Ring.attach(spec.input_ring)
+        self.outbox = Ring.attach(spec.output_ring)
+        self.slots = asyncio.Semaphore(spec.concurrency)
+        self.pool = concurrent.futures.ThreadPoolExecutor(max(4, spec.concurrency))
+        self.done: list[bytes] = []
+        self.flush_scheduled = False
+        self.running: set[asyncio.Task[None]] = set()
+        self.measured: dict[str, list[float]] = {}  # handler -> on-CPU shares of its calls
+        self.consumers = [app.consumers.get(q) for q in spec.queues]
+
+    async def serve(self) -> None:
+        try:
+            while True:
+                try:
+                    frames = await get_many_async(self.inbox, 256)
+                except RingClosed:
+                    break  # the supervisor is done with us: finish what runs, then go
+                for frame in frames:
+                    await self.slots.acquire()
+                    t = asyncio.get_running_loop().create_task(self.handle(frame))
+                    self.running.add(t)
+                    t.add_done_callback(self.running.discard)
+            if self.running:
+                await asyncio.gather(*self.running)
+        finally:
+            self.flush()
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.outbox.close()
+
+    async def handle(self, frame: bytes) -> None:
+        tag, retries, queue_index = DELIVERY.unpack_from(frame)
+        body = memoryview(frame)[DELIVERY.size :]
+        try:
+            status, delay, reason = await self.run(body, retries, queue_index)
+        except BaseException as e:  # a bug of ours must not lose the message: say so, retry it
+            logger.exception("worker %d: internal error on delivery %d", self.spec.index, tag)
+            status, delay, reason = RETRY, 1.0, f"fastq internal error: {type(e).__name__}: {e}"
+        finally:
+            self.slots.release()
+        self.done.append(COMPLETION.pack(tag, status, delay) + reason.encode()[:4000])
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.flush_scheduled = False
+        if self.done:
+            done, self.done = self.done, []
+            self.outbox.put_many(done, timeout=60)
+
+    async def run(self, body: memoryview, retries: int, queue_index: int) -> tuple[int, float, str]:
+        consumer = self.consumers[queue_index]
+        if consumer is not None:
+            handler, args, name, message_id = consumer, (bytes(body),), consumer.name, ""
+        else:
+            try:
+                envelope = message.decode(body)
+            except message.MessageError as e:
+                return DEAD, 0.0, f"undecodable: {e}"
+            handler = self.app.tasks.get(envelope.task)
+            if handler is None:
+                return DEAD, 0.0, (f"unknown task {envelope.task!r}: this app registers "
+                                   f"{sorted(self.app.tasks)[:5]}; deploy the task or fix the producer")
+            try:
+                args = handler.decode_args(envelope.args)
+            except msgspec.ValidationError as e:
+                return DEAD, 0.0, f"invalid arguments for {envelope.task}: {e}"
+            name, message_id = envelope.task, envelope.id
+        options = handler.options
+        processing = Processing(name, message_id, self.spec.queues[queue_index], retries)
+        exc: BaseException | None = None
+        try:
+            for mw in self.app.middleware:
+                mw.before_process(processing)
+            await self.call(handler, args, name, options)
+        except Exception as e:  # noqa: BLE001 - any failure of user code is the message's outcome
+            exc = e
+        for mw in reversed(self.app.middleware):
+            try:
+                mw.after_process(processing, exc)
+            except Exception as e:  # noqa: BLE001
+                exc = exc or e
+        if exc is None:
+            return OK, 0.0, ""
+        reason = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, TimeoutError):
+            reason = f"timed out after {options.timeout} s ({reason})"
+        if retries < options.max_retries:
+            delay = options.retry_backoff * (2**retries) * random.uniform(0.5, 1.5)
+            return RETRY, delay, reason
+        return DEAD, 0.0, f"{reason} (after {retries + 1} attempts)"
+
+    async def call(self, handler: Any, args: tuple[Any, ...], name: str, options: Any) -> None:
+        if handler.is_async:
+            await asyncio.wait_for(handler.fn(*args), options.timeout)
+            return
+        kind = options.kind
+        if kind == "auto":
+            shares = self.measured.setdefault(name, [])
+            if len(shares) >= AUTO_SAMPLES:
+                kind = "io" if sum(shares) / len(shares) < AUTO_IO_BELOW else "cpu"
+            else:
+                wall, cpu = time.perf_counter(), time.thread_time()
+                handler.fn(*args)
+                shares.append((time.thread_time() - cpu) / max(time.perf_counter() - wall, 1e-9))
+                return
+        if kind == "cpu":
+            handler.fn(*args)  # inline: this process owns its core
+            return
+        fut = asyncio.get_running_loop().run_in_executor(self.pool, lambda: handler.fn(*args))
+        await asyncio.wait_for(fut, options.timeout)
+
+
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on a uvloop event loop (this module is the one uvloop importer)."""
+    import uvloop
+
+    return uvloop.run(main)

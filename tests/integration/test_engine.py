@@ -1,0 +1,203 @@
+"""The engine end to end: `fastq worker` as a real process tree on a real SQLite file.
+
+Each handler appends the number it got to a file (O_APPEND: one write per line), so the tests
+count exactly what was processed, and how often.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+APP = """
+import os
+import fastq
+
+app = fastq.App("engine", broker="sqlite:///{db}")
+OUT = {out!r}
+
+def _record(line: bytes) -> None:
+    fd = os.open(OUT, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(fd, line)
+    os.close(fd)
+
+@app.task(kind="io")
+async def record(n: int) -> None:
+    _record(b"%d\\n" % n)
+
+@app.task(queue="poison", max_retries=2, retry_backoff=0.01)
+def flaky(n: int) -> None:
+    _record(b"flaky %d\\n" % n)
+    raise RuntimeError("always fails %d" % n)
+
+@app.task(queue="poison")
+def fine(n: int) -> None:
+    _record(b"fine %d\\n" % n)
+"""
+
+
+class Engine:
+    def __init__(self, tmp_path: Path) -> None:
+        self.dir, self.out = tmp_path, tmp_path / "out.txt"
+        (tmp_path / "engine_app.py").write_text(textwrap.dedent(APP.format(db=tmp_path / "q.db", out=str(self.out))))
+        sys.path.insert(0, str(tmp_path))
+        import engine_app
+
+        self.app = engine_app
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *args: str) -> None:
+        self.log = open(self.dir / "worker.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "fastq", "worker", "engine_app:app", *args],
+                                     cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def workers(self) -> list[psutil.Process]:
+        """The worker processes (not multiprocessing's resource tracker, also a child)."""
+        if self.proc is None:
+            return []
+        found = []
+        for p in psutil.Process(self.proc.pid).children():
+            try:
+                if "spawn_main" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
+                    found.append(p)
+            except psutil.NoSuchProcess:  # also a zombie: it is going, so it does not count
+                pass
+        return found
+
+    def lines(self) -> list[str]:
+        return self.out.read_text().split() if self.out.exists() else []
+
+    def wait_for_lines(self, n: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.lines()) < n:
+            assert time.monotonic() < deadline, f"{len(self.lines())} of {n} processed; log: {self.logtext()}"
+            assert self.proc is None or self.proc.poll() is None, f"worker exited: {self.logtext()}"
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 60) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        self.proc = None
+        self.log.close()
+        return code
+
+    def logtext(self) -> str:
+        return (self.dir / "worker.log").read_text()[-3000:]
+
+    def close(self) -> None:
+        sys.path.remove(str(self.dir))
+        sys.modules.pop("engine_app", None)
+        if self.proc is not None:
+            for p in self.workers():
+                p.kill()
+            self.proc.kill()
+            self.proc.wait()
+            self.log.close()
+
+
+@pytest.fixture
+def engine(tmp_path):
+    e = Engine(tmp_path)
+    yield e
+    e.close()
+
+
+def enqueue(engine: Engine, n: int) -> None:
+    for start in range(0, n, 1000):
+        engine.app.record.send_many((i,) for i in range(start, min(n, start + 1000)))
+
+
+def test_every_message_is_processed_exactly_once_by_two_workers(engine):
+    enqueue(engine, 20_000)
+    engine.start("--processes", "2", "--prefetch", "512", "--concurrency", "64")
+    engine.wait_for_lines(20_000)
+    assert engine.stop() == 0
+    counts = collections.Counter(engine.lines())
+    assert len(counts) == 20_000 and set(counts.values()) == {1}
+
+
+def test_bad_and_failing_messages_are_dead_lettered_with_reasons_while_the_rest_flow(engine):
+    from fastq.broker.base import Message
+
+    broker = engine.app.app.broker
+    broker.publish_sync("poison", [Message(b"\xc1 not msgpack", "garbage")])
+    import fastq.message as m
+
+    broker.publish_sync("poison", [Message(m.encode("no.such.task", (1,))[1], "unknown")])
+    broker.publish_sync("poison", [Message(m.encode(engine.app.fine.name, ("not an int",))[1], "invalid")])
+    flaky_id = engine.app.flaky.send(7)
+    engine.app.fine.send_many((i,) for i in range(100))
+    engine.start("--processes", "2", "--queue", "poison")
+    engine.wait_for_lines(100 + 3)  # the fine ones, and flaky's three attempts
+    deadline = time.monotonic() + 30
+    while len(broker.dead_letters("poison")) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.stop() == 0
+    reasons = {d.message_id: d.reason for d in broker.dead_letters("poison")}
+    assert set(reasons) == {"garbage", "unknown", "invalid", flaky_id}
+    assert reasons["garbage"].startswith("undecodable: body of 13 bytes is not a fastq task envelope")
+    assert reasons["unknown"].startswith("unknown task 'no.such.task'")
+    assert reasons["invalid"].startswith(f"invalid arguments for {engine.app.fine.name}: Expected `int`, got `str`")
+    assert reasons[flaky_id] == "RuntimeError: always fails 7 (after 3 attempts)"
+    lines = engine.lines()
+    assert lines.count("flaky") == 3 and lines.count("fine") == 100
+
+
+def test_workers_killed_three_times_lose_nothing(engine):
+    enqueue(engine, 20_000)
+    engine.start("--processes", "2", "--prefetch", "512", "--concurrency", "64")
+    for kill in range(3):
+        engine.wait_for_lines(4_000 * (kill + 1))
+        victim = engine.workers()[0]
+        victim.kill()  # SIGKILL
+        deadline = time.monotonic() + 10  # the supervisor reaps it and starts another
+        while victim.pid in [w.pid for w in engine.workers()] or len(engine.workers()) < 2:
+            assert time.monotonic() < deadline, engine.logtext()
+            time.sleep(0.02)
+    engine.wait_for_lines(20_000)
+    assert engine.stop() == 0
+    counts = collections.Counter(engine.lines())
+    assert len(counts) == 20_000  # every message at least once; those in flight at a kill, twice
+    assert (engine.dir / "worker.log").read_text().count("exited with -9 holding") == 3
+
+
+def test_sigterm_mid_run_exits_0_and_a_restart_finishes_the_rest(engine):
+    enqueue(engine, 20_000)
+    engine.start("--processes", "2", "--prefetch", "256", "--concurrency", "32")
+    engine.wait_for_lines(5_000)
+    assert engine.stop(timeout=30) == 0
+    done = len(set(engine.lines()))
+    assert done < 20_000
+    engine.start("--processes", "2", "--prefetch", "256", "--concurrency", "32")
+    engine.wait_for_lines(20_000)
+    assert engine.stop() == 0
+    assert len(set(engine.lines())) == 20_000
+
+
+def test_a_sigkilled_supervisor_loses_nothing_and_leaves_no_worker_behind(engine):
+    enqueue(engine, 20_000)
+    broker = f"sqlite:///{engine.dir / 'q.db'}?lease=2"  # its leases lapse 2 s after it dies
+    engine.start("--processes", "2", "--prefetch", "256", "--concurrency", "32", "--broker", broker)
+    engine.wait_for_lines(5_000)
+    workers = engine.workers()
+    assert len(workers) == 2
+    engine.proc.kill()  # SIGKILL: no drain, no settle
+    engine.proc.wait()
+    engine.proc = None
+    engine.log.close()
+    gone, alive = psutil.wait_procs(workers, timeout=10)  # they see the ring's producer gone
+    assert alive == []
+    engine.start("--processes", "2", "--prefetch", "256", "--concurrency", "32", "--broker", broker)
+    engine.wait_for_lines(20_000)
+    assert engine.stop() == 0
+    assert len(set(engine.lines())) == 20_000
