@@ -75,6 +75,10 @@ def _worker(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     app.config = config
     app._broker = None
+    try:
+        app.broker  # a bad URL is a usage error, said before anything starts
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(str(e)) from None
     known = app.queues()
     queues = args.queue or list(known)
     unknown = [q for q in queues if q not in known]

@@ -73,6 +73,7 @@ class Supervisor:
         pinned = plan.pinned or (None,) * plan.processes
         self.workers = [_Worker(i, pinned[i]) for i in range(plan.processes)]
         self.settled = collections.Counter[str]()
+        self.exits: set[asyncio.Task[None]] = set()  # workers being replaced
 
     # -- workers ----------------------------------------------------------------------------
 
@@ -81,7 +82,9 @@ class Supervisor:
         w.inbox, w.outbox = Ring.create(size), Ring.create(size)
         spec = worker.WorkerSpec(index=w.index, cpu=w.cpu, app=self.app_spec, queues=tuple(self.queues),
                                  input_ring=w.inbox.name, output_ring=w.outbox.name,
-                                 concurrency=self.concurrency, log_level=self.log_level)
+                                 concurrency=self.concurrency, log_level=self.log_level,
+                                 max_tasks=self.config.max_tasks_per_child,
+                                 max_memory_bytes=self.config.max_memory_per_child_bytes)
         w.process = self.ctx.Process(target=worker.main, args=(msgspec.msgpack.encode(spec),),
                                      name=f"fastq-worker-{w.index}", daemon=True)
         w.process.start()
@@ -90,36 +93,49 @@ class Supervisor:
         w.reader = loop.create_task(self.read_completions(w))
 
     def worker_exited(self, w: _Worker) -> None:
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(w.process.sentinel)
+        asyncio.get_running_loop().remove_reader(w.process.sentinel)
         w.process.join()
+        task = asyncio.get_running_loop().create_task(self.replace_worker(w))
+        self.exits.add(task)
+        task.add_done_callback(self.exits.discard)
+
+    async def replace_worker(self, w: _Worker) -> None:
+        """Apply what the worker finished, hand on what it did not, start another in its place."""
         code = w.process.exitcode
-        lost, w.in_flight = w.in_flight, set()
         if w.reader is not None:
-            w.reader.cancel()
+            # Completions it wrote before it went still count, so that nothing done is redone:
+            # the reader drains the ring, then sees the producer gone.
+            try:
+                await asyncio.wait_for(asyncio.shield(w.reader), 10.0)
+            except TimeoutError:
+                w.reader.cancel()
+        lost, w.in_flight = w.in_flight, set()
         for ring in (w.inbox, w.outbox):
             ring.close()
             ring.unlink()
-        if self.stopping and not lost:
-            return
-        logger.warning("worker %d (pid %s) exited with %s holding %d messages; handing them on",
-                       w.index, w.process.pid, code, len(lost))
+        recycled = code == 0
+        if recycled:
+            logger.info("worker %d (pid %s) recycled; %d unread messages go to the others",
+                        w.index, w.process.pid, len(lost))
+        else:
+            logger.warning("worker %d (pid %s) exited with %s holding %d messages; handing them on",
+                           w.index, w.process.pid, code, len(lost))
         dead = []
         for tag in sorted(lost):
             p = self.pending[tag]
-            p.deaths += 1
             p.worker = -1
+            p.deaths += 0 if recycled else 1
             if p.deaths >= MAX_WORKER_DEATHS:
                 dead.append(tag)
             else:
                 self.backlog.append(tag)
-        if dead:
-            loop.create_task(self.settle([], [], [(t, f"killed its worker {MAX_WORKER_DEATHS} times "
-                                                      f"(last exit code {code})") for t in dead], []))
         if not self.stopping:
             w.restarts += 1
             self.start_worker(w)
         self.dispatch_backlog()
+        if dead:
+            await self.settle([], [], [(t, f"killed its worker {MAX_WORKER_DEATHS} times "
+                                           f"(last exit code {code})") for t in dead], [])
 
     # -- dispatch ---------------------------------------------------------------------------
 
@@ -264,15 +280,20 @@ class Supervisor:
                 loop.remove_reader(w.process.sentinel)
         for w in self.workers:
             if w.process is not None and w.process.is_alive():
-                w.inbox.close()  # the worker finishes what it has, then exits
+                w.inbox.close()  # the worker finishes what it has, writes it back, exits
+        deadline = loop.time() + (5.0 if self.signals < 2 else 0.0)
+        while any(w.process is not None and w.process.is_alive() for w in self.workers) and loop.time() < deadline:
+            await asyncio.sleep(0.02)  # meanwhile the readers apply what the workers write back
         for w in self.workers:
+            if w.process is not None and w.process.is_alive():
+                w.process.kill()
             if w.process is not None:
-                w.process.join(1.0)
-                if w.process.is_alive():
-                    w.process.kill()
-                    w.process.join()
-                if w.reader is not None:
-                    w.reader.cancel()
+                w.process.join()
+        readers = [w.reader for w in self.workers if w.reader is not None and not w.reader.done()]
+        if readers:
+            _, late = await asyncio.wait(readers, timeout=5.0)
+            for t in late:
+                t.cancel()
         if self.pending:
             logger.warning("giving %d unfinished messages back to the broker", len(self.pending))
             await self.settle([], [], [], list(self.pending))

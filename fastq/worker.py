@@ -54,6 +54,10 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     output_ring: str
     concurrency: int
     log_level: str = "WARNING"
+    #: leave (exit 0) after starting this many messages; the supervisor starts another worker
+    max_tasks: int | None = None
+    #: leave once the resident set grows past this
+    max_memory_bytes: int | None = None
 
 
 class Processing:
@@ -102,14 +106,33 @@ class Runtime:
         self.running: set[asyncio.Task[None]] = set()
         self.measured: dict[str, list[float]] = {}  # handler -> on-CPU shares of its calls
         self.consumers = [app.consumers.get(q) for q in spec.queues]
+        self.started = 0
+
+    def retiring(self) -> bool:
+        """Past max_tasks or max_memory_bytes: read no more, finish what was read, exit 0."""
+        spec = self.spec
+        if spec.max_tasks is not None and self.started >= spec.max_tasks:
+            logger.info("worker %d leaves after %d messages (max_tasks_per_child)", spec.index, self.started)
+            return True
+        if spec.max_memory_bytes is not None:
+            import psutil
+
+            rss = psutil.Process().memory_info().rss
+            if rss > spec.max_memory_bytes:
+                logger.info("worker %d leaves at %d bytes resident (max_memory_per_child_bytes=%d)",
+                            spec.index, rss, spec.max_memory_bytes)
+                return True
+        return False
 
     async def serve(self) -> None:
         try:
-            while True:
+            while not self.retiring():
+                budget = 256 if self.spec.max_tasks is None else min(256, self.spec.max_tasks - self.started)
                 try:
-                    frames = await get_many_async(self.inbox, 256)
+                    frames = await get_many_async(self.inbox, budget)
                 except RingClosed:
                     break  # the supervisor is done with us: finish what runs, then go
+                self.started += len(frames)
                 for frame in frames:
                     await self.slots.acquire()
                     t = asyncio.get_running_loop().create_task(self.handle(frame))

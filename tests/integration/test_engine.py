@@ -118,12 +118,12 @@ def enqueue(engine: Engine, n: int) -> None:
 
 
 def test_every_message_is_processed_exactly_once_by_two_workers(engine):
-    enqueue(engine, 20_000)
+    enqueue(engine, 100_000)
     engine.start("--processes", "2", "--prefetch", "512", "--concurrency", "64")
-    engine.wait_for_lines(20_000)
+    engine.wait_for_lines(100_000)
     assert engine.stop() == 0
     counts = collections.Counter(engine.lines())
-    assert len(counts) == 20_000 and set(counts.values()) == {1}
+    assert len(counts) == 100_000 and set(counts.values()) == {1}
 
 
 def test_bad_and_failing_messages_are_dead_lettered_with_reasons_while_the_rest_flow(engine):
@@ -201,3 +201,25 @@ def test_a_sigkilled_supervisor_loses_nothing_and_leaves_no_worker_behind(engine
     engine.wait_for_lines(20_000)
     assert engine.stop() == 0
     assert len(set(engine.lines())) == 20_000
+
+
+def test_workers_recycled_by_task_count_under_load_lose_and_double_nothing(engine, monkeypatch):
+    # Given workers that leave after 500 messages each
+    monkeypatch.setenv("FASTQ_MAX_TASKS_PER_CHILD", "500")
+    enqueue(engine, 10_000)
+    engine.start("--processes", "2", "--prefetch", "256", "--concurrency", "32")
+    engine.wait_for_lines(10_000)
+    assert engine.stop() == 0
+    # Then every message ran exactly once: what a leaving worker had not read went to another
+    counts = collections.Counter(engine.lines())
+    assert len(counts) == 10_000 and set(counts.values()) == {1}
+    assert (engine.dir / "worker.log").read_text().count("recycled;") >= 18
+
+
+def test_a_bad_broker_url_is_one_line_and_exit_2(engine):
+    engine.start("--broker", "redis://user:secret@host/0")
+    assert engine.proc.wait(30) == 2
+    engine.proc = None
+    engine.log.close()
+    log = (engine.dir / "worker.log").read_text().strip()
+    assert log == "fastq worker: unknown broker URL 'redis://user:***@host/0'; expected sqlite:///path, memory:// (amqp:// comes with the RabbitMQ broker)"
