@@ -22,7 +22,7 @@ import msgspec
 from fastq.broker import Broker, mask_url, open_broker
 from fastq.config import Config
 from fastq.errors import ConfigError
-from fastq.task import Consumer, HandlerOptions, Kind, Task
+from fastq.task import Consumer, HandlerOptions, Kind, Task, module_name
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -113,7 +113,7 @@ class App:
                                  concurrency=concurrency, prefetch=prefetch)
 
         def register(fn: Callable[..., Any]) -> Task:
-            task_name = name or f"{fn.__module__}.{fn.__qualname__}"
+            task_name = name or f"{module_name(fn)}.{fn.__qualname__}"
             if task_name in self.tasks:
                 raise ConfigError(f"a task named {task_name!r} is registered already; pass name=")
             if options.queue in self.consumers:

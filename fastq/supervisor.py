@@ -69,6 +69,7 @@ class Supervisor:
         self.room = asyncio.Event()
         self.stopping = False
         self.signals = 0
+        self.last_signal = (0, 0.0)
         self.ctx = multiprocessing.get_context("spawn")
         pinned = plan.pinned or (None,) * plan.processes
         self.workers = [_Worker(i, pinned[i]) for i in range(plan.processes)]
@@ -240,6 +241,10 @@ class Supervisor:
     # -- life cycle -------------------------------------------------------------------------
 
     def on_signal(self, signum: int) -> None:
+        now = asyncio.get_running_loop().time()
+        if self.signals and signum == self.last_signal[0] and now - self.last_signal[1] < 0.5:
+            return  # the same signal twice at once (sent to the pid and to its group): one request
+        self.last_signal = (signum, now)
         self.signals += 1
         self.stopping = True
         self.room.set()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
+import sys
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Literal, get_type_hints
 
@@ -23,6 +25,18 @@ if TYPE_CHECKING:
 
 Kind = Literal["io", "cpu", "auto"]
 KINDS = ("io", "cpu", "auto")
+
+
+def module_name(fn: Callable[..., Any]) -> str:
+    """The name workers import ``fn``'s module by, also when it runs as ``python shop.py``
+    (there it is ``__main__`` here, but ``shop`` in a worker: the task names must agree)."""
+    if fn.__module__ != "__main__":
+        return fn.__module__
+    main = sys.modules["__main__"]
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name and spec.name != "__main__":  # python -m package.module
+        return spec.name.removesuffix(".__main__")
+    return os.path.splitext(os.path.basename(getattr(main, "__file__", "__main__")))[0]
 
 
 class HandlerOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -138,7 +152,7 @@ class Consumer:
 
     def __init__(self, app: App, fn: Callable[[bytes], Any], options: HandlerOptions) -> None:
         self.app, self.fn, self.options = app, fn, options
-        self.name = f"{fn.__module__}.{fn.__qualname__}"
+        self.name = f"{module_name(fn)}.{fn.__qualname__}"
         self.is_async = inspect.iscoroutinefunction(fn)
 
     @property

@@ -133,3 +133,15 @@ def test_timing_middleware_logs_failures_with_the_handler(caplog):
     with caplog.at_level(logging.WARNING, logger="fastq.app"):
         mw.after_process(m, ValueError("card declined"))
     assert "shop.charge m1 failed after" in caplog.text and "ValueError: card declined" in caplog.text
+
+
+def test_tasks_of_a_script_run_as_main_get_the_name_workers_import(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "script_shop.py").write_text(
+        "import fastq\napp = fastq.App('s', broker='memory://s')\n"
+        "@app.task\ndef ship(n: int) -> None: ...\nprint(ship.name)\n"
+    )
+    out = subprocess.run([sys.executable, "script_shop.py"], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "script_shop.ship"  # not __main__.ship
