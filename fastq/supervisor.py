@@ -2,8 +2,10 @@
 
 For each queue it fetches while the host's prefetch budget has room, gives each delivery to the
 live worker with the fewest in flight, and settles completions in batches (ack, retry, dead).
-A worker that dies hands its in-flight messages to the others at once and is started again; a
-message that was in flight at three worker deaths is dead-lettered as the likely killer.
+A worker that dies hands its in-flight messages to the others at once and is started again.
+Each of them is a suspect from then on and runs alone on an idle worker, so that a further death
+names one message: bystanders pass and are done, and the one that killed its worker three times
+is dead-lettered as such.
 SIGTERM/SIGINT: stop fetching, let in-flight work finish within ``shutdown_timeout``, settle it,
 give the rest back to the broker, exit 0; a second signal gives everything back at once.
 
@@ -49,6 +51,8 @@ class _Worker:
         self.inbox: Any = None
         self.outbox: Any = None
         self.in_flight: set[int] = set()
+        #: the suspect running alone here; nothing else is dispatched to this worker meanwhile
+        self.solo: int | None = None
         self.reader: asyncio.Task[None] | None = None
         self.restarts = 0
 
@@ -64,6 +68,7 @@ class Supervisor:
         self.concurrency = max(1, max(sum(q.per_process[i] for q in plan.queues) for i in range(plan.processes)))
         self.pending: dict[int, _Pending] = {}
         self.backlog: collections.deque[int] = collections.deque()  # dispatched nowhere yet
+        self.suspects: collections.deque[int] = collections.deque()  # held by a worker that died
         self.tags = itertools.count(1)
         self.in_flight = dict.fromkeys(queues, 0)
         self.room = asyncio.Event()
@@ -103,14 +108,8 @@ class Supervisor:
     async def replace_worker(self, w: _Worker) -> None:
         """Apply what the worker finished, hand on what it did not, start another in its place."""
         code = w.process.exitcode
-        if w.reader is not None:
-            # Completions it wrote before it went still count, so that nothing done is redone:
-            # the reader drains the ring, then sees the producer gone.
-            try:
-                await asyncio.wait_for(asyncio.shield(w.reader), 10.0)
-            except TimeoutError:
-                w.reader.cancel()
-        lost, w.in_flight = w.in_flight, set()
+        await self.end_completions(w)
+        lost, w.in_flight, solo, w.solo = w.in_flight, set(), w.solo, None
         for ring in (w.inbox, w.outbox):
             ring.close()
             ring.unlink()
@@ -125,9 +124,13 @@ class Supervisor:
         for tag in sorted(lost):
             p = self.pending[tag]
             p.worker = -1
-            p.deaths += 0 if recycled else 1
+            if not recycled:
+                # Alone, a suspect is the certain cause; in a crowd, each gets one death at most.
+                p.deaths = p.deaths + 1 if solo == tag else max(p.deaths, 1)
             if p.deaths >= MAX_WORKER_DEATHS:
                 dead.append(tag)
+            elif p.deaths:
+                self.suspects.append(tag)
             else:
                 self.backlog.append(tag)
         if not self.stopping:
@@ -138,35 +141,69 @@ class Supervisor:
             await self.settle([], [], [(t, f"killed its worker {MAX_WORKER_DEATHS} times "
                                            f"(last exit code {code})") for t in dead], [])
 
+    async def end_completions(self, w: _Worker) -> None:
+        """Apply every completion a worker that has exited wrote, then stop its reader.
+
+        The completions still count, so that nothing done is redone. Closing the ring through a
+        second handle marks it closed for our reader, which drains it, then sees RingClosed.
+        """
+        if w.reader is None or w.reader.done():
+            return
+        try:
+            Ring.attach(w.outbox.name).close()
+        except FileNotFoundError:
+            pass
+        try:
+            await asyncio.wait_for(asyncio.shield(w.reader), 10.0)
+        except TimeoutError:
+            w.reader.cancel()
+
     # -- dispatch ---------------------------------------------------------------------------
 
     def dispatch_backlog(self) -> None:
-        live = [w for w in self.workers if w.process is not None and w.process.is_alive()]
+        alive = [w for w in self.workers if w.process is not None and w.process.is_alive()]
+        for w in alive:  # suspects first, each alone on an idle worker
+            if not self.suspects:
+                break
+            if w.solo is None and not w.in_flight:
+                tag = self.suspects.popleft()
+                w.solo = tag
+                self.put(w, [tag])
+        live = [w for w in alive if w.solo is None]
         if not live:
             return
-        frames: dict[int, list[bytes]] = collections.defaultdict(list)
         order: dict[int, list[int]] = collections.defaultdict(list)
+        load = {w.index: len(w.in_flight) for w in live}
         while self.backlog:
-            tag = self.backlog.popleft()
+            index = min(load, key=load.__getitem__)
+            order[index].append(self.backlog.popleft())
+            load[index] += 1
+        for index, tags in order.items():
+            self.put(self.workers[index], tags)
+
+    def put(self, w: _Worker, tags: list[int]) -> None:
+        """Frame ``tags`` into ``w``'s ring; what does not fit goes back where it came from."""
+        frames = []
+        for tag in tags:
             p = self.pending[tag]
-            w = min(live, key=lambda w: len(w.in_flight))
-            w.in_flight.add(tag)
             p.worker = w.index
-            frames[w.index].append(worker.DELIVERY.pack(tag, p.delivery.retries,
-                                                        self.queues.index(p.queue)) + p.delivery.body)
-            order[w.index].append(tag)
-        for index, batch in frames.items():
-            w = self.workers[index]
-            try:
-                w.inbox.put_many_nowait(batch)
-            except RingFull as e:  # rare: the ring is sized for the prefetch; keep the rest back
-                for tag in order[index][e.written:]:
-                    w.in_flight.discard(tag)
-                    self.backlog.append(tag)
-            except (RingClosed, FrameTooLarge):
-                for tag in order[index]:
-                    w.in_flight.discard(tag)
-                    self.backlog.append(tag)
+            w.in_flight.add(tag)
+            frames.append(worker.DELIVERY.pack(tag, p.delivery.retries, self.queues.index(p.queue)) + p.delivery.body)
+        try:
+            w.inbox.put_many_nowait(frames)
+        except RingFull as e:  # rare: the ring is sized for the prefetch; keep the rest back
+            self.take_back(w, tags[e.written:])
+        except (RingClosed, FrameTooLarge):
+            self.take_back(w, tags)
+
+    def take_back(self, w: _Worker, tags: list[int]) -> None:
+        for tag in reversed(tags):
+            w.in_flight.discard(tag)
+            if w.solo == tag:
+                w.solo = None
+                self.suspects.appendleft(tag)
+            else:
+                self.backlog.appendleft(tag)
 
     async def fetch_loop(self, queue: str) -> None:
         limit = self.config.max_message_bytes
@@ -205,6 +242,8 @@ class Supervisor:
                 if tag not in w.in_flight:
                     continue  # already handed on after a restart: the new outcome will count
                 w.in_flight.discard(tag)
+                if w.solo == tag:
+                    w.solo = None  # the suspect passed (or failed in an ordinary way)
                 if status == worker.OK:
                     ack.append(tag)
                 elif status == worker.RETRY:
@@ -212,6 +251,8 @@ class Supervisor:
                 else:
                     dead.append((tag, bytes(f[worker.COMPLETION.size:]).decode()))
             await self.settle(ack, retry, dead, [])
+            if self.backlog or self.suspects:
+                self.dispatch_backlog()
 
     async def settle(self, ack: list[int], retry: list[tuple[int, float, str]],
                      dead: list[tuple[int, str]], release: list[int]) -> None:
@@ -294,11 +335,8 @@ class Supervisor:
                 w.process.kill()
             if w.process is not None:
                 w.process.join()
-        readers = [w.reader for w in self.workers if w.reader is not None and not w.reader.done()]
-        if readers:
-            _, late = await asyncio.wait(readers, timeout=5.0)
-            for t in late:
-                t.cancel()
+        for w in self.workers:
+            await self.end_completions(w)
         if self.pending:
             logger.warning("giving %d unfinished messages back to the broker", len(self.pending))
             await self.settle([], [], [], list(self.pending))

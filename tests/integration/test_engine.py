@@ -42,6 +42,16 @@ def flaky(n: int) -> None:
 @app.task(queue="poison")
 def fine(n: int) -> None:
     _record(b"fine %d\\n" % n)
+
+@app.task(queue="poison")
+def crash(n: int) -> None:
+    import signal
+    _record(b"crash %d\\n" % n)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+@app.task(queue="poison")
+def big(text: str) -> None:
+    _record(b"big\\n")
 """
 
 
@@ -223,3 +233,22 @@ def test_a_bad_broker_url_is_one_line_and_exit_2(engine):
     engine.log.close()
     log = (engine.dir / "worker.log").read_text().strip()
     assert log == "fastq worker: unknown broker URL 'redis://user:***@host/0'; expected sqlite:///path, memory:// (amqp:// comes with the RabbitMQ broker)"
+
+
+def test_a_message_that_kills_its_worker_three_times_and_an_oversized_one_are_dead_lettered(engine, monkeypatch):
+    monkeypatch.setenv("FASTQ_MAX_MESSAGE_BYTES", "1000")
+    killer = engine.app.crash.send(1)
+    oversized = engine.app.big.send("x" * 5000)
+    engine.app.fine.send_many((i,) for i in range(50))
+    engine.start("--processes", "2", "--queue", "poison")
+    broker = engine.app.app.broker
+    deadline = time.monotonic() + 60
+    while len(broker.dead_letters("poison")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    engine.wait_for_lines(50 + 3)
+    assert engine.stop() == 0
+    reasons = {d.message_id: d.reason for d in broker.dead_letters("poison")}
+    assert reasons[killer] == "killed its worker 3 times (last exit code -9)"
+    assert reasons[oversized].startswith("message of ") and reasons[oversized].endswith("bytes exceeds max_message_bytes=1000")
+    lines = engine.lines()
+    assert (lines.count("crash"), lines.count("fine"), lines.count("big")) == (3, 50, 0)
