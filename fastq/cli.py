@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastq", description="fastq: queued messages and tasks on every core")
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="measure fastq against the baselines on this machine")
-    bench.add_argument("suite", nargs="?", default="ring", choices=["ring"], help="what to measure (default: ring)")
+    bench.add_argument("suite", nargs="?", default="engine", choices=["engine", "ring"],
+                       help="engine: noop/io/cpu handlers on memory:// and sqlite:// (default); ring: the rings alone")
     bench.add_argument("--runs", type=int, default=3, help="runs per scenario; the median is reported (default 3)")
     bench.add_argument("--sizes", default="100,1024,65536", help="frame sizes in bytes (default 100,1024,65536)")
     bench.add_argument("--seconds", type=float, default=0.4, help="target length of one run (default 0.4)")
@@ -122,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
             return _worker(args)
         if args.command == "send":
             return _send(args.task, args.arguments)
+        if args.runs < 1:
+            raise UsageError(f"--runs must be >= 1, got {args.runs}")
+        if args.suite == "engine":
+            from fastq._bench import engine
+
+            return engine.main(runs=args.runs, json_path=args.json)
         from fastq._bench import ring
 
         try:

@@ -286,12 +286,16 @@ class Supervisor:
         if self.signals and signum == self.last_signal[0] and now - self.last_signal[1] < 0.5:
             return  # the same signal twice at once (sent to the pid and to its group): one request
         self.last_signal = (signum, now)
+        logger.warning("%s: %s", signal.Signals(signum).name,
+                       "stopping at once, giving unfinished work back" if self.signals else
+                       f"finishing in-flight work (up to {self.config.shutdown_timeout} s), then exiting")
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop fetching and drain (as SIGTERM does); called again, give everything back now."""
         self.signals += 1
         self.stopping = True
         self.room.set()
-        logger.warning("%s: %s", signal.Signals(signum).name,
-                       "stopping at once, giving unfinished work back" if self.signals > 1 else
-                       f"finishing in-flight work (up to {self.config.shutdown_timeout} s), then exiting")
         if self.signals > 1:
             self.stop_now.set()
 

@@ -1,0 +1,284 @@
+"""``python -m fastq bench`` (engine): noop, I/O and CPU handlers through the whole engine.
+
+For each broker (``memory://``, and the embedded ``sqlite://`` default) and each scenario, the
+queue is filled, then the supervisor and its pinned workers run in this process tree until every
+message is acked. Rates are messages per second over that run; for SQLite the time to enqueue is
+added (the figure includes the enqueue). A second, paced pass (producer at a quarter of the measured
+rate) gives latency from enqueue to handler done, p50 and p99. Each scenario runs beside its
+baseline in the same run: a plain loop for noop, one asyncio process with the same concurrency for
+I/O, one process and ``multiprocessing.Pool.imap_unordered`` for CPU. Medians of ``runs`` rounds.
+
+Caveats: two cores are shared by producer, supervisor and workers; concurrency and prefetch are
+set per scenario (printed in the table), not grown by load, which is the autosize issue's work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import statistics
+import struct
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+#: per scenario: messages, concurrency (host), prefetch (host)
+SCENARIOS = {
+    "noop": (60_000, 100, 2_000),
+    "io": (12_000, 100, 1_000),
+    "cpu": (2_000, None, None),  # None: the plan's cpu formula (one handler per core)
+}
+
+APP = """
+import asyncio, os, struct, time
+from multiprocessing import util
+import fastq
+
+app = fastq.App("bench", broker={url!r})
+_LAT = {lat!r}
+_buf = []
+
+def _record(t):
+    _buf.append(time.time() - t)
+    if len(_buf) >= 256:
+        _flush()
+
+def _flush():
+    if _buf:
+        fd = os.open(_LAT, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.write(fd, struct.pack("%dd" % len(_buf), *_buf))
+        os.close(fd)
+        _buf.clear()
+
+util.Finalize(None, _flush, exitpriority=10)
+
+def burn():
+    x = 0
+    for i in range({burn}):
+        x += i * i
+    return x
+
+@app.task(queue="noop", kind="io")
+async def noop(t: float) -> None:
+    _record(t)
+
+@app.task(queue="io", kind="io")
+async def io(t: float) -> None:
+    await asyncio.sleep(0.005)
+    _record(t)
+
+@app.task(queue="cpu", kind="cpu")
+def cpu(t: float) -> None:
+    burn()
+    _record(t)
+"""
+
+
+def _burn_iterations() -> int:
+    """Loop iterations of ``x += i * i`` that take about 1 ms of pure Python here."""
+    n, took = 20_000, 0.0
+    while took < 0.05:
+        t = time.perf_counter()
+        x = 0
+        for i in range(n):
+            x += i * i
+        took = time.perf_counter() - t
+        if took < 0.05:
+            n *= 2
+    return max(1, int(n * 0.001 / took))
+
+
+def _burn(n: int) -> int:
+    x = 0
+    for i in range(n):
+        x += i * i
+    return x
+
+
+class Bench:
+    def __init__(self, broker: str, workdir: Path, burn: int) -> None:
+        self.dir = workdir
+        self.lat = workdir / f"lat-{broker}.bin"
+        url = "memory://bench" if broker == "memory" else f"sqlite:///{workdir / 'bench.db'}"
+        module = f"fastq_bench_{broker}"
+        (workdir / f"{module}.py").write_text(textwrap.dedent(APP.format(url=url, lat=str(self.lat), burn=burn)))
+        sys.path.insert(0, str(workdir))
+        import importlib
+
+        self.module = importlib.import_module(module)
+        self.spec = f"{module}:app"
+        self.broker = broker
+
+    def run(self, scenario: str, n: int, concurrency: int | None, prefetch: int | None,
+            pace: float | None = None) -> tuple[float, float]:
+        """Seconds to process ``n`` messages (enqueue included for sqlite), and enqueue seconds."""
+        from fastq.autosize import QueueSpec, Topology, plan
+        from fastq.config import Config
+        from fastq.supervisor import Supervisor
+
+        app = self.module.app
+        task = getattr(self.module, scenario)
+        config = Config(broker_url=app.config.broker_url, concurrency=concurrency, prefetch=prefetch)
+        the_plan = plan(Topology.detect(), [QueueSpec(name=scenario, kind=task.options.kind)], config)
+        sup = Supervisor(app, self.spec, the_plan, config, [scenario])
+        enqueue = 0.0
+        if pace is None:  # fill the queue first
+            t = time.perf_counter()
+            for start in range(0, n, 2_000):
+                task.send_many((time.time(),) for _ in range(min(2_000, n - start)))
+            enqueue = time.perf_counter() - t
+
+        async def main() -> float:
+            runner = asyncio.get_running_loop().create_task(sup.run())
+            while sum(w.process is not None for w in sup.workers) < len(sup.workers):
+                await asyncio.sleep(0.01)
+            t0 = time.perf_counter()
+            if pace is not None:
+                threading.Thread(target=self._paced, args=(task, n, pace), daemon=True).start()
+            while sup.settled["ack"] < n:
+                await asyncio.sleep(0.002)
+            took = time.perf_counter() - t0
+            sup.stop()
+            await runner
+            return took
+
+        from fastq.worker import run_loop
+
+        took = run_loop(main())
+        return took + (enqueue if self.broker == "sqlite" else 0.0), enqueue
+
+    @staticmethod
+    def _paced(task: Any, n: int, rate: float) -> None:
+        batch = max(1, int(rate / 200))  # 200 batches a second
+        start = time.perf_counter()
+        for sent in range(0, n, batch):
+            delay = start + sent / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            task.send_many((time.time(),) for _ in range(min(batch, n - sent)))
+
+    def latencies(self) -> list[float]:
+        data = self.lat.read_bytes() if self.lat.exists() else b""
+        self.lat.unlink(missing_ok=True)
+        return list(struct.unpack(f"{len(data) // 8}d", data))
+
+    def close(self) -> None:
+        sys.path.remove(str(self.dir))
+
+
+async def _io_baseline(n: int, concurrency: int) -> None:
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one() -> None:
+        async with slots:
+            await asyncio.sleep(0.005)
+
+    await asyncio.gather(*(one() for _ in range(n)))
+
+
+def _baseline(scenario: str, n: int, concurrency: int, burn: int) -> dict[str, float]:
+    """Messages per second of what a user would write instead, in this run."""
+    out = {}
+    if scenario == "noop":
+        def noop(t: float) -> None:
+            pass
+        t = time.perf_counter()
+        for _ in range(n):
+            noop(time.time())
+        out["plain loop, one process"] = n / (time.perf_counter() - t)
+    elif scenario == "io":
+        from fastq.worker import run_loop
+
+        t = time.perf_counter()
+        run_loop(_io_baseline(n, concurrency))
+        out[f"one asyncio process, {concurrency} at once"] = n / (time.perf_counter() - t)
+    else:
+        t = time.perf_counter()
+        for _ in range(n):
+            _burn(burn)
+        out["one process"] = n / (time.perf_counter() - t)
+        cores = len(os.sched_getaffinity(0))
+        with multiprocessing.get_context("spawn").Pool(cores) as pool:
+            list(pool.imap_unordered(_burn, [burn] * 64, chunksize=8))  # started and warm
+            t = time.perf_counter()
+            list(pool.imap_unordered(_burn, [burn] * n, chunksize=max(1, n // (cores * 16))))
+            out[f"multiprocessing.Pool({cores}).imap_unordered"] = n / (time.perf_counter() - t)
+    return out
+
+
+def measure(brokers: list[str], runs: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    burn = _burn_iterations()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="fastq-bench-") as tmp:
+        for broker in brokers:
+            bench = Bench(broker, Path(tmp), burn)
+            try:
+                for scenario, (n, concurrency, prefetch) in SCENARIOS.items():
+                    rates: list[float] = []
+                    enqueues: list[float] = []
+                    base: dict[str, list[float]] = {}
+                    for r in range(runs):
+                        took, enq = bench.run(scenario, n, concurrency, prefetch)
+                        rates.append(n / took)
+                        enqueues.append(enq)
+                        for name, rate in _baseline(scenario, n, concurrency or len(os.sched_getaffinity(0)), burn).items():
+                            base.setdefault(name, []).append(rate)
+                        bench.latencies()  # the pre-filled pass's are queueing time: dropped
+                        log(f"{broker} {scenario} round {r + 1}/{runs}: {n / took:,.0f} msgs/s")
+                    rate = statistics.median(rates)
+                    bench.run(scenario, max(200, int(rate / 4)), concurrency, prefetch, pace=rate / 4)  # ~1 s
+                    lat = sorted(bench.latencies())
+                    results.append({
+                        "broker": broker, "scenario": scenario, "messages": n,
+                        "concurrency": concurrency, "prefetch": prefetch,
+                        "msgs_per_s": rate, "runs_msgs_per_s": rates,
+                        "enqueue_msgs_per_s": n / statistics.median(enqueues) if any(enqueues) else None,
+                        "p50_ms": lat[len(lat) // 2] * 1e3 if lat else None,
+                        "p99_ms": lat[int(len(lat) * 0.99)] * 1e3 if lat else None,
+                        "baselines": {k: statistics.median(v) for k, v in base.items()},
+                    })
+            finally:
+                bench.close()
+    return results
+
+
+def render(results: list[dict[str, Any]]) -> str:
+    lines = [f"  {'broker':<7} {'scenario':<9} {'msgs/s':>10} {'p50 ms':>8} {'p99 ms':>8}   "
+             f"{'concurrency/prefetch':<20} baseline in the same run"]
+    for r in results:
+        setting = f"{r['concurrency'] or 'cores'}/{r['prefetch'] or 'x2'}"
+        base = "; ".join(f"{k}: {v:,.0f}/s, fastq {r['msgs_per_s'] / v:.2f}x" for k, v in r["baselines"].items())
+        p50 = f"{r['p50_ms']:.1f}" if r["p50_ms"] is not None else "-"
+        p99 = f"{r['p99_ms']:.1f}" if r["p99_ms"] is not None else "-"
+        lines.append(f"  {r['broker']:<7} {r['scenario']:<9} {r['msgs_per_s']:>10,.0f} {p50:>8} {p99:>8}   "
+                     f"{setting:<20} {base}")
+    return "\n".join(lines)
+
+
+def main(*, runs: int, json_path: str | None) -> int:
+    import json
+
+    from fastq._bench.ring import machine
+
+    info = machine()
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    log(f"fastq bench: {info['cpu']}, {info['usable_cores']} usable cores, Python {info['python']}, "
+        f"ring implementation {info['implementation']}")
+    results = measure(["memory", "sqlite"], runs, log)
+    print(f"fastq bench (engine) on {info['cpu']} ({info['usable_cores']} cores), Python {info['python']}, "
+          f"ring {info['implementation']}; median of {runs} runs; sqlite msgs/s include the enqueue; "
+          "latency from a paced pass at 1/4 of that rate")
+    print(render(results))
+    if json_path:
+        doc = json.dumps({"suite": "engine", "machine": info, "results": results}, indent=2)
+        if json_path == "-":
+            print(doc)
+        else:
+            with open(json_path, "w") as f:
+                f.write(doc + "\n")
+    return 0
