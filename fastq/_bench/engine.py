@@ -261,12 +261,10 @@ def render(results: list[dict[str, Any]]) -> str:
 
 
 def main(*, runs: int, json_path: str | None) -> int:
-    import json
-
+    from fastq._bench import log, write_json
     from fastq._bench.ring import machine
 
     info = machine()
-    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     log(f"fastq bench: {info['cpu']}, {info['usable_cores']} usable cores, Python {info['python']}, "
         f"ring implementation {info['implementation']}")
     results = measure(["memory", "sqlite"], runs, log)
@@ -274,11 +272,5 @@ def main(*, runs: int, json_path: str | None) -> int:
           f"ring {info['implementation']}; median of {runs} runs; sqlite msgs/s include the enqueue; "
           "latency from a paced pass at 1/4 of that rate")
     print(render(results))
-    if json_path:
-        doc = json.dumps({"suite": "engine", "machine": info, "results": results}, indent=2)
-        if json_path == "-":
-            print(doc)
-        else:
-            with open(json_path, "w") as f:
-                f.write(doc + "\n")
+    write_json(json_path, "engine", info, results)
     return 0

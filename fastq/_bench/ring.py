@@ -13,16 +13,15 @@ from run to run, which is why only ratios from the same run are compared.
 from __future__ import annotations
 
 import fcntl
-import json
 import multiprocessing
 import os
 import platform
 import statistics
 import struct
-import sys
 import time
 from typing import Any, Callable
 
+from fastq._bench import log, write_json
 from fastq.ring import IMPLEMENTATION, Ring
 
 #: Frames per put_many / per list put; the same for every batched method.
@@ -313,7 +312,6 @@ def render(results: list[dict[str, Any]]) -> str:
 
 def main(*, sizes: list[int], runs: int, seconds: float, json_path: str | None) -> int:
     info = machine()
-    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     log(f"fastq bench ring: {info['cpu']}, {info['usable_cores']} usable cores, Python {info['python']}, "
         f"ring implementation {info['implementation']}")
     results = measure(sizes, runs, seconds, log)
@@ -322,11 +320,5 @@ def main(*, sizes: list[int], runs: int, seconds: float, json_path: str | None) 
           f"{'producer and consumer pinned to different cores' if pinned else 'not pinned'}), "
           f"Python {info['python']}, implementation {info['implementation']}")
     print(render(results))
-    if json_path:
-        doc = json.dumps({"suite": "ring", "machine": info, "results": results}, indent=2)
-        if json_path == "-":
-            print(doc)
-        else:
-            with open(json_path, "w") as f:
-                f.write(doc + "\n")
+    write_json(json_path, "ring", info, results)
     return 0

@@ -7,7 +7,6 @@ count exactly what was processed, and how often.
 from __future__ import annotations
 
 import collections
-import os
 import signal
 import subprocess
 import sys
