@@ -55,7 +55,10 @@ async def get_many_async(
         except TimeoutError:
             pid = ring.statistics().producer_pid
             if pid and not ring.producer_alive():
-                raise PeerLost(f"the producer of ring {ring.name!r} (pid {pid}) is gone") from None
+                try:  # what it wrote before it went is still ours
+                    return ring.get_many_nowait(max_frames)
+                except RingEmpty:
+                    raise PeerLost(f"the producer of ring {ring.name!r} (pid {pid}) is gone") from None
             if deadline is not None and loop.time() >= deadline:
                 raise RingEmpty(f"ring {ring.name!r} stayed empty until the timeout") from None
         finally:

@@ -19,6 +19,7 @@ import collections
 import itertools
 import logging
 import multiprocessing
+import os
 import signal
 from typing import Any
 
@@ -53,6 +54,10 @@ class _Worker:
         self.in_flight: set[int] = set()
         #: the suspect running alone here; nothing else is dispatched to this worker meanwhile
         self.solo: int | None = None
+        #: it attached its rings and loaded the app (its READY completion came)
+        self.ready = False
+        #: exits in a row before it became ready (a bad deploy): restarts back off
+        self.failures = 0
         self.reader: asyncio.Task[None] | None = None
         self.restarts = 0
 
@@ -80,13 +85,17 @@ class Supervisor:
         self.workers = [_Worker(i, pinned[i]) for i in range(plan.processes)]
         self.settled = collections.Counter[str]()
         self.exits: set[asyncio.Task[None]] = set()  # workers being replaced
+        self.tasks: set[asyncio.Task[Any]] = set()
+        #: a worker kept free of new work so that a waiting suspect can run alone on it
+        self.reserved: int | None = None
 
     # -- workers ----------------------------------------------------------------------------
 
     def start_worker(self, w: _Worker) -> None:
         size = self.config.ring_size_bytes
         w.inbox, w.outbox = Ring.create(size), Ring.create(size)
-        spec = worker.WorkerSpec(index=w.index, cpu=w.cpu, app=self.app_spec, queues=tuple(self.queues),
+        w.ready = False
+        spec = worker.WorkerSpec(index=w.index, parent=os.getpid(), cpu=w.cpu, app=self.app_spec, queues=tuple(self.queues),
                                  input_ring=w.inbox.name, output_ring=w.outbox.name,
                                  concurrency=self.concurrency, log_level=self.log_level,
                                  max_tasks=self.config.max_tasks_per_child,
@@ -96,14 +105,27 @@ class Supervisor:
         w.process.start()
         loop = asyncio.get_running_loop()
         loop.add_reader(w.process.sentinel, self.worker_exited, w)
-        w.reader = loop.create_task(self.read_completions(w))
+        w.reader = self.spawn(self.read_completions(w))
 
     def worker_exited(self, w: _Worker) -> None:
         asyncio.get_running_loop().remove_reader(w.process.sentinel)
         w.process.join()
-        task = asyncio.get_running_loop().create_task(self.replace_worker(w))
+        task = self.spawn(self.replace_worker(w))
         self.exits.add(task)
         task.add_done_callback(self.exits.discard)
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """A task whose failure is logged, never silently dropped."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("supervisor task failed; stopping", exc_info=task.exception())
+            self.stop()
 
     async def replace_worker(self, w: _Worker) -> None:
         """Apply what the worker finished, hand on what it did not, start another in its place."""
@@ -114,6 +136,18 @@ class Supervisor:
             ring.close()
             ring.unlink()
         recycled = code == 0
+        if self.reserved == w.index:
+            self.reserved = None
+        if not w.ready and not lost:
+            w.failures += 1
+            delay = min(30.0, 0.5 * 2 ** (w.failures - 1))
+            logger.error("worker %d (pid %s) exited with %s before it was ready (its log says why); "
+                         "starting it again in %.1f s", w.index, w.process.pid, code, delay)
+            if not self.stopping:
+                await asyncio.sleep(delay)
+                if not self.stopping:
+                    self.start_worker(w)
+            return
         if recycled:
             logger.info("worker %d (pid %s) recycled; %d unread messages go to the others",
                         w.index, w.process.pid, len(lost))
@@ -161,15 +195,22 @@ class Supervisor:
     # -- dispatch ---------------------------------------------------------------------------
 
     def dispatch_backlog(self) -> None:
-        alive = [w for w in self.workers if w.process is not None and w.process.is_alive()]
+        alive = [w for w in self.workers if w.ready and w.process.is_alive()]
         for w in alive:  # suspects first, each alone on an idle worker
             if not self.suspects:
                 break
             if w.solo is None and not w.in_flight:
                 tag = self.suspects.popleft()
                 w.solo = tag
+                if self.reserved == w.index:
+                    self.reserved = None
                 self.put(w, [tag])
-        live = [w for w in alive if w.solo is None]
+        if self.suspects and self.reserved is None:
+            # None is idle: keep the least busy one free of new work until it is
+            free = [w for w in alive if w.solo is None]
+            if free:
+                self.reserved = min(free, key=lambda w: len(w.in_flight)).index
+        live = [w for w in alive if w.solo is None and w.index != self.reserved]
         if not live:
             return
         order: dict[int, list[int]] = collections.defaultdict(list)
@@ -239,6 +280,9 @@ class Supervisor:
             ack, retry, dead = [], [], []
             for f in frames:
                 tag, status, delay = worker.COMPLETION.unpack_from(f)
+                if status == worker.READY:
+                    w.ready, w.failures = True, 0
+                    continue
                 if tag not in w.in_flight:
                     continue  # already handed on after a restart: the new outcome will count
                 w.in_flight.discard(tag)
@@ -247,9 +291,9 @@ class Supervisor:
                 if status == worker.OK:
                     ack.append(tag)
                 elif status == worker.RETRY:
-                    retry.append((tag, delay, bytes(f[worker.COMPLETION.size:]).decode()))
+                    retry.append((tag, delay, bytes(f[worker.COMPLETION.size:]).decode(errors="replace")))
                 else:
-                    dead.append((tag, bytes(f[worker.COMPLETION.size:]).decode()))
+                    dead.append((tag, bytes(f[worker.COMPLETION.size:]).decode(errors="replace")))
             await self.settle(ack, retry, dead, [])
             if self.backlog or self.suspects:
                 self.dispatch_backlog()
@@ -271,7 +315,16 @@ class Supervisor:
             p = self.pending.pop(tag)
             by_queue[p.queue]["release"].append(p.delivery.tag)
         for queue, parts in by_queue.items():
-            await self.broker.settle(queue, **parts)
+            pause = 0.5
+            while True:  # a broker that fails to settle is retried; nothing is dropped meanwhile
+                try:
+                    await self.broker.settle(queue, **parts)
+                    break
+                except Exception:  # noqa: BLE001 - whatever the broker raised, try again
+                    logger.exception("settling %d messages on %r failed; retrying in %.1f s",
+                                     sum(map(len, parts.values())), queue, pause)
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 30.0)
             n = sum(map(len, parts.values()))
             self.in_flight[queue] -= n
             for kind, items in parts.items():
@@ -309,17 +362,25 @@ class Supervisor:
         await self.broker.open()
         for q in self.queues:
             await self.broker.declare(q)
-        for w in self.workers:
-            self.start_worker(w)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.on_signal, sig)
-        fetchers = [loop.create_task(self.fetch_loop(q)) for q in self.queues]
+        fetchers: list[asyncio.Task[None]] = []
         try:
+            for w in self.workers:
+                self.start_worker(w)
+            fetchers = [self.spawn(self.fetch_loop(q)) for q in self.queues]
             await asyncio.gather(*fetchers)  # they return once stopping
             deadline = loop.time() + self.config.shutdown_timeout
-            while self.pending and not self.stop_now.is_set() and loop.time() < deadline:
+            while (self.pending and not self.stop_now.is_set() and loop.time() < deadline
+                   and any(w.process is not None and w.process.is_alive() for w in self.workers)):
                 await asyncio.sleep(0.02)
         finally:
+            self.stopping = True
+            for f in fetchers:
+                f.cancel()
+            for t in list(self.exits):  # no worker starts again from here on
+                t.cancel()
+            await asyncio.gather(*fetchers, *self.exits, return_exceptions=True)
             await self.shutdown()
         return 0
 
@@ -331,8 +392,9 @@ class Supervisor:
         for w in self.workers:
             if w.process is not None and w.process.is_alive():
                 w.inbox.close()  # the worker finishes what it has, writes it back, exits
-        deadline = loop.time() + (5.0 if self.signals < 2 else 0.0)
-        while any(w.process is not None and w.process.is_alive() for w in self.workers) and loop.time() < deadline:
+        deadline = loop.time() + 5.0
+        while (any(w.process is not None and w.process.is_alive() for w in self.workers)
+               and loop.time() < deadline and not self.stop_now.is_set()):
             await asyncio.sleep(0.02)  # meanwhile the readers apply what the workers write back
         for w in self.workers:
             if w.process is not None and w.process.is_alive():

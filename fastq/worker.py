@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import random
 import signal
 import struct
@@ -37,6 +38,10 @@ DELIVERY = struct.Struct("<QIH")
 #: worker -> supervisor: delivery tag, outcome, retry delay in seconds; the reason follows (utf-8)
 COMPLETION = struct.Struct("<QBd")
 OK, RETRY, DEAD = 0, 1, 2
+#: the first completion a worker writes, with tag 0: its rings are attached and its app loaded
+READY = 3
+#: a delivery that trips an internal error of the worker is retried this often, then dead
+INTERNAL_RETRIES = 3
 #: an "auto" sync handler is measured over this many calls before it is classified
 AUTO_SAMPLES = 8
 #: below this share of on-CPU time, an "auto" sync handler counts as I/O-bound
@@ -47,6 +52,8 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     """Everything a worker needs, sent to it as msgpack (workers never read the environment)."""
 
     index: int
+    #: the supervisor's pid: a worker does not outlive it
+    parent: int
     cpu: int | None
     app: str
     queues: tuple[str, ...]
@@ -88,10 +95,28 @@ def main(spec_bytes: bytes) -> None:
     # and drains this worker by closing its input ring.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    die_with_parent(spec.parent)
     logging.basicConfig(level=spec.log_level, format=f"%(asctime)s %(process)d worker-{spec.index} %(levelname)s %(message)s")
     pin(spec.cpu, spec.index)
     app = _load.load(spec.app)
     run_loop(Runtime(spec, app).serve())
+    # Completions are flushed and the ring closed: leave now, without joining handler threads
+    # that a timeout abandoned (they would keep this process, and its core, forever).
+    logging.shutdown()
+    os._exit(0)
+
+
+def die_with_parent(parent: int) -> None:
+    """Linux: SIGKILL this worker when the supervisor dies, even before any frame came."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
 
 
 class Runtime:
@@ -125,6 +150,7 @@ class Runtime:
         return False
 
     async def serve(self) -> None:
+        self.outbox.put(COMPLETION.pack(0, READY, 0.0), timeout=60)
         try:
             while not self.retiring():
                 budget = 256 if self.spec.max_tasks is None else min(256, self.spec.max_tasks - self.started)
@@ -150,12 +176,14 @@ class Runtime:
         body = memoryview(frame)[DELIVERY.size :]
         try:
             status, delay, reason = await self.run(body, retries, queue_index)
-        except BaseException as e:  # a bug of ours must not lose the message: say so, retry it
+        except Exception as e:  # noqa: BLE001 - a bug of ours must not lose the message
             logger.exception("worker %d: internal error on delivery %d", self.spec.index, tag)
-            status, delay, reason = RETRY, 1.0, f"fastq internal error: {type(e).__name__}: {e}"
+            status, delay = (RETRY, 1.0) if retries < INTERNAL_RETRIES else (DEAD, 0.0)
+            reason = f"fastq internal error: {type(e).__name__}: {e}"
         finally:
             self.slots.release()
-        self.done.append(COMPLETION.pack(tag, status, delay) + reason.encode()[:4000])
+        # Cut the text, not the bytes: a reason is always valid UTF-8.
+        self.done.append(COMPLETION.pack(tag, status, delay) + reason[:2000].encode("utf-8", "backslashreplace"))
         if not self.flush_scheduled:
             self.flush_scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
@@ -173,7 +201,7 @@ class Runtime:
         else:
             try:
                 envelope = message.decode(body)
-            except message.MessageError as e:
+            except Exception as e:  # noqa: BLE001 - whatever the bytes do, they are not a message
                 return DEAD, 0.0, f"undecodable: {e}"
             handler = self.app.tasks.get(envelope.task)
             if handler is None:
@@ -181,7 +209,7 @@ class Runtime:
                                    f"{sorted(self.app.tasks)[:5]}; deploy the task or fix the producer")
             try:
                 args = handler.decode_args(envelope.args)
-            except msgspec.ValidationError as e:
+            except Exception as e:  # noqa: BLE001 - ValidationError, bad UTF-8, nesting too deep...
                 return DEAD, 0.0, f"invalid arguments for {envelope.task}: {e}"
             name, message_id = envelope.task, envelope.id
         options = handler.options

@@ -18,8 +18,11 @@ import psutil
 import pytest
 
 APP = """
-import os
+import multiprocessing, os
 import fastq
+
+if os.environ.get("ENGINE_FAIL_IN_WORKERS") and multiprocessing.parent_process() is not None:
+    raise ImportError("the database this module needs at import is down")  # a bad deploy
 
 app = fastq.App("engine", broker="sqlite:///{db}")
 OUT = {out!r}
@@ -251,3 +254,46 @@ def test_a_message_that_kills_its_worker_three_times_and_an_oversized_one_are_de
     assert reasons[oversized].startswith("message of ") and reasons[oversized].endswith("bytes exceeds max_message_bytes=1000")
     lines = engine.lines()
     assert (lines.count("crash"), lines.count("fine"), lines.count("big")) == (3, 50, 0)
+
+
+def test_workers_that_cannot_start_cost_no_message_and_back_off(engine, monkeypatch):
+    # Given workers whose import of the app fails (the supervisor's own import works)
+    monkeypatch.setenv("ENGINE_FAIL_IN_WORKERS", "1")
+    engine.app.fine.send_many((i,) for i in range(10))
+    engine.start("--processes", "2", "--queue", "poison")
+    deadline = time.monotonic() + 30
+    while (engine.dir / "worker.log").read_text().count("before it was ready") < 4:
+        assert time.monotonic() < deadline, engine.logtext()
+        time.sleep(0.05)
+    assert engine.stop() == 0
+    log = (engine.dir / "worker.log").read_text()
+    # Then no message was dispatched to them, none was dead-lettered, all went back
+    assert "starting it again in 1.0 s" in log  # backing off
+    assert "ImportError: the database this module needs at import is down" in log
+    assert engine.app.app.broker.dead_letters("poison") == []
+    import sqlite3
+
+    (n,) = sqlite3.connect(engine.dir / "q.db").execute("SELECT count(*) FROM fastq_messages").fetchone()
+    assert n == 10 and engine.lines() == []
+
+
+def test_arguments_that_are_not_valid_utf8_are_dead_at_once(engine):
+    import msgspec
+
+    from fastq import message
+    from fastq.broker.base import Message
+
+    broker = engine.app.app.broker
+    body = message.encode(engine.app.big.name, msgspec.Raw(b"\x91\xa3\xff\xfe\xfd"))[1]
+    broker.publish_sync("poison", [Message(body, "bad-utf8")])
+    engine.app.fine.send(1)
+    engine.start("--processes", "2", "--queue", "poison")
+    deadline = time.monotonic() + 30
+    while not broker.dead_letters("poison"):
+        assert time.monotonic() < deadline, engine.logtext()
+        time.sleep(0.05)
+    engine.wait_for_lines(2)
+    assert engine.stop() == 0
+    (d,) = broker.dead_letters("poison")
+    assert d.message_id == "bad-utf8" and d.reason.startswith(f"invalid arguments for {engine.app.big.name}:")
+    assert d.attempts == 1
