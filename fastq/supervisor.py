@@ -77,6 +77,12 @@ class Supervisor:
         self.tags = itertools.count(1)
         self.in_flight = dict.fromkeys(queues, 0)
         self.room = asyncio.Event()
+        # outcomes by queue and kind, waiting for the settler; and the ones it is applying now
+        self.outcomes: dict[str, dict[str, list[Any]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+        self.settling: dict[str, dict[str, list[Any]]] = {}
+        self.settle_wanted = asyncio.Event()
+        self.settled_event = asyncio.Event()
+        self.settler_task: asyncio.Task[None] | None = None
         self.stopping = False
         self.signals = 0
         self.last_signal = (0, 0.0)
@@ -300,37 +306,57 @@ class Supervisor:
 
     async def settle(self, ack: list[int], retry: list[tuple[int, float, str]],
                      dead: list[tuple[int, str]], release: list[int]) -> None:
-        by_queue: dict[str, dict[str, list[Any]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+        """Queue outcomes for the settler and return; ``flush_settles`` waits until they are done.
+
+        One settler applies everything that piled up while its previous round trip ran, so a busy
+        engine pays one broker transaction per many completions, from all workers at once.
+        """
         for tag in ack:
             p = self.pending.pop(tag)
-            by_queue[p.queue]["ack"].append(p.delivery.tag)
+            self.outcomes[p.queue]["ack"].append(p.delivery.tag)
         for tag, delay, reason in retry:
             p = self.pending.pop(tag)
-            by_queue[p.queue]["retry"].append(Retry(p.delivery.tag, delay, reason))
+            self.outcomes[p.queue]["retry"].append(Retry(p.delivery.tag, delay, reason))
         for tag, reason in dead:
             p = self.pending.pop(tag)
             logger.warning("dead letter %s on %r: %s", p.delivery.message_id, p.queue, reason)
-            by_queue[p.queue]["dead"].append((p.delivery.tag, reason))
+            self.outcomes[p.queue]["dead"].append((p.delivery.tag, reason))
         for tag in release:
             p = self.pending.pop(tag)
-            by_queue[p.queue]["release"].append(p.delivery.tag)
-        for queue, parts in by_queue.items():
-            pause = 0.5
-            while True:  # a broker that fails to settle is retried; nothing is dropped meanwhile
-                try:
-                    await self.broker.settle(queue, **parts)
-                    break
-                except Exception:  # noqa: BLE001 - whatever the broker raised, try again
-                    logger.exception("settling %d messages on %r failed; retrying in %.1f s",
-                                     sum(map(len, parts.values())), queue, pause)
-                    await asyncio.sleep(pause)
-                    pause = min(pause * 2, 30.0)
-            n = sum(map(len, parts.values()))
-            self.in_flight[queue] -= n
-            for kind, items in parts.items():
-                self.settled[kind] += len(items)
-        if by_queue:
+            self.outcomes[p.queue]["release"].append(p.delivery.tag)
+        if self.outcomes:
+            self.settle_wanted.set()
+
+    async def settler(self) -> None:
+        while True:
+            await self.settle_wanted.wait()
+            self.settle_wanted.clear()
+            self.settling, self.outcomes = self.outcomes, collections.defaultdict(lambda: collections.defaultdict(list))
+            for queue, parts in self.settling.items():
+                pause = 0.5
+                while True:  # a broker that fails to settle is retried; nothing is dropped meanwhile
+                    try:
+                        await self.broker.settle(queue, **parts)
+                        break
+                    except Exception:  # noqa: BLE001 - whatever the broker raised, try again
+                        logger.exception("settling %d messages on %r failed; retrying in %.1f s",
+                                         sum(map(len, parts.values())), queue, pause)
+                        await asyncio.sleep(pause)
+                        pause = min(pause * 2, 30.0)
+                self.in_flight[queue] -= sum(map(len, parts.values()))
+                for kind, items in parts.items():
+                    self.settled[kind] += len(items)
+            self.settling = {}
             self.room.set()
+            self.settled_event.set()
+
+    async def flush_settles(self) -> None:
+        """Wait until every outcome given to ``settle`` is applied at the broker."""
+        while (self.outcomes or self.settling) and not self.settler_task.done():
+            self.settled_event.clear()
+            await self.settled_event.wait()
+        if self.outcomes or self.settling:  # it failed (logged): the broker's leases bring them back
+            logger.error("%d outcomes were not settled", sum(len(v) for q in self.outcomes.values() for v in q.values()))
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -366,6 +392,7 @@ class Supervisor:
             loop.add_signal_handler(sig, self.on_signal, sig)
         fetchers: list[asyncio.Task[None]] = []
         try:
+            self.settler_task = self.spawn(self.settler())
             for w in self.workers:
                 self.start_worker(w)
             fetchers = [self.spawn(self.fetch_loop(q)) for q in self.queues]
@@ -406,6 +433,10 @@ class Supervisor:
         if self.pending:
             logger.warning("giving %d unfinished messages back to the broker", len(self.pending))
             await self.settle([], [], [], list(self.pending))
+        if self.settler_task is not None:
+            await self.flush_settles()
+        for t in list(self.tasks):  # the settler, and any reader left
+            t.cancel()
         for w in self.workers:
             for ring in (w.inbox, w.outbox):
                 if ring is not None:
