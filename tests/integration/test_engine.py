@@ -95,9 +95,9 @@ class Engine:
             assert self.proc is None or self.proc.poll() is None, f"worker exited: {self.logtext()}"
             time.sleep(0.05)
 
-    def stop(self, timeout: float = 60) -> int:
+    def stop(self, timeout: float = 60, signum: int = signal.SIGTERM) -> int:
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
+        self.proc.send_signal(signum)
         code = self.proc.wait(timeout)
         self.proc = None
         self.log.close()
@@ -183,11 +183,12 @@ def test_workers_killed_three_times_lose_nothing(engine):
     assert (engine.dir / "worker.log").read_text().count("exited with -9 holding") == 3
 
 
-def test_sigterm_mid_run_exits_0_and_a_restart_finishes_the_rest(engine):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_mid_run_exits_0_and_a_restart_finishes_the_rest(engine, signum):
     enqueue(engine, 20_000)
     engine.start("--processes", "2", "--prefetch", "256", "--concurrency", "32")
     engine.wait_for_lines(5_000)
-    assert engine.stop(timeout=30) == 0
+    assert engine.stop(timeout=30, signum=signum) == 0
     done = len(set(engine.lines()))
     assert done < 20_000
     engine.start("--processes", "2", "--prefetch", "256", "--concurrency", "32")
