@@ -67,6 +67,7 @@ class Supervisor:
                  log_level: str = "WARNING") -> None:
         self.app, self.app_spec, self.plan, self.config = app, app_spec, plan, config
         self.queues = queues
+        self.queue_index = {q: i for i, q in enumerate(queues)}
         self.log_level = log_level
         self.broker = app.broker
         self.prefetch = {q.name: q.prefetch for q in plan.queues}
@@ -141,7 +142,7 @@ class Supervisor:
         for ring in (w.inbox, w.outbox):
             ring.close()
             ring.unlink()
-        recycled = code == 0
+        recycled = code == worker.EXIT_RECYCLED  # not 0: a handler's os._exit(0) is no recycle
         if self.reserved == w.index:
             self.reserved = None
         if not w.ready and not lost:
@@ -235,7 +236,7 @@ class Supervisor:
             p = self.pending[tag]
             p.worker = w.index
             w.in_flight.add(tag)
-            frames.append(worker.DELIVERY.pack(tag, p.delivery.retries, self.queues.index(p.queue)) + p.delivery.body)
+            frames.append(worker.DELIVERY.pack(tag, p.delivery.retries, self.queue_index[p.queue]) + p.delivery.body)
         try:
             w.inbox.put_many_nowait(frames)
         except RingFull as e:  # rare: the ring is sized for the prefetch; keep the rest back

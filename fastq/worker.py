@@ -40,6 +40,8 @@ COMPLETION = struct.Struct("<QBd")
 OK, RETRY, DEAD = 0, 1, 2
 #: the first completion a worker writes, with tag 0: its rings are attached and its app loaded
 READY = 3
+#: the exit code of a worker that left on purpose (max_tasks, max_memory): EX_TEMPFAIL
+EXIT_RECYCLED = 75
 #: a delivery that trips an internal error of the worker is retried this often, then dead
 INTERNAL_RETRIES = 3
 #: an "auto" sync handler is measured over this many calls before it is classified
@@ -99,11 +101,12 @@ def main(spec_bytes: bytes) -> None:
     logging.basicConfig(level=spec.log_level, format=f"%(asctime)s %(process)d worker-{spec.index} %(levelname)s %(message)s")
     pin(spec.cpu, spec.index)
     app = _load.load(spec.app)
-    run_loop(Runtime(spec, app).serve())
+    runtime = Runtime(spec, app)
+    run_loop(runtime.serve())
     # Completions are flushed and the ring closed: leave now, without joining handler threads
     # that a timeout abandoned (they would keep this process, and its core, forever).
     logging.shutdown()
-    os._exit(0)
+    os._exit(EXIT_RECYCLED if runtime.retired else 0)
 
 
 def die_with_parent(parent: int) -> None:
@@ -132,20 +135,23 @@ class Runtime:
         self.measured: dict[str, list[float]] = {}  # handler -> on-CPU shares of its calls
         self.consumers = [app.consumers.get(q) for q in spec.queues]
         self.started = 0
+        self.retired = False
 
     def retiring(self) -> bool:
         """Past max_tasks or max_memory_bytes: read no more, finish what was read, exit 0."""
         spec = self.spec
         if spec.max_tasks is not None and self.started >= spec.max_tasks:
             logger.info("worker %d leaves after %d messages (max_tasks_per_child)", spec.index, self.started)
+            self.retired = True
             return True
-        if spec.max_memory_bytes is not None:
-            import psutil
+        if spec.max_memory_bytes is not None and self.started:  # a batch first: a limit below
+            import psutil  # a new worker's own size must not turn restarts into a loop
 
             rss = psutil.Process().memory_info().rss
             if rss > spec.max_memory_bytes:
                 logger.info("worker %d leaves at %d bytes resident (max_memory_per_child_bytes=%d)",
                             spec.index, rss, spec.max_memory_bytes)
+                self.retired = True
                 return True
         return False
 

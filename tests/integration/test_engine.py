@@ -298,3 +298,16 @@ def test_arguments_that_are_not_valid_utf8_are_dead_at_once(engine):
     (d,) = broker.dead_letters("poison")
     assert d.message_id == "bad-utf8" and d.reason.startswith(f"invalid arguments for {engine.app.big.name}:")
     assert d.attempts == 1
+
+
+def test_workers_recycled_by_memory_still_make_progress_and_double_nothing(engine, monkeypatch):
+    # Given a memory limit every worker is over from the start (1 MiB)
+    monkeypatch.setenv("FASTQ_MAX_MEMORY_PER_CHILD_BYTES", str(1 << 20))
+    enqueue(engine, 2_000)
+    engine.start("--processes", "2", "--prefetch", "64", "--concurrency", "16")
+    engine.wait_for_lines(2_000)
+    assert engine.stop() == 0
+    # Then each worker handles a batch before it leaves: everything runs, exactly once
+    counts = collections.Counter(engine.lines())
+    assert len(counts) == 2_000 and set(counts.values()) == {1}
+    assert "bytes resident (max_memory_per_child_bytes=1048576)" in (engine.dir / "worker.log").read_text()
