@@ -216,17 +216,27 @@ def test_a_sigkilled_supervisor_loses_nothing_and_leaves_no_worker_behind(engine
     assert len(set(engine.lines())) == 20_000
 
 
-def test_workers_recycled_by_task_count_under_load_lose_and_double_nothing(engine, monkeypatch):
-    # Given workers that leave after 500 messages each
-    monkeypatch.setenv("FASTQ_MAX_TASKS_PER_CHILD", "500")
-    enqueue(engine, 10_000)
+@pytest.mark.parametrize(
+    ("setting", "value", "messages", "log_line", "recycles"),
+    [
+        # workers that leave after 500 messages each
+        ("FASTQ_MAX_TASKS_PER_CHILD", "500", 10_000, "recycled;", 18),
+        # a memory limit every worker is over from the start: each handles a batch, then leaves
+        ("FASTQ_MAX_MEMORY_PER_CHILD_BYTES", str(1 << 20), 2_000, "(max_memory_per_child_bytes=1048576)", 1),
+    ],
+    ids=["by-task-count", "by-memory"],
+)
+def test_recycled_workers_make_progress_and_lose_or_double_nothing(engine, monkeypatch, setting, value,
+                                                                   messages, log_line, recycles):
+    monkeypatch.setenv(setting, value)
+    enqueue(engine, messages)
     engine.start("--processes", "2", "--prefetch", "256", "--concurrency", "32")
-    engine.wait_for_lines(10_000)
+    engine.wait_for_lines(messages)
     assert engine.stop() == 0
     # Then every message ran exactly once: what a leaving worker had not read went to another
     counts = collections.Counter(engine.lines())
-    assert len(counts) == 10_000 and set(counts.values()) == {1}
-    assert (engine.dir / "worker.log").read_text().count("recycled;") >= 18
+    assert len(counts) == messages and set(counts.values()) == {1}
+    assert (engine.dir / "worker.log").read_text().count(log_line) >= recycles
 
 
 def test_a_bad_broker_url_is_one_line_and_exit_2(engine):
@@ -298,16 +308,3 @@ def test_arguments_that_are_not_valid_utf8_are_dead_at_once(engine):
     (d,) = broker.dead_letters("poison")
     assert d.message_id == "bad-utf8" and d.reason.startswith(f"invalid arguments for {engine.app.big.name}:")
     assert d.attempts == 1
-
-
-def test_workers_recycled_by_memory_still_make_progress_and_double_nothing(engine, monkeypatch):
-    # Given a memory limit every worker is over from the start (1 MiB)
-    monkeypatch.setenv("FASTQ_MAX_MEMORY_PER_CHILD_BYTES", str(1 << 20))
-    enqueue(engine, 2_000)
-    engine.start("--processes", "2", "--prefetch", "64", "--concurrency", "16")
-    engine.wait_for_lines(2_000)
-    assert engine.stop() == 0
-    # Then each worker handles a batch before it leaves: everything runs, exactly once
-    counts = collections.Counter(engine.lines())
-    assert len(counts) == 2_000 and set(counts.values()) == {1}
-    assert "bytes resident (max_memory_per_child_bytes=1048576)" in (engine.dir / "worker.log").read_text()
