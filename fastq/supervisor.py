@@ -58,6 +58,8 @@ class _Worker:
         self.ready = False
         #: exits in a row before it became ready (a bad deploy): restarts back off
         self.failures = 0
+        #: allowed to leave (recycle): it gets no new work, only the go-ahead frame
+        self.leaving = False
         self.reader: asyncio.Task[None] | None = None
         self.restarts = 0
 
@@ -95,13 +97,16 @@ class Supervisor:
         self.tasks: set[asyncio.Task[Any]] = set()
         #: a worker kept free of new work so that a waiting suspect can run alone on it
         self.reserved: int | None = None
+        #: workers that asked to recycle, and the one recycling now (one at a time)
+        self.want_to_leave: collections.deque[int] = collections.deque()
+        self.recycling: int | None = None
 
     # -- workers ----------------------------------------------------------------------------
 
     def start_worker(self, w: _Worker) -> None:
         size = self.config.ring_size_bytes
         w.inbox, w.outbox = Ring.create(size), Ring.create(size)
-        w.ready = False
+        w.ready = w.leaving = False
         spec = worker.WorkerSpec(index=w.index, parent=os.getpid(), cpu=w.cpu, app=self.app_spec, queues=tuple(self.queues),
                                  input_ring=w.inbox.name, output_ring=w.outbox.name,
                                  concurrency=self.concurrency, log_level=self.log_level,
@@ -145,6 +150,8 @@ class Supervisor:
         recycled = code == worker.EXIT_RECYCLED  # not 0: a handler's os._exit(0) is no recycle
         if self.reserved == w.index:
             self.reserved = None
+        if w.index in self.want_to_leave:
+            self.want_to_leave.remove(w.index)
         if not w.ready and not lost:
             w.failures += 1
             delay = min(30.0, 0.5 * 2 ** (w.failures - 1))
@@ -199,10 +206,26 @@ class Supervisor:
         except TimeoutError:
             w.reader.cancel()
 
+    def let_one_go(self) -> None:
+        """Grant the next recycle, if none is under way: the worker gets no more work, then the
+        go-ahead frame behind everything it already has."""
+        while self.recycling is None and self.want_to_leave and not self.stopping:
+            w = self.workers[self.want_to_leave.popleft()]
+            if not (w.ready and w.process.is_alive()):
+                continue
+            self.recycling, w.leaving = w.index, True
+            logger.info("worker %d may recycle now", w.index)
+            try:
+                w.inbox.put_nowait(worker.DELIVERY.pack(0, 0, 0))
+            except (RingFull, RingClosed):
+                w.leaving, self.recycling = False, None  # try again at its next request
+                self.want_to_leave.appendleft(w.index)
+                return
+
     # -- dispatch ---------------------------------------------------------------------------
 
     def dispatch_backlog(self) -> None:
-        alive = [w for w in self.workers if w.ready and w.process.is_alive()]
+        alive = [w for w in self.workers if w.ready and not w.leaving and w.process.is_alive()]
         for w in alive:  # suspects first, each alone on an idle worker
             if not self.suspects:
                 break
@@ -289,6 +312,15 @@ class Supervisor:
                 tag, status, delay = worker.COMPLETION.unpack_from(f)
                 if status == worker.READY:
                     w.ready, w.failures = True, 0
+                    if self.recycling == w.index:  # its replacement is up: the next may go
+                        logger.info("worker %d is back", w.index)
+                        self.recycling = None
+                        self.let_one_go()
+                    continue
+                if status == worker.RETIRE:
+                    if w.index not in self.want_to_leave:
+                        self.want_to_leave.append(w.index)
+                    self.let_one_go()
                     continue
                 if tag not in w.in_flight:
                     continue  # already handed on after a restart: the new outcome will count

@@ -40,6 +40,8 @@ COMPLETION = struct.Struct("<QBd")
 OK, RETRY, DEAD = 0, 1, 2
 #: the first completion a worker writes, with tag 0: its rings are attached and its app loaded
 READY = 3
+#: a worker past max_tasks or max_memory asks to leave (tag 0); it goes when a delivery of tag 0 comes
+RETIRE = 4
 #: the exit code of a worker that left on purpose (max_tasks, max_memory): EX_TEMPFAIL
 EXIT_RECYCLED = 75
 #: a delivery that trips an internal error of the worker is retried this often, then dead
@@ -63,9 +65,9 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     output_ring: str
     concurrency: int
     log_level: str = "WARNING"
-    #: leave (exit 0) after starting this many messages; the supervisor starts another worker
+    #: ask to leave after this many messages; the supervisor lets one worker go at a time
     max_tasks: int | None = None
-    #: leave once the resident set grows past this
+    #: ask to leave once the resident set grows past this (checked after each batch)
     max_memory_bytes: int | None = None
 
 
@@ -138,38 +140,46 @@ class Runtime:
         self.retired = False
 
     def retiring(self) -> bool:
-        """Past max_tasks or max_memory_bytes: read no more, finish what was read, exit 0."""
+        """Past max_tasks or max_memory_bytes: time to ask to leave."""
         spec = self.spec
         if spec.max_tasks is not None and self.started >= spec.max_tasks:
-            logger.info("worker %d leaves after %d messages (max_tasks_per_child)", spec.index, self.started)
-            self.retired = True
+            logger.info("worker %d asks to leave after %d messages (max_tasks_per_child)", spec.index, self.started)
             return True
         if spec.max_memory_bytes is not None and self.started:  # a batch first: a limit below
             import psutil  # a new worker's own size must not turn restarts into a loop
 
             rss = psutil.Process().memory_info().rss
             if rss > spec.max_memory_bytes:
-                logger.info("worker %d leaves at %d bytes resident (max_memory_per_child_bytes=%d)",
+                logger.info("worker %d asks to leave at %d bytes resident (max_memory_per_child_bytes=%d)",
                             spec.index, rss, spec.max_memory_bytes)
-                self.retired = True
                 return True
         return False
 
     async def serve(self) -> None:
         self.outbox.put(COMPLETION.pack(0, READY, 0.0), timeout=60)
+        asked = False
         try:
-            while not self.retiring():
-                budget = 256 if self.spec.max_tasks is None else min(256, self.spec.max_tasks - self.started)
+            while True:
+                if not asked and self.retiring():
+                    # Ask; the supervisor lets one worker go at a time and says so with a frame
+                    # of tag 0 after the last message it gives us. Until then, work as usual.
+                    self.outbox.put(COMPLETION.pack(0, RETIRE, 0.0), timeout=60)
+                    asked = True
                 try:
-                    frames = await get_many_async(self.inbox, budget)
+                    frames = await get_many_async(self.inbox, 256)
                 except RingClosed:
                     break  # the supervisor is done with us: finish what runs, then go
+                if DELIVERY.unpack_from(frames[-1])[0] == 0:  # the go-ahead, always last
+                    frames.pop()
+                    self.retired = True
                 self.started += len(frames)
                 for frame in frames:
                     await self.slots.acquire()
                     t = asyncio.get_running_loop().create_task(self.handle(frame))
                     self.running.add(t)
                     t.add_done_callback(self.running.discard)
+                if self.retired:
+                    break
             if self.running:
                 await asyncio.gather(*self.running)
         finally:
