@@ -318,3 +318,29 @@ def test_arguments_that_are_not_valid_utf8_are_dead_at_once(engine):
     (d,) = broker.dead_letters("poison")
     assert d.message_id == "bad-utf8" and d.reason.startswith(f"invalid arguments for {engine.app.big.name}:")
     assert d.attempts == 1
+
+
+def _produce_into(directory: str, producer: int, count: int) -> None:
+    sys.path.insert(0, directory)
+    import engine_app
+
+    for start in range(0, count, 100):
+        engine_app.record.send_many((producer * 1_000_000 + i,) for i in range(start, start + 100))
+
+
+def test_ten_producer_processes_enqueueing_while_the_engine_runs_lose_nothing(engine):
+    import multiprocessing
+
+    engine.start("--processes", "2", "--prefetch", "512", "--concurrency", "64")
+    ctx = multiprocessing.get_context("spawn")
+    producers = [ctx.Process(target=_produce_into, args=(str(engine.dir), p, 2_000)) for p in range(10)]
+    for p in producers:
+        p.start()
+    for p in producers:
+        p.join(120)
+    assert [p.exitcode for p in producers] == [0] * 10
+    engine.wait_for_lines(20_000)
+    assert engine.stop() == 0
+    counts = collections.Counter(engine.lines())
+    expected = {str(p * 1_000_000 + i) for p in range(10) for i in range(2_000)}
+    assert set(counts) == expected and set(counts.values()) == {1}
