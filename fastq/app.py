@@ -83,12 +83,14 @@ class App:
         self.tasks: dict[str, Task] = {}
         self.consumers: dict[str, Consumer] = {}
         self._broker: Broker | None = None
+        self._broker_url: str | None = None  # the URL self._broker was made for
 
     @property
     def broker(self) -> Broker:
-        """The broker of ``config.broker_url``, made on first use."""
-        if self._broker is None:
+        """The broker of ``config.broker_url``, made on first use (and again if the URL changes)."""
+        if self._broker is None or self._broker_url != self.config.broker_url:
             self._broker = open_broker(self.config.broker_url)
+            self._broker_url = self.config.broker_url
         return self._broker
 
     @overload

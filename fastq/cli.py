@@ -59,7 +59,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     from fastq.app import App
     from fastq.autosize import QueueSpec, Topology, plan
-    from fastq.config import Config
+    from fastq.errors import ConfigError
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
@@ -69,15 +69,13 @@ def _worker(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("processes", args.processes), ("concurrency", args.concurrency),
                                    ("prefetch", args.prefetch), ("broker_url", args.broker)) if v is not None}
     try:
-        config = msgspec.structs.replace(app.config, **overrides)
-        Config(**msgspec.structs.asdict(config))  # validated, with the setting named
-    except Exception as e:  # noqa: BLE001 - one line, whatever the cause
+        config = msgspec.structs.replace(app.config, **overrides)  # validated: the setting is named
+    except ConfigError as e:
         raise UsageError(str(e)) from None
     app.config = config
-    app._broker = None
     try:
         app.broker  # a bad URL is a usage error, said before anything starts
-    except Exception as e:  # noqa: BLE001
+    except ConfigError as e:
         raise UsageError(str(e)) from None
     known = app.queues()
     queues = args.queue or list(known)

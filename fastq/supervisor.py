@@ -39,10 +39,10 @@ MAX_WORKER_DEATHS = 3
 
 
 class _Pending:
-    __slots__ = ("queue", "delivery", "worker", "deaths")
+    __slots__ = ("queue", "delivery", "deaths")
 
     def __init__(self, queue: str, delivery: Any) -> None:
-        self.queue, self.delivery, self.worker, self.deaths = queue, delivery, -1, 0
+        self.queue, self.delivery, self.deaths = queue, delivery, 0
 
 
 class _Worker:
@@ -61,7 +61,6 @@ class _Worker:
         #: allowed to leave (recycle): it gets no new work, only the go-ahead frame
         self.leaving = False
         self.reader: asyncio.Task[None] | None = None
-        self.restarts = 0
 
 
 class Supervisor:
@@ -171,7 +170,6 @@ class Supervisor:
         dead = []
         for tag in sorted(lost):
             p = self.pending[tag]
-            p.worker = -1
             if not recycled:
                 # Alone, a suspect is the certain cause; in a crowd, each gets one death at most.
                 p.deaths = p.deaths + 1 if solo == tag else max(p.deaths, 1)
@@ -182,7 +180,6 @@ class Supervisor:
             else:
                 self.backlog.append(tag)
         if not self.stopping:
-            w.restarts += 1
             self.start_worker(w)
         self.dispatch_backlog()
         if dead:
@@ -257,7 +254,6 @@ class Supervisor:
         frames = []
         for tag in tags:
             p = self.pending[tag]
-            p.worker = w.index
             w.in_flight.add(tag)
             frames.append(worker.DELIVERY.pack(tag, p.delivery.retries, self.queue_index[p.queue]) + p.delivery.body)
         try:

@@ -145,3 +145,13 @@ def test_tasks_of_a_script_run_as_main_get_the_name_workers_import(tmp_path):
     )
     out = subprocess.run([sys.executable, "script_shop.py"], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "script_shop.ship"  # not __main__.ship
+
+
+def test_the_broker_follows_the_config_url():
+    import msgspec
+
+    app = fastq.App("a", broker="memory://first")
+    first = app.broker
+    assert app.broker is first  # made once
+    app.config = msgspec.structs.replace(app.config, broker_url="memory://second")
+    assert app.broker is not first and app.broker.url == "memory://second"
