@@ -63,6 +63,9 @@ cdef class Ring:
     cdef const char** _put_ptrs
     cdef Py_ssize_t* _put_lens
     cdef Py_ssize_t _put_cap
+    # a header written before each frame's payload, _put_pre_len bytes per frame (Dispatcher)
+    cdef const char* _put_pre
+    cdef Py_ssize_t _put_pre_len
     cdef char** _get_ptrs
     cdef Py_ssize_t* _get_lens
     cdef uint64_t* _get_srcs
@@ -76,6 +79,7 @@ cdef class Ring:
     cdef int _take_role(self, int role) except -1
     cdef Py_ssize_t _put(self, object frames, object timeout, bint wait) except -1
     cdef Py_ssize_t _put_frames(self, tuple frames, double deadline, bint wait) except -1
+    cdef Py_ssize_t _put_prefixed(self, const char* pre, Py_ssize_t pre_len, tuple bodies) except -1
     cdef Py_ssize_t _write(self, Py_ssize_t start, Py_ssize_t n) noexcept nogil
     cdef list _read(self, Py_ssize_t max_frames)
     cdef int _wait(self, int role, double deadline, uint64_t need) except -1

@@ -27,9 +27,9 @@ import os
 
 from fastq import _core_py as _ref
 from fastq._core_py import RingStatistics
-from fastq.errors import PeerLost, RingBusy, RingClosed, RingCorrupt, RingEmpty
+from fastq.errors import PeerLost, RingBusy, RingClosed, RingCorrupt, RingEmpty, RingFull
 
-__all__ = ["Ring", "RingStatistics"]
+__all__ = ["Dispatcher", "DispatcherStatistics", "Ring", "RingStatistics"]
 
 
 cdef extern from "sys/socket.h" nogil:
@@ -85,6 +85,19 @@ cdef inline double _now() noexcept nogil:
     return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
+cdef inline uint64_t _copy_in(uint8_t* data, uint64_t cap, uint64_t p, const char* src, uint64_t n) noexcept nogil:
+    """Copy ``n`` bytes to ring offset ``p`` (< cap), wrapping at the end; returns the next offset."""
+    cdef uint64_t first = cap - p
+    if n < first:
+        first = n
+    memcpy(data + p, src, first)
+    if n > first:  # the payload wraps around the end of the data area
+        memcpy(data, src + first, n - first)
+        return n - first
+    p += n
+    return p if p < cap else 0
+
+
 cdef int _grow(void** block, Py_ssize_t n, size_t item) except -1:
     cdef void* grown = PyMem_Realloc(block[0], n * item)
     if grown == NULL:
@@ -129,6 +142,8 @@ cdef class Ring:
         self._fds[0] = self._fds[1] = -1
         self._calls[0] = self._calls[1] = 0
         self.spin_seconds = _ref.SPIN_SECONDS
+        self._put_pre = NULL
+        self._put_pre_len = 0
 
     def __init__(self):
         raise TypeError("use Ring.create(size_bytes) or Ring.attach(name)")
@@ -343,9 +358,9 @@ cdef class Ring:
                 self._put_lens[i] = view.len
                 PyBuffer_Release(&view)  # the memoryview in keep holds the export
         for i in range(n):
-            if _record(self._put_lens[i]) > self._cap:
-                raise _too_large(self.name, i, self._put_lens[i], self._cap)
-            total += self._put_lens[i]
+            if _record(self._put_pre_len + self._put_lens[i]) > self._cap:
+                raise _too_large(self.name, i, self._put_pre_len + self._put_lens[i], self._cap)
+            total += self._put_pre_len + self._put_lens[i]
         if n == 0:
             return 0
         self._take_role(PRODUCER)
@@ -364,19 +379,38 @@ cdef class Ring:
             if not blocked:
                 self._hdr.puts_blocked += 1
                 blocked = True
-            if not self._wait(PRODUCER, deadline, _record(self._put_lens[written])):
+            if not self._wait(PRODUCER, deadline, _record(self._put_pre_len + self._put_lens[written])):
                 raise _full(self.name, written, n, True)
+
+    cdef Py_ssize_t _put_prefixed(self, const char* pre, Py_ssize_t pre_len, tuple bodies) except -1:
+        """Put frames ``pre[i*pre_len:(i+1)*pre_len] + bodies[i]`` without waiting, each copied
+        straight into the ring; returns how many went in (a prefix), 0 when the ring is closed."""
+        try:
+            self._enter(PRODUCER)
+        except RingClosed:
+            return 0
+        self._put_pre, self._put_pre_len = pre, pre_len
+        try:
+            return self._put_frames(bodies, -1.0, False)
+        except RingFull as e:
+            return e.written
+        except RingClosed:
+            return 0
+        finally:
+            self._put_pre, self._put_pre_len = NULL, 0
+            self._leave(PRODUCER)
 
     cdef Py_ssize_t _write(self, Py_ssize_t start, Py_ssize_t n) noexcept nogil:
         cdef RingHeader* h = self._hdr
         cdef uint8_t* data = self._data
-        cdef uint64_t cap = self._cap, head = h.head, size, rec, p, first
+        cdef uint64_t cap = self._cap, head = h.head, size, rec, p
+        cdef uint64_t pre_len = <uint64_t>self._put_pre_len
         cdef uint64_t published = head
         cdef uint64_t free = cap - (head - fq_load_acquire(&h.tail))
         cdef uint64_t pos = head % cap
         cdef Py_ssize_t i = start, counted = start
         while i < n:
-            size = <uint64_t>self._put_lens[i]
+            size = pre_len + <uint64_t>self._put_lens[i]
             rec = _record(size)
             if rec > free:
                 free = cap - (head - fq_load_acquire(&h.tail))  # the consumer may have moved on
@@ -386,12 +420,9 @@ cdef class Ring:
                 fq_prefetch_write(data + pos + PREFETCH_BYTES)
             (<uint32_t*>(data + pos))[0] = <uint32_t>size
             p = pos + FRAME_HEADER_BYTES  # < cap: pos and cap are multiples of 8
-            first = cap - p
-            if size < first:
-                first = size
-            memcpy(data + p, self._put_ptrs[i], first)
-            if size > first:  # the payload wraps around the end of the data area
-                memcpy(data, self._put_ptrs[i] + first, size - first)
+            if pre_len:
+                p = _copy_in(data, cap, p, self._put_pre + <uint64_t>i * pre_len, pre_len)
+            _copy_in(data, cap, p, self._put_ptrs[i], size - pre_len)
             pos += rec
             if pos >= cap:
                 pos -= cap
@@ -709,3 +740,6 @@ cdef void _copy_out(
         memcpy(dst[j], data + srcs[j], first)
         if size > first:  # the payload wraps around the end of the data area
             memcpy(dst[j] + first, data, size - first)
+
+
+include "_dispatch.pxi"

@@ -68,7 +68,7 @@ SPIN_SECONDS = 50e-6
 
 PRODUCER, CONSUMER = "producer", "consumer"
 
-__all__ = ["Ring", "RingStatistics"]
+__all__ = ["Dispatcher", "DispatcherStatistics", "Ring", "RingStatistics"]
 
 #: A wake-up address is 9 bytes plus the name and must fit sockaddr_un's 108.
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,90}")
@@ -706,3 +706,196 @@ class Ring:
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         return f"<Ring {self._name!r} {state} capacity_bytes={self._capacity}>"
+
+
+# -- the dispatcher -------------------------------------------------------------------------------
+
+#: supervisor -> worker frame header: delivery tag, retries so far, queue index; the body follows
+DELIVERY = struct.Struct("<QIH")
+#: worker -> supervisor frame header: delivery tag, status, retry delay (s); a utf-8 reason follows
+COMPLETION = struct.Struct("<QBd")
+#: the one status the dispatcher knows: a delivery that is done and can be acked
+STATUS_OK = 0
+
+
+class DispatcherStatistics(NamedTuple):
+    """Totals since the dispatcher was made, and what each worker holds now."""
+
+    dispatched: int
+    completed: int
+    #: completions of tags the worker no longer held (handed on after a detach): dropped
+    stale: int
+    in_flight: tuple[int, ...]
+
+
+def check_worker(worker: int, workers: int) -> int:
+    worker = operator.index(worker)
+    if not 0 <= worker < workers:
+        raise IndexError(f"worker {worker} is outside 0..{workers - 1}; this dispatcher has {workers} workers")
+    return worker
+
+
+def check_queue(queue: int, queues: int) -> int:
+    queue = operator.index(queue)
+    if not 0 <= queue < queues:
+        raise IndexError(f"queue index {queue} is outside 0..{queues - 1}; this dispatcher has {queues} queues")
+    return queue
+
+
+def check_counts(workers: int, queues: int) -> None:
+    if not 1 <= operator.index(workers) <= 65535:
+        raise ConfigError(f"workers must be 1..65535, got {workers}")
+    if not 1 <= operator.index(queues) <= 65535:
+        raise ConfigError(f"queues must be 1..65535 (a u16 in the frame), got {queues}")
+
+
+def already_attached(worker: int) -> ConfigError:
+    return ConfigError(f"worker {worker} already has a ring; detach() it before attaching another")
+
+
+def short_completion(worker: int, size: int) -> RingCorrupt:
+    return RingCorrupt(
+        f"worker {worker} wrote a completion of {size} bytes, expected at least {COMPLETION.size} "
+        "(tag, status, delay); its ring was written by something that is not a fastq worker"
+    )
+
+
+class Dispatcher:
+    """Routes deliveries into per-worker rings and keeps each worker's in-flight tags.
+
+    ``dispatch`` gives each item ``(tag, retries, queue, body)`` to the accepting worker, among
+    those allowed to take its queue, with the fewest in flight, and writes it to that worker's
+    ring as one frame ``DELIVERY header + body``. ``complete`` reads a worker's completion frames
+    and says which tags are done. Which workers accept work is the caller's decision; this class
+    moves bytes and counts.
+    """
+
+    def __init__(self, workers: int, queues: int = 1) -> None:
+        check_counts(workers, queues)
+        self._n, self._queues = workers, queues
+        self._rings: list[Ring | None] = [None] * workers
+        self._tags: list[set[int]] = [set() for _ in range(workers)]
+        self._accepting = [False] * workers
+        self._allowed = [[True] * workers for _ in range(queues)]
+        self._dispatched = self._completed = self._stale = 0
+
+    def attach(self, worker: int, ring: Ring) -> None:
+        """Give ``worker`` its input ring; it accepts work from now on."""
+        worker = check_worker(worker, self._n)
+        if self._rings[worker] is not None:
+            raise already_attached(worker)
+        self._rings[worker] = ring
+        self._accepting[worker] = True
+
+    def detach(self, worker: int) -> list[int]:
+        """Forget ``worker``'s ring; return the tags it held (ascending), which it holds no more."""
+        worker = check_worker(worker, self._n)
+        tags = sorted(self._tags[worker])
+        self._tags[worker] = set()
+        self._rings[worker] = None
+        self._accepting[worker] = False
+        return tags
+
+    def set_accepting(self, worker: int, accepting: bool) -> None:
+        """Whether ``dispatch`` may choose ``worker`` (``dispatch_to`` always may)."""
+        self._accepting[check_worker(worker, self._n)] = bool(accepting)
+
+    def allow(self, queue: int, workers: Iterable[int]) -> None:
+        """Only ``workers`` take deliveries of ``queue`` (all do, until this is called)."""
+        queue = check_queue(queue, self._queues)
+        allowed = {check_worker(w, self._n) for w in workers}
+        self._allowed[queue] = [w in allowed for w in range(self._n)]
+
+    def in_flight(self, worker: int) -> int:
+        return len(self._tags[check_worker(worker, self._n)])
+
+    def holds(self, worker: int, tag: int) -> bool:
+        return tag in self._tags[check_worker(worker, self._n)]
+
+    def dispatch(self, items: Iterable[tuple[int, int, int, object]]) -> list[tuple[int, int, int, object]]:
+        """Write each item to the least busy accepting worker allowed its queue; return the items
+        that found no such worker, or no room in its ring, in their order."""
+        items = list(items)
+        load = [len(t) for t in self._tags]
+        full = [False] * self._n
+        picks: list[int] = []
+        for item in items:
+            queue = check_queue(item[2], self._queues)
+            allowed = self._allowed[queue]
+            best = -1
+            for w in range(self._n):
+                if self._accepting[w] and allowed[w] and not full[w] and (best < 0 or load[w] < load[best]):
+                    best = w
+            if best >= 0:
+                self._check_size(best, item)
+                load[best] += 1
+            picks.append(best)
+        return self._write(items, picks)
+
+    def dispatch_to(self, worker: int, items: Iterable[tuple[int, int, int, object]]) -> list[tuple[int, int, int, object]]:
+        """Write ``items`` to ``worker`` whether or not it accepts work; return what did not fit."""
+        worker = check_worker(worker, self._n)
+        items = list(items)
+        for item in items:
+            check_queue(item[2], self._queues)
+        if self._rings[worker] is None:
+            return items
+        for item in items:
+            self._check_size(worker, item)
+        return self._write(items, [worker] * len(items))
+
+    def _check_size(self, worker: int, item: tuple[int, int, int, object]) -> None:
+        ring = self._rings[worker]
+        assert ring is not None
+        size = DELIVERY.size + memoryview(item[3]).nbytes  # type: ignore[arg-type]
+        if record_bytes(size) > ring.capacity_bytes:
+            raise too_large(ring.name, 0, size, ring.capacity_bytes)
+
+    def _write(self, items: list[tuple[int, int, int, object]], picks: list[int]) -> list[tuple[int, int, int, object]]:
+        for w in range(self._n):
+            mine = [i for i, p in enumerate(picks) if p == w]
+            if not mine:
+                continue
+            ring = self._rings[w]
+            assert ring is not None
+            frames = [DELIVERY.pack(items[i][0], items[i][1], items[i][2]) + bytes(items[i][3]) for i in mine]  # type: ignore[call-overload]
+            try:
+                written = ring.put_many_nowait(frames)
+            except RingFull as e:
+                written = e.written
+            except RingClosed:
+                written = 0
+            for i in mine[:written]:
+                self._tags[w].add(items[i][0])
+            for i in mine[written:]:
+                picks[i] = -1
+            self._dispatched += written
+        return [item for item, p in zip(items, picks) if p < 0]
+
+    def complete(self, worker: int, frames: Iterable[object]) -> tuple[list[int], list[tuple[int, int, float, bytes]]]:
+        """Read ``worker``'s completion frames: the tags done OK, and every other frame as
+        ``(tag, status, delay, reason)``. Frames of tag 0 (the worker speaking for itself) are in
+        the second list; a tag the worker no longer holds is dropped and counted as stale."""
+        worker = check_worker(worker, self._n)
+        tags = self._tags[worker]
+        ok: list[int] = []
+        other: list[tuple[int, int, float, bytes]] = []
+        for frame in frames:
+            view = memoryview(frame)  # type: ignore[arg-type]
+            if view.nbytes < COMPLETION.size:
+                raise short_completion(worker, view.nbytes)
+            tag, status, delay = COMPLETION.unpack_from(view)
+            if tag:
+                if tag not in tags:
+                    self._stale += 1
+                    continue
+                tags.discard(tag)
+                self._completed += 1
+                if status == STATUS_OK:
+                    ok.append(tag)
+                    continue
+            other.append((tag, status, delay, bytes(view[COMPLETION.size :])))
+        return ok, other
+
+    def statistics(self) -> DispatcherStatistics:
+        return DispatcherStatistics(self._dispatched, self._completed, self._stale, tuple(len(t) for t in self._tags))

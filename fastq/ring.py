@@ -12,16 +12,26 @@ import os
 from fastq.errors import PeerLost, RingEmpty
 
 if os.environ.get("FASTQ_NO_EXTENSIONS"):
-    from fastq._core_py import WAIT_SLICE_SECONDS, Ring, RingStatistics
+    from fastq._core_py import WAIT_SLICE_SECONDS, Dispatcher, DispatcherStatistics, Ring, RingStatistics
 
     IMPLEMENTATION = "python"
 else:
-    from fastq._core import Ring, RingStatistics  # an ImportError here means a broken build
+    from fastq._core import (  # an ImportError here means a broken build
+        Dispatcher,
+        DispatcherStatistics,
+        Ring,
+        RingStatistics,
+    )
     from fastq._core_py import WAIT_SLICE_SECONDS
 
     IMPLEMENTATION = "cython"
 
-__all__ = ["IMPLEMENTATION", "Ring", "RingStatistics", "get_many_async"]
+from fastq._core_py import COMPLETION, DELIVERY, STATUS_OK
+
+__all__ = [
+    "COMPLETION", "DELIVERY", "IMPLEMENTATION", "STATUS_OK", "Dispatcher", "DispatcherStatistics", "Ring",
+    "RingStatistics", "get_many_async",
+]
 
 
 async def get_many_async(

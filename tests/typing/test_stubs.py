@@ -40,13 +40,16 @@ def test_stub_and_implementation_export_the_same_names(module):
     ring = _public(module.Ring) | ({"spin_seconds"} if module is _core_py else set())
     assert ring == stub["Ring"]
     assert set(module.RingStatistics._fields) == stub["RingStatistics"]
+    assert _public(module.Dispatcher) == stub["Dispatcher"] - {"__init__"}
+    assert set(module.DispatcherStatistics._fields) == stub["DispatcherStatistics"]
 
 
 @pytest.mark.cython
 def test_stub_signatures_match_the_twin():
     tree = ast.parse(STUB.read_text())
-    ring = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Ring")
-    for fn in (n for n in ring.body if isinstance(n, ast.FunctionDef) and not n.decorator_list):
-        params = [a.arg for a in fn.args.args + fn.args.kwonlyargs]
-        twin = inspect.signature(getattr(_core_py.Ring, fn.name))
-        assert params == [p for p in twin.parameters if twin.parameters[p].kind != inspect.Parameter.VAR_POSITIONAL], fn.name
+    for cls in ("Ring", "Dispatcher"):
+        node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)
+        for fn in (n for n in node.body if isinstance(n, ast.FunctionDef) and not n.decorator_list):
+            params = [a.arg for a in fn.args.args + fn.args.kwonlyargs]
+            twin = inspect.signature(getattr(getattr(_core_py, cls), fn.name))
+            assert params == [p for p in twin.parameters if twin.parameters[p].kind != inspect.Parameter.VAR_POSITIONAL], fn.name
