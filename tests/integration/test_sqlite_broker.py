@@ -37,10 +37,11 @@ def test_ten_producer_processes_at_once_lose_nothing(tmp_path):
     assert len(ids) == len(set(ids)) == 20_000
 
 
-def _consume(url: str, seen, stop_after: float) -> None:
+def _consume(url: str, seen, stop_after: float, start) -> None:
     async def main() -> None:
         broker = open_broker(url)
         await broker.open()
+        start.wait()  # both open: neither drains the file before the other has started
         ids: list[str] = []
         idle_since = time.monotonic()
         while time.monotonic() - idle_since < stop_after:
@@ -60,7 +61,8 @@ def test_two_consumers_on_one_file_split_the_work_and_see_each_message_once(tmp_
     url = f"sqlite:///{tmp_path}/two.db"
     open_broker(url).publish_sync("q", msgs(10_000))
     seen = ctx.SimpleQueue()
-    consumers = [ctx.Process(target=_consume, args=(url, seen, 1.0)) for _ in range(2)]
+    start = ctx.Barrier(2)
+    consumers = [ctx.Process(target=_consume, args=(url, seen, 1.0, start)) for _ in range(2)]
     for c in consumers:
         c.start()
     first, second = seen.get(), seen.get()
