@@ -99,11 +99,12 @@ class App:
     @overload
     def task(self, *, queue: str | None = None, name: str | None = None, kind: Kind = "auto",
              max_retries: int = 3, retry_backoff: float = 1.0, timeout: float | None = None,
-             concurrency: int | None = None, prefetch: int | None = None) -> Callable[[F], Task]: ...
+             processes: int | None = None, concurrency: int | None = None,
+             prefetch: int | None = None) -> Callable[[F], Task]: ...
 
     def task(self, fn: Callable[..., Any] | None = None, *, queue: str | None = None,
              name: str | None = None, kind: Kind = "auto", max_retries: int = 3,
-             retry_backoff: float = 1.0, timeout: float | None = None,
+             retry_backoff: float = 1.0, timeout: float | None = None, processes: int | None = None,
              concurrency: int | None = None, prefetch: int | None = None) -> Any:
         """Register a function (``async def`` or plain) as a task; use bare or with options.
 
@@ -112,7 +113,7 @@ class App:
         """
         options = HandlerOptions(queue=queue or DEFAULT_QUEUE, kind=kind, max_retries=max_retries,
                                  retry_backoff=retry_backoff, timeout=timeout,
-                                 concurrency=concurrency, prefetch=prefetch)
+                                 processes=processes, concurrency=concurrency, prefetch=prefetch)
 
         def register(fn: Callable[..., Any]) -> Task:
             task_name = name or f"{module_name(fn)}.{fn.__qualname__}"
@@ -127,13 +128,13 @@ class App:
         return register(fn) if fn is not None else register
 
     def consumer(self, queue: str, *, kind: Kind = "auto", max_retries: int = 3,
-                 retry_backoff: float = 1.0, timeout: float | None = None,
+                 retry_backoff: float = 1.0, timeout: float | None = None, processes: int | None = None,
                  concurrency: int | None = None, prefetch: int | None = None) -> Callable[[F], Consumer]:
         """Register a handler for every message on ``queue``, whoever produced it; it receives
         the raw body ``bytes``. The way to put fastq behind an existing queue."""
         options = HandlerOptions(queue=queue, kind=kind, max_retries=max_retries,
                                  retry_backoff=retry_backoff, timeout=timeout,
-                                 concurrency=concurrency, prefetch=prefetch)
+                                 processes=processes, concurrency=concurrency, prefetch=prefetch)
 
         def register(fn: Callable[[bytes], Any]) -> Consumer:
             if queue in self.consumers or any(t.queue == queue for t in self.tasks.values()):

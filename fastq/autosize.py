@@ -121,6 +121,8 @@ class QueueSpec(msgspec.Struct, frozen=True, kw_only=True):
 
     name: str
     kind: Kind = "auto"
+    #: how many of the host's worker processes run this queue (None: all of them)
+    processes: int | None = None
     concurrency: int | None = None
     prefetch: int | None = None
 
@@ -129,9 +131,12 @@ class QueuePlan(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     #: the kind the numbers follow ("auto" starts as io until measured)
     kind: Literal["io", "cpu"]
+    #: the worker processes (indexes) that run this queue's handlers
+    workers: tuple[int, ...]
+    workers_rule: str
     #: handlers at once on the whole host
     concurrency: int
-    #: of which, per worker process (index = process)
+    #: of which, per worker process (index = process; 0 for processes that do not run it)
     per_process: tuple[int, ...]
     #: unacked messages the host holds (the broker's qos for its one consumer)
     prefetch: int
@@ -157,6 +162,8 @@ class Plan(msgspec.Struct, frozen=True, kw_only=True):
             f"pinned to cpus: {list(self.pinned) if self.pinned else 'not pinned'}",
         ]
         for q in self.queues:
+            if len(q.workers) < self.processes:
+                lines.append(f"queue {q.name!r}: worker processes {list(q.workers)} ({q.workers_rule})")
             lines.append(f"queue {q.name!r} ({q.kind}): concurrency {q.concurrency} ({q.concurrency_rule}), "
                          f"per process {list(q.per_process)}")
             lines.append(f"queue {q.name!r}: prefetch {q.prefetch} ({q.prefetch_rule})")
@@ -182,7 +189,7 @@ def plan(
         processes=processes,
         processes_rule=processes_rule,
         pinned=pinned,
-        queues=tuple(_plan_queue(q, cores, processes, topology, config) for q in queues),
+        queues=_plan_queues(queues, cores, processes, topology, config),
         topology=topology,
     )
 
@@ -193,7 +200,26 @@ def _cores_rule(t: Topology, processes: int) -> str:
     return f"one per usable core: {len(t.cpus)} cpus in the affinity mask"
 
 
-def _plan_queue(q: QueueSpec, cores: float, processes: int, t: Topology, config: Config) -> QueuePlan:
+def _plan_queues(queues: Sequence[QueueSpec], cores: float, processes: int, t: Topology,
+                 config: Config) -> tuple[QueuePlan, ...]:
+    """Queues that run on fewer processes than the host has take consecutive workers, each
+    starting where the previous one ended, so that two such queues do not crowd one core."""
+    planned, start = [], 0
+    for q in queues:
+        if q.processes is None:
+            workers, w_rule = tuple(range(processes)), "all of them"
+        else:
+            n = min(q.processes, processes)
+            workers = tuple(sorted((start + k) % processes for k in range(n)))
+            start = (start + n) % processes
+            w_rule = (f"set by you: {n} of {processes}" if n == q.processes else
+                      f"set by you: {q.processes}, capped to the {processes} processes this host runs")
+        planned.append(_plan_queue(q, cores, processes, workers, w_rule, t, config))
+    return tuple(planned)
+
+
+def _plan_queue(q: QueueSpec, cores: float, processes: int, workers: tuple[int, ...], w_rule: str,
+                t: Topology, config: Config) -> QueuePlan:
     kind: Literal["io", "cpu"] = "cpu" if q.kind == "cpu" else "io"
     user_concurrency = q.concurrency if q.concurrency is not None else config.concurrency
     if user_concurrency is not None:
@@ -204,7 +230,7 @@ def _plan_queue(q: QueueSpec, cores: float, processes: int, t: Topology, config:
         if q.kind == "auto":
             c_rule += "; auto starts as io until its handlers are measured"
     else:
-        concurrency, c_rule = processes, "cpu: one handler per pinned core"
+        concurrency, c_rule = len(workers), "cpu: one handler per pinned core it runs on"
     user_prefetch = q.prefetch if q.prefetch is not None else config.prefetch
     if user_prefetch is not None:
         prefetch, p_rule = user_prefetch, "set by you"
@@ -216,7 +242,8 @@ def _plan_queue(q: QueueSpec, cores: float, processes: int, t: Topology, config:
             prefetch = max(concurrency, cap)
             p_rule += (f", capped to {prefetch}: a quarter of {t.memory_bytes / 2**20:,.0f} MiB of "
                        f"memory holds {cap} messages of max_message_bytes={config.max_message_bytes}")
-    per, extra = divmod(concurrency, processes)
-    per_process = tuple(per + (1 if i < extra else 0) for i in range(processes))
-    return QueuePlan(name=q.name, kind=kind, concurrency=concurrency, per_process=per_process,
-                     prefetch=prefetch, concurrency_rule=c_rule, prefetch_rule=p_rule)
+    per, extra = divmod(concurrency, len(workers))
+    share = {w: per + (1 if i < extra else 0) for i, w in enumerate(workers)}
+    per_process = tuple(share.get(i, 0) for i in range(processes))
+    return QueuePlan(name=q.name, kind=kind, workers=workers, workers_rule=w_rule, concurrency=concurrency,
+                     per_process=per_process, prefetch=prefetch, concurrency_rule=c_rule, prefetch_rule=p_rule)

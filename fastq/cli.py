@@ -83,8 +83,9 @@ def _worker(args: argparse.Namespace) -> int:
     if unknown or not queues:
         raise UsageError(f"queues {unknown or queues} have no task or consumer in {args.app}; "
                          f"known: {sorted(known)}")
-    the_plan = plan(Topology.detect(), [QueueSpec(name=q, kind=known[q].kind, concurrency=known[q].concurrency,
-                                                  prefetch=known[q].prefetch) for q in queues], config)
+    the_plan = plan(Topology.detect(), [QueueSpec(name=q, kind=known[q].kind, processes=known[q].processes,
+                                                  concurrency=known[q].concurrency, prefetch=known[q].prefetch)
+                                        for q in queues], config)
     log = logging.getLogger("fastq.worker")
     log.info("fastq worker %s on %s", args.app, app.broker.url)
     for line in the_plan.explain().splitlines():

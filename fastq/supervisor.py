@@ -9,7 +9,9 @@ is dead-lettered as such.
 SIGTERM/SIGINT: stop fetching, let in-flight work finish within ``shutdown_timeout``, settle it,
 give the rest back to the broker, exit 0; a second signal gives everything back at once.
 
-(The per-delivery bookkeeping here moves into fastq/_core.pyx as the Dispatcher next.)
+The per-delivery work (choosing the worker, framing into its ring, keeping each worker's
+in-flight tags, reading completions) is ``fastq.ring.Dispatcher``, in the Cython core; this
+module decides which workers accept work and what becomes of each outcome.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from fastq import worker
 from fastq.autosize import Plan
 from fastq.broker.base import Retry
 from fastq.config import Config
-from fastq.errors import FrameTooLarge, RingClosed, RingFull
-from fastq.ring import Ring, get_many_async
+from fastq.errors import RingClosed, RingFull
+from fastq.ring import DELIVERY, Dispatcher, Ring, get_many_async
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +41,12 @@ MAX_WORKER_DEATHS = 3
 
 
 class _Pending:
-    __slots__ = ("queue", "delivery", "deaths")
+    __slots__ = ("queue", "delivery", "deaths", "item")
 
-    def __init__(self, queue: str, delivery: Any) -> None:
+    def __init__(self, queue: str, delivery: Any, item: tuple[int, int, int, bytes]) -> None:
         self.queue, self.delivery, self.deaths = queue, delivery, 0
+        #: what the dispatcher routes: (tag, retries, queue index, body)
+        self.item = item
 
 
 class _Worker:
@@ -51,7 +55,6 @@ class _Worker:
         self.process: Any = None
         self.inbox: Any = None
         self.outbox: Any = None
-        self.in_flight: set[int] = set()
         #: the suspect running alone here; nothing else is dispatched to this worker meanwhile
         self.solo: int | None = None
         #: it attached its rings and loaded the app (its READY completion came)
@@ -74,7 +77,7 @@ class Supervisor:
         self.prefetch = {q.name: q.prefetch for q in plan.queues}
         self.concurrency = max(1, max(sum(q.per_process[i] for q in plan.queues) for i in range(plan.processes)))
         self.pending: dict[int, _Pending] = {}
-        self.backlog: collections.deque[int] = collections.deque()  # dispatched nowhere yet
+        self.backlog: collections.deque[tuple[int, int, int, bytes]] = collections.deque()  # items dispatched nowhere yet
         self.suspects: collections.deque[int] = collections.deque()  # held by a worker that died
         self.tags = itertools.count(1)
         self.in_flight = dict.fromkeys(queues, 0)
@@ -91,6 +94,10 @@ class Supervisor:
         self.ctx = multiprocessing.get_context("spawn")
         pinned = plan.pinned or (None,) * plan.processes
         self.workers = [_Worker(i, pinned[i]) for i in range(plan.processes)]
+        self.dispatcher = Dispatcher(plan.processes, len(queues))
+        for q in plan.queues:
+            if q.name in self.queue_index and len(q.workers) < plan.processes:
+                self.dispatcher.allow(self.queue_index[q.name], q.workers)
         self.settled = collections.Counter[str]()
         self.exits: set[asyncio.Task[None]] = set()  # workers being replaced
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -106,6 +113,8 @@ class Supervisor:
         size = self.config.ring_size_bytes
         w.inbox, w.outbox = Ring.create(size), Ring.create(size)
         w.ready = w.leaving = False
+        self.dispatcher.attach(w.index, w.inbox)
+        self.refresh(w)  # accepts work once READY
         spec = worker.WorkerSpec(index=w.index, parent=os.getpid(), cpu=w.cpu, app=self.app_spec, queues=tuple(self.queues),
                                  input_ring=w.inbox.name, output_ring=w.outbox.name,
                                  concurrency=self.concurrency, log_level=self.log_level,
@@ -121,6 +130,7 @@ class Supervisor:
     def worker_exited(self, w: _Worker) -> None:
         asyncio.get_running_loop().remove_reader(w.process.sentinel)
         w.process.join()
+        self.dispatcher.set_accepting(w.index, False)
         task = self.spawn(self.replace_worker(w))
         self.exits.add(task)
         task.add_done_callback(self.exits.discard)
@@ -142,13 +152,14 @@ class Supervisor:
         """Apply what the worker finished, hand on what it did not, start another in its place."""
         code = w.process.exitcode
         await self.end_completions(w)
-        lost, w.in_flight, solo, w.solo = w.in_flight, set(), w.solo, None
+        lost, solo, w.solo = self.dispatcher.detach(w.index), w.solo, None
         for ring in (w.inbox, w.outbox):
             ring.close()
             ring.unlink()
         recycled = code == worker.EXIT_RECYCLED  # not 0: a handler's os._exit(0) is no recycle
         if self.reserved == w.index:
             self.reserved = None
+            self.refresh_all()
         if w.index in self.want_to_leave:
             self.want_to_leave.remove(w.index)
         if not w.ready and not lost:
@@ -168,7 +179,7 @@ class Supervisor:
             logger.warning("worker %d (pid %s) exited with %s holding %d messages; handing them on",
                            w.index, w.process.pid, code, len(lost))
         dead = []
-        for tag in sorted(lost):
+        for tag in lost:
             p = self.pending[tag]
             if not recycled:
                 # Alone, a suspect is the certain cause; in a crowd, each gets one death at most.
@@ -178,7 +189,7 @@ class Supervisor:
             elif p.deaths:
                 self.suspects.append(tag)
             else:
-                self.backlog.append(tag)
+                self.backlog.append(p.item)
         if not self.stopping:
             self.start_worker(w)
         self.dispatch_backlog()
@@ -211,66 +222,55 @@ class Supervisor:
             if not (w.ready and w.process.is_alive()):
                 continue
             self.recycling, w.leaving = w.index, True
+            self.refresh(w)
             logger.info("worker %d may recycle now", w.index)
             try:
-                w.inbox.put_nowait(worker.DELIVERY.pack(0, 0, 0))
+                w.inbox.put_nowait(DELIVERY.pack(0, 0, 0))
             except (RingFull, RingClosed):
                 w.leaving, self.recycling = False, None  # try again at its next request
+                self.refresh(w)
                 self.want_to_leave.appendleft(w.index)
                 return
 
     # -- dispatch ---------------------------------------------------------------------------
 
+    def accepting(self, w: _Worker) -> bool:
+        """Whether the dispatcher may give ``w`` new work (suspects go by ``dispatch_to``)."""
+        return (w.ready and not w.leaving and w.solo is None and w.index != self.reserved
+                and w.process is not None and w.process.is_alive())
+
+    def refresh(self, w: _Worker) -> None:
+        self.dispatcher.set_accepting(w.index, self.accepting(w))
+
+    def refresh_all(self) -> None:
+        for w in self.workers:
+            self.refresh(w)
+
     def dispatch_backlog(self) -> None:
+        d = self.dispatcher
         alive = [w for w in self.workers if w.ready and not w.leaving and w.process.is_alive()]
         for w in alive:  # suspects first, each alone on an idle worker
             if not self.suspects:
                 break
-            if w.solo is None and not w.in_flight:
+            if w.solo is None and not d.in_flight(w.index):
                 tag = self.suspects.popleft()
+                if d.dispatch_to(w.index, [self.pending[tag].item]):
+                    self.suspects.appendleft(tag)  # its ring is closed: the worker is going
+                    continue
                 w.solo = tag
                 if self.reserved == w.index:
                     self.reserved = None
-                self.put(w, [tag])
+                self.refresh(w)
         if self.suspects and self.reserved is None:
             # None is idle: keep the least busy one free of new work until it is
             free = [w for w in alive if w.solo is None]
             if free:
-                self.reserved = min(free, key=lambda w: len(w.in_flight)).index
-        live = [w for w in alive if w.solo is None and w.index != self.reserved]
-        if not live:
-            return
-        order: dict[int, list[int]] = collections.defaultdict(list)
-        load = {w.index: len(w.in_flight) for w in live}
-        while self.backlog:
-            index = min(load, key=load.__getitem__)
-            order[index].append(self.backlog.popleft())
-            load[index] += 1
-        for index, tags in order.items():
-            self.put(self.workers[index], tags)
-
-    def put(self, w: _Worker, tags: list[int]) -> None:
-        """Frame ``tags`` into ``w``'s ring; what does not fit goes back where it came from."""
-        frames = []
-        for tag in tags:
-            p = self.pending[tag]
-            w.in_flight.add(tag)
-            frames.append(worker.DELIVERY.pack(tag, p.delivery.retries, self.queue_index[p.queue]) + p.delivery.body)
-        try:
-            w.inbox.put_many_nowait(frames)
-        except RingFull as e:  # rare: the ring is sized for the prefetch; keep the rest back
-            self.take_back(w, tags[e.written:])
-        except (RingClosed, FrameTooLarge):
-            self.take_back(w, tags)
-
-    def take_back(self, w: _Worker, tags: list[int]) -> None:
-        for tag in reversed(tags):
-            w.in_flight.discard(tag)
-            if w.solo == tag:
-                w.solo = None
-                self.suspects.appendleft(tag)
-            else:
-                self.backlog.appendleft(tag)
+                self.reserved = min(free, key=lambda w: d.in_flight(w.index)).index
+                self.refresh(self.workers[self.reserved])
+        if self.backlog:
+            left = d.dispatch(self.backlog)
+            self.backlog.clear()
+            self.backlog.extend(left)
 
     async def fetch_loop(self, queue: str) -> None:
         limit = self.config.max_message_bytes
@@ -282,14 +282,15 @@ class Supervisor:
                 continue
             deliveries = await self.broker.fetch(queue, min(room, self.config.batch_max), timeout=0.25)
             too_large = []
+            index = self.queue_index[queue]
             for d in deliveries:
                 tag = next(self.tags)
-                self.pending[tag] = _Pending(queue, d)
+                p = self.pending[tag] = _Pending(queue, d, (tag, d.retries, index, d.body))
                 self.in_flight[queue] += 1
                 if len(d.body) > limit:
                     too_large.append((tag, f"message of {len(d.body)} bytes exceeds max_message_bytes={limit}"))
                 else:
-                    self.backlog.append(tag)
+                    self.backlog.append(p.item)
             if too_large:
                 await self.settle([], [], too_large, [])
             self.dispatch_backlog()
@@ -303,35 +304,35 @@ class Supervisor:
                 frames = await get_many_async(outbox, 1024)
             except RingClosed:
                 return
-            ack, retry, dead = [], [], []
-            for f in frames:
-                tag, status, delay = worker.COMPLETION.unpack_from(f)
-                if status == worker.READY:
-                    w.ready, w.failures = True, 0
-                    if self.recycling == w.index:  # its replacement is up: the next may go
-                        logger.info("worker %d is back", w.index)
-                        self.recycling = None
-                        self.let_one_go()
-                    continue
-                if status == worker.RETIRE:
-                    if w.index not in self.want_to_leave:
-                        self.want_to_leave.append(w.index)
-                    self.let_one_go()
-                    continue
-                if tag not in w.in_flight:
-                    continue  # already handed on after a restart: the new outcome will count
-                w.in_flight.discard(tag)
-                if w.solo == tag:
-                    w.solo = None  # the suspect passed (or failed in an ordinary way)
-                if status == worker.OK:
-                    ack.append(tag)
+            ack, other = self.dispatcher.complete(w.index, frames)
+            retry, dead = [], []
+            for tag, status, delay, reason in other:
+                if tag == 0:
+                    self.worker_says(w, status)
                 elif status == worker.RETRY:
-                    retry.append((tag, delay, bytes(f[worker.COMPLETION.size:]).decode(errors="replace")))
+                    retry.append((tag, delay, reason.decode(errors="replace")))
                 else:
-                    dead.append((tag, bytes(f[worker.COMPLETION.size:]).decode(errors="replace")))
+                    dead.append((tag, reason.decode(errors="replace")))
+            if w.solo is not None and not self.dispatcher.holds(w.index, w.solo):
+                w.solo = None  # the suspect passed (or failed in an ordinary way)
+                self.refresh(w)
             await self.settle(ack, retry, dead, [])
             if self.backlog or self.suspects:
                 self.dispatch_backlog()
+
+    def worker_says(self, w: _Worker, status: int) -> None:
+        """A frame of tag 0: the worker speaks for itself (READY, RETIRE)."""
+        if status == worker.READY:
+            w.ready, w.failures = True, 0
+            self.refresh(w)
+            if self.recycling == w.index:  # its replacement is up: the next may go
+                logger.info("worker %d is back", w.index)
+                self.recycling = None
+                self.let_one_go()
+        elif status == worker.RETIRE:
+            if w.index not in self.want_to_leave:
+                self.want_to_leave.append(w.index)
+            self.let_one_go()
 
     async def settle(self, ack: list[int], retry: list[tuple[int, float, str]],
                      dead: list[tuple[int, str]], release: list[int]) -> None:

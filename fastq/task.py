@@ -49,6 +49,8 @@ class HandlerOptions(msgspec.Struct, frozen=True, kw_only=True):
     retry_backoff: float = 1.0
     #: seconds a handler may run; past it, the call fails as if it raised
     timeout: float | None = None
+    #: how many of the host's worker processes run this queue (None: all)
+    processes: int | None = None
     concurrency: int | None = None
     prefetch: int | None = None
 
@@ -63,7 +65,7 @@ class HandlerOptions(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError(f"retry_backoff must be >= 0 seconds, got {self.retry_backoff!r}")
         if self.timeout is not None and not self.timeout > 0:
             raise ConfigError(f"timeout must be > 0 seconds or None, got {self.timeout!r}")
-        for name in ("concurrency", "prefetch"):
+        for name in ("processes", "concurrency", "prefetch"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1 or None, got {value}")

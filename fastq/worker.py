@@ -19,7 +19,6 @@ import logging
 import os
 import random
 import signal
-import struct
 import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -28,16 +27,14 @@ import msgspec
 
 from fastq import _load, message
 from fastq.errors import RingClosed
-from fastq.ring import Ring, get_many_async
+from fastq.ring import COMPLETION, DELIVERY, STATUS_OK, Ring, get_many_async
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: supervisor -> worker: delivery tag, retries so far, queue index; the body follows
-DELIVERY = struct.Struct("<QIH")
-#: worker -> supervisor: delivery tag, outcome, retry delay in seconds; the reason follows (utf-8)
-COMPLETION = struct.Struct("<QBd")
-OK, RETRY, DEAD = 0, 1, 2
+# Frames: DELIVERY (supervisor -> worker: tag, retries so far, queue index; the body follows) and
+# COMPLETION (worker -> supervisor: tag, outcome, retry delay in seconds; a utf-8 reason follows).
+OK, RETRY, DEAD = STATUS_OK, 1, 2
 #: the first completion a worker writes, with tag 0: its rings are attached and its app loaded
 READY = 3
 #: a worker past max_tasks or max_memory asks to leave (tag 0); it goes when a delivery of tag 0 comes

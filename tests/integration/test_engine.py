@@ -36,6 +36,14 @@ def _record(line: bytes) -> None:
 async def record(n: int) -> None:
     _record(b"%d\\n" % n)
 
+@app.task(queue="solo", kind="io", processes=1)
+async def where(n: int) -> None:
+    _record(b"solo-%d %d\\n" % (os.getpid(), n))
+
+@app.task(queue="both", kind="io")
+async def anywhere(n: int) -> None:
+    _record(b"both-%d %d\\n" % (os.getpid(), n))
+
 @app.task(queue="poison", max_retries=2, retry_backoff=0.01)
 def flaky(n: int) -> None:
     _record(b"flaky %d\\n" % n)
@@ -227,7 +235,7 @@ def test_a_sigkilled_supervisor_loses_nothing_and_leaves_no_worker_behind(engine
         # workers that ask to leave after 500 messages each
         ("FASTQ_MAX_TASKS_PER_CHILD", "500", 20_000, "recycled;", 2),
         # a memory limit every worker is over from the start: each handles a batch, then asks
-        ("FASTQ_MAX_MEMORY_PER_CHILD_BYTES", str(1 << 20), 5_000, "recycled;", 2),
+        ("FASTQ_MAX_MEMORY_PER_CHILD_BYTES", str(1 << 20), 20_000, "recycled;", 2),
     ],
     ids=["by-task-count", "by-memory"],
 )
@@ -344,3 +352,20 @@ def test_ten_producer_processes_enqueueing_while_the_engine_runs_lose_nothing(en
     counts = collections.Counter(engine.lines())
     expected = {str(p * 1_000_000 + i) for p in range(10) for i in range(2_000)}
     assert set(counts) == expected and set(counts.values()) == {1}
+
+
+def test_a_task_set_to_one_process_runs_on_one_worker_while_others_use_both(engine):
+    # Given a queue whose task says processes=1, beside one that runs on every worker
+    engine.app.app.broker.publish_sync("solo", [engine.app.where.message(i) for i in range(2_000)])
+    engine.app.app.broker.publish_sync("both", [engine.app.anywhere.message(i) for i in range(2_000)])
+    engine.start("--processes", "2", "--queue", "solo", "--queue", "both", "--log-level", "info")
+    engine.wait_for_lines(4_000)
+    assert engine.stop() == 0
+    # Then each message ran once, the solo queue on exactly one worker process, the other on two
+    words = engine.lines()
+    pids = collections.defaultdict(set)
+    for who, n in zip(words[::2], words[1::2]):
+        pids[who.split("-")[0]].add(who)
+    assert collections.Counter(words[1::2]) == collections.Counter(str(i) for i in range(2_000) for _ in "ab")
+    assert len(pids["solo"]) == 1 and len(pids["both"]) == 2
+    assert "queue 'solo': worker processes [0] (set by you: 1 of 2)" in engine.logtext()

@@ -85,3 +85,18 @@ def test_detect_reads_this_machine():
     t = Topology.detect()
     assert t.cpus == tuple(sorted(os.sched_getaffinity(0)))
     assert t.memory_bytes > 0
+
+
+def test_queues_set_to_fewer_processes_take_consecutive_workers_and_split_their_concurrency():
+    p = plan(machine(4), [QueueSpec(name="all", kind="io"), QueueSpec(name="one", kind="cpu", processes=1),
+                          QueueSpec(name="two", kind="io", processes=2, concurrency=5),
+                          QueueSpec(name="big", kind="cpu", processes=9)])
+    every, one, two, big = p.queues
+    assert (every.workers, every.workers_rule) == ((0, 1, 2, 3), "all of them")
+    assert (one.workers, one.concurrency, one.per_process, one.prefetch) == ((0,), 1, (1, 0, 0, 0), 2)
+    assert "one handler per pinned core it runs on" in one.concurrency_rule
+    assert (two.workers, two.workers_rule, two.per_process) == ((1, 2), "set by you: 2 of 4", (0, 3, 2, 0))
+    assert (big.workers, big.concurrency) == ((0, 1, 2, 3), 4)
+    assert big.workers_rule == "set by you: 9, capped to the 4 processes this host runs"
+    assert "queue 'two': worker processes [1, 2] (set by you: 2 of 4)" in p.explain()
+    assert "queue 'all': worker processes" not in p.explain()

@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from fastq._core_py import COMPLETION, DELIVERY
-from fastq.errors import ConfigError, FrameTooLarge, RingCorrupt
+from fastq.errors import ConfigError, FrameTooLarge, RingCorrupt, RingEmpty
 
 
 def deliveries(ring):
@@ -16,7 +16,7 @@ def deliveries(ring):
     while True:
         try:
             frames = ring.get_many_nowait(1024)
-        except Exception:
+        except RingEmpty:
             return out
         for f in frames:
             tag, retries, queue = DELIVERY.unpack_from(f)
@@ -59,7 +59,7 @@ def test_dispatch_fills_the_worker_that_holds_fewer(two):
 
 
 def test_complete_returns_ok_tags_and_other_outcomes_with_reasons(two):
-    d, rings = two
+    d, _ = two
     d.dispatch_to(0, [(t, 0, 0, b"") for t in (1, 2, 3)])
     ok, other = d.complete(0, [done(1), done(2, 1, 2.5, b"ValueError: no"), done(0, 3), done(3, 2, 0.0, "é".encode())])
     assert ok == [1]
