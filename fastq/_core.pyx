@@ -29,7 +29,7 @@ from fastq import _core_py as _ref
 from fastq._core_py import RingStatistics
 from fastq.errors import PeerLost, RingBusy, RingClosed, RingCorrupt, RingEmpty, RingFull
 
-__all__ = ["Dispatcher", "DispatcherStatistics", "Ring", "RingStatistics"]
+__all__ = ["AckWindow", "Dispatcher", "DispatcherStatistics", "Ring", "RingStatistics"]
 
 
 cdef extern from "sys/socket.h" nogil:

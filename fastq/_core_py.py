@@ -68,7 +68,7 @@ SPIN_SECONDS = 50e-6
 
 PRODUCER, CONSUMER = "producer", "consumer"
 
-__all__ = ["Dispatcher", "DispatcherStatistics", "Ring", "RingStatistics"]
+__all__ = ["AckWindow", "Dispatcher", "DispatcherStatistics", "Ring", "RingStatistics"]
 
 #: A wake-up address is 9 bytes plus the name and must fit sockaddr_un's 108.
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,90}")
@@ -899,3 +899,69 @@ class Dispatcher:
 
     def statistics(self) -> DispatcherStatistics:
         return DispatcherStatistics(self._dispatched, self._completed, self._stale, tuple(len(t) for t in self._tags))
+
+
+# -- the ack window -------------------------------------------------------------------------------
+
+_DONE, _ACKED = 1, 2
+
+
+def tag_below_window(tag: int, first: int) -> ValueError:
+    return ValueError(f"tag {tag} is below the window, which starts at {first}: it was acked already")
+
+
+class AckWindow:
+    """The completed tags of a sequence (a channel's delivery tags: first, first+1, ...) and
+    the acks they allow.
+
+    ``ack_prefix`` gives the highest tag T such that every tag up to T is complete, for one
+    cumulative ack (AMQP ``basic.ack`` with ``multiple``); ``take_stragglers`` hands out
+    the completed tags past a gap, to ack one by one, and remembers them so the prefix that later
+    covers them never ends on a tag that was acked already.
+    """
+
+    def __init__(self, first: int = 1) -> None:
+        first = operator.index(first)
+        if first < 1:
+            raise ConfigError(f"first must be >= 1, got {first}")
+        self._first = first  # the lowest tag not covered by an ack yet
+        self._state: list[int] = []  # per tag from _first: _DONE, _ACKED bits
+
+    @property
+    def first(self) -> int:
+        return self._first
+
+    def done(self, tags: Iterable[int]) -> None:
+        """Mark ``tags`` complete (again is a no-op)."""
+        for tag in tags:
+            tag = operator.index(tag)
+            if tag < self._first:
+                raise tag_below_window(tag, self._first)
+            i = tag - self._first
+            if i >= len(self._state):
+                self._state.extend([0] * (i + 1 - len(self._state)))
+            self._state[i] |= _DONE
+
+    def ack_prefix(self) -> int:
+        """Close the complete prefix; return the tag to ack with ``multiple`` (0: nothing to send)."""
+        n, last = 0, 0
+        while n < len(self._state) and self._state[n] & _DONE:
+            if not self._state[n] & _ACKED:
+                last = self._first + n
+            n += 1
+        del self._state[:n]
+        self._first += n
+        return last
+
+    def take_stragglers(self) -> list[int]:
+        """The completed tags past the prefix that were not handed out before, ascending."""
+        out = []
+        for i, s in enumerate(self._state):
+            if s == _DONE:
+                self._state[i] = _DONE | _ACKED
+                out.append(self._first + i)
+        return out
+
+    def waiting(self) -> int:
+        """Completed tags not yet covered by an ack (the stragglers, and a prefix not closed)."""
+        return sum(1 for s in self._state if s == _DONE)

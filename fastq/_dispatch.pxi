@@ -6,6 +6,10 @@ from cpython.mem cimport PyMem_Calloc
 from cpython.set cimport PySet_Add, PySet_Contains, PySet_Discard
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from libc.stdint cimport uint16_t
+from libc.string cimport memmove
+from operator import index as operator_index
+
+from fastq.errors import ConfigError
 
 from fastq._core_py import DispatcherStatistics
 
@@ -221,3 +225,96 @@ cdef class Dispatcher:
     def statistics(self):
         return DispatcherStatistics(self._dispatched, self._completed, self._stale,
                                     tuple(self._load[i] for i in range(self._n)))
+
+
+cdef enum:
+    TAG_DONE = 1
+    TAG_ACKED = 2
+
+
+cdef class AckWindow:
+    """The completed tags of a sequence and the acks they allow.
+
+    See ``_core_py.AckWindow`` for the contract. The state is one byte per tag from ``first``
+    in a buffer that is compacted only when the window has moved past half of it.
+    """
+
+    cdef uint64_t _first
+    cdef uint8_t* _buf
+    cdef Py_ssize_t _start, _len, _cap
+
+    def __cinit__(self, first=1):
+        first = operator_index(first)
+        if first < 1:
+            raise ConfigError(f"first must be >= 1, got {first}")
+        self._first = first
+        self._start = self._len = self._cap = 0
+
+    def __dealloc__(self):
+        PyMem_Free(self._buf)
+
+    @property
+    def first(self):
+        return self._first
+
+    cdef int _room(self, Py_ssize_t n) except -1:
+        """Make state slots [0, n) exist (zeroed when new)."""
+        cdef Py_ssize_t cap
+        if n <= self._len:
+            return 0
+        if self._start + n > self._cap:
+            if self._start:  # slide the window to the front first
+                memmove(self._buf, self._buf + self._start, self._len)
+                self._start = 0
+            if n > self._cap:
+                cap = max(n, 2 * self._cap, 64)
+                _grow(<void**>&self._buf, cap, 1)
+                self._cap = cap
+        memset(self._buf + self._start + self._len, 0, n - self._len)
+        self._len = n
+        return 0
+
+    def done(self, tags):
+        cdef uint64_t tag
+        cdef Py_ssize_t i
+        for t in tags:
+            t = operator_index(t)
+            if t < <object>self._first:
+                raise _ref.tag_below_window(t, self._first)
+            tag = t
+            i = <Py_ssize_t>(tag - self._first)
+            self._room(i + 1)
+            self._buf[self._start + i] |= TAG_DONE
+
+    def ack_prefix(self):
+        cdef Py_ssize_t n = 0
+        cdef uint8_t* s = self._buf + self._start
+        cdef uint64_t last = 0
+        while n < self._len and s[n] & TAG_DONE:
+            if not s[n] & TAG_ACKED:
+                last = self._first + n
+            n += 1
+        self._start += n
+        self._len -= n
+        self._first += n
+        if self._len == 0:
+            self._start = 0
+        return last
+
+    def take_stragglers(self):
+        cdef Py_ssize_t i
+        cdef uint8_t* s = self._buf + self._start
+        cdef list out = []
+        for i in range(self._len):
+            if s[i] == TAG_DONE:
+                s[i] = TAG_DONE | TAG_ACKED
+                out.append(self._first + i)
+        return out
+
+    def waiting(self):
+        cdef Py_ssize_t i, n = 0
+        cdef uint8_t* s = self._buf + self._start
+        for i in range(self._len):
+            if s[i] == TAG_DONE:
+                n += 1
+        return n

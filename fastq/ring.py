@@ -12,11 +12,12 @@ import os
 from fastq.errors import PeerLost, RingEmpty
 
 if os.environ.get("FASTQ_NO_EXTENSIONS"):
-    from fastq._core_py import WAIT_SLICE_SECONDS, Dispatcher, DispatcherStatistics, Ring, RingStatistics
+    from fastq._core_py import WAIT_SLICE_SECONDS, AckWindow, Dispatcher, DispatcherStatistics, Ring, RingStatistics
 
     IMPLEMENTATION = "python"
 else:
     from fastq._core import (  # an ImportError here means a broken build
+        AckWindow,
         Dispatcher,
         DispatcherStatistics,
         Ring,
@@ -29,7 +30,7 @@ else:
 from fastq._core_py import COMPLETION, DELIVERY, STATUS_OK
 
 __all__ = [
-    "COMPLETION", "DELIVERY", "IMPLEMENTATION", "STATUS_OK", "Dispatcher", "DispatcherStatistics", "Ring",
+    "COMPLETION", "DELIVERY", "AckWindow", "IMPLEMENTATION", "STATUS_OK", "Dispatcher", "DispatcherStatistics", "Ring",
     "RingStatistics", "get_many_async",
 ]
 

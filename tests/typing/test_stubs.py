@@ -42,12 +42,13 @@ def test_stub_and_implementation_export_the_same_names(module):
     assert set(module.RingStatistics._fields) == stub["RingStatistics"]
     assert _public(module.Dispatcher) == stub["Dispatcher"] - {"__init__"}
     assert set(module.DispatcherStatistics._fields) == stub["DispatcherStatistics"]
+    assert _public(module.AckWindow) == stub["AckWindow"] - {"__init__"}
 
 
 @pytest.mark.cython
 def test_stub_signatures_match_the_twin():
     tree = ast.parse(STUB.read_text())
-    for cls in ("Ring", "Dispatcher"):
+    for cls in ("Ring", "Dispatcher", "AckWindow"):
         node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)
         for fn in (n for n in node.body if isinstance(n, ast.FunctionDef) and not n.decorator_list):
             params = [a.arg for a in fn.args.args + fn.args.kwonlyargs]
