@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 
-from fastq.errors import PeerLost, RingEmpty
+from fastq.errors import PeerLost, RingClosed, RingEmpty
 
 if os.environ.get("FASTQ_NO_EXTENSIONS"):
     from fastq._core_py import WAIT_SLICE_SECONDS, AckWindow, Dispatcher, DispatcherStatistics, Ring, RingStatistics
@@ -31,7 +32,7 @@ from fastq._core_py import COMPLETION, DELIVERY, STATUS_OK
 
 __all__ = [
     "COMPLETION", "DELIVERY", "AckWindow", "IMPLEMENTATION", "STATUS_OK", "Dispatcher", "DispatcherStatistics", "Ring",
-    "RingStatistics", "get_many_async",
+    "RingReader", "RingStatistics", "get_many_async",
 ]
 
 
@@ -80,3 +81,54 @@ async def get_many_async(
 def _set_done(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+class RingReader:
+    """Hands every batch that arrives in ``ring`` to ``on_frames``, on the running loop.
+
+    One reader callback stays registered on the ring's wake-up descriptor for as long as the
+    reader runs, so a batch costs no future, task or timer; the producer writes the descriptor
+    only when this side said it was about to wait. It does not watch the producer's life: the
+    caller does (the supervisor has each worker's process sentinel).
+    """
+
+    def __init__(self, ring: Ring, on_frames: Callable[[list[bytes]], object], max_frames: int = 1024,
+                 *, on_closed: Callable[[], object] | None = None) -> None:
+        self.ring, self.on_frames, self.max_frames = ring, on_frames, max_frames
+        self.on_closed = on_closed
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fd = -1
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._fd = self.ring.fileno()
+        self._loop.add_reader(self._fd, self.drain)
+        self._loop.call_soon(self.drain)  # frames that came before we listened
+
+    def stop(self) -> None:
+        if self._loop is not None and self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+        self._fd = -1
+
+    def drain(self) -> bool:
+        """Read and hand on every frame there is now; False once the ring is closed and drained
+        (the reader stops itself then)."""
+        ring = self.ring
+        if self._fd < 0:
+            return False
+        ring.clear_wakeup()
+        while True:
+            try:
+                frames = ring.get_many_nowait(self.max_frames)
+            except RingEmpty:
+                if ring.request_wakeup():
+                    return True  # the producer will write the descriptor with the next frame
+                continue
+            except RingClosed:
+                self.stop()
+                if self.on_closed is not None:
+                    self.on_closed()
+                return False
+            self.on_frames(frames)
+            if self._fd < 0:  # on_frames stopped us
+                return True

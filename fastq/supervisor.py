@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import itertools
 import logging
 import multiprocessing
@@ -32,12 +33,14 @@ from fastq.autosize import Plan
 from fastq.broker.base import Retry
 from fastq.config import Config
 from fastq.errors import RingClosed, RingFull
-from fastq.ring import DELIVERY, Dispatcher, Ring, get_many_async
+from fastq.ring import DELIVERY, Dispatcher, Ring, RingReader
 
 logger = logging.getLogger(__name__)
 
 #: a message in flight at this many worker deaths is dead-lettered
 MAX_WORKER_DEATHS = 3
+#: seconds a pump waits in the broker for new messages when it has nothing to settle
+IDLE_WAIT = 0.25
 
 
 class _Pending:
@@ -47,6 +50,10 @@ class _Pending:
         self.queue, self.delivery, self.deaths = queue, delivery, 0
         #: what the dispatcher routes: (tag, retries, queue index, body)
         self.item = item
+
+
+def _parts() -> dict[str, list[Any]]:
+    return {"ack": [], "retry": [], "dead": [], "release": []}
 
 
 class _Worker:
@@ -63,7 +70,7 @@ class _Worker:
         self.failures = 0
         #: allowed to leave (recycle): it gets no new work, only the go-ahead frame
         self.leaving = False
-        self.reader: asyncio.Task[None] | None = None
+        self.reader: RingReader | None = None
 
 
 class Supervisor:
@@ -81,13 +88,13 @@ class Supervisor:
         self.suspects: collections.deque[int] = collections.deque()  # held by a worker that died
         self.tags = itertools.count(1)
         self.in_flight = dict.fromkeys(queues, 0)
-        self.room = asyncio.Event()
-        # outcomes by queue and kind, waiting for the settler; and the ones it is applying now
-        self.outcomes: dict[str, dict[str, list[Any]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+        # per queue: outcomes waiting for its pump, the ones it is applying now, and its wake-up
+        self.outcomes: dict[str, dict[str, list[Any]]] = {q: _parts() for q in queues}
         self.settling: dict[str, dict[str, list[Any]]] = {}
-        self.settle_wanted = asyncio.Event()
+        self.wake = {q: asyncio.Event() for q in queues}
         self.settled_event = asyncio.Event()
-        self.settler_task: asyncio.Task[None] | None = None
+        self.stopped = asyncio.Event()
+        self.pumps: list[asyncio.Task[None]] = []
         self.stopping = False
         self.signals = 0
         self.last_signal = (0, 0.0)
@@ -125,7 +132,8 @@ class Supervisor:
         w.process.start()
         loop = asyncio.get_running_loop()
         loop.add_reader(w.process.sentinel, self.worker_exited, w)
-        w.reader = self.spawn(self.read_completions(w))
+        w.reader = RingReader(w.outbox, functools.partial(self.completions, w))
+        w.reader.start()
 
     def worker_exited(self, w: _Worker) -> None:
         asyncio.get_running_loop().remove_reader(w.process.sentinel)
@@ -151,7 +159,7 @@ class Supervisor:
     async def replace_worker(self, w: _Worker) -> None:
         """Apply what the worker finished, hand on what it did not, start another in its place."""
         code = w.process.exitcode
-        await self.end_completions(w)
+        self.end_completions(w)
         lost, solo, w.solo = self.dispatcher.detach(w.index), w.solo, None
         for ring in (w.inbox, w.outbox):
             ring.close()
@@ -194,25 +202,19 @@ class Supervisor:
             self.start_worker(w)
         self.dispatch_backlog()
         if dead:
-            await self.settle([], [], [(t, f"killed its worker {MAX_WORKER_DEATHS} times "
+            self.settle([], [], [(t, f"killed its worker {MAX_WORKER_DEATHS} times "
                                            f"(last exit code {code})") for t in dead], [])
 
-    async def end_completions(self, w: _Worker) -> None:
+    def end_completions(self, w: _Worker) -> None:
         """Apply every completion a worker that has exited wrote, then stop its reader.
 
-        The completions still count, so that nothing done is redone. Closing the ring through a
-        second handle marks it closed for our reader, which drains it, then sees RingClosed.
+        The completions still count, so that nothing done is redone.
         """
-        if w.reader is None or w.reader.done():
+        if w.reader is None:
             return
-        try:
-            Ring.attach(w.outbox.name).close()
-        except FileNotFoundError:
-            pass
-        try:
-            await asyncio.wait_for(asyncio.shield(w.reader), 10.0)
-        except TimeoutError:
-            w.reader.cancel()
+        w.reader.drain()
+        w.reader.stop()
+        w.reader = None
 
     def let_one_go(self) -> None:
         """Grant the next recycle, if none is under way: the worker gets no more work, then the
@@ -248,8 +250,17 @@ class Supervisor:
 
     def dispatch_backlog(self) -> None:
         d = self.dispatcher
+        if self.suspects:
+            self.place_suspects()
+        if self.backlog:
+            left = d.dispatch(self.backlog)
+            self.backlog.clear()
+            self.backlog.extend(left)
+
+    def place_suspects(self) -> None:
+        d = self.dispatcher
         alive = [w for w in self.workers if w.ready and not w.leaving and w.process.is_alive()]
-        for w in alive:  # suspects first, each alone on an idle worker
+        for w in alive:  # each alone on an idle worker
             if not self.suspects:
                 break
             if w.solo is None and not d.in_flight(w.index):
@@ -267,22 +278,46 @@ class Supervisor:
             if free:
                 self.reserved = min(free, key=lambda w: d.in_flight(w.index)).index
                 self.refresh(self.workers[self.reserved])
-        if self.backlog:
-            left = d.dispatch(self.backlog)
-            self.backlog.clear()
-            self.backlog.extend(left)
 
-    async def fetch_loop(self, queue: str) -> None:
-        limit = self.config.max_message_bytes
-        while not self.stopping:
-            room = self.prefetch[queue] - self.in_flight[queue]
-            if room <= 0:
-                self.room.clear()
-                await self.room.wait()
+    async def pump(self, queue: str) -> None:
+        """The queue's one loop: settle what finished and claim what there is room for, in one
+        broker round trip, then dispatch. Everything that finished during a round trip goes in
+        the next one, so a busy engine pays one round trip per many messages.
+
+        It waits in the broker (up to ``IDLE_WAIT`` seconds) only for new messages; an outcome to
+        settle ends that wait at once. A failed round trip is retried, nothing dropped.
+        """
+        wake, limit, index = self.wake[queue], self.config.max_message_bytes, self.queue_index[queue]
+        pause, too_large = 0.5, []
+        while True:
+            wake.clear()
+            parts = self.outcomes[queue]
+            settling = sum(map(len, parts.values()))
+            room = 0 if self.stopping else self.prefetch[queue] - self.in_flight[queue] + settling
+            want = min(room, self.config.batch_max)
+            if not settling and want <= 0:
+                await wake.wait()
                 continue
-            deliveries = await self.broker.fetch(queue, min(room, self.config.batch_max), timeout=0.25)
-            too_large = []
-            index = self.queue_index[queue]
+            self.outcomes[queue], self.settling[queue] = _parts(), parts
+            try:
+                deliveries = await self.broker.exchange(
+                    queue, **parts, fetch=max(want, 0), timeout=0.0 if settling else IDLE_WAIT, wake=wake)
+            except Exception:  # noqa: BLE001 - whatever the broker raised, try again
+                logger.exception("settling %d and fetching %d messages on %r failed; retrying in %.1f s",
+                                 settling, max(want, 0), queue, pause)
+                for kind, items in parts.items():  # in front of what came meanwhile
+                    self.outcomes[queue][kind][:0] = items
+                del self.settling[queue]
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 30.0)
+                continue
+            pause = 0.5
+            del self.settling[queue]
+            if settling:
+                self.in_flight[queue] -= settling
+                for kind, items in parts.items():
+                    self.settled[kind] += len(items)
+                self.settled_event.set()
             for d in deliveries:
                 tag = next(self.tags)
                 p = self.pending[tag] = _Pending(queue, d, (tag, d.retries, index, d.body))
@@ -292,33 +327,29 @@ class Supervisor:
                 else:
                     self.backlog.append(p.item)
             if too_large:
-                await self.settle([], [], too_large, [])
-            self.dispatch_backlog()
+                self.settle([], [], too_large, [])
+                too_large = []
+            if deliveries:
+                self.dispatch_backlog()
 
     # -- completions ------------------------------------------------------------------------
 
-    async def read_completions(self, w: _Worker) -> None:
-        outbox = w.outbox
-        while True:
-            try:
-                frames = await get_many_async(outbox, 1024)
-            except RingClosed:
-                return
-            ack, other = self.dispatcher.complete(w.index, frames)
-            retry, dead = [], []
-            for tag, status, delay, reason in other:
-                if tag == 0:
-                    self.worker_says(w, status)
-                elif status == worker.RETRY:
-                    retry.append((tag, delay, reason.decode(errors="replace")))
-                else:
-                    dead.append((tag, reason.decode(errors="replace")))
-            if w.solo is not None and not self.dispatcher.holds(w.index, w.solo):
-                w.solo = None  # the suspect passed (or failed in an ordinary way)
-                self.refresh(w)
-            await self.settle(ack, retry, dead, [])
-            if self.backlog or self.suspects:
-                self.dispatch_backlog()
+    def completions(self, w: _Worker, frames: list[bytes]) -> None:
+        ack, other = self.dispatcher.complete(w.index, frames)
+        retry, dead = [], []
+        for tag, status, delay, reason in other:
+            if tag == 0:
+                self.worker_says(w, status)
+            elif status == worker.RETRY:
+                retry.append((tag, delay, reason.decode(errors="replace")))
+            else:
+                dead.append((tag, reason.decode(errors="replace")))
+        if w.solo is not None and not self.dispatcher.holds(w.index, w.solo):
+            w.solo = None  # the suspect passed (or failed in an ordinary way)
+            self.refresh(w)
+        self.settle(ack, retry, dead, [])
+        if self.backlog or self.suspects:
+            self.dispatch_backlog()
 
     def worker_says(self, w: _Worker, status: int) -> None:
         """A frame of tag 0: the worker speaks for itself (READY, RETIRE)."""
@@ -334,59 +365,46 @@ class Supervisor:
                 self.want_to_leave.append(w.index)
             self.let_one_go()
 
-    async def settle(self, ack: list[int], retry: list[tuple[int, float, str]],
+    def settle(self, ack: list[int], retry: list[tuple[int, float, str]],
                      dead: list[tuple[int, str]], release: list[int]) -> None:
-        """Queue outcomes for the settler and return; ``flush_settles`` waits until they are done.
-
-        One settler applies everything that piled up while its previous round trip ran, so a busy
-        engine pays one broker transaction per many completions, from all workers at once.
-        """
+        """Hand outcomes to their queues' pumps and return; ``flush_settles`` waits until they
+        are applied at the broker."""
+        pending = self.pending
         for tag in ack:
-            p = self.pending.pop(tag)
-            self.outcomes[p.queue]["ack"].append(p.delivery.tag)
+            p = pending.pop(tag)
+            self.outcome(p, "ack", p.delivery.tag)
         for tag, delay, reason in retry:
-            p = self.pending.pop(tag)
-            self.outcomes[p.queue]["retry"].append(Retry(p.delivery.tag, delay, reason))
+            p = pending.pop(tag)
+            self.outcome(p, "retry", Retry(p.delivery.tag, delay, reason))
         for tag, reason in dead:
-            p = self.pending.pop(tag)
+            p = pending.pop(tag)
             logger.warning("dead letter %s on %r: %s", p.delivery.message_id, p.queue, reason)
-            self.outcomes[p.queue]["dead"].append((p.delivery.tag, reason))
+            self.outcome(p, "dead", (p.delivery.tag, reason))
         for tag in release:
-            p = self.pending.pop(tag)
-            self.outcomes[p.queue]["release"].append(p.delivery.tag)
-        if self.outcomes:
-            self.settle_wanted.set()
+            p = pending.pop(tag)
+            self.outcome(p, "release", p.delivery.tag)
 
-    async def settler(self) -> None:
-        while True:
-            await self.settle_wanted.wait()
-            self.settle_wanted.clear()
-            self.settling, self.outcomes = self.outcomes, collections.defaultdict(lambda: collections.defaultdict(list))
-            for queue, parts in self.settling.items():
-                pause = 0.5
-                while True:  # a broker that fails to settle is retried; nothing is dropped meanwhile
-                    try:
-                        await self.broker.settle(queue, **parts)
-                        break
-                    except Exception:  # noqa: BLE001 - whatever the broker raised, try again
-                        logger.exception("settling %d messages on %r failed; retrying in %.1f s",
-                                         sum(map(len, parts.values())), queue, pause)
-                        await asyncio.sleep(pause)
-                        pause = min(pause * 2, 30.0)
-                self.in_flight[queue] -= sum(map(len, parts.values()))
-                for kind, items in parts.items():
-                    self.settled[kind] += len(items)
-            self.settling = {}
-            self.room.set()
-            self.settled_event.set()
+    def outcome(self, p: _Pending, kind: str, item: Any) -> None:
+        self.outcomes[p.queue][kind].append(item)
+        self.wake[p.queue].set()
+
+    def unsettled(self) -> int:
+        return sum(len(v) for parts in (*self.outcomes.values(), *self.settling.values()) for v in parts.values())
+
+    async def wait_settled(self, count: int, kind: str = "ack") -> None:
+        """Wait until ``count`` messages were settled as ``kind`` ("ack", "retry", "dead",
+        "release") at the broker since this supervisor started."""
+        while self.settled[kind] < count:
+            self.settled_event.clear()
+            await self.settled_event.wait()
 
     async def flush_settles(self) -> None:
         """Wait until every outcome given to ``settle`` is applied at the broker."""
-        while (self.outcomes or self.settling) and not self.settler_task.done():
+        while self.unsettled() and not all(p.done() for p in self.pumps):
             self.settled_event.clear()
             await self.settled_event.wait()
-        if self.outcomes or self.settling:  # it failed (logged): the broker's leases bring them back
-            logger.error("%d outcomes were not settled", sum(len(v) for q in self.outcomes.values() for v in q.values()))
+        if self.unsettled():  # the pumps failed (logged): the broker's leases bring them back
+            logger.error("%d outcomes were not settled", self.unsettled())
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -404,7 +422,7 @@ class Supervisor:
         """Stop fetching and drain (as SIGTERM does); called again, give everything back now."""
         self.signals += 1
         self.stopping = True
-        self.room.set()
+        self.stopped.set()
         if self.signals > 1:
             self.stop_now.set()
 
@@ -420,24 +438,20 @@ class Supervisor:
             await self.broker.declare(q)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.on_signal, sig)
-        fetchers: list[asyncio.Task[None]] = []
         try:
-            self.settler_task = self.spawn(self.settler())
             for w in self.workers:
                 self.start_worker(w)
-            fetchers = [self.spawn(self.fetch_loop(q)) for q in self.queues]
-            await asyncio.gather(*fetchers)  # they return once stopping
+            self.pumps = [self.spawn(self.pump(q)) for q in self.queues]
+            await self.stopped.wait()  # they stop fetching once stopping, and settle on
             deadline = loop.time() + self.config.shutdown_timeout
             while (self.pending and not self.stop_now.is_set() and loop.time() < deadline
                    and any(w.process is not None and w.process.is_alive() for w in self.workers)):
                 await asyncio.sleep(0.02)
         finally:
             self.stopping = True
-            for f in fetchers:
-                f.cancel()
             for t in list(self.exits):  # no worker starts again from here on
                 t.cancel()
-            await asyncio.gather(*fetchers, *self.exits, return_exceptions=True)
+            await asyncio.gather(*self.exits, return_exceptions=True)
             await self.shutdown()
         return 0
 
@@ -459,13 +473,12 @@ class Supervisor:
             if w.process is not None:
                 w.process.join()
         for w in self.workers:
-            await self.end_completions(w)
+            self.end_completions(w)
         if self.pending:
             logger.warning("giving %d unfinished messages back to the broker", len(self.pending))
-            await self.settle([], [], [], list(self.pending))
-        if self.settler_task is not None:
-            await self.flush_settles()
-        for t in list(self.tasks):  # the settler, and any reader left
+            self.settle([], [], [], list(self.pending))
+        await self.flush_settles()
+        for t in list(self.tasks):  # the pumps, and any reader left
             t.cancel()
         for w in self.workers:
             for ring in (w.inbox, w.outbox):

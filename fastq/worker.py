@@ -14,6 +14,7 @@ then in the pool if it spends most of its time off the CPU.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import os
@@ -26,8 +27,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from fastq import _load, message
-from fastq.errors import RingClosed
-from fastq.ring import COMPLETION, DELIVERY, STATUS_OK, Ring, get_many_async
+from fastq.ring import COMPLETION, DELIVERY, STATUS_OK, Ring, RingReader
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -126,7 +126,9 @@ class Runtime:
         self.spec, self.app = spec, app
         self.inbox = Ring.attach(spec.input_ring)
         self.outbox = Ring.attach(spec.output_ring)
-        self.slots = asyncio.Semaphore(spec.concurrency)
+        #: handler slots free (of spec.concurrency), and frames read but not started yet
+        self.free = spec.concurrency
+        self.waiting: collections.deque[bytes] = collections.deque()
         self.pool = concurrent.futures.ThreadPoolExecutor(max(4, spec.concurrency))
         self.done: list[bytes] = []
         self.flush_scheduled = False
@@ -134,7 +136,9 @@ class Runtime:
         self.measured: dict[str, list[float]] = {}  # handler -> on-CPU shares of its calls
         self.consumers = [app.consumers.get(q) for q in spec.queues]
         self.started = 0
-        self.retired = False
+        self.retired = False  # the go-ahead to recycle came
+        self.retired_or_closed = False  # or the supervisor closed our input ring
+        self.asked = False
 
     def retiring(self) -> bool:
         """Past max_tasks or max_memory_bytes: time to ask to leave."""
@@ -154,35 +158,47 @@ class Runtime:
 
     async def serve(self) -> None:
         self.outbox.put(COMPLETION.pack(0, READY, 0.0), timeout=60)
-        asked = False
+        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.reader = RingReader(self.inbox, self.on_frames, 256, on_closed=self.on_closed)
+        self.reader.start()
         try:
-            while True:
-                if not asked and self.retiring():
-                    # Ask; the supervisor lets one worker go at a time and says so with a frame
-                    # of tag 0 after the last message it gives us. Until then, work as usual.
-                    self.outbox.put(COMPLETION.pack(0, RETIRE, 0.0), timeout=60)
-                    asked = True
-                try:
-                    frames = await get_many_async(self.inbox, 256)
-                except RingClosed:
-                    break  # the supervisor is done with us: finish what runs, then go
-                if DELIVERY.unpack_from(frames[-1])[0] == 0:  # the go-ahead, always last
-                    frames.pop()
-                    self.retired = True
-                self.started += len(frames)
-                for frame in frames:
-                    await self.slots.acquire()
-                    t = asyncio.get_running_loop().create_task(self.handle(frame))
-                    self.running.add(t)
-                    t.add_done_callback(self.running.discard)
-                if self.retired:
-                    break
-            if self.running:
-                await asyncio.gather(*self.running)
+            await self.finished
         finally:
+            self.reader.stop()
             self.flush()
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.outbox.close()
+
+    def on_frames(self, frames: list[bytes]) -> None:
+        if not self.asked and self.retiring():
+            # Ask; the supervisor lets one worker go at a time and says so with a frame of tag 0
+            # after the last message it gives us. Until then, work as usual.
+            self.outbox.put(COMPLETION.pack(0, RETIRE, 0.0), timeout=60)
+            self.asked = True
+        if DELIVERY.unpack_from(frames[-1])[0] == 0:  # the go-ahead, always last
+            frames.pop()
+            self.retired = True
+            self.reader.stop()  # nothing more comes: finish what we have, then go
+        self.started += len(frames)
+        self.waiting.extend(frames)
+        self.feed()
+
+    def on_closed(self) -> None:
+        """The supervisor closed our input: finish what we have, then go."""
+        self.retired_or_closed = True
+        self.feed()
+
+    def feed(self) -> None:
+        """Start handlers for waiting frames while slots are free; finish when all is done."""
+        loop = asyncio.get_running_loop()
+        while self.waiting and self.free:
+            self.free -= 1
+            t = loop.create_task(self.handle(self.waiting.popleft()))
+            self.running.add(t)
+            t.add_done_callback(self.running.discard)
+        if (self.retired or self.retired_or_closed) and not self.waiting and not self.running:
+            if not self.finished.done():
+                self.finished.set_result(None)
 
     async def handle(self, frame: bytes) -> None:
         tag, retries, queue_index = DELIVERY.unpack_from(frame)
@@ -193,13 +209,14 @@ class Runtime:
             logger.exception("worker %d: internal error on delivery %d", self.spec.index, tag)
             status, delay = (RETRY, 1.0) if retries < INTERNAL_RETRIES else (DEAD, 0.0)
             reason = f"fastq internal error: {type(e).__name__}: {e}"
-        finally:
-            self.slots.release()
         # Cut the text, not the bytes: a reason is always valid UTF-8.
         self.done.append(COMPLETION.pack(tag, status, delay) + reason[:2000].encode("utf-8", "backslashreplace"))
         if not self.flush_scheduled:
             self.flush_scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
+        self.free += 1
+        self.running.discard(asyncio.current_task())  # type: ignore[arg-type]
+        self.feed()
 
     def flush(self) -> None:
         self.flush_scheduled = False

@@ -134,8 +134,7 @@ class Bench:
             t0 = time.perf_counter()
             if pace is not None:
                 threading.Thread(target=self._paced, args=(task, n, pace), daemon=True).start()
-            while sup.settled["ack"] < n:
-                await asyncio.sleep(0.002)
+            await sup.wait_settled(n)
             took = time.perf_counter() - t0
             sup.stop()
             await runner

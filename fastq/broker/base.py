@@ -9,6 +9,7 @@ dead-letter with a reason, or release (give back, unfinished). Producers publish
 from __future__ import annotations
 
 import abc
+import asyncio
 import urllib.parse
 from collections.abc import Sequence
 
@@ -94,8 +95,10 @@ class Broker(abc.ABC):
         """``publish`` for code without an event loop, such as ``task.send()``."""
 
     @abc.abstractmethod
-    async def fetch(self, queue: str, max_messages: int, *, timeout: float) -> list[Delivery]:
-        """Up to ``max_messages`` deliveries, waiting at most ``timeout`` seconds for the first."""
+    async def fetch(self, queue: str, max_messages: int, *, timeout: float,
+                    wake: asyncio.Event | None = None) -> list[Delivery]:
+        """Up to ``max_messages`` deliveries, waiting at most ``timeout`` seconds for the first;
+        a wait also ends (with what there is, maybe nothing) as soon as ``wake`` is set."""
 
     @abc.abstractmethod
     async def settle(
@@ -110,6 +113,27 @@ class Broker(abc.ABC):
         """Settle deliveries in one round trip: ack (done), retry (again after a delay),
         dead-letter (with a reason), release (unfinished: deliverable again now)."""
 
+    async def exchange(
+        self,
+        queue: str,
+        *,
+        ack: Sequence[int] = (),
+        retry: Sequence[Retry] = (),
+        dead: Sequence[tuple[int, str]] = (),
+        release: Sequence[int] = (),
+        fetch: int = 0,
+        timeout: float = 0.0,
+        wake: asyncio.Event | None = None,
+    ) -> list[Delivery]:
+        """Settle as ``settle`` does, then take up to ``fetch`` deliveries as ``fetch`` does: what
+        a consumer does after each batch of work. Backends that can do both in one round trip
+        override this; the supervisor calls nothing else on its hot path."""
+        if ack or retry or dead or release:
+            await self.settle(queue, ack=ack, retry=retry, dead=dead, release=release)
+        if fetch <= 0:
+            return []
+        return await self.fetch(queue, fetch, timeout=timeout, wake=wake)
+
     @abc.abstractmethod
     async def queue_depth(self, queue: str) -> QueueDepth:
         """How many messages are ready, unacked and delayed."""
@@ -117,6 +141,24 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Release connections; unsettled deliveries come back to some consumer later."""
+
+
+async def wait_either(event: asyncio.Event, wake: asyncio.Event | None, timeout: float) -> None:
+    """Wait until ``event`` or ``wake`` is set, or ``timeout`` seconds pass."""
+    if wake is None:
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            pass
+        return
+    if wake.is_set():
+        return
+    waits = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(wake.wait())]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
 
 
 def mask_url(url: str) -> str:

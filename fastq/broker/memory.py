@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
-from fastq.broker.base import Broker, DeadLetter, Delivery, Message, QueueDepth, Retry
+from fastq.broker.base import Broker, DeadLetter, Delivery, Message, QueueDepth, Retry, wait_either
 
 
 class _Entry:
@@ -97,7 +97,8 @@ class MemoryBroker(Broker):
                 out.append(Delivery(tag, queue, e.body, e.message_id, e.attempts, e.retries, e.headers))
             return out, (q.delayed[0][0] if q.delayed else None)
 
-    async def fetch(self, queue: str, max_messages: int, *, timeout: float) -> list[Delivery]:
+    async def fetch(self, queue: str, max_messages: int, *, timeout: float,
+                    wake: asyncio.Event | None = None) -> list[Delivery]:
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout
         event = asyncio.Event()
@@ -109,13 +110,10 @@ class MemoryBroker(Broker):
                 event.clear()
                 out, next_visible = self._take(queue, max_messages)
                 now = time.monotonic()
-                if out or now >= deadline:
+                if out or now >= deadline or (wake is not None and wake.is_set()):
                     return out
                 wait = deadline - now if next_visible is None else min(deadline, next_visible) - now
-                try:
-                    await asyncio.wait_for(event.wait(), max(wait, 0.0))
-                except TimeoutError:
-                    pass
+                await wait_either(event, wake, max(wait, 0.0))
         finally:
             with self._lock:
                 self._waiters.discard(waiter)

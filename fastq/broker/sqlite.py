@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from fastq.broker.base import Broker, DeadLetter, Delivery, Message, QueueDepth, Retry, query_float
+from fastq.broker.base import Broker, DeadLetter, Delivery, Message, QueueDepth, Retry, query_float, wait_either
 from fastq.errors import ConfigError
 
 T = TypeVar("T")
@@ -185,28 +185,19 @@ class SqliteBroker(Broker):
         if loop is not None and published is not None and not loop.is_closed():
             loop.call_soon_threadsafe(published.set)  # wake a fetch in this process at once
 
-    def _claim(self, queue: str, max_messages: int) -> list[Delivery]:
+    def _claim_rows(self, db: sqlite3.Connection, queue: str, max_messages: int) -> list[Any]:
         now = time.time()
-        rows = self._write(
-            lambda db: db.execute(_CLAIM, (self.owner, now + self.lease, queue, now, max_messages)).fetchall()
-        )
+        rows = db.execute(_CLAIM, (self.owner, now + self.lease, queue, now, max_messages)).fetchall()
         rows.sort()  # RETURNING has no order; ids are publish order
+        return rows
+
+    @staticmethod
+    def _deliveries(queue: str, rows: list[Any]) -> list[Delivery]:
         return [Delivery(r[0], queue, r[2], r[1], r[4], r[5], _unpack(r[3])) for r in rows]
 
-    async def fetch(self, queue: str, max_messages: int, *, timeout: float) -> list[Delivery]:
-        assert self._published is not None, "open() the broker first"
-        deadline = time.monotonic() + timeout
-        pause = 0.001
-        while True:
-            self._published.clear()
-            out = await self._run(self._claim, queue, max_messages)
-            remaining = deadline - time.monotonic()
-            if out or remaining <= 0:
-                return out
-            try:  # other processes publish without telling us: look again, less often each time
-                await asyncio.wait_for(self._published.wait(), min(pause, remaining))
-            except TimeoutError:
-                pause = min(pause * 2, self.poll)
+    async def fetch(self, queue: str, max_messages: int, *, timeout: float,
+                    wake: asyncio.Event | None = None) -> list[Delivery]:
+        return await self.exchange(queue, fetch=max_messages, timeout=timeout, wake=wake)
 
     async def settle(
         self,
@@ -217,27 +208,61 @@ class SqliteBroker(Broker):
         dead: Sequence[tuple[int, str]] = (),
         release: Sequence[int] = (),
     ) -> None:
-        if ack or retry or dead or release:
-            await self._run(self._settle, ack, retry, dead, release)
+        await self.exchange(queue, ack=ack, retry=retry, dead=dead, release=release)
 
-    def _settle(self, ack: Sequence[int], retry: Sequence[Retry], dead: Sequence[tuple[int, str]],
-                release: Sequence[int]) -> None:
+    async def exchange(
+        self,
+        queue: str,
+        *,
+        ack: Sequence[int] = (),
+        retry: Sequence[Retry] = (),
+        dead: Sequence[tuple[int, str]] = (),
+        release: Sequence[int] = (),
+        fetch: int = 0,
+        timeout: float = 0.0,
+        wake: asyncio.Event | None = None,
+    ) -> list[Delivery]:
+        """Settle and claim in one write transaction; then, while nothing was claimed, look
+        again (woken by a publish in this process, else less often each time) until ``timeout``
+        or ``wake``."""
+        assert self._published is not None, "open() the broker first"
+        deadline = time.monotonic() + timeout
+        settle = (ack, retry, dead, release) if ack or retry or dead or release else None
+        pause = 0.001
+        while True:
+            self._published.clear()
+            if settle is None and fetch <= 0:
+                return []
+            out = await self._run(self._exchange, queue, settle, fetch)
+            settle = None
+            remaining = deadline - time.monotonic()
+            if out or fetch <= 0 or remaining <= 0 or (wake is not None and wake.is_set()):
+                return out
+            await wait_either(self._published, wake, min(pause, remaining))
+            if not self._published.is_set():  # other processes publish without telling us
+                pause = min(pause * 2, self.poll)
+
+    def _exchange(self, queue: str, settle: tuple[Any, ...] | None, fetch: int) -> list[Delivery]:
         now, me = time.time(), self.owner
 
-        def work(db: sqlite3.Connection) -> None:
-            if dead:
-                db.executemany(_BURY, [(reason, now, tag, me) for tag, reason in dead])
-                db.executemany(_ACK, [(tag, me) for tag, _ in dead])
-            if ack:
-                db.executemany(_ACK, [(tag, me) for tag in ack])
-            if retry:
-                db.executemany(_RETRY, [(now + r.delay, r.reason, r.tag, me) for r in retry])
-            if release:
-                db.executemany(_RELEASE, [(now, tag, me) for tag in release])
+        def work(db: sqlite3.Connection) -> list[Any]:
+            if settle is not None:
+                ack, retry, dead, release = settle
+                if dead:
+                    db.executemany(_BURY, [(reason, now, tag, me) for tag, reason in dead])
+                    db.executemany(_ACK, [(tag, me) for tag, _ in dead])
+                if ack:
+                    db.executemany(_ACK, [(tag, me) for tag in ack])
+                if retry:
+                    db.executemany(_RETRY, [(now + r.delay, r.reason, r.tag, me) for r in retry])
+                if release:
+                    db.executemany(_RELEASE, [(now, tag, me) for tag in release])
+            return self._claim_rows(db, queue, fetch) if fetch > 0 else []
 
-        self._write(work)
-        if (retry or release) and self._loop is not None and self._published is not None:
+        rows = self._write(work)
+        if settle is not None and (settle[1] or settle[3]) and self._loop is not None and self._published is not None:
             self._loop.call_soon_threadsafe(self._published.set)
+        return self._deliveries(queue, rows)
 
     async def _renew_leases(self) -> None:
         while True:

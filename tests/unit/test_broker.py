@@ -152,3 +152,40 @@ def test_mask_url_hides_the_password_only():
 def test_memory_urls_name_one_broker_per_process():
     assert open_broker("memory://shared") is open_broker("memory://shared")
     assert open_broker("memory://shared") is not open_broker("memory://other")
+
+
+def test_exchange_settles_and_claims_in_one_call(url):
+    async def main():
+        b = open_broker(url)
+        await b.open()
+        await b.publish("q", msgs(6))
+        first = await b.exchange("q", fetch=2)
+        # When two are acked, one retried and one dead-lettered as the next batch is claimed
+        got = await b.exchange("q", ack=[first[0].tag], retry=[Retry(first[1].tag, 60.0, "later")], fetch=3)
+        assert [d.body for d in got] == [b"m2", b"m3", b"m4"]
+        got2 = await b.exchange("q", ack=[got[0].tag, got[1].tag], dead=[(got[2].tag, "bad")], fetch=10)
+        # Then the books balance: m5 delivered, m1 delayed, m4 dead, the rest gone
+        assert [d.body for d in got2] == [b"m5"]
+        assert await b.queue_depth("q") == QueueDepth(ready=0, unacked=1, delayed=1)
+        assert [(d.body, d.reason) for d in b.dead_letters("q")] == [(b"m4", "bad")]
+        assert await b.exchange("q", ack=[got2[0].tag]) == []
+        assert await b.queue_depth("q") == QueueDepth(ready=0, unacked=0, delayed=1)
+        await b.close()
+
+    run(main())
+
+
+def test_a_fetch_waiting_on_an_empty_queue_ends_when_woken(url):
+    async def main():
+        b = open_broker(url)
+        await b.open()
+        wake = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.05, wake.set)
+        t = loop.time()
+        assert await b.fetch("q", 10, timeout=30, wake=wake) == []
+        assert loop.time() - t < 10  # woken, not timed out (30 s)
+        assert await b.exchange("q", fetch=10, timeout=30, wake=wake) == []  # already set: no wait
+        await b.close()
+
+    run(main())
