@@ -78,6 +78,8 @@ class Task:
         self.app, self.fn, self.name, self.options = app, fn, name, options
         self.is_async = inspect.iscoroutinefunction(fn)
         self.signature = inspect.signature(fn)
+        #: every parameter given positionally: no binding needed
+        self.arity = len(self.signature.parameters)
         for p in self.signature.parameters.values():
             if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 raise ConfigError(
@@ -110,12 +112,14 @@ class Task:
             TypeError: the arguments do not fit the signature.
             msgspec.ValidationError: an argument has the wrong type (the path says which).
         """
-        bound = self.signature.bind(*args, **kwargs)
-        bound.apply_defaults()
+        if kwargs or len(args) != self.arity:
+            bound = self.signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            args = tuple(bound.arguments.values())
         try:
             # Dicts become Structs; then the encoded arguments are decoded with the worker's own
             # typed decoder, because convert() passes Struct instances through unchecked.
-            values = msgspec.convert(tuple(bound.arguments.values()), self.args_type, from_attributes=True)
+            values = msgspec.convert(args, self.args_type, from_attributes=True)
             args = message.encode_args(values)
             self._decoder.decode(args)
         except msgspec.ValidationError as e:

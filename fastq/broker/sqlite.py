@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import os
 import sqlite3
 import threading
@@ -70,6 +71,8 @@ WHERE id IN (SELECT id FROM fastq_messages WHERE queue = ?3 AND visible_at <= ?4
 RETURNING id, message_id, body, headers, attempts, retries
 """
 _ACK = "DELETE FROM fastq_messages WHERE id = ? AND lease_owner = ?"
+#: many acks in one statement: the ids as a JSON array (half the cost of executemany per id)
+_ACK_MANY = "DELETE FROM fastq_messages WHERE lease_owner = ? AND id IN (SELECT value FROM json_each(?))"
 _RETRY = (
     "UPDATE fastq_messages SET visible_at = ?, lease_owner = NULL, retries = retries + 1, "
     "last_error = ? WHERE id = ? AND lease_owner = ?"
@@ -252,7 +255,7 @@ class SqliteBroker(Broker):
                     db.executemany(_BURY, [(reason, now, tag, me) for tag, reason in dead])
                     db.executemany(_ACK, [(tag, me) for tag, _ in dead])
                 if ack:
-                    db.executemany(_ACK, [(tag, me) for tag in ack])
+                    db.execute(_ACK_MANY, (me, json.dumps(ack)))
                 if retry:
                     db.executemany(_RETRY, [(now + r.delay, r.reason, r.tag, me) for r in retry])
                 if release:
