@@ -599,11 +599,12 @@ cdef class Ring:
         return True
 
     def clear_wakeup(self):
-        """Drain ``fileno()`` and withdraw a pending ``request_wakeup``."""
+        """Withdraw a pending ``request_wakeup`` and take the one wake-up it produced, if any."""
+        cdef char buf[64]
         self._check_open()
         self._take_role(CONSUMER)
         fq_store_relaxed(&self._hdr.consumer_waiting, 0)
-        _drain(self._fds[CONSUMER])
+        recv(self._fds[CONSUMER], buf, sizeof(buf), MSG_DONTWAIT)
 
     def producer_alive(self):
         """True while a producer process holds this ring (its wake-up address is bound)."""

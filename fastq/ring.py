@@ -88,14 +88,20 @@ class RingReader:
 
     One reader callback stays registered on the ring's wake-up descriptor for as long as the
     reader runs, so a batch costs no future, task or timer; the producer writes the descriptor
-    only when this side said it was about to wait. It does not watch the producer's life: the
+    only when this side said it was about to wait (it is "armed"). An owner that will look again
+    soon anyway (a worker whose handler slots are all busy looks when one frees) passes
+    ``arm_when``: while it returns False the reader does not arm, the producer's puts cost no
+    syscall, and the owner calls ``drain()`` itself. It does not watch the producer's life: the
     caller does (the supervisor has each worker's process sentinel).
     """
 
     def __init__(self, ring: Ring, on_frames: Callable[[list[bytes]], object], max_frames: int = 1024,
-                 *, on_closed: Callable[[], object] | None = None) -> None:
+                 *, on_closed: Callable[[], object] | None = None,
+                 arm_when: Callable[[], bool] | None = None) -> None:
         self.ring, self.on_frames, self.max_frames = ring, on_frames, max_frames
-        self.on_closed = on_closed
+        self.on_closed, self.arm_when = on_closed, arm_when
+        #: the producer will write the wake-up descriptor at its next put
+        self.armed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fd = -1
 
@@ -116,13 +122,18 @@ class RingReader:
         ring = self.ring
         if self._fd < 0:
             return False
-        ring.clear_wakeup()
+        if self.armed:
+            ring.clear_wakeup()
+            self.armed = False
         while True:
             try:
                 frames = ring.get_many_nowait(self.max_frames)
             except RingEmpty:
+                if self.arm_when is not None and not self.arm_when():
+                    return True  # the owner looks again without being woken
                 if ring.request_wakeup():
-                    return True  # the producer will write the descriptor with the next frame
+                    self.armed = True  # the producer will write the descriptor with the next frame
+                    return True
                 continue
             except RingClosed:
                 self.stop()

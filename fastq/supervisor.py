@@ -423,6 +423,8 @@ class Supervisor:
         self.signals += 1
         self.stopping = True
         self.stopped.set()
+        for wake in self.wake.values():  # a pump waiting for new messages stops claiming now
+            wake.set()
         if self.signals > 1:
             self.stop_now.set()
 

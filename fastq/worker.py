@@ -43,6 +43,9 @@ RETIRE = 4
 EXIT_RECYCLED = 75
 #: a delivery that trips an internal error of the worker is retried this often, then dead
 INTERNAL_RETRIES = 3
+#: completions held back while frames still wait for a slot: at most this long, this many
+FLUSH_AFTER = 0.002
+FLUSH_MAX = 256
 #: an "auto" sync handler is measured over this many calls before it is classified
 AUTO_SAMPLES = 8
 #: below this share of on-CPU time, an "auto" sync handler counts as I/O-bound
@@ -132,6 +135,7 @@ class Runtime:
         self.pool = concurrent.futures.ThreadPoolExecutor(max(4, spec.concurrency))
         self.done: list[bytes] = []
         self.flush_scheduled = False
+        self.flush_timer: asyncio.TimerHandle | None = None
         self.running: set[asyncio.Task[None]] = set()
         self.measured: dict[str, list[float]] = {}  # handler -> on-CPU shares of its calls
         self.consumers = [app.consumers.get(q) for q in spec.queues]
@@ -159,7 +163,10 @@ class Runtime:
     async def serve(self) -> None:
         self.outbox.put(COMPLETION.pack(0, READY, 0.0), timeout=60)
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.reader = RingReader(self.inbox, self.on_frames, 256, on_closed=self.on_closed)
+        # While every slot is busy, new frames could not start anyway: look for them when a
+        # handler finishes instead of being woken for each (no syscall per frame on either side).
+        self.reader = RingReader(self.inbox, self.on_frames, 256, on_closed=self.on_closed,
+                                 arm_when=lambda: self.free > 0)
         self.reader.start()
         try:
             await self.finished
@@ -211,15 +218,32 @@ class Runtime:
             reason = f"fastq internal error: {type(e).__name__}: {e}"
         # Cut the text, not the bytes: a reason is always valid UTF-8.
         self.done.append(COMPLETION.pack(tag, status, delay) + reason[:2000].encode("utf-8", "backslashreplace"))
-        if not self.flush_scheduled:
-            self.flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+        self.schedule_flush()
         self.free += 1
         self.running.discard(asyncio.current_task())  # type: ignore[arg-type]
         self.feed()
+        if not self.reader.armed:
+            self.reader.drain()
+
+    def schedule_flush(self) -> None:
+        """Report completions now, unless this worker will still have frames waiting for a slot
+        once this one's slot is free: then the supervisor need not refill yet, and completions
+        gather for up to FLUSH_AFTER seconds (or FLUSH_MAX of them), one wake-up for many."""
+        if self.flush_scheduled:
+            return
+        loop = asyncio.get_running_loop()
+        if len(self.waiting) > self.free + 1 and len(self.done) < FLUSH_MAX:
+            if self.flush_timer is None:
+                self.flush_timer = loop.call_later(FLUSH_AFTER, self.flush)
+            return
+        self.flush_scheduled = True
+        loop.call_soon(self.flush)  # before the next handler starts: the supervisor refills meanwhile
 
     def flush(self) -> None:
         self.flush_scheduled = False
+        if self.flush_timer is not None:
+            self.flush_timer.cancel()
+            self.flush_timer = None
         if self.done:
             done, self.done = self.done, []
             self.outbox.put_many(done, timeout=60)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -91,6 +92,11 @@ SELECT coalesce(sum(visible_at <= ?1), 0),
 FROM fastq_messages WHERE queue = ?2
 """
 
+#: the loop's connection leaves checkpoints to the thread: one every this many of its commits
+CHECKPOINT_EVERY = 256
+
+logger = logging.getLogger(__name__)
+
 _headers_encoder = msgspec.msgpack.Encoder()
 _headers_decoder = msgspec.msgpack.Decoder(dict[str, str])
 
@@ -134,6 +140,9 @@ class SqliteBroker(Broker):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._published: asyncio.Event | None = None
         self._renewer: asyncio.Task[None] | None = None
+        self._loop_db: sqlite3.Connection | None = None
+        self._loop_commits = 0
+        self._checkpointing = False
 
     # -- connections ------------------------------------------------------------------------
 
@@ -147,9 +156,22 @@ class SqliteBroker(Broker):
             self._local.db = db
         return db
 
-    def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``work`` in one write transaction on this thread's connection."""
-        db = self._db()
+    def _loop_connection(self) -> sqlite3.Connection:
+        """The event loop's own connection: it never waits for the write lock (BUSY at once,
+        and the caller goes to the thread instead), never checkpoints (the thread does)."""
+        if self._loop_db is None:
+            db = sqlite3.connect(self.path, timeout=0.0, isolation_level=None)
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA wal_autocheckpoint=0")
+            self._loop_db = db
+        return self._loop_db
+
+    def _checkpoint(self) -> None:
+        self._db().execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def _write(self, work: Callable[[sqlite3.Connection], T], db: sqlite3.Connection | None = None) -> T:
+        """Run ``work`` in one write transaction on ``db``, by default this thread's connection."""
+        db = db or self._db()
         db.execute("BEGIN IMMEDIATE")
         try:
             result = work(db)
@@ -236,7 +258,7 @@ class SqliteBroker(Broker):
             self._published.clear()
             if settle is None and fetch <= 0:
                 return []
-            out = await self._run(self._exchange, queue, settle, fetch)
+            out = await self._exchange_now(queue, settle, fetch)
             settle = None
             remaining = deadline - time.monotonic()
             if out or fetch <= 0 or remaining <= 0 or (wake is not None and wake.is_set()):
@@ -245,7 +267,32 @@ class SqliteBroker(Broker):
             if not self._published.is_set():  # other processes publish without telling us
                 pause = min(pause * 2, self.poll)
 
-    def _exchange(self, queue: str, settle: tuple[Any, ...] | None, fetch: int) -> list[Delivery]:
+    async def _exchange_now(self, queue: str, settle: tuple[Any, ...] | None, fetch: int) -> list[Delivery]:
+        """One exchange, on the loop's thread when the write lock is free now: a round trip to
+        the broker's thread costs the supervisor several times the transaction itself. With
+        synchronous=full a commit waits for the disk, so that mode always uses the thread."""
+        if self.synchronous == "normal":
+            try:
+                out = self._exchange(queue, settle, fetch, self._loop_connection())
+            except sqlite3.OperationalError as e:
+                if e.sqlite_errorcode != sqlite3.SQLITE_BUSY:  # type: ignore[attr-defined]
+                    raise
+            else:
+                self._loop_commits += 1
+                if self._loop_commits >= CHECKPOINT_EVERY and not self._checkpointing:
+                    self._loop_commits, self._checkpointing = 0, True
+                    done = asyncio.get_running_loop().run_in_executor(self._executor, self._checkpoint)
+                    done.add_done_callback(self._checkpointed)
+                return out
+        return await self._run(self._exchange, queue, settle, fetch)  # waits its turn for the lock
+
+    def _checkpointed(self, done: asyncio.Future[None]) -> None:
+        self._checkpointing = False
+        if not done.cancelled() and done.exception() is not None:
+            logger.warning("checkpointing %s failed: %s", self.url, done.exception())
+
+    def _exchange(self, queue: str, settle: tuple[Any, ...] | None, fetch: int,
+                  db: sqlite3.Connection | None = None) -> list[Delivery]:
         now, me = time.time(), self.owner
 
         def work(db: sqlite3.Connection) -> list[Any]:
@@ -262,7 +309,7 @@ class SqliteBroker(Broker):
                     db.executemany(_RELEASE, [(now, tag, me) for tag in release])
             return self._claim_rows(db, queue, fetch) if fetch > 0 else []
 
-        rows = self._write(work)
+        rows = self._write(work, db)
         if settle is not None and (settle[1] or settle[3]) and self._loop is not None and self._published is not None:
             self._loop.call_soon_threadsafe(self._published.set)
         return self._deliveries(queue, rows)
@@ -290,6 +337,9 @@ class SqliteBroker(Broker):
             "UPDATE fastq_messages SET visible_at = ?, lease_owner = NULL WHERE lease_owner = ?",
             (time.time(), self.owner))))
         await self._run(self._close_db)
+        if self._loop_db is not None:
+            self._loop_db.close()
+            self._loop_db = None
         self._executor.shutdown()
         self._executor = None
 

@@ -189,3 +189,25 @@ def test_a_fetch_waiting_on_an_empty_queue_ends_when_woken(url):
         await b.close()
 
     run(main())
+
+
+def test_a_sqlite_exchange_while_another_writer_holds_the_lock_waits_its_turn(tmp_path):
+    import sqlite3
+
+    async def main():
+        b = open_broker(f"sqlite:///{tmp_path}/q.db")
+        await b.open()
+        await b.publish("q", msgs(3))
+        # Given another process's transaction holding the write lock for 0.2 s
+        other = sqlite3.connect(tmp_path / "q.db", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        asyncio.get_running_loop().call_later(0.2, other.execute, "COMMIT")
+        # When the supervisor's exchange comes meanwhile, it waits its turn instead of failing
+        got = await b.exchange("q", fetch=10)
+        assert [d.body for d in got] == [b"m0", b"m1", b"m2"]
+        assert await b.exchange("q", ack=[d.tag for d in got]) == []
+        assert await b.queue_depth("q") == QueueDepth(0, 0, 0)
+        other.close()
+        await b.close()
+
+    run(main())
