@@ -222,7 +222,7 @@ class Runtime:
         self.free += 1
         self.running.discard(asyncio.current_task())  # type: ignore[arg-type]
         self.feed()
-        if not self.reader.armed:
+        if not self.reader.armed and not self.waiting:  # out of local work: look for more
             self.reader.drain()
 
     def schedule_flush(self) -> None:
