@@ -7,12 +7,13 @@
 
     send_receipt.send(Order(id=1, total=9.5))      # from anywhere: returns the message id
 
-Run its workers with ``fastq worker module:app``.
+Run its workers with ``fastq worker module:app``, or ``app.run()`` from the module itself.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, overload
@@ -22,7 +23,7 @@ import msgspec
 from fastq.broker import Broker, mask_url, open_broker
 from fastq.config import Config
 from fastq.errors import ConfigError
-from fastq.task import Consumer, HandlerOptions, Kind, Task, module_name
+from fastq.task import Consumer, HandlerOptions, Kind, Task, importable_name, module_name
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -84,6 +85,8 @@ class App:
         self.consumers: dict[str, Consumer] = {}
         self._broker: Broker | None = None
         self._broker_url: str | None = None  # the URL self._broker was made for
+        #: the module that made this App: workers import it from there (see ``run``)
+        self._module = sys._getframe(1).f_globals.get("__name__", "__main__")
 
     @property
     def broker(self) -> Broker:
@@ -143,6 +146,34 @@ class App:
             return c
 
         return register
+
+    def run(self, queues: Sequence[str] | None = None, *, log_level: str = "WARNING") -> int:
+        """Run this app's workers, with this process as their supervisor, until SIGTERM or
+        SIGINT; return the exit code (0 after a clean drain). The same as
+        ``fastq worker module:app``, from Python: ``if __name__ == "__main__": app.run()``.
+
+        Parameters:
+            queues: consume only these (default: every queue with a task or consumer).
+            log_level: the workers' log level; this process logs through the handlers you set up.
+
+        Raises:
+            ConfigError: a queue has no handler, the broker URL is bad, or the App is not a
+                module-level global (workers import it by ``module:attribute``).
+        """
+        from fastq.supervisor import run_app
+
+        return run_app(self, self.import_spec(), list(queues) if queues else None, log_level=log_level)
+
+    def import_spec(self) -> str:
+        """``module:attribute`` by which worker processes import this App."""
+        module = sys.modules.get(self._module)
+        names = [k for k, v in vars(module).items() if v is self] if module is not None else []
+        if not names:
+            raise ConfigError(
+                f"App {self.name!r} is not a global of module {self._module!r}; workers import it by "
+                "module:attribute, so create it at module level (or run `fastq worker module:app`)"
+            )
+        return f"{importable_name(self._module)}:{names[0]}"
 
     def queues(self) -> dict[str, HandlerOptions]:
         """Every queue this app consumes, with the options that size it (the first task's)."""

@@ -58,7 +58,6 @@ def _worker(args: argparse.Namespace) -> int:
     import msgspec
 
     from fastq.app import App
-    from fastq.autosize import QueueSpec, Topology, plan
     from fastq.errors import ConfigError
 
     logging.basicConfig(level=args.log_level.upper(),
@@ -69,30 +68,12 @@ def _worker(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("processes", args.processes), ("concurrency", args.concurrency),
                                    ("prefetch", args.prefetch), ("broker_url", args.broker)) if v is not None}
     try:
-        config = msgspec.structs.replace(app.config, **overrides)  # validated: the setting is named
-    except ConfigError as e:
-        raise UsageError(str(e)) from None
-    app.config = config
-    try:
-        app.broker  # a bad URL is a usage error, said before anything starts
-    except ConfigError as e:
-        raise UsageError(str(e)) from None
-    known = app.queues()
-    queues = args.queue or list(known)
-    unknown = [q for q in queues if q not in known]
-    if unknown or not queues:
-        raise UsageError(f"queues {unknown or queues} have no task or consumer in {args.app}; "
-                         f"known: {sorted(known)}")
-    the_plan = plan(Topology.detect(), [QueueSpec(name=q, kind=known[q].kind, processes=known[q].processes,
-                                                  concurrency=known[q].concurrency, prefetch=known[q].prefetch)
-                                        for q in queues], config)
-    log = logging.getLogger("fastq.worker")
-    log.info("fastq worker %s on %s", args.app, app.broker.url)
-    for line in the_plan.explain().splitlines():
-        log.info("plan: %s", line)
-    from fastq.supervisor import Supervisor
+        app.config = msgspec.structs.replace(app.config, **overrides)  # validated: the setting is named
+        from fastq.supervisor import run_app
 
-    return Supervisor(app, args.app, the_plan, config, queues, log_level=args.log_level.upper()).run_forever()
+        return run_app(app, args.app, args.queue, log_level=args.log_level.upper())
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,8 +115,6 @@ def main(argv: list[str] | None = None) -> int:
             sizes = [int(s) for s in args.sizes.split(",")]
         except ValueError:
             raise UsageError(f"--sizes takes comma-separated integers, got {args.sizes!r}") from None
-        if args.runs < 1:
-            raise UsageError(f"--runs must be >= 1, got {args.runs}")
         return ring.main(sizes=sizes, runs=args.runs, seconds=args.seconds, json_path=args.json)
     except UsageError as e:
         print(f"fastq {args.command}: {e}", file=sys.stderr)

@@ -32,6 +32,7 @@ from fastq import worker
 from fastq.autosize import Plan
 from fastq.broker.base import Retry
 from fastq.config import Config
+from fastq.errors import ConfigError
 from fastq.errors import RingClosed, RingFull
 from fastq.ring import DELIVERY, Dispatcher, Ring, RingReader
 
@@ -71,6 +72,32 @@ class _Worker:
         #: allowed to leave (recycle): it gets no new work, only the go-ahead frame
         self.leaving = False
         self.reader: RingReader | None = None
+
+
+def run_app(app: Any, app_spec: str, queues: list[str] | None = None, *, log_level: str = "WARNING") -> int:
+    """Plan the workers of ``app`` (with ``app.config`` as it stands) and run them until
+    SIGTERM/SIGINT; returns the exit code. What ``fastq worker`` and ``App.run`` do.
+
+    Raises:
+        ConfigError: a queue has no task or consumer, or the broker URL is bad (said before
+            anything starts).
+    """
+    from fastq.autosize import QueueSpec, Topology, plan
+
+    broker = app.broker  # a bad URL raises here
+    known = app.queues()
+    queues = list(queues or known)
+    unknown = [q for q in queues if q not in known]
+    if unknown or not queues:
+        raise ConfigError(f"queues {unknown or queues} have no task or consumer in {app_spec}; "
+                          f"known: {sorted(known)}")
+    specs = [QueueSpec(name=q, kind=known[q].kind, processes=known[q].processes,
+                       concurrency=known[q].concurrency, prefetch=known[q].prefetch) for q in queues]
+    the_plan = plan(Topology.detect(), specs, app.config)
+    logger.info("fastq worker %s on %s", app_spec, broker.url)
+    for line in the_plan.explain().splitlines():
+        logger.info("plan: %s", line)
+    return Supervisor(app, app_spec, the_plan, app.config, queues, log_level=log_level).run_forever()
 
 
 class Supervisor:

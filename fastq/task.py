@@ -30,8 +30,13 @@ KINDS = ("io", "cpu", "auto")
 def module_name(fn: Callable[..., Any]) -> str:
     """The name workers import ``fn``'s module by, also when it runs as ``python shop.py``
     (there it is ``__main__`` here, but ``shop`` in a worker: the task names must agree)."""
-    if fn.__module__ != "__main__":
-        return fn.__module__
+    return importable_name(fn.__module__)
+
+
+def importable_name(module: str) -> str:
+    """``module`` as another process imports it: ``__main__`` becomes the script's own name."""
+    if module != "__main__":
+        return module
     main = sys.modules["__main__"]
     spec = getattr(main, "__spec__", None)
     if spec is not None and spec.name and spec.name != "__main__":  # python -m package.module

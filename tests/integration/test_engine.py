@@ -62,6 +62,11 @@ def crash(n: int) -> None:
 @app.task(queue="poison")
 def big(text: str) -> None:
     _record(b"big\\n")
+
+if __name__ == "__main__":  # python engine_app.py QUEUE...: the library's own entry point
+    import logging, sys
+    logging.basicConfig(level="INFO", format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
+    sys.exit(app.run(sys.argv[1:] or None, log_level="INFO"))
 """
 
 
@@ -78,6 +83,12 @@ class Engine:
     def start(self, *args: str) -> None:
         self.log = open(self.dir / "worker.log", "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "fastq", "worker", "engine_app:app", *args],
+                                     cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def start_script(self, *args: str) -> None:
+        """``python engine_app.py``: the app runs its own workers with ``app.run()``."""
+        self.log = open(self.dir / "worker.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, "engine_app.py", *args],
                                      cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT)
 
     def workers(self) -> list[psutil.Process]:
@@ -369,3 +380,15 @@ def test_a_task_set_to_one_process_runs_on_one_worker_while_others_use_both(engi
     assert collections.Counter(words[1::2]) == collections.Counter(str(i) for i in range(2_000) for _ in "ab")
     assert len(pids["solo"]) == 1 and len(pids["both"]) == 2
     assert "queue 'solo': worker processes [0] (set by you: 1 of 2)" in engine.logtext()
+
+
+def test_app_run_in_a_script_is_the_worker_and_drains_on_sigterm(engine):
+    # Given messages waiting, and `python engine_app.py default`, which calls app.run()
+    enqueue(engine, 5_000)
+    engine.start_script("default")
+    # Then its workers (which import engine_app:app) process every message once, and it drains
+    engine.wait_for_lines(5_000)
+    assert engine.stop() == 0
+    counts = collections.Counter(engine.lines())
+    assert len(counts) == 5_000 and set(counts.values()) == {1}
+    assert "fastq worker engine_app:app on sqlite://" in engine.logtext()

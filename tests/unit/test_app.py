@@ -155,3 +155,19 @@ def test_the_broker_follows_the_config_url():
     assert app.broker is first  # made once
     app.config = msgspec.structs.replace(app.config, broker_url="memory://second")
     assert app.broker is not first and app.broker.url == "memory://second"
+
+
+def test_run_needs_an_app_that_workers_can_import():
+    def make():
+        return fastq.App("local", broker="memory://local-app")
+
+    app = make()
+    with pytest.raises(ConfigError, match=r"^App 'local' is not a global of module 'test_app'; workers import it by module:attribute"):
+        app.import_spec()
+
+
+MODULE_APP = fastq.App("module-level", broker="memory://module-app")
+
+
+def test_import_spec_names_the_module_and_the_global():
+    assert MODULE_APP.import_spec() == "test_app:MODULE_APP"
