@@ -142,6 +142,7 @@ class SqliteBroker(Broker):
         self._renewer: asyncio.Task[None] | None = None
         self._loop_db: sqlite3.Connection | None = None
         self._loop_commits = 0
+        self._inline_after = 0.0  # perf_counter time before which exchanges go through the thread
         self._checkpointing = False
 
     # -- connections ------------------------------------------------------------------------
@@ -271,13 +272,19 @@ class SqliteBroker(Broker):
         """One exchange, on the loop's thread when the write lock is free now: a round trip to
         the broker's thread costs the supervisor several times the transaction itself. With
         synchronous=full a commit waits for the disk, so that mode always uses the thread."""
-        if self.synchronous == "normal":
+        start = time.perf_counter()
+        if self.synchronous == "normal" and start >= self._inline_after:
             try:
                 out = self._exchange(queue, settle, fetch, self._loop_connection())
             except sqlite3.OperationalError as e:
                 if e.sqlite_errorcode != sqlite3.SQLITE_BUSY:  # type: ignore[attr-defined]
                     raise
             else:
+                # Fairness: SQLite's waiters sleep and poll, so a writer that starts again at once
+                # would starve them (producers, other supervisors). Back to back, every other
+                # exchange goes through the thread: the lock is free at least as long as we held it.
+                end = time.perf_counter()
+                self._inline_after = end + (end - start)
                 self._loop_commits += 1
                 if self._loop_commits >= CHECKPOINT_EVERY and not self._checkpointing:
                     self._loop_commits, self._checkpointing = 0, True
