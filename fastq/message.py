@@ -37,17 +37,22 @@ _decoder = msgspec.msgpack.Decoder(Envelope)
 
 
 _ids = itertools.count()
-_id_prefix = (0, "")  # (pid, 16 random hex characters), made again in a forked child
+_id_prefix = os.urandom(8).hex()
+
+
+def _new_prefix() -> None:
+    global _id_prefix
+    _id_prefix = os.urandom(8).hex()
+
+
+os.register_at_fork(after_in_child=_new_prefix)  # a forked child must not repeat our ids
 
 
 def new_id() -> str:
     """A message id: 32 hex characters, unique without coordination: 64 random bits drawn once
-    per process, then a counter (uuid4 costs a getrandom() call per message)."""
-    global _id_prefix
-    pid, prefix = _id_prefix
-    if pid != os.getpid():
-        _id_prefix = pid, prefix = os.getpid(), os.urandom(8).hex()
-    return f"{prefix}{next(_ids) & 0xFFFFFFFFFFFFFFFF:016x}"
+    per process (again in a forked child), then a counter (uuid4 costs a getrandom() call per
+    message)."""
+    return f"{_id_prefix}{next(_ids) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 def encode_args(args: tuple[object, ...]) -> msgspec.Raw:

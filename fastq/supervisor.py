@@ -30,7 +30,7 @@ import msgspec
 
 from fastq import worker
 from fastq.autosize import Plan
-from fastq.broker.base import Retry
+from fastq.broker.base import Retry, Signal
 from fastq.config import Config
 from fastq.errors import ConfigError
 from fastq.errors import RingClosed, RingFull
@@ -118,8 +118,8 @@ class Supervisor:
         # per queue: outcomes waiting for its pump, the ones it is applying now, and its wake-up
         self.outcomes: dict[str, dict[str, list[Any]]] = {q: _parts() for q in queues}
         self.settling: dict[str, dict[str, list[Any]]] = {}
-        self.wake = {q: asyncio.Event() for q in queues}
-        self.settled_event = asyncio.Event()
+        self.wake = {q: Signal() for q in queues}
+        self.settled_event = Signal()
         self.stopped = asyncio.Event()
         self.pumps: list[asyncio.Task[None]] = []
         self.stopping = False

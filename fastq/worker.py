@@ -162,7 +162,9 @@ class Runtime:
 
     async def serve(self) -> None:
         self.outbox.put(COMPLETION.pack(0, READY, 0.0), timeout=60)
-        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # The loop, looked up once: on Python 3.11 every lookup is a getpid() system call.
+        self.loop = asyncio.get_running_loop()
+        self.finished: asyncio.Future[None] = self.loop.create_future()
         # While every slot is busy, new frames could not start anyway: look for them when a
         # handler finishes instead of being woken for each (no syscall per frame on either side).
         self.reader = RingReader(self.inbox, self.on_frames, 256, on_closed=self.on_closed,
@@ -197,13 +199,13 @@ class Runtime:
 
     def feed(self) -> None:
         """Start handlers for waiting frames while slots are free; finish when all is done."""
-        loop = asyncio.get_running_loop()
         while self.waiting and self.free:
             self.free -= 1
-            t = loop.create_task(self.handle(self.waiting.popleft()))
-            self.running.add(t)
+            t = self.loop.create_task(self.handle(self.waiting.popleft()))
+            self.running.add(t)  # a strong reference: the loop keeps only a weak one
             t.add_done_callback(self.running.discard)
-        if (self.retired or self.retired_or_closed) and not self.waiting and not self.running:
+        idle = self.free == self.spec.concurrency
+        if (self.retired or self.retired_or_closed) and not self.waiting and idle:
             if not self.finished.done():
                 self.finished.set_result(None)
 
@@ -220,7 +222,6 @@ class Runtime:
         self.done.append(COMPLETION.pack(tag, status, delay) + reason[:2000].encode("utf-8", "backslashreplace"))
         self.schedule_flush()
         self.free += 1
-        self.running.discard(asyncio.current_task())  # type: ignore[arg-type]
         self.feed()
         if not self.reader.armed and not self.waiting:  # out of local work: look for more
             self.reader.drain()
@@ -231,13 +232,12 @@ class Runtime:
         gather for up to FLUSH_AFTER seconds (or FLUSH_MAX of them), one wake-up for many."""
         if self.flush_scheduled:
             return
-        loop = asyncio.get_running_loop()
         if len(self.waiting) > self.free + 1 and len(self.done) < FLUSH_MAX:
             if self.flush_timer is None:
-                self.flush_timer = loop.call_later(FLUSH_AFTER, self.flush)
+                self.flush_timer = self.loop.call_later(FLUSH_AFTER, self.flush)
             return
         self.flush_scheduled = True
-        loop.call_soon(self.flush)  # before the next handler starts: the supervisor refills meanwhile
+        self.loop.call_soon(self.flush)  # before the next handler starts: the supervisor refills meanwhile
 
     def flush(self) -> None:
         self.flush_scheduled = False
@@ -292,7 +292,10 @@ class Runtime:
 
     async def call(self, handler: Any, args: tuple[Any, ...], name: str, options: Any) -> None:
         if handler.is_async:
-            await asyncio.wait_for(handler.fn(*args), options.timeout)
+            if options.timeout is None:
+                await handler.fn(*args)
+            else:
+                await asyncio.wait_for(handler.fn(*args), options.timeout)
             return
         kind = options.kind
         if kind == "auto":
@@ -307,7 +310,7 @@ class Runtime:
         if kind == "cpu":
             handler.fn(*args)  # inline: this process owns its core
             return
-        fut = asyncio.get_running_loop().run_in_executor(self.pool, lambda: handler.fn(*args))
+        fut = self.loop.run_in_executor(self.pool, lambda: handler.fn(*args))
         await asyncio.wait_for(fut, options.timeout)
 
 

@@ -96,7 +96,7 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     async def fetch(self, queue: str, max_messages: int, *, timeout: float,
-                    wake: asyncio.Event | None = None) -> list[Delivery]:
+                    wake: asyncio.Event | Signal | None = None) -> list[Delivery]:
         """Up to ``max_messages`` deliveries, waiting at most ``timeout`` seconds for the first;
         a wait also ends (with what there is, maybe nothing) as soon as ``wake`` is set."""
 
@@ -123,7 +123,7 @@ class Broker(abc.ABC):
         release: Sequence[int] = (),
         fetch: int = 0,
         timeout: float = 0.0,
-        wake: asyncio.Event | None = None,
+        wake: asyncio.Event | Signal | None = None,
     ) -> list[Delivery]:
         """Settle as ``settle`` does, then take up to ``fetch`` deliveries as ``fetch`` does: what
         a consumer does after each batch of work. Backends that can do both in one round trip
@@ -143,7 +143,47 @@ class Broker(abc.ABC):
         """Release connections; unsettled deliveries come back to some consumer later."""
 
 
-async def wait_either(event: asyncio.Event, wake: asyncio.Event | None, timeout: float) -> None:
+class Signal:
+    """``asyncio.Event`` that looks its loop up once, at its first wait: Python 3.11's Event
+    does at every ``wait``, and that lookup is a getpid() system call; a supervisor waits once
+    per message."""
+
+    __slots__ = ("_loop", "_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._set = False
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        if not self._set:
+            self._set = True
+            waiters, self._waiters = self._waiters, []
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> None:
+        if self._set:
+            return
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        waiter = self._loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+
+async def wait_either(event: asyncio.Event | Signal, wake: asyncio.Event | Signal | None, timeout: float) -> None:
     """Wait until ``event`` or ``wake`` is set, or ``timeout`` seconds pass."""
     if wake is None:
         try:

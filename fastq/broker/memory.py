@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
-from fastq.broker.base import Broker, DeadLetter, Delivery, Message, QueueDepth, Retry, wait_either
+from fastq.broker.base import Broker, DeadLetter, Delivery, Message, QueueDepth, Retry, Signal, wait_either
 
 
 class _Entry:
@@ -98,7 +98,10 @@ class MemoryBroker(Broker):
             return out, (q.delayed[0][0] if q.delayed else None)
 
     async def fetch(self, queue: str, max_messages: int, *, timeout: float,
-                    wake: asyncio.Event | None = None) -> list[Delivery]:
+                    wake: asyncio.Event | Signal | None = None) -> list[Delivery]:
+        out, _ = self._take(queue, max_messages)
+        if out or timeout <= 0 or (wake is not None and wake.is_set()):
+            return out  # the busy path: no waiter to set up
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + timeout
         event = asyncio.Event()

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from fastq.broker.base import Broker, DeadLetter, Delivery, Message, QueueDepth, Retry, query_float, wait_either
+from fastq.broker.base import Broker, DeadLetter, Delivery, Message, QueueDepth, Retry, Signal, query_float, wait_either
 from fastq.errors import ConfigError
 
 T = TypeVar("T")
@@ -222,7 +222,7 @@ class SqliteBroker(Broker):
         return [Delivery(r[0], queue, r[2], r[1], r[4], r[5], _unpack(r[3])) for r in rows]
 
     async def fetch(self, queue: str, max_messages: int, *, timeout: float,
-                    wake: asyncio.Event | None = None) -> list[Delivery]:
+                    wake: asyncio.Event | Signal | None = None) -> list[Delivery]:
         return await self.exchange(queue, fetch=max_messages, timeout=timeout, wake=wake)
 
     async def settle(
@@ -246,7 +246,7 @@ class SqliteBroker(Broker):
         release: Sequence[int] = (),
         fetch: int = 0,
         timeout: float = 0.0,
-        wake: asyncio.Event | None = None,
+        wake: asyncio.Event | Signal | None = None,
     ) -> list[Delivery]:
         """Settle and claim in one write transaction; then, while nothing was claimed, look
         again (woken by a publish in this process, else less often each time) until ``timeout``

@@ -30,3 +30,22 @@ def test_a_body_that_is_not_an_envelope_is_refused_with_its_first_bytes():
 def test_arguments_that_would_need_pickle_are_refused():
     with pytest.raises(message.MessageError, match=r"^task arguments must be msgspec Structs or builtins \(no pickle\)"):
         message.encode("t", (object(),))
+
+
+def test_message_ids_are_unique_and_a_forked_child_draws_its_own():
+    import os
+
+    from fastq.message import new_id
+
+    ids = {new_id() for _ in range(10_000)}
+    assert len(ids) == 10_000 and all(len(i) == 32 for i in ids)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child writes one id and leaves at once
+        os.write(w, new_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(r, 64).decode()
+    os.close(r)
+    os.close(w)
+    assert child[:16] != new_id()[:16]
