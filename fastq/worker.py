@@ -143,6 +143,7 @@ class Runtime:
         self.retired = False  # the go-ahead to recycle came
         self.retired_or_closed = False  # or the supervisor closed our input ring
         self.asked = False
+        self.pulling = False
 
     def retiring(self) -> bool:
         """Past max_tasks or max_memory_bytes: time to ask to leave."""
@@ -165,10 +166,11 @@ class Runtime:
         # The loop, looked up once: on Python 3.11 every lookup is a getpid() system call.
         self.loop = asyncio.get_running_loop()
         self.finished: asyncio.Future[None] = self.loop.create_future()
-        # While every slot is busy, new frames could not start anyway: look for them when a
-        # handler finishes instead of being woken for each (no syscall per frame on either side).
+        # While the frames here fill every free slot, new ones could not start anyway: look for
+        # them when a handler finishes instead of being woken for each (no syscall per frame on
+        # either side).
         self.reader = RingReader(self.inbox, self.on_frames, 256, on_closed=self.on_closed,
-                                 arm_when=lambda: self.free > 0)
+                                 arm_when=lambda: self.free > len(self.waiting))
         self.reader.start()
         try:
             await self.finished
@@ -190,7 +192,8 @@ class Runtime:
             self.reader.stop()  # nothing more comes: finish what we have, then go
         self.started += len(frames)
         self.waiting.extend(frames)
-        self.feed()
+        if not self.pulling:  # handle() feeds after it decided about the flush
+            self.feed()
 
     def on_closed(self) -> None:
         """The supervisor closed our input: finish what we have, then go."""
@@ -220,11 +223,17 @@ class Runtime:
             reason = f"fastq internal error: {type(e).__name__}: {e}"
         # Cut the text, not the bytes: a reason is always valid UTF-8.
         self.done.append(COMPLETION.pack(tag, status, delay) + reason[:2000].encode("utf-8", "backslashreplace"))
-        self.schedule_flush()
         self.free += 1
+        if not self.reader.armed and len(self.waiting) < self.free:
+            # Local frames will not fill the free slots: take what the ring has first, so that
+            # the flush below knows how much work is left here.
+            self.pulling = True
+            try:
+                self.reader.drain()
+            finally:
+                self.pulling = False
+        self.schedule_flush()
         self.feed()
-        if not self.reader.armed and not self.waiting:  # out of local work: look for more
-            self.reader.drain()
 
     def schedule_flush(self) -> None:
         """Report completions now, unless this worker will still have frames waiting for a slot
@@ -232,7 +241,7 @@ class Runtime:
         gather for up to FLUSH_AFTER seconds (or FLUSH_MAX of them), one wake-up for many."""
         if self.flush_scheduled:
             return
-        if len(self.waiting) > self.free + 1 and len(self.done) < FLUSH_MAX:
+        if len(self.waiting) > self.free and len(self.done) < FLUSH_MAX:
             if self.flush_timer is None:
                 self.flush_timer = self.loop.call_later(FLUSH_AFTER, self.flush)
             return
