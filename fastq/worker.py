@@ -141,7 +141,7 @@ class Runtime:
         self.consumers = [app.consumers.get(q) for q in spec.queues]
         self.started = 0
         self.retired = False  # the go-ahead to recycle came
-        self.retired_or_closed = False  # or the supervisor closed our input ring
+        self.input_closed = False  # the supervisor closed our input ring
         self.asked = False
         self.pulling = False
 
@@ -197,7 +197,7 @@ class Runtime:
 
     def on_closed(self) -> None:
         """The supervisor closed our input: finish what we have, then go."""
-        self.retired_or_closed = True
+        self.input_closed = True
         self.feed()
 
     def feed(self) -> None:
@@ -208,7 +208,7 @@ class Runtime:
             self.running.add(t)  # a strong reference: the loop keeps only a weak one
             t.add_done_callback(self.running.discard)
         idle = self.free == self.spec.concurrency
-        if (self.retired or self.retired_or_closed) and not self.waiting and idle:
+        if (self.retired or self.input_closed) and not self.waiting and idle:
             if not self.finished.done():
                 self.finished.set_result(None)
 
