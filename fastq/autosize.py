@@ -24,11 +24,12 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
 from fastq.config import Config
+from fastq.errors import ConfigError
 
 Kind = Literal["io", "cpu", "auto"]
 
@@ -192,6 +193,24 @@ def plan(
         queues=_plan_queues(queues, cores, processes, topology, config),
         topology=topology,
     )
+
+
+def plan_app(app: Any, queues: Sequence[str] | None = None, topology: Topology | None = None) -> Plan:
+    """The plan for ``app``'s queues (all of them by default) with ``app.config``, on this
+    machine unless ``topology`` is given; what ``fastq plan`` prints and ``fastq worker`` runs.
+
+    Raises:
+        ConfigError: a queue has no task or consumer in the app.
+    """
+    known = app.queues()
+    names = list(queues or known)
+    unknown = [q for q in names if q not in known]
+    if unknown or not names:
+        raise ConfigError(f"queues {unknown or names} have no task or consumer in app {app.name!r}; "
+                          f"known: {sorted(known)}")
+    specs = [QueueSpec(name=q, kind=known[q].kind, processes=known[q].processes,
+                       concurrency=known[q].concurrency, prefetch=known[q].prefetch) for q in names]
+    return plan(topology or Topology.detect(), specs, app.config)
 
 
 def _cores_rule(t: Topology, processes: int) -> str:

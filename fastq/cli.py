@@ -1,4 +1,4 @@
-"""The ``fastq`` command (also ``python -m fastq``): ``bench`` and ``send``.
+"""The ``fastq`` command (also ``python -m fastq``): ``worker``, ``plan``, ``send`` and ``bench``.
 
 Bad arguments exit with RET_USAGE and one line that says what to change, never a traceback.
 """
@@ -52,16 +52,13 @@ def _send(spec: str, arguments: str) -> int:
     return RET_OK
 
 
-def _worker(args: argparse.Namespace) -> int:
-    import logging
-
+def _app_with_overrides(args: argparse.Namespace) -> Any:
+    """The App that ``args.app`` names, its config changed by the command-line settings."""
     import msgspec
 
     from fastq.app import App
     from fastq.errors import ConfigError
 
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
     app = load(args.app)
     if not isinstance(app, App):
         raise UsageError(f"{args.app} is a {type(app).__name__}, not a fastq.App")
@@ -69,11 +66,44 @@ def _worker(args: argparse.Namespace) -> int:
                                    ("prefetch", args.prefetch), ("broker_url", args.broker)) if v is not None}
     try:
         app.config = msgspec.structs.replace(app.config, **overrides)  # validated: the setting is named
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    return app
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import logging
+
+    from fastq.errors import ConfigError
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
+    app = _app_with_overrides(args)
+    try:
         from fastq.supervisor import run_app
 
         return run_app(app, args.app, args.queue, log_level=args.log_level.upper())
     except ConfigError as e:
         raise UsageError(str(e)) from None
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from fastq.autosize import plan_app
+    from fastq.errors import ConfigError
+
+    app = _app_with_overrides(args)
+    try:
+        the_plan = plan_app(app, args.queue)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    if args.json:
+        print(msgspec.json.format(msgspec.json.encode(the_plan).decode(), indent=2))
+    else:
+        print(f"fastq plan for {args.app} on this machine (nothing started):")
+        print(the_plan.explain())
+    return RET_OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,17 +120,22 @@ def main(argv: list[str] | None = None) -> int:
     send.add_argument("task", help="module:task, e.g. shop.tasks:send_receipt")
     send.add_argument("arguments", nargs="?", default="[]", help="JSON list (positional) or object (by name)")
     work = commands.add_parser("worker", help="run the workers of an app: fastq worker module:app")
-    work.add_argument("app", help="module:app, e.g. shop.tasks:app")
-    work.add_argument("--queue", action="append", help="consume only this queue (repeatable)")
-    work.add_argument("--processes", type=int, help="worker processes (default: one per usable core)")
-    work.add_argument("--concurrency", type=int, help="handlers at once per queue, whole host")
-    work.add_argument("--prefetch", type=int, help="unacked messages per queue, whole host")
-    work.add_argument("--broker", help="broker URL (default: the app's)")
+    show = commands.add_parser("plan", help="print the sizing plan for this machine, and why, without starting anything")
+    for sub in (work, show):
+        sub.add_argument("app", help="module:app, e.g. shop.tasks:app")
+        sub.add_argument("--queue", action="append", help="consume only this queue (repeatable)")
+        sub.add_argument("--processes", type=int, help="worker processes (default: one per usable core)")
+        sub.add_argument("--concurrency", type=int, help="handlers at once per queue, whole host")
+        sub.add_argument("--prefetch", type=int, help="unacked messages per queue, whole host")
+        sub.add_argument("--broker", help="broker URL (default: the app's)")
     work.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    show.add_argument("--json", action="store_true", help="the plan as JSON, every number with its rule")
     args = parser.parse_args(argv)
     try:
         if args.command == "worker":
             return _worker(args)
+        if args.command == "plan":
+            return _plan(args)
         if args.command == "send":
             return _send(args.task, args.arguments)
         if args.runs < 1:

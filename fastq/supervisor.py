@@ -32,7 +32,6 @@ from fastq import worker
 from fastq.autosize import Plan
 from fastq.broker.base import Retry, Signal
 from fastq.config import Config
-from fastq.errors import ConfigError
 from fastq.errors import RingClosed, RingFull
 from fastq.ring import DELIVERY, Dispatcher, Ring, RingReader
 
@@ -82,18 +81,11 @@ def run_app(app: Any, app_spec: str, queues: list[str] | None = None, *, log_lev
         ConfigError: a queue has no task or consumer, or the broker URL is bad (said before
             anything starts).
     """
-    from fastq.autosize import QueueSpec, Topology, plan
+    from fastq.autosize import plan_app
 
     broker = app.broker  # a bad URL raises here
-    known = app.queues()
-    queues = list(queues or known)
-    unknown = [q for q in queues if q not in known]
-    if unknown or not queues:
-        raise ConfigError(f"queues {unknown or queues} have no task or consumer in {app_spec}; "
-                          f"known: {sorted(known)}")
-    specs = [QueueSpec(name=q, kind=known[q].kind, processes=known[q].processes,
-                       concurrency=known[q].concurrency, prefetch=known[q].prefetch) for q in queues]
-    the_plan = plan(Topology.detect(), specs, app.config)
+    the_plan = plan_app(app, queues)
+    queues = [q.name for q in the_plan.queues]
     logger.info("fastq worker %s on %s", app_spec, broker.url)
     for line in the_plan.explain().splitlines():
         logger.info("plan: %s", line)

@@ -59,6 +59,9 @@ def test_send_enqueues_a_call_from_json_and_prints_its_id(shop, capsys):
         (["send", "clishop:charge", "[1,"], r"^fastq send: arguments '\[1,' are not JSON"),
         (["send", "clishop:charge", '[{"id": "x", "total": 1}]'], r"^fastq send: arguments do not fit .*Expected `int`, got `str`"),
         (["bench", "--runs", "0"], r"^fastq bench: --runs must be >= 1, got 0$"),
+        (["plan", "clishop:app", "--queue", "nope"], r"^fastq plan: queues \['nope'\] have no task or consumer in app 'cli'; known: \['orders'\]$"),
+        (["plan", "clishop:charge"], r"^fastq plan: clishop:charge is a Task, not a fastq\.App$"),
+        (["plan", "clishop:app", "--prefetch", "0"], r"^fastq plan: prefetch must be >= 1"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(shop, capsys, argv, error):
@@ -68,3 +71,20 @@ def test_bad_arguments_exit_2_with_one_line(shop, capsys, argv, error):
     import re
 
     assert re.search(error, err.strip()), err
+
+
+def test_plan_prints_each_number_with_its_rule_and_starts_nothing(shop, capsys):
+    import json
+    import os
+
+    assert main(["plan", "clishop:app", "--concurrency", "3"]) == 0
+    out = capsys.readouterr().out
+    cores = len(os.sched_getaffinity(0))
+    assert f"processes: {cores} (one per usable core: {cores} cpus in the affinity mask)" in out
+    assert "queue 'orders' (io): concurrency 3 (set by you)" in out
+    assert "queue 'orders': prefetch 15 (io: concurrency x 5)" in out
+    assert main(["plan", "clishop:app", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    (q,) = plan["queues"]
+    assert (q["name"], q["kind"], q["prefetch"]) == ("orders", "io", q["concurrency"] * 5)
+    assert plan["processes"] == cores and q["workers"] == list(range(cores))

@@ -20,7 +20,7 @@ ALLOWED: dict[str, set[str]] = {
     "ring": {"_core", "_core_py", "errors"},
     "config": {"errors"},
     "message": {"errors"},
-    "autosize": {"config"},
+    "autosize": {"config", "errors"},
     "broker": {"broker.base", "broker.memory", "broker.sqlite", "broker.amqp", "errors"},
     "broker.base": {"message", "errors"},
     "broker.memory": {"broker.base", "message", "errors"},
