@@ -266,3 +266,146 @@ def _plan_queue(q: QueueSpec, cores: float, processes: int, workers: tuple[int, 
     per_process = tuple(share.get(i, 0) for i in range(processes))
     return QueuePlan(name=q.name, kind=kind, workers=workers, workers_rule=w_rule, concurrency=concurrency,
                      per_process=per_process, prefetch=prefetch, concurrency_rule=c_rule, prefetch_rule=p_rule)
+
+
+# -- the controller: from the starting plan, follow the load ----------------------------------
+
+#: seconds between two looks at the load
+CONTROL_INTERVAL = 2.0
+IO_PREFETCH_FACTOR_MAX = 10
+CPU_PREFETCH_FACTOR_MAX = 3
+#: below this share of busy time on the worker cores, they count as idle
+IDLE_BELOW = 0.85
+#: memory headroom (share of the limit still available) under which prefetch comes down
+MEMORY_HEADROOM_MIN = 0.10
+#: a change of throughput smaller than this share counts as flat
+FLAT = 0.03
+#: intervals without an increase after a decrease or a step that did not pay
+COOLDOWN = 3
+#: intervals after which a ceiling is probed again (one step up, kept only if it pays)
+PROBE_AFTER = 15
+
+
+class Sample(msgspec.Struct, frozen=True, kw_only=True):
+    """What the supervisor saw of one queue over one interval."""
+
+    #: share of the pinned worker cores' time spent on the CPU, 0..1
+    busy: float
+    #: messages ready at the broker and not delivered yet
+    backlog: int
+    #: messages settled per second over the interval
+    throughput: float
+    #: mean seconds a message spent delivered and unsettled (in flight / throughput)
+    latency: float
+    #: share of the memory limit still available, 0..1
+    memory_headroom: float = 1.0
+
+
+class Decision(msgspec.Struct, frozen=True, kw_only=True):
+    concurrency: int
+    prefetch: int
+    #: why it changed, in words; empty when nothing did
+    reason: str = ""
+
+
+class Controller:
+    """Moves one queue's concurrency and prefetch with the load, within the documented bounds.
+
+    Rules, first match wins, once per interval:
+    1. memory headroom under 10%: halve prefetch (down to the concurrency), then, for I/O,
+       cut concurrency by a quarter;
+    2. the last increase did not pay (throughput grew by less than half as much as the
+       concurrency, or by under 3% for a prefetch step): if latency rose, take it back (a first
+       failure by a quarter at most, a probe entirely); either way that is the ceiling;
+    3. cores idle (under 85% busy) while a backlog waits: double I/O concurrency (up to 100 per
+       host, so 4 reaches 100 in six intervals), else raise the prefetch factor by one (I/O
+       x5..x10; CPU x2..x3, as CPU work never gets more than one handler per pinned core).
+    A ceiling holds until the load changes (the backlog empties, or throughput moves by a
+    quarter) or PROBE_AFTER intervals pass, when one step up is tried again; decreases hold
+    increases for COOLDOWN intervals. So it settles instead of swinging, and a value the user
+    set never moves.
+    """
+
+    def __init__(self, queue: QueuePlan, *, user_concurrency: bool = False, user_prefetch: bool = False,
+                 concurrency_max: int | None = None) -> None:
+        self.kind = queue.kind
+        self.concurrency, self.prefetch = queue.concurrency, queue.prefetch
+        self.fixed_concurrency = user_concurrency or queue.kind == "cpu"
+        self.fixed_prefetch = user_prefetch
+        self.min_concurrency = 1 if self.kind == "io" else queue.concurrency
+        self.max_concurrency = queue.concurrency if self.fixed_concurrency else (concurrency_max or IO_CONCURRENCY_MAX)
+        base = IO_PREFETCH_FACTOR if self.kind == "io" else CPU_PREFETCH_FACTOR
+        self.factor_min, self.factor = base, base
+        self.factor_max = IO_PREFETCH_FACTOR_MAX if self.kind == "io" else CPU_PREFETCH_FACTOR_MAX
+        self.cooldown = 0
+        self.last: Sample | None = None
+        self.raised = False  # the last step was an increase
+        #: the concurrency past which raising did not pay, and the throughput then; forgotten
+        #: when the load changes (the backlog empties, or throughput moves by a quarter)
+        self.ceiling: int | None = None
+        self.ceiling_throughput = 0.0
+        self.ceiling_age = 0
+        self.gain_needed = FLAT  # what the last increase should have added to throughput
+        self.before = (self.concurrency, self.factor)  # what the last increase started from
+        self.probing = False  # the last increase tried a ceiling again
+
+    def _prefetch_for(self, concurrency: int) -> int:
+        return self.prefetch if self.fixed_prefetch else concurrency * self.factor
+
+    def step(self, s: Sample) -> Decision:
+        """The concurrency and prefetch for the next interval, given what this one looked like."""
+        last, self.last = self.last, s
+        raised, self.raised = self.raised, False
+        if self.cooldown:
+            self.cooldown -= 1
+        probe = False
+        if self.ceiling is not None:
+            self.ceiling_age += 1
+            if s.backlog == 0 or abs(s.throughput - self.ceiling_throughput) > 0.25 * self.ceiling_throughput:
+                self.ceiling = None  # the load changed
+            elif self.ceiling_age > PROBE_AFTER:
+                self.ceiling, probe = None, True
+        c, p, reason = self.concurrency, self.prefetch, ""
+        if s.memory_headroom < MEMORY_HEADROOM_MIN:
+            if not self.fixed_prefetch and p > c:
+                p = max(c, p // 2)
+                reason = f"memory headroom {s.memory_headroom:.0%} < {MEMORY_HEADROOM_MIN:.0%}: prefetch halved"
+            elif not self.fixed_concurrency and c > self.min_concurrency:
+                c = max(self.min_concurrency, c * 3 // 4)
+                p = min(p, self._prefetch_for(c))
+                reason = f"memory headroom {s.memory_headroom:.0%} with prefetch at its floor: concurrency cut by a quarter"
+            self.cooldown = COOLDOWN
+        elif raised and last is not None and s.throughput < last.throughput * (1 + self.gain_needed):
+            # The last increase did not pay: back off if it only made messages wait longer, and
+            # do not climb past here again until the load changes.
+            # A probe goes back where it came from; a first failure backs off by a quarter, not
+            # below where it came from.
+            before_c, before_factor = self.before
+            if s.latency > last.latency * (1 + 2 * FLAT):
+                if self.factor != before_factor:
+                    self.factor = before_factor
+                    p = self._prefetch_for(c)
+                    reason = f"throughput flat while latency rose: prefetch back to concurrency x {self.factor}"
+                elif c != before_c:
+                    c = before_c if self.probing else max(before_c, c * 3 // 4)
+                    p = self._prefetch_for(c)
+                    reason = (f"throughput flat at {s.throughput:,.0f}/s while latency rose to "
+                              f"{s.latency * 1e3:.1f} ms: concurrency back to {c}")
+            self.ceiling, self.ceiling_throughput, self.ceiling_age = c, s.throughput, 0
+            self.cooldown = COOLDOWN
+        elif s.busy < IDLE_BELOW and s.backlog > 0 and not self.cooldown and self.ceiling is None:
+            self.before, self.probing = (c, self.factor), probe
+            if not self.fixed_concurrency and c < self.max_concurrency:
+                c = min(self.max_concurrency, 2 * c)
+                self.gain_needed = (c - self.concurrency) / self.concurrency / 2
+                p = self._prefetch_for(c)
+                reason = f"cores {s.busy:.0%} busy while {s.backlog} messages wait: concurrency +{c - self.concurrency}"
+                self.raised = True
+            elif not self.fixed_prefetch and self.factor < self.factor_max:
+                self.factor += 1
+                self.gain_needed = FLAT
+                p = self._prefetch_for(c)
+                reason = f"cores {s.busy:.0%} busy while {s.backlog} messages wait: prefetch to concurrency x {self.factor}"
+                self.raised = True
+        self.concurrency, self.prefetch = c, p
+        return Decision(concurrency=c, prefetch=p, reason=reason)

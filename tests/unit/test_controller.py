@@ -1,0 +1,127 @@
+"""The autosize controller on synthetic load: it converges, does not swing, keeps its bounds
+and gives way to memory pressure. A tiny model stands in for the engine: each message needs
+``cpu_s`` seconds of CPU and ``wait_s`` seconds off it; two cores; an optional downstream cap."""
+
+from __future__ import annotations
+
+from fastq.autosize import (
+    COOLDOWN,
+    PROBE_AFTER,
+    Controller,
+    QueueSpec,
+    Sample,
+    Topology,
+    plan,
+)
+from fastq.config import Config
+
+CORES = 2
+
+
+def queue(kind="io", **kw):
+    topology = Topology(cpus=tuple(range(CORES)), memory_bytes=64 << 30)
+    return plan(topology, [QueueSpec(name="q", kind=kind, **kw)], Config()).queues[0]
+
+
+def model(concurrency, prefetch, *, cpu_s, wait_s, cap=float("inf"), backlog=10_000, headroom=1.0):
+    """One interval of a queue served with this concurrency (and prefetch, which only has to
+    cover the concurrency here)."""
+    running = min(concurrency, prefetch)
+    throughput = min(running / (cpu_s + wait_s), CORES / cpu_s, cap)
+    busy = min(1.0, throughput * cpu_s / CORES)
+    latency = prefetch / throughput  # everything delivered waits its turn (Little's law)
+    return Sample(busy=busy, backlog=backlog, throughput=throughput, latency=latency, memory_headroom=headroom)
+
+
+def run(ctl, steps, **load):
+    trace = []
+    for _ in range(steps):
+        d = ctl.step(model(ctl.concurrency, ctl.prefetch, **load))
+        trace.append((d.concurrency, d.prefetch, d.reason))
+    return trace
+
+
+def direction_changes(values):
+    moves = [b - a for a, b in zip(values, values[1:]) if b != a]
+    return sum(1 for a, b in zip(moves, moves[1:]) if (a > 0) != (b > 0))
+
+
+def test_io_work_with_idle_cores_climbs_to_the_ceiling_then_holds():
+    # Given I/O handlers that wait 5 ms and use 50 µs of CPU: cores stay idle at any concurrency
+    ctl = Controller(queue("io"))
+    assert (ctl.concurrency, ctl.prefetch) == (4, 20)
+    trace = run(ctl, 14, cpu_s=50e-6, wait_s=5e-3)
+    # Then concurrency doubles to 100 per host within six intervals and stays there; one try
+    # at a larger prefetch (which buys nothing here) is taken back
+    concurrency = [c for c, _, _ in trace]
+    assert concurrency[:6] == [8, 16, 32, 64, 100, 100]
+    assert concurrency == sorted(concurrency)
+    assert trace[0][2] == "cores 2% busy while 10000 messages wait: concurrency +4"
+    assert trace[5] == (100, 600, "cores 50% busy while 10000 messages wait: prefetch to concurrency x 6")
+    assert trace[6] == (100, 500, "throughput flat while latency rose: prefetch back to concurrency x 5")
+    assert all(t == (100, 500, "") for t in trace[7:])
+
+
+def test_when_the_cores_fill_up_it_stops_climbing_and_does_not_swing():
+    # Given handlers that use 1 ms of CPU and wait 4 ms: two cores carry at most 2,000/s
+    ctl = Controller(queue("io"))
+    trace = run(ctl, 80, cpu_s=1e-3, wait_s=4e-3)
+    concurrency = [c for c, _, _ in trace]
+    # Then it stops once the cores are busy (10 at once keep 2 cores full), and holds: with the
+    # cores busy there is nothing to probe
+    assert 10 <= concurrency[-1] <= 14
+    assert len(set(concurrency[-60:])) == 1
+    assert direction_changes(concurrency) <= 1
+
+
+def test_a_downstream_bottleneck_backs_off_once_and_settles():
+    # Given a service downstream that takes 1,000/s whatever the concurrency, cores idle
+    ctl = Controller(queue("io"))
+    trace = run(ctl, 80, cpu_s=50e-6, wait_s=5e-3, cap=1_000)
+    concurrency = [c for c, _, _ in trace]
+    # Then it climbs while throughput grows and backs off once when it stops; from then on it
+    # holds, but for a probe one step up every PROBE_AFTER intervals, taken back at once
+    assert trace[1][2] == "throughput flat at 1,000/s while latency rose to 40.0 ms: concurrency back to 6"
+    settled = concurrency[1]
+    probes = [i for i, c in enumerate(concurrency) if c != settled][1:]
+    assert probes and all(concurrency[i] == 2 * settled and concurrency[i + 1] == settled for i in probes)
+    assert all(b - a > PROBE_AFTER for a, b in zip(probes, probes[1:]))
+
+
+def test_memory_pressure_lowers_prefetch_first_then_concurrency_never_below_the_floor():
+    ctl = Controller(queue("io"))
+    run(ctl, 20, cpu_s=50e-6, wait_s=5e-3)  # climbed
+    c0, p0 = ctl.concurrency, ctl.prefetch
+    trace = run(ctl, 30, cpu_s=50e-6, wait_s=5e-3, headroom=0.05)
+    assert trace[0][:2] == (c0, p0 // 2) and "memory headroom 5% < 10%: prefetch halved" in trace[0][2]
+    prefetches = [p for _, p, _ in trace]
+    first_cut = next(i for i, (c, _, _) in enumerate(trace) if c < c0)
+    assert prefetches[first_cut - 1] == c0  # concurrency moves only once prefetch is at its floor
+    assert all(p >= c >= 1 for c, p, _ in trace)
+    assert trace[-1][0] == 1
+
+
+def test_cpu_work_never_gets_more_than_one_handler_per_core_and_prefetch_stays_within_x3():
+    ctl = Controller(queue("cpu"))
+    assert (ctl.concurrency, ctl.prefetch) == (2, 4)
+    trace = run(ctl, 20, cpu_s=1e-3, wait_s=0.2e-3)  # cores a little idle between messages
+    assert {c for c, _, _ in trace} == {2}
+    assert max(p for _, p, _ in trace) == 6
+    assert trace[0][2] == "cores 83% busy while 10000 messages wait: prefetch to concurrency x 3"
+
+
+def test_what_the_user_set_never_moves():
+    ctl = Controller(queue("io", concurrency=7, prefetch=9), user_concurrency=True, user_prefetch=True)
+    trace = run(ctl, 30, cpu_s=50e-6, wait_s=5e-3) + run(ctl, 10, cpu_s=50e-6, wait_s=5e-3, headroom=0.01)
+    assert {(c, p) for c, p, _ in trace} == {(7, 9)}
+
+
+def test_a_new_load_after_a_settled_one_is_followed_again():
+    # Given it settled behind a 1,000/s downstream
+    ctl = Controller(queue("io"))
+    run(ctl, 60, cpu_s=50e-6, wait_s=5e-3, cap=1_000)
+    settled = ctl.concurrency
+    # When the downstream is gone, it climbs again: at once if throughput moved by a quarter,
+    # else at the next probe
+    trace = run(ctl, PROBE_AFTER + COOLDOWN + 10, cpu_s=50e-6, wait_s=5e-3)
+    assert trace[-1][0] == 100 > settled
