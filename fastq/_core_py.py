@@ -756,6 +756,18 @@ def check_counts(workers: int, queues: int) -> None:
         raise ConfigError(f"queues must be 1..65535 (a u16 in the frame), got {queues}")
 
 
+def bad_item(item: object) -> TypeError:
+    return TypeError(f"a delivery is (tag, retries, queue index, body), got {item!r:.80}")
+
+
+def delivery_too_large(name: str, tag: int, size: int, capacity: int) -> FrameTooLarge:
+    return FrameTooLarge(
+        f"delivery {tag} of {size} bytes (header included) exceeds max_frame_bytes="
+        f"{capacity - FRAME_HEADER.size} of ring {name!r}; raise ring_size_bytes or lower "
+        "max_message_bytes in the Config"
+    )
+
+
 def already_attached(worker: int) -> ConfigError:
     return ConfigError(f"worker {worker} already has a ring; detach() it before attaching another")
 
@@ -804,8 +816,10 @@ class Dispatcher:
         return tags
 
     def set_accepting(self, worker: int, accepting: bool) -> None:
-        """Whether ``dispatch`` may choose ``worker`` (``dispatch_to`` always may)."""
-        self._accepting[check_worker(worker, self._n)] = bool(accepting)
+        """Whether ``dispatch`` may choose ``worker`` (``dispatch_to`` always may); a worker with
+        no ring accepts nothing."""
+        worker = check_worker(worker, self._n)
+        self._accepting[worker] = bool(accepting) and self._rings[worker] is not None
 
     def allow(self, queue: int, workers: Iterable[int]) -> None:
         """Only ``workers`` take deliveries of ``queue`` (all do, until this is called)."""
@@ -827,6 +841,8 @@ class Dispatcher:
         full = [False] * self._n
         picks: list[int] = []
         for item in items:
+            if len(item) != 4:
+                raise bad_item(item)
             queue = check_queue(item[2], self._queues)
             allowed = self._allowed[queue]
             best = -1
@@ -844,6 +860,8 @@ class Dispatcher:
         worker = check_worker(worker, self._n)
         items = list(items)
         for item in items:
+            if len(item) != 4:
+                raise bad_item(item)
             check_queue(item[2], self._queues)
         if self._rings[worker] is None:
             return items
@@ -856,7 +874,7 @@ class Dispatcher:
         assert ring is not None
         size = DELIVERY.size + memoryview(item[3]).nbytes  # type: ignore[arg-type]
         if record_bytes(size) > ring.capacity_bytes:
-            raise too_large(ring.name, 0, size, ring.capacity_bytes)
+            raise delivery_too_large(ring.name, item[0], size, ring.capacity_bytes)
 
     def _write(self, items: list[tuple[int, int, int, object]], picks: list[int]) -> list[tuple[int, int, int, object]]:
         for w in range(self._n):
@@ -930,7 +948,7 @@ class AckWindow:
     def __init__(self, first: int = 1) -> None:
         first = operator.index(first)
         if first < 1:
-            raise ConfigError(f"first must be >= 1, got {first}")
+            raise ValueError(f"first must be >= 1, got {first}")
         self._first = first  # the lowest tag not covered by an ack yet
         self._state: list[int] = []  # per tag from _first: _DONE, _ACKED bits
 

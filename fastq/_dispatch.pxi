@@ -9,7 +9,6 @@ from libc.stdint cimport uint16_t
 from libc.string cimport memmove
 from operator import index as operator_index
 
-from fastq.errors import ConfigError
 
 from fastq._core_py import DispatcherStatistics
 
@@ -92,7 +91,8 @@ cdef class Dispatcher:
         return tags
 
     def set_accepting(self, worker, accepting):
-        self._accepting[<Py_ssize_t>_check_worker(worker, self._n)] = 1 if accepting else 0
+        cdef Py_ssize_t w = _check_worker(worker, self._n)
+        self._accepting[w] = 1 if accepting and self._rings[w] is not None else 0
 
     def allow(self, queue, workers):
         cdef Py_ssize_t q = _check_queue(queue, self._queues), w
@@ -114,6 +114,8 @@ cdef class Dispatcher:
         memset(self._extra, 0, self._n * sizeof(Py_ssize_t))
         for i in range(n):
             item = todo[i]
+            if len(item) != 4:  # indexing below skips bounds checks (boundscheck=False)
+                raise _ref.bad_item(item)
             q = _check_queue(item[2], self._queues)
             best = -1
             for w in range(self._n):
@@ -132,6 +134,8 @@ cdef class Dispatcher:
         cdef list todo = list(items)
         cdef Py_ssize_t* pick = self._picks(len(todo))
         for item in todo:
+            if len(item) != 4:
+                raise _ref.bad_item(item)
             _check_queue(item[2], self._queues)
         if self._rings[w] is None:
             return todo
@@ -149,14 +153,15 @@ cdef class Dispatcher:
             self._pick_cap = 1
         return self._pick
 
-    cdef int _check_size(self, Py_ssize_t w, tuple item) except -1:
+    cdef int _check_size(self, Py_ssize_t w, object item) except -1:
         cdef Ring ring = self._rings[w]
         cdef Py_buffer view
-        PyObject_GetBuffer(item[3], &view, PyBUF_SIMPLE)
+        body = item[3]  # an object, not a tuple: indexed with bounds checks, lists work too
+        PyObject_GetBuffer(body, &view, PyBUF_SIMPLE)
         size = sizeof(DeliveryHeader) + view.len
         PyBuffer_Release(&view)
         if _record(size) > ring._cap:
-            raise _too_large(ring.name, 0, size, ring._cap)
+            raise _ref.delivery_too_large(ring.name, item[0], size, ring._cap)
         return 0
 
     cdef list _write(self, list todo, Py_ssize_t* pick):
@@ -187,7 +192,7 @@ cdef class Dispatcher:
             tags = self._tags[w]
             for j in range(written):
                 PySet_Add(tags, todo[<Py_ssize_t>mine[j]][0])
-            self._load[w] += written
+            self._load[w] = len(tags)  # a tag given twice is held once, as in the twin
             self._dispatched += written
             for j in range(written, k):
                 pick[<Py_ssize_t>mine[j]] = -1
@@ -246,7 +251,7 @@ cdef class AckWindow:
     def __cinit__(self, first=1):
         first = operator_index(first)
         if first < 1:
-            raise ConfigError(f"first must be >= 1, got {first}")
+            raise ValueError(f"first must be >= 1, got {first}")
         self._first = first
         self._start = self._len = self._cap = 0
 

@@ -97,9 +97,10 @@ class RingReader:
 
     def __init__(self, ring: Ring, on_frames: Callable[[list[bytes]], object], max_frames: int = 1024,
                  *, on_closed: Callable[[], object] | None = None,
-                 arm_when: Callable[[], bool] | None = None) -> None:
+                 arm_when: Callable[[], bool] | None = None,
+                 on_error: Callable[[BaseException], object] | None = None) -> None:
         self.ring, self.on_frames, self.max_frames = ring, on_frames, max_frames
-        self.on_closed, self.arm_when = on_closed, arm_when
+        self.on_closed, self.arm_when, self.on_error = on_closed, arm_when, on_error
         #: the producer will write the wake-up descriptor at its next put
         self.armed = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -108,7 +109,7 @@ class RingReader:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._fd = self.ring.fileno()
-        self._loop.add_reader(self._fd, self.drain)
+        self._loop.add_reader(self._fd, self._readable)
         self._loop.call_soon(self.drain)  # frames that came before we listened
 
     def stop(self) -> None:
@@ -116,9 +117,28 @@ class RingReader:
             self._loop.remove_reader(self._fd)
         self._fd = -1
 
+    def _readable(self) -> None:
+        # The descriptor is level-triggered: take its wake-up even when not armed (a wake-up
+        # sent as a request was withdrawn), or the loop would call us again at once, forever.
+        if self._fd >= 0:
+            self.ring.clear_wakeup()
+            self.armed = False
+        self.drain()
+
     def drain(self) -> bool:
         """Read and hand on every frame there is now; False once the ring is closed and drained
-        (the reader stops itself then)."""
+        (the reader stops itself then). An error in ``on_frames`` stops the reader and goes to
+        ``on_error`` (raised when there is none): a stream that stopped must not look alive."""
+        try:
+            return self._drain()
+        except Exception as e:
+            self.stop()
+            if self.on_error is None:
+                raise
+            self.on_error(e)
+            return False
+
+    def _drain(self) -> bool:
         ring = self.ring
         if self._fd < 0:
             return False

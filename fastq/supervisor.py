@@ -121,8 +121,11 @@ class Supervisor:
         pinned = plan.pinned or (None,) * plan.processes
         self.workers = [_Worker(i, pinned[i]) for i in range(plan.processes)]
         self.dispatcher = Dispatcher(plan.processes, len(queues))
+        #: per queue index, the workers that may run it (the plan's processes=)
+        self.allowed = [set(range(plan.processes)) for _ in queues]
         for q in plan.queues:
             if q.name in self.queue_index and len(q.workers) < plan.processes:
+                self.allowed[self.queue_index[q.name]] = set(q.workers)
                 self.dispatcher.allow(self.queue_index[q.name], q.workers)
         self.settled = collections.Counter[str]()
         self.exits: set[asyncio.Task[None]] = set()  # workers being replaced
@@ -151,7 +154,7 @@ class Supervisor:
         w.process.start()
         loop = asyncio.get_running_loop()
         loop.add_reader(w.process.sentinel, self.worker_exited, w)
-        w.reader = RingReader(w.outbox, functools.partial(self.completions, w))
+        w.reader = RingReader(w.outbox, functools.partial(self.completions, w), on_error=self.reader_failed)
         w.reader.start()
 
     def worker_exited(self, w: _Worker) -> None:
@@ -168,6 +171,12 @@ class Supervisor:
         self.tasks.add(task)
         task.add_done_callback(self._task_done)
         return task
+
+    def reader_failed(self, e: BaseException) -> None:
+        """A completion reader hit a bug of ours: stop as SIGTERM does (what is unsettled goes
+        back to the broker) rather than run on with a stream nobody reads."""
+        logger.error("reading completions failed; stopping", exc_info=e)
+        self.stop()
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self.tasks.discard(task)
@@ -279,11 +288,15 @@ class Supervisor:
     def place_suspects(self) -> None:
         d = self.dispatcher
         alive = [w for w in self.workers if w.ready and not w.leaving and w.process.is_alive()]
-        for w in alive:  # each alone on an idle worker
+        for w in alive:  # each alone on an idle worker that may run its queue
             if not self.suspects:
                 break
             if w.solo is None and not d.in_flight(w.index):
-                tag = self.suspects.popleft()
+                tag = next((t for t in self.suspects
+                            if w.index in self.allowed[self.queue_index[self.pending[t].queue]]), None)
+                if tag is None:
+                    continue
+                self.suspects.remove(tag)
                 if d.dispatch_to(w.index, [self.pending[tag].item]):
                     self.suspects.appendleft(tag)  # its ring is closed: the worker is going
                     continue
@@ -367,6 +380,8 @@ class Supervisor:
             w.solo = None  # the suspect passed (or failed in an ordinary way)
             self.refresh(w)
         self.settle(ack, retry, dead, [])
+        if self.want_to_leave and self.recycling is None:
+            self.let_one_go()  # a go-ahead refused earlier (its ring was full) is tried again
         if self.backlog or self.suspects:
             self.dispatch_backlog()
 

@@ -83,8 +83,11 @@ class Task:
         self.app, self.fn, self.name, self.options = app, fn, name, options
         self.is_async = inspect.iscoroutinefunction(fn)
         self.signature = inspect.signature(fn)
-        #: every parameter given positionally: no binding needed
-        self.arity = len(self.signature.parameters)
+        #: a call with exactly this many positional arguments needs no binding (-1: always bind,
+        #: as a keyword-only parameter cannot be given positionally)
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        self.arity = (len(self.signature.parameters)
+                      if all(p.kind in positional for p in self.signature.parameters.values()) else -1)
         for p in self.signature.parameters.values():
             if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 raise ConfigError(

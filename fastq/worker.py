@@ -41,6 +41,8 @@ READY = 3
 RETIRE = 4
 #: the exit code of a worker that left on purpose (max_tasks, max_memory): EX_TEMPFAIL
 EXIT_RECYCLED = 75
+#: the exit code of a worker that stopped on a bug of its own (logged); its messages are handed on
+EXIT_FAILED = 70
 #: a delivery that trips an internal error of the worker is retried this often, then dead
 INTERNAL_RETRIES = 3
 #: completions held back while frames still wait for a slot: at most this long, this many
@@ -104,11 +106,15 @@ def main(spec_bytes: bytes) -> None:
     pin(spec.cpu, spec.index)
     app = _load.load(spec.app)
     runtime = Runtime(spec, app)
-    run_loop(runtime.serve())
-    # Completions are flushed and the ring closed: leave now, without joining handler threads
-    # that a timeout abandoned (they would keep this process, and its core, forever).
-    logging.shutdown()
-    os._exit(EXIT_RECYCLED if runtime.retired else 0)
+    code = EXIT_FAILED
+    try:
+        run_loop(runtime.serve())
+        code = EXIT_RECYCLED if runtime.retired else 0
+    finally:
+        # Completions are flushed and the ring closed: leave now, without joining handler threads
+        # that a timeout abandoned (they would keep this process, and its core, forever).
+        logging.shutdown()
+        os._exit(code)
 
 
 def die_with_parent(parent: int) -> None:
@@ -170,7 +176,7 @@ class Runtime:
         # them when a handler finishes instead of being woken for each (no syscall per frame on
         # either side).
         self.reader = RingReader(self.inbox, self.on_frames, 256, on_closed=self.on_closed,
-                                 arm_when=lambda: self.free > len(self.waiting))
+                                 arm_when=lambda: self.free > len(self.waiting), on_error=self.failed)
         self.reader.start()
         try:
             await self.finished
@@ -181,19 +187,26 @@ class Runtime:
             self.outbox.close()
 
     def on_frames(self, frames: list[bytes]) -> None:
-        if not self.asked and self.retiring():
-            # Ask; the supervisor lets one worker go at a time and says so with a frame of tag 0
-            # after the last message it gives us. Until then, work as usual.
-            self.outbox.put(COMPLETION.pack(0, RETIRE, 0.0), timeout=60)
-            self.asked = True
         if DELIVERY.unpack_from(frames[-1])[0] == 0:  # the go-ahead, always last
             frames.pop()
             self.retired = True
             self.reader.stop()  # nothing more comes: finish what we have, then go
         self.started += len(frames)
-        self.waiting.extend(frames)
+        self.waiting.extend(frames)  # first: whatever happens below, these are ours to run
+        if not self.asked and not self.retired and self.retiring():
+            # Ask; the supervisor lets one worker go at a time and says so with a frame of tag 0
+            # after the last message it gives us. Until then, work as usual.
+            self.asked = True
+            self.outbox.put(COMPLETION.pack(0, RETIRE, 0.0), timeout=60)
         if not self.pulling:  # handle() feeds after it decided about the flush
             self.feed()
+
+    def failed(self, e: BaseException) -> None:
+        """Reading our input failed (a bug of ours): end the worker; the supervisor hands what
+        it holds to the others."""
+        logger.error("worker %d: reading deliveries failed; exiting", self.spec.index, exc_info=e)
+        if not self.finished.done():
+            self.finished.set_exception(e)
 
     def on_closed(self) -> None:
         """The supervisor closed our input: finish what we have, then go."""
@@ -202,7 +215,7 @@ class Runtime:
 
     def feed(self) -> None:
         """Start handlers for waiting frames while slots are free; finish when all is done."""
-        while self.waiting and self.free:
+        while self.waiting and self.free > 0:
             self.free -= 1
             t = self.loop.create_task(self.handle(self.waiting.popleft()))
             self.running.add(t)  # a strong reference: the loop keeps only a weak one

@@ -127,7 +127,14 @@ class Broker(abc.ABC):
     ) -> list[Delivery]:
         """Settle as ``settle`` does, then take up to ``fetch`` deliveries as ``fetch`` does: what
         a consumer does after each batch of work. Backends that can do both in one round trip
-        override this; the supervisor calls nothing else on its hot path."""
+        override this; the supervisor calls nothing else on its hot path.
+
+        When it raises, the supervisor sends the same outcomes again later, so settling must be
+        idempotent (a tag settled already is ignored), and deliveries taken before the error
+        must come back to some consumer (a lease that lapses, a channel that closes). The
+        default settles, then fetches: a failed fetch settles again next time, which the
+        memory and SQLite brokers ignore.
+        """
         if ack or retry or dead or release:
             await self.settle(queue, ack=ack, retry=retry, dead=dead, release=release)
         if fetch <= 0:

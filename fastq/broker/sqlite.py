@@ -106,7 +106,15 @@ def _pack(headers: dict[str, str] | None) -> bytes | None:
 
 
 def _unpack(raw: bytes | None) -> dict[str, str] | None:
-    return None if raw is None else _headers_decoder.decode(raw)
+    """Headers as stored; ones that do not decode (another writer's) are dropped with a warning,
+    so that a claimed message is still delivered instead of staying leased."""
+    if raw is None:
+        return None
+    try:
+        return _headers_decoder.decode(raw)
+    except msgspec.DecodeError as e:
+        logger.warning("dropping stored headers that are not a msgpack map of strings: %s", e)
+        return None
 
 
 def parse_url(url: str) -> tuple[str, dict[str, list[str]]]:
@@ -176,10 +184,11 @@ class SqliteBroker(Broker):
         db.execute("BEGIN IMMEDIATE")
         try:
             result = work(db)
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # never leave a long-lived connection holding the lock
+                db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
         return result
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -277,7 +286,7 @@ class SqliteBroker(Broker):
             try:
                 out = self._exchange(queue, settle, fetch, self._loop_connection())
             except sqlite3.OperationalError as e:
-                if e.sqlite_errorcode != sqlite3.SQLITE_BUSY:  # type: ignore[attr-defined]
+                if e.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:  # any BUSY_*  # type: ignore[attr-defined]
                     raise
             else:
                 # Fairness: SQLite's waiters sleep and poll, so a writer that starts again at once

@@ -6,7 +6,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastq.errors import ConfigError
 
 
 def test_the_prefix_moves_only_over_complete_tags(ring_impl):
@@ -43,7 +42,7 @@ def test_a_tag_below_the_window_is_refused_with_the_reason(ring_impl):
     assert w.ack_prefix() == 10
     with pytest.raises(ValueError, match=r"^tag 10 is below the window, which starts at 11: it was acked already$"):
         w.done([10])
-    with pytest.raises(ConfigError, match=r"^first must be >= 1, got 0$"):
+    with pytest.raises(ValueError, match=r"^first must be >= 1, got 0$"):
         ring_impl.AckWindow(first=0)
 
 

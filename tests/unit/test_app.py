@@ -171,3 +171,14 @@ MODULE_APP = fastq.App("module-level", broker="memory://module-app")
 
 def test_import_spec_names_the_module_and_the_global():
     assert MODULE_APP.import_spec() == "test_app:MODULE_APP"
+
+
+def test_positional_arguments_never_fill_keyword_only_parameters():
+    app = fastq.App("kw", broker="memory://kw-only")
+
+    @app.task
+    def tag(name: str, *, color: str) -> None: ...
+
+    with pytest.raises(TypeError):
+        tag.message("a", "red")
+    assert tag.message("a", color="red").message_id

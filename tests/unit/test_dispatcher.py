@@ -139,7 +139,7 @@ def test_a_body_too_large_for_the_ring_raises_before_anything_is_written(two, ri
     d = ring_impl.Dispatcher(1)
     ring = make_ring(256)
     d.attach(0, ring)
-    with pytest.raises(FrameTooLarge, match=r"^frame 0 of 314 bytes exceeds max_frame_bytes=252 "):
+    with pytest.raises(FrameTooLarge, match=r"^delivery 2 of 314 bytes \(header included\) exceeds max_frame_bytes=252 of ring '.*'; raise ring_size_bytes or lower max_message_bytes in the Config$"):
         d.dispatch([(1, 0, 0, b""), (2, 0, 0, bytes(300))])
     assert d.in_flight(0) == 0
     assert ring.statistics().frames == 0
@@ -203,3 +203,28 @@ def test_both_implementations_write_the_same_bytes(make_ring):
             r.close()
             r.unlink()
     assert out[0] == out[1] == [struct.pack("<QIH", 2**40 + 1, 7, 3) + b"payload", struct.pack("<QIH", 5, 0, 3)]
+
+
+def test_a_detached_worker_accepts_nothing_even_when_told_to(two):
+    d, rings = two
+    d.detach(0)
+    d.set_accepting(0, True)
+    assert d.dispatch([(1, 0, 0, b"x")]) == []
+    assert [t for t, *_ in deliveries(rings[1])] == [1]
+
+
+def test_items_may_be_lists_and_short_ones_are_refused(two):
+    d, rings = two
+    assert d.dispatch([[1, 0, 0, b"x"]]) == []
+    with pytest.raises(TypeError, match=r"^a delivery is \(tag, retries, queue index, body\), got \(2, 0, 0\)$"):
+        d.dispatch([(2, 0, 0)])
+    with pytest.raises(TypeError, match=r"^a delivery is"):
+        d.dispatch_to(1, [(3,)])
+
+
+def test_a_tag_given_twice_is_held_once(two):
+    d, _ = two
+    d.dispatch_to(0, [(5, 0, 0, b""), (5, 0, 0, b"")])
+    assert d.in_flight(0) == 1
+    d.complete(0, [done(5)])
+    assert d.in_flight(0) == 0

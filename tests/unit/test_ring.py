@@ -465,3 +465,56 @@ def test_liveness_can_be_asked_on_a_closed_handle(ring_impl, make_ring):
     assert ring.producer_alive() is False
     other.close()
     assert ring.consumer_alive() is False
+
+
+def test_a_reader_that_is_not_armed_takes_a_stray_wake_up_instead_of_spinning(make_ring):
+    import fastq.ring
+    from fastq._core_py import CONSUMER, send_wakeup, wakeup_address
+
+    ring = make_ring()
+    got: list[bytes] = []
+    calls = 0
+
+    async def main() -> None:
+        nonlocal calls
+        # Given a reader whose owner polls (never armed), and a wake-up nobody asked for
+        reader = fastq.ring.RingReader(ring, got.extend, arm_when=lambda: False)
+        original = reader._readable
+
+        def counted() -> None:
+            nonlocal calls
+            calls += 1
+            original()
+
+        reader._readable = counted  # type: ignore[method-assign]
+        reader.start()
+        send_wakeup(wakeup_address(ring.name, CONSUMER))
+        # When the loop runs a while
+        await asyncio.sleep(0.1)
+        reader.stop()
+
+    asyncio.run(main())
+    # Then the descriptor was read once, not once per loop iteration
+    assert calls == 1
+
+
+def test_a_reader_whose_handler_fails_stops_and_says_so(make_ring):
+    import fastq.ring
+
+    ring = make_ring()
+    errors: list[BaseException] = []
+
+    def broken(frames: list[bytes]) -> None:
+        raise KeyError("a bug")
+
+    async def main() -> None:
+        reader = fastq.ring.RingReader(ring, broken, on_error=errors.append)
+        reader.start()
+        ring.put(b"x")
+        await asyncio.sleep(0.05)
+        ring.put(b"y")  # nobody reads on: the failure stopped the stream, loudly
+        await asyncio.sleep(0.05)
+
+    asyncio.run(main())
+    assert [type(e) for e in errors] == [KeyError]
+    assert ring.get_many_nowait() == [b"y"]
