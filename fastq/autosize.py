@@ -143,6 +143,9 @@ class QueuePlan(msgspec.Struct, frozen=True, kw_only=True):
     prefetch: int
     concurrency_rule: str
     prefetch_rule: str
+    #: set by the user: the controller never moves them
+    user_concurrency: bool = False
+    user_prefetch: bool = False
 
 
 class Plan(msgspec.Struct, frozen=True, kw_only=True):
@@ -237,6 +240,13 @@ def _plan_queues(queues: Sequence[QueueSpec], cores: float, processes: int, t: T
     return tuple(planned)
 
 
+def split(concurrency: int, workers: Sequence[int], processes: int) -> tuple[int, ...]:
+    """A queue's host concurrency spread over its workers, as per-process counts."""
+    per, extra = divmod(concurrency, len(workers))
+    share = {w: per + (1 if i < extra else 0) for i, w in enumerate(workers)}
+    return tuple(share.get(i, 0) for i in range(processes))
+
+
 def _plan_queue(q: QueueSpec, cores: float, processes: int, workers: tuple[int, ...], w_rule: str,
                 t: Topology, config: Config) -> QueuePlan:
     kind: Literal["io", "cpu"] = "cpu" if q.kind == "cpu" else "io"
@@ -261,11 +271,10 @@ def _plan_queue(q: QueueSpec, cores: float, processes: int, workers: tuple[int, 
             prefetch = max(concurrency, cap)
             p_rule += (f", capped to {prefetch}: a quarter of {t.memory_bytes / 2**20:,.0f} MiB of "
                        f"memory holds {cap} messages of max_message_bytes={config.max_message_bytes}")
-    per, extra = divmod(concurrency, len(workers))
-    share = {w: per + (1 if i < extra else 0) for i, w in enumerate(workers)}
-    per_process = tuple(share.get(i, 0) for i in range(processes))
+    per_process = split(concurrency, workers, processes)
     return QueuePlan(name=q.name, kind=kind, workers=workers, workers_rule=w_rule, concurrency=concurrency,
-                     per_process=per_process, prefetch=prefetch, concurrency_rule=c_rule, prefetch_rule=p_rule)
+                     per_process=per_process, prefetch=prefetch, concurrency_rule=c_rule, prefetch_rule=p_rule,
+                     user_concurrency=user_concurrency is not None, user_prefetch=user_prefetch is not None)
 
 
 # -- the controller: from the starting plan, follow the load ----------------------------------
@@ -409,3 +418,38 @@ class Controller:
                 self.raised = True
         self.concurrency, self.prefetch = c, p
         return Decision(concurrency=c, prefetch=p, reason=reason)
+
+
+class LoadMeter:
+    """Reads the machine for the controller: how busy the pinned worker cores were since the
+    last read, and how much of the memory limit is still available (psutil, read here only)."""
+
+    def __init__(self, topology: Topology, cpus: Sequence[int]) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self.topology = topology
+        self.cpus = list(cpus) or list(topology.cpus)
+        self._last = self._times()
+
+    def _times(self) -> list[tuple[float, float]]:
+        per_cpu = self._psutil.cpu_times(percpu=True)
+        out = []
+        for cpu in self.cpus:
+            t = per_cpu[cpu] if cpu < len(per_cpu) else per_cpu[-1]
+            idle = t.idle + getattr(t, "iowait", 0.0)
+            out.append((sum(t) - idle, sum(t)))
+        return out
+
+    def busy(self) -> float:
+        """Share of the cores' time spent on work since the last call, 0..1."""
+        now, last = self._times(), self._last
+        self._last = now
+        used = sum(n[0] - o[0] for n, o in zip(now, last))
+        total = sum(n[1] - o[1] for n, o in zip(now, last))
+        return min(1.0, max(0.0, used / total)) if total > 0 else 0.0
+
+    def memory_headroom(self) -> float:
+        """Share of the memory limit still available, 0..1."""
+        available = self._psutil.virtual_memory().available
+        return min(1.0, available / self.topology.memory_bytes) if self.topology.memory_bytes else 1.0

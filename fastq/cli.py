@@ -63,7 +63,8 @@ def _app_with_overrides(args: argparse.Namespace) -> Any:
     if not isinstance(app, App):
         raise UsageError(f"{args.app} is a {type(app).__name__}, not a fastq.App")
     overrides = {k: v for k, v in (("processes", args.processes), ("concurrency", args.concurrency),
-                                   ("prefetch", args.prefetch), ("broker_url", args.broker)) if v is not None}
+                                   ("prefetch", args.prefetch), ("broker_url", args.broker),
+                                   ("autosize", getattr(args, "autosize", None))) if v is not None}
     try:
         app.config = msgspec.structs.replace(app.config, **overrides)  # validated: the setting is named
     except ConfigError as e:
@@ -128,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--concurrency", type=int, help="handlers at once per queue, whole host")
         sub.add_argument("--prefetch", type=int, help="unacked messages per queue, whole host")
         sub.add_argument("--broker", help="broker URL (default: the app's)")
+    work.add_argument("--autosize", action=argparse.BooleanOptionalAction, default=None,
+                      help="follow the load, moving what you did not set (default: on, or FASTQ_AUTOSIZE)")
     work.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     show.add_argument("--json", action="store_true", help="the plan as JSON, every number with its rule")
     args = parser.parse_args(argv)

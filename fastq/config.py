@@ -30,6 +30,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     concurrency: int | None = None
     prefetch: int | None = None
     pin_cpus: bool = True
+    #: follow the load: move concurrency and prefetch that you did not set (see fastq.autosize)
+    autosize: bool = True
     ring_size_bytes: int = 2 << 20
     batch_max: int = 256
     max_message_bytes: int = 1 << 20

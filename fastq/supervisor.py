@@ -24,6 +24,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import time
 from typing import Any
 
 import msgspec
@@ -70,6 +71,8 @@ class _Worker:
         self.failures = 0
         #: allowed to leave (recycle): it gets no new work, only the go-ahead frame
         self.leaving = False
+        #: the handler slots this worker was told it has
+        self.slots = 0
         self.reader: RingReader | None = None
 
 
@@ -101,7 +104,13 @@ class Supervisor:
         self.log_level = log_level
         self.broker = app.broker
         self.prefetch = {q.name: q.prefetch for q in plan.queues}
-        self.concurrency = max(1, max(sum(q.per_process[i] for q in plan.queues) for i in range(plan.processes)))
+        #: each queue's concurrency on the host now (the plan's, then the controller's)
+        self.queue_concurrency = {q.name: q.concurrency for q in plan.queues}
+        #: handler slots per worker process: the busiest process's share of all queues
+        self.concurrency = self.slots_needed()
+        self.settled_by_queue = collections.Counter[str]()
+        #: the controller's recent changes: (unix time, queue, reason), newest last
+        self.decisions: collections.deque[tuple[float, str, str]] = collections.deque(maxlen=100)
         self.pending: dict[int, _Pending] = {}
         self.backlog: collections.deque[tuple[int, int, int, bytes]] = collections.deque()  # items dispatched nowhere yet
         self.suspects: collections.deque[int] = collections.deque()  # held by a worker that died
@@ -144,6 +153,7 @@ class Supervisor:
         w.ready = w.leaving = False
         self.dispatcher.attach(w.index, w.inbox)
         self.refresh(w)  # accepts work once READY
+        w.slots = self.concurrency
         spec = worker.WorkerSpec(index=w.index, parent=os.getpid(), cpu=w.cpu, app=self.app_spec, queues=tuple(self.queues),
                                  input_ring=w.inbox.name, output_ring=w.outbox.name,
                                  concurrency=self.concurrency, log_level=self.log_level,
@@ -347,6 +357,7 @@ class Supervisor:
             del self.settling[queue]
             if settling:
                 self.in_flight[queue] -= settling
+                self.settled_by_queue[queue] += settling
                 for kind, items in parts.items():
                     self.settled[kind] += len(items)
                 self.settled_event.set()
@@ -363,6 +374,73 @@ class Supervisor:
                 too_large = []
             if deliveries:
                 self.dispatch_backlog()
+
+    # -- autosize ---------------------------------------------------------------------------
+
+    def slots_needed(self) -> int:
+        from fastq.autosize import split
+
+        plans = {q.name: q for q in self.plan.queues}
+        shares = [split(self.queue_concurrency[name], plans[name].workers, self.plan.processes)
+                  for name in self.queue_concurrency]
+        return max(1, max(sum(s[i] for s in shares) for i in range(self.plan.processes)))
+
+    async def control(self) -> None:
+        """Every CONTROL_INTERVAL seconds: read the load, let each queue's controller decide,
+        apply what changed (prefetch at once; concurrency by telling each worker its slots)."""
+        from fastq.autosize import CONTROL_INTERVAL, Controller, LoadMeter, Sample
+
+        meter = LoadMeter(self.plan.topology, self.plan.pinned)
+        controllers = {q.name: Controller(q, user_concurrency=q.user_concurrency, user_prefetch=q.user_prefetch)
+                       for q in self.plan.queues if q.name in self.queue_index}
+        loop = asyncio.get_running_loop()
+        last, counted = loop.time(), collections.Counter(self.settled_by_queue)
+        while not self.stopping:
+            await asyncio.sleep(CONTROL_INTERVAL)
+            now = loop.time()
+            elapsed, last = now - last, now
+            busy, headroom = meter.busy(), meter.memory_headroom()
+            for name, controller in controllers.items():
+                throughput = (self.settled_by_queue[name] - counted[name]) / elapsed
+                try:
+                    backlog = (await self.broker.queue_depth(name)).ready
+                except Exception as e:  # noqa: BLE001 - the broker is down: decide next time
+                    logger.warning("autosize: no queue depth for %r (%s); holding", name, e)
+                    continue
+                latency = self.in_flight[name] / throughput if throughput > 0 else elapsed
+                d = controller.step(Sample(busy=busy, backlog=backlog, throughput=throughput,
+                                           latency=latency, memory_headroom=headroom))
+                if d.reason:
+                    logger.info("autosize: queue %r: %s; concurrency %d, prefetch %d",
+                                name, d.reason, d.concurrency, d.prefetch)
+                    self.decisions.append((time.time(), name, d.reason))
+                    self.prefetch[name] = d.prefetch
+                    self.queue_concurrency[name] = d.concurrency
+                    self.wake[name].set()
+            counted = collections.Counter(self.settled_by_queue)
+            self.concurrency = self.slots_needed()
+            self.tell_slots()
+
+    def tell_slots(self) -> None:
+        """Send each live worker its handler slots where they changed (a full ring: next time)."""
+        for w in self.workers:
+            if w.slots != self.concurrency and w.ready and not w.leaving and w.process.is_alive():
+                try:
+                    w.inbox.put_nowait(DELIVERY.pack(0, self.concurrency, worker.CONTROL_QUEUE))
+                    w.slots = self.concurrency
+                except (RingFull, RingClosed):
+                    pass
+
+    def statistics(self) -> dict[str, Any]:
+        """Per queue: concurrency, prefetch, in flight and settled; and the controller's recent
+        decisions with their reasons."""
+        return {
+            "queues": {q: {"concurrency": self.queue_concurrency[q], "prefetch": self.prefetch[q],
+                           "in_flight": self.in_flight[q], "settled": self.settled_by_queue[q]}
+                       for q in self.queues},
+            "handler_slots_per_worker": self.concurrency,
+            "decisions": list(self.decisions),
+        }
 
     # -- completions ------------------------------------------------------------------------
 
@@ -478,6 +556,8 @@ class Supervisor:
             for w in self.workers:
                 self.start_worker(w)
             self.pumps = [self.spawn(self.pump(q)) for q in self.queues]
+            if self.config.autosize:
+                self.spawn(self.control())
             await self.stopped.wait()  # they stop fetching once stopping, and settle on
             deadline = loop.time() + self.config.shutdown_timeout
             while (self.pending and not self.stop_now.is_set() and loop.time() < deadline

@@ -39,6 +39,9 @@ OK, RETRY, DEAD = STATUS_OK, 1, 2
 READY = 3
 #: a worker past max_tasks or max_memory asks to leave (tag 0); it goes when a delivery of tag 0 comes
 RETIRE = 4
+#: a delivery of tag 0 to this queue index sets the worker's handler slots to its ``retries``
+#: field (the autosize controller moved the concurrency)
+CONTROL_QUEUE = 0xFFFF
 #: the exit code of a worker that left on purpose (max_tasks, max_memory): EX_TEMPFAIL
 EXIT_RECYCLED = 75
 #: the exit code of a worker that stopped on a bug of its own (logged); its messages are handed on
@@ -136,7 +139,7 @@ class Runtime:
         self.inbox = Ring.attach(spec.input_ring)
         self.outbox = Ring.attach(spec.output_ring)
         #: handler slots free (of spec.concurrency), and frames read but not started yet
-        self.free = spec.concurrency
+        self.free = self.concurrency = spec.concurrency
         self.waiting: collections.deque[bytes] = collections.deque()
         self.pool = concurrent.futures.ThreadPoolExecutor(max(4, spec.concurrency))
         self.done: list[bytes] = []
@@ -220,13 +223,20 @@ class Runtime:
             t = self.loop.create_task(self.handle(self.waiting.popleft()))
             self.running.add(t)  # a strong reference: the loop keeps only a weak one
             t.add_done_callback(self.running.discard)
-        idle = self.free == self.spec.concurrency
+        idle = self.free == self.concurrency
         if (self.retired or self.input_closed) and not self.waiting and idle:
             if not self.finished.done():
                 self.finished.set_result(None)
 
     async def handle(self, frame: bytes) -> None:
         tag, retries, queue_index = DELIVERY.unpack_from(frame)
+        if tag == 0 and queue_index == CONTROL_QUEUE:  # not a message: new handler slots
+            logger.info("worker %d: %d handler slots (was %d)", self.spec.index, retries, self.concurrency)
+            self.free += retries - self.concurrency + 1  # + 1: the slot this frame took
+            self.concurrency = retries
+            self.started -= 1
+            self.feed()
+            return
         body = memoryview(frame)[DELIVERY.size :]
         try:
             status, delay, reason = await self.run(body, retries, queue_index)

@@ -126,7 +126,9 @@ class Bench:
         if prefetch == "x3":
             prefetch = 3 * len(os.sched_getaffinity(0))
         assert prefetch is None or isinstance(prefetch, int)
-        config = Config(broker_url=app.config.broker_url, concurrency=concurrency, prefetch=prefetch)
+        # The settings in the table, held: the controller (autosize) is measured on its own.
+        config = Config(broker_url=app.config.broker_url, concurrency=concurrency, prefetch=prefetch,
+                        autosize=False)
         the_plan = plan(Topology.detect(), [QueueSpec(name=scenario, kind=task.options.kind)], config)
         sup = Supervisor(app, self.spec, the_plan, config, [scenario])
         enqueue = 0.0

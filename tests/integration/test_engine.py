@@ -36,6 +36,12 @@ def _record(line: bytes) -> None:
 async def record(n: int) -> None:
     _record(b"%d\\n" % n)
 
+@app.task(queue="slow", kind="io")
+async def slow(n: int) -> None:
+    import asyncio
+    await asyncio.sleep(0.01)
+    _record(b"%d\\n" % n)
+
 @app.task(queue="solo", kind="io", processes=1)
 async def where(n: int) -> None:
     _record(b"solo-%d %d\\n" % (os.getpid(), n))
@@ -392,3 +398,28 @@ def test_app_run_in_a_script_is_the_worker_and_drains_on_sigterm(engine):
     counts = collections.Counter(engine.lines())
     assert len(counts) == 5_000 and set(counts.values()) == {1}
     assert "fastq worker engine_app:app on sqlite://" in engine.logtext()
+
+
+def test_autosize_raises_the_concurrency_of_a_waiting_io_queue_and_loses_nothing(engine):
+    # Given 6,000 messages whose handler waits 10 ms, and the I/O formula's start (4 at once on
+    # 2 cores: 400/s, 15 s without help)
+    engine.app.app.broker.publish_sync("slow", [engine.app.slow.message(i) for i in range(6_000)])
+    engine.start("--processes", "2", "--queue", "slow", "--log-level", "info")
+    engine.wait_for_lines(6_000)
+    assert engine.stop() == 0
+    # Then the controller saw idle cores and a backlog, doubled concurrency and told the workers,
+    # and every message ran once
+    counts = collections.Counter(engine.lines())
+    assert len(counts) == 6_000 and set(counts.values()) == {1}
+    log = (engine.dir / "worker.log").read_text()
+    assert "autosize: queue 'slow': cores" in log and "messages wait: concurrency +4; concurrency 8, prefetch 40" in log
+    assert "worker 0: 4 handler slots (was 2)" in log and "worker 1: 4 handler slots (was 2)" in log
+
+
+def test_no_autosize_keeps_the_plan(engine):
+    engine.app.app.broker.publish_sync("slow", [engine.app.slow.message(i) for i in range(1_500)])
+    engine.start("--processes", "2", "--queue", "slow", "--log-level", "info", "--no-autosize")
+    engine.wait_for_lines(1_500)
+    time.sleep(2.5)  # a controller would have spoken by now (it looks every 2 s)
+    assert engine.stop() == 0
+    assert "autosize:" not in (engine.dir / "worker.log").read_text()
