@@ -283,12 +283,12 @@ def _plan_queue(q: QueueSpec, cores: float, processes: int, workers: tuple[int, 
 CONTROL_INTERVAL = 2.0
 IO_PREFETCH_FACTOR_MAX = 10
 CPU_PREFETCH_FACTOR_MAX = 3
-#: below this share of busy time on the worker cores, they count as idle
-IDLE_BELOW = 0.85
 #: memory headroom (share of the limit still available) under which prefetch comes down
 MEMORY_HEADROOM_MIN = 0.10
 #: a change of throughput smaller than this share counts as flat
 FLAT = 0.03
+#: an increase is kept when throughput grew by at least this share (noise is about half that)
+GAIN = 0.05
 #: intervals without an increase after a decrease or a step that did not pay
 COOLDOWN = 3
 #: intervals after which a ceiling is probed again (one step up, kept only if it pays)
@@ -323,14 +323,16 @@ class Controller:
     Rules, first match wins, once per interval:
     1. memory headroom under 10%: halve prefetch (down to the concurrency), then, for I/O,
        cut concurrency by a quarter;
-    2. the last increase did not pay (throughput grew by less than half as much as the
-       concurrency, or by under 3% for a prefetch step): if latency rose, take it back (a first
-       failure by a quarter at most, a probe entirely); either way that is the ceiling;
-    3. cores idle (under 85% busy) while a backlog waits: double I/O concurrency (up to 100 per
-       host, so 4 reaches 100 in six intervals), else raise the prefetch factor by one (I/O
-       x5..x10; CPU x2..x3, as CPU work never gets more than one handler per pinned core).
-    A ceiling holds until the load changes (the backlog empties, or throughput moves by a
-    quarter) or PROBE_AFTER intervals pass, when one step up is tried again; decreases hold
+    2. the last increase did not pay (throughput grew by under 5%): if latency rose, take it
+       back (halve what was doubled: the multiplicative decrease); either way that is the
+       ceiling;
+    3. a backlog waits: double I/O concurrency (up to 100 per host, so 4 reaches 100 in five
+       intervals), else raise the prefetch factor by one (I/O x5..x10; CPU x2..x3, as CPU work
+       never gets more than one handler per pinned core). Idle cores should make the step pay;
+       with busy ones, larger batches (less overhead per message) may.
+    A ceiling (kept apart for concurrency and for prefetch, so that one that stopped paying
+    leaves the other to try) holds until the load changes (the backlog empties, or throughput
+    moves by a quarter) or PROBE_AFTER intervals pass, when one step up is tried again; decreases hold
     increases for COOLDOWN intervals. So it settles instead of swinging, and a value the user
     set never moves.
     """
@@ -349,14 +351,13 @@ class Controller:
         self.cooldown = 0
         self.last: Sample | None = None
         self.raised = False  # the last step was an increase
-        #: the concurrency past which raising did not pay, and the throughput then; forgotten
-        #: when the load changes (the backlog empties, or throughput moves by a quarter)
-        self.ceiling: int | None = None
+        #: where raising concurrency, or the prefetch factor, stopped paying, and the throughput
+        #: then; forgotten when the load changes (the backlog empties, or throughput moves by a
+        #: quarter) or PROBE_AFTER intervals pass
+        self.capped = {"concurrency": False, "prefetch": False}
         self.ceiling_throughput = 0.0
         self.ceiling_age = 0
-        self.gain_needed = FLAT  # what the last increase should have added to throughput
         self.before = (self.concurrency, self.factor)  # what the last increase started from
-        self.probing = False  # the last increase tried a ceiling again
 
     def _prefetch_for(self, concurrency: int) -> int:
         return self.prefetch if self.fixed_prefetch else concurrency * self.factor
@@ -367,13 +368,12 @@ class Controller:
         raised, self.raised = self.raised, False
         if self.cooldown:
             self.cooldown -= 1
-        probe = False
-        if self.ceiling is not None:
+        if any(self.capped.values()):
             self.ceiling_age += 1
-            if s.backlog == 0 or abs(s.throughput - self.ceiling_throughput) > 0.25 * self.ceiling_throughput:
-                self.ceiling = None  # the load changed
-            elif self.ceiling_age > PROBE_AFTER:
-                self.ceiling, probe = None, True
+            if (s.backlog == 0 or self.ceiling_age > PROBE_AFTER
+                    or abs(s.throughput - self.ceiling_throughput) > 0.25 * self.ceiling_throughput):
+                # the load changed, or it is time to try one step up again
+                self.capped = dict.fromkeys(self.capped, False)
         c, p, reason = self.concurrency, self.prefetch, ""
         if s.memory_headroom < MEMORY_HEADROOM_MIN:
             if not self.fixed_prefetch and p > c:
@@ -384,35 +384,36 @@ class Controller:
                 p = min(p, self._prefetch_for(c))
                 reason = f"memory headroom {s.memory_headroom:.0%} with prefetch at its floor: concurrency cut by a quarter"
             self.cooldown = COOLDOWN
-        elif raised and last is not None and s.throughput < last.throughput * (1 + self.gain_needed):
-            # The last increase did not pay: back off if it only made messages wait longer, and
-            # do not climb past here again until the load changes.
-            # A probe goes back where it came from; a first failure backs off by a quarter, not
-            # below where it came from.
+        elif raised and last is not None and s.throughput < last.throughput * (1 + GAIN):
+            # The last increase did not pay: if it only made messages wait longer, take it back
+            # (a halving, when concurrency had doubled); either way, climb no further from here
+            # until the load changes.
             before_c, before_factor = self.before
+            dimension = "concurrency" if c != before_c else "prefetch"
             if s.latency > last.latency * (1 + 2 * FLAT):
                 if self.factor != before_factor:
                     self.factor = before_factor
                     p = self._prefetch_for(c)
                     reason = f"throughput flat while latency rose: prefetch back to concurrency x {self.factor}"
                 elif c != before_c:
-                    c = before_c if self.probing else max(before_c, c * 3 // 4)
+                    c = before_c
                     p = self._prefetch_for(c)
                     reason = (f"throughput flat at {s.throughput:,.0f}/s while latency rose to "
                               f"{s.latency * 1e3:.1f} ms: concurrency back to {c}")
-            self.ceiling, self.ceiling_throughput, self.ceiling_age = c, s.throughput, 0
+            self.capped[dimension] = True
+            self.ceiling_throughput, self.ceiling_age = s.throughput, 0
             self.cooldown = COOLDOWN
-        elif s.busy < IDLE_BELOW and s.backlog > 0 and not self.cooldown and self.ceiling is None:
-            self.before, self.probing = (c, self.factor), probe
-            if not self.fixed_concurrency and c < self.max_concurrency:
+        elif s.backlog > 0 and not self.cooldown:
+            # Each step is tried and kept only if it pays: with idle cores more at once should,
+            # with busy ones larger batches (less overhead per message) may.
+            self.before = (c, self.factor)
+            if not self.fixed_concurrency and c < self.max_concurrency and not self.capped["concurrency"]:
                 c = min(self.max_concurrency, 2 * c)
-                self.gain_needed = (c - self.concurrency) / self.concurrency / 2
                 p = self._prefetch_for(c)
                 reason = f"cores {s.busy:.0%} busy while {s.backlog} messages wait: concurrency +{c - self.concurrency}"
                 self.raised = True
-            elif not self.fixed_prefetch and self.factor < self.factor_max:
+            elif not self.fixed_prefetch and self.factor < self.factor_max and not self.capped["prefetch"]:
                 self.factor += 1
-                self.gain_needed = FLAT
                 p = self._prefetch_for(c)
                 reason = f"cores {s.busy:.0%} busy while {s.backlog} messages wait: prefetch to concurrency x {self.factor}"
                 self.raised = True

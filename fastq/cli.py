@@ -111,11 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastq", description="fastq: queued messages and tasks on every core")
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="measure fastq against the baselines on this machine")
-    bench.add_argument("suite", nargs="?", default="engine", choices=["engine", "ring"],
+    bench.add_argument("suite", nargs="?", default="engine", choices=["engine", "ring", "autosize"],
                        help="engine: noop/io/cpu handlers on memory:// and sqlite:// (default); ring: the rings alone")
     bench.add_argument("--runs", type=int, default=3, help="runs per scenario; the median is reported (default 3)")
     bench.add_argument("--sizes", default="100,1024,65536", help="frame sizes in bytes (default 100,1024,65536)")
-    bench.add_argument("--seconds", type=float, default=0.4, help="target length of one run (default 0.4)")
+    bench.add_argument("--seconds", type=float, default=None,
+                       help="length of one run: ring, default 0.4; autosize, the autosized runs, default 20")
     bench.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH ('-' for stdout)")
     send = commands.add_parser("send", help="enqueue one task call from a shell; prints its message id")
     send.add_argument("task", help="module:task, e.g. shop.tasks:send_receipt")
@@ -147,13 +148,19 @@ def main(argv: list[str] | None = None) -> int:
             from fastq._bench import engine
 
             return engine.main(runs=args.runs, json_path=args.json)
+        if args.suite == "autosize":
+            from fastq._bench import autosize
+
+            if args.seconds is not None and args.seconds < 5:
+                raise UsageError(f"--seconds must be >= 5 for the autosize suite, got {args.seconds:g}")
+            return autosize.main(seconds=args.seconds or 20.0, json_path=args.json)
         from fastq._bench import ring
 
         try:
             sizes = [int(s) for s in args.sizes.split(",")]
         except ValueError:
             raise UsageError(f"--sizes takes comma-separated integers, got {args.sizes!r}") from None
-        return ring.main(sizes=sizes, runs=args.runs, seconds=args.seconds, json_path=args.json)
+        return ring.main(sizes=sizes, runs=args.runs, seconds=args.seconds or 0.4, json_path=args.json)
     except UsageError as e:
         print(f"fastq {args.command}: {e}", file=sys.stderr)
         return RET_USAGE

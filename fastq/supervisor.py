@@ -394,11 +394,13 @@ class Supervisor:
         controllers = {q.name: Controller(q, user_concurrency=q.user_concurrency, user_prefetch=q.user_prefetch)
                        for q in self.plan.queues if q.name in self.queue_index}
         loop = asyncio.get_running_loop()
-        last, counted = loop.time(), collections.Counter(self.settled_by_queue)
         while not self.stopping:
-            await asyncio.sleep(CONTROL_INTERVAL)
-            now = loop.time()
-            elapsed, last = now - last, now
+            # Judge each interval by its second half: the first still carries the last change.
+            await asyncio.sleep(CONTROL_INTERVAL / 2)
+            meter.busy()
+            last, counted = loop.time(), collections.Counter(self.settled_by_queue)
+            await asyncio.sleep(CONTROL_INTERVAL / 2)
+            elapsed = loop.time() - last
             busy, headroom = meter.busy(), meter.memory_headroom()
             for name, controller in controllers.items():
                 throughput = (self.settled_by_queue[name] - counted[name]) / elapsed
@@ -417,7 +419,6 @@ class Supervisor:
                     self.prefetch[name] = d.prefetch
                     self.queue_concurrency[name] = d.concurrency
                     self.wake[name].set()
-            counted = collections.Counter(self.settled_by_queue)
             self.concurrency = self.slots_needed()
             self.tell_slots()
 

@@ -190,7 +190,8 @@ class Runtime:
             self.outbox.close()
 
     def on_frames(self, frames: list[bytes]) -> None:
-        if DELIVERY.unpack_from(frames[-1])[0] == 0:  # the go-ahead, always last
+        tag, _, queue_index = DELIVERY.unpack_from(frames[-1])
+        if tag == 0 and queue_index != CONTROL_QUEUE:  # the go-ahead to recycle, always last
             frames.pop()
             self.retired = True
             self.reader.stop()  # nothing more comes: finish what we have, then go

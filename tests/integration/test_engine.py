@@ -414,6 +414,7 @@ def test_autosize_raises_the_concurrency_of_a_waiting_io_queue_and_loses_nothing
     log = (engine.dir / "worker.log").read_text()
     assert "autosize: queue 'slow': cores" in log and "messages wait: concurrency +4; concurrency 8, prefetch 40" in log
     assert "worker 0: 4 handler slots (was 2)" in log and "worker 1: 4 handler slots (was 2)" in log
+    assert "recycled" not in log  # new slots are not a go-ahead to leave
 
 
 def test_no_autosize_keeps_the_plan(engine):

@@ -59,6 +59,7 @@ def test_send_enqueues_a_call_from_json_and_prints_its_id(shop, capsys):
         (["send", "clishop:charge", "[1,"], r"^fastq send: arguments '\[1,' are not JSON"),
         (["send", "clishop:charge", '[{"id": "x", "total": 1}]'], r"^fastq send: arguments do not fit .*Expected `int`, got `str`"),
         (["bench", "--runs", "0"], r"^fastq bench: --runs must be >= 1, got 0$"),
+        (["bench", "autosize", "--seconds", "2"], r"^fastq bench: --seconds must be >= 5 for the autosize suite, got 2$"),
         (["plan", "clishop:app", "--queue", "nope"], r"^fastq plan: queues \['nope'\] have no task or consumer in app 'cli'; known: \['orders'\]$"),
         (["plan", "clishop:charge"], r"^fastq plan: clishop:charge is a Task, not a fastq\.App$"),
         (["plan", "clishop:app", "--prefetch", "0"], r"^fastq plan: prefetch must be >= 1"),

@@ -67,11 +67,13 @@ def test_when_the_cores_fill_up_it_stops_climbing_and_does_not_swing():
     ctl = Controller(queue("io"))
     trace = run(ctl, 80, cpu_s=1e-3, wait_s=4e-3)
     concurrency = [c for c, _, _ in trace]
-    # Then it stops once the cores are busy (10 at once keep 2 cores full), and holds: with the
-    # cores busy there is nothing to probe
-    assert 10 <= concurrency[-1] <= 14
-    assert len(set(concurrency[-60:])) == 1
-    assert direction_changes(concurrency) <= 1
+    # Then it stops once the cores are busy (10 at once keep 2 cores full) and holds, but for a
+    # probe one step up every PROBE_AFTER intervals, taken back at once
+    settled = concurrency[-1]
+    assert settled == 16  # 8 left the cores idle, 16 filled them, 32 bought nothing
+    probes = [i for i, c in enumerate(concurrency[10:], 10) if c != settled]
+    assert all(concurrency[i] == 2 * settled and concurrency[i + 1] == settled for i in probes)
+    assert all(b - a > PROBE_AFTER for a, b in zip(probes, probes[1:]))
 
 
 def test_a_downstream_bottleneck_backs_off_once_and_settles():
@@ -81,9 +83,9 @@ def test_a_downstream_bottleneck_backs_off_once_and_settles():
     concurrency = [c for c, _, _ in trace]
     # Then it climbs while throughput grows and backs off once when it stops; from then on it
     # holds, but for a probe one step up every PROBE_AFTER intervals, taken back at once
-    assert trace[1][2] == "throughput flat at 1,000/s while latency rose to 40.0 ms: concurrency back to 6"
-    settled = concurrency[1]
-    probes = [i for i, c in enumerate(concurrency) if c != settled][1:]
+    assert trace[2][2] == "throughput flat at 1,000/s while latency rose to 80.0 ms: concurrency back to 8"
+    settled = concurrency[2]
+    probes = [i for i, c in enumerate(concurrency[3:], 3) if c != settled]
     assert probes and all(concurrency[i] == 2 * settled and concurrency[i + 1] == settled for i in probes)
     assert all(b - a > PROBE_AFTER for a, b in zip(probes, probes[1:]))
 
@@ -125,3 +127,22 @@ def test_a_new_load_after_a_settled_one_is_followed_again():
     # else at the next probe
     trace = run(ctl, PROBE_AFTER + COOLDOWN + 10, cpu_s=50e-6, wait_s=5e-3)
     assert trace[-1][0] == 100 > settled
+
+
+def test_busy_cores_probe_larger_batches_and_keep_them_only_while_they_pay():
+    # Given overhead-bound work: cores always busy, and throughput that grows with the batch
+    # (concurrency) up to 64 at once, flat beyond
+    ctl = Controller(queue("io"))
+
+    def sample(c):
+        throughput = 10_000 * min(c, 64) ** 0.5
+        return Sample(busy=0.95, backlog=10_000, throughput=throughput, latency=ctl.prefetch / throughput)
+
+    trace = []
+    for _ in range(12):
+        d = ctl.step(sample(ctl.concurrency))
+        trace.append((d.concurrency, d.reason))
+    # Then it climbs while each step pays and takes the one that did not back, entirely
+    assert [c for c, _ in trace[:5]] == [8, 16, 32, 64, 100]
+    assert trace[5] == (64, "throughput flat at 80,000/s while latency rose to 6.2 ms: concurrency back to 64")
+    assert {c for c, _ in trace[6:]} == {64}

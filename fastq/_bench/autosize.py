@@ -1,0 +1,149 @@
+"""``python -m fastq bench autosize``: the controller against hand-set settings, in one run.
+
+For noop, I/O (5 ms sleep) and CPU (about 1 ms of Python) handlers on ``memory://``, each
+(concurrency, prefetch) pair of the sweep is held for a few seconds, then the autosized engine
+starts from the formula; every run has a backlog that outlasts it, and its rate is read every
+second. Reported: the best held pair (median of its last three seconds), the autosized rate
+once it settled (the same), that as a share of the best, and the seconds until the autosized
+rate first reached 95% of it.
+
+Caveats: one broker (memory), one machine, the controller's default 2 s between looks; the
+autosized run is capped at ``seconds`` and includes nothing but the controller's own ramp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from fastq._bench.engine import Bench, _burn_iterations
+
+#: per scenario, the (concurrency, prefetch) pairs held by hand; "cores" is the usable cores,
+#: "x2"/"x3" that many times the cores
+SWEEP: dict[str, list[tuple[int | str, int | str]]] = {
+    "noop": [(4, 20), (16, 160), (100, 500), (100, 2_000)],
+    "io": [(4, 20), (16, 160), (50, 500), (100, 500), (100, 1_000)],
+    "cpu": [("cores", "x2"), ("cores", "x3"), ("2cores", "x2")],
+}
+#: seconds of each held run; its rate is the median of the last three
+HELD_SECONDS = 5
+
+
+def _resolve(value: int | str, cores: int) -> int:
+    if value == "cores":
+        return cores
+    if value == "2cores":
+        return 2 * cores
+    if value == "x2":
+        return 2 * cores
+    if value == "x3":
+        return 3 * cores
+    assert isinstance(value, int)
+    return value
+
+
+#: messages per second a backlog is sized for, per scenario (above what this machine carries)
+CEILING = {"noop": 400_000, "io": 22_000, "cpu": 2_500}
+
+
+def run(bench: Bench, scenario: str, seconds: float, concurrency: int | None = None,
+        prefetch: int | None = None) -> list[float]:
+    """Messages per second in each second of a run with a backlog that outlasts it: held at
+    (concurrency, prefetch), or autosized from the formula when both are None."""
+    from fastq.autosize import QueueSpec, Topology, plan
+    from fastq.config import Config
+    from fastq.supervisor import Supervisor
+    from fastq.worker import run_loop
+
+    app = bench.module.app
+    task = getattr(bench.module, scenario)
+    autosize = concurrency is None and prefetch is None
+    config = Config(broker_url=app.config.broker_url, concurrency=concurrency, prefetch=prefetch, autosize=autosize)
+    the_plan = plan(Topology.detect(), [QueueSpec(name=scenario, kind=task.options.kind)], config)
+    sup = Supervisor(app, bench.spec, the_plan, config, [scenario])
+    batch = [task.message(time.time()) for _ in range(10_000)]  # the same messages, many times:
+    for _ in range(int(CEILING[scenario] * (seconds + 1)) // len(batch) + 1):  # a quick fill
+        app.broker.publish_sync(scenario, batch)
+    gc.collect()
+    gc.freeze()  # millions of queued entries must not make every collection slow
+
+    async def main() -> list[float]:
+        runner = asyncio.get_running_loop().create_task(sup.run())
+        while not all(w.ready for w in sup.workers):
+            await asyncio.sleep(0.002)
+        rates, last = [], sup.settled_by_queue[scenario]
+        t = time.perf_counter()
+        for _ in range(int(seconds)):
+            await asyncio.sleep(1.0)
+            now, done = time.perf_counter(), sup.settled_by_queue[scenario]
+            rates.append((done - last) / (now - t))
+            last, t = done, now
+        sup.stop()
+        sup.stop()  # the second request gives the backlog back at once
+        await runner
+        return rates
+
+    try:
+        return run_loop(main())
+    finally:
+        gc.unfreeze()
+        app.broker._queues.clear()  # memory:// only: the next run starts empty
+
+
+def measure(seconds: float, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    cores = len(os.sched_getaffinity(0))
+    burn = _burn_iterations()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="fastq-bench-autosize-") as tmp:
+        bench = Bench("memory", Path(tmp), burn)
+        try:
+            for scenario, pairs in SWEEP.items():
+                sweep = []
+                for c, p in pairs:
+                    concurrency, prefetch = _resolve(c, cores), _resolve(p, cores)
+                    rate = statistics.median(run(bench, scenario, HELD_SECONDS, concurrency, prefetch)[-3:])
+                    sweep.append({"concurrency": concurrency, "prefetch": prefetch, "msgs_per_s": rate})
+                    log(f"autosize {scenario}: held at {concurrency}/{prefetch}: {rate:,.0f} msgs/s")
+                best = max(sweep, key=lambda r: r["msgs_per_s"])
+                rates = run(bench, scenario, seconds)
+                settled = statistics.median(rates[-3:])
+                reached = next((i + 1 for i, r in enumerate(rates) if r >= 0.95 * best["msgs_per_s"]), None)
+                log(f"autosize {scenario}: autosized, settled at {settled:,.0f} msgs/s "
+                    f"({settled / best['msgs_per_s']:.1%} of the best held setting)")
+                results.append({"scenario": scenario, "sweep": sweep, "best": best, "autosized_per_second": rates,
+                                "autosized_msgs_per_s": settled, "share_of_best": settled / best["msgs_per_s"],
+                                "seconds_to_95_percent": reached})
+        finally:
+            bench.close()
+    return results
+
+
+def render(results: list[dict[str, Any]]) -> str:
+    lines = [f"  {'scenario':<9} {'held by hand (concurrency/prefetch: msgs/s)':<70} {'autosized':>10} "
+             f"{'of best':>8} {'to 95%':>7}"]
+    for r in results:
+        sweep = ", ".join(f"{s['concurrency']}/{s['prefetch']}: {s['msgs_per_s']:,.0f}" for s in r["sweep"])
+        reached = f"{r['seconds_to_95_percent']} s" if r["seconds_to_95_percent"] else "never"
+        lines.append(f"  {r['scenario']:<9} {sweep:<70} {r['autosized_msgs_per_s']:>10,.0f} "
+                     f"{r['share_of_best']:>8.1%} {reached:>7}")
+    return "\n".join(lines)
+
+
+def main(*, seconds: float, json_path: str | None) -> int:
+    from fastq._bench import log, write_json
+    from fastq._bench.ring import machine
+
+    info = machine()
+    log(f"fastq bench autosize: {info['cpu']}, {info['usable_cores']} usable cores, ring {info['implementation']}")
+    results = measure(seconds, log)
+    print(f"fastq bench autosize on {info['cpu']} ({info['usable_cores']} cores), memory://, autosized runs of "
+          f"{seconds:g} s from the formula, settled = median of the last 3 s")
+    print(render(results))
+    write_json(json_path, "autosize", info, results)
+    return 0
