@@ -146,6 +146,8 @@ class QueuePlan(msgspec.Struct, frozen=True, kw_only=True):
     #: set by the user: the controller never moves them
     user_concurrency: bool = False
     user_prefetch: bool = False
+    #: the most prefetch the memory limit allows (a quarter of it in max-size messages)
+    prefetch_cap: int = 1 << 62
 
 
 class Plan(msgspec.Struct, frozen=True, kw_only=True):
@@ -261,12 +263,12 @@ def _plan_queue(q: QueueSpec, cores: float, processes: int, workers: tuple[int, 
     else:
         concurrency, c_rule = len(workers), "cpu: one handler per pinned core it runs on"
     user_prefetch = q.prefetch if q.prefetch is not None else config.prefetch
+    cap = max(1, int(t.memory_bytes * PREFETCH_MEMORY_SHARE) // config.max_message_bytes)
     if user_prefetch is not None:
         prefetch, p_rule = user_prefetch, "set by you"
     else:
         factor = IO_PREFETCH_FACTOR if kind == "io" else CPU_PREFETCH_FACTOR
         prefetch, p_rule = concurrency * factor, f"{kind}: concurrency x {factor}"
-        cap = int(t.memory_bytes * PREFETCH_MEMORY_SHARE) // config.max_message_bytes
         if prefetch > cap:
             prefetch = max(concurrency, cap)
             p_rule += (f", capped to {prefetch}: a quarter of {t.memory_bytes / 2**20:,.0f} MiB of "
@@ -274,7 +276,8 @@ def _plan_queue(q: QueueSpec, cores: float, processes: int, workers: tuple[int, 
     per_process = split(concurrency, workers, processes)
     return QueuePlan(name=q.name, kind=kind, workers=workers, workers_rule=w_rule, concurrency=concurrency,
                      per_process=per_process, prefetch=prefetch, concurrency_rule=c_rule, prefetch_rule=p_rule,
-                     user_concurrency=user_concurrency is not None, user_prefetch=user_prefetch is not None)
+                     user_concurrency=user_concurrency is not None, user_prefetch=user_prefetch is not None,
+                     prefetch_cap=cap)
 
 
 # -- the controller: from the starting plan, follow the load ----------------------------------
@@ -321,18 +324,17 @@ class Controller:
     """Moves one queue's concurrency and prefetch with the load, within the documented bounds.
 
     Rules, first match wins, once per interval:
-    1. memory headroom under 10%: halve prefetch (down to the concurrency), then, for I/O,
-       cut concurrency by a quarter;
-    2. the last increase did not pay (throughput grew by under 5%): if latency rose, take it
-       back (halve what was doubled: the multiplicative decrease); either way that is the
-       ceiling;
+    1. memory headroom under 10%: halve prefetch (down to the concurrency; it stays capped until
+       headroom is back to 20%), then, for I/O, cut concurrency by a quarter;
+    2. the last increase did not pay (throughput grew by under 5%): take it back (halve what was
+       doubled: the multiplicative decrease); that is the ceiling;
     3. a backlog waits: double I/O concurrency (up to 100 per host, so 4 reaches 100 in five
        intervals), else raise the prefetch factor by one (I/O x5..x10; CPU x2..x3, as CPU work
        never gets more than one handler per pinned core). Idle cores should make the step pay;
        with busy ones, larger batches (less overhead per message) may.
     A ceiling (kept apart for concurrency and for prefetch, so that one that stopped paying
-    leaves the other to try) holds until the load changes (the backlog empties, or throughput
-    moves by a quarter) or PROBE_AFTER intervals pass, when one step up is tried again; decreases hold
+    leaves the other to try) holds until the load changes (throughput moves by a quarter) or
+    PROBE_AFTER intervals pass, when one step up is tried again; decreases hold
     increases for COOLDOWN intervals. So it settles instead of swinging, and a value the user
     set never moves.
     """
@@ -348,19 +350,25 @@ class Controller:
         base = IO_PREFETCH_FACTOR if self.kind == "io" else CPU_PREFETCH_FACTOR
         self.factor_min, self.factor = base, base
         self.factor_max = IO_PREFETCH_FACTOR_MAX if self.kind == "io" else CPU_PREFETCH_FACTOR_MAX
+        #: the memory cap of the plan, and a lower one while memory is short
+        self.prefetch_cap = queue.prefetch_cap
+        self.memory_cap: int | None = None
         self.cooldown = 0
         self.last: Sample | None = None
         self.raised = False  # the last step was an increase
         #: where raising concurrency, or the prefetch factor, stopped paying, and the throughput
-        #: then; forgotten when the load changes (the backlog empties, or throughput moves by a
-        #: quarter) or PROBE_AFTER intervals pass
+        #: then; forgotten when the load changes (throughput moves by a quarter) or PROBE_AFTER
+        #: intervals pass
         self.capped = {"concurrency": False, "prefetch": False}
         self.ceiling_throughput = 0.0
         self.ceiling_age = 0
         self.before = (self.concurrency, self.factor)  # what the last increase started from
 
     def _prefetch_for(self, concurrency: int) -> int:
-        return self.prefetch if self.fixed_prefetch else concurrency * self.factor
+        if self.fixed_prefetch:
+            return self.prefetch
+        cap = min(self.prefetch_cap, self.memory_cap if self.memory_cap is not None else self.prefetch_cap)
+        return max(concurrency, min(concurrency * self.factor, cap))
 
     def step(self, s: Sample) -> Decision:
         """The concurrency and prefetch for the next interval, given what this one looked like."""
@@ -368,16 +376,19 @@ class Controller:
         raised, self.raised = self.raised, False
         if self.cooldown:
             self.cooldown -= 1
+        if self.memory_cap is not None and s.memory_headroom >= 2 * MEMORY_HEADROOM_MIN:
+            self.memory_cap = None  # memory is back (with a margin, so as not to swing)
         if any(self.capped.values()):
             self.ceiling_age += 1
-            if (s.backlog == 0 or self.ceiling_age > PROBE_AFTER
+            if (self.ceiling_age > PROBE_AFTER
                     or abs(s.throughput - self.ceiling_throughput) > 0.25 * self.ceiling_throughput):
                 # the load changed, or it is time to try one step up again
                 self.capped = dict.fromkeys(self.capped, False)
         c, p, reason = self.concurrency, self.prefetch, ""
         if s.memory_headroom < MEMORY_HEADROOM_MIN:
             if not self.fixed_prefetch and p > c:
-                p = max(c, p // 2)
+                self.memory_cap = max(c, p // 2)
+                p = self._prefetch_for(c)
                 reason = f"memory headroom {s.memory_headroom:.0%} < {MEMORY_HEADROOM_MIN:.0%}: prefetch halved"
             elif not self.fixed_concurrency and c > self.min_concurrency:
                 c = max(self.min_concurrency, c * 3 // 4)
@@ -385,21 +396,20 @@ class Controller:
                 reason = f"memory headroom {s.memory_headroom:.0%} with prefetch at its floor: concurrency cut by a quarter"
             self.cooldown = COOLDOWN
         elif raised and last is not None and s.throughput < last.throughput * (1 + GAIN):
-            # The last increase did not pay: if it only made messages wait longer, take it back
-            # (a halving, when concurrency had doubled); either way, climb no further from here
-            # until the load changes.
+            # The last increase did not pay: take it back (a halving, when concurrency had
+            # doubled), and climb no further that way until the load changes.
             before_c, before_factor = self.before
             dimension = "concurrency" if c != before_c else "prefetch"
-            if s.latency > last.latency * (1 + 2 * FLAT):
-                if self.factor != before_factor:
-                    self.factor = before_factor
-                    p = self._prefetch_for(c)
-                    reason = f"throughput flat while latency rose: prefetch back to concurrency x {self.factor}"
-                elif c != before_c:
-                    c = before_c
-                    p = self._prefetch_for(c)
-                    reason = (f"throughput flat at {s.throughput:,.0f}/s while latency rose to "
-                              f"{s.latency * 1e3:.1f} ms: concurrency back to {c}")
+            if self.factor != before_factor:
+                self.factor = before_factor
+                p = self._prefetch_for(c)
+                reason = (f"throughput {s.throughput:,.0f}/s did not grow (latency {s.latency * 1e3:.1f} ms): "
+                          f"prefetch back to concurrency x {self.factor}")
+            elif c != before_c:
+                c = before_c
+                p = self._prefetch_for(c)
+                reason = (f"throughput {s.throughput:,.0f}/s did not grow (latency {s.latency * 1e3:.1f} ms): "
+                          f"concurrency back to {c}")
             self.capped[dimension] = True
             self.ceiling_throughput, self.ceiling_age = s.throughput, 0
             self.cooldown = COOLDOWN
@@ -451,6 +461,26 @@ class LoadMeter:
         return min(1.0, max(0.0, used / total)) if total > 0 else 0.0
 
     def memory_headroom(self) -> float:
-        """Share of the memory limit still available, 0..1."""
-        available = self._psutil.virtual_memory().available
-        return min(1.0, available / self.topology.memory_bytes) if self.topology.memory_bytes else 1.0
+        """Share of the memory limit still available, 0..1: under a cgroup limit, what its own
+        usage leaves (the machine's free memory says nothing about a container's), else the
+        machine's available memory."""
+        memory = self._psutil.virtual_memory()
+        limit = self.topology.memory_bytes
+        if not limit:
+            return 1.0
+        if limit < memory.total:
+            used = _cgroup_memory_used()
+            if used is not None:
+                return min(1.0, max(0.0, 1.0 - used / limit))
+        return min(1.0, memory.available / limit)
+
+
+def _cgroup_memory_used() -> int | None:
+    """Bytes this process's cgroup uses (v2 ``memory.current``, v1 ``memory.usage_in_bytes``)."""
+    root = Path("/sys/fs/cgroup")
+    group = _cgroup_v2_path(_read(Path("/proc/self/cgroup")))
+    for raw in ((_read(root / group.lstrip("/") / "memory.current") if group is not None else None),
+                _read(root / "memory" / "memory.usage_in_bytes")):
+        if raw and raw.strip().isdigit():
+            return int(raw)
+    return None

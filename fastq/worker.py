@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from fastq import _load, message
+from fastq.autosize import IO_CONCURRENCY_MAX
 from fastq.ring import COMPLETION, DELIVERY, STATUS_OK, Ring, RingReader
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ RETIRE = 4
 #: a delivery of tag 0 to this queue index sets the worker's handler slots to its ``retries``
 #: field (the autosize controller moved the concurrency)
 CONTROL_QUEUE = 0xFFFF
+#: the first bytes of every frame of tag 0 (deliveries have tags from 1)
+NO_TAG = bytes(8)
 #: the exit code of a worker that left on purpose (max_tasks, max_memory): EX_TEMPFAIL
 EXIT_RECYCLED = 75
 #: the exit code of a worker that stopped on a bug of its own (logged); its messages are handed on
@@ -141,7 +144,9 @@ class Runtime:
         #: handler slots free (of spec.concurrency), and frames read but not started yet
         self.free = self.concurrency = spec.concurrency
         self.waiting: collections.deque[bytes] = collections.deque()
-        self.pool = concurrent.futures.ThreadPoolExecutor(max(4, spec.concurrency))
+        # Threads start only when used: room for every slot autosize may give (plain-function
+        # I/O handlers must not wait for a thread, their timeout counts from the call).
+        self.pool = concurrent.futures.ThreadPoolExecutor(max(4, spec.concurrency, IO_CONCURRENCY_MAX))
         self.done: list[bytes] = []
         self.flush_scheduled = False
         self.flush_timer: asyncio.TimerHandle | None = None
@@ -190,11 +195,8 @@ class Runtime:
             self.outbox.close()
 
     def on_frames(self, frames: list[bytes]) -> None:
-        tag, _, queue_index = DELIVERY.unpack_from(frames[-1])
-        if tag == 0 and queue_index != CONTROL_QUEUE:  # the go-ahead to recycle, always last
-            frames.pop()
-            self.retired = True
-            self.reader.stop()  # nothing more comes: finish what we have, then go
+        if any(f.startswith(NO_TAG) for f in frames):  # rare: a control frame or the go-ahead
+            frames = self.control(frames)
         self.started += len(frames)
         self.waiting.extend(frames)  # first: whatever happens below, these are ours to run
         if not self.asked and not self.retired and self.retiring():
@@ -204,6 +206,23 @@ class Runtime:
             self.outbox.put(COMPLETION.pack(0, RETIRE, 0.0), timeout=60)
         if not self.pulling:  # handle() feeds after it decided about the flush
             self.feed()
+
+    def control(self, frames: list[bytes]) -> list[bytes]:
+        """Apply the frames of tag 0 at once, wherever they are; return the deliveries."""
+        deliveries = []
+        for frame in frames:
+            if not frame.startswith(NO_TAG):
+                deliveries.append(frame)
+                continue
+            _, slots, queue_index = DELIVERY.unpack_from(frame)
+            if queue_index == CONTROL_QUEUE:  # new handler slots (autosize)
+                logger.info("worker %d: %d handler slots (was %d)", self.spec.index, slots, self.concurrency)
+                self.free += slots - self.concurrency
+                self.concurrency = slots
+            else:  # the go-ahead to recycle, always last: finish what we have, then go
+                self.retired = True
+                self.reader.stop()
+        return deliveries
 
     def failed(self, e: BaseException) -> None:
         """Reading our input failed (a bug of ours): end the worker; the supervisor hands what
@@ -231,13 +250,6 @@ class Runtime:
 
     async def handle(self, frame: bytes) -> None:
         tag, retries, queue_index = DELIVERY.unpack_from(frame)
-        if tag == 0 and queue_index == CONTROL_QUEUE:  # not a message: new handler slots
-            logger.info("worker %d: %d handler slots (was %d)", self.spec.index, retries, self.concurrency)
-            self.free += retries - self.concurrency + 1  # + 1: the slot this frame took
-            self.concurrency = retries
-            self.started -= 1
-            self.feed()
-            return
         body = memoryview(frame)[DELIVERY.size :]
         try:
             status, delay, reason = await self.run(body, retries, queue_index)

@@ -58,7 +58,7 @@ def test_io_work_with_idle_cores_climbs_to_the_ceiling_then_holds():
     assert concurrency == sorted(concurrency)
     assert trace[0][2] == "cores 2% busy while 10000 messages wait: concurrency +4"
     assert trace[5] == (100, 600, "cores 50% busy while 10000 messages wait: prefetch to concurrency x 6")
-    assert trace[6] == (100, 500, "throughput flat while latency rose: prefetch back to concurrency x 5")
+    assert trace[6] == (100, 500, "throughput 19,802/s did not grow (latency 30.3 ms): prefetch back to concurrency x 5")
     assert all(t == (100, 500, "") for t in trace[7:])
 
 
@@ -83,7 +83,7 @@ def test_a_downstream_bottleneck_backs_off_once_and_settles():
     concurrency = [c for c, _, _ in trace]
     # Then it climbs while throughput grows and backs off once when it stops; from then on it
     # holds, but for a probe one step up every PROBE_AFTER intervals, taken back at once
-    assert trace[2][2] == "throughput flat at 1,000/s while latency rose to 80.0 ms: concurrency back to 8"
+    assert trace[2][2] == "throughput 1,000/s did not grow (latency 80.0 ms): concurrency back to 8"
     settled = concurrency[2]
     probes = [i for i, c in enumerate(concurrency[3:], 3) if c != settled]
     assert probes and all(concurrency[i] == 2 * settled and concurrency[i + 1] == settled for i in probes)
@@ -144,5 +144,19 @@ def test_busy_cores_probe_larger_batches_and_keep_them_only_while_they_pay():
         trace.append((d.concurrency, d.reason))
     # Then it climbs while each step pays and takes the one that did not back, entirely
     assert [c for c, _ in trace[:5]] == [8, 16, 32, 64, 100]
-    assert trace[5] == (64, "throughput flat at 80,000/s while latency rose to 6.2 ms: concurrency back to 64")
+    assert trace[5] == (64, "throughput 80,000/s did not grow (latency 6.2 ms): concurrency back to 64")
     assert {c for c, _ in trace[6:]} == {64}
+
+
+def test_prefetch_stays_under_the_plans_memory_cap_and_a_memory_cut_holds_until_memory_is_back():
+    # Given 512 MiB: the plan caps prefetch at 128 messages of 1 MiB
+    topology = Topology(cpus=(0, 1), memory_bytes=512 << 20)
+    q = plan(topology, [QueueSpec(name="q", kind="io")], Config()).queues[0]
+    ctl = Controller(q)
+    trace = run(ctl, 15, cpu_s=50e-6, wait_s=5e-3)
+    assert max(p for _, p, _ in trace) == 128 and trace[-1][:2] == (100, 128)
+    # When memory runs short, then stays short for a while, prefetch comes down and stays down
+    short = run(ctl, 12, cpu_s=50e-6, wait_s=5e-3, headroom=0.05)
+    assert short[0][:2] == (100, 100) and all(p <= 100 for _, p, _ in short)
+    # And it may climb again only once headroom is back above 20%
+    assert all(p <= 100 for _, p, _ in run(ctl, 5, cpu_s=50e-6, wait_s=5e-3, headroom=0.15))
