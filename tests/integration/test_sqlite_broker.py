@@ -49,6 +49,7 @@ def _consume(url: str, seen, stop_after: float, start) -> None:
             if got:
                 idle_since = time.monotonic()
                 ids += [d.message_id for d in got]
+                await asyncio.sleep(0.001)  # the work: a consumer that only takes would starve the other
                 await broker.settle("q", ack=[d.tag for d in got])
         await broker.close()
         seen.put(ids)  # once, at the end: the parent reads it before it joins
@@ -103,6 +104,7 @@ def test_the_leases_of_a_killed_consumer_lapse_and_another_gets_everything(tmp_p
             while len(ids) < 1_000 and time.monotonic() < deadline:
                 got = await broker.fetch("q", 256, timeout=1)
                 ids += [d.message_id for d in got]
+                await asyncio.sleep(0.001)  # the work: a consumer that only takes would starve the other
                 await broker.settle("q", ack=[d.tag for d in got])
             depth = await broker.queue_depth("q")
             await broker.close()
