@@ -296,6 +296,8 @@ GAIN = 0.05
 COOLDOWN = 3
 #: intervals after which a ceiling is probed again (one step up, kept only if it pays)
 PROBE_AFTER = 15
+#: at or above this share of busy time the cores are saturated: fewer at once may do as well
+SATURATED = 0.95
 
 
 class Sample(msgspec.Struct, frozen=True, kw_only=True):
@@ -327,7 +329,10 @@ class Controller:
     1. memory headroom under 10%: halve prefetch (down to the concurrency; it stays capped until
        headroom is back to 20%), then, for I/O, cut concurrency by a quarter;
     2. the last increase did not pay (throughput grew by under 5%): take it back (halve what was
-       doubled: the multiplicative decrease); that is the ceiling;
+       doubled: the multiplicative decrease); that is the ceiling; likewise a decrease that lost
+       more than 5% of throughput is taken back and becomes the floor;
+    2b. cores saturated (95% busy or more) while a backlog waits: halve I/O concurrency, kept
+       while throughput holds (the work turned CPU-bound: more at once only adds waiting);
     3. a backlog waits: double I/O concurrency (up to 100 per host, so 4 reaches 100 in five
        intervals), else raise the prefetch factor by one (I/O x5..x10; CPU x2..x3, as CPU work
        never gets more than one handler per pinned core). Idle cores should make the step pay;
@@ -359,7 +364,8 @@ class Controller:
         #: where raising concurrency, or the prefetch factor, stopped paying, and the throughput
         #: then; forgotten when the load changes (throughput moves by a quarter) or PROBE_AFTER
         #: intervals pass
-        self.capped = {"concurrency": False, "prefetch": False}
+        self.capped = {"concurrency": False, "prefetch": False, "down": False}
+        self.lowered = False  # the last step was a decrease on saturated cores
         self.ceiling_throughput = 0.0
         self.ceiling_age = 0
         self.before = (self.concurrency, self.factor)  # what the last increase started from
@@ -374,6 +380,7 @@ class Controller:
         """The concurrency and prefetch for the next interval, given what this one looked like."""
         last, self.last = self.last, s
         raised, self.raised = self.raised, False
+        lowered, self.lowered = self.lowered, False
         if self.cooldown:
             self.cooldown -= 1
         if self.memory_cap is not None and s.memory_headroom >= 2 * MEMORY_HEADROOM_MIN:
@@ -413,6 +420,23 @@ class Controller:
             self.capped[dimension] = True
             self.ceiling_throughput, self.ceiling_age = s.throughput, 0
             self.cooldown = COOLDOWN
+        elif lowered and last is not None and s.throughput < last.throughput * (1 - GAIN):
+            # Fewer at once lost throughput: back to where it was, and no lower until the load changes.
+            c = self.before[0]
+            p = self._prefetch_for(c)
+            reason = f"throughput fell to {s.throughput:,.0f}/s: concurrency back to {c}"
+            self.capped["down"] = True
+            self.ceiling_throughput, self.ceiling_age = s.throughput, 0
+            self.cooldown = COOLDOWN
+        elif (s.busy >= SATURATED and s.backlog > 0 and not self.cooldown and not self.fixed_concurrency
+              and not raised and c > self.min_concurrency and not self.capped["down"]):
+            # Saturated cores: more at once only adds waiting (the work turned CPU-bound, say);
+            # halve, and keep it while throughput holds (the multiplicative decrease).
+            self.before = (c, self.factor)
+            c = max(self.min_concurrency, c // 2)
+            p = self._prefetch_for(c)
+            reason = f"cores {s.busy:.0%} busy: concurrency down to {c} while throughput holds"
+            self.lowered = True
         elif s.backlog > 0 and not self.cooldown:
             # Each step is tried and kept only if it pays: with idle cores more at once should,
             # with busy ones larger batches (less overhead per message) may.

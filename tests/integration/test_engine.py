@@ -42,6 +42,15 @@ async def slow(n: int) -> None:
     await asyncio.sleep(0.01)
     _record(b"%d\\n" % n)
 
+@app.task(queue="shift", kind="io")
+async def shift(n: int) -> None:
+    import asyncio
+    if os.path.exists(OUT + ".cpu"):  # the test flips the work from waiting to computing
+        sum(i * i for i in range(20_000))
+    else:
+        await asyncio.sleep(0.01)
+    _record(b"%d\\n" % n)
+
 @app.task(queue="solo", kind="io", processes=1)
 async def where(n: int) -> None:
     _record(b"solo-%d %d\\n" % (os.getpid(), n))
@@ -424,3 +433,31 @@ def test_no_autosize_keeps_the_plan(engine):
     time.sleep(2.5)  # a controller would have spoken by now (it looks every 2 s)
     assert engine.stop() == 0
     assert "autosize:" not in (engine.dir / "worker.log").read_text()
+
+
+def test_autosize_follows_io_work_that_turns_cpu_bound_mid_run(engine):
+    import re
+
+    # Given waiting handlers: the controller raises concurrency from the formula's 4
+    engine.app.app.broker.publish_sync("shift", [engine.app.shift.message(i) for i in range(60_000)])
+    engine.start("--processes", "2", "--queue", "shift", "--log-level", "info")
+    log = engine.dir / "worker.log"
+
+    def concurrency_now() -> int:
+        found = re.findall(r"autosize: queue 'shift': .*; concurrency (\d+), prefetch", log.read_text())
+        return int(found[-1]) if found else 4
+
+    deadline = time.monotonic() + 60
+    while concurrency_now() < 32:
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    # When the same handlers start computing instead of waiting
+    (engine.dir / "out.txt.cpu").touch()
+    # Then the saturated cores bring concurrency down to what they carry, halving at each look
+    while concurrency_now() > 4:
+        assert time.monotonic() < deadline + 60, log.read_text()[-3000:]
+        time.sleep(0.2)
+    assert engine.stop() == 0
+    assert "busy: concurrency down to" in log.read_text()
+    counts = collections.Counter(engine.lines())
+    assert set(counts.values()) == {1}  # what ran, ran once (the rest went back to the broker)

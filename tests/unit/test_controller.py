@@ -67,13 +67,13 @@ def test_when_the_cores_fill_up_it_stops_climbing_and_does_not_swing():
     ctl = Controller(queue("io"))
     trace = run(ctl, 80, cpu_s=1e-3, wait_s=4e-3)
     concurrency = [c for c, _, _ in trace]
-    # Then it stops once the cores are busy (10 at once keep 2 cores full) and holds, but for a
-    # probe one step up every PROBE_AFTER intervals, taken back at once
+    # Then it stops once the cores are busy (10 at once keep 2 cores full) and holds, but for
+    # probes one step up or down now and then, each taken back at once
     settled = concurrency[-1]
     assert settled == 16  # 8 left the cores idle, 16 filled them, 32 bought nothing
-    probes = [i for i, c in enumerate(concurrency[10:], 10) if c != settled]
-    assert all(concurrency[i] == 2 * settled and concurrency[i + 1] == settled for i in probes)
-    assert all(b - a > PROBE_AFTER for a, b in zip(probes, probes[1:]))
+    probes = [i for i, c in enumerate(concurrency[10:-1], 10) if c != settled]
+    assert all(concurrency[i] in (2 * settled, settled // 2) and concurrency[i + 1] == settled for i in probes)
+    assert len(probes) <= 2 * (70 // PROBE_AFTER + 1)
 
 
 def test_a_downstream_bottleneck_backs_off_once_and_settles():
@@ -136,7 +136,7 @@ def test_busy_cores_probe_larger_batches_and_keep_them_only_while_they_pay():
 
     def sample(c):
         throughput = 10_000 * min(c, 64) ** 0.5
-        return Sample(busy=0.95, backlog=10_000, throughput=throughput, latency=ctl.prefetch / throughput)
+        return Sample(busy=0.9, backlog=10_000, throughput=throughput, latency=ctl.prefetch / throughput)
 
     trace = []
     for _ in range(12):
@@ -160,3 +160,17 @@ def test_prefetch_stays_under_the_plans_memory_cap_and_a_memory_cut_holds_until_
     assert short[0][:2] == (100, 100) and all(p <= 100 for _, p, _ in short)
     # And it may climb again only once headroom is back above 20%
     assert all(p <= 100 for _, p, _ in run(ctl, 5, cpu_s=50e-6, wait_s=5e-3, headroom=0.15))
+
+
+def test_work_that_turns_cpu_bound_brings_io_concurrency_down_to_what_the_cores_carry():
+    # Given I/O work at 100 at once, which then turns into 1 ms of CPU per message
+    ctl = Controller(queue("io"))
+    run(ctl, 12, cpu_s=50e-6, wait_s=5e-3)
+    assert ctl.concurrency == 100
+    trace = run(ctl, 40, cpu_s=1e-3, wait_s=0.0)
+    concurrency = [c for c, _, _ in trace]
+    # Then it halves while throughput holds, stops where fewer would lose throughput, and stays
+    assert trace[0][2] == "cores 100% busy: concurrency down to 50 while throughput holds"
+    assert concurrency[:6] == [50, 25, 12, 6, 3, 1]
+    assert "throughput fell to 1,000/s: concurrency back to 3" in [r for _, _, r in trace]
+    assert 2 <= concurrency[-1] <= 3 and all(c <= 6 for c in concurrency[6:])
