@@ -288,8 +288,6 @@ IO_PREFETCH_FACTOR_MAX = 10
 CPU_PREFETCH_FACTOR_MAX = 3
 #: memory headroom (share of the limit still available) under which prefetch comes down
 MEMORY_HEADROOM_MIN = 0.10
-#: a change of throughput smaller than this share counts as flat
-FLAT = 0.03
 #: an increase is kept when throughput grew by at least this share (noise is about half that)
 GAIN = 0.05
 #: intervals without an increase after a decrease or a step that did not pay

@@ -121,6 +121,7 @@ class Supervisor:
         self.settling: dict[str, dict[str, list[Any]]] = {}
         self.wake = {q: Signal() for q in queues}
         self.settled_event = Signal()
+        self.ready_event = Signal()  # set at every READY
         self.stopped = asyncio.Event()
         self.pumps: list[asyncio.Task[None]] = []
         self.stopping = False
@@ -469,6 +470,7 @@ class Supervisor:
         if status == worker.READY:
             w.ready, w.failures = True, 0
             self.refresh(w)
+            self.ready_event.set()
             if self.recycling == w.index:  # its replacement is up: the next may go
                 logger.info("worker %d is back", w.index)
                 self.recycling = None
@@ -503,6 +505,16 @@ class Supervisor:
 
     def unsettled(self) -> int:
         return sum(len(v) for parts in (*self.outcomes.values(), *self.settling.values()) for v in parts.values())
+
+    async def wait_workers_ready(self, timeout: float | None = None) -> None:
+        """Wait until every worker has attached its rings and loaded the app (TimeoutError
+        after ``timeout`` seconds)."""
+        async def all_ready() -> None:
+            while not all(w.ready for w in self.workers):
+                self.ready_event.clear()
+                await self.ready_event.wait()
+
+        await asyncio.wait_for(all_ready(), timeout)
 
     async def wait_settled(self, count: int, kind: str = "ack") -> None:
         """Wait until ``count`` messages were settled as ``kind`` ("ack", "retry", "dead",

@@ -56,17 +56,11 @@ def run(bench: Bench, scenario: str, seconds: float, concurrency: int | None = N
         prefetch: int | None = None) -> list[float]:
     """Messages per second in each second of a run with a backlog that outlasts it: held at
     (concurrency, prefetch), or autosized from the formula when both are None."""
-    from fastq.autosize import QueueSpec, Topology, plan
-    from fastq.config import Config
-    from fastq.supervisor import Supervisor
     from fastq.worker import run_loop
 
     app = bench.module.app
     task = getattr(bench.module, scenario)
-    autosize = concurrency is None and prefetch is None
-    config = Config(broker_url=app.config.broker_url, concurrency=concurrency, prefetch=prefetch, autosize=autosize)
-    the_plan = plan(Topology.detect(), [QueueSpec(name=scenario, kind=task.options.kind)], config)
-    sup = Supervisor(app, bench.spec, the_plan, config, [scenario])
+    sup = bench.supervisor(scenario, concurrency, prefetch, autosize=concurrency is None and prefetch is None)
     batch = [task.message(time.time()) for _ in range(10_000)]  # the same messages, many times:
     for _ in range(int(CEILING[scenario] * (seconds + 1)) // len(batch) + 1):  # a quick fill
         app.broker.publish_sync(scenario, batch)
@@ -75,8 +69,7 @@ def run(bench: Bench, scenario: str, seconds: float, concurrency: int | None = N
 
     async def main() -> list[float]:
         runner = asyncio.get_running_loop().create_task(sup.run())
-        while not all(w.ready for w in sup.workers):
-            await asyncio.sleep(0.002)
+        await sup.wait_workers_ready(timeout=60)
         rates, last = [], sup.settled_by_queue[scenario]
         t = time.perf_counter()
         for _ in range(int(seconds)):

@@ -32,7 +32,7 @@ from typing import Any, Callable
 #: per scenario: its handler (and queue), messages, concurrency (host), prefetch (host). None is
 #: the plan's formula (cpu: one handler per core, prefetch = cores x 2); "x3", the cpu formula's
 #: upper bound, is measured by ``python -m fastq bench autosize`` beside the rest of its sweep.
-SCENARIOS: dict[str, tuple[str, int, int | None, int | str | None]] = {
+SCENARIOS: dict[str, tuple[str, int, int | None, int | None]] = {
     "noop": ("noop", 60_000, 100, 2_000),
     "io": ("io", 12_000, 100, 1_000),
     "cpu": ("cpu", 2_000, None, None),
@@ -112,23 +112,26 @@ class Bench:
         self.spec = f"{module}:app"
         self.broker = broker
 
-    def run(self, scenario: str, n: int, concurrency: int | None, prefetch: int | str | None,
-            pace: float | None = None) -> tuple[float, float]:
-        """Seconds to process ``n`` messages (enqueue included for sqlite noop), and enqueue seconds."""
+    def supervisor(self, scenario: str, concurrency: int | None, prefetch: int | None, *,
+                   autosize: bool = False) -> Any:
+        """A supervisor for one scenario's queue, planned on this machine with these settings."""
         from fastq.autosize import QueueSpec, Topology, plan
         from fastq.config import Config
         from fastq.supervisor import Supervisor
 
         app = self.module.app
         task = getattr(self.module, scenario)
-        if prefetch == "x3":
-            prefetch = 3 * len(os.sched_getaffinity(0))
-        assert prefetch is None or isinstance(prefetch, int)
-        # The settings in the table, held: the controller (autosize) is measured on its own.
         config = Config(broker_url=app.config.broker_url, concurrency=concurrency, prefetch=prefetch,
-                        autosize=False)
+                        autosize=autosize)
         the_plan = plan(Topology.detect(), [QueueSpec(name=scenario, kind=task.options.kind)], config)
-        sup = Supervisor(app, self.spec, the_plan, config, [scenario])
+        return Supervisor(app, self.spec, the_plan, config, [scenario])
+
+    def run(self, scenario: str, n: int, concurrency: int | None, prefetch: int | None,
+            pace: float | None = None) -> tuple[float, float]:
+        """Seconds to process ``n`` messages (enqueue included for sqlite noop), and enqueue seconds."""
+        task = getattr(self.module, scenario)
+        # The settings in the table, held: the controller (autosize) is measured on its own.
+        sup = self.supervisor(scenario, concurrency, prefetch)
         enqueue = 0.0
         if pace is None:  # fill the queue first
             t = time.perf_counter()
@@ -140,8 +143,7 @@ class Bench:
             if pace is not None:
                 os.environ["FASTQ_BENCH_RECORD"] = "1"  # the workers about to be spawned record
             runner = asyncio.get_running_loop().create_task(sup.run())
-            while not all(w.ready for w in sup.workers):  # started, app imported: the clock starts
-                await asyncio.sleep(0.002)
+            await sup.wait_workers_ready(timeout=60)  # started, app imported: the clock starts
             os.environ.pop("FASTQ_BENCH_RECORD", None)
             t0 = time.perf_counter()
             if pace is not None:

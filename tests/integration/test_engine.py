@@ -390,7 +390,7 @@ def test_a_task_set_to_one_process_runs_on_one_worker_while_others_use_both(engi
     # Then each message ran once, the solo queue on exactly one worker process, the other on two
     words = engine.lines()
     pids = collections.defaultdict(set)
-    for who, n in zip(words[::2], words[1::2]):
+    for who in words[::2]:
         pids[who.split("-")[0]].add(who)
     assert collections.Counter(words[1::2]) == collections.Counter(str(i) for i in range(2_000) for _ in "ab")
     assert len(pids["solo"]) == 1 and len(pids["both"]) == 2
