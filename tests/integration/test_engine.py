@@ -409,6 +409,9 @@ def test_app_run_in_a_script_is_the_worker_and_drains_on_sigterm(engine):
     assert "fastq worker engine_app:app on sqlite://" in engine.logtext()
 
 
+# The controller reacts to load the compiled core can carry; the twin is too slow for it to
+# see saturated cores or a backlog change in time, so this runs on the extension only.
+@pytest.mark.cython
 def test_autosize_raises_the_concurrency_of_a_waiting_io_queue_and_loses_nothing(engine):
     # Given 6,000 messages whose handler waits 10 ms, and the I/O formula's start (4 at once on
     # 2 cores: 400/s, 15 s without help)
@@ -435,6 +438,9 @@ def test_no_autosize_keeps_the_plan(engine):
     assert "autosize:" not in (engine.dir / "worker.log").read_text()
 
 
+# The controller reacts to load the compiled core can carry; the twin is too slow for it to
+# see saturated cores or a backlog change in time, so this runs on the extension only.
+@pytest.mark.cython
 def test_autosize_follows_io_work_that_turns_cpu_bound_mid_run(engine):
     import re
 
