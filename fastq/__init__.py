@@ -8,6 +8,9 @@ from fastq.errors import (
     FastqError,
     FrameTooLarge,
     PeerLost,
+    PoolBroken,
+    PoolClosed,
+    RemoteError,
     RingBusy,
     RingClosed,
     RingCorrupt,
@@ -16,6 +19,7 @@ from fastq.errors import (
     RingNotFound,
     WorkerLost,
 )
+from fastq.pool import Pool
 from fastq.task import Consumer, Task
 
 __version__ = "0.1.0.dev0"
@@ -26,6 +30,10 @@ __all__ = [
     "FastqError",
     "FrameTooLarge",
     "PeerLost",
+    "Pool",
+    "PoolBroken",
+    "PoolClosed",
+    "RemoteError",
     "RingBusy",
     "RingClosed",
     "RingCorrupt",

@@ -990,3 +990,17 @@ class AckWindow:
     def waiting(self) -> int:
         """Completed tags not yet covered by an ack (the stragglers, and a prefix not closed)."""
         return sum(1 for s in self._state if s == _DONE)
+
+
+# -- fastq.Pool's codec choice --------------------------------------------------------------------
+
+_PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
+_PLAIN_ARGS = _PLAIN | {memoryview}
+
+
+def plain_values(items: list[object], buffers: bool = False) -> bool:
+    """True when every item is an int, float, str, bytes, bool or None (with ``buffers``, also a
+    memoryview): the values msgpack carries back as the same type."""
+    if not isinstance(items, list):
+        raise TypeError(f"items must be a list, got {type(items).__name__}")
+    return set(map(type, items)) <= (_PLAIN_ARGS if buffers else _PLAIN)

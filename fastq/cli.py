@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastq", description="fastq: queued messages and tasks on every core")
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="measure fastq against the baselines on this machine")
-    bench.add_argument("suite", nargs="?", default="engine", choices=["engine", "ring", "autosize"],
+    bench.add_argument("suite", nargs="?", default="engine", choices=["engine", "ring", "autosize", "pool"],
                        help="engine: noop/io/cpu handlers on memory:// and sqlite:// (default); ring: the rings alone")
     bench.add_argument("--runs", type=int, default=3, help="runs per scenario; the median is reported (default 3)")
     bench.add_argument("--sizes", default="100,1024,65536", help="frame sizes in bytes (default 100,1024,65536)")
@@ -148,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
             from fastq._bench import engine
 
             return engine.main(runs=args.runs, json_path=args.json)
+        if args.suite == "pool":
+            from fastq._bench import pool
+
+            return pool.main(runs=args.runs, json_path=args.json)
         if args.suite == "autosize":
             from fastq._bench import autosize
 

@@ -58,4 +58,18 @@ class BrokerConnectionError(FastqError, ConnectionError):
 
 
 class WorkerLost(FastqError):
-    """A worker died while holding messages; they were requeued."""
+    """A worker process died while running this call (``fastq.Pool``): the call ran alone on a
+    worker that died, after the batches holding it had each lost a worker too."""
+
+
+class RemoteError(FastqError):
+    """A ``fastq.Pool`` call raised an exception that could not be pickled back: its type name
+    and message are the text, the remote traceback is ``__cause__``."""
+
+
+class PoolBroken(FastqError):
+    """The ``fastq.Pool``'s workers cannot start, or its driver failed: every call fails with it."""
+
+
+class PoolClosed(FastqError, ValueError):
+    """The ``fastq.Pool`` was closed or terminated: it takes no more calls."""

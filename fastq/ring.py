@@ -13,7 +13,15 @@ from collections.abc import Callable
 from fastq.errors import PeerLost, RingClosed, RingEmpty
 
 if os.environ.get("FASTQ_NO_EXTENSIONS"):
-    from fastq._core_py import WAIT_SLICE_SECONDS, AckWindow, Dispatcher, DispatcherStatistics, Ring, RingStatistics
+    from fastq._core_py import (
+        WAIT_SLICE_SECONDS,
+        AckWindow,
+        Dispatcher,
+        DispatcherStatistics,
+        Ring,
+        RingStatistics,
+        plain_values,
+    )
 
     IMPLEMENTATION = "python"
 else:
@@ -23,6 +31,7 @@ else:
         DispatcherStatistics,
         Ring,
         RingStatistics,
+        plain_values,
     )
     from fastq._core_py import WAIT_SLICE_SECONDS
 
@@ -32,7 +41,7 @@ from fastq._core_py import COMPLETION, DELIVERY, STATUS_OK
 
 __all__ = [
     "COMPLETION", "DELIVERY", "AckWindow", "IMPLEMENTATION", "STATUS_OK", "Dispatcher", "DispatcherStatistics", "Ring",
-    "RingReader", "RingStatistics", "get_many_async",
+    "RingReader", "RingStatistics", "get_many_async", "plain_values",
 ]
 
 

@@ -9,6 +9,11 @@ envelope, names no task of the app, or whose arguments do not validate is dead a
 Handlers: ``async def`` runs on the loop, up to ``concurrency`` at once; a plain function of kind
 ``cpu`` runs inline; of kind ``io`` in a thread pool; of kind ``auto`` inline while it is measured,
 then in the pool if it spends most of its time off the CPU.
+
+One runtime, two front doors (ARCHITECTURE.md): ``Runtime`` owns the rings, the handler slots and
+the completion flushes; what a frame means is its executor's business. ``AppExecutor`` runs an
+app's tasks and consumers (the engine); ``fastq._call.PoolExecutor`` runs ``fastq.Pool`` batches,
+named by ``WorkerSpec.executor`` so that this module does not import the pool's.
 """
 
 from __future__ import annotations
@@ -77,6 +82,9 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     max_tasks: int | None = None
     #: ask to leave once the resident set grows past this (checked after each batch)
     max_memory_bytes: int | None = None
+    #: ``module:factory`` of the executor (empty: ``AppExecutor`` over ``app``); the factory
+    #: gets the runtime and returns an object with ``slots``, ``flush_each``, ``run`` and ``close``
+    executor: str = ""
 
 
 class Processing:
@@ -110,8 +118,8 @@ def main(spec_bytes: bytes) -> None:
     die_with_parent(spec.parent)
     logging.basicConfig(level=spec.log_level, format=f"%(asctime)s %(process)d worker-{spec.index} %(levelname)s %(message)s")
     pin(spec.cpu, spec.index)
-    app = _load.load(spec.app)
-    runtime = Runtime(spec, app)
+    factory = _load.load(spec.executor) if spec.executor else AppExecutor
+    runtime = Runtime(spec, factory)
     code = EXIT_FAILED
     try:
         run_loop(runtime.serve())
@@ -137,22 +145,20 @@ def die_with_parent(parent: int) -> None:
 
 
 class Runtime:
-    def __init__(self, spec: WorkerSpec, app: Any) -> None:
-        self.spec, self.app = spec, app
+    """The rings, the handler slots and the completion flushes of one worker process."""
+
+    def __init__(self, spec: WorkerSpec, executor: Any) -> None:
+        self.spec = spec
         self.inbox = Ring.attach(spec.input_ring)
         self.outbox = Ring.attach(spec.output_ring)
-        #: handler slots free (of spec.concurrency), and frames read but not started yet
-        self.free = self.concurrency = spec.concurrency
+        self.executor = executor(self)
+        #: handler slots free (of the executor's), and frames read but not started yet
+        self.free = self.concurrency = self.executor.slots
         self.waiting: collections.deque[bytes] = collections.deque()
-        # Threads start only when used: room for every slot autosize may give (plain-function
-        # I/O handlers must not wait for a thread, their timeout counts from the call).
-        self.pool = concurrent.futures.ThreadPoolExecutor(max(4, spec.concurrency, IO_CONCURRENCY_MAX))
         self.done: list[bytes] = []
         self.flush_scheduled = False
         self.flush_timer: asyncio.TimerHandle | None = None
         self.running: set[asyncio.Task[None]] = set()
-        self.measured: dict[str, list[float]] = {}  # handler -> on-CPU shares of its calls
-        self.consumers = [app.consumers.get(q) for q in spec.queues]
         self.started = 0
         self.retired = False  # the go-ahead to recycle came
         self.input_closed = False  # the supervisor closed our input ring
@@ -191,7 +197,7 @@ class Runtime:
         finally:
             self.reader.stop()
             self.flush()
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.executor.close()
             self.outbox.close()
 
     def on_frames(self, frames: list[bytes]) -> None:
@@ -252,14 +258,17 @@ class Runtime:
         tag, retries, queue_index = DELIVERY.unpack_from(frame)
         body = memoryview(frame)[DELIVERY.size :]
         try:
-            status, delay, reason = await self.run(body, retries, queue_index)
-        except Exception as e:  # noqa: BLE001 - a bug of ours must not lose the message
+            status, delay, payload = await self.executor.run(body, retries, queue_index)
+        except Exception as e:
             logger.exception("worker %d: internal error on delivery %d", self.spec.index, tag)
             status, delay = (RETRY, 1.0) if retries < INTERNAL_RETRIES else (DEAD, 0.0)
-            reason = f"fastq internal error: {type(e).__name__}: {e}"
-        # Cut the text, not the bytes: a reason is always valid UTF-8.
-        self.done.append(COMPLETION.pack(tag, status, delay) + reason[:2000].encode("utf-8", "backslashreplace"))
+            payload = f"fastq internal error: {type(e).__name__}: {e}".encode("utf-8", "backslashreplace")
+        self.done.append(COMPLETION.pack(tag, status, delay) + payload)
         self.free += 1
+        if self.executor.flush_each:  # each frame is a whole batch: its caller waits for it
+            self.flush()
+            self.feed()
+            return
         if not self.reader.armed and len(self.waiting) < self.free:
             # Local frames will not fill the free slots: take what the ring has first, so that
             # the flush below knows how much work is left here.
@@ -293,7 +302,33 @@ class Runtime:
             done, self.done = self.done, []
             self.outbox.put_many(done, timeout=60)
 
-    async def run(self, body: memoryview, retries: int, queue_index: int) -> tuple[int, float, str]:
+
+
+class AppExecutor:
+    """Runs an app's tasks and consumers: the engine's deliveries, one message per frame."""
+
+    #: completions may gather (Runtime.schedule_flush): the supervisor refills from its backlog
+    flush_each = False
+
+    def __init__(self, runtime: Runtime) -> None:
+        spec = runtime.spec
+        self.runtime, self.app = runtime, _load.load(spec.app)
+        self.slots = spec.concurrency
+        # Threads start only when used: room for every slot autosize may give (plain-function
+        # I/O handlers must not wait for a thread, their timeout counts from the call).
+        self.pool = concurrent.futures.ThreadPoolExecutor(max(4, spec.concurrency, IO_CONCURRENCY_MAX))
+        self.measured: dict[str, list[float]] = {}  # handler -> on-CPU shares of its calls
+        self.consumers = [self.app.consumers.get(q) for q in spec.queues]
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    async def run(self, body: memoryview, retries: int, queue_index: int) -> tuple[int, float, bytes]:
+        """Run one delivery: its outcome, retry delay and reason (UTF-8, cut to 2,000 characters)."""
+        status, delay, reason = await self.outcome(body, retries, queue_index)
+        return status, delay, reason[:2000].encode("utf-8", "backslashreplace")
+
+    async def outcome(self, body: memoryview, retries: int, queue_index: int) -> tuple[int, float, str]:
         consumer = self.consumers[queue_index]
         if consumer is not None:
             handler, args, name, message_id = consumer, (bytes(body),), consumer.name, ""
@@ -312,7 +347,7 @@ class Runtime:
                 return DEAD, 0.0, f"invalid arguments for {envelope.task}: {e}"
             name, message_id = envelope.task, envelope.id
         options = handler.options
-        processing = Processing(name, message_id, self.spec.queues[queue_index], retries)
+        processing = Processing(name, message_id, self.runtime.spec.queues[queue_index], retries)
         exc: BaseException | None = None
         try:
             for mw in self.app.middleware:
@@ -355,7 +390,7 @@ class Runtime:
         if kind == "cpu":
             handler.fn(*args)  # inline: this process owns its core
             return
-        fut = self.loop.run_in_executor(self.pool, lambda: handler.fn(*args))
+        fut = self.runtime.loop.run_in_executor(self.pool, lambda: handler.fn(*args))
         await asyncio.wait_for(fut, options.timeout)
 
 

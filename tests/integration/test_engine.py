@@ -219,7 +219,8 @@ def test_workers_killed_three_times_lose_nothing(engine):
     assert engine.stop() == 0
     counts = collections.Counter(engine.lines())
     assert len(counts) == 20_000  # every message at least once; those in flight at a kill, twice
-    assert (engine.dir / "worker.log").read_text().count("exited with -9 holding") == 3
+    # a replacement killed before it said READY is reported as such (it held nothing yet)
+    assert (engine.dir / "worker.log").read_text().count("exited with -9") == 3
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
