@@ -27,10 +27,12 @@ import inspect
 import pickle
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
+from fastq.errors import RemoteError
 from fastq.ring import plain_values
 
 MSGPACK, STRUCT, PICKLE = 0, 1, 2
@@ -43,8 +45,6 @@ RESULT = 5
 #: an error record's index for "every item of the batch" (fn could not be loaded, say)
 WHOLE_BATCH = -1
 _NOT_MSGPACK = (TypeError, OverflowError, ValueError, UnicodeError)
-#: what a handler's exception may be (CancelledError and GeneratorExit are the runtime's)
-CAUGHT = (Exception, SystemExit, KeyboardInterrupt)
 
 _encoder = msgspec.msgpack.Encoder()
 _head = msgspec.msgpack.Decoder(tuple[int, int, bytes, bytes, msgspec.Raw])
@@ -53,17 +53,29 @@ _by_type: dict[bytes, msgspec.msgpack.Decoder[Any]] = {}
 
 
 def _struct_type(types: set[type]) -> type | None:
-    """The one Struct type of a batch (None may stand beside it), else None."""
+    """The one Struct type of a batch (None may stand beside it), if it may go as msgpack:
+    one without ``__post_init__`` (decoding would run it again)."""
     types = types - {type(None)}
     if len(types) == 1:
         (t,) = types
-        if issubclass(t, msgspec.Struct):
+        if issubclass(t, msgspec.Struct) and not hasattr(t, "__post_init__"):
             return t
     return None
 
 
+def _typed(type_ref: bytes) -> msgspec.msgpack.Decoder[Any]:
+    decoder = _by_type.get(type_ref)
+    if decoder is None:
+        decoder = _by_type[type_ref] = msgspec.msgpack.Decoder(list[pickle.loads(type_ref) | None])  # type: ignore[misc]
+    return decoder
+
+
 def encode(values: list[Any], head: list[Any], tail: list[Any], buffers: bool) -> bytes:
     """``[codec, *head, item type, values, *tail]`` as msgpack, with the codec the values allow.
+
+    Structs go as msgpack when decoding them by their annotations gives them back equal (checked
+    here, on the sending side: a field typed ``Any`` holding a tuple, or a bool in an int field,
+    would not be); otherwise pickled.
 
     Raises:
         pickle.PicklingError, TypeError, AttributeError: a value cannot travel at all.
@@ -74,9 +86,11 @@ def encode(values: list[Any], head: list[Any], tail: list[Any], buffers: bool) -
         except _NOT_MSGPACK:  # an int past 64 bits, a lone surrogate...
             pass
     elif (t := _struct_type(set(map(type, values)))) is not None:
+        type_ref = pickle.dumps(t, 5)
         try:
-            return _encoder.encode([STRUCT, *head, pickle.dumps(t, 5), values, *tail])
-        except _NOT_MSGPACK:  # a field msgpack cannot carry
+            if _typed(type_ref).decode(_encoder.encode(values)) == values:
+                return _encoder.encode([STRUCT, *head, type_ref, values, *tail])
+        except (*_NOT_MSGPACK, msgspec.ValidationError):  # a field msgpack cannot carry
             pass
     return _encoder.encode([PICKLE, *head, b"", pickle.dumps(values, 5), *tail])
 
@@ -85,10 +99,7 @@ def decode_values(codec: int, type_ref: bytes, raw: msgspec.Raw) -> list[Any]:
     if codec == MSGPACK:
         return msgspec.msgpack.decode(raw)  # type: ignore[no-any-return]
     if codec == STRUCT:
-        decoder = _by_type.get(type_ref)
-        if decoder is None:
-            decoder = _by_type[type_ref] = msgspec.msgpack.Decoder(list[pickle.loads(type_ref) | None])  # type: ignore[misc]
-        return decoder.decode(raw)  # type: ignore[no-any-return]
+        return _typed(type_ref).decode(raw)  # type: ignore[no-any-return]
     if codec == PICKLE:
         return pickle.loads(msgspec.msgpack.decode(raw, type=bytes))  # type: ignore[no-any-return]
     raise ValueError(f"unknown codec {codec} in a pool frame: the caller and the worker run different fastq versions")
@@ -130,11 +141,15 @@ class RemoteTraceback(Exception):
 
 
 def decode_reply(payload: bytes) -> tuple[list[Any], list[tuple[int, BaseException]]]:
-    """The results of a batch, and ``(index, exception)`` for the items that raised."""
-    from fastq.errors import RemoteError  # errors imports nothing: no cycle
-
+    """The results of a batch, and ``(index, exception)`` for the items that raised, in item
+    order; ``[]`` and one WHOLE_BATCH error when the results cannot be rebuilt here."""
     codec, type_ref, raw, records = _reply_head.decode(payload)
-    values = decode_values(codec, type_ref, raw)
+    try:
+        values = decode_values(codec, type_ref, raw)
+    except Exception as e:  # noqa: BLE001 - a class this process lacks, an __init__ that refuses...
+        error = RemoteError(f"the results came back but cannot be rebuilt in the caller: {type(e).__name__}: {e}")
+        error.__cause__ = e
+        return [], [(WHOLE_BATCH, error)]
     errors: list[tuple[int, BaseException]] = []
     for index, exc_bytes, name, message, tb in records:
         exc: BaseException | None = None
@@ -158,12 +173,27 @@ def _record(index: int, e: BaseException) -> tuple[int, bytes, str, str, str]:
     except Exception:  # noqa: BLE001 - the text still goes back
         exc_bytes = b""
     tb = "".join(traceback.format_exception(e))
-    return index, exc_bytes, type(e).__qualname__, str(e), tb
+    return index, exc_bytes, _text(type(e).__qualname__), _text(_str(e)), _text(tb)
 
 
-def encode_reply(values: list[Any], errors: list[tuple[int, bytes, str, str, str]]) -> bytes:
+def _str(e: BaseException) -> str:
     try:
-        return encode(values, [], [errors], False)
+        return str(e)
+    except Exception as inner:  # noqa: BLE001 - a __str__ that raises
+        return f"<str() failed: {type(inner).__name__}>"
+
+
+def _text(s: str) -> str:
+    """``s`` as valid UTF-8 (a lone surrogate becomes an escape), which msgpack can carry."""
+    return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def encode_reply(values: list[Any], errors: list[tuple[int, bytes, str, str, str]], max_bytes: int) -> bytes:
+    """The reply frame body: results and error records (in item order), at most ``max_bytes``;
+    items whose results make it larger fail with an error that says so."""
+    errors.sort(key=lambda r: r[0])
+    try:
+        body = encode(values, [], [errors], False)
     except Exception:  # noqa: BLE001 - some result cannot be pickled: that item fails, not all
         for i, v in enumerate(values):
             if not _picklable(v):
@@ -171,7 +201,15 @@ def encode_reply(values: list[Any], errors: list[tuple[int, bytes, str, str, str
                 errors.append(_record(i, TypeError(
                     f"fn returned a {type(v).__name__}, which cannot travel back to the caller; "
                     f"return builtins, bytes, msgspec Structs or picklable objects")))
-        return encode(values, [], [errors], False)
+        errors.sort(key=lambda r: r[0])
+        body = encode(values, [], [errors], False)
+    if len(body) <= max_bytes:
+        return body
+    # Too large for the ring: every item fails, with the size (the caller sizes its batches by
+    # the reply bytes it has seen, so this is one result larger than the ring, or the first batch)
+    e = ValueError(f"the results of this batch take {len(body)} bytes, more than the pool's ring holds "
+                   f"({max_bytes} bytes); make the Pool with a larger ring_bytes= or return less")
+    return encode([None] * len(values), [], [[_record(i, e) for i in range(len(values))]], False)
 
 
 class PoolExecutor:
@@ -184,6 +222,8 @@ class PoolExecutor:
 
     def __init__(self, runtime: Any) -> None:
         self.concurrency = max(1, runtime.spec.concurrency)
+        #: a reply frame must fit the output ring with its completion header
+        self.max_reply_bytes = runtime.outbox.max_frame_bytes - 64
         #: batches at once: enough for the caller's window of async batches to all be started
         self.slots = 2 * self.concurrency + 8
         self.fns: dict[bytes, tuple[Any, bool]] = {}
@@ -214,14 +254,14 @@ class PoolExecutor:
             codec, flags, fn_ref, type_ref, raw = _head.decode(body)
             items = decode_values(codec, type_ref, raw)
             fn, is_async = self.load(fn_ref)
-        except CAUGHT as e:  # fn not importable here, a codec of another version...
+        except Exception as e:  # noqa: BLE001 - fn not importable here, a codec of another version...
             errors.append(_record(WHOLE_BATCH, e))
         else:
             if is_async or flags & THREADS:
                 values = await self.run_async(fn, items, flags & STAR, errors, threaded=not is_async)
             else:
                 values = run_sync(fn, items, flags & STAR, errors)
-        payload = encode_reply(values, errors)
+        payload = encode_reply(values, errors, self.max_reply_bytes)
         return RESULT, time.perf_counter() - started, payload
 
     async def run_async(self, fn: Any, items: list[Any], star: int,
@@ -237,14 +277,28 @@ class PoolExecutor:
                 try:
                     if threaded:
                         call = functools.partial(fn, *x[0], **x[1]) if star else functools.partial(fn, x)
-                        values[i] = await loop.run_in_executor(self.threads(), call)
+                        ok, value = await loop.run_in_executor(self.threads(), _guarded, call)
+                        if not ok:
+                            raise value
+                        values[i] = value
                     else:
                         values[i] = await (fn(*x[0], **x[1]) if star else fn(x))
-                except CAUGHT as e:
+                except BaseException as e:
+                    if isinstance(e, asyncio.CancelledError) and asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                        raise  # the worker itself is being stopped
                     errors.append(_record(i, e))
 
         await asyncio.gather(*[one(i, x) for i, x in enumerate(items)])
         return values
+
+
+def _guarded(call: Callable[[], Any]) -> tuple[bool, Any]:
+    """Run ``call`` in a thread, its exception returned as a value: an asyncio future cannot
+    carry StopIteration, and a BaseException would escape the executor's bookkeeping."""
+    try:
+        return True, call()
+    except BaseException as e:  # noqa: BLE001 - handed to the item
+        return False, e
 
 
 def run_sync(fn: Any, items: list[Any], star: int, errors: list[tuple[int, bytes, str, str, str]]) -> list[Any]:
@@ -266,6 +320,6 @@ def run_sync(fn: Any, items: list[Any], star: int, errors: list[tuple[int, bytes
                     values.append(None)
                     continue
             return values
-        except CAUGHT as e:
+        except BaseException as e:  # noqa: BLE001 - whatever fn raised is the item's outcome
             errors.append(_record(len(values), e))
             values.append(None)

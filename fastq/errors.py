@@ -67,9 +67,9 @@ class RemoteError(FastqError):
     and message are the text, the remote traceback is ``__cause__``."""
 
 
-class PoolBroken(FastqError):
-    """The ``fastq.Pool``'s workers cannot start, or its driver failed: every call fails with it."""
-
-
 class PoolClosed(FastqError, ValueError):
     """The ``fastq.Pool`` was closed or terminated: it takes no more calls."""
+
+
+class PoolBroken(PoolClosed):
+    """The ``fastq.Pool``'s workers cannot start, or its driver failed: every call fails with it."""

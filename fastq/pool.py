@@ -101,7 +101,8 @@ class _Job:
         else:
             self.size, self.depth = batch_size or 1, DEPTH
         self.cost: float | None = None  # worker seconds per item
-        self.bytes_per_item = 0.0
+        self.bytes_per_item = 0.0  # of the last request sent, and of the largest reply seen
+        self.reply_bytes_per_item = 0.0
         self.deliver = deliver  # (start, values, errors) | _DONE, called on the driver thread
         self.cancelled = False
         self.finished = False
@@ -115,8 +116,9 @@ class _Job:
             if self.length > self.taken:
                 tail = max((self.length - self.taken) / self.processes * TAIL_SHARE, TAIL_SECONDS / max(self.cost, 1e-9))
                 n = max(1, min(n, int(tail)))
-        if self.bytes_per_item:
-            n = max(1, min(n, int(max_bytes / self.bytes_per_item)))
+        per_item = max(self.bytes_per_item, self.reply_bytes_per_item)
+        if per_item:
+            n = max(1, min(n, int(max_bytes / per_item)))
         if self.seq is not None:  # a list or tuple: slice it (a copy of pointers, no iteration)
             items = list(self.seq[self.taken : self.taken + n])
         else:
@@ -139,7 +141,13 @@ class _Batch:
     __slots__ = ("attempts", "items", "job", "start")
 
     def __init__(self, job: _Job, start: int, items: list[Any], attempts: int = 0) -> None:
+        #: workers that died while it ran: 1, it runs again whole; 2, its items run one by one
+        #: and alone on their worker (a suspect); a suspect that loses its worker is WorkerLost
         self.job, self.start, self.items, self.attempts = job, start, items, attempts
+
+    @property
+    def suspect(self) -> bool:
+        return self.attempts >= 2
 
 
 class _Worker:
@@ -151,6 +159,7 @@ class _Worker:
         self.ready = False
         self.failures = 0  # exits before ready, in a row
         self.start_after = 0.0
+        self.suspect = 0  # the tag of the suspect batch it runs alone (0: none)
 
 
 class _Failure:
@@ -199,6 +208,10 @@ class _Driver:
         self.wake_w.setblocking(False)
         #: None, "join" (finish the jobs, then stop) or "terminate"
         self.stopping: str | None = None
+        #: held to add a job, to change ``stopping`` and while shutting down: a job is either
+        #: seen by the driver or refused, never dropped between the two
+        self.lock = threading.Lock()
+        self.shut = False
         self.broken: BaseException | None = None
         self.checked = 0.0
         for w in self.workers:
@@ -209,11 +222,12 @@ class _Driver:
     # -- called from any thread ---------------------------------------------------------------
 
     def add(self, job: _Job) -> None:
-        if self.broken is not None:
-            raise PoolClosed(f"the pool is broken ({self.broken}); make a new one") from self.broken
-        if self.stopping is not None:
-            raise PoolClosed("the pool was closed; it takes no more calls (make a new Pool)")
-        self.incoming.append(job)
+        with self.lock:
+            if self.broken is not None:
+                raise PoolBroken(f"the pool is broken ({self.broken}); make a new one") from self.broken
+            if self.stopping is not None or self.shut:
+                raise PoolClosed("the pool was closed; it takes no more calls (make a new Pool)")
+            self.incoming.append(job)
         self.wake()
 
     def wake(self) -> None:
@@ -223,8 +237,9 @@ class _Driver:
             pass
 
     def stop(self, how: str, timeout: float | None = None) -> None:
-        if self.stopping != "terminate":
-            self.stopping = how
+        with self.lock:
+            if self.stopping != "terminate":
+                self.stopping = how
         self.wake()
         if threading.current_thread() is not self.thread:
             self.thread.join(timeout)
@@ -331,8 +346,11 @@ class _Driver:
                     w.ready, w.failures = True, 0
                 continue
             batch = self.batches.pop(tag)
+            if w.suspect == tag:
+                w.suspect = 0
             job = batch.job
             job.outstanding -= len(batch.items)
+            job.reply_bytes_per_item = max(job.reply_bytes_per_item, len(payload) / len(batch.items))
             self.counts["items_done"] += len(batch.items)
             if job.cancelled:
                 pass
@@ -364,13 +382,14 @@ class _Driver:
             self.live.discard(job)
             job.deliver(_DONE)
 
-    def pick(self, depth: int) -> _Worker | None:
-        """The worker with the fewest batches, under ``depth``. One still starting counts: its
-        ring holds the batches until it is up (so that a call made as the pool starts spreads
-        over every worker), and if it never comes up they go to another, as nothing it ran."""
-        best, load = None, depth
+    def pick(self, depth: int, suspect: bool = False) -> _Worker | None:
+        """The worker with the fewest batches, under ``depth`` (a suspect: one with none). One
+        still starting counts: its ring holds the batches until it is up (so that a call made
+        as the pool starts spreads over every worker), and if it never comes up they go to
+        another, as nothing it ran. A worker running a suspect takes nothing else."""
+        best, load = None, 1 if suspect else depth
         for w in self.workers:
-            if w.inbox is not None:
+            if w.inbox is not None and not w.suspect:
                 n = self.dispatcher.in_flight(w.index)
                 if n < load:
                     best, load = w, n
@@ -386,7 +405,7 @@ class _Driver:
                 self.jobs.popleft()
                 self.maybe_finish(job)
                 continue
-            w = self.pick(job.depth)
+            w = self.pick(job.depth, bool(job.again) and job.again[0].suspect)
             if w is None:  # every worker holds this job's depth; another job's may be deeper
                 self.jobs.rotate(-1)
                 idle += 1
@@ -394,16 +413,24 @@ class _Driver:
             if job.again:
                 batch = job.again.popleft()
             else:
-                items = job.take(self.max_batch_bytes)
+                try:
+                    items = job.take(self.max_batch_bytes)
+                except Exception as e:  # noqa: BLE001 - the caller's iterable raised: its call fails
+                    job.source = job.seq = None
+                    self.deliver(job, job.taken, [None], [(0, e)])
+                    continue
                 if not items:
                     continue  # the source just ran out: the check above finishes the job
                 batch = _Batch(job, job.taken, items)
                 job.taken += len(items)
-            if self.send(w, batch):
-                moved, idle = True, 0
-            else:
+            tag = self.send(w, batch)
+            if tag is None:
                 job.again.appendleft(batch)
                 idle += 1
+            else:
+                moved, idle = True, 0
+                if batch.suspect and tag:
+                    w.suspect = tag
             self.jobs.rotate(-1)  # the next job's turn: calls share the workers
         return moved
 
@@ -411,14 +438,15 @@ class _Driver:
     def max_batch_bytes(self) -> int:
         return self.ring_bytes // (DEPTH + 1)
 
-    def send(self, w: _Worker, batch: _Batch) -> bool:
-        """Write the batch to ``w``; False when its ring has no room now."""
+    def send(self, w: _Worker, batch: _Batch) -> int | None:
+        """Write the batch to ``w``: its tag, 0 when it was handled without sending (an error,
+        a split), None when the ring has no room now."""
         job = batch.job
         try:
             body = _call.encode_request(job.fn_ref, job.flags, batch.items)
         except TypeError as e:
             self.deliver(job, batch.start, [None] * len(batch.items), [(i, e) for i in range(len(batch.items))])
-            return True
+            return 0
         job.bytes_per_item = len(body) / len(batch.items)
         assert w.inbox is not None
         if len(body) + 64 > w.inbox.max_frame_bytes:
@@ -430,15 +458,15 @@ class _Driver:
                 big = ConfigError(f"an argument of {len(body)} bytes (encoded) does not fit the pool's rings of "
                                   f"{self.ring_bytes} bytes; make the Pool with ring_bytes= above {2 * len(body)}")
                 self.deliver(job, batch.start, [None], [(0, big)])
-            return True
+            return 0
         tag = next(self.tags)
         if self.dispatcher.dispatch_to(w.index, [(tag, 0, 0, body)]):
-            return False
+            return None
         self.batches[tag] = batch
         job.outstanding += len(batch.items)
         self.counts["batches"] += 1
         self.counts["items_sent"] += len(batch.items)
-        return True
+        return tag
 
     def worker_exited(self, w: _Worker) -> None:
         """Take what the worker finished, run again what it held, start another in its place."""
@@ -471,6 +499,14 @@ class _Driver:
             self.counts["workers_lost"] += 1
             logger.warning("pool worker %d (pid %s) died (%s) holding %d batches; running them again",
                            w.index, pid, _exit_reason(code), len(lost))
+        # What ran when the worker died: a plain function's batches run one after the other,
+        # so the oldest it held; an async (or threaded) job's batches run together, so all of
+        # them. The rest waited in its ring: they go again as they were.
+        running = {t for t in lost if self.batches[t].job.is_async}
+        plain = [t for t in lost if t not in running]
+        if plain:
+            running.add(plain[0])
+        w.suspect = 0
         for tag in lost:
             batch = self.batches.pop(tag)
             job = batch.job
@@ -478,19 +514,19 @@ class _Driver:
             if job.cancelled:
                 self.maybe_finish(job)
                 continue
-            if not was_ready:  # it ran nothing: not the items' fault
+            if not was_ready or tag not in running:  # it never ran: not the items' fault
                 again = [batch]
-            elif batch.attempts == 0:
-                again = [_Batch(job, batch.start, batch.items, 1)]
-            elif len(batch.items) > 1 or batch.attempts == 1:
-                again = [_Batch(job, batch.start + i, [x], 2) for i, x in enumerate(batch.items)]
-            else:
+            elif batch.suspect:
                 e = WorkerLost(f"pool worker {w.index} (pid {pid}) died ({_exit_reason(code)}) while running this "
-                               f"call alone, the third worker lost with it; the function may end its process "
-                               f"(os._exit, a crash in C code, the out-of-memory killer)")
+                               f"call alone, after two workers died running it with others; the function may end "
+                               f"its process (os._exit, a crash in C code, the out-of-memory killer)")
                 self.deliver(job, batch.start, [None], [(0, e)])
                 self.maybe_finish(job)
                 continue
+            elif batch.attempts == 0:
+                again = [_Batch(job, batch.start, batch.items, 1)]
+            else:  # one by one, each alone on a worker
+                again = [_Batch(job, batch.start + i, [x], 2) for i, x in enumerate(batch.items)]
             job.again.extend(again)
             self.counts["items_again"] += len(batch.items)
             if job not in self.jobs:
@@ -505,6 +541,8 @@ class _Driver:
 
     def shutdown(self) -> None:
         error: BaseException = self.broken or PoolClosed("the pool was terminated before this call finished")
+        with self.lock:
+            self.shut = True  # add() refuses from now on: the snapshot below is every job
         for job in list(self.live) + list(self.incoming):
             if not job.finished:
                 job.finished = True
@@ -608,6 +646,15 @@ def _gathered(chunks: list[tuple[int, list[Any], list[tuple[int, BaseException]]
     return out
 
 
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[Any], None], arg: Any) -> None:
+    """Hand ``arg`` to the caller's event loop; a loop that has closed (the caller gave up and
+    left asyncio.run) gets nothing, and the driver goes on."""
+    try:
+        loop.call_soon_threadsafe(fn, arg)
+    except RuntimeError:
+        pass
+
+
 class Pool:
     """A pool of worker processes, one per usable core, pinned, started once and reused.
 
@@ -690,7 +737,10 @@ class Pool:
                  order: Callable[[Any, Callable[[], None]], Iterator[Any]]) -> Iterator[Any]:
         results = _Results()
         job = self._job(fn, iterable, batch_size, results.put)  # starts now, not at the first next()
-        return order(results, functools.partial(self._cancel, job))
+        cancel = functools.partial(self._cancel, job)
+        iterator = order(results, cancel)
+        weakref.finalize(iterator, cancel)  # dropped before its first next(), its finally never runs
+        return iterator
 
     def _cancel(self, job: _Job) -> None:
         """The caller left before the end: send no more, drop what comes back."""
@@ -702,15 +752,18 @@ class Pool:
         """Run ``fn(*args, **kwargs)`` in a worker; the future gets its result or exception."""
         future: concurrent.futures.Future[R] = concurrent.futures.Future()
 
-        def deliver(chunk: Any) -> None:
+        def deliver(chunk: Any) -> None:  # on the driver thread
             if chunk is _DONE or future.done():
                 return
-            if isinstance(chunk, _Failure):
-                future.set_exception(chunk.error)
-            elif chunk[2]:
-                future.set_exception(chunk[2][0][1])
-            else:
-                future.set_result(chunk[1][0])
+            try:
+                if isinstance(chunk, _Failure):
+                    future.set_exception(chunk.error)
+                elif chunk[2]:
+                    future.set_exception(chunk[2][0][1])
+                else:
+                    future.set_result(chunk[1][0])
+            except concurrent.futures.InvalidStateError:  # cancelled by the caller meanwhile
+                pass
 
         job = self._job(fn, [(args, kwargs)], "auto", deliver, star=True)
 
@@ -741,7 +794,7 @@ class Pool:
 
         def deliver(chunk: Any) -> None:  # on the driver thread
             if chunk is _DONE or isinstance(chunk, _Failure):
-                loop.call_soon_threadsafe(finish, chunk)
+                _call_soon(loop, finish, chunk)
             else:
                 chunks.append(chunk)
 
@@ -757,7 +810,7 @@ class Pool:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         def deliver(chunk: Any) -> None:  # on the driver thread
-            loop.call_soon_threadsafe(queue.put_nowait, chunk)
+            _call_soon(loop, queue.put_nowait, chunk)
 
         job = self._job(fn, iterable, batch_size, deliver)
         try:
@@ -786,9 +839,10 @@ class Pool:
 
     def close(self) -> None:
         """Take no more calls; the ones made still finish (``join`` waits for them)."""
-        if self._driver.stopping is None:
-            self._driver.stopping = "join"
-            self._driver.wake()
+        with self._driver.lock:
+            if self._driver.stopping is None:
+                self._driver.stopping = "join"
+        self._driver.wake()
 
     def join(self, timeout: float | None = None) -> None:
         """Wait for the calls made to finish and the workers to exit; ``close`` first.

@@ -114,3 +114,51 @@ async def nap_peak(seconds):
     finally:
         _in_flight -= 1
     return os.getpid(), _peak
+
+
+def kilobyte(x):
+    return "k" * 1000
+
+
+def megabytes(_):
+    return b"m" * (3 << 20)
+
+
+class Halt(BaseException):
+    """Not an Exception: escapes `except Exception`."""
+
+
+def raise_base(_):
+    raise Halt("stop right there")
+
+
+def stop_iteration(_):
+    raise StopIteration("from a thread")
+
+
+def unrebuildable(_):
+    return Unpicklable("odd", 2)
+
+
+class Loose(msgspec.Struct):
+    x: int
+    anything: object = None
+
+
+def surrogate_error(_):
+    raise ValueError("bad \ud800 text")
+
+
+async def async_fail_1_slowly_and_3(x):
+    if x == 1:
+        await asyncio.sleep(0.2)
+        raise ValueError(1)
+    if x == 3:
+        raise ValueError(3)
+    return x
+
+
+def bad_iterable():
+    yield 1
+    yield 2
+    raise ZeroDivisionError("the caller's generator failed")

@@ -330,3 +330,90 @@ def test_workers_that_cannot_start_break_the_pool_instead_of_hanging_it():
             p.map(poolfns.double, [1])
     finally:
         p.terminate()
+
+
+def test_replies_larger_than_a_batch_would_fit_are_sized_or_refused():
+    with fastq.Pool(ring_bytes=1 << 20) as p:
+        SEEN_PIDS.update(p.pids)
+        # 50 MB of results through 1 MiB rings: batches are cut by the reply bytes seen
+        assert p.map(poolfns.kilobyte, range(50_000)) == ["k" * 1000] * 50_000
+        with pytest.raises(ValueError, match="more than the pool's ring holds"):
+            p.map(poolfns.megabytes, [1])
+        assert p.map(poolfns.double, [1, 2]) == [2, 4]
+
+
+def test_every_exception_of_fn_comes_back_as_itself(pool):
+    with pytest.raises(poolfns.Halt, match="stop right there"):
+        pool.map(poolfns.raise_base, [1])
+    assert isinstance(pool.submit(poolfns.raise_base, 1).exception(timeout=60), poolfns.Halt)
+    with pytest.raises(ValueError) as info:  # the text cannot be UTF-8; the exception travels whole
+        pool.map(poolfns.surrogate_error, [1])
+    assert str(info.value) == "bad \ud800 text"
+    with pytest.raises(fastq.RemoteError, match="cannot be rebuilt in the caller"):
+        pool.map(poolfns.unrebuildable, [1, 2])
+    # async: the first item's error, in order, whichever finished first
+    with pytest.raises(ValueError, match="1"):
+        pool.map(poolfns.async_fail_1_slowly_and_3, range(6))
+    got = []
+    with pytest.raises(ValueError, match="1"):
+        for v in pool.imap(poolfns.async_fail_1_slowly_and_3, range(6)):
+            got.append(v)
+    assert got == [0]
+
+
+def test_loose_structs_come_back_as_they_left():
+    values = [poolfns.Loose(1, (1, 2)), poolfns.Loose(True), poolfns.Loose(2, {"a": (3,)})]
+    with fastq.Pool(1) as p:
+        SEEN_PIDS.update(p.pids)
+        back = p.map(poolfns.identity, values)
+    assert back == values and [type(v.anything) for v in back] == [tuple, type(None), dict]
+    assert type(back[1].x) is bool
+
+
+def test_kind_io_stop_iteration_is_raised_not_hung():
+    with fastq.Pool(1, kind="io", concurrency=4) as p:
+        SEEN_PIDS.update(p.pids)
+        with pytest.raises(StopIteration):
+            p.map(poolfns.stop_iteration, [1])
+        with pytest.raises(poolfns.Halt):
+            p.map(poolfns.raise_base, [1])
+
+
+def test_the_callers_iterable_failing_fails_that_call_only(pool):
+    with pytest.raises(ZeroDivisionError, match="generator failed"):
+        pool.map(poolfns.double, poolfns.bad_iterable())
+    assert list(pool.imap(poolfns.double, [1, 2])) == [2, 4]
+
+
+def test_an_iterator_dropped_unstarted_does_not_hold_the_pool():
+    import itertools
+
+    p = fastq.Pool(1)
+    SEEN_PIDS.update(p.pids)
+    it = p.imap(poolfns.double, itertools.count())  # endless, never iterated
+    del it
+    p.close()
+    p.join(30)
+    assert not p._driver.thread.is_alive()
+
+
+def test_a_caller_that_gave_up_does_not_break_the_pool(pool):
+    async def impatient():
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(pool.map_async(poolfns.spin, range(200_000)), 0.01)
+        agen = pool.aimap_unordered(poolfns.spin, range(200_000))
+        await agen.__anext__()
+        await agen.aclose()
+
+    asyncio.run(impatient())  # the loop is closed while results still come
+    time.sleep(0.5)
+    assert pool.map(poolfns.double, range(100)) == [2 * x for x in range(100)]
+
+
+def test_a_poison_call_costs_innocent_calls_nothing():
+    with fastq.Pool() as p:
+        SEEN_PIDS.update(p.pids)
+        futures = [p.submit(poolfns.exit_on_13, 13)] + [p.submit(poolfns.spin, i) for i in range(60)]
+        assert isinstance(futures[0].exception(timeout=120), fastq.WorkerLost)
+        assert [f.result(timeout=120) for f in futures[1:]] == [2 * i for i in range(60)]
+        SEEN_PIDS.update(pid for pid in p.pids if pid)
