@@ -55,7 +55,7 @@ R = TypeVar("R")
 
 #: worker seconds a batch aims at once its items' cost is known: long enough that the caller's
 #: share per batch (about 50 us of its CPU, taken from the workers' cores) is lost in it
-BATCH_SECONDS = 0.01
+BATCH_SECONDS = 0.02
 #: and at most this share of what is left of a call per worker, when its length is known, so
 #: that the last batches are short and end together on every worker; but not below this many
 #: seconds of work, where round trips would cost more than the uneven end
