@@ -417,7 +417,9 @@ class Supervisor:
                     logger.info("autosize: queue %r: %s; concurrency %d, prefetch %d",
                                 name, d.reason, d.concurrency, d.prefetch)
                     self.decisions.append((time.time(), name, d.reason))
-                    self.prefetch[name] = d.prefetch
+                    if d.prefetch != self.prefetch[name]:
+                        self.prefetch[name] = d.prefetch
+                        await self.broker.prefetch(name, d.prefetch)
                     self.queue_concurrency[name] = d.concurrency
                     self.wake[name].set()
             self.concurrency = self.slots_needed()
@@ -563,6 +565,7 @@ class Supervisor:
         await self.broker.open()
         for q in self.queues:
             await self.broker.declare(q)
+            await self.broker.prefetch(q, self.prefetch[q])
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.on_signal, sig)
         try:

@@ -30,7 +30,10 @@ def open_broker(url: str) -> Broker:
         if url not in _memory:  # one per name and process, so producer and supervisor share it
             _memory[url] = MemoryBroker(url)
         return _memory[url]
+    if scheme in ("amqp", "amqps"):
+        from fastq.broker.amqp import AMQPBroker
+
+        return AMQPBroker(url)
     raise ConfigError(
-        f"unknown broker URL {mask_url(url)!r}; expected sqlite:///path, memory:// "
-        "(amqp:// comes with the RabbitMQ broker)"
+        f"unknown broker URL {mask_url(url)!r}; expected sqlite:///path, memory:// or amqp://user:pass@host:port/vhost"
     )

@@ -141,6 +141,11 @@ class Broker(abc.ABC):
             return []
         return await self.fetch(queue, fetch, timeout=timeout, wake=wake)
 
+    async def prefetch(self, queue: str, prefetch: int) -> None:
+        """The host's budget of unsettled deliveries of ``queue`` (the supervisor's, whole):
+        a broker that pushes (RabbitMQ's ``basic.qos``) holds no more than this. Brokers that
+        are asked (``fetch``) need not do anything."""
+
     @abc.abstractmethod
     async def queue_depth(self, queue: str) -> QueueDepth:
         """How many messages are ready, unacked and delayed."""

@@ -1,0 +1,526 @@
+"""``amqp://`` and ``amqps://``: RabbitMQ through aiormq (the only module that imports it).
+
+One connection per supervisor. Each queue has one consumer on its own channel, whose
+``basic.qos`` is the host's prefetch for that queue (``Broker.prefetch``); RabbitMQ pushes
+deliveries into a local buffer that ``fetch`` takes from. Publishing goes through one channel in
+confirm mode: ``publish`` returns when RabbitMQ confirmed every message (a bounded window of
+them in flight at once); messages are persistent (delivery_mode 2) on durable queues.
+
+Settling, on the delivery's own channel: acks go as one ``basic.ack`` with ``multiple`` over the
+completed prefix of delivery tags (``fastq.ring.AckWindow``); completed tags past a gap
+("stragglers") are acked one by one once ``STRAGGLERS`` of them wait or ``STRAGGLER_SECONDS``
+passed. A retry is published, confirmed, to ``<queue>.retry.<ms>``, a durable queue whose
+message TTL dead-letters it back to ``<queue>`` (one such queue per delay, rounded to two
+significant digits, so a long delay never blocks a short one), with the retry count in the
+``x-fastq-retries`` header; then the original is acked. A dead letter is published, confirmed,
+to ``<queue>.dlq`` with ``x-fastq-reason``, ``x-fastq-exception`` and ``x-fastq-attempts``
+headers, then acked. A release is a ``basic.nack`` with requeue.
+
+When the connection drops, deliveries not yet settled are RabbitMQ's again: it redelivers them
+(at-least-once: a handler may run twice). The broker reconnects with exponential backoff and
+jitter, declares again and consumes again; settling a delivery of the lost connection is a no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import random
+import threading
+import time
+import urllib.parse
+from collections.abc import Sequence
+from typing import Any
+
+import aiormq
+import aiormq.abc
+from pamqp.commands import Basic
+
+from fastq.broker.base import (
+    Broker,
+    Delivery,
+    Message,
+    QueueDepth,
+    Retry,
+    Signal,
+    mask_url,
+    query_float,
+    wait_either,
+)
+from fastq.errors import BrokerConnectionError, ConfigError
+from fastq.ring import AckWindow
+
+logger = logging.getLogger(__name__)
+
+#: completed tags past a gap acked one by one once this many wait, or once the oldest waited this long
+STRAGGLERS = 256
+STRAGGLER_SECONDS = 0.05
+#: publishes awaiting their confirm at once, per channel
+CONFIRM_WINDOW = 512
+#: the consumer's prefetch until the supervisor says (Broker.prefetch)
+DEFAULT_PREFETCH = 100
+RECONNECT_MIN, RECONNECT_MAX = 0.2, 15.0
+#: a publish waits this long for a connection before it raises BrokerConnectionError
+PUBLISH_TIMEOUT = 60.0
+HEADER_RETRIES = "x-fastq-retries"
+HEADER_REASON = "x-fastq-reason"
+HEADER_EXCEPTION = "x-fastq-exception"
+HEADER_ATTEMPTS = "x-fastq-attempts"
+#: the content type of a fastq envelope; raw messages of consumers keep theirs
+MSGPACK = "application/msgpack"
+#: our own options in the URL's query; the rest is aiormq's (TLS files, heartbeat, ...)
+OWN_OPTIONS = ("confirm_window", "publish_timeout")
+
+
+def retry_queue(queue: str, delay: float) -> tuple[str, int]:
+    """The TTL queue for ``delay`` seconds (two significant digits of milliseconds, >= 1)."""
+    ms = max(1, round(delay * 1000))
+    digits = len(str(ms))
+    if digits > 2:
+        step = 10 ** (digits - 2)
+        ms = round(ms / step) * step
+    return f"{queue}.retry.{ms}", ms
+
+
+def _exception_type(reason: str) -> str:
+    """``ValueError`` of ``"ValueError: bad input"``; empty when the reason names none."""
+    head = reason.partition(":")[0].strip()
+    return head if head.replace(".", "").replace("_", "").isalnum() and " " not in head else ""
+
+
+class _Consumer:
+    """One queue's consumer: its channel, its tag, its deliveries not taken yet, its acks."""
+
+    def __init__(self, queue: str, channel: aiormq.abc.AbstractChannel, prefetch: int, generation: int) -> None:
+        self.queue, self.channel, self.prefetch, self.generation = queue, channel, prefetch, generation
+        self.tag = ""
+        self.buffer: collections.deque[aiormq.abc.DeliveredMessage] = collections.deque()
+        self.window = AckWindow(1)
+        self.straggling_since = 0.0
+        self.arrived = Signal()
+        self.alive = True
+
+
+class _Held:
+    """A delivery handed to the supervisor and not settled yet."""
+
+    __slots__ = ("consumer", "delivery_tag", "message")
+
+    def __init__(self, consumer: _Consumer, message: aiormq.abc.DeliveredMessage) -> None:
+        self.consumer, self.delivery_tag, self.message = consumer, message.delivery.delivery_tag, message
+
+
+class AMQPBroker(Broker):
+    """See the module docstring. Every coroutine runs on the loop that opened it;
+    ``publish_sync`` runs its own connection on a thread of its own."""
+
+    def __init__(self, url: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme.lower() not in ("amqp", "amqps"):
+            raise ConfigError(f"not an AMQP URL: {mask_url(url)!r}; expected amqp://user:pass@host:port/vhost")
+        if not parts.hostname:
+            raise ConfigError(f"AMQP URL {mask_url(url)!r} names no host")
+        params = urllib.parse.parse_qs(parts.query)
+        self.confirm_window = int(query_float(url, params, "confirm_window", CONFIRM_WINDOW, 1))
+        self.publish_timeout = query_float(url, params, "publish_timeout", PUBLISH_TIMEOUT, 0.1)
+        query = urllib.parse.urlencode([(k, v) for k, vs in params.items() if k not in OWN_OPTIONS for v in vs])
+        self._url = urllib.parse.urlunsplit(parts._replace(query=query))
+        self.url = mask_url(url)
+        self._connection: aiormq.abc.AbstractConnection | None = None
+        self._publisher: aiormq.abc.AbstractChannel | None = None
+        self._window: asyncio.Semaphore | None = None
+        self._declared: set[str] = set()  # queues, retry queues and dead-letter queues
+        self._queues: list[str] = []  # declared by the caller, declared again after a reconnect
+        self._prefetch: dict[str, int] = {}
+        self._consumers: dict[str, _Consumer] = {}
+        self._held: dict[int, _Held] = {}
+        self._tags = itertools.count(1)
+        self._generation = 0
+        self._connected = asyncio.Event()
+        self._closing = False
+        self._watcher: asyncio.Task[None] | None = None
+        self._sync: _SyncPublisher | None = None
+        self._sync_lock = threading.Lock()
+
+    # -- connection ----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._connection is not None:
+            return
+        self._closing = False
+        await self._connect(first=True)
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _connect(self, *, first: bool = False) -> None:
+        """Connect, open the publishing channel, declare and consume again; until it works
+        (the first time: raise BrokerConnectionError instead)."""
+        delay = RECONNECT_MIN
+        while True:
+            try:
+                connection = await aiormq.connect(self._url)
+                self._connection = connection
+                self._generation += 1
+                self._publisher = await connection.channel(publisher_confirms=True)
+                self._window = asyncio.Semaphore(self.confirm_window)
+                self._declared.clear()
+                for queue in self._queues:
+                    await self._declare(queue)
+                for queue, prefetch in list(self._prefetch.items()):
+                    await self._consume(queue, prefetch)
+                break
+            except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as e:
+                text = f"{type(e).__name__}: {self._scrub(str(e))}"
+                if first:
+                    raise BrokerConnectionError(f"cannot connect to RabbitMQ at {self.url}: {text}") from None
+                logger.warning("RabbitMQ at %s unreachable (%s); trying again in %.1f s", self.url, text, delay)
+                self._lost()
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, RECONNECT_MAX)
+        self._connected.set()
+        if not first:
+            logger.warning("reconnected to RabbitMQ at %s; consuming %s again", self.url, sorted(self._prefetch))
+
+    def _scrub(self, text: str) -> str:
+        """``text`` without the URL's password, wherever a library put it."""
+        password = urllib.parse.urlsplit(self._url).password
+        text = text.replace(self._url, self.url)
+        return text.replace(password, "***") if password else text
+
+    async def _watch(self) -> None:
+        """Reconnect whenever the connection closes, until ``close``."""
+        while not self._closing:
+            connection = self._connection
+            assert connection is not None
+            try:
+                await connection.closing
+            except BaseException as e:  # noqa: BLE001 - how it closed is only logged
+                reason: BaseException | None = e
+            else:
+                reason = None
+            if self._closing:
+                return
+            logger.warning("connection to RabbitMQ at %s lost (%s); its unsettled deliveries go back to RabbitMQ",
+                           self.url, type(reason).__name__ if reason else "closed")
+            self._lost()
+            await self._connect()
+
+    def _lost(self) -> None:
+        """Forget the dead connection's consumers and deliveries: RabbitMQ requeued them."""
+        self._connected.clear()
+        for consumer in self._consumers.values():
+            consumer.alive = False
+            consumer.buffer.clear()
+            consumer.arrived.set()
+        self._consumers.clear()
+        self._held.clear()
+
+    async def _ready(self) -> aiormq.abc.AbstractChannel:
+        if not self._connected.is_set():
+            try:
+                await asyncio.wait_for(self._connected.wait(), self.publish_timeout)
+            except TimeoutError:
+                raise BrokerConnectionError(f"no connection to RabbitMQ at {self.url} for "
+                                            f"{self.publish_timeout:g} s") from None
+        assert self._publisher is not None
+        return self._publisher
+
+    # -- topology ------------------------------------------------------------------------------
+
+    async def declare(self, queue: str) -> None:
+        if queue not in self._queues:
+            self._queues.append(queue)
+        await self._ready()
+        await self._declare(queue)
+
+    async def _declare(self, queue: str) -> None:
+        assert self._publisher is not None
+        if queue in self._declared:
+            return
+        await self._publisher.queue_declare(queue, durable=True)
+        await self._publisher.queue_declare(f"{queue}.dlq", durable=True)
+        self._declared.update((queue, f"{queue}.dlq"))
+
+    async def _declare_retry(self, channel: aiormq.abc.AbstractChannel, queue: str, delay: float) -> str:
+        name, ms = retry_queue(queue, delay)
+        if name not in self._declared:
+            await channel.queue_declare(name, durable=True, arguments={
+                "x-message-ttl": ms, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": queue})
+            self._declared.add(name)
+        return name
+
+    # -- publishing ----------------------------------------------------------------------------
+
+    async def publish(self, queue: str, messages: Sequence[Message]) -> None:
+        """Publish and wait for RabbitMQ's confirm of each; a connection lost meanwhile publishes
+        the unconfirmed ones again once it is back (so a message may arrive twice, never not)."""
+        pending = list(messages)
+        while pending:
+            channel = await self._ready()
+            try:
+                await self._declare(queue)
+                results = await asyncio.gather(*[self._publish_one(channel, queue, m) for m in pending],
+                                               return_exceptions=True)
+            except (aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError,
+                    ConnectionError) as e:
+                logger.warning("publishing to %r on %s failed (%s); waiting for the connection", queue, self.url,
+                               type(e).__name__)
+                await self._wait_reconnect()
+                continue
+            failed = [m for m, r in zip(pending, results) if isinstance(r, BaseException)]
+            hard = [r for r in results if isinstance(r, BaseException) and not _transient(r)]
+            if hard:
+                raise BrokerConnectionError(f"RabbitMQ at {self.url} refused a publish to {queue!r}: "
+                                            f"{self._scrub(str(hard[0]))}") from None
+            if failed:
+                await self._wait_reconnect()
+            pending = failed
+
+    async def _wait_reconnect(self) -> None:
+        """Give the watcher time to notice a dead connection, then wait for the new one."""
+        deadline = time.monotonic() + self.publish_timeout
+        while self._connection is not None and not self._connection.is_closed and self._connected.is_set():
+            if time.monotonic() > deadline:
+                raise BrokerConnectionError(f"publishing to RabbitMQ at {self.url} failed for {self.publish_timeout:g} s")
+            await asyncio.sleep(0.05)
+        await self._ready()
+
+    async def _publish_one(self, channel: aiormq.abc.AbstractChannel, queue: str, m: Message,
+                           exchange: str = "") -> None:
+        assert self._window is not None
+        headers: dict[str, Any] = dict(m.headers or {})
+        routing_key = queue
+        if m.delay > 0:
+            routing_key = await self._declare_retry(channel, queue, m.delay)
+        properties = Basic.Properties(delivery_mode=2, message_id=m.message_id or None,
+                                      content_type=headers.pop("content-type", MSGPACK), headers=headers or None)
+        async with self._window:
+            confirm = await channel.basic_publish(m.body, exchange=exchange, routing_key=routing_key,
+                                                  properties=properties)
+        if not isinstance(confirm, Basic.Ack):
+            raise _Nacked(f"RabbitMQ did not confirm message {m.message_id!r} to {queue!r}: {confirm!r}")
+
+    def publish_sync(self, queue: str, messages: Sequence[Message]) -> None:
+        with self._sync_lock:
+            if self._sync is None:
+                self._sync = _SyncPublisher(self._raw_url())
+        self._sync.publish(queue, messages)
+
+    def _raw_url(self) -> str:
+        return self._url
+
+    # -- consuming -----------------------------------------------------------------------------
+
+    async def prefetch(self, queue: str, prefetch: int) -> None:
+        """Consume ``queue`` with ``basic.qos`` = ``prefetch`` (the host's budget)."""
+        self._prefetch[queue] = prefetch
+        if queue not in self._consumers and self._connected.is_set():
+            await self._consume(queue, prefetch)
+
+    async def _consume(self, queue: str, prefetch: int) -> None:
+        assert self._connection is not None
+        await self._declare(queue)
+        channel = await self._connection.channel(publisher_confirms=False)
+        await channel.basic_qos(prefetch_count=prefetch)
+        consumer = _Consumer(queue, channel, prefetch, self._generation)
+
+        async def arrived(message: aiormq.abc.DeliveredMessage) -> None:
+            if consumer.alive:
+                consumer.buffer.append(message)
+                consumer.arrived.set()
+
+        ok = await channel.basic_consume(queue, arrived)
+        consumer.tag = ok.consumer_tag
+        self._consumers[queue] = consumer
+
+    async def fetch(self, queue: str, max_messages: int, *, timeout: float,
+                    wake: asyncio.Event | Signal | None = None) -> list[Delivery]:
+        consumer = self._consumers.get(queue)
+        if consumer is None:
+            if queue not in self._prefetch:
+                await self.prefetch(queue, DEFAULT_PREFETCH)
+            consumer = self._consumers.get(queue)
+        if consumer is None:  # not connected: wait a little, as an empty queue would
+            await wait_either(self._connected, wake, min(timeout, 1.0))
+            return []
+        if not consumer.buffer and timeout > 0:
+            consumer.arrived.clear()
+            await wait_either(consumer.arrived, wake, timeout)
+        out: list[Delivery] = []
+        while consumer.buffer and len(out) < max_messages:
+            out.append(self._delivery(consumer, consumer.buffer.popleft()))
+        await self._flush_stragglers(consumer, force=False)
+        return out
+
+    def _delivery(self, consumer: _Consumer, message: aiormq.abc.DeliveredMessage) -> Delivery:
+        tag = next(self._tags)
+        self._held[tag] = _Held(consumer, message)
+        props = message.header.properties
+        headers = props.headers or {}
+        try:
+            retries = int(headers.get(HEADER_RETRIES, 0))
+        except (TypeError, ValueError):
+            retries = 0
+        redelivered = 1 if message.delivery.redelivered else 0
+        return Delivery(tag=tag, queue=consumer.queue, body=message.body, message_id=props.message_id or "",
+                        attempts=retries + 1 + redelivered, retries=retries,
+                        headers={str(k): str(v) for k, v in headers.items()} or None)
+
+    # -- settling ------------------------------------------------------------------------------
+
+    async def settle(self, queue: str, *, ack: Sequence[int] = (), retry: Sequence[Retry] = (),
+                     dead: Sequence[tuple[int, str]] = (), release: Sequence[int] = ()) -> None:
+        copies = [self._retry_copy(r) for r in retry] + [self._dead_copy(t, reason) for t, reason in dead]
+        copies = [c for c in copies if c is not None]
+        if copies:  # published and confirmed before the originals are acked
+            channel = await self._ready()
+            await asyncio.gather(*[self._republish(channel, *c) for c in copies])
+        done = list(ack) + [r.tag for r in retry] + [t for t, _ in dead]
+        by_consumer: dict[int, tuple[_Consumer, list[int], list[int]]] = {}
+        for tags, requeue in ((done, False), (release, True)):
+            for tag in tags:
+                held = self._held.pop(tag, None)
+                if held is None or not held.consumer.alive:  # settled already, or its connection is gone
+                    continue
+                entry = by_consumer.setdefault(id(held.consumer), (held.consumer, [], []))
+                entry[2 if requeue else 1].append(held.delivery_tag)
+        for consumer, acks, releases in by_consumer.values():
+            await self._settle_on(consumer, acks, releases)
+
+    async def _settle_on(self, consumer: _Consumer, acks: list[int], releases: list[int]) -> None:
+        window, channel = consumer.window, consumer.channel
+        try:
+            if acks:
+                window.done(acks)
+                last = window.ack_prefix()
+                if last:
+                    await channel.basic_ack(last, multiple=True)
+            if releases:
+                window.done(releases)
+                requeue = set(releases)
+                for tag in window.take_stragglers():  # the releases, and what waited past a gap
+                    if tag in requeue:
+                        await channel.basic_nack(tag, multiple=False, requeue=True)
+                    else:
+                        await channel.basic_ack(tag, multiple=False)
+                last = window.ack_prefix()  # a release may have closed a gap
+                if last:
+                    await channel.basic_ack(last, multiple=True)
+            await self._flush_stragglers(consumer, force=False)
+        except (aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError,
+                ConnectionError) as e:
+            # the connection went: RabbitMQ requeues what this channel held, settled or not
+            logger.warning("settling on %r failed (%s); RabbitMQ redelivers what was not acked",
+                           consumer.queue, type(e).__name__)
+
+    async def _flush_stragglers(self, consumer: _Consumer, *, force: bool) -> None:
+        waiting = consumer.window.waiting()
+        if not waiting:
+            consumer.straggling_since = 0.0
+            return
+        now = time.monotonic()
+        if not consumer.straggling_since:
+            consumer.straggling_since = now
+        if force or waiting >= STRAGGLERS or now - consumer.straggling_since >= STRAGGLER_SECONDS:
+            for tag in consumer.window.take_stragglers():
+                await consumer.channel.basic_ack(tag, multiple=False)
+            consumer.straggling_since = 0.0
+
+    def _retry_copy(self, r: Retry) -> tuple[Any, ...] | None:
+        held = self._held.get(r.tag)
+        if held is None or not held.consumer.alive:
+            return None
+        headers = dict(held.message.header.properties.headers or {})
+        headers[HEADER_RETRIES] = int(headers.get(HEADER_RETRIES, 0) or 0) + 1
+        headers[HEADER_REASON] = r.reason[:1000]
+        return held, held.consumer.queue, max(r.delay, 0.001), headers
+
+    def _dead_copy(self, tag: int, reason: str) -> tuple[Any, ...] | None:
+        held = self._held.get(tag)
+        if held is None or not held.consumer.alive:
+            return None
+        headers = dict(held.message.header.properties.headers or {})
+        retries = int(headers.get(HEADER_RETRIES, 0) or 0)
+        headers.update({HEADER_REASON: reason[:1000], HEADER_EXCEPTION: _exception_type(reason),
+                        HEADER_ATTEMPTS: retries + 1})
+        return held, f"{held.consumer.queue}.dlq", 0.0, headers
+
+    async def _republish(self, channel: aiormq.abc.AbstractChannel, held: _Held, target: str, delay: float,
+                         headers: dict[str, Any]) -> None:
+        props = held.message.header.properties
+        routing_key = target
+        if delay > 0:
+            routing_key = await self._declare_retry(channel, target, delay)
+        properties = Basic.Properties(delivery_mode=2, message_id=props.message_id,
+                                      content_type=props.content_type, headers=headers)
+        assert self._window is not None
+        async with self._window:
+            confirm = await channel.basic_publish(held.message.body, routing_key=routing_key, properties=properties)
+        if not isinstance(confirm, Basic.Ack):
+            raise _Nacked(f"RabbitMQ did not confirm the copy of {props.message_id!r} to {routing_key!r}")
+
+    # -- the rest ------------------------------------------------------------------------------
+
+    async def queue_depth(self, queue: str) -> QueueDepth:
+        channel = await self._ready()
+        ok = await channel.queue_declare(queue, passive=True)
+        consumer = self._consumers.get(queue)
+        mine = sum(1 for h in self._held.values() if h.consumer.queue == queue)
+        buffered = len(consumer.buffer) if consumer else 0
+        return QueueDepth(ready=ok.message_count or 0, unacked=mine + buffered)
+
+    async def close(self) -> None:
+        self._closing = True
+        for consumer in list(self._consumers.values()):
+            try:
+                await self._flush_stragglers(consumer, force=True)
+            except Exception:  # noqa: BLE001 - closing anyway; RabbitMQ redelivers what was not acked
+                pass
+        self._lost()
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+        if self._sync is not None:
+            self._sync.close()
+            self._sync = None
+
+
+class _Nacked(Exception):
+    """RabbitMQ answered a publish with basic.nack (or returned it)."""
+
+
+def _transient(e: BaseException) -> bool:
+    return isinstance(e, (aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError,
+                          ConnectionError, asyncio.CancelledError))
+
+
+class _SyncPublisher:
+    """``publish_sync``: a connection of its own on a thread of its own, for code without a loop."""
+
+    def __init__(self, url: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="fastq-amqp-publish", daemon=True)
+        self.thread.start()
+        self.broker = AMQPBroker(url)
+
+    def publish(self, queue: str, messages: Sequence[Message]) -> None:
+        async def run() -> None:
+            await self.broker.open()
+            await self.broker.publish(queue, messages)
+
+        asyncio.run_coroutine_threadsafe(run(), self.loop).result()
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self.broker.close(), self.loop).result(10)
+        except Exception:  # noqa: BLE001 - closing anyway
+            pass
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()

@@ -1,0 +1,307 @@
+"""RabbitMQ end to end: `fastq worker` as a real process tree on the real RabbitMQ at
+$FASTQ_AMQP_URL (skipped when none answers, unless CI is set). Each test uses queues of its own
+and deletes them after.
+
+Handlers append what they got to a file (O_APPEND, one write per line): the tests count exactly
+what was processed, and how often.
+"""
+
+from __future__ import annotations
+
+import collections
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import msgspec
+import pika
+import psutil
+import pytest
+
+APP = """
+import os
+import fastq
+
+app = fastq.App("amqp-tests", broker={url!r})
+OUT = {out!r}
+
+def _record(line: bytes) -> None:
+    fd = os.open(OUT, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(fd, line)
+    os.close(fd)
+
+@app.task(queue={q!r}, kind="io")
+async def record(n: int) -> None:
+    _record(b"%d\\n" % n)
+
+@app.task(queue={q!r} + ".pair", kind="io")
+async def tagged(n: int) -> None:
+    _record(b"%d %d\\n" % (n, os.getppid()))  # the supervisor that ran it
+
+@app.task(queue={q!r} + ".poison", max_retries=2, retry_backoff=0.02)
+def flaky(n: int) -> None:
+    _record(b"flaky %d\\n" % n)
+    raise ValueError("always fails %d" % n)
+
+@app.task(queue={q!r} + ".poison")
+def fine(n: int) -> None:
+    _record(b"fine %d\\n" % n)
+
+@app.consumer({q!r} + ".raw", kind="io")
+async def raw(body: bytes) -> None:
+    _record(b"raw-%d %s\\n" % (os.getpid(), body))
+"""
+
+
+def _channel(url: str):
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    return connection, connection.channel()
+
+
+class Rabbit:
+    """A `fastq worker` on RabbitMQ, queues named for this test only."""
+
+    def __init__(self, tmp_path: Path, url: str) -> None:
+        self.url, self.dir, self.out = url, tmp_path, tmp_path / "out.txt"
+        self.q = f"fq-test-{uuid.uuid4().hex[:8]}"
+        self.module = f"amqp_app_{self.q.replace('-', '_')}"
+        (tmp_path / f"{self.module}.py").write_text(textwrap.dedent(APP.format(url=url, out=str(self.out), q=self.q)))
+        sys.path.insert(0, str(tmp_path))
+        self.app = __import__(self.module)
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.log = open(tmp_path / "worker.log", "ab")
+
+    def start(self, *args: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([sys.executable, "-m", "fastq", "worker", f"{self.module}:app", "--log-level", "info",
+                                 *args], cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def lines(self) -> list[str]:
+        return self.out.read_text().splitlines() if self.out.exists() else []
+
+    def wait_for_lines(self, n: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.lines()) < n:
+            assert time.monotonic() < deadline, f"{len(self.lines())} of {n} processed; log: {self.logtext()}"
+            assert all(p.poll() is None for p in self.procs), f"a worker exited: {self.logtext()}"
+            time.sleep(0.05)
+
+    def wait_for_distinct(self, n: int, timeout: float = 120) -> None:
+        """Until ``n`` different lines: a message processed twice (at least once) counts once."""
+        deadline = time.monotonic() + timeout
+        while len(set(self.lines())) < n:
+            assert time.monotonic() < deadline, f"{len(set(self.lines()))} of {n}; log: {self.logtext()}"
+            time.sleep(0.1)
+
+    def stop(self, proc: subprocess.Popen[bytes] | None = None, timeout: float = 60) -> int:
+        proc = proc or self.procs[-1]
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout)
+        self.procs.remove(proc)
+        return code
+
+    def logtext(self) -> str:
+        self.log.flush()
+        return (self.dir / "worker.log").read_text()[-4000:]
+
+    def depth(self, queue: str) -> int:
+        connection, channel = _channel(self.url)
+        try:
+            return channel.queue_declare(queue, passive=True).method.message_count
+        finally:
+            connection.close()
+
+    def workers(self, proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
+        return [p for p in psutil.Process(proc.pid).children()
+                if "spawn_main" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE]
+
+    def close(self) -> None:
+        for proc in self.procs:
+            for p in psutil.Process(proc.pid).children(recursive=True):
+                p.kill()
+            proc.kill()
+            proc.wait()
+        self.log.close()
+        sys.path.remove(str(self.dir))
+        sys.modules.pop(self.module, None)
+        connection, channel = _channel(self.url)
+        try:
+            for name in [self.q, f"{self.q}.poison", f"{self.q}.raw", f"{self.q}.pair"]:
+                for suffix in ("", ".dlq"):
+                    channel.queue_delete(name + suffix)
+            for ms in _retry_queues(self.q):
+                channel.queue_delete(ms)
+        finally:
+            connection.close()
+
+
+def _retry_queues(prefix: str) -> list[str]:
+    out = subprocess.run(["rabbitmqctl", "list_queues", "name", "--quiet"], capture_output=True, text=True,
+                         check=False).stdout
+    return [line.strip() for line in out.splitlines() if line.startswith(prefix) and ".retry." in line]
+
+
+@pytest.fixture
+def rabbit(tmp_path, amqp_url):
+    r = Rabbit(tmp_path, amqp_url)
+    yield r
+    r.close()
+
+
+def _enqueue(r: Rabbit, n: int) -> None:
+    for start in range(0, n, 1000):
+        r.app.record.send_many((i,) for i in range(start, min(n, start + 1000)))
+
+
+def test_every_message_is_processed_and_acked(rabbit):
+    _enqueue(rabbit, 5000)
+    assert rabbit.depth(rabbit.q) == 5000  # send() returned: RabbitMQ confirmed each one
+    rabbit.start("--processes", "2", "--queue", rabbit.q)
+    rabbit.wait_for_lines(5000)
+    assert rabbit.stop() == 0
+    assert collections.Counter(rabbit.lines()) == collections.Counter(str(i) for i in range(5000))
+    assert rabbit.depth(rabbit.q) == 0  # every one acked, none left unacked to come back
+
+
+def test_retries_and_dead_letters_are_counted_exactly(rabbit):
+    for i in range(20):
+        rabbit.app.flaky.send(i)
+    rabbit.app.fine.send_many((i,) for i in range(100))
+    connection, channel = _channel(rabbit.url)
+    try:  # not a message of any task, nor msgpack
+        channel.basic_publish("", f"{rabbit.q}.poison", b"\xc1 garbage", pika.BasicProperties(delivery_mode=2))
+    finally:
+        connection.close()
+    rabbit.start("--processes", "2", "--queue", f"{rabbit.q}.poison")
+    rabbit.wait_for_lines(20 * 3 + 100)
+    deadline = time.monotonic() + 30
+    while rabbit.depth(f"{rabbit.q}.poison.dlq") < 21:
+        assert time.monotonic() < deadline, rabbit.logtext()
+        time.sleep(0.1)
+    assert rabbit.stop() == 0
+    words = collections.Counter(line.split()[0] for line in rabbit.lines())
+    assert words == {"flaky": 60, "fine": 100}  # each flaky one: the first try and 2 retries
+    connection, channel = _channel(rabbit.url)
+    try:
+        dead = []
+        while True:
+            method, props, body = channel.basic_get(f"{rabbit.q}.poison.dlq", auto_ack=True)
+            if method is None:
+                break
+            dead.append((props.headers or {}, body))
+    finally:
+        connection.close()
+    assert len(dead) == 21
+    garbage = [h for h, body in dead if body == b"\xc1 garbage"]
+    assert len(garbage) == 1 and garbage[0]["x-fastq-reason"].startswith("undecodable")
+    failed = [h for h, body in dead if body != b"\xc1 garbage"]
+    assert all(h["x-fastq-exception"] == "ValueError" and h["x-fastq-attempts"] == 3
+               and h["x-fastq-retries"] == 2 and "always fails" in h["x-fastq-reason"] for h in failed)
+    assert rabbit.depth(f"{rabbit.q}.poison") == 0
+
+
+def test_a_plain_pika_producer_feeds_a_fastq_consumer_fairly(rabbit):
+    """The work-queues tutorial's producer: durable queue, delivery_mode 2, raw bodies."""
+    connection, channel = _channel(rabbit.url)
+    try:
+        channel.queue_declare(f"{rabbit.q}.raw", durable=True)
+        for i in range(2000):
+            channel.basic_publish("", f"{rabbit.q}.raw", b"task %d" % i, pika.BasicProperties(delivery_mode=2))
+    finally:
+        connection.close()
+    rabbit.start("--processes", "2", "--queue", f"{rabbit.q}.raw")
+    rabbit.wait_for_lines(2000)
+    assert rabbit.stop() == 0
+    lines = rabbit.lines()
+    assert sorted(line.split(" ", 1)[1] for line in lines) == sorted(f"task {i}" for i in range(2000))
+    per_worker = collections.Counter(line.split(" ", 1)[0] for line in lines)
+    assert len(per_worker) == 2 and min(per_worker.values()) > 200  # both workers took a share
+
+
+def test_what_fastq_publishes_is_a_standard_amqp_message(rabbit):
+    message_id = rabbit.app.record.send(42)
+    connection, channel = _channel(rabbit.url)
+    try:
+        method, props, body = channel.basic_get(rabbit.q, auto_ack=True)
+    finally:
+        connection.close()
+    assert method is not None
+    assert props.delivery_mode == 2 and props.message_id == message_id
+    assert props.content_type == "application/msgpack"
+    envelope = msgspec.msgpack.decode(body)  # any msgpack reader: [id, task, args, enqueued_at, ...]
+    assert envelope[:3] == [message_id, rabbit.app.record.name, [42]]
+
+
+def test_rabbitmq_restarted_mid_run_loses_nothing(rabbit):
+    _enqueue(rabbit, 20_000)
+    rabbit.start("--processes", "2", "--queue", rabbit.q)
+    rabbit.wait_for_lines(3000)
+    try:
+        subprocess.run(["rabbitmqctl", "stop_app"], check=True, capture_output=True, timeout=120)
+        time.sleep(2)
+    finally:  # CI and the next test use this RabbitMQ: it always comes back
+        subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True, timeout=120)
+        subprocess.run(["rabbitmqctl", "await_startup"], check=False, capture_output=True, timeout=120)
+    rabbit.wait_for_distinct(20_000, timeout=180)
+    assert rabbit.stop() == 0
+    assert set(rabbit.lines()) == {str(i) for i in range(20_000)}  # at least once: some twice
+    assert rabbit.depth(rabbit.q) == 0
+    assert "reconnected to RabbitMQ" in rabbit.logtext()
+
+
+def test_a_supervisor_killed_mid_run_costs_nothing_after_a_restart(rabbit):
+    _enqueue(rabbit, 10_000)
+    first = rabbit.start("--processes", "2", "--queue", rabbit.q)
+    rabbit.wait_for_lines(2000)
+    for p in rabbit.workers(first):
+        p.kill()
+    first.kill()  # SIGKILL: nothing acked for what it held; RabbitMQ gives it back
+    first.wait()
+    rabbit.procs.remove(first)
+    rabbit.start("--processes", "2", "--queue", rabbit.q)
+    rabbit.wait_for_distinct(10_000)
+    assert rabbit.stop() == 0
+    assert set(rabbit.lines()) == {str(i) for i in range(10_000)}
+    assert rabbit.depth(rabbit.q) == 0
+
+
+def test_two_supervisors_split_the_work_and_do_nothing_twice(rabbit):
+    """Two hosts on one queue: each takes a share; with no fault, nothing runs twice."""
+    for start in range(0, 10_000, 1000):
+        rabbit.app.tagged.send_many((i,) for i in range(start, start + 1000))
+    a = rabbit.start("--processes", "1", "--queue", f"{rabbit.q}.pair", "--prefetch", "50")
+    b = rabbit.start("--processes", "1", "--queue", f"{rabbit.q}.pair", "--prefetch", "50")
+    rabbit.wait_for_lines(10_000)
+    assert rabbit.stop(a) == 0 and rabbit.stop(b) == 0
+    numbers = collections.Counter(line.split()[0] for line in rabbit.lines())
+    assert len(numbers) == 10_000 and set(numbers.values()) == {1}
+    shares = collections.Counter(line.split()[1] for line in rabbit.lines())
+    assert set(shares) == {str(a.pid), str(b.pid)} and min(shares.values()) > 1000
+
+
+def test_a_killed_worker_hands_its_messages_on(rabbit):
+    _enqueue(rabbit, 10_000)
+    proc = rabbit.start("--processes", "2", "--queue", rabbit.q)
+    rabbit.wait_for_lines(2000)
+    rabbit.workers(proc)[0].kill()
+    rabbit.wait_for_distinct(10_000)
+    assert rabbit.stop() == 0
+    assert set(rabbit.lines()) == {str(i) for i in range(10_000)}
+    assert "exited with -9" in rabbit.logtext()
+
+
+def test_the_password_never_reaches_an_error(amqp_url):
+    import fastq
+    from fastq.broker import open_broker
+
+    broker = open_broker("amqp://guest:s3cret-pw@127.0.0.1:1/")
+    with pytest.raises(fastq.BrokerConnectionError) as info:
+        import asyncio
+
+        asyncio.run(broker.open())
+    assert "s3cret-pw" not in str(info.value) and "***" in str(info.value)
