@@ -20,7 +20,7 @@ from typing import Any, TypeVar, overload
 
 import msgspec
 
-from fastq.broker import Broker, mask_url, open_broker
+from fastq.broker import Broker, QueueDepth, mask_url, open_broker
 from fastq.config import Config
 from fastq.errors import ConfigError
 from fastq.task import Consumer, HandlerOptions, Kind, Task, importable_name, module_name
@@ -163,6 +163,13 @@ class App:
         from fastq.supervisor import run_app
 
         return run_app(self, self.import_spec(), list(queues) if queues else None, log_level=log_level)
+
+    async def queue_depth(self, queue: str) -> QueueDepth:
+        """How many messages of ``queue`` are ready, unacked, delayed and dead, as the broker
+        counts them (RabbitMQ: see ``QueueDepth.unacked_scope``)."""
+        broker = self.broker
+        await broker.open()
+        return await broker.queue_depth(queue)
 
     def import_spec(self) -> str:
         """``module:attribute`` by which worker processes import this App."""

@@ -88,6 +88,43 @@ def _worker(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
 
 
+def _stats(args: argparse.Namespace) -> int:
+    """The work-queue tutorial's "monitor the number of tasks in the queue", for every queue."""
+    import asyncio
+
+    import msgspec
+
+    from fastq.app import App
+    from fastq.errors import FastqError
+
+    app = load(args.app)
+    if not isinstance(app, App):
+        raise UsageError(f"{args.app} is a {type(app).__name__}, not a fastq.App")
+    if args.broker:
+        app.config = msgspec.structs.replace(app.config, broker_url=args.broker)
+    queues = args.queue or sorted(app.queues())
+
+    async def measure() -> dict[str, object]:
+        try:
+            return {q: await app.queue_depth(q) for q in queues}
+        finally:
+            await app.broker.close()
+
+    try:
+        depths = asyncio.run(measure())
+    except FastqError as e:
+        raise UsageError(str(e)) from None
+    if args.json:
+        print(msgspec.json.encode(depths).decode())
+        return RET_OK
+    print(f"{'queue':<30} {'ready':>9} {'unacked':>9} {'delayed':>9} {'dead':>9} {'consumers':>9}")
+    for q, d in depths.items():
+        consumers = "-" if d.consumers is None else d.consumers  # type: ignore[attr-defined]
+        scope = "" if d.unacked_scope == "all" else f"  (unacked: {d.unacked_scope})"  # type: ignore[attr-defined]
+        print(f"{q:<30} {d.ready:>9} {d.unacked:>9} {d.delayed:>9} {d.dead:>9} {consumers:>9}{scope}")  # type: ignore[attr-defined]
+    return RET_OK
+
+
 def _plan(args: argparse.Namespace) -> int:
     import msgspec
 
@@ -121,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     send = commands.add_parser("send", help="enqueue one task call from a shell; prints its message id")
     send.add_argument("task", help="module:task, e.g. shop.tasks:send_receipt")
     send.add_argument("arguments", nargs="?", default="[]", help="JSON list (positional) or object (by name)")
+    stats = commands.add_parser("stats", help="messages ready, unacked, delayed and dead per queue of an app")
+    stats.add_argument("app", help="module:app, e.g. shop.tasks:app")
+    stats.add_argument("--queue", action="append", help="only this queue (repeatable)")
+    stats.add_argument("--broker", help="broker URL (default: the app's)")
+    stats.add_argument("--json", action="store_true", help="one JSON object: queue -> counts")
     work = commands.add_parser("worker", help="run the workers of an app: fastq worker module:app")
     show = commands.add_parser("plan", help="print the sizing plan for this machine, and why, without starting anything")
     for sub in (work, show):
@@ -140,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             return _worker(args)
         if args.command == "plan":
             return _plan(args)
+        if args.command == "stats":
+            return _stats(args)
         if args.command == "send":
             return _send(args.task, args.arguments)
         if args.runs < 1:

@@ -71,7 +71,7 @@ HEADER_ATTEMPTS = "x-fastq-attempts"
 #: the content type of a fastq envelope; raw messages of consumers keep theirs
 MSGPACK = "application/msgpack"
 #: our own options in the URL's query; the rest is aiormq's (TLS files, heartbeat, ...)
-OWN_OPTIONS = ("confirm_window", "publish_timeout")
+OWN_OPTIONS = ("confirm_window", "publish_timeout", "management_port")
 
 
 def retry_queue(queue: str, delay: float) -> tuple[str, int]:
@@ -125,6 +125,7 @@ class AMQPBroker(Broker):
         params = urllib.parse.parse_qs(parts.query)
         self.confirm_window = int(query_float(url, params, "confirm_window", CONFIRM_WINDOW, 1))
         self.publish_timeout = query_float(url, params, "publish_timeout", PUBLISH_TIMEOUT, 0.1)
+        self.management_port = int(query_float(url, params, "management_port", 15672, 1))
         query = urllib.parse.urlencode([(k, v) for k, vs in params.items() if k not in OWN_OPTIONS for v in vs])
         self._url = urllib.parse.urlunsplit(parts._replace(query=query))
         self.url = mask_url(url)
@@ -463,12 +464,37 @@ class AMQPBroker(Broker):
     # -- the rest ------------------------------------------------------------------------------
 
     async def queue_depth(self, queue: str) -> QueueDepth:
+        """Ready and consumers from ``queue.declare`` (passive); dead letters from the dlq's;
+        unacked of every host from RabbitMQ's management API when it answers (port
+        ``management_port``, default 15672, same credentials), else this process's own."""
         channel = await self._ready()
         ok = await channel.queue_declare(queue, passive=True)
-        consumer = self._consumers.get(queue)
-        mine = sum(1 for h in self._held.values() if h.consumer.queue == queue)
-        buffered = len(consumer.buffer) if consumer else 0
-        return QueueDepth(ready=ok.message_count or 0, unacked=mine + buffered)
+        dead = await channel.queue_declare(f"{queue}.dlq", passive=True) if f"{queue}.dlq" in self._declared else None
+        unacked = await asyncio.get_running_loop().run_in_executor(None, self._unacked_everywhere, queue)
+        if unacked is None:
+            consumer = self._consumers.get(queue)
+            held = sum(1 for h in self._held.values() if h.consumer.queue == queue)
+            return QueueDepth(ready=ok.message_count or 0, unacked=held + (len(consumer.buffer) if consumer else 0),
+                              dead=(dead.message_count or 0) if dead else 0, consumers=ok.consumer_count,
+                              unacked_scope="this process")
+        return QueueDepth(ready=ok.message_count or 0, unacked=unacked, consumers=ok.consumer_count,
+                          dead=(dead.message_count or 0) if dead else 0)
+
+    def _unacked_everywhere(self, queue: str) -> int | None:
+        import base64
+        import json
+        import urllib.request
+
+        parts = urllib.parse.urlsplit(self._url)
+        vhost = urllib.parse.quote(urllib.parse.unquote(parts.path[1:]) or "/", safe="")
+        api = f"http://{parts.hostname}:{self.management_port}/api/queues/{vhost}/{urllib.parse.quote(queue, safe='')}"
+        auth = base64.b64encode(f"{parts.username or 'guest'}:{parts.password or 'guest'}".encode()).decode()
+        request = urllib.request.Request(api, headers={"Authorization": f"Basic {auth}"})
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                return int(json.load(response).get("messages_unacknowledged", 0))
+        except (OSError, ValueError):  # not enabled, not reachable: the caller says whose count it is
+            return None
 
     async def close(self) -> None:
         self._closing = True

@@ -69,6 +69,13 @@ class QueueDepth(msgspec.Struct, frozen=True):
     unacked: int
     #: waiting for a retry delay to pass
     delayed: int = 0
+    #: failed for good (dead letters kept)
+    dead: int = 0
+    #: consumers attached now, where the broker says (RabbitMQ)
+    consumers: int | None = None
+    #: where ``unacked`` comes from when it is not the whole broker's count: "this process"
+    #: (RabbitMQ without its management API, which alone counts unacked messages of every host)
+    unacked_scope: str = "all"
 
 
 class Broker(abc.ABC):

@@ -153,7 +153,7 @@ class MemoryBroker(Broker):
     async def queue_depth(self, queue: str) -> QueueDepth:
         with self._lock:
             q = self._queue(queue)
-            return QueueDepth(ready=len(q.ready), unacked=len(q.unacked), delayed=len(q.delayed))
+            return QueueDepth(ready=len(q.ready), unacked=len(q.unacked), delayed=len(q.delayed), dead=len(q.dead))
 
     def dead_letters(self, queue: str | None = None, limit: int = 100) -> list[DeadLetter]:
         """Dead letters, oldest first."""

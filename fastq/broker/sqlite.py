@@ -91,6 +91,7 @@ SELECT coalesce(sum(visible_at <= ?1), 0),
        coalesce(sum(visible_at > ?1 AND lease_owner IS NULL), 0)
 FROM fastq_messages WHERE queue = ?2
 """
+_DEAD_COUNT = "SELECT count(*) FROM fastq_dead_letters WHERE queue = ?"
 
 #: the loop's connection leaves checkpoints to the thread: one every this many of its commits
 CHECKPOINT_EVERY = 256
@@ -336,8 +337,12 @@ class SqliteBroker(Broker):
             await self._run(lambda: self._write(lambda db: db.execute(_RENEW, (time.time() + self.lease, self.owner))))
 
     async def queue_depth(self, queue: str) -> QueueDepth:
-        row = await self._run(lambda: self._db().execute(_DEPTH, (time.time(), queue)).fetchone())
-        return QueueDepth(ready=row[0], unacked=row[1], delayed=row[2])
+        def depth() -> tuple[int, ...]:
+            db = self._db()
+            return (*db.execute(_DEPTH, (time.time(), queue)).fetchone(), db.execute(_DEAD_COUNT, (queue,)).fetchone()[0])
+
+        row = await self._run(depth)
+        return QueueDepth(ready=row[0], unacked=row[1], delayed=row[2], dead=row[3])
 
     async def close(self) -> None:
         """Stop renewing leases and release what this broker still holds: it is visible at once."""

@@ -305,3 +305,22 @@ def test_the_password_never_reaches_an_error(amqp_url):
 
         asyncio.run(broker.open())
     assert "s3cret-pw" not in str(info.value) and "***" in str(info.value)
+
+
+def test_queue_depth_and_fastq_stats(rabbit):
+    import asyncio
+    import json
+
+    _enqueue(rabbit, 300)
+
+    async def depth():
+        try:
+            return await rabbit.app.app.queue_depth(rabbit.q)
+        finally:
+            await rabbit.app.app.broker.close()
+
+    d = asyncio.run(depth())
+    assert (d.ready, d.unacked, d.dead, d.consumers) == (300, 0, 0, 0)
+    out = subprocess.run([sys.executable, "-m", "fastq", "stats", f"{rabbit.module}:app", "--queue", rabbit.q,
+                          "--json"], cwd=rabbit.dir, capture_output=True, text=True, check=True).stdout
+    assert json.loads(out)[rabbit.q]["ready"] == 300

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import textwrap
 
+import msgspec
 import pytest
 
 from fastq import message
@@ -89,3 +90,16 @@ def test_plan_prints_each_number_with_its_rule_and_starts_nothing(shop, capsys):
     (q,) = plan["queues"]
     assert (q["name"], q["kind"], q["prefetch"]) == ("orders", "io", q["concurrency"] * 5)
     assert plan["processes"] == cores and q["workers"] == list(range(cores))
+
+
+def test_stats_counts_ready_and_dead_messages_per_queue(shop, capsys, tmp_path):
+    db = tmp_path / "stats.db"
+    shop.app.config = msgspec.structs.replace(shop.app.config, broker_url=f"sqlite:///{db}")
+    shop.charge.send_many((shop.Order(i, 1.0),) for i in range(7))
+    assert main(["stats", "clishop:app", "--broker", f"sqlite:///{db}", "--json"]) == 0
+    counts = msgspec.json.decode(capsys.readouterr().out)
+    assert counts["orders"]["ready"] == 7 and counts["orders"]["unacked"] == 0 and counts["orders"]["dead"] == 0
+    assert main(["stats", "clishop:app", "--broker", f"sqlite:///{db}"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["queue", "ready", "unacked", "delayed", "dead", "consumers"]
+    assert table[1].split() == ["orders", "7", "0", "0", "0", "-"]
