@@ -71,7 +71,7 @@ def test_retry_comes_back_after_its_delay_counted_and_dead_letters_keep_their_re
         first, second = await b.fetch("q", 2, timeout=1)
         await b.settle("q", retry=[Retry(first.tag, 0.2, "RuntimeError: flaky")],
                        dead=[(second.tag, "ValueError: bad payload")])
-        assert await b.queue_depth("q") == QueueDepth(ready=0, unacked=0, delayed=1)
+        assert await b.queue_depth("q") == QueueDepth(ready=0, unacked=0, delayed=1, dead=1)
         assert await b.fetch("q", 5, timeout=0.05) == []  # not before its delay
         (again,) = await b.fetch("q", 5, timeout=2)
         assert (again.body, again.attempts, again.retries) == (b"m0", 2, 1)
@@ -166,10 +166,10 @@ def test_exchange_settles_and_claims_in_one_call(url):
         got2 = await b.exchange("q", ack=[got[0].tag, got[1].tag], dead=[(got[2].tag, "bad")], fetch=10)
         # Then the books balance: m5 delivered, m1 delayed, m4 dead, the rest gone
         assert [d.body for d in got2] == [b"m5"]
-        assert await b.queue_depth("q") == QueueDepth(ready=0, unacked=1, delayed=1)
+        assert await b.queue_depth("q") == QueueDepth(ready=0, unacked=1, delayed=1, dead=1)
         assert [(d.body, d.reason) for d in b.dead_letters("q")] == [(b"m4", "bad")]
         assert await b.exchange("q", ack=[got2[0].tag]) == []
-        assert await b.queue_depth("q") == QueueDepth(ready=0, unacked=0, delayed=1)
+        assert await b.queue_depth("q") == QueueDepth(ready=0, unacked=0, delayed=1, dead=1)
         await b.close()
 
     run(main())
