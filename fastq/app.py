@@ -20,7 +20,7 @@ from typing import Any, TypeVar, overload
 
 import msgspec
 
-from fastq.broker import Broker, QueueDepth, mask_url, open_broker
+from fastq.broker import Broker, QueueDepth, QueueOptions, mask_url, open_broker
 from fastq.config import Config
 from fastq.errors import ConfigError
 from fastq.task import Consumer, HandlerOptions, Kind, Task, importable_name, module_name
@@ -62,6 +62,17 @@ class TimingMiddleware(Middleware):
                            took, type(exc).__name__, exc)
 
 
+_AMQP_OPTIONS = set(QueueOptions.__struct_fields__)
+
+
+def _queue_options(given: dict[str, Any]) -> QueueOptions:
+    unknown = sorted(set(given) - _AMQP_OPTIONS)
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown}; a task or consumer takes, besides its own, "
+                          f"{sorted(_AMQP_OPTIONS)}")
+    return QueueOptions(**given)
+
+
 class App:
     """A set of tasks and consumers sharing one broker and one Config.
 
@@ -94,7 +105,16 @@ class App:
         if self._broker is None or self._broker_url != self.config.broker_url:
             self._broker = open_broker(self.config.broker_url)
             self._broker_url = self.config.broker_url
+            for queue, options in self.queues().items():
+                self._broker.configure(queue, options.amqp)
         return self._broker
+
+    def _check_topology(self, options: HandlerOptions) -> None:
+        """Tasks that share a queue share its exchange and binding: they are one queue."""
+        other = self.queues().get(options.queue)
+        if other is not None and other.amqp != options.amqp:
+            raise ConfigError(f"queue {options.queue!r} is declared with {other.amqp} by another task; "
+                              "give this task the same exchange and queue options, or another queue")
 
     @overload
     def task(self, fn: F) -> Task: ...
@@ -103,20 +123,27 @@ class App:
     def task(self, *, queue: str | None = None, name: str | None = None, kind: Kind = "auto",
              max_retries: int = 3, retry_backoff: float = 1.0, timeout: float | None = None,
              processes: int | None = None, concurrency: int | None = None,
-             prefetch: int | None = None) -> Callable[[F], Task]: ...
+             prefetch: int | None = None, **amqp: Any) -> Callable[[F], Task]: ...
 
     def task(self, fn: Callable[..., Any] | None = None, *, queue: str | None = None,
              name: str | None = None, kind: Kind = "auto", max_retries: int = 3,
              retry_backoff: float = 1.0, timeout: float | None = None, processes: int | None = None,
-             concurrency: int | None = None, prefetch: int | None = None) -> Any:
+             concurrency: int | None = None, prefetch: int | None = None, **amqp: Any) -> Any:
         """Register a function (``async def`` or plain) as a task; use bare or with options.
+
+        Parameters:
+            amqp: where the broker has exchanges (RabbitMQ): ``exchange=``, ``exchange_kind=``
+                (direct, topic, fanout, headers), ``routing_key=``, ``binding_arguments=``,
+                ``quorum=``, ``delivery_limit=``, ``single_active_consumer=``
+                (``fastq.broker.QueueOptions``).
 
         Raises:
             ConfigError: an option is out of range, or the name is taken.
         """
         options = HandlerOptions(queue=queue or DEFAULT_QUEUE, kind=kind, max_retries=max_retries,
                                  retry_backoff=retry_backoff, timeout=timeout,
-                                 processes=processes, concurrency=concurrency, prefetch=prefetch)
+                                 processes=processes, concurrency=concurrency, prefetch=prefetch,
+                                 amqp=_queue_options(amqp))
 
         def register(fn: Callable[..., Any]) -> Task:
             task_name = name or f"{module_name(fn)}.{fn.__qualname__}"
@@ -125,24 +152,32 @@ class App:
             if options.queue in self.consumers:
                 raise ConfigError(f"queue {options.queue!r} belongs to consumer "
                                   f"{self.consumers[options.queue].name}; give the task another queue")
+            self._check_topology(options)
             task = self.tasks[task_name] = Task(self, fn, task_name, options)
+            if self._broker is not None:
+                self._broker.configure(options.queue, options.amqp)
             return task
 
         return register(fn) if fn is not None else register
 
     def consumer(self, queue: str, *, kind: Kind = "auto", max_retries: int = 3,
                  retry_backoff: float = 1.0, timeout: float | None = None, processes: int | None = None,
-                 concurrency: int | None = None, prefetch: int | None = None) -> Callable[[F], Consumer]:
+                 concurrency: int | None = None, prefetch: int | None = None,
+                 **amqp: Any) -> Callable[[F], Consumer]:
         """Register a handler for every message on ``queue``, whoever produced it; it receives
-        the raw body ``bytes``. The way to put fastq behind an existing queue."""
+        the raw body ``bytes``. The way to put fastq behind an existing queue. ``amqp`` takes
+        the exchange and queue options of ``task``."""
         options = HandlerOptions(queue=queue, kind=kind, max_retries=max_retries,
                                  retry_backoff=retry_backoff, timeout=timeout,
-                                 processes=processes, concurrency=concurrency, prefetch=prefetch)
+                                 processes=processes, concurrency=concurrency, prefetch=prefetch,
+                                 amqp=_queue_options(amqp))
 
         def register(fn: Callable[[bytes], Any]) -> Consumer:
             if queue in self.consumers or any(t.queue == queue for t in self.tasks.values()):
                 raise ConfigError(f"queue {queue!r} already has a handler; one consumer per queue")
             c = self.consumers[queue] = Consumer(self, fn, options)
+            if self._broker is not None:
+                self._broker.configure(queue, options.amqp)
             return c
 
         return register

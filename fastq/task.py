@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_type_hints
 import msgspec
 
 from fastq import message
-from fastq.broker.base import Message
+from fastq.broker.base import Message, QueueOptions
 from fastq.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -58,6 +58,8 @@ class HandlerOptions(msgspec.Struct, frozen=True, kw_only=True):
     processes: int | None = None
     concurrency: int | None = None
     prefetch: int | None = None
+    #: exchange, binding and queue type, where the broker has them (RabbitMQ)
+    amqp: QueueOptions = QueueOptions()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

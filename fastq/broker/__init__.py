@@ -5,10 +5,10 @@ Each backend is imported only when its URL is opened, so ``import fastq`` loads 
 
 from __future__ import annotations
 
-from fastq.broker.base import Broker, QueueDepth, mask_url
+from fastq.broker.base import Broker, QueueDepth, QueueOptions, mask_url
 from fastq.errors import ConfigError
 
-__all__ = ["Broker", "QueueDepth", "mask_url", "open_broker"]
+__all__ = ["Broker", "QueueDepth", "QueueOptions", "mask_url", "open_broker"]
 
 _memory: dict[str, Broker] = {}
 

@@ -43,6 +43,7 @@ from fastq.broker.base import (
     Delivery,
     Message,
     QueueDepth,
+    QueueOptions,
     Retry,
     Signal,
     mask_url,
@@ -59,11 +60,17 @@ STRAGGLERS = 256
 STRAGGLER_SECONDS = 0.05
 #: publishes awaiting their confirm at once, per channel
 CONFIRM_WINDOW = 512
+#: a consumer that got nothing this long while its queue had messages and it had room is rebuilt
+WATCHDOG_SECONDS = 10.0
 #: the consumer's prefetch until the supervisor says (Broker.prefetch)
 DEFAULT_PREFETCH = 100
 RECONNECT_MIN, RECONNECT_MAX = 0.2, 15.0
-#: a publish waits this long for a connection before it raises BrokerConnectionError
+#: how often the watcher looks at the connection
+WATCH_SECONDS = 0.25
+#: a publish waits this long for a connection, or for its confirm, before it raises BrokerConnectionError
 PUBLISH_TIMEOUT = 60.0
+#: a retry queue unused this long (no declare; at least twice its TTL) is deleted by RabbitMQ
+RETRY_EXPIRES_MS = 3_600_000
 HEADER_RETRIES = "x-fastq-retries"
 HEADER_REASON = "x-fastq-reason"
 HEADER_EXCEPTION = "x-fastq-exception"
@@ -101,15 +108,19 @@ class _Consumer:
         self.straggling_since = 0.0
         self.arrived = Signal()
         self.alive = True
+        self.callback: Any = None
+        self.last_arrival = self.last_check = time.monotonic()
 
 
 class _Held:
     """A delivery handed to the supervisor and not settled yet."""
 
-    __slots__ = ("consumer", "delivery_tag", "message")
+    __slots__ = ("consumer", "copied", "delivery_tag", "message")
 
     def __init__(self, consumer: _Consumer, message: aiormq.abc.DeliveredMessage) -> None:
-        self.consumer, self.delivery_tag, self.message = consumer, message.delivery.delivery_tag, message
+        self.consumer, self.delivery_tag, self.message = consumer, message.delivery.delivery_tag, message  # type: ignore[union-attr]
+        #: its retry or dead-letter copy is confirmed: a settle sent again does not copy it twice
+        self.copied = False
 
 
 class AMQPBroker(Broker):
@@ -126,15 +137,19 @@ class AMQPBroker(Broker):
         self.confirm_window = int(query_float(url, params, "confirm_window", CONFIRM_WINDOW, 1))
         self.publish_timeout = query_float(url, params, "publish_timeout", PUBLISH_TIMEOUT, 0.1)
         self.management_port = int(query_float(url, params, "management_port", 15672, 1))
+        self.management_port_given = "management_port" in params
         query = urllib.parse.urlencode([(k, v) for k, vs in params.items() if k not in OWN_OPTIONS for v in vs])
         self._url = urllib.parse.urlunsplit(parts._replace(query=query))
+        self._given_url = url
         self.url = mask_url(url)
         self._connection: aiormq.abc.AbstractConnection | None = None
         self._publisher: aiormq.abc.AbstractChannel | None = None
         self._window: asyncio.Semaphore | None = None
-        self._declared: set[str] = set()  # queues, retry queues and dead-letter queues
+        self._declared: set[str] = set()  # queues and dead-letter queues
+        self._retry_declared: dict[str, float] = {}  # retry queue -> when it was last declared
         self._queues: list[str] = []  # declared by the caller, declared again after a reconnect
         self._prefetch: dict[str, int] = {}
+        self._routes: dict[str, QueueOptions] = {}
         self._consumers: dict[str, _Consumer] = {}
         self._held: dict[int, _Held] = {}
         self._tags = itertools.count(1)
@@ -159,6 +174,7 @@ class AMQPBroker(Broker):
         (the first time: raise BrokerConnectionError instead)."""
         delay = RECONNECT_MIN
         while True:
+            connection: aiormq.abc.AbstractConnection | None = None
             try:
                 connection = await aiormq.connect(self._url)
                 self._connection = connection
@@ -166,17 +182,24 @@ class AMQPBroker(Broker):
                 self._publisher = await connection.channel(publisher_confirms=True)
                 self._window = asyncio.Semaphore(self.confirm_window)
                 self._declared.clear()
+                self._retry_declared.clear()
                 for queue in self._queues:
                     await self._declare(queue)
                 for queue, prefetch in list(self._prefetch.items()):
                     await self._consume(queue, prefetch)
                 break
-            except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as e:
+            except Exception as e:  # noqa: BLE001 - whatever failed, this attempt is over
                 text = f"{type(e).__name__}: {self._scrub(str(e))}"
+                self._lost()
+                self._connection = None
+                if connection is not None:
+                    try:
+                        await connection.close()
+                    except Exception:  # noqa: BLE001, S110 - it is broken already
+                        pass
                 if first:
                     raise BrokerConnectionError(f"cannot connect to RabbitMQ at {self.url}: {text}") from None
                 logger.warning("RabbitMQ at %s unreachable (%s); trying again in %.1f s", self.url, text, delay)
-                self._lost()
                 await asyncio.sleep(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, RECONNECT_MAX)
         self._connected.set()
@@ -190,22 +213,24 @@ class AMQPBroker(Broker):
         return text.replace(password, "***") if password else text
 
     async def _watch(self) -> None:
-        """Reconnect whenever the connection closes, until ``close``."""
+        """Reconnect whenever the connection closes, until ``close``. It looks every
+        ``WATCH_SECONDS`` rather than awaiting ``connection.closing``, which aiormq may cancel
+        while the connection lives on (seen when a channel is closed)."""
         while not self._closing:
             connection = self._connection
-            assert connection is not None
-            try:
-                await connection.closing
-            except BaseException as e:  # noqa: BLE001 - how it closed is only logged
-                reason: BaseException | None = e
-            else:
-                reason = None
+            if connection is not None and not connection.is_closed:
+                await asyncio.sleep(WATCH_SECONDS)
+                continue
             if self._closing:
                 return
-            logger.warning("connection to RabbitMQ at %s lost (%s); its unsettled deliveries go back to RabbitMQ",
-                           self.url, type(reason).__name__ if reason else "closed")
+            logger.warning("connection to RabbitMQ at %s lost; its unsettled deliveries go back to RabbitMQ",
+                           self.url)
             self._lost()
-            await self._connect()
+            try:
+                await self._connect()
+            except Exception:
+                logger.exception("reconnecting to RabbitMQ at %s failed; trying again", self.url)
+                await asyncio.sleep(RECONNECT_MAX)
 
     def _lost(self) -> None:
         """Forget the dead connection's consumers and deliveries: RabbitMQ requeued them."""
@@ -224,7 +249,12 @@ class AMQPBroker(Broker):
             except TimeoutError:
                 raise BrokerConnectionError(f"no connection to RabbitMQ at {self.url} for "
                                             f"{self.publish_timeout:g} s") from None
-        assert self._publisher is not None
+        assert self._publisher is not None and self._connection is not None
+        if self._publisher.is_closed and not self._connection.is_closed:
+            # RabbitMQ closed the channel alone (a channel error): the connection goes on
+            logger.warning("RabbitMQ closed the publishing channel on %s; opening another", self.url)
+            self._publisher = await self._connection.channel(publisher_confirms=True)
+            self._window = asyncio.Semaphore(self.confirm_window)
         return self._publisher
 
     # -- topology ------------------------------------------------------------------------------
@@ -235,20 +265,44 @@ class AMQPBroker(Broker):
         await self._ready()
         await self._declare(queue)
 
+    def configure(self, queue: str, options: QueueOptions) -> None:
+        self._routes[queue] = options
+        self._declared.discard(queue)
+
     async def _declare(self, queue: str) -> None:
+        """The queue (its type and arguments), its dead-letter queue, its exchange and binding."""
         assert self._publisher is not None
         if queue in self._declared:
             return
-        await self._publisher.queue_declare(queue, durable=True)
-        await self._publisher.queue_declare(f"{queue}.dlq", durable=True)
+        route = self._routes.get(queue, QueueOptions())
+        channel = self._publisher
+        try:
+            await channel.queue_declare(queue, durable=True, arguments=route.arguments() or None)
+            await channel.queue_declare(f"{queue}.dlq", durable=True)
+            if route.exchange:
+                await channel.exchange_declare(route.exchange, exchange_type=route.exchange_kind, durable=True)
+                await channel.queue_bind(queue, route.exchange, routing_key=route.routing_key or queue,
+                                         arguments=dict(route.binding_arguments or {}) or None)
+        except aiormq.exceptions.ChannelPreconditionFailed as e:
+            # RabbitMQ closed the channel: open another, and say what to change
+            assert self._connection is not None
+            self._publisher = await self._connection.channel(publisher_confirms=True)
+            raise ConfigError(f"RabbitMQ refused to declare {queue!r} as {route} ({self._scrub(str(e))}): "
+                              f"it exists with other settings; delete it, or declare it as it is") from None
         self._declared.update((queue, f"{queue}.dlq"))
 
     async def _declare_retry(self, channel: aiormq.abc.AbstractChannel, queue: str, delay: float) -> str:
+        """The TTL queue for ``delay``. It expires when unused for ``RETRY_EXPIRES`` (or twice its
+        TTL): a declare counts as a use, and RabbitMQ counts from the last one, not from the
+        last publish, so it is declared again whenever a quarter of that time passed."""
         name, ms = retry_queue(queue, delay)
-        if name not in self._declared:
+        expires = max(RETRY_EXPIRES_MS, 2 * ms + 60_000)
+        now = time.monotonic()
+        if now - self._retry_declared.get(name, -1e18) > expires / 4000:
             await channel.queue_declare(name, durable=True, arguments={
-                "x-message-ttl": ms, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": queue})
-            self._declared.add(name)
+                "x-message-ttl": ms, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": queue,
+                "x-expires": expires})
+            self._retry_declared[name] = now
         return name
 
     # -- publishing ----------------------------------------------------------------------------
@@ -256,7 +310,7 @@ class AMQPBroker(Broker):
     async def publish(self, queue: str, messages: Sequence[Message]) -> None:
         """Publish and wait for RabbitMQ's confirm of each; a connection lost meanwhile publishes
         the unconfirmed ones again once it is back (so a message may arrive twice, never not)."""
-        pending = list(messages)
+        pending, attempts = list(messages), 0
         while pending:
             channel = await self._ready()
             try:
@@ -274,14 +328,19 @@ class AMQPBroker(Broker):
             if hard:
                 raise BrokerConnectionError(f"RabbitMQ at {self.url} refused a publish to {queue!r}: "
                                             f"{self._scrub(str(hard[0]))}") from None
-            if failed:
+            attempts += 1
+            if failed and attempts > 20:
+                raise BrokerConnectionError(f"publishing {len(failed)} messages to {queue!r} on {self.url} failed "
+                                            f"20 times: {results[0]!r}")
+            if failed and not all(isinstance(r, _Unroutable) for r in results if isinstance(r, BaseException)):
                 await self._wait_reconnect()
             pending = failed
 
     async def _wait_reconnect(self) -> None:
         """Give the watcher time to notice a dead connection, then wait for the new one."""
         deadline = time.monotonic() + self.publish_timeout
-        while self._connection is not None and not self._connection.is_closed and self._connected.is_set():
+        while (self._connection is not None and not self._connection.is_closed and self._connected.is_set()
+               and self._publisher is not None and not self._publisher.is_closed):
             if time.monotonic() > deadline:
                 raise BrokerConnectionError(f"publishing to RabbitMQ at {self.url} failed for {self.publish_timeout:g} s")
             await asyncio.sleep(0.05)
@@ -291,49 +350,133 @@ class AMQPBroker(Broker):
                            exchange: str = "") -> None:
         assert self._window is not None
         headers: dict[str, Any] = dict(m.headers or {})
+        route = self._routes.get(queue)
         routing_key = queue
-        if m.delay > 0:
+        if m.delay > 0:  # through the TTL queue, which dead-letters straight into the queue
             routing_key = await self._declare_retry(channel, queue, m.delay)
+        elif route is not None and route.exchange:
+            exchange, routing_key = route.exchange, route.routing_key or queue
+            for k, v in (route.binding_arguments or {}).items():
+                if not k.startswith("x-"):
+                    headers.setdefault(k, v)
         properties = Basic.Properties(delivery_mode=2, message_id=m.message_id or None,
                                       content_type=headers.pop("content-type", MSGPACK), headers=headers or None)
         async with self._window:
-            confirm = await channel.basic_publish(m.body, exchange=exchange, routing_key=routing_key,
-                                                  properties=properties)
+            try:
+                confirm = await channel.basic_publish(m.body, exchange=exchange, routing_key=routing_key,
+                                                      properties=properties, mandatory=True,
+                                                      timeout=self.publish_timeout)
+            except aiormq.exceptions.PublishError:  # returned: no queue took it (deleted meanwhile?)
+                self._declared.discard(queue)
+                raise _Unroutable(f"no queue took message {m.message_id!r} for {queue!r}") from None
         if not isinstance(confirm, Basic.Ack):
             raise _Nacked(f"RabbitMQ did not confirm message {m.message_id!r} to {queue!r}: {confirm!r}")
 
     def publish_sync(self, queue: str, messages: Sequence[Message]) -> None:
         with self._sync_lock:
             if self._sync is None:
-                self._sync = _SyncPublisher(self._raw_url())
+                self._sync = _SyncPublisher(self._given_url, self._routes)
         self._sync.publish(queue, messages)
-
-    def _raw_url(self) -> str:
-        return self._url
 
     # -- consuming -----------------------------------------------------------------------------
 
     async def prefetch(self, queue: str, prefetch: int) -> None:
-        """Consume ``queue`` with ``basic.qos`` = ``prefetch`` (the host's budget)."""
+        """Consume ``queue`` with ``basic.qos`` = ``prefetch`` (the host's budget). A change
+        reaches a running consumer by a new one: ``basic.qos`` applies only to consumers made
+        after it. On the same channel (its delivery tags and acks go on), the new consumer
+        starts, then the old one is cancelled; what RabbitMQ sent the old one before its
+        cancel-ok still arrives here, in order: nothing lost, nothing twice."""
         self._prefetch[queue] = prefetch
-        if queue not in self._consumers and self._connected.is_set():
-            await self._consume(queue, prefetch)
+        consumer = self._consumers.get(queue)
+        if consumer is None:
+            if self._connected.is_set():
+                await self._consume(queue, prefetch)
+            return
+        if prefetch == consumer.prefetch or not consumer.alive:
+            return
+        try:
+            await consumer.channel.basic_qos(prefetch_count=prefetch)
+            ok = await consumer.channel.basic_consume(queue, consumer.callback)
+            old, consumer.tag, consumer.prefetch = consumer.tag, ok.consumer_tag, prefetch
+            await consumer.channel.basic_cancel(old)
+            logger.info("consuming %r with prefetch %d (a new consumer; the old one cancelled)", queue, prefetch)
+        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as e:
+            logger.warning("changing the prefetch of %r failed (%s); rebuilding its consumer", queue, type(e).__name__)
+            await self._rebuild(consumer)
 
     async def _consume(self, queue: str, prefetch: int) -> None:
-        assert self._connection is not None
+        connection, generation = self._connection, self._generation
+        assert connection is not None
         await self._declare(queue)
-        channel = await self._connection.channel(publisher_confirms=False)
+        channel = await connection.channel(publisher_confirms=False)
         await channel.basic_qos(prefetch_count=prefetch)
-        consumer = _Consumer(queue, channel, prefetch, self._generation)
+        consumer = _Consumer(queue, channel, prefetch, generation)
 
         async def arrived(message: aiormq.abc.DeliveredMessage) -> None:
             if consumer.alive:
                 consumer.buffer.append(message)
+                consumer.last_arrival = time.monotonic()
                 consumer.arrived.set()
 
+        consumer.callback = arrived
         ok = await channel.basic_consume(queue, arrived)
         consumer.tag = ok.consumer_tag
+        if generation != self._generation or queue in self._consumers:  # reconnected meanwhile
+            consumer.alive = False
+            await channel.close()
+            return
         self._consumers[queue] = consumer
+
+    async def _rebuild(self, consumer: _Consumer) -> None:
+        """Replace a consumer whose channel RabbitMQ closed or whose consumer it cancelled, or
+        that gets nothing while its queue has messages: a new channel, a new consumer. What
+        the old channel held is RabbitMQ's again (redelivered: at-least-once)."""
+        consumer.alive = False
+        consumer.buffer.clear()
+        consumer.arrived.set()
+        if self._consumers.get(consumer.queue) is consumer:
+            del self._consumers[consumer.queue]
+        for tag in [t for t, h in self._held.items() if h.consumer is consumer]:
+            del self._held[tag]
+        if not consumer.channel.is_closed:
+            try:
+                await consumer.channel.close()
+            except Exception:  # noqa: BLE001, S110 - it goes either way
+                pass
+        if self._connected.is_set() and not self._closing:
+            await self._consume(consumer.queue, self._prefetch.get(consumer.queue, consumer.prefetch))
+
+    async def _check(self, consumer: _Consumer, wanted: int) -> _Consumer | None:
+        """The watchdog: a consumer whose channel closed or whose consumer was cancelled is
+        rebuilt at once; one that got nothing for ``WATCHDOG_SECONDS`` while the supervisor
+        had room, its queue had ready messages and it held less than its prefetch, too."""
+        broken = consumer.channel.is_closed or consumer.tag not in consumer.channel.consumers
+        if not broken and wanted > 0 and not consumer.buffer:
+            now = time.monotonic()
+            if now - max(consumer.last_arrival, consumer.last_check) >= WATCHDOG_SECONDS:
+                consumer.last_check = now
+                held = sum(1 for h in self._held.values() if h.consumer is consumer)
+                if held < consumer.prefetch and (await self._passive(consumer.queue)).message_count:
+                    logger.warning("the consumer of %r got nothing for %.0f s while messages wait; rebuilding it",
+                                   consumer.queue, now - consumer.last_arrival)
+                    broken = True
+        if broken:
+            if consumer.alive:
+                logger.warning("the consumer of %r is gone (channel closed or consumer cancelled); consuming again",
+                               consumer.queue)
+            await self._rebuild(consumer)
+            return self._consumers.get(consumer.queue)
+        return consumer
+
+    async def _passive(self, queue: str) -> Any:
+        """``queue.declare`` passive on a channel of its own: a missing queue closes that one."""
+        assert self._connection is not None
+        channel = await self._connection.channel(publisher_confirms=False)
+        try:
+            return await channel.queue_declare(queue, passive=True)
+        finally:
+            if not channel.is_closed:
+                await channel.close()
 
     async def fetch(self, queue: str, max_messages: int, *, timeout: float,
                     wake: asyncio.Event | Signal | None = None) -> list[Delivery]:
@@ -342,6 +485,8 @@ class AMQPBroker(Broker):
             if queue not in self._prefetch:
                 await self.prefetch(queue, DEFAULT_PREFETCH)
             consumer = self._consumers.get(queue)
+        if consumer is not None:
+            consumer = await self._check(consumer, max_messages)
         if consumer is None:  # not connected: wait a little, as an empty queue would
             await wait_either(self._connected, wake, min(timeout, 1.0))
             return []
@@ -363,10 +508,12 @@ class AMQPBroker(Broker):
             retries = int(headers.get(HEADER_RETRIES, 0))
         except (TypeError, ValueError):
             retries = 0
-        redelivered = 1 if message.delivery.redelivered else 0
+        count = headers.get("x-delivery-count")  # quorum queues count every delivery before this one
+        redelivered = count if isinstance(count, int) else (1 if message.delivery.redelivered else 0)  # type: ignore[union-attr]
         return Delivery(tag=tag, queue=consumer.queue, body=message.body, message_id=props.message_id or "",
                         attempts=retries + 1 + redelivered, retries=retries,
-                        headers={str(k): str(v) for k, v in headers.items()} or None)
+                        headers={str(k): str(v) for k, v in headers.items()
+                                 if isinstance(v, (str, int, float, bool))} or None)
 
     # -- settling ------------------------------------------------------------------------------
 
@@ -430,7 +577,7 @@ class AMQPBroker(Broker):
 
     def _retry_copy(self, r: Retry) -> tuple[Any, ...] | None:
         held = self._held.get(r.tag)
-        if held is None or not held.consumer.alive:
+        if held is None or not held.consumer.alive or held.copied:
             return None
         headers = dict(held.message.header.properties.headers or {})
         headers[HEADER_RETRIES] = int(headers.get(HEADER_RETRIES, 0) or 0) + 1
@@ -439,7 +586,7 @@ class AMQPBroker(Broker):
 
     def _dead_copy(self, tag: int, reason: str) -> tuple[Any, ...] | None:
         held = self._held.get(tag)
-        if held is None or not held.consumer.alive:
+        if held is None or not held.consumer.alive or held.copied:
             return None
         headers = dict(held.message.header.properties.headers or {})
         retries = int(headers.get(HEADER_RETRIES, 0) or 0)
@@ -457,9 +604,11 @@ class AMQPBroker(Broker):
                                       content_type=props.content_type, headers=headers)
         assert self._window is not None
         async with self._window:
-            confirm = await channel.basic_publish(held.message.body, routing_key=routing_key, properties=properties)
+            confirm = await channel.basic_publish(held.message.body, routing_key=routing_key, properties=properties,
+                                                  mandatory=True, timeout=self.publish_timeout)
         if not isinstance(confirm, Basic.Ack):
             raise _Nacked(f"RabbitMQ did not confirm the copy of {props.message_id!r} to {routing_key!r}")
+        held.copied = True
 
     # -- the rest ------------------------------------------------------------------------------
 
@@ -467,9 +616,9 @@ class AMQPBroker(Broker):
         """Ready and consumers from ``queue.declare`` (passive); dead letters from the dlq's;
         unacked of every host from RabbitMQ's management API when it answers (port
         ``management_port``, default 15672, same credentials), else this process's own."""
-        channel = await self._ready()
-        ok = await channel.queue_declare(queue, passive=True)
-        dead = await channel.queue_declare(f"{queue}.dlq", passive=True) if f"{queue}.dlq" in self._declared else None
+        await self._ready()
+        ok = await self._passive(queue)
+        dead = await self._passive(f"{queue}.dlq") if f"{queue}.dlq" in self._declared else None
         unacked = await asyncio.get_running_loop().run_in_executor(None, self._unacked_everywhere, queue)
         if unacked is None:
             consumer = self._consumers.get(queue)
@@ -486,9 +635,13 @@ class AMQPBroker(Broker):
         import urllib.request
 
         parts = urllib.parse.urlsplit(self._url)
+        if parts.scheme.lower() == "amqps" and not self.management_port_given:
+            return None  # credentials go over plain HTTP only where AMQP itself was plain, or when asked
         vhost = urllib.parse.quote(urllib.parse.unquote(parts.path[1:]) or "/", safe="")
         api = f"http://{parts.hostname}:{self.management_port}/api/queues/{vhost}/{urllib.parse.quote(queue, safe='')}"
-        auth = base64.b64encode(f"{parts.username or 'guest'}:{parts.password or 'guest'}".encode()).decode()
+        user = urllib.parse.unquote(parts.username or "guest")
+        password = urllib.parse.unquote(parts.password or "guest")
+        auth = base64.b64encode(f"{user}:{password}".encode()).decode()
         request = urllib.request.Request(api, headers={"Authorization": f"Basic {auth}"})
         try:
             with urllib.request.urlopen(request, timeout=2) as response:
@@ -516,37 +669,52 @@ class AMQPBroker(Broker):
 
 
 class _Nacked(Exception):
-    """RabbitMQ answered a publish with basic.nack (or returned it)."""
+    """RabbitMQ answered a publish with basic.nack."""
+
+
+class _Unroutable(Exception):
+    """RabbitMQ returned a mandatory publish: declared again, it is published again."""
 
 
 def _transient(e: BaseException) -> bool:
     return isinstance(e, (aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError,
-                          ConnectionError, asyncio.CancelledError))
+                          ConnectionError, asyncio.CancelledError, TimeoutError, _Unroutable))
 
 
 class _SyncPublisher:
-    """``publish_sync``: a connection of its own on a thread of its own, for code without a loop."""
+    """``publish_sync``: a connection of its own on a thread of its own, for code without a
+    loop; opened once, shared by every thread that publishes."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, routes: dict[str, QueueOptions]) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="fastq-amqp-publish", daemon=True)
         self.thread.start()
         self.broker = AMQPBroker(url)
+        self.broker._routes = routes  # the app's exchanges and routing keys: the same dict
+        self.timeout = self.broker.publish_timeout * 2 + 10
+        try:
+            asyncio.run_coroutine_threadsafe(self.broker.open(), self.loop).result(self.timeout)
+        except BaseException:
+            self.close()
+            raise
 
     def publish(self, queue: str, messages: Sequence[Message]) -> None:
-        async def run() -> None:
-            await self.broker.open()
-            await self.broker.publish(queue, messages)
-
-        asyncio.run_coroutine_threadsafe(run(), self.loop).result()
+        future = asyncio.run_coroutine_threadsafe(self.broker.publish(queue, messages), self.loop)
+        try:
+            future.result(self.timeout)
+        except TimeoutError:
+            future.cancel()
+            raise BrokerConnectionError(f"publishing to {queue!r} on {self.broker.url} took over "
+                                        f"{self.timeout:g} s") from None
 
     def close(self) -> None:
         if self.loop.is_closed():
             return
         try:
             asyncio.run_coroutine_threadsafe(self.broker.close(), self.loop).result(10)
-        except Exception:  # noqa: BLE001 - closing anyway
+        except Exception:  # noqa: BLE001, S110 - closing anyway
             pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
-        self.loop.close()
+        if not self.thread.is_alive():
+            self.loop.close()

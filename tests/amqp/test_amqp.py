@@ -109,6 +109,22 @@ class Rabbit:
         self.log.flush()
         return (self.dir / "worker.log").read_text()[-4000:]
 
+    def wait_for_consumers(self, queues: list[str], timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        connection, channel = _channel(self.url)
+        try:
+            for q in queues:
+                while True:
+                    try:
+                        if channel.queue_declare(q, passive=True).method.consumer_count:
+                            break
+                    except pika.exceptions.ChannelClosedByBroker:  # not declared yet
+                        channel = connection.channel()
+                    assert time.monotonic() < deadline, f"no consumer on {q}: {self.logtext()}"
+                    time.sleep(0.1)
+        finally:
+            connection.close()
+
     def depth(self, queue: str) -> int:
         connection, channel = _channel(self.url)
         try:
@@ -121,8 +137,8 @@ class Rabbit:
                 if "spawn_main" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE]
 
     def close(self) -> None:
-        for proc in self.procs:
-            for p in psutil.Process(proc.pid).children(recursive=True):
+        for proc in self.procs:  # not the resource tracker: it unlinks the rings after the kill
+            for p in self.workers(proc):
                 p.kill()
             proc.kill()
             proc.wait()
@@ -324,3 +340,143 @@ def test_queue_depth_and_fastq_stats(rabbit):
     out = subprocess.run([sys.executable, "-m", "fastq", "stats", f"{rabbit.module}:app", "--queue", rabbit.q,
                           "--json"], cwd=rabbit.dir, capture_output=True, text=True, check=True).stdout
     assert json.loads(out)[rabbit.q]["ready"] == 300
+
+
+TOPOLOGY = """
+import os
+import fastq
+
+app = fastq.App("amqp-topology", broker={url!r})
+OUT = {out!r}
+Q = {q!r}
+
+def _record(line: bytes) -> None:
+    fd = os.open(OUT, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(fd, line)
+    os.close(fd)
+
+@app.task(queue=Q + ".topic", exchange=Q + ".x", exchange_kind="topic", routing_key="orders.*", kind="io")
+async def order(n: int) -> None:
+    _record(b"order %d\\n" % n)
+
+@app.consumer(Q + ".topic-raw", exchange=Q + ".x", exchange_kind="topic", routing_key="orders.*", kind="io")
+async def order_raw(body: bytes) -> None:
+    _record(b"topic-raw %s\\n" % (body if body == b"c" else b"envelope"))
+
+@app.consumer(Q + ".f1", exchange=Q + ".fan", exchange_kind="fanout", kind="io")
+async def f1(body: bytes) -> None:
+    _record(b"f1 %s\\n" % body)
+
+@app.consumer(Q + ".f2", exchange=Q + ".fan", exchange_kind="fanout", kind="io")
+async def f2(body: bytes) -> None:
+    _record(b"f2 %s\\n" % body)
+
+@app.consumer(Q + ".h", exchange=Q + ".hx", exchange_kind="headers",
+              binding_arguments={{"x-match": "all", "kind": "invoice"}}, kind="io")
+async def invoices(body: bytes) -> None:
+    _record(b"h %s\\n" % body)
+
+@app.task(queue=Q + ".quorum", quorum=True, delivery_limit=5, kind="io")
+async def replicated(n: int) -> None:
+    _record(b"quorum %d\\n" % n)
+
+@app.task(queue=Q + ".sac", single_active_consumer=True, kind="io")
+async def one_at_a_time(n: int) -> None:
+    _record(b"sac %d %d\\n" % (n, os.getppid()))
+"""
+
+TOPOLOGY_QUEUES = [".topic", ".topic-raw", ".f1", ".f2", ".h", ".quorum", ".sac"]
+
+
+@pytest.fixture
+def topology(tmp_path, amqp_url):
+    r = Rabbit(tmp_path, amqp_url)
+    r.module = f"amqp_topo_{r.q.replace('-', '_')}"
+    (tmp_path / f"{r.module}.py").write_text(textwrap.dedent(TOPOLOGY.format(url=amqp_url, out=str(r.out), q=r.q)))
+    r.app = __import__(r.module)
+    yield r
+    connection, channel = _channel(amqp_url)
+    try:
+        for suffix in TOPOLOGY_QUEUES:
+            channel.queue_delete(r.q + suffix)
+            channel.queue_delete(r.q + suffix + ".dlq")
+        for x in (".x", ".fan", ".hx"):
+            channel.exchange_delete(r.q + x)
+    finally:
+        connection.close()
+    r.close()
+
+
+def test_exchanges_of_every_kind_route_to_their_queues(topology):
+    r = topology
+    queues = [arg for s in TOPOLOGY_QUEUES[:5] for arg in ("--queue", r.q + s)]
+    proc = r.start("--processes", "1", *queues)
+    r.wait_for_consumers([r.q + s for s in TOPOLOGY_QUEUES[:5]])  # declared and bound
+    r.app.order.send(1)  # the task publishes to its exchange with its routing key
+    connection, channel = _channel(r.url)
+    try:
+        channel.confirm_delivery()
+        persistent = pika.BasicProperties(delivery_mode=2)
+        channel.basic_publish(r.q + ".x", "orders.created", b"c", persistent)
+        channel.basic_publish(r.q + ".x", "invoices.created", b"nobody binds this", persistent)
+        for i in range(10):
+            channel.basic_publish(r.q + ".fan", "", b"%d" % i, persistent)
+        channel.basic_publish(r.q + ".hx", "", b"invoice", pika.BasicProperties(delivery_mode=2,
+                                                                                 headers={"kind": "invoice"}))
+        channel.basic_publish(r.q + ".hx", "", b"receipt", pika.BasicProperties(delivery_mode=2,
+                                                                                headers={"kind": "receipt"}))
+    finally:
+        connection.close()
+    # both topic queues get the task's message and "c" (which the task's queue dead-letters:
+    # it is no envelope); 10 per fanout queue; the invoice, not the receipt
+    r.wait_for_lines(1 + 2 + 20 + 1)
+    deadline = time.monotonic() + 30
+    while r.depth(r.q + ".topic.dlq") < 1:
+        assert time.monotonic() < deadline, r.logtext()
+        time.sleep(0.1)
+    assert r.stop(proc) == 0
+    assert collections.Counter(r.lines()) == collections.Counter(
+        ["order 1", "topic-raw envelope", "topic-raw c", "h invoice"] + [f"f{k} {i}" for k in (1, 2) for i in range(10)])
+
+
+def test_quorum_and_single_active_consumer_queues(topology):
+    r = topology
+    r.app.replicated.send_many((i,) for i in range(50))
+    for start in range(0, 2000, 1000):
+        r.app.one_at_a_time.send_many((i,) for i in range(start, start + 1000))
+    types = subprocess.run(["rabbitmqctl", "list_queues", "name", "type", "--quiet"], capture_output=True,
+                           text=True, check=True).stdout
+    assert f"{r.q}.quorum\tquorum" in types
+    a = r.start("--processes", "1", "--queue", r.q + ".quorum", "--queue", r.q + ".sac")
+    b = r.start("--processes", "1", "--queue", r.q + ".sac")
+    r.wait_for_lines(50 + 2000)
+    assert r.stop(a) == 0 and r.stop(b) == 0
+    sac = [line.split() for line in r.lines() if line.startswith("sac ")]
+    assert sorted(int(n) for _, n, _ in sac) == list(range(2000))
+    assert len({pid for _, _, pid in sac}) == 1  # one consumer had them all
+    assert sorted(line for line in r.lines() if line.startswith("quorum")) == sorted(f"quorum {i}" for i in range(50))
+
+
+def test_a_queue_declared_otherwise_is_a_clear_error(topology):
+    import asyncio
+
+    import fastq
+    from fastq.broker import QueueOptions, open_broker
+
+    connection, channel = _channel(topology.url)
+    try:
+        channel.queue_declare(topology.q + ".sac", durable=True)  # classic, no arguments
+    finally:
+        connection.close()
+
+    async def declare():
+        broker = open_broker(topology.url)
+        broker.configure(topology.q + ".sac", QueueOptions(single_active_consumer=True))
+        await broker.open()
+        try:
+            await broker.declare(topology.q + ".sac")
+        finally:
+            await broker.close()
+
+    with pytest.raises(fastq.ConfigError, match="exists with other settings"):
+        asyncio.run(declare())

@@ -1,0 +1,112 @@
+"""The RabbitMQ broker in-process, against the real RabbitMQ: prefetch changes, consumers and
+channels that RabbitMQ takes away, queues deleted under a publisher."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pika
+import pytest
+
+from fastq.broker import open_broker
+from fastq.broker.base import Message
+
+
+@pytest.fixture
+def queue(amqp_url):
+    name = f"fq-unit-{uuid.uuid4().hex[:8]}"
+    yield name
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    channel = connection.channel()
+    for q in (name, f"{name}.dlq"):
+        channel.queue_delete(q)
+    connection.close()
+
+
+def _messages(n: int, start: int = 0) -> list[Message]:
+    return [Message(b"%d" % i, f"m{i}") for i in range(start, start + n)]
+
+
+async def _drain(broker, queue: str, n: int, *, unique: set[str] | None = None) -> list:
+    """Fetch and ack until ``n`` deliveries came (or, given ``unique``, until it holds ``n`` ids)."""
+    got = []
+    deadline = asyncio.get_running_loop().time() + 30
+    while (len(got) if unique is None else len(unique)) < n:
+        assert asyncio.get_running_loop().time() < deadline, f"{len(got)} of {n}"
+        batch = await broker.fetch(queue, 50, timeout=0.5)
+        got += batch
+        if unique is not None:
+            unique.update(d.message_id for d in batch)
+        if batch:
+            await broker.settle(queue, ack=[d.tag for d in batch])
+    return got
+
+
+def test_a_prefetch_change_reaches_the_running_consumer_with_nothing_lost_or_doubled(amqp_url, queue):
+    async def main():
+        broker = open_broker(amqp_url)
+        await broker.open()
+        await broker.declare(queue)
+        await broker.publish(queue, _messages(300))
+        await broker.prefetch(queue, 10)
+        first = await broker.fetch(queue, 100, timeout=1)
+        await asyncio.sleep(0.3)
+        first += await broker.fetch(queue, 100, timeout=0.1)
+        assert len(first) == 10  # unacked, RabbitMQ holds the rest back: qos 10
+        await broker.prefetch(queue, 50)  # a new consumer on the same channel, the old one cancelled
+        await asyncio.sleep(0.3)
+        second = await broker.fetch(queue, 100, timeout=0.1)
+        assert len(second) == 50
+        await broker.settle(queue, ack=[d.tag for d in first + second])
+        rest = await _drain(broker, queue, 240)
+        ids = [d.message_id for d in first + second + rest]
+        assert sorted(ids) == sorted(f"m{i}" for i in range(300))  # each once
+        assert all(d.attempts == 1 for d in first + second + rest)  # none redelivered
+        await asyncio.sleep(0.2)
+        depth = await broker.queue_depth(queue)
+        assert (depth.ready, depth.consumers) == (0, 1)
+        await broker.close()
+
+    asyncio.run(main())
+
+
+def test_a_consumer_rabbitmq_takes_away_is_rebuilt(amqp_url, queue):
+    async def main():
+        broker = open_broker(amqp_url)
+        await broker.open()
+        await broker.declare(queue)
+        await broker.prefetch(queue, 20)
+        await broker.publish(queue, _messages(100))
+        seen: set[str] = set()
+        await _drain(broker, queue, 30, unique=seen)
+        consumer = broker._consumers[queue]
+        await consumer.channel.basic_cancel(consumer.tag)  # as RabbitMQ does when it cancels one
+        await _drain(broker, queue, 60, unique=seen)
+        await broker._consumers[queue].channel.close()  # as RabbitMQ does on a channel error
+        await _drain(broker, queue, 100, unique=seen)  # what the closed channel held comes again
+        assert seen == {f"m{i}" for i in range(100)}
+        await asyncio.sleep(0.2)
+        assert (await broker.queue_depth(queue)).ready == 0
+        await broker.close()
+
+    asyncio.run(main())
+
+
+def test_publishing_survives_a_channel_error_and_a_deleted_queue(amqp_url, queue):
+    async def main():
+        broker = open_broker(amqp_url)
+        await broker.open()
+        await broker.declare(queue)
+        with pytest.raises(Exception):  # noqa: B017 - RabbitMQ's 404, whatever aiormq calls it
+            await broker.queue_depth(f"{queue}-missing")
+        await broker.publish(queue, _messages(5))  # the publishing channel was not the one closed
+        connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+        connection.channel().queue_delete(queue)
+        connection.close()
+        await broker.publish(queue, _messages(5, 5))  # returned (no queue), declared again, published
+        depth = await broker.queue_depth(queue)
+        assert depth.ready == 5  # the first five went with the deleted queue; the next five are here
+        await broker.close()
+
+    asyncio.run(main())
