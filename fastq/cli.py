@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--seconds", type=float, default=None,
                        help="length of one run: ring, default 0.4; autosize, the autosized runs, default 20")
     bench.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH ('-' for stdout)")
+    bench.add_argument("--broker", metavar="URL",
+                       help="engine suite through this broker instead: amqp://user:pass@host:port/vhost (RabbitMQ)")
     send = commands.add_parser("send", help="enqueue one task call from a shell; prints its message id")
     send.add_argument("task", help="module:task, e.g. shop.tasks:send_receipt")
     send.add_argument("arguments", nargs="?", default="[]", help="JSON list (positional) or object (by name)")
@@ -188,6 +190,13 @@ def main(argv: list[str] | None = None) -> int:
             return _send(args.task, args.arguments)
         if args.runs < 1:
             raise UsageError(f"--runs must be >= 1, got {args.runs}")
+        if args.suite == "engine" and args.broker:
+            if not args.broker.lower().startswith(("amqp://", "amqps://")):
+                raise UsageError(f"--broker takes an amqp:// URL (the embedded brokers are measured by default); "
+                                 f"got {args.broker.partition('://')[0]}://...")
+            from fastq._bench import amqp
+
+            return amqp.main(url=args.broker, runs=args.runs, json_path=args.json)
         if args.suite == "engine":
             from fastq._bench import engine
 

@@ -58,16 +58,16 @@ def burn():
         x += i * i
     return x
 
-@app.task(queue="noop", kind="io")
+@app.task(queue="{prefix}noop", kind="io")
 async def noop(t: float) -> None:
     _record(t)
 
-@app.task(queue="io", kind="io")
+@app.task(queue="{prefix}io", kind="io")
 async def io(t: float) -> None:
     await asyncio.sleep(0.005)
     _record(t)
 
-@app.task(queue="cpu", kind="cpu")
+@app.task(queue="{prefix}cpu", kind="cpu")
 def cpu(t: float) -> None:
     burn()
     _record(t)
@@ -99,12 +99,15 @@ def _burn(n: int) -> int:
 
 
 class Bench:
-    def __init__(self, broker: str, workdir: Path, burn: int) -> None:
+    def __init__(self, broker: str, workdir: Path, burn: int, url: str | None = None, prefix: str = "") -> None:
         self.dir = workdir
         self.lat = workdir / f"lat-{broker}.bin"
-        url = "memory://bench" if broker == "memory" else f"sqlite:///{workdir / 'bench.db'}"
+        if url is None:
+            url = "memory://bench" if broker == "memory" else f"sqlite:///{workdir / 'bench.db'}"
+        self.prefix = prefix
         module = f"fastq_bench_{broker}"
-        (workdir / f"{module}.py").write_text(textwrap.dedent(APP.format(url=url, lat=str(self.lat), burn=burn)))
+        (workdir / f"{module}.py").write_text(textwrap.dedent(
+            APP.format(url=url, lat=str(self.lat), burn=burn, prefix=prefix)))
         sys.path.insert(0, str(workdir))
         import importlib
 
@@ -123,8 +126,8 @@ class Bench:
         task = getattr(self.module, scenario)
         config = Config(broker_url=app.config.broker_url, concurrency=concurrency, prefetch=prefetch,
                         autosize=autosize)
-        the_plan = plan(Topology.detect(), [QueueSpec(name=scenario, kind=task.options.kind)], config)
-        return Supervisor(app, self.spec, the_plan, config, [scenario])
+        the_plan = plan(Topology.detect(), [QueueSpec(name=task.queue, kind=task.options.kind)], config)
+        return Supervisor(app, self.spec, the_plan, config, [task.queue])
 
     def run(self, scenario: str, n: int, concurrency: int | None, prefetch: int | None,
             pace: float | None = None) -> tuple[float, float]:

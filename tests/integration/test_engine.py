@@ -290,7 +290,7 @@ def test_a_bad_broker_url_is_one_line_and_exit_2(engine):
     engine.proc = None
     engine.log.close()
     log = (engine.dir / "worker.log").read_text().strip()
-    assert log == "fastq worker: unknown broker URL 'redis://user:***@host/0'; expected sqlite:///path, memory:// (amqp:// comes with the RabbitMQ broker)"
+    assert log == "fastq worker: unknown broker URL 'redis://user:***@host/0'; expected sqlite:///path, memory:// or amqp://user:pass@host:port/vhost"
 
 
 def test_a_message_that_kills_its_worker_three_times_and_an_oversized_one_are_dead_lettered(engine, monkeypatch):
