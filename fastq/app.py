@@ -123,12 +123,16 @@ class App:
     def task(self, *, queue: str | None = None, name: str | None = None, kind: Kind = "auto",
              max_retries: int = 3, retry_backoff: float = 1.0, timeout: float | None = None,
              processes: int | None = None, concurrency: int | None = None,
-             prefetch: int | None = None, **amqp: Any) -> Callable[[F], Task]: ...
+             prefetch: int | None = None, min_concurrency: int | None = None, max_concurrency: int | None = None,
+             min_prefetch: int | None = None, max_prefetch: int | None = None,
+             **amqp: Any) -> Callable[[F], Task]: ...
 
     def task(self, fn: Callable[..., Any] | None = None, *, queue: str | None = None,
              name: str | None = None, kind: Kind = "auto", max_retries: int = 3,
              retry_backoff: float = 1.0, timeout: float | None = None, processes: int | None = None,
-             concurrency: int | None = None, prefetch: int | None = None, **amqp: Any) -> Any:
+             concurrency: int | None = None, prefetch: int | None = None, min_concurrency: int | None = None,
+             max_concurrency: int | None = None, min_prefetch: int | None = None, max_prefetch: int | None = None,
+             **amqp: Any) -> Any:
         """Register a function (``async def`` or plain) as a task; use bare or with options.
 
         Parameters:
@@ -143,6 +147,8 @@ class App:
         options = HandlerOptions(queue=queue or DEFAULT_QUEUE, kind=kind, max_retries=max_retries,
                                  retry_backoff=retry_backoff, timeout=timeout,
                                  processes=processes, concurrency=concurrency, prefetch=prefetch,
+                                 min_concurrency=min_concurrency, max_concurrency=max_concurrency,
+                                 min_prefetch=min_prefetch, max_prefetch=max_prefetch,
                                  amqp=_queue_options(amqp))
 
         def register(fn: Callable[..., Any]) -> Task:
@@ -163,6 +169,8 @@ class App:
     def consumer(self, queue: str, *, kind: Kind = "auto", max_retries: int = 3,
                  retry_backoff: float = 1.0, timeout: float | None = None, processes: int | None = None,
                  concurrency: int | None = None, prefetch: int | None = None,
+                 min_concurrency: int | None = None, max_concurrency: int | None = None,
+                 min_prefetch: int | None = None, max_prefetch: int | None = None,
                  **amqp: Any) -> Callable[[F], Consumer]:
         """Register a handler for every message on ``queue``, whoever produced it; it receives
         the raw body ``bytes``. The way to put fastq behind an existing queue. ``amqp`` takes
@@ -170,6 +178,8 @@ class App:
         options = HandlerOptions(queue=queue, kind=kind, max_retries=max_retries,
                                  retry_backoff=retry_backoff, timeout=timeout,
                                  processes=processes, concurrency=concurrency, prefetch=prefetch,
+                                 min_concurrency=min_concurrency, max_concurrency=max_concurrency,
+                                 min_prefetch=min_prefetch, max_prefetch=max_prefetch,
                                  amqp=_queue_options(amqp))
 
         def register(fn: Callable[[bytes], Any]) -> Consumer:

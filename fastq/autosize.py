@@ -126,6 +126,11 @@ class QueueSpec(msgspec.Struct, frozen=True, kw_only=True):
     processes: int | None = None
     concurrency: int | None = None
     prefetch: int | None = None
+    #: the user's bounds for what autosize may choose (None: the rules' own)
+    min_concurrency: int | None = None
+    max_concurrency: int | None = None
+    min_prefetch: int | None = None
+    max_prefetch: int | None = None
 
 
 class QueuePlan(msgspec.Struct, frozen=True, kw_only=True):
@@ -148,6 +153,11 @@ class QueuePlan(msgspec.Struct, frozen=True, kw_only=True):
     user_prefetch: bool = False
     #: the most prefetch the memory limit allows (a quarter of it in max-size messages)
     prefetch_cap: int = 1 << 62
+    #: the user's bounds for the controller (host-wide); None: the rules' own
+    min_concurrency: int | None = None
+    max_concurrency: int | None = None
+    min_prefetch: int | None = None
+    max_prefetch: int | None = None
 
 
 class Plan(msgspec.Struct, frozen=True, kw_only=True):
@@ -214,7 +224,9 @@ def plan_app(app: Any, queues: Sequence[str] | None = None, topology: Topology |
         raise ConfigError(f"queues {unknown or names} have no task or consumer in app {app.name!r}; "
                           f"known: {sorted(known)}")
     specs = [QueueSpec(name=q, kind=known[q].kind, processes=known[q].processes,
-                       concurrency=known[q].concurrency, prefetch=known[q].prefetch) for q in names]
+                       concurrency=known[q].concurrency, prefetch=known[q].prefetch,
+                       min_concurrency=known[q].min_concurrency, max_concurrency=known[q].max_concurrency,
+                       min_prefetch=known[q].min_prefetch, max_prefetch=known[q].max_prefetch) for q in names]
     return plan(topology or Topology.detect(), specs, app.config)
 
 
@@ -262,6 +274,9 @@ def _plan_queue(q: QueueSpec, cores: float, processes: int, workers: tuple[int, 
             c_rule += "; auto starts as io until its handlers are measured"
     else:
         concurrency, c_rule = len(workers), "cpu: one handler per pinned core it runs on"
+    if user_concurrency is None:  # CPU work never gets more than one handler per core: no minimum
+        low = q.min_concurrency if kind == "io" else None
+        concurrency, c_rule = _bounded(concurrency, c_rule, low, q.max_concurrency, "concurrency")
     user_prefetch = q.prefetch if q.prefetch is not None else config.prefetch
     cap = max(1, int(t.memory_bytes * PREFETCH_MEMORY_SHARE) // config.max_message_bytes)
     if user_prefetch is not None:
@@ -273,11 +288,23 @@ def _plan_queue(q: QueueSpec, cores: float, processes: int, workers: tuple[int, 
             prefetch = max(concurrency, cap)
             p_rule += (f", capped to {prefetch}: a quarter of {t.memory_bytes / 2**20:,.0f} MiB of "
                        f"memory holds {cap} messages of max_message_bytes={config.max_message_bytes}")
+    if user_prefetch is None:
+        prefetch, p_rule = _bounded(prefetch, p_rule, q.min_prefetch, q.max_prefetch, "prefetch")
     per_process = split(concurrency, workers, processes)
     return QueuePlan(name=q.name, kind=kind, workers=workers, workers_rule=w_rule, concurrency=concurrency,
                      per_process=per_process, prefetch=prefetch, concurrency_rule=c_rule, prefetch_rule=p_rule,
                      user_concurrency=user_concurrency is not None, user_prefetch=user_prefetch is not None,
-                     prefetch_cap=cap)
+                     prefetch_cap=cap, min_concurrency=q.min_concurrency, max_concurrency=q.max_concurrency,
+                     min_prefetch=q.min_prefetch, max_prefetch=q.max_prefetch)
+
+
+def _bounded(value: int, rule: str, low: int | None, high: int | None, name: str) -> tuple[int, str]:
+    """``value`` within the user's bounds, and the rule saying so when they moved it."""
+    if low is not None and value < low:
+        return low, f"{rule}, raised to your min_{name}={low}"
+    if high is not None and value > high:
+        return high, f"{rule}, lowered to your max_{name}={high}"
+    return value, rule
 
 
 # -- the controller: from the starting plan, follow the load ----------------------------------
@@ -350,6 +377,11 @@ class Controller:
         self.fixed_prefetch = user_prefetch
         self.min_concurrency = 1 if self.kind == "io" else queue.concurrency
         self.max_concurrency = queue.concurrency if self.fixed_concurrency else (concurrency_max or IO_CONCURRENCY_MAX)
+        if not self.fixed_concurrency:  # the user's bounds (checked against each other by the options)
+            self.min_concurrency = max(self.min_concurrency, queue.min_concurrency or 1)
+            self.max_concurrency = min(self.max_concurrency, queue.max_concurrency or self.max_concurrency)
+            self.max_concurrency = max(self.max_concurrency, self.min_concurrency)
+        self.min_prefetch, self.max_prefetch = queue.min_prefetch or 1, queue.max_prefetch or (1 << 62)
         base = IO_PREFETCH_FACTOR if self.kind == "io" else CPU_PREFETCH_FACTOR
         self.factor_min, self.factor = base, base
         self.factor_max = IO_PREFETCH_FACTOR_MAX if self.kind == "io" else CPU_PREFETCH_FACTOR_MAX
@@ -372,7 +404,8 @@ class Controller:
         if self.fixed_prefetch:
             return self.prefetch
         cap = min(self.prefetch_cap, self.memory_cap if self.memory_cap is not None else self.prefetch_cap)
-        return max(concurrency, min(concurrency * self.factor, cap))
+        prefetch = max(concurrency, min(concurrency * self.factor, cap))
+        return min(max(prefetch, self.min_prefetch), self.max_prefetch)  # the user's bounds win
 
     def step(self, s: Sample) -> Decision:
         """The concurrency and prefetch for the next interval, given what this one looked like."""
@@ -391,7 +424,7 @@ class Controller:
                 self.capped = dict.fromkeys(self.capped, False)
         c, p, reason = self.concurrency, self.prefetch, ""
         if s.memory_headroom < MEMORY_HEADROOM_MIN:
-            if not self.fixed_prefetch and p > c:
+            if not self.fixed_prefetch and p > max(c, self.min_prefetch):
                 self.memory_cap = max(c, p // 2)
                 p = self._prefetch_for(c)
                 reason = f"memory headroom {s.memory_headroom:.0%} < {MEMORY_HEADROOM_MIN:.0%}: prefetch halved"

@@ -58,6 +58,11 @@ class HandlerOptions(msgspec.Struct, frozen=True, kw_only=True):
     processes: int | None = None
     concurrency: int | None = None
     prefetch: int | None = None
+    #: bounds for autosize, host-wide (a fixed ``concurrency``/``prefetch`` leaves no room to move)
+    min_concurrency: int | None = None
+    max_concurrency: int | None = None
+    min_prefetch: int | None = None
+    max_prefetch: int | None = None
     #: exchange, binding and queue type, where the broker has them (RabbitMQ)
     amqp: QueueOptions = QueueOptions()
 
@@ -72,10 +77,18 @@ class HandlerOptions(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError(f"retry_backoff must be >= 0 seconds, got {self.retry_backoff!r}")
         if self.timeout is not None and not self.timeout > 0:
             raise ConfigError(f"timeout must be > 0 seconds or None, got {self.timeout!r}")
-        for name in ("processes", "concurrency", "prefetch"):
+        for name in ("processes", "concurrency", "prefetch", "min_concurrency", "max_concurrency",
+                     "min_prefetch", "max_prefetch"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1 or None, got {value}")
+        for what in ("concurrency", "prefetch"):
+            low, high = getattr(self, f"min_{what}"), getattr(self, f"max_{what}")
+            if low is not None and high is not None and low > high:
+                raise ConfigError(f"min_{what}={low} is above max_{what}={high}; swap them")
+            if getattr(self, what) is not None and (low is not None or high is not None):
+                raise ConfigError(f"{what}={getattr(self, what)} is fixed, so min_{what}/max_{what} have "
+                                  f"nothing to bound; set one or the other")
 
 
 class Task:

@@ -182,3 +182,17 @@ def test_positional_arguments_never_fill_keyword_only_parameters():
     with pytest.raises(TypeError):
         tag.message("a", "red")
     assert tag.message("a", color="red").message_id
+
+
+@pytest.mark.parametrize(("options", "error"), [
+    ({"min_concurrency": 9, "max_concurrency": 3}, "min_concurrency=9 is above max_concurrency=3"),
+    ({"concurrency": 4, "max_concurrency": 8}, "concurrency=4 is fixed"),
+    ({"max_prefetch": 0}, "max_prefetch must be >= 1"),
+])
+def test_autosize_bounds_that_cannot_hold_are_refused(options, error):
+    import fastq
+
+    app = fastq.App("bounds", broker="memory://bounds")
+    with pytest.raises(fastq.ConfigError, match=error):
+        @app.task(**options)
+        def f(x: int) -> None: ...

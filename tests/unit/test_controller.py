@@ -174,3 +174,30 @@ def test_work_that_turns_cpu_bound_brings_io_concurrency_down_to_what_the_cores_
     assert concurrency[:6] == [50, 25, 12, 6, 3, 1]
     assert "throughput fell to 1,000/s: concurrency back to 3" in [r for _, _, r in trace]
     assert 2 <= concurrency[-1] <= 3 and all(c <= 6 for c in concurrency[6:])
+
+
+def test_the_users_bounds_hold_every_step():
+    # Given I/O work that would climb to 100 at once, bounded by the user to 6..24, prefetch <= 60
+    ctl = Controller(queue("io", min_concurrency=6, max_concurrency=24, max_prefetch=60))
+    assert (ctl.concurrency, ctl.prefetch) == (6, 30)  # the formula's 4, raised to the minimum
+    trace = run(ctl, 30, cpu_s=50e-6, wait_s=5e-3)
+    assert max(c for c, _, _ in trace) == 24 and max(p for _, p, _ in trace) == 60
+    # Then work that saturates the cores brings it down, but not under 6
+    trace = run(ctl, 30, cpu_s=5e-3, wait_s=0.0)
+    assert min(c for c, _, _ in trace) == 6 and all(6 <= c <= 24 and p <= 60 for c, p, _ in trace)
+    # And memory pressure does not take prefetch under the user's minimum either
+    low = Controller(queue("io", min_prefetch=40))
+    trace = run(low, 10, cpu_s=50e-6, wait_s=5e-3, headroom=0.05)
+    assert all(p >= 40 for _, p, _ in trace)
+
+
+def test_the_plan_says_when_the_users_bounds_moved_a_number():
+    q = queue("io", min_concurrency=8, max_prefetch=16)
+    assert (q.concurrency, q.prefetch) == (8, 16)
+    assert q.concurrency_rule.endswith("raised to your min_concurrency=8")
+    assert q.prefetch_rule.endswith("lowered to your max_prefetch=16")
+
+
+def test_cpu_work_takes_a_lower_maximum_but_never_more_than_a_handler_per_core():
+    assert queue("cpu", max_concurrency=1).concurrency == 1
+    assert queue("cpu", min_concurrency=8).concurrency == CORES
