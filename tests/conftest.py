@@ -32,6 +32,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.amqp)
         if item.path.parent.name == "integration":
             item.add_marker(pytest.mark.multiprocess)
+    # The RabbitMQ tests go last: one restarts RabbitMQ, whose start-up burns CPU for a while on
+    # the cores that the engine's timing-sensitive tests (autosize reactions) measure.
+    items.sort(key=lambda item: item.path.parent.name == "amqp")
 
 
 def _fastq_segments() -> set[str]:

@@ -382,18 +382,26 @@ def test_ten_producer_processes_enqueueing_while_the_engine_runs_lose_nothing(en
 
 
 def test_a_task_set_to_one_process_runs_on_one_worker_while_others_use_both(engine):
-    # Given a queue whose task says processes=1, beside one that runs on every worker
-    engine.app.app.broker.publish_sync("solo", [engine.app.where.message(i) for i in range(2_000)])
-    engine.app.app.broker.publish_sync("both", [engine.app.anywhere.message(i) for i in range(2_000)])
+    # Given a queue whose task says processes=1, beside one that runs on every worker, both
+    # filled once the two workers are up (one that starts late on a loaded machine would
+    # otherwise find the queue drained by the other)
     engine.start("--processes", "2", "--queue", "solo", "--queue", "both", "--log-level", "info")
-    engine.wait_for_lines(4_000)
+    deadline = time.monotonic() + 60
+    while not all(f"worker {i} pinned" in engine.logtext() for i in (0, 1)):
+        assert time.monotonic() < deadline, engine.logtext()
+        time.sleep(0.05)
+    engine.app.app.broker.publish_sync("solo", [engine.app.where.message(i) for i in range(2_000)])
+    for start in range(0, 20_000, 2_000):  # enough to outlast an app import of the slower one
+        engine.app.app.broker.publish_sync("both", [engine.app.anywhere.message(i) for i in range(start, start + 2_000)])
+    engine.wait_for_lines(22_000)
     assert engine.stop() == 0
     # Then each message ran once, the solo queue on exactly one worker process, the other on two
     words = engine.lines()
     pids = collections.defaultdict(set)
     for who in words[::2]:
         pids[who.split("-")[0]].add(who)
-    assert collections.Counter(words[1::2]) == collections.Counter(str(i) for i in range(2_000) for _ in "ab")
+    assert collections.Counter(words[1::2]) == collections.Counter(
+        [str(i) for i in range(2_000)] + [str(i) for i in range(20_000)])
     assert len(pids["solo"]) == 1 and len(pids["both"]) == 2
     assert "queue 'solo': worker processes [0] (set by you: 1 of 2)" in engine.logtext()
 
