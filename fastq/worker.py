@@ -259,7 +259,7 @@ class Runtime:
         body = memoryview(frame)[DELIVERY.size :]
         try:
             status, delay, payload = await self.executor.run(body, retries, queue_index)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - a bug of ours must not lose the message
             logger.exception("worker %d: internal error on delivery %d", self.spec.index, tag)
             status, delay = (RETRY, 1.0) if retries < INTERNAL_RETRIES else (DEAD, 0.0)
             payload = f"fastq internal error: {type(e).__name__}: {e}".encode("utf-8", "backslashreplace")

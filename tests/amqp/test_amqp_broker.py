@@ -110,3 +110,25 @@ def test_publishing_survives_a_channel_error_and_a_deleted_queue(amqp_url, queue
         await broker.close()
 
     asyncio.run(main())
+
+
+def test_the_watchdog_rebuilds_a_consumer_that_gets_nothing_while_messages_wait(amqp_url, queue, monkeypatch):
+    from fastq.broker import amqp
+
+    monkeypatch.setattr(amqp, "WATCHDOG_SECONDS", 0.5)
+
+    async def main():
+        broker = open_broker(amqp_url)
+        await broker.open()
+        await broker.declare(queue)
+        await broker.prefetch(queue, 20)
+        stuck = broker._consumers[queue]
+        stuck.alive = False  # it still holds its channel, but what comes to it goes nowhere
+        await broker.publish(queue, _messages(100))
+        seen: set[str] = set()
+        await _drain(broker, queue, 100, unique=seen)  # the 20 it swallowed come back too
+        assert seen == {f"m{i}" for i in range(100)}
+        assert broker._consumers[queue] is not stuck
+        await broker.close()
+
+    asyncio.run(main())
