@@ -400,6 +400,25 @@ class Controller:
         self.ceiling_age = 0
         self.before = (self.concurrency, self.factor)  # what the last increase started from
 
+    def reclassify(self, kind: Literal["io", "cpu"], cores: int) -> Decision:
+        """The queue's handlers were measured as ``kind`` (its plan said io, as "auto" starts):
+        for cpu, one handler per core it runs on (``cores``) and the cpu prefetch factors,
+        within the user's bounds; a concurrency the user fixed stays."""
+        if kind == "cpu" and self.kind != "cpu":
+            self.kind = "cpu"
+            if not self.fixed_concurrency:
+                self.concurrency = max(1, min(cores, self.max_concurrency))
+                self.min_concurrency = self.max_concurrency = self.concurrency
+                self.fixed_concurrency = True
+            self.factor_min = self.factor = CPU_PREFETCH_FACTOR
+            self.factor_max = CPU_PREFETCH_FACTOR_MAX
+            self.capped = dict.fromkeys(self.capped, False)
+            self.raised = self.lowered = False
+            self.cooldown = COOLDOWN
+            self.prefetch = self._prefetch_for(self.concurrency)
+        return Decision(concurrency=self.concurrency, prefetch=self.prefetch,
+                        reason=f"measured {kind}-bound" if kind == self.kind else "")
+
     def _prefetch_for(self, concurrency: int) -> int:
         if self.fixed_prefetch:
             return self.prefetch

@@ -30,7 +30,7 @@ from typing import Any
 import msgspec
 
 from fastq import worker
-from fastq.autosize import Plan
+from fastq.autosize import CPU_PREFETCH_FACTOR, Plan
 from fastq.broker.base import Retry, Signal
 from fastq.config import Config
 from fastq.errors import RingClosed, RingFull
@@ -111,6 +111,10 @@ class Supervisor:
         self.settled_by_queue = collections.Counter[str]()
         #: the controller's recent changes: (unix time, queue, reason), newest last
         self.decisions: collections.deque[tuple[float, str, str]] = collections.deque(maxlen=100)
+        #: per queue, the autosize controller (while autosize runs), and what its "auto"
+        #: handlers measured as
+        self.controllers: dict[str, Any] = {}
+        self.measured_kinds: dict[str, str] = {}
         self.pending: dict[int, _Pending] = {}
         self.backlog: collections.deque[tuple[int, int, int, bytes]] = collections.deque()  # items dispatched nowhere yet
         self.suspects: collections.deque[int] = collections.deque()  # held by a worker that died
@@ -392,8 +396,9 @@ class Supervisor:
         from fastq.autosize import CONTROL_INTERVAL, Controller, LoadMeter, Sample
 
         meter = LoadMeter(self.plan.topology, self.plan.pinned)
-        controllers = {q.name: Controller(q, user_concurrency=q.user_concurrency, user_prefetch=q.user_prefetch)
-                       for q in self.plan.queues if q.name in self.queue_index}
+        controllers = self.controllers
+        controllers.update({q.name: Controller(q, user_concurrency=q.user_concurrency, user_prefetch=q.user_prefetch)
+                            for q in self.plan.queues if q.name in self.queue_index})
         loop = asyncio.get_running_loop()
         while not self.stopping:
             # Judge each interval by its second half: the first still carries the last change.
@@ -453,7 +458,7 @@ class Supervisor:
         retry, dead = [], []
         for tag, status, delay, reason in other:
             if tag == 0:
-                self.worker_says(w, status)
+                self.worker_says(w, status, reason)
             elif status == worker.RETRY:
                 retry.append((tag, delay, reason.decode(errors="replace")))
             else:
@@ -467,8 +472,11 @@ class Supervisor:
         if self.backlog or self.suspects:
             self.dispatch_backlog()
 
-    def worker_says(self, w: _Worker, status: int) -> None:
-        """A frame of tag 0: the worker speaks for itself (READY, RETIRE)."""
+    def worker_says(self, w: _Worker, status: int, payload: bytes = b"") -> None:
+        """A frame of tag 0: the worker speaks for itself (READY, RETIRE, CLASSIFIED)."""
+        if status == worker.CLASSIFIED:
+            self.classified(msgspec.json.decode(payload))
+            return
         if status == worker.READY:
             w.ready, w.failures = True, 0
             self.refresh(w)
@@ -481,6 +489,38 @@ class Supervisor:
             if w.index not in self.want_to_leave:
                 self.want_to_leave.append(w.index)
             self.let_one_go()
+
+    def classified(self, measured: dict[str, Any]) -> None:
+        """A worker measured the "auto" handlers of a queue: the first word per queue counts.
+        CPU-bound ones move the queue to the cpu rules (one handler per core it runs on,
+        prefetch x 2), unless the user fixed its concurrency; I/O-bound ones stay io."""
+        queue, kind, share = measured["queue"], measured["kind"], measured["share"]
+        if queue not in self.queue_index or queue in self.measured_kinds:
+            return
+        self.measured_kinds[queue] = kind
+        plan = next(q for q in self.plan.queues if q.name == queue)
+        if kind != "cpu" or plan.kind == "cpu" or plan.user_concurrency:
+            logger.info("autosize: queue %r: its handlers measured %s-bound (on-CPU %.0f%% of their time); "
+                        "its numbers stay", queue, "I/O" if kind == "io" else "CPU", share * 100)
+            return
+        controller = self.controllers.get(queue)
+        if controller is not None:
+            d = controller.reclassify("cpu", len(plan.workers))
+            concurrency, prefetch = d.concurrency, d.prefetch
+        else:
+            concurrency = len(plan.workers)
+            prefetch = self.prefetch[queue] if plan.user_prefetch else concurrency * CPU_PREFETCH_FACTOR
+        reason = (f"its handlers measured CPU-bound (on-CPU {share:.0%} of their time): now cpu, one handler "
+                  f"per core it runs on")
+        logger.info("autosize: queue %r: %s; concurrency %d, prefetch %d", queue, reason, concurrency, prefetch)
+        self.decisions.append((time.time(), queue, reason))
+        self.queue_concurrency[queue] = concurrency
+        if prefetch != self.prefetch[queue]:
+            self.prefetch[queue] = prefetch
+            self.spawn(self.broker.prefetch(queue, prefetch))
+        self.concurrency = self.slots_needed()
+        self.tell_slots()
+        self.wake[queue].set()
 
     def settle(self, ack: list[int], retry: list[tuple[int, float, str]],
                      dead: list[tuple[int, str]], release: list[int]) -> None:

@@ -45,6 +45,8 @@ OK, RETRY, DEAD = STATUS_OK, 1, 2
 READY = 3
 #: a worker past max_tasks or max_memory asks to leave (tag 0); it goes when a delivery of tag 0 comes
 RETIRE = 4
+#: a worker measured an "auto" handler (tag 0; the reason is JSON: queue, kind, on-CPU share)
+CLASSIFIED = 6
 #: a delivery of tag 0 to this queue index sets the worker's handler slots to its ``retries``
 #: field (the autosize controller moved the concurrency)
 CONTROL_QUEUE = 0xFFFF
@@ -212,6 +214,10 @@ class Runtime:
             self.outbox.put(COMPLETION.pack(0, RETIRE, 0.0), timeout=60)
         if not self.pulling:  # handle() feeds after it decided about the flush
             self.feed()
+
+    def say(self, status: int, payload: bytes = b"") -> None:
+        """A frame of tag 0 to the supervisor: this worker speaking for itself."""
+        self.outbox.put(COMPLETION.pack(0, status, 0.0) + payload, timeout=60)
 
     def control(self, frames: list[bytes]) -> list[bytes]:
         """Apply the frames of tag 0 at once, wherever they are; return the deliveries."""
@@ -384,8 +390,15 @@ class AppExecutor:
                 kind = "io" if sum(shares) / len(shares) < AUTO_IO_BELOW else "cpu"
             else:
                 wall, cpu = time.perf_counter(), time.thread_time()
-                handler.fn(*args)
-                shares.append((time.thread_time() - cpu) / max(time.perf_counter() - wall, 1e-9))
+                try:
+                    handler.fn(*args)
+                finally:
+                    shares.append((time.thread_time() - cpu) / max(time.perf_counter() - wall, 1e-9))
+                    if len(shares) == AUTO_SAMPLES:  # measured: the supervisor plans by it too
+                        share = sum(shares) / len(shares)
+                        self.runtime.say(CLASSIFIED, msgspec.json.encode(
+                            {"queue": options.queue, "kind": "io" if share < AUTO_IO_BELOW else "cpu",
+                             "share": round(share, 3)}))
                 return
         if kind == "cpu":
             handler.fn(*args)  # inline: this process owns its core

@@ -59,6 +59,11 @@ async def where(n: int) -> None:
 async def anywhere(n: int) -> None:
     _record(b"both-%d %d\\n" % (os.getpid(), n))
 
+@app.task(queue="guess")  # kind "auto": planned as io until its handlers are measured
+def guess(n: int) -> None:
+    sum(i * i for i in range(20_000))
+    _record(b"%d\\n" % n)
+
 @app.task(queue="poison", max_retries=2, retry_backoff=0.01)
 def flaky(n: int) -> None:
     _record(b"flaky %d\\n" % n)
@@ -476,3 +481,15 @@ def test_autosize_follows_io_work_that_turns_cpu_bound_mid_run(engine):
     assert "busy: concurrency down to" in log.read_text()
     counts = collections.Counter(engine.lines())
     assert set(counts.values()) == {1}  # what ran, ran once (the rest went back to the broker)
+
+
+def test_auto_handlers_measured_cpu_bound_move_their_queue_to_the_cpu_rules(engine):
+    engine.app.app.broker.publish_sync("guess", [engine.app.guess.message(i) for i in range(3_000)])
+    engine.start("--processes", "2", "--queue", "guess", "--log-level", "info")
+    engine.wait_for_lines(3_000)
+    assert engine.stop() == 0
+    log = (engine.dir / "worker.log").read_text()
+    assert "queue 'guess' (io): concurrency 4 (io: min(100, cores x 2) with 2 cores; auto starts as io" in log
+    assert ("autosize: queue 'guess': its handlers measured CPU-bound (on-CPU" in log
+            and "now cpu, one handler per core it runs on; concurrency 2, prefetch 4" in log)
+    assert collections.Counter(engine.lines()) == collections.Counter(str(i) for i in range(3_000))

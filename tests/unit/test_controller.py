@@ -201,3 +201,12 @@ def test_the_plan_says_when_the_users_bounds_moved_a_number():
 def test_cpu_work_takes_a_lower_maximum_but_never_more_than_a_handler_per_core():
     assert queue("cpu", max_concurrency=1).concurrency == 1
     assert queue("cpu", min_concurrency=8).concurrency == CORES
+
+
+def test_auto_handlers_measured_cpu_bound_take_the_cpu_rules():
+    ctl = Controller(queue("auto"))
+    assert (ctl.kind, ctl.concurrency, ctl.prefetch) == ("io", 4, 20)
+    d = ctl.reclassify("cpu", CORES)
+    assert (d.concurrency, d.prefetch, d.reason) == (2, 4, "measured cpu-bound")
+    trace = run(ctl, 20, cpu_s=1e-3, wait_s=0.0)  # then it moves as cpu work does: prefetch x2..x3 only
+    assert all(c == 2 and 4 <= p <= 6 for c, p, _ in trace)
