@@ -124,7 +124,7 @@ class App:
              max_retries: int = 3, retry_backoff: float = 1.0, timeout: float | None = None,
              processes: int | None = None, concurrency: int | None = None,
              prefetch: int | None = None, min_concurrency: int | None = None, max_concurrency: int | None = None,
-             min_prefetch: int | None = None, max_prefetch: int | None = None,
+             min_prefetch: int | None = None, max_prefetch: int | None = None, weight: float = 1.0,
              **amqp: Any) -> Callable[[F], Task]: ...
 
     def task(self, fn: Callable[..., Any] | None = None, *, queue: str | None = None,
@@ -132,7 +132,7 @@ class App:
              retry_backoff: float = 1.0, timeout: float | None = None, processes: int | None = None,
              concurrency: int | None = None, prefetch: int | None = None, min_concurrency: int | None = None,
              max_concurrency: int | None = None, min_prefetch: int | None = None, max_prefetch: int | None = None,
-             **amqp: Any) -> Any:
+             weight: float = 1.0, **amqp: Any) -> Any:
         """Register a function (``async def`` or plain) as a task; use bare or with options.
 
         Parameters:
@@ -148,7 +148,7 @@ class App:
                                  retry_backoff=retry_backoff, timeout=timeout,
                                  processes=processes, concurrency=concurrency, prefetch=prefetch,
                                  min_concurrency=min_concurrency, max_concurrency=max_concurrency,
-                                 min_prefetch=min_prefetch, max_prefetch=max_prefetch,
+                                 min_prefetch=min_prefetch, max_prefetch=max_prefetch, weight=weight,
                                  amqp=_queue_options(amqp))
 
         def register(fn: Callable[..., Any]) -> Task:
@@ -170,7 +170,7 @@ class App:
                  retry_backoff: float = 1.0, timeout: float | None = None, processes: int | None = None,
                  concurrency: int | None = None, prefetch: int | None = None,
                  min_concurrency: int | None = None, max_concurrency: int | None = None,
-                 min_prefetch: int | None = None, max_prefetch: int | None = None,
+                 min_prefetch: int | None = None, max_prefetch: int | None = None, weight: float = 1.0,
                  **amqp: Any) -> Callable[[F], Consumer]:
         """Register a handler for every message on ``queue``, whoever produced it; it receives
         the raw body ``bytes``. The way to put fastq behind an existing queue. ``amqp`` takes
@@ -179,7 +179,7 @@ class App:
                                  retry_backoff=retry_backoff, timeout=timeout,
                                  processes=processes, concurrency=concurrency, prefetch=prefetch,
                                  min_concurrency=min_concurrency, max_concurrency=max_concurrency,
-                                 min_prefetch=min_prefetch, max_prefetch=max_prefetch,
+                                 min_prefetch=min_prefetch, max_prefetch=max_prefetch, weight=weight,
                                  amqp=_queue_options(amqp))
 
         def register(fn: Callable[[bytes], Any]) -> Consumer:

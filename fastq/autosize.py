@@ -126,6 +126,8 @@ class QueueSpec(msgspec.Struct, frozen=True, kw_only=True):
     processes: int | None = None
     concurrency: int | None = None
     prefetch: int | None = None
+    #: its share of the host's I/O handlers beside other busy queues (relative)
+    weight: float = 1.0
     #: the user's bounds for what autosize may choose (None: the rules' own)
     min_concurrency: int | None = None
     max_concurrency: int | None = None
@@ -153,6 +155,8 @@ class QueuePlan(msgspec.Struct, frozen=True, kw_only=True):
     user_prefetch: bool = False
     #: the most prefetch the memory limit allows (a quarter of it in max-size messages)
     prefetch_cap: int = 1 << 62
+    #: its share of the host's I/O handlers beside other busy queues (relative)
+    weight: float = 1.0
     #: the user's bounds for the controller (host-wide); None: the rules' own
     min_concurrency: int | None = None
     max_concurrency: int | None = None
@@ -183,6 +187,11 @@ class Plan(msgspec.Struct, frozen=True, kw_only=True):
             lines.append(f"queue {q.name!r} ({q.kind}): concurrency {q.concurrency} ({q.concurrency_rule}), "
                          f"per process {list(q.per_process)}")
             lines.append(f"queue {q.name!r}: prefetch {q.prefetch} ({q.prefetch_rule})")
+            bounds = [f"{k}={getattr(q, k)}" for k in ("min_concurrency", "max_concurrency", "min_prefetch",
+                                                        "max_prefetch") if getattr(q, k) is not None]
+            if q.weight != 1.0 or bounds:
+                lines.append(f"queue {q.name!r}: autosize within {', '.join(bounds) or 'the rules'}; "
+                             f"weight {q.weight:g} beside other busy I/O queues (set by you)")
         return "\n".join(lines)
 
 
@@ -224,7 +233,7 @@ def plan_app(app: Any, queues: Sequence[str] | None = None, topology: Topology |
         raise ConfigError(f"queues {unknown or names} have no task or consumer in app {app.name!r}; "
                           f"known: {sorted(known)}")
     specs = [QueueSpec(name=q, kind=known[q].kind, processes=known[q].processes,
-                       concurrency=known[q].concurrency, prefetch=known[q].prefetch,
+                       concurrency=known[q].concurrency, prefetch=known[q].prefetch, weight=known[q].weight,
                        min_concurrency=known[q].min_concurrency, max_concurrency=known[q].max_concurrency,
                        min_prefetch=known[q].min_prefetch, max_prefetch=known[q].max_prefetch) for q in names]
     return plan(topology or Topology.detect(), specs, app.config)
@@ -294,7 +303,8 @@ def _plan_queue(q: QueueSpec, cores: float, processes: int, workers: tuple[int, 
     return QueuePlan(name=q.name, kind=kind, workers=workers, workers_rule=w_rule, concurrency=concurrency,
                      per_process=per_process, prefetch=prefetch, concurrency_rule=c_rule, prefetch_rule=p_rule,
                      user_concurrency=user_concurrency is not None, user_prefetch=user_prefetch is not None,
-                     prefetch_cap=cap, min_concurrency=q.min_concurrency, max_concurrency=q.max_concurrency,
+                     prefetch_cap=cap, weight=q.weight, min_concurrency=q.min_concurrency,
+                     max_concurrency=q.max_concurrency,
                      min_prefetch=q.min_prefetch, max_prefetch=q.max_prefetch)
 
 
@@ -323,6 +333,22 @@ COOLDOWN = 3
 PROBE_AFTER = 15
 #: at or above this share of busy time the cores are saturated: fewer at once may do as well
 SATURATED = 0.95
+
+
+def share_slots(weights: dict[str, float], demand: dict[str, bool], budget: int = IO_CONCURRENCY_MAX,
+                floors: dict[str, int] | None = None) -> dict[str, int]:
+    """The most handlers at once each I/O queue may grow to, host-wide: ``budget`` split in
+    proportion to the weights of the queues that have demand (a backlog, or work in flight);
+    a queue without demand keeps only its floor, so that its share goes to the busy ones. A
+    queue never gets less than its floor (its minimum). Pure."""
+    floors = floors or {}
+    busy = [q for q in weights if demand.get(q)]
+    total = sum(weights[q] for q in busy)
+    caps = {}
+    for q in weights:
+        share = int(budget * weights[q] / total) if q in busy and total > 0 else 0
+        caps[q] = max(floors.get(q, 1), share, 1)
+    return caps
 
 
 class Sample(msgspec.Struct, frozen=True, kw_only=True):
@@ -382,6 +408,7 @@ class Controller:
             self.max_concurrency = min(self.max_concurrency, queue.max_concurrency or self.max_concurrency)
             self.max_concurrency = max(self.max_concurrency, self.min_concurrency)
         self.min_prefetch, self.max_prefetch = queue.min_prefetch or 1, queue.max_prefetch or (1 << 62)
+        self.user_max_concurrency = queue.max_concurrency
         base = IO_PREFETCH_FACTOR if self.kind == "io" else CPU_PREFETCH_FACTOR
         self.factor_min, self.factor = base, base
         self.factor_max = IO_PREFETCH_FACTOR_MAX if self.kind == "io" else CPU_PREFETCH_FACTOR_MAX
@@ -399,6 +426,20 @@ class Controller:
         self.ceiling_throughput = 0.0
         self.ceiling_age = 0
         self.before = (self.concurrency, self.factor)  # what the last increase started from
+
+    def cap(self, ceiling: int) -> Decision:
+        """The most handlers at once this queue's share of the host allows now (``share_slots``);
+        a concurrency above it comes down at once. CPU queues and fixed ones are not moved."""
+        if self.fixed_concurrency or self.kind == "cpu":
+            return Decision(concurrency=self.concurrency, prefetch=self.prefetch)
+        user_max = self.user_max_concurrency or IO_CONCURRENCY_MAX
+        self.max_concurrency = max(self.min_concurrency, min(user_max, ceiling))
+        if self.concurrency <= self.max_concurrency:
+            return Decision(concurrency=self.concurrency, prefetch=self.prefetch)
+        self.concurrency = self.max_concurrency
+        self.prefetch = self._prefetch_for(self.concurrency)
+        return Decision(concurrency=self.concurrency, prefetch=self.prefetch,
+                        reason=f"its share of the host's handlers is {ceiling}: concurrency down to {self.concurrency}")
 
     def reclassify(self, kind: Literal["io", "cpu"], cores: int) -> Decision:
         """The queue's handlers were measured as ``kind`` (its plan said io, as "auto" starts):

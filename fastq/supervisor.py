@@ -393,9 +393,10 @@ class Supervisor:
     async def control(self) -> None:
         """Every CONTROL_INTERVAL seconds: read the load, let each queue's controller decide,
         apply what changed (prefetch at once; concurrency by telling each worker its slots)."""
-        from fastq.autosize import CONTROL_INTERVAL, Controller, LoadMeter, Sample
+        from fastq.autosize import CONTROL_INTERVAL, Controller, LoadMeter, Sample, share_slots
 
         meter = LoadMeter(self.plan.topology, self.plan.pinned)
+        plans = {q.name: q for q in self.plan.queues}
         controllers = self.controllers
         controllers.update({q.name: Controller(q, user_concurrency=q.user_concurrency, user_prefetch=q.user_prefetch)
                             for q in self.plan.queues if q.name in self.queue_index})
@@ -408,16 +409,26 @@ class Supervisor:
             await asyncio.sleep(CONTROL_INTERVAL / 2)
             elapsed = loop.time() - last
             busy, headroom = meter.busy(), meter.memory_headroom()
-            for name, controller in controllers.items():
-                throughput = (self.settled_by_queue[name] - counted[name]) / elapsed
+            backlogs: dict[str, int] = {}
+            for name in controllers:
                 try:
-                    backlog = (await self.broker.queue_depth(name)).ready
+                    backlogs[name] = (await self.broker.queue_depth(name)).ready
                 except Exception as e:  # noqa: BLE001 - the broker is down: decide next time
                     logger.warning("autosize: no queue depth for %r (%s); holding", name, e)
+            # I/O queues share the host's handlers by weight, among those with work (demand)
+            io = {n: c for n, c in controllers.items() if c.kind == "io" and not c.fixed_concurrency}
+            caps = share_slots({n: plans[n].weight for n in io},
+                               {n: backlogs.get(n, 0) > 0 or self.in_flight[n] > 0 for n in io},
+                               floors={n: c.min_concurrency for n, c in io.items()}) if len(io) > 1 else {}
+            for name, controller in controllers.items():
+                if name not in backlogs:
                     continue
+                throughput = (self.settled_by_queue[name] - counted[name]) / elapsed
                 latency = self.in_flight[name] / throughput if throughput > 0 else elapsed
-                d = controller.step(Sample(busy=busy, backlog=backlog, throughput=throughput,
-                                           latency=latency, memory_headroom=headroom))
+                d = controller.cap(caps[name]) if name in caps else None
+                if d is None or not d.reason:
+                    d = controller.step(Sample(busy=busy, backlog=backlogs[name], throughput=throughput,
+                                               latency=latency, memory_headroom=headroom))
                 if d.reason:
                     logger.info("autosize: queue %r: %s; concurrency %d, prefetch %d",
                                 name, d.reason, d.concurrency, d.prefetch)

@@ -58,6 +58,8 @@ class HandlerOptions(msgspec.Struct, frozen=True, kw_only=True):
     processes: int | None = None
     concurrency: int | None = None
     prefetch: int | None = None
+    #: its share of the host's I/O handlers beside other busy queues (relative; autosize)
+    weight: float = 1.0
     #: bounds for autosize, host-wide (a fixed ``concurrency``/``prefetch`` leaves no room to move)
     min_concurrency: int | None = None
     max_concurrency: int | None = None
@@ -82,6 +84,8 @@ class HandlerOptions(msgspec.Struct, frozen=True, kw_only=True):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1 or None, got {value}")
+        if not (isinstance(self.weight, (int, float)) and self.weight > 0):
+            raise ConfigError(f"weight must be a number > 0 (a share beside other queues), got {self.weight!r}")
         for what in ("concurrency", "prefetch"):
             low, high = getattr(self, f"min_{what}"), getattr(self, f"max_{what}")
             if low is not None and high is not None and low > high:

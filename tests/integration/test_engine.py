@@ -493,3 +493,25 @@ def test_auto_handlers_measured_cpu_bound_move_their_queue_to_the_cpu_rules(engi
     assert ("autosize: queue 'guess': its handlers measured CPU-bound (on-CPU" in log
             and "now cpu, one handler per core it runs on; concurrency 2, prefetch 4" in log)
     assert collections.Counter(engine.lines()) == collections.Counter(str(i) for i in range(3_000))
+
+
+def test_two_busy_io_queues_share_the_hosts_handlers(engine):
+    import re
+
+    for q, task in (("slow", engine.app.slow), ("shift", engine.app.shift)):
+        for start in range(0, 40_000, 5_000):
+            engine.app.app.broker.publish_sync(q, [task.message(i) for i in range(start, start + 5_000)])
+    engine.start("--processes", "2", "--queue", "slow", "--queue", "shift", "--log-level", "info")
+    log = engine.dir / "worker.log"
+
+    def highest(queue: str) -> int:
+        found = re.findall(rf"autosize: queue '{queue}': .*; concurrency (\d+), prefetch", log.read_text())
+        return max(map(int, found), default=4)
+
+    deadline = time.monotonic() + 90
+    while highest("slow") < 50 or highest("shift") < 50:  # each climbs to its half of 100
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    time.sleep(4)  # two more looks: no further
+    assert engine.stop() == 0
+    assert highest("slow") == 50 and highest("shift") == 50, log.read_text()[-3000:]

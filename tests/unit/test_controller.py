@@ -210,3 +210,22 @@ def test_auto_handlers_measured_cpu_bound_take_the_cpu_rules():
     assert (d.concurrency, d.prefetch, d.reason) == (2, 4, "measured cpu-bound")
     trace = run(ctl, 20, cpu_s=1e-3, wait_s=0.0)  # then it moves as cpu work does: prefetch x2..x3 only
     assert all(c == 2 and 4 <= p <= 6 for c, p, _ in trace)
+
+
+def test_busy_io_queues_share_the_hosts_handlers_by_weight_and_idle_ones_give_theirs_up():
+    from fastq.autosize import share_slots
+
+    weights = {"mail": 3.0, "thumbs": 1.0, "idle": 1.0}
+    demand = {"mail": True, "thumbs": True, "idle": False}
+    assert share_slots(weights, demand) == {"mail": 75, "thumbs": 25, "idle": 1}
+    assert share_slots(weights, {"mail": True}) == {"mail": 100, "thumbs": 1, "idle": 1}
+    assert share_slots(weights, demand, floors={"thumbs": 40}) == {"mail": 75, "thumbs": 40, "idle": 1}
+    # A controller at 100 comes down to its share at once, then climbs no higher than it
+    ctl = Controller(queue("io"))
+    run(ctl, 10, cpu_s=50e-6, wait_s=5e-3)
+    assert ctl.concurrency == 100
+    d = ctl.cap(25)
+    assert (d.concurrency, d.reason) == (25, "its share of the host's handlers is 25: concurrency down to 25")
+    assert max(c for c, _, _ in run(ctl, 20, cpu_s=50e-6, wait_s=5e-3)) == 25
+    ctl.cap(100)  # the other queue went quiet: the whole host again
+    assert max(c for c, _, _ in run(ctl, 30, cpu_s=50e-6, wait_s=5e-3)) == 100
