@@ -381,7 +381,8 @@ class Controller:
        headroom is back to 20%), then, for I/O, cut concurrency by a quarter;
     2. the last increase did not pay (throughput grew by under 5%): take it back (halve what was
        doubled: the multiplicative decrease); that is the ceiling; likewise a decrease that lost
-       more than 5% of throughput is taken back and becomes the floor;
+       more than 5% of throughput and left the cores under 95% busy is taken back and becomes
+       the floor;
     2b. cores saturated (95% busy or more) while a backlog waits: halve I/O concurrency, kept
        while throughput holds (the work turned CPU-bound: more at once only adds waiting);
     3. a backlog waits: double I/O concurrency (up to 100 per host, so 4 reaches 100 in five
@@ -511,8 +512,10 @@ class Controller:
             self.capped[dimension] = True
             self.ceiling_throughput, self.ceiling_age = s.throughput, 0
             self.cooldown = COOLDOWN
-        elif lowered and last is not None and s.throughput < last.throughput * (1 - GAIN):
-            # Fewer at once lost throughput: back to where it was, and no lower until the load changes.
+        elif lowered and last is not None and s.throughput < last.throughput * (1 - GAIN) and s.busy < SATURATED:
+            # Fewer at once lost throughput and left the cores idle: back to where it was, and no
+            # lower until the load changes. (On cores still saturated the loss is not the
+            # decrease's doing: a neighbour's load, or noise; seen on a loaded CI machine.)
             c = self.before[0]
             p = self._prefetch_for(c)
             reason = f"throughput fell to {s.throughput:,.0f}/s: concurrency back to {c}"

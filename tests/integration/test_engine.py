@@ -459,7 +459,8 @@ def test_autosize_follows_io_work_that_turns_cpu_bound_mid_run(engine):
     import re
 
     # Given waiting handlers: the controller raises concurrency from the formula's 4
-    engine.app.app.broker.publish_sync("shift", [engine.app.shift.message(i) for i in range(60_000)])
+    for start in range(0, 120_000, 20_000):  # enough work to outlast the whole reaction on a loaded machine
+        engine.app.app.broker.publish_sync("shift", [engine.app.shift.message(i) for i in range(start, start + 20_000)])
     engine.start("--processes", "2", "--queue", "shift", "--log-level", "info")
     log = engine.dir / "worker.log"
 

@@ -229,3 +229,23 @@ def test_busy_io_queues_share_the_hosts_handlers_by_weight_and_idle_ones_give_th
     assert max(c for c, _, _ in run(ctl, 20, cpu_s=50e-6, wait_s=5e-3)) == 25
     ctl.cap(100)  # the other queue went quiet: the whole host again
     assert max(c for c, _, _ in run(ctl, 30, cpu_s=50e-6, wait_s=5e-3)) == 100
+
+
+def test_a_throughput_dip_on_cores_still_saturated_does_not_undo_a_decrease():
+    from fastq.autosize import Sample
+
+    ctl = Controller(queue("io"))
+    run(ctl, 14, cpu_s=50e-6, wait_s=5e-3)  # up to 100 at once, settled
+    saturated = Sample(busy=1.0, backlog=5_000, throughput=2_000, latency=0.05)
+    d = ctl.step(saturated)
+    assert d.reason.startswith("cores 100% busy: concurrency down to")
+    lowered = d.concurrency
+    # a neighbour takes 10% of the cores meanwhile: throughput dips, the cores stay saturated
+    d = ctl.step(Sample(busy=1.0, backlog=4_000, throughput=1_800, latency=0.05))
+    assert d.concurrency < lowered  # it goes on down instead of taking the decrease back
+    # whereas a decrease that leaves the cores idle and loses throughput is taken back
+    ctl2 = Controller(queue("io"))
+    run(ctl2, 14, cpu_s=50e-6, wait_s=5e-3)
+    d = ctl2.step(saturated)
+    d2 = ctl2.step(Sample(busy=0.6, backlog=4_000, throughput=1_500, latency=0.05))
+    assert d2.reason.startswith("throughput fell to 1,500/s: concurrency back to")
