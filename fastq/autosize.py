@@ -409,6 +409,8 @@ class Controller:
             self.max_concurrency = min(self.max_concurrency, queue.max_concurrency or self.max_concurrency)
             self.max_concurrency = max(self.max_concurrency, self.min_concurrency)
         self.min_prefetch, self.max_prefetch = queue.min_prefetch or 1, queue.max_prefetch or (1 << 62)
+        if not self.fixed_concurrency:  # handlers beyond what may be delivered would idle
+            self.max_concurrency = max(self.min_concurrency, min(self.max_concurrency, self.max_prefetch))
         self.user_max_concurrency = queue.max_concurrency
         base = IO_PREFETCH_FACTOR if self.kind == "io" else CPU_PREFETCH_FACTOR
         self.factor_min, self.factor = base, base
@@ -439,6 +441,10 @@ class Controller:
             return Decision(concurrency=self.concurrency, prefetch=self.prefetch)
         self.concurrency = self.max_concurrency
         self.prefetch = self._prefetch_for(self.concurrency)
+        # the last step's increase or decrease is not judged against this interval any more
+        self.raised = self.lowered = False
+        self.last = None
+        self.before = (self.concurrency, self.factor)
         return Decision(concurrency=self.concurrency, prefetch=self.prefetch,
                         reason=f"its share of the host's handlers is {ceiling}: concurrency down to {self.concurrency}")
 
@@ -448,8 +454,8 @@ class Controller:
         within the user's bounds; a concurrency the user fixed stays."""
         if kind == "cpu" and self.kind != "cpu":
             self.kind = "cpu"
-            if not self.fixed_concurrency:
-                self.concurrency = max(1, min(cores, self.max_concurrency))
+            if not self.fixed_concurrency:  # the user's maximum, not a share of the I/O handlers
+                self.concurrency = max(1, min(cores, self.user_max_concurrency or cores))
                 self.min_concurrency = self.max_concurrency = self.concurrency
                 self.fixed_concurrency = True
             self.factor_min = self.factor = CPU_PREFETCH_FACTOR
@@ -505,7 +511,7 @@ class Controller:
                 reason = (f"throughput {s.throughput:,.0f}/s did not grow (latency {s.latency * 1e3:.1f} ms): "
                           f"prefetch back to concurrency x {self.factor}")
             elif c != before_c:
-                c = before_c
+                c = min(max(before_c, self.min_concurrency), self.max_concurrency)
                 p = self._prefetch_for(c)
                 reason = (f"throughput {s.throughput:,.0f}/s did not grow (latency {s.latency * 1e3:.1f} ms): "
                           f"concurrency back to {c}")
@@ -516,12 +522,18 @@ class Controller:
             # Fewer at once lost throughput and left the cores idle: back to where it was, and no
             # lower until the load changes. (On cores still saturated the loss is not the
             # decrease's doing: a neighbour's load, or noise; seen on a loaded CI machine.)
-            c = self.before[0]
+            c = min(max(self.before[0], self.min_concurrency), self.max_concurrency)
             p = self._prefetch_for(c)
             reason = f"throughput fell to {s.throughput:,.0f}/s: concurrency back to {c}"
             self.capped["down"] = True
             self.ceiling_throughput, self.ceiling_age = s.throughput, 0
             self.cooldown = COOLDOWN
+        elif lowered and last is not None and s.throughput < last.throughput * (1 - GAIN):
+            # It lost throughput, but the cores are as saturated as before: not the decrease's
+            # doing, so it stays; and it holds here, neither lower nor higher, until the load
+            # changes or the probe time passes (no swinging either way)
+            self.capped["down"] = self.capped["concurrency"] = True
+            self.ceiling_throughput, self.ceiling_age = s.throughput, 0
         elif (s.busy >= SATURATED and s.backlog > 0 and not self.cooldown and not self.fixed_concurrency
               and not raised and c > self.min_concurrency and not self.capped["down"]):
             # Saturated cores: more at once only adds waiting (the work turned CPU-bound, say);

@@ -30,7 +30,7 @@ from typing import Any
 import msgspec
 
 from fastq import worker
-from fastq.autosize import CPU_PREFETCH_FACTOR, Plan
+from fastq.autosize import Plan
 from fastq.broker.base import Retry, Signal
 from fastq.config import Config
 from fastq.errors import RingClosed, RingFull
@@ -398,8 +398,9 @@ class Supervisor:
         meter = LoadMeter(self.plan.topology, self.plan.pinned)
         plans = {q.name: q for q in self.plan.queues}
         controllers = self.controllers
-        controllers.update({q.name: Controller(q, user_concurrency=q.user_concurrency, user_prefetch=q.user_prefetch)
-                            for q in self.plan.queues if q.name in self.queue_index})
+        for q in self.plan.queues:  # a queue reclassified before this started keeps its controller
+            if q.name in self.queue_index and q.name not in controllers:
+                controllers[q.name] = Controller(q, user_concurrency=q.user_concurrency, user_prefetch=q.user_prefetch)
         loop = asyncio.get_running_loop()
         while not self.stopping:
             # Judge each interval by its second half: the first still carries the last change.
@@ -419,7 +420,7 @@ class Supervisor:
             io = {n: c for n, c in controllers.items() if c.kind == "io" and not c.fixed_concurrency}
             caps = share_slots({n: plans[n].weight for n in io},
                                {n: backlogs.get(n, 0) > 0 or self.in_flight[n] > 0 for n in io},
-                               floors={n: c.min_concurrency for n, c in io.items()}) if len(io) > 1 else {}
+                               floors={n: c.min_concurrency for n, c in io.items()}) if io else {}
             for name, controller in controllers.items():
                 if name not in backlogs:
                     continue
@@ -433,11 +434,11 @@ class Supervisor:
                     logger.info("autosize: queue %r: %s; concurrency %d, prefetch %d",
                                 name, d.reason, d.concurrency, d.prefetch)
                     self.decisions.append((time.time(), name, d.reason))
+                    self.queue_concurrency[name] = d.concurrency  # before any await: classified() may run
+                    self.wake[name].set()
                     if d.prefetch != self.prefetch[name]:
                         self.prefetch[name] = d.prefetch
                         await self.broker.prefetch(name, d.prefetch)
-                    self.queue_concurrency[name] = d.concurrency
-                    self.wake[name].set()
             self.concurrency = self.slots_needed()
             self.tell_slots()
 
@@ -486,7 +487,13 @@ class Supervisor:
     def worker_says(self, w: _Worker, status: int, payload: bytes = b"") -> None:
         """A frame of tag 0: the worker speaks for itself (READY, RETIRE, CLASSIFIED)."""
         if status == worker.CLASSIFIED:
-            self.classified(msgspec.json.decode(payload))
+            try:
+                measured = msgspec.json.decode(payload, type=dict[str, Any])
+                measured["queue"], measured["kind"], measured["share"]  # noqa: B018 - all three there
+            except (msgspec.DecodeError, KeyError) as e:
+                logger.warning("worker %d sent a measurement that does not parse (%s); ignored", w.index, e)
+                return
+            self.classified(measured)
             return
         if status == worker.READY:
             w.ready, w.failures = True, 0
@@ -510,17 +517,18 @@ class Supervisor:
             return
         self.measured_kinds[queue] = kind
         plan = next(q for q in self.plan.queues if q.name == queue)
-        if kind != "cpu" or plan.kind == "cpu" or plan.user_concurrency:
+        if kind != "cpu" or plan.kind == "cpu" or plan.user_concurrency or not self.config.autosize:
             logger.info("autosize: queue %r: its handlers measured %s-bound (on-CPU %.0f%% of their time); "
                         "its numbers stay", queue, "I/O" if kind == "io" else "CPU", share * 100)
             return
         controller = self.controllers.get(queue)
-        if controller is not None:
-            d = controller.reclassify("cpu", len(plan.workers))
-            concurrency, prefetch = d.concurrency, d.prefetch
-        else:
-            concurrency = len(plan.workers)
-            prefetch = self.prefetch[queue] if plan.user_prefetch else concurrency * CPU_PREFETCH_FACTOR
+        if controller is None:  # autosize on, its loop not started yet: it starts from the plan
+            from fastq.autosize import Controller
+
+            controller = self.controllers[queue] = Controller(plan, user_concurrency=plan.user_concurrency,
+                                                              user_prefetch=plan.user_prefetch)
+        d = controller.reclassify("cpu", len(plan.workers))
+        concurrency, prefetch = d.concurrency, d.prefetch
         reason = (f"its handlers measured CPU-bound (on-CPU {share:.0%} of their time): now cpu, one handler "
                   f"per core it runs on")
         logger.info("autosize: queue %r: %s; concurrency %d, prefetch %d", queue, reason, concurrency, prefetch)

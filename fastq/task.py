@@ -86,6 +86,9 @@ class HandlerOptions(msgspec.Struct, frozen=True, kw_only=True):
                 raise ConfigError(f"{name} must be >= 1 or None, got {value}")
         if not (isinstance(self.weight, (int, float)) and self.weight > 0):
             raise ConfigError(f"weight must be a number > 0 (a share beside other queues), got {self.weight!r}")
+        if self.max_prefetch is not None and (self.min_concurrency or self.concurrency or 0) > self.max_prefetch:
+            raise ConfigError(f"max_prefetch={self.max_prefetch} is below the handlers it must feed "
+                              f"({self.min_concurrency or self.concurrency} at once); raise it")
         for what in ("concurrency", "prefetch"):
             low, high = getattr(self, f"min_{what}"), getattr(self, f"max_{what}")
             if low is not None and high is not None and low > high:

@@ -33,6 +33,7 @@ import msgspec
 
 from fastq import _load, message
 from fastq.autosize import IO_CONCURRENCY_MAX
+from fastq.errors import RingClosed, RingFull
 from fastq.ring import COMPLETION, DELIVERY, STATUS_OK, Ring, RingReader
 
 logger = logging.getLogger(__name__)
@@ -376,6 +377,16 @@ class AppExecutor:
             return RETRY, delay, reason
         return DEAD, 0.0, f"{reason} (after {retries + 1} attempts)"
 
+    def report(self, queue: str, share: float) -> None:
+        """Tell the supervisor what an "auto" handler measured; a report that cannot go (a full
+        or closed ring) is logged and dropped: it never changes the message's own outcome."""
+        kind = "io" if share < AUTO_IO_BELOW else "cpu"
+        try:
+            self.runtime.say(CLASSIFIED, msgspec.json.encode({"queue": queue, "kind": kind, "share": round(share, 3)}))
+        except (RingFull, RingClosed) as e:
+            logger.warning("worker %d: could not report queue %r as %s-bound (%s)", self.runtime.spec.index,
+                           queue, kind, type(e).__name__)
+
     async def call(self, handler: Any, args: tuple[Any, ...], name: str, options: Any) -> None:
         if handler.is_async:
             if options.timeout is None:
@@ -395,10 +406,7 @@ class AppExecutor:
                 finally:
                     shares.append((time.thread_time() - cpu) / max(time.perf_counter() - wall, 1e-9))
                     if len(shares) == AUTO_SAMPLES:  # measured: the supervisor plans by it too
-                        share = sum(shares) / len(shares)
-                        self.runtime.say(CLASSIFIED, msgspec.json.encode(
-                            {"queue": options.queue, "kind": "io" if share < AUTO_IO_BELOW else "cpu",
-                             "share": round(share, 3)}))
+                        self.report(options.queue, sum(shares) / len(shares))
                 return
         if kind == "cpu":
             handler.fn(*args)  # inline: this process owns its core

@@ -189,6 +189,7 @@ def test_positional_arguments_never_fill_keyword_only_parameters():
     ({"concurrency": 4, "max_concurrency": 8}, "concurrency=4 is fixed"),
     ({"max_prefetch": 0}, "max_prefetch must be >= 1"),
     ({"weight": 0}, "weight must be a number > 0"),
+    ({"min_concurrency": 8, "max_prefetch": 4}, "max_prefetch=4 is below the handlers it must feed"),
 ])
 def test_autosize_bounds_that_cannot_hold_are_refused(options, error):
     import fastq

@@ -240,12 +240,34 @@ def test_a_throughput_dip_on_cores_still_saturated_does_not_undo_a_decrease():
     d = ctl.step(saturated)
     assert d.reason.startswith("cores 100% busy: concurrency down to")
     lowered = d.concurrency
-    # a neighbour takes 10% of the cores meanwhile: throughput dips, the cores stay saturated
+    # a neighbour takes 10% of the cores meanwhile: throughput dips, the cores stay saturated:
+    # the decrease stays (not the decrease's doing), and it is the floor: no swinging down
     d = ctl.step(Sample(busy=1.0, backlog=4_000, throughput=1_800, latency=0.05))
-    assert d.concurrency < lowered  # it goes on down instead of taking the decrease back
+    assert (d.concurrency, d.reason) == (lowered, "")
+    for _ in range(5):
+        assert ctl.step(Sample(busy=1.0, backlog=4_000, throughput=1_800, latency=0.05)).concurrency == lowered
     # whereas a decrease that leaves the cores idle and loses throughput is taken back
     ctl2 = Controller(queue("io"))
     run(ctl2, 14, cpu_s=50e-6, wait_s=5e-3)
     d = ctl2.step(saturated)
     d2 = ctl2.step(Sample(busy=0.6, backlog=4_000, throughput=1_500, latency=0.05))
     assert d2.reason.startswith("throughput fell to 1,500/s: concurrency back to")
+
+
+def test_a_cap_and_the_next_step_never_leave_the_share_and_cpu_reclassification_ignores_it():
+    ctl = Controller(queue("io"))
+    run(ctl, 3, cpu_s=50e-6, wait_s=5e-3)  # 4 -> 32, the last step a raise
+    assert ctl.concurrency == 32 and ctl.raised
+    ctl.cap(10)
+    for c, p, _ in run(ctl, 10, cpu_s=5e-3, wait_s=0.0) + run(ctl, 10, cpu_s=50e-6, wait_s=5e-3):
+        assert c <= 10 and p <= 10 * 10
+    # a share of 1 (the queue was idle) is not what a CPU-bound queue gets: one handler per core
+    idle = Controller(queue("auto"))
+    idle.cap(1)
+    assert idle.reclassify("cpu", CORES).concurrency == CORES
+
+
+def test_a_maximum_prefetch_also_bounds_concurrency():
+    ctl = Controller(queue("io", max_prefetch=12))
+    trace = run(ctl, 20, cpu_s=50e-6, wait_s=5e-3)
+    assert max(c for c, _, _ in trace) == 12 and max(p for _, p, _ in trace) == 12
