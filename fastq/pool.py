@@ -80,14 +80,18 @@ class _Job:
     """One call of map, imap, imap_unordered, submit or their async forms."""
 
     def __init__(self, fn: Callable[..., Any], items: Iterable[Any], *, star: bool, batch_size: int | None,
-                 concurrency: int, deliver: Callable[[Any], None], length: int = 0, processes: int = 1) -> None:
+                 concurrency: int, deliver: Callable[[Any], None], length: int = 0, processes: int = 1,
+                 threads: bool = False) -> None:
         try:
             self.fn_ref = pickle.dumps(fn, 5)
         except Exception as e:  # noqa: BLE001 - lambdas, closures, bound methods of odd objects
             raise TypeError(f"fn {fn!r} cannot be sent to the pool's workers ({e}); define it at module "
                             f"level (a def, or functools.partial of one), as multiprocessing needs too") from None
-        self.is_async = inspect.iscoroutinefunction(fn)
-        self.flags = _call.STAR if star else 0
+        coroutine = inspect.iscoroutinefunction(fn)
+        #: its calls overlap in a worker (coroutines, or a plain function on threads: kind="io"),
+        #: so it is sized by concurrency, not by measured cost
+        self.is_async = coroutine or threads
+        self.flags = (_call.STAR if star else 0) | (_call.THREADS if threads and not coroutine else 0)
         self.source: Iterator[Any] | None = iter(items)
         self.seq: list[Any] | tuple[Any, ...] | None = items if isinstance(items, (list, tuple)) else None
         self.taken = 0  # items taken from the source
@@ -702,12 +706,7 @@ class Pool:
             raise ConfigError(f"batch_size must be 'auto' or a positive int, got {batch_size!r}")
         job = _Job(fn, items, star=star, batch_size=None if batch_size == "auto" else int(batch_size),
                    concurrency=self.concurrency, deliver=deliver, length=operator.length_hint(items),
-                   processes=self.processes)
-        if self.kind == "io" and not job.is_async:
-            job.flags |= _call.THREADS
-            job.size = job.fixed or max(1, self.concurrency // 4)
-            job.depth = max(DEPTH, -(-2 * self.concurrency // job.size))
-            job.is_async = True  # sized as a coroutine: the threads overlap its calls
+                   processes=self.processes, threads=self.kind == "io")
         self._driver.add(job)
         return job
 

@@ -393,14 +393,14 @@ class Supervisor:
     async def control(self) -> None:
         """Every CONTROL_INTERVAL seconds: read the load, let each queue's controller decide,
         apply what changed (prefetch at once; concurrency by telling each worker its slots)."""
-        from fastq.autosize import CONTROL_INTERVAL, Controller, LoadMeter, Sample, share_slots
+        from fastq.autosize import CONTROL_INTERVAL, LoadMeter, Sample, share_slots
 
         meter = LoadMeter(self.plan.topology, self.plan.pinned)
         plans = {q.name: q for q in self.plan.queues}
         controllers = self.controllers
         for q in self.plan.queues:  # a queue reclassified before this started keeps its controller
-            if q.name in self.queue_index and q.name not in controllers:
-                controllers[q.name] = Controller(q, user_concurrency=q.user_concurrency, user_prefetch=q.user_prefetch)
+            if q.name in self.queue_index:
+                self.controller(q)
         loop = asyncio.get_running_loop()
         while not self.stopping:
             # Judge each interval by its second half: the first still carries the last change.
@@ -508,6 +508,15 @@ class Supervisor:
                 self.want_to_leave.append(w.index)
             self.let_one_go()
 
+    def controller(self, plan: Any) -> Any:
+        """The autosize controller of a queue (made from its plan at first use)."""
+        from fastq.autosize import Controller
+
+        if plan.name not in self.controllers:
+            self.controllers[plan.name] = Controller(plan, user_concurrency=plan.user_concurrency,
+                                                     user_prefetch=plan.user_prefetch)
+        return self.controllers[plan.name]
+
     def classified(self, measured: dict[str, Any]) -> None:
         """A worker measured the "auto" handlers of a queue: the first word per queue counts.
         CPU-bound ones move the queue to the cpu rules (one handler per core it runs on,
@@ -521,13 +530,7 @@ class Supervisor:
             logger.info("autosize: queue %r: its handlers measured %s-bound (on-CPU %.0f%% of their time); "
                         "its numbers stay", queue, "I/O" if kind == "io" else "CPU", share * 100)
             return
-        controller = self.controllers.get(queue)
-        if controller is None:  # autosize on, its loop not started yet: it starts from the plan
-            from fastq.autosize import Controller
-
-            controller = self.controllers[queue] = Controller(plan, user_concurrency=plan.user_concurrency,
-                                                              user_prefetch=plan.user_prefetch)
-        d = controller.reclassify("cpu", len(plan.workers))
+        d = self.controller(plan).reclassify("cpu", len(plan.workers))
         concurrency, prefetch = d.concurrency, d.prefetch
         reason = (f"its handlers measured CPU-bound (on-CPU {share:.0%} of their time): now cpu, one handler "
                   f"per core it runs on")

@@ -55,6 +55,10 @@ from fastq.ring import AckWindow
 
 logger = logging.getLogger(__name__)
 
+#: what a lost connection or a closed channel raises: the operation is tried again once connected
+_CONNECTION_ERRORS = (aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError,
+                      ConnectionError)
+
 #: completed tags past a gap acked one by one once this many wait, or once the oldest waited this long
 STRAGGLERS = 256
 STRAGGLER_SECONDS = 0.05
@@ -317,8 +321,7 @@ class AMQPBroker(Broker):
                 await self._declare(queue)
                 results = await asyncio.gather(*[self._publish_one(channel, queue, m) for m in pending],
                                                return_exceptions=True)
-            except (aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError,
-                    ConnectionError) as e:
+            except _CONNECTION_ERRORS as e:
                 logger.warning("publishing to %r on %s failed (%s); waiting for the connection", queue, self.url,
                                type(e).__name__)
                 await self._wait_reconnect()
@@ -346,9 +349,8 @@ class AMQPBroker(Broker):
             await asyncio.sleep(0.05)
         await self._ready()
 
-    async def _publish_one(self, channel: aiormq.abc.AbstractChannel, queue: str, m: Message,
-                           exchange: str = "") -> None:
-        assert self._window is not None
+    async def _publish_one(self, channel: aiormq.abc.AbstractChannel, queue: str, m: Message) -> None:
+        exchange = ""
         headers: dict[str, Any] = dict(m.headers or {})
         route = self._routes.get(queue)
         routing_key = queue
@@ -361,16 +363,25 @@ class AMQPBroker(Broker):
                     headers.setdefault(k, v)
         properties = Basic.Properties(delivery_mode=2, message_id=m.message_id or None,
                                       content_type=headers.pop("content-type", MSGPACK), headers=headers or None)
+        await self._confirmed(channel, queue, m.body, properties, exchange, routing_key)
+
+    async def _confirmed(self, channel: aiormq.abc.AbstractChannel, queue: str, body: bytes,
+                         properties: Basic.Properties, exchange: str, routing_key: str) -> None:
+        """Publish one message (mandatory, persistent) within the confirm window and wait for
+        RabbitMQ's confirm. A return (no queue took it: ``queue``'s topology was deleted
+        meanwhile?) forgets that ``queue`` was declared, so that the next try declares it again."""
+        assert self._window is not None
         async with self._window:
             try:
-                confirm = await channel.basic_publish(m.body, exchange=exchange, routing_key=routing_key,
+                confirm = await channel.basic_publish(body, exchange=exchange, routing_key=routing_key,
                                                       properties=properties, mandatory=True,
                                                       timeout=self.publish_timeout)
-            except aiormq.exceptions.PublishError:  # returned: no queue took it (deleted meanwhile?)
+            except aiormq.exceptions.PublishError:
                 self._declared.discard(queue)
-                raise _Unroutable(f"no queue took message {m.message_id!r} for {queue!r}") from None
+                self._retry_declared.pop(routing_key, None)
+                raise _Unroutable(f"no queue took message {properties.message_id!r} for {routing_key!r}") from None
         if not isinstance(confirm, Basic.Ack):
-            raise _Nacked(f"RabbitMQ did not confirm message {m.message_id!r} to {queue!r}: {confirm!r}")
+            raise _Nacked(f"RabbitMQ did not confirm message {properties.message_id!r} to {routing_key!r}: {confirm!r}")
 
     def publish_sync(self, queue: str, messages: Sequence[Message]) -> None:
         with self._sync_lock:
@@ -523,6 +534,7 @@ class AMQPBroker(Broker):
         copies = [c for c in copies if c is not None]
         if copies:  # published and confirmed before the originals are acked
             channel = await self._ready()
+            await self._declare(queue)  # again, if a returned copy found its topology gone
             await asyncio.gather(*[self._republish(channel, *c) for c in copies])
         done = list(ack) + [r.tag for r in retry] + [t for t, _ in dead]
         by_consumer: dict[int, tuple[_Consumer, list[int], list[int]]] = {}
@@ -556,8 +568,7 @@ class AMQPBroker(Broker):
                 if last:
                     await channel.basic_ack(last, multiple=True)
             await self._flush_stragglers(consumer, force=False)
-        except (aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError,
-                ConnectionError) as e:
+        except _CONNECTION_ERRORS as e:
             # the connection went: RabbitMQ requeues what this channel held, settled or not
             logger.warning("settling on %r failed (%s); RabbitMQ redelivers what was not acked",
                            consumer.queue, type(e).__name__)
@@ -575,20 +586,28 @@ class AMQPBroker(Broker):
                 await consumer.channel.basic_ack(tag, multiple=False)
             consumer.straggling_since = 0.0
 
-    def _retry_copy(self, r: Retry) -> tuple[Any, ...] | None:
-        held = self._held.get(r.tag)
+    def _copy_of(self, tag: int) -> tuple[_Held, dict[str, Any]] | None:
+        """The held delivery to copy (retry, dead letter) and its headers; None when it is
+        settled, its connection is gone, or its copy is confirmed already."""
+        held = self._held.get(tag)
         if held is None or not held.consumer.alive or held.copied:
             return None
-        headers = dict(held.message.header.properties.headers or {})
+        return held, dict(held.message.header.properties.headers or {})
+
+    def _retry_copy(self, r: Retry) -> tuple[Any, ...] | None:
+        found = self._copy_of(r.tag)
+        if found is None:
+            return None
+        held, headers = found
         headers[HEADER_RETRIES] = int(headers.get(HEADER_RETRIES, 0) or 0) + 1
         headers[HEADER_REASON] = r.reason[:1000]
         return held, held.consumer.queue, max(r.delay, 0.001), headers
 
     def _dead_copy(self, tag: int, reason: str) -> tuple[Any, ...] | None:
-        held = self._held.get(tag)
-        if held is None or not held.consumer.alive or held.copied:
+        found = self._copy_of(tag)
+        if found is None:
             return None
-        headers = dict(held.message.header.properties.headers or {})
+        held, headers = found
         retries = int(headers.get(HEADER_RETRIES, 0) or 0)
         headers.update({HEADER_REASON: reason[:1000], HEADER_EXCEPTION: _exception_type(reason),
                         HEADER_ATTEMPTS: retries + 1})
@@ -602,12 +621,7 @@ class AMQPBroker(Broker):
             routing_key = await self._declare_retry(channel, target, delay)
         properties = Basic.Properties(delivery_mode=2, message_id=props.message_id,
                                       content_type=props.content_type, headers=headers)
-        assert self._window is not None
-        async with self._window:
-            confirm = await channel.basic_publish(held.message.body, routing_key=routing_key, properties=properties,
-                                                  mandatory=True, timeout=self.publish_timeout)
-        if not isinstance(confirm, Basic.Ack):
-            raise _Nacked(f"RabbitMQ did not confirm the copy of {props.message_id!r} to {routing_key!r}")
+        await self._confirmed(channel, held.consumer.queue, held.message.body, properties, "", routing_key)
         held.copied = True
 
     # -- the rest ------------------------------------------------------------------------------
@@ -677,8 +691,7 @@ class _Unroutable(Exception):
 
 
 def _transient(e: BaseException) -> bool:
-    return isinstance(e, (aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError,
-                          ConnectionError, asyncio.CancelledError, TimeoutError, _Unroutable))
+    return isinstance(e, (*_CONNECTION_ERRORS, asyncio.CancelledError, TimeoutError, _Unroutable))
 
 
 class _SyncPublisher:

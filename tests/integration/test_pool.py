@@ -261,7 +261,6 @@ def test_close_join_terminate():
     SEEN_PIDS.update(p.pids)
     with pytest.raises(ValueError, match="close"):
         p.join()
-    slow = p.map_async  # noqa: F841 - keeps the API in view
     result = []
     t = threading.Thread(target=lambda: result.append(_catch(lambda: p.map(poolfns.spin, range(10_000_000)))))
     t.start()
