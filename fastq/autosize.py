@@ -321,6 +321,21 @@ def _bounded(value: int, rule: str, low: int | None, high: int | None, name: str
 
 #: seconds between two looks at the load
 CONTROL_INTERVAL = 2.0
+#: seconds until the next look after an increase, or at the start: a climb is judged sooner
+#: (only while messages spend well under a quarter of it in flight, so that it can show)
+RAMP_INTERVAL = 1.0
+#: of which the first RAMP_SETTLE seconds are not judged (a change takes hold); a look of
+#: CONTROL_INTERVAL judges its second half
+RAMP_SETTLE = 0.25
+#: slices of the judged part of a look: its throughput is their mean without the highest and
+#: the lowest (a burst of a neighbour's work that dips one slice does not decide a step)
+PARTS = 6
+#: share of the cores an increase of I/O concurrency aims at, from how busy they are now:
+#: with idle cores it grows by up to RAMP_MAX at once, never by less than x2
+RAMP_TARGET = 0.75
+RAMP_MAX = 8
+#: an increase that raised throughput by this share or more is followed by x4 on busy cores
+STRONG_GAIN = 0.20
 IO_PREFETCH_FACTOR_MAX = 10
 CPU_PREFETCH_FACTOR_MAX = 3
 #: memory headroom (share of the limit still available) under which prefetch comes down
@@ -336,17 +351,28 @@ SATURATED = 0.95
 
 
 def share_slots(weights: dict[str, float], demand: dict[str, bool], budget: int = IO_CONCURRENCY_MAX,
-                floors: dict[str, int] | None = None) -> dict[str, int]:
-    """The most handlers at once each I/O queue may grow to, host-wide: ``budget`` split in
-    proportion to the weights of the queues that have demand (a backlog, or work in flight);
-    a queue without demand keeps only its floor, so that its share goes to the busy ones. A
-    queue never gets less than its floor (its minimum). Pure."""
-    floors = floors or {}
+                floors: dict[str, int] | None = None, cores: dict[str, int] | None = None) -> dict[str, int]:
+    """What each queue may have at once now, host-wide, from its weight and who has demand (a
+    backlog, or work in flight). Pure.
+
+    I/O queues split ``budget`` handlers in proportion to the weights of the I/O queues with
+    demand; one without keeps only its floor (its minimum, at least 1), so that its share goes to
+    the busy ones. CPU queues (``cores``: each one's name and the cores it runs on) share the
+    cores instead, weighed against every queue with demand, I/O ones included: a busy CPU queue
+    gets its weight's share of its cores, rounded, at least one; an idle one keeps them all (it
+    uses none, and a burst starts at full speed).
+    """
+    floors, cores = floors or {}, cores or {}
     busy = [q for q in weights if demand.get(q)]
+    total_io = sum(weights[q] for q in busy if q not in cores)
     total = sum(weights[q] for q in busy)
     caps = {}
-    for q in weights:
-        share = int(budget * weights[q] / total) if q in busy and total > 0 else 0
+    for q, weight in weights.items():
+        if q in cores:
+            own = cores[q]
+            caps[q] = max(1, min(own, math.floor(own * weight / total + 0.5))) if q in busy else own
+            continue
+        share = int(budget * weight / total_io) if q in busy and total_io > 0 else 0
         caps[q] = max(floors.get(q, 1), share, 1)
     return caps
 
@@ -385,15 +411,19 @@ class Controller:
        the floor;
     2b. cores saturated (95% busy or more) while a backlog waits: halve I/O concurrency, kept
        while throughput holds (the work turned CPU-bound: more at once only adds waiting);
-    3. a backlog waits: double I/O concurrency (up to 100 per host, so 4 reaches 100 in five
-       intervals), else raise the prefetch factor by one (I/O x5..x10; CPU x2..x3, as CPU work
-       never gets more than one handler per pinned core). Idle cores should make the step pay;
-       with busy ones, larger batches (less overhead per message) may.
+    3. a backlog waits: multiply I/O concurrency by what should take the cores to RAMP_TARGET
+       busy if each handler keeps its share of the CPU (x2 at least, x8 at most, up to 100 per
+       host: with idle cores 4 reaches 100 in two intervals), else raise the prefetch factor
+       to its largest (I/O x5 to x10; CPU x2 to x3, as CPU work never gets more than one
+       handler per pinned core). Idle cores should make the step pay; with busy ones, larger batches (less
+       overhead per message) may: there an increase follows one that paid STRONG_GAIN or more
+       with x4 (a slow start). An increase sized by idle cores that paid less than half of it
+       is trimmed to twice the concurrency that carried the gain (the knee lies between).
     A ceiling (kept apart for concurrency and for prefetch, so that one that stopped paying
     leaves the other to try) holds until the load changes (throughput moves by a quarter) or
     PROBE_AFTER intervals pass, when one step up is tried again; decreases hold
     increases for COOLDOWN intervals. So it settles instead of swinging, and a value the user
-    set never moves.
+    set never moves. ``next_look`` says when to look again: sooner after an increase.
     """
 
     def __init__(self, queue: QueuePlan, *, user_concurrency: bool = False, user_prefetch: bool = False,
@@ -401,6 +431,9 @@ class Controller:
         self.kind = queue.kind
         self.concurrency, self.prefetch = queue.concurrency, queue.prefetch
         self.fixed_concurrency = user_concurrency or queue.kind == "cpu"
+        self.user_fixed = user_concurrency
+        #: a CPU queue's handlers when it has the cores it runs on to itself (its share may be less)
+        self.cpu_cores = queue.concurrency
         self.fixed_prefetch = user_prefetch
         self.min_concurrency = 1 if self.kind == "io" else queue.concurrency
         self.max_concurrency = queue.concurrency if self.fixed_concurrency else (concurrency_max or IO_CONCURRENCY_MAX)
@@ -428,13 +461,37 @@ class Controller:
         self.lowered = False  # the last step was a decrease on saturated cores
         self.ceiling_throughput = 0.0
         self.ceiling_age = 0
+        self.probing = False  # the next increase tries a ceiling again
+        self.sized_by_idle = False  # the last increase was sized by how idle the cores were
         self.before = (self.concurrency, self.factor)  # what the last increase started from
+
+    def next_look(self, latency: float) -> float:
+        """Seconds until this queue wants its next look: RAMP_INTERVAL after an increase (or
+        before the first look) while ``latency``, the seconds messages spend in flight, is under
+        RAMP_SETTLE, so that the change has shown by the time it is judged; else CONTROL_INTERVAL."""
+        climbing = self.raised or self.last is None
+        return RAMP_INTERVAL if climbing and latency < RAMP_SETTLE else CONTROL_INTERVAL
 
     def cap(self, ceiling: int) -> Decision:
         """The most handlers at once this queue's share of the host allows now (``share_slots``);
-        a concurrency above it comes down at once. CPU queues and fixed ones are not moved."""
-        if self.fixed_concurrency or self.kind == "cpu":
+        a concurrency above it comes down at once. A CPU queue's share is of cores: its
+        concurrency follows it down and back up (one handler per core it may use). A
+        concurrency the user set is not moved."""
+        if self.user_fixed:
             return Decision(concurrency=self.concurrency, prefetch=self.prefetch)
+        if self.kind == "cpu":
+            new = max(1, min(self.cpu_cores, ceiling))
+            if new == self.concurrency:
+                return Decision(concurrency=self.concurrency, prefetch=self.prefetch)
+            old, self.concurrency = self.concurrency, new
+            self.min_concurrency = self.max_concurrency = new
+            self.prefetch = self._prefetch_for(new)
+            self.raised = self.lowered = False
+            self.last = None
+            self.before = (self.concurrency, self.factor)
+            return Decision(concurrency=new, prefetch=self.prefetch,
+                            reason=f"its share of the host's {self.cpu_cores} cores beside the other busy queues is "
+                                   f"{ceiling}: concurrency {'down' if new < old else 'up'} to {new}")
         user_max = self.user_max_concurrency or IO_CONCURRENCY_MAX
         self.max_concurrency = max(self.min_concurrency, min(user_max, ceiling))
         if self.concurrency <= self.max_concurrency:
@@ -455,7 +512,7 @@ class Controller:
         if kind == "cpu" and self.kind != "cpu":
             self.kind = "cpu"
             if not self.fixed_concurrency:  # the user's maximum, not a share of the I/O handlers
-                self.concurrency = max(1, min(cores, self.user_max_concurrency or cores))
+                self.concurrency = self.cpu_cores = max(1, min(cores, self.user_max_concurrency or cores))
                 self.min_concurrency = self.max_concurrency = self.concurrency
                 self.fixed_concurrency = True
             self.factor_min = self.factor = CPU_PREFETCH_FACTOR
@@ -479,16 +536,19 @@ class Controller:
         last, self.last = self.last, s
         raised, self.raised = self.raised, False
         lowered, self.lowered = self.lowered, False
+        # the last increase paid by STRONG_GAIN or more: the next may be larger (slow start)
+        strong = raised and last is not None and s.throughput >= last.throughput * (1 + STRONG_GAIN)
         if self.cooldown:
             self.cooldown -= 1
         if self.memory_cap is not None and s.memory_headroom >= 2 * MEMORY_HEADROOM_MIN:
             self.memory_cap = None  # memory is back (with a margin, so as not to swing)
         if any(self.capped.values()):
             self.ceiling_age += 1
-            if (self.ceiling_age > PROBE_AFTER
-                    or abs(s.throughput - self.ceiling_throughput) > 0.25 * self.ceiling_throughput):
-                # the load changed, or it is time to try one step up again
+            if abs(s.throughput - self.ceiling_throughput) > 0.25 * self.ceiling_throughput:
+                self.capped = dict.fromkeys(self.capped, False)  # the load changed
+            elif self.ceiling_age > PROBE_AFTER:  # time to try one step up again: a doubling at most
                 self.capped = dict.fromkeys(self.capped, False)
+                self.probing = True
         c, p, reason = self.concurrency, self.prefetch, ""
         if s.memory_headroom < MEMORY_HEADROOM_MIN:
             if not self.fixed_prefetch and p > max(c, self.min_prefetch):
@@ -518,6 +578,18 @@ class Controller:
             self.capped[dimension] = True
             self.ceiling_throughput, self.ceiling_age = s.throughput, 0
             self.cooldown = COOLDOWN
+        elif raised and last is not None and self.sized_by_idle and c > 2 * self.before[0] and (
+                s.throughput < last.throughput * (1 + (c / self.before[0] - 1) / 2)):
+            # A jump of more than x2 paid, but less than half of it: the knee lies between.
+            # Keep twice the concurrency that carried the gain (Little's law), no more.
+            before_c = self.before[0]
+            gained = s.throughput / max(last.throughput, 1e-9)
+            c = min(c, max(before_c + 1, math.ceil(2 * before_c * gained), self.min_concurrency))
+            p = self._prefetch_for(c)
+            reason = (f"concurrency x{self.concurrency / before_c:.1f} raised throughput only x{gained:.2f} "
+                      f"(to {s.throughput:,.0f}/s): concurrency trimmed to {c}")
+            self.capped["concurrency"] = True
+            self.ceiling_throughput, self.ceiling_age = s.throughput, 0
         elif lowered and last is not None and s.throughput < last.throughput * (1 - GAIN) and s.busy < SATURATED:
             # Fewer at once lost throughput and left the cores idle: back to where it was, and no
             # lower until the load changes. (On cores still saturated the loss is not the
@@ -544,21 +616,53 @@ class Controller:
             reason = f"cores {s.busy:.0%} busy: concurrency down to {c} while throughput holds"
             self.lowered = True
         elif s.backlog > 0 and not self.cooldown:
+            probing, self.probing = self.probing, False  # a probe is this one step
             # Each step is tried and kept only if it pays: with idle cores more at once should,
             # with busy ones larger batches (less overhead per message) may.
             self.before = (c, self.factor)
             if not self.fixed_concurrency and c < self.max_concurrency and not self.capped["concurrency"]:
-                c = min(self.max_concurrency, 2 * c)
+                jump = 2.0 if probing else ramp(s.busy)
+                self.sized_by_idle = jump > 2.0
+                if jump == 2.0 and strong:  # busy cores, but each step paid well: x4 (never when probing:
+                    jump = 4.0              # that follows a step that did not pay)
+                c = min(self.max_concurrency, max(c + 1, int(c * jump)))
                 p = self._prefetch_for(c)
                 reason = f"cores {s.busy:.0%} busy while {s.backlog} messages wait: concurrency +{c - self.concurrency}"
                 self.raised = True
             elif not self.fixed_prefetch and self.factor < self.factor_max and not self.capped["prefetch"]:
-                self.factor += 1
+                # Straight to the largest factor: the gain of larger batches flattens out, and
+                # a step of +1 (x5 to x6) would pay less than the noise of one look.
+                self.factor = self.factor_max
                 p = self._prefetch_for(c)
-                reason = f"cores {s.busy:.0%} busy while {s.backlog} messages wait: prefetch to concurrency x {self.factor}"
-                self.raised = True
+                if p > self.prefetch:
+                    reason = (f"cores {s.busy:.0%} busy while {s.backlog} messages wait: "
+                              f"prefetch to concurrency x {self.factor}")
+                    self.raised = True
+                else:  # the memory cap or the user's maximum: nothing to try
+                    self.factor = self.before[1]
+                    self.capped["prefetch"] = True
+                    self.ceiling_throughput, self.ceiling_age = s.throughput, 0
         self.concurrency, self.prefetch = c, p
         return Decision(concurrency=c, prefetch=p, reason=reason)
+
+
+def steady_rate(times: Sequence[float], counts: Sequence[int]) -> float:
+    """Messages per second between the first and the last of ``times`` (ascending), given the
+    count settled by each: with four slices or more, the mean rate of the slices without the
+    highest and the lowest, else the plain rate. Pure."""
+    rates = [(b - a) / (t1 - t0) for a, b, t0, t1 in zip(counts, counts[1:], times, times[1:]) if t1 > t0]
+    if len(rates) < 4:
+        span = times[-1] - times[0]
+        return (counts[-1] - counts[0]) / span if span > 0 else 0.0
+    rates.sort()
+    return sum(rates[1:-1]) / (len(rates) - 2)
+
+
+def ramp(busy: float) -> float:
+    """How many times I/O concurrency grows in one increase with the cores ``busy`` (0..1):
+    enough to take them to RAMP_TARGET if each handler keeps its share of the CPU, at least x2
+    and at most x RAMP_MAX."""
+    return min(float(RAMP_MAX), max(2.0, RAMP_TARGET / max(busy, 1e-3)))
 
 
 class LoadMeter:

@@ -106,6 +106,9 @@ class Supervisor:
         self.prefetch = {q.name: q.prefetch for q in plan.queues}
         #: each queue's concurrency on the host now (the plan's, then the controller's)
         self.queue_concurrency = {q.name: q.concurrency for q in plan.queues}
+        #: the workers each queue runs on now: the plan's, or for a CPU queue whose share of the
+        #: cores is smaller, one per handler (place_cpu_queues)
+        self.queue_workers = {q.name: q.workers for q in plan.queues}
         #: handler slots per worker process: the busiest process's share of all queues
         self.concurrency = self.slots_needed()
         self.settled_by_queue = collections.Counter[str]()
@@ -141,6 +144,8 @@ class Supervisor:
             if q.name in self.queue_index and len(q.workers) < plan.processes:
                 self.allowed[self.queue_index[q.name]] = set(q.workers)
                 self.dispatcher.allow(self.queue_index[q.name], q.workers)
+        self.place_cpu_queues()  # a CPU queue planned with fewer handlers than workers
+        self.concurrency = self.slots_needed()
         self.settled = collections.Counter[str]()
         self.exits: set[asyncio.Task[None]] = set()  # workers being replaced
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -385,15 +390,25 @@ class Supervisor:
     def slots_needed(self) -> int:
         from fastq.autosize import split
 
-        plans = {q.name: q for q in self.plan.queues}
-        shares = [split(self.queue_concurrency[name], plans[name].workers, self.plan.processes)
+        shares = [split(self.queue_concurrency[name], self.queue_workers[name], self.plan.processes)
                   for name in self.queue_concurrency]
         return max(1, max(sum(s[i] for s in shares) for i in range(self.plan.processes)))
 
     async def control(self) -> None:
-        """Every CONTROL_INTERVAL seconds: read the load, let each queue's controller decide,
-        apply what changed (prefetch at once; concurrency by telling each worker its slots)."""
-        from fastq.autosize import CONTROL_INTERVAL, LoadMeter, Sample, share_slots
+        """Every CONTROL_INTERVAL seconds (RAMP_INTERVAL at the start and after an increase,
+        ``Controller.next_look``): read the load, share the host among the busy queues, let
+        each queue's controller decide, apply what changed (prefetch at once; concurrency by
+        telling each worker its slots; a CPU queue's share also by the workers it runs on)."""
+        from fastq.autosize import (
+            CONTROL_INTERVAL,
+            PARTS,
+            RAMP_INTERVAL,
+            RAMP_SETTLE,
+            LoadMeter,
+            Sample,
+            share_slots,
+            steady_rate,
+        )
 
         meter = LoadMeter(self.plan.topology, self.plan.pinned)
         plans = {q.name: q for q in self.plan.queues}
@@ -402,13 +417,18 @@ class Supervisor:
             if q.name in self.queue_index:
                 self.controller(q)
         loop = asyncio.get_running_loop()
+        interval = RAMP_INTERVAL  # the start is a change of load: the first look comes soon
         while not self.stopping:
-            # Judge each interval by its second half: the first still carries the last change.
-            await asyncio.sleep(CONTROL_INTERVAL / 2)
+            # Judge each interval by its end: its start still carries the last change.
+            settle = RAMP_SETTLE if interval == RAMP_INTERVAL else interval / 2
+            await asyncio.sleep(settle)
             meter.busy()
-            last, counted = loop.time(), collections.Counter(self.settled_by_queue)
-            await asyncio.sleep(CONTROL_INTERVAL / 2)
-            elapsed = loop.time() - last
+            # the judged part in PARTS slices: a neighbour's burst that dips one slice is trimmed
+            marks = [(loop.time(), collections.Counter(self.settled_by_queue))]
+            for _ in range(PARTS):
+                await asyncio.sleep((interval - settle) / PARTS)
+                marks.append((loop.time(), collections.Counter(self.settled_by_queue)))
+            elapsed = marks[-1][0] - marks[0][0]
             busy, headroom = meter.busy(), meter.memory_headroom()
             backlogs: dict[str, int] = {}
             for name in controllers:
@@ -416,15 +436,18 @@ class Supervisor:
                     backlogs[name] = (await self.broker.queue_depth(name)).ready
                 except Exception as e:  # noqa: BLE001 - the broker is down: decide next time
                     logger.warning("autosize: no queue depth for %r (%s); holding", name, e)
-            # I/O queues share the host's handlers by weight, among those with work (demand)
-            io = {n: c for n, c in controllers.items() if c.kind == "io" and not c.fixed_concurrency}
-            caps = share_slots({n: plans[n].weight for n in io},
-                               {n: backlogs.get(n, 0) > 0 or self.in_flight[n] > 0 for n in io},
-                               floors={n: c.min_concurrency for n, c in io.items()}) if io else {}
+            # Queues with work (demand) share the host by weight: I/O ones its handlers, CPU ones
+            # its cores, weighed against every busy queue
+            shared = {n: c for n, c in controllers.items() if not c.user_fixed}
+            caps = share_slots({n: plans[n].weight for n in shared},
+                               {n: backlogs.get(n, 0) > 0 or self.in_flight[n] > 0 for n in shared},
+                               floors={n: c.min_concurrency for n, c in shared.items() if c.kind == "io"},
+                               cores={n: c.cpu_cores for n, c in shared.items() if c.kind == "cpu"})
+            interval = CONTROL_INTERVAL
             for name, controller in controllers.items():
                 if name not in backlogs:
                     continue
-                throughput = (self.settled_by_queue[name] - counted[name]) / elapsed
+                throughput = steady_rate([t for t, _ in marks], [c[name] for _, c in marks])
                 latency = self.in_flight[name] / throughput if throughput > 0 else elapsed
                 d = controller.cap(caps[name]) if name in caps else None
                 if d is None or not d.reason:
@@ -435,12 +458,35 @@ class Supervisor:
                                 name, d.reason, d.concurrency, d.prefetch)
                     self.decisions.append((time.time(), name, d.reason))
                     self.queue_concurrency[name] = d.concurrency  # before any await: classified() may run
+                    if controller.kind == "cpu":
+                        self.place_cpu_queues()
                     self.wake[name].set()
                     if d.prefetch != self.prefetch[name]:
                         self.prefetch[name] = d.prefetch
                         await self.broker.prefetch(name, d.prefetch)
+                interval = min(interval, controller.next_look(latency))
             self.concurrency = self.slots_needed()
             self.tell_slots()
+
+    def place_cpu_queues(self) -> None:
+        """Give each CPU queue one worker per handler of its share (CPU handlers run inline: one
+        per worker at a time), consecutive and apart from the other CPU queues where there are
+        enough, the plan's workers when it has them all. Messages already on a worker finish there."""
+        start = 0
+        for q in self.plan.queues:
+            controller = self.controllers.get(q.name)
+            if (controller.kind if controller is not None else q.kind) != "cpu" or q.name not in self.queue_index:
+                continue
+            k, mine = self.queue_concurrency[q.name], q.workers
+            workers = mine if k >= len(mine) else tuple(sorted(mine[(start + i) % len(mine)] for i in range(k)))
+            start += k
+            if workers != self.queue_workers[q.name]:
+                self.queue_workers[q.name] = workers
+                index = self.queue_index[q.name]
+                self.allowed[index] = set(workers)
+                self.dispatcher.allow(index, workers)
+                logger.info("queue %r now runs on worker processes %s (one per CPU handler of its %d)",
+                            q.name, list(workers), k)
 
     def tell_slots(self) -> None:
         """Send each live worker its handler slots where they changed (a full ring: next time)."""
@@ -537,6 +583,7 @@ class Supervisor:
         logger.info("autosize: queue %r: %s; concurrency %d, prefetch %d", queue, reason, concurrency, prefetch)
         self.decisions.append((time.time(), queue, reason))
         self.queue_concurrency[queue] = concurrency
+        self.place_cpu_queues()
         if prefetch != self.prefetch[queue]:
             self.prefetch[queue] = prefetch
             self.spawn(self.broker.prefetch(queue, prefetch))

@@ -59,6 +59,11 @@ async def where(n: int) -> None:
 async def anywhere(n: int) -> None:
     _record(b"both-%d %d\\n" % (os.getpid(), n))
 
+@app.task(queue="crunch", kind="cpu")
+def crunch(n: int) -> None:
+    sum(i * i for i in range(20_000))
+    _record(b"crunch-%d-%d\\n" % (os.getpid(), n))
+
 @app.task(queue="guess")  # kind "auto": planned as io until its handlers are measured
 def guess(n: int) -> None:
     sum(i * i for i in range(20_000))
@@ -433,13 +438,20 @@ def test_autosize_raises_the_concurrency_of_a_waiting_io_queue_and_loses_nothing
     engine.start("--processes", "2", "--queue", "slow", "--log-level", "info")
     engine.wait_for_lines(6_000)
     assert engine.stop() == 0
-    # Then the controller saw idle cores and a backlog, doubled concurrency and told the workers,
-    # and every message ran once
+    # Then the controller saw idle cores and a backlog, raised concurrency (x2 at least, more
+    # the idler the cores) and told the workers, and every message ran once
+    import re
+
     counts = collections.Counter(engine.lines())
     assert len(counts) == 6_000 and set(counts.values()) == {1}
     log = (engine.dir / "worker.log").read_text()
-    assert "autosize: queue 'slow': cores" in log and "messages wait: concurrency +4; concurrency 8, prefetch 40" in log
-    assert "worker 0: 4 handler slots (was 2)" in log and "worker 1: 4 handler slots (was 2)" in log
+    first = re.search(r"autosize: queue 'slow': cores (\d+)% busy while \d+ messages wait: "
+                      r"concurrency \+(\d+); concurrency (\d+), prefetch (\d+)", log)
+    assert first, log[-3000:]
+    concurrency = int(first[3])
+    assert concurrency == 4 + int(first[2]) and concurrency >= 8 and int(first[4]) == 5 * concurrency
+    slots = (concurrency + 1) // 2  # the busier of the two workers
+    assert f"worker 0: {slots} handler slots (was 2)" in log and f"worker 1: {slots} handler slots (was 2)" in log
     assert "recycled" not in log  # new slots are not a go-ahead to leave
 
 
@@ -516,3 +528,56 @@ def test_two_busy_io_queues_share_the_hosts_handlers(engine):
     time.sleep(4)  # two more looks: no further
     assert engine.stop() == 0
     assert highest("slow") == 50 and highest("shift") == 50, log.read_text()[-3000:]
+
+
+def test_a_busy_cpu_queue_takes_its_share_of_the_cores_beside_a_busy_io_queue_then_all_of_them(engine):
+    import re
+
+    # Given CPU work (one handler per core: 2 on 2 workers) and waiting I/O work of the same
+    # weight, both with a backlog
+    for start in range(0, 60_000, 10_000):
+        engine.app.app.broker.publish_sync("slow", [engine.app.slow.message(i) for i in range(start, start + 10_000)])
+    engine.app.app.broker.publish_sync("crunch", [engine.app.crunch.message(i) for i in range(12_000)])
+    engine.start("--processes", "2", "--queue", "slow", "--queue", "crunch", "--log-level", "info")
+    log = engine.dir / "worker.log"
+
+    def crunch_pids(after: int) -> tuple[int, set[str]]:
+        words = [w for w in engine.lines() if w.startswith("crunch-")]
+        return len(words), {w.split("-")[1] for w in words[after:]}
+
+    def wait_for(text: str) -> None:
+        deadline = time.monotonic() + 60
+        while text not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+
+    # Then while both are busy the CPU queue gets one core of the two, and runs on one worker
+    wait_for("autosize: queue 'crunch': its share of the host's 2 cores beside the other busy queues is 1: "
+             "concurrency down to 1")
+    wait_for("queue 'crunch' now runs on worker processes [0] (one per CPU handler of its 1)")
+    mark, _ = crunch_pids(0)
+    deadline = time.monotonic() + 60
+    while crunch_pids(0)[0] < mark + 300:
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    done_slow = sum(1 for w in engine.lines() if not w.startswith("crunch-"))
+    assert done_slow < 60_000, "the I/O queue drained before the CPU queue's share could be seen"
+    _, pids = crunch_pids(mark + 10)  # those dispatched before the change finish where they were
+    assert len(pids) == 1
+    # And once the I/O queue has no work left, the CPU queue has both cores again
+    wait_for("concurrency up to 2")
+    wait_for("queue 'crunch' now runs on worker processes [0, 1] (one per CPU handler of its 2)")
+    mark, _ = crunch_pids(0)
+    deadline = time.monotonic() + 60
+    while crunch_pids(0)[0] < min(mark + 300, 12_000):
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    assert len(crunch_pids(mark)[1]) == 2
+    engine.wait_for_lines(72_000)
+    assert engine.stop() == 0
+    words = engine.lines()
+    assert collections.Counter(w.split("-")[2] for w in words if w.startswith("crunch-")) == collections.Counter(
+        str(i) for i in range(12_000))
+    assert collections.Counter(w for w in words if not w.startswith("crunch-")) == collections.Counter(
+        str(i) for i in range(60_000))
+    assert re.search(r"queue 'crunch' \(cpu\): concurrency 2", log.read_text())

@@ -5,13 +5,17 @@ and gives way to memory pressure. A tiny model stands in for the engine: each me
 from __future__ import annotations
 
 from fastq.autosize import (
+    CONTROL_INTERVAL,
     COOLDOWN,
     PROBE_AFTER,
+    RAMP_INTERVAL,
+    RAMP_MAX,
     Controller,
     QueueSpec,
     Sample,
     Topology,
     plan,
+    ramp,
 )
 from fastq.config import Config
 
@@ -51,15 +55,28 @@ def test_io_work_with_idle_cores_climbs_to_the_ceiling_then_holds():
     ctl = Controller(queue("io"))
     assert (ctl.concurrency, ctl.prefetch) == (4, 20)
     trace = run(ctl, 14, cpu_s=50e-6, wait_s=5e-3)
-    # Then concurrency doubles to 100 per host within six intervals and stays there; one try
-    # at a larger prefetch (which buys nothing here) is taken back
+    # Then concurrency grows by what the idle cores allow (x8 at most) and reaches 100 per
+    # host in two intervals and stays there; one try at the largest prefetch (which buys
+    # nothing here) is taken back
     concurrency = [c for c, _, _ in trace]
-    assert concurrency[:6] == [8, 16, 32, 64, 100, 100]
+    assert concurrency[:3] == [32, 100, 100]
     assert concurrency == sorted(concurrency)
-    assert trace[0][2] == "cores 2% busy while 10000 messages wait: concurrency +4"
-    assert trace[5] == (100, 600, "cores 50% busy while 10000 messages wait: prefetch to concurrency x 6")
-    assert trace[6] == (100, 500, "throughput 19,802/s did not grow (latency 30.3 ms): prefetch back to concurrency x 5")
-    assert all(t == (100, 500, "") for t in trace[7:])
+    assert trace[0][2] == "cores 2% busy while 10000 messages wait: concurrency +28"
+    assert trace[1][2] == "cores 16% busy while 10000 messages wait: concurrency +68"
+    assert trace[2] == (100, 1000, "cores 50% busy while 10000 messages wait: prefetch to concurrency x 10")
+    assert trace[3] == (100, 500, "throughput 19,802/s did not grow (latency 50.5 ms): prefetch back to concurrency x 5")
+    assert all(t == (100, 500, "") for t in trace[4:])
+    # and each climbing step asks to be judged after RAMP_INTERVAL, a hold after CONTROL_INTERVAL
+    ramping = Controller(queue("io"))
+    assert ramping.next_look(latency=0.01) == RAMP_INTERVAL  # the first look
+    ramping.step(model(4, 20, cpu_s=50e-6, wait_s=5e-3))
+    assert ramping.next_look(latency=0.01) == RAMP_INTERVAL
+    assert ramping.next_look(latency=0.5) == CONTROL_INTERVAL  # slow handlers: a change needs time to show
+    assert ctl.next_look(latency=0.01) == CONTROL_INTERVAL
+
+
+def test_with_busy_cores_an_increase_is_a_doubling():
+    assert ramp(0.0) == RAMP_MAX and ramp(0.5) == ramp(1.0) == 2.0 and ramp(0.15) == 5.0
 
 
 def test_when_the_cores_fill_up_it_stops_climbing_and_does_not_swing():
@@ -81,11 +98,14 @@ def test_a_downstream_bottleneck_backs_off_once_and_settles():
     ctl = Controller(queue("io"))
     trace = run(ctl, 80, cpu_s=50e-6, wait_s=5e-3, cap=1_000)
     concurrency = [c for c, _, _ in trace]
-    # Then it climbs while throughput grows and backs off once when it stops; from then on it
-    # holds, but for a probe one step up every PROBE_AFTER intervals, taken back at once
-    assert trace[2][2] == "throughput 1,000/s did not grow (latency 80.0 ms): concurrency back to 8"
-    settled = concurrency[2]
-    probes = [i for i, c in enumerate(concurrency[3:], 3) if c != settled]
+    # Then its first jump (x8: the cores are idle) pays far less than x8, so it is trimmed to
+    # twice the concurrency that carried the gain; from then on it holds, but for a probe one
+    # doubling up every PROBE_AFTER intervals, taken back at once
+    assert concurrency[0] == 32
+    assert trace[1][2] == "concurrency x8.0 raised throughput only x1.26 (to 1,000/s): concurrency trimmed to 11"
+    settled = concurrency[1]
+    assert settled == 11  # 4 carried 792/s: 5.05 carry 1,000/s, twice that for headroom
+    probes = [i for i, c in enumerate(concurrency[2:], 2) if c != settled]
     assert probes and all(concurrency[i] == 2 * settled and concurrency[i + 1] == settled for i in probes)
     assert all(b - a > PROBE_AFTER for a, b in zip(probes, probes[1:]))
 
@@ -131,21 +151,24 @@ def test_a_new_load_after_a_settled_one_is_followed_again():
 
 def test_busy_cores_probe_larger_batches_and_keep_them_only_while_they_pay():
     # Given overhead-bound work: cores always busy, and throughput that grows with the batch
-    # (concurrency) up to 64 at once, flat beyond
+    # (concurrency) up to 16 at once, flat beyond
     ctl = Controller(queue("io"))
 
     def sample(c):
-        throughput = 10_000 * min(c, 64) ** 0.5
+        throughput = 10_000 * min(c, 16) ** 0.5
         return Sample(busy=0.9, backlog=10_000, throughput=throughput, latency=ctl.prefetch / throughput)
 
     trace = []
     for _ in range(12):
         d = ctl.step(sample(ctl.concurrency))
         trace.append((d.concurrency, d.reason))
-    # Then it climbs while each step pays and takes the one that did not back, entirely
-    assert [c for c, _ in trace[:5]] == [8, 16, 32, 64, 100]
-    assert trace[5] == (64, "throughput 80,000/s did not grow (latency 6.2 ms): concurrency back to 64")
-    assert {c for c, _ in trace[6:]} == {64}
+    # Then it doubles, and after a step that paid 20% or more grows x4 (a slow start); the
+    # step that did not pay is taken back, entirely, and it holds there: within one step of
+    # the knee
+    assert [c for c, _ in trace[:4]] == [8, 32, 100, 32]
+    assert trace[1][1] == "cores 90% busy while 10000 messages wait: concurrency +24"
+    assert trace[3] == (32, "throughput 40,000/s did not grow (latency 12.5 ms): concurrency back to 32")
+    assert {c for c, _ in trace[4:]} == {32}
 
 
 def test_prefetch_stays_under_the_plans_memory_cap_and_a_memory_cut_holds_until_memory_is_back():
@@ -256,7 +279,7 @@ def test_a_throughput_dip_on_cores_still_saturated_does_not_undo_a_decrease():
 
 def test_a_cap_and_the_next_step_never_leave_the_share_and_cpu_reclassification_ignores_it():
     ctl = Controller(queue("io"))
-    run(ctl, 3, cpu_s=50e-6, wait_s=5e-3)  # 4 -> 32, the last step a raise
+    run(ctl, 1, cpu_s=50e-6, wait_s=5e-3)  # 4 -> 32, the last step a raise
     assert ctl.concurrency == 32 and ctl.raised
     ctl.cap(10)
     for c, p, _ in run(ctl, 10, cpu_s=5e-3, wait_s=0.0) + run(ctl, 10, cpu_s=50e-6, wait_s=5e-3):
@@ -271,3 +294,49 @@ def test_a_maximum_prefetch_also_bounds_concurrency():
     ctl = Controller(queue("io", max_prefetch=12))
     trace = run(ctl, 20, cpu_s=50e-6, wait_s=5e-3)
     assert max(c for c, _, _ in trace) == 12 and max(p for _, p, _ in trace) == 12
+
+
+def test_a_busy_cpu_queue_shares_the_cores_by_weight_with_every_busy_queue():
+    from fastq.autosize import share_slots
+
+    weights = {"crunch": 1.0, "mail": 1.0}
+    both = {"crunch": True, "mail": True}
+    # Given 2 cores: beside a busy I/O queue of equal weight the CPU queue gets one core, the
+    # I/O queue all of the I/O handlers (they wait, they do not take cores)
+    assert share_slots(weights, both, cores={"crunch": 2}) == {"crunch": 1, "mail": 100}
+    # an idle I/O queue leaves it every core; an idle CPU queue keeps its cores (it uses none)
+    assert share_slots(weights, {"crunch": True}, cores={"crunch": 2}) == {"crunch": 2, "mail": 1}
+    assert share_slots(weights, {"mail": True}, cores={"crunch": 2}) == {"crunch": 2, "mail": 100}
+    # 16 cores, weights 3 to 1: 12; two CPU queues of equal weight split them; never under one
+    assert share_slots({"crunch": 3.0, "mail": 1.0}, both, cores={"crunch": 16})["crunch"] == 12
+    assert share_slots({"a": 1.0, "b": 1.0}, {"a": True, "b": True}, cores={"a": 2, "b": 2}) == {"a": 1, "b": 1}
+    assert share_slots({"crunch": 1.0, "mail": 9.0}, both, cores={"crunch": 2})["crunch"] == 1
+
+
+def test_a_cpu_queue_follows_its_share_of_the_cores_down_and_back_up_unless_the_user_set_it():
+    ctl = Controller(queue("cpu"))
+    assert (ctl.concurrency, ctl.prefetch) == (2, 4)
+    d = ctl.cap(1)
+    assert (d.concurrency, d.prefetch) == (1, 2)
+    assert d.reason == "its share of the host's 2 cores beside the other busy queues is 1: concurrency down to 1"
+    assert ctl.cap(1).reason == ""  # no change, nothing said
+    assert all(c == 1 and p <= 3 for c, p, _ in run(ctl, 10, cpu_s=1e-3, wait_s=0.0))
+    d = ctl.cap(2)
+    assert (d.concurrency, d.reason.endswith("concurrency up to 2")) == (2, True)
+    # an auto queue measured CPU-bound takes the same share; a concurrency the user set does not
+    auto = Controller(queue("auto"))
+    auto.reclassify("cpu", CORES)
+    assert auto.cap(1).concurrency == 1 and auto.cap(5).concurrency == CORES
+    fixed = Controller(queue("cpu", concurrency=2), user_concurrency=True)
+    assert fixed.cap(1) == fixed.cap(1) and fixed.concurrency == 2
+
+
+def test_a_look_trims_the_highest_and_the_lowest_slice_of_its_throughput():
+    from fastq.autosize import steady_rate
+
+    times = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
+    # 1,000/s but for one slice that a neighbour's burst dipped to 200/s
+    counts = [0, 250, 500, 550, 800, 1050, 1300]
+    assert steady_rate(times, counts) == 1_000.0
+    assert steady_rate([0.0, 2.0], [0, 3]) == 1.5  # too few slices: the plain rate
+    assert steady_rate([0.0, 0.0], [0, 0]) == 0.0
