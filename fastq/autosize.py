@@ -325,11 +325,14 @@ CONTROL_INTERVAL = 2.0
 #: (only while messages spend well under a quarter of it in flight, so that it can show)
 RAMP_INTERVAL = 1.0
 #: of which the first RAMP_SETTLE seconds are not judged (a change takes hold); a look of
-#: CONTROL_INTERVAL judges its second half
+#: CONTROL_INTERVAL judges its second half (settle_for)
 RAMP_SETTLE = 0.25
-#: slices of the judged part of a look: its throughput is their mean without the highest and
-#: the lowest (a burst of a neighbour's work that dips one slice does not decide a step)
-PARTS = 6
+#: seconds between two readings of the settled counts and the cores: a look judges the slices
+#: of its window by their mean rate without the highest and the lowest (steady_rate), so that a
+#: burst of a neighbour's work that dips one slice does not decide a step
+LOOK_TICK = 0.125
+#: a queue whose work waited at the broker within this many seconds presses for the cores
+PRESS_MEMORY = 4.0
 #: share of the cores an increase of I/O concurrency aims at, from how busy they are now:
 #: with idle cores it grows by up to RAMP_MAX at once, never by less than x2
 RAMP_TARGET = 0.75
@@ -351,26 +354,30 @@ SATURATED = 0.95
 
 
 def share_slots(weights: dict[str, float], demand: dict[str, bool], budget: int = IO_CONCURRENCY_MAX,
-                floors: dict[str, int] | None = None, cores: dict[str, int] | None = None) -> dict[str, int]:
+                floors: dict[str, int] | None = None, cores: dict[str, int] | None = None,
+                pressing: set[str] | None = None) -> dict[str, int]:
     """What each queue may have at once now, host-wide, from its weight and who has demand (a
     backlog, or work in flight). Pure.
 
     I/O queues split ``budget`` handlers in proportion to the weights of the I/O queues with
     demand; one without keeps only its floor (its minimum, at least 1), so that its share goes to
     the busy ones. CPU queues (``cores``: each one's name and the cores it runs on) share the
-    cores instead, weighed against every queue with demand, I/O ones included: a busy CPU queue
-    gets its weight's share of its cores, rounded, at least one; an idle one keeps them all (it
-    uses none, and a burst starts at full speed).
+    cores instead, weighed against every other queue that presses for them: CPU queues with
+    demand, and the others in ``pressing`` (work waiting at the broker of late: they do not keep
+    up; default: those with demand). A busy CPU queue gets its weight's share of its cores,
+    rounded, at least one; an idle one, or one that nobody presses, keeps them all (an I/O queue
+    that keeps up with a trickle needs no core of its own).
     """
     floors, cores = floors or {}, cores or {}
     busy = [q for q in weights if demand.get(q)]
+    pressing = set(busy) if pressing is None else pressing
     total_io = sum(weights[q] for q in busy if q not in cores)
-    total = sum(weights[q] for q in busy)
+    contending = sum(weights[q] for q in busy if q in cores or q in pressing)
     caps = {}
     for q, weight in weights.items():
         if q in cores:
             own = cores[q]
-            caps[q] = max(1, min(own, math.floor(own * weight / total + 0.5))) if q in busy else own
+            caps[q] = max(1, min(own, math.floor(own * weight / contending + 0.5))) if q in busy else own
             continue
         share = int(budget * weight / total_io) if q in busy and total_io > 0 else 0
         caps[q] = max(floors.get(q, 1), share, 1)
@@ -485,10 +492,8 @@ class Controller:
                 return Decision(concurrency=self.concurrency, prefetch=self.prefetch)
             old, self.concurrency = self.concurrency, new
             self.min_concurrency = self.max_concurrency = new
+            self._forget_step()
             self.prefetch = self._prefetch_for(new)
-            self.raised = self.lowered = False
-            self.last = None
-            self.before = (self.concurrency, self.factor)
             return Decision(concurrency=new, prefetch=self.prefetch,
                             reason=f"its share of the host's {self.cpu_cores} cores beside the other busy queues is "
                                    f"{ceiling}: concurrency {'down' if new < old else 'up'} to {new}")
@@ -497,13 +502,19 @@ class Controller:
         if self.concurrency <= self.max_concurrency:
             return Decision(concurrency=self.concurrency, prefetch=self.prefetch)
         self.concurrency = self.max_concurrency
+        self._forget_step()
         self.prefetch = self._prefetch_for(self.concurrency)
-        # the last step's increase or decrease is not judged against this interval any more
+        return Decision(concurrency=self.concurrency, prefetch=self.prefetch,
+                        reason=f"its share of the host's handlers is {ceiling}: concurrency down to {self.concurrency}")
+
+    def _forget_step(self) -> None:
+        """The share moved this queue: its last step cannot be judged against the next look. A
+        larger prefetch factor it was trying goes back (it is tried again later, and judged)."""
+        if self.raised and self.factor != self.before[1]:
+            self.factor = self.before[1]
         self.raised = self.lowered = False
         self.last = None
         self.before = (self.concurrency, self.factor)
-        return Decision(concurrency=self.concurrency, prefetch=self.prefetch,
-                        reason=f"its share of the host's handlers is {ceiling}: concurrency down to {self.concurrency}")
 
     def reclassify(self, kind: Literal["io", "cpu"], cores: int) -> Decision:
         """The queue's handlers were measured as ``kind`` (its plan said io, as "auto" starts):
@@ -537,7 +548,8 @@ class Controller:
         raised, self.raised = self.raised, False
         lowered, self.lowered = self.lowered, False
         # the last increase paid by STRONG_GAIN or more: the next may be larger (slow start)
-        strong = raised and last is not None and s.throughput >= last.throughput * (1 + STRONG_GAIN)
+        strong = (raised and last is not None and last.throughput > 0
+                  and s.throughput >= last.throughput * (1 + STRONG_GAIN))
         if self.cooldown:
             self.cooldown -= 1
         if self.memory_cap is not None and s.memory_headroom >= 2 * MEMORY_HEADROOM_MIN:
@@ -546,9 +558,12 @@ class Controller:
             self.ceiling_age += 1
             if abs(s.throughput - self.ceiling_throughput) > 0.25 * self.ceiling_throughput:
                 self.capped = dict.fromkeys(self.capped, False)  # the load changed
+                self.probing = False
             elif self.ceiling_age > PROBE_AFTER:  # time to try one step up again: a doubling at most
                 self.capped = dict.fromkeys(self.capped, False)
                 self.probing = True
+        if s.backlog == 0:
+            self.probing = False  # a probe is for a load that waits; the next one climbs afresh
         c, p, reason = self.concurrency, self.prefetch, ""
         if s.memory_headroom < MEMORY_HEADROOM_MIN:
             if not self.fixed_prefetch and p > max(c, self.min_prefetch):
@@ -578,13 +593,13 @@ class Controller:
             self.capped[dimension] = True
             self.ceiling_throughput, self.ceiling_age = s.throughput, 0
             self.cooldown = COOLDOWN
-        elif raised and last is not None and self.sized_by_idle and c > 2 * self.before[0] and (
-                s.throughput < last.throughput * (1 + (c / self.before[0] - 1) / 2)):
-            # A jump of more than x2 paid, but less than half of it: the knee lies between.
+        elif raised and last is not None and last.throughput > 0 and self.sized_by_idle and (
+                c > max(self.min_concurrency, math.ceil(2 * self.before[0] * s.throughput / last.throughput))):
+            # A jump sized by idle cores paid less than half of itself: the knee lies between.
             # Keep twice the concurrency that carried the gain (Little's law), no more.
             before_c = self.before[0]
-            gained = s.throughput / max(last.throughput, 1e-9)
-            c = min(c, max(before_c + 1, math.ceil(2 * before_c * gained), self.min_concurrency))
+            gained = s.throughput / last.throughput
+            c = max(before_c + 1, math.ceil(2 * before_c * gained), self.min_concurrency)
             p = self._prefetch_for(c)
             reason = (f"concurrency x{self.concurrency / before_c:.1f} raised throughput only x{gained:.2f} "
                       f"(to {s.throughput:,.0f}/s): concurrency trimmed to {c}")
@@ -623,8 +638,8 @@ class Controller:
             if not self.fixed_concurrency and c < self.max_concurrency and not self.capped["concurrency"]:
                 jump = 2.0 if probing else ramp(s.busy)
                 self.sized_by_idle = jump > 2.0
-                if jump == 2.0 and strong:  # busy cores, but each step paid well: x4 (never when probing:
-                    jump = 4.0              # that follows a step that did not pay)
+                if jump == 2.0 and strong and not probing:  # busy cores, but each step paid well: x4
+                    jump = 4.0  # (never when probing: that follows a step that did not pay)
                 c = min(self.max_concurrency, max(c + 1, int(c * jump)))
                 p = self._prefetch_for(c)
                 reason = f"cores {s.busy:.0%} busy while {s.backlog} messages wait: concurrency +{c - self.concurrency}"
@@ -648,14 +663,20 @@ class Controller:
 
 def steady_rate(times: Sequence[float], counts: Sequence[int]) -> float:
     """Messages per second between the first and the last of ``times`` (ascending), given the
-    count settled by each: with four slices or more, the mean rate of the slices without the
-    highest and the lowest, else the plain rate. Pure."""
+    count settled by each: with four slices or more and four messages a slice or more, the mean
+    rate of the slices without the highest and the lowest, else the plain rate (a slow queue's
+    slices are mostly empty: trimming them would throw its signal away). Pure."""
     rates = [(b - a) / (t1 - t0) for a, b, t0, t1 in zip(counts, counts[1:], times, times[1:]) if t1 > t0]
-    if len(rates) < 4:
+    if len(rates) < 4 or counts[-1] - counts[0] < 4 * len(rates):
         span = times[-1] - times[0]
         return (counts[-1] - counts[0]) / span if span > 0 else 0.0
     rates.sort()
     return sum(rates[1:-1]) / (len(rates) - 2)
+
+
+def settle_for(interval: float) -> float:
+    """Seconds at the start of a look of ``interval`` that are not judged: a change takes hold."""
+    return RAMP_SETTLE if interval <= RAMP_INTERVAL else interval / 2
 
 
 def ramp(busy: float) -> float:
@@ -685,6 +706,17 @@ class LoadMeter:
             idle = t.idle + getattr(t, "iowait", 0.0)
             out.append((sum(t) - idle, sum(t)))
         return out
+
+    def snapshot(self) -> tuple[float, float]:
+        """The cores' seconds of work and of time so far (for ``busy_between``)."""
+        times = self._times()
+        return sum(t[0] for t in times), sum(t[1] for t in times)
+
+    @staticmethod
+    def busy_between(a: tuple[float, float], b: tuple[float, float]) -> float:
+        """Share of the cores' time spent on work between two snapshots, 0..1."""
+        total = b[1] - a[1]
+        return min(1.0, max(0.0, (b[0] - a[0]) / total)) if total > 0 else 0.0
 
     def busy(self) -> float:
         """Share of the cores' time spent on work since the last call, 0..1."""

@@ -16,6 +16,7 @@ module decides which workers accept work and what becomes of each outcome.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import collections
 import functools
@@ -24,6 +25,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -71,8 +73,9 @@ class _Worker:
         self.failures = 0
         #: allowed to leave (recycle): it gets no new work, only the go-ahead frame
         self.leaving = False
-        #: the handler slots this worker was told it has
+        #: the handler slots this worker was told it has, and of those, each queue's
         self.slots = 0
+        self.queue_slots: tuple[int, ...] = ()
         self.reader: RingReader | None = None
 
 
@@ -163,12 +166,13 @@ class Supervisor:
         w.ready = w.leaving = False
         self.dispatcher.attach(w.index, w.inbox)
         self.refresh(w)  # accepts work once READY
-        w.slots = self.concurrency
+        w.slots, w.queue_slots = self.concurrency, self.slots_of(w.index)
         spec = worker.WorkerSpec(index=w.index, parent=os.getpid(), cpu=w.cpu, app=self.app_spec, queues=tuple(self.queues),
                                  input_ring=w.inbox.name, output_ring=w.outbox.name,
                                  concurrency=self.concurrency, log_level=self.log_level,
                                  max_tasks=self.config.max_tasks_per_child,
-                                 max_memory_bytes=self.config.max_memory_per_child_bytes)
+                                 max_memory_bytes=self.config.max_memory_per_child_bytes,
+                                 queue_slots=w.queue_slots)
         w.process = self.ctx.Process(target=worker.main, args=(msgspec.msgpack.encode(spec),),
                                      name=f"fastq-worker-{w.index}", daemon=True)
         w.process.start()
@@ -181,6 +185,7 @@ class Supervisor:
         asyncio.get_running_loop().remove_reader(w.process.sentinel)
         w.process.join()
         self.dispatcher.set_accepting(w.index, False)
+        self.place_cpu_queues()
         task = self.spawn(self.replace_worker(w))
         self.exits.add(task)
         task.add_done_callback(self.exits.discard)
@@ -273,6 +278,7 @@ class Supervisor:
                 continue
             self.recycling, w.leaving = w.index, True
             self.refresh(w)
+            self.place_cpu_queues()
             logger.info("worker %d may recycle now", w.index)
             try:
                 w.inbox.put_nowait(DELIVERY.pack(0, 0, 0))
@@ -325,8 +331,10 @@ class Supervisor:
                     self.reserved = None
                 self.refresh(w)
         if self.suspects and self.reserved is None:
-            # None is idle: keep the least busy one free of new work until it is
-            free = [w for w in alive if w.solo is None]
+            # None is idle: keep the least busy one that may run a waiting suspect free of new
+            # work until it is
+            may = set().union(*(self.allowed[self.queue_index[self.pending[t].queue]] for t in self.suspects))
+            free = [w for w in alive if w.solo is None and w.index in may]
             if free:
                 self.reserved = min(free, key=lambda w: d.in_flight(w.index)).index
                 self.refresh(self.workers[self.reserved])
@@ -388,24 +396,35 @@ class Supervisor:
     # -- autosize ---------------------------------------------------------------------------
 
     def slots_needed(self) -> int:
+        """Handler slots per worker process: the busiest process's share of all queues."""
+        return max(1, max(sum(self.slots_of(i)) for i in range(self.plan.processes)))
+
+    def slots_of(self, index: int) -> tuple[int, ...]:
+        """Worker ``index``'s share of each queue's concurrency (in queue index order); empty with
+        one queue (its slots are all the worker's)."""
         from fastq.autosize import split
 
-        shares = [split(self.queue_concurrency[name], self.queue_workers[name], self.plan.processes)
-                  for name in self.queue_concurrency]
-        return max(1, max(sum(s[i] for s in shares) for i in range(self.plan.processes)))
+        if len(self.queues) == 1:
+            return (split(self.queue_concurrency[self.queues[0]], self.queue_workers[self.queues[0]],
+                          self.plan.processes)[index],)
+        return tuple(split(self.queue_concurrency[q], self.queue_workers[q], self.plan.processes)[index]
+                     for q in self.queues)
 
     async def control(self) -> None:
-        """Every CONTROL_INTERVAL seconds (RAMP_INTERVAL at the start and after an increase,
-        ``Controller.next_look``): read the load, share the host among the busy queues, let
-        each queue's controller decide, apply what changed (prefetch at once; concurrency by
-        telling each worker its slots; a CPU queue's share also by the workers it runs on)."""
+        """Every LOOK_TICK seconds read the settled counts and the cores; each queue's
+        controller looks when its own interval has passed (``Controller.next_look``: 2 s, 1 s
+        at the start and after an increase), judged on its own window without the settling
+        start. At each look: share the host among the busy queues, let the due controllers
+        decide, apply what changed (prefetch at once; concurrency by telling each worker its
+        slots; a CPU queue's share also by the workers it runs on)."""
         from fastq.autosize import (
             CONTROL_INTERVAL,
-            PARTS,
+            LOOK_TICK,
+            PRESS_MEMORY,
             RAMP_INTERVAL,
-            RAMP_SETTLE,
             LoadMeter,
             Sample,
+            settle_for,
             share_slots,
             steady_rate,
         )
@@ -417,43 +436,55 @@ class Supervisor:
             if q.name in self.queue_index:
                 self.controller(q)
         loop = asyncio.get_running_loop()
-        interval = RAMP_INTERVAL  # the start is a change of load: the first look comes soon
+        #: per queue: when it last looked, and how long until its next look
+        due: dict[str, tuple[float, float]] = {}
+        waited: dict[str, float] = {}  # when each queue last had work waiting at the broker
+        history: collections.deque[tuple[float, collections.Counter[str], tuple[float, float]]] = collections.deque()
         while not self.stopping:
-            # Judge each interval by its end: its start still carries the last change.
-            settle = RAMP_SETTLE if interval == RAMP_INTERVAL else interval / 2
-            await asyncio.sleep(settle)
-            meter.busy()
-            # the judged part in PARTS slices: a neighbour's burst that dips one slice is trimmed
-            marks = [(loop.time(), collections.Counter(self.settled_by_queue))]
-            for _ in range(PARTS):
-                await asyncio.sleep((interval - settle) / PARTS)
-                marks.append((loop.time(), collections.Counter(self.settled_by_queue)))
-            elapsed = marks[-1][0] - marks[0][0]
-            busy, headroom = meter.busy(), meter.memory_headroom()
+            await asyncio.sleep(LOOK_TICK)
+            now = loop.time()
+            history.append((now, collections.Counter(self.settled_by_queue), meter.snapshot()))
+            while history[0][0] < now - 2 * CONTROL_INTERVAL:
+                history.popleft()
+            for name in controllers:  # the start is a change of load: the first look comes soon
+                due.setdefault(name, (now, RAMP_INTERVAL))
+            looking = [n for n, (at, wait) in due.items() if now - at >= wait - LOOK_TICK / 2]
+            if not looking:
+                continue
+            headroom = meter.memory_headroom()
             backlogs: dict[str, int] = {}
             for name in controllers:
                 try:
                     backlogs[name] = (await self.broker.queue_depth(name)).ready
                 except Exception as e:  # noqa: BLE001 - the broker is down: decide next time
                     logger.warning("autosize: no queue depth for %r (%s); holding", name, e)
+                    due[name] = (now, CONTROL_INTERVAL)
+                if backlogs.get(name, 0) > 0:
+                    waited[name] = now
             # Queues with work (demand) share the host by weight: I/O ones its handlers, CPU ones
-            # its cores, weighed against every busy queue
+            # its cores, weighed against the busy queues that press for them (work waiting)
             shared = {n: c for n, c in controllers.items() if not c.user_fixed}
             caps = share_slots({n: plans[n].weight for n in shared},
                                {n: backlogs.get(n, 0) > 0 or self.in_flight[n] > 0 for n in shared},
                                floors={n: c.min_concurrency for n, c in shared.items() if c.kind == "io"},
-                               cores={n: c.cpu_cores for n, c in shared.items() if c.kind == "cpu"})
-            interval = CONTROL_INTERVAL
-            for name, controller in controllers.items():
+                               cores={n: c.cpu_cores for n, c in shared.items() if c.kind == "cpu"},
+                               pressing={n for n in shared if now - waited.get(n, -PRESS_MEMORY) < PRESS_MEMORY})
+            for name, controller in list(controllers.items()):
                 if name not in backlogs:
                     continue
-                throughput = steady_rate([t for t, _ in marks], [c[name] for _, c in marks])
-                latency = self.in_flight[name] / throughput if throughput > 0 else elapsed
                 d = controller.cap(caps[name]) if name in caps else None
-                if d is None or not d.reason:
+                if d is not None and d.reason:  # its share moved: judge what follows at the usual pace
+                    due[name] = (now, CONTROL_INTERVAL)
+                elif name in looking:
+                    at, wait = due[name]
+                    window = [h for h in history if h[0] >= at + settle_for(wait) - LOOK_TICK / 2] or list(history)[-2:]
+                    throughput = steady_rate([t for t, _, _ in window], [c[name] for _, c, _ in window])
+                    busy = meter.busy_between(window[0][2], window[-1][2])
+                    latency = self.in_flight[name] / throughput if throughput > 0 else wait
                     d = controller.step(Sample(busy=busy, backlog=backlogs[name], throughput=throughput,
                                                latency=latency, memory_headroom=headroom))
-                if d.reason:
+                    due[name] = (now, controller.next_look(latency))
+                if d is not None and d.reason:
                     logger.info("autosize: queue %r: %s; concurrency %d, prefetch %d",
                                 name, d.reason, d.concurrency, d.prefetch)
                     self.decisions.append((time.time(), name, d.reason))
@@ -464,37 +495,57 @@ class Supervisor:
                     if d.prefetch != self.prefetch[name]:
                         self.prefetch[name] = d.prefetch
                         await self.broker.prefetch(name, d.prefetch)
-                interval = min(interval, controller.next_look(latency))
             self.concurrency = self.slots_needed()
             self.tell_slots()
 
     def place_cpu_queues(self) -> None:
         """Give each CPU queue one worker per handler of its share (CPU handlers run inline: one
-        per worker at a time), consecutive and apart from the other CPU queues where there are
-        enough, the plan's workers when it has them all. Messages already on a worker finish there."""
-        start = 0
+        per worker at a time): workers that take work now before the others (one that is
+        recycling, restarting or gone is passed over while others can), apart from the other CPU
+        queues where there are enough; the plan's workers when it has them all. Called again
+        whenever a share or a worker's state changes; messages already on a worker finish there."""
+        start, changed = 0, False
         for q in self.plan.queues:
             controller = self.controllers.get(q.name)
             if (controller.kind if controller is not None else q.kind) != "cpu" or q.name not in self.queue_index:
                 continue
             k, mine = self.queue_concurrency[q.name], q.workers
-            workers = mine if k >= len(mine) else tuple(sorted(mine[(start + i) % len(mine)] for i in range(k)))
+            if k >= len(mine):
+                workers = mine
+            else:
+                turn = [mine[(start + i) % len(mine)] for i in range(len(mine))]
+                usable = [i for i in turn if self.usable(self.workers[i])]
+                workers = tuple(sorted((usable + [i for i in turn if i not in usable])[:k]))
             start += k
             if workers != self.queue_workers[q.name]:
                 self.queue_workers[q.name] = workers
                 index = self.queue_index[q.name]
                 self.allowed[index] = set(workers)
                 self.dispatcher.allow(index, workers)
+                changed = True
                 logger.info("queue %r now runs on worker processes %s (one per CPU handler of its %d)",
                             q.name, list(workers), k)
+        if changed and self.backlog:
+            self.dispatch_backlog()  # what waited for a worker that is not there goes elsewhere
+
+    @staticmethod
+    def usable(w: _Worker) -> bool:
+        """Takes work now, or will once it is up (not recycling, restarting or gone)."""
+        return not w.leaving and w.process is not None and w.process.is_alive()
 
     def tell_slots(self) -> None:
-        """Send each live worker its handler slots where they changed (a full ring: next time)."""
+        """Send each live worker its handler slots, and each queue's, where they changed (a
+        full ring: next time)."""
         for w in self.workers:
-            if w.slots != self.concurrency and w.ready and not w.leaving and w.process.is_alive():
+            per_queue = self.slots_of(w.index)
+            if ((w.slots, w.queue_slots) != (self.concurrency, per_queue) and w.ready and not w.leaving
+                    and w.process.is_alive()):
+                body = array.array("I", per_queue if len(per_queue) > 1 else ())
+                if sys.byteorder == "big":
+                    body.byteswap()
                 try:
-                    w.inbox.put_nowait(DELIVERY.pack(0, self.concurrency, worker.CONTROL_QUEUE))
-                    w.slots = self.concurrency
+                    w.inbox.put_nowait(DELIVERY.pack(0, self.concurrency, worker.CONTROL_QUEUE) + body.tobytes())
+                    w.slots, w.queue_slots = self.concurrency, per_queue
                 except (RingFull, RingClosed):
                     pass
 
@@ -544,6 +595,7 @@ class Supervisor:
         if status == worker.READY:
             w.ready, w.failures = True, 0
             self.refresh(w)
+            self.place_cpu_queues()
             self.ready_event.set()
             if self.recycling == w.index:  # its replacement is up: the next may go
                 logger.info("worker %d is back", w.index)

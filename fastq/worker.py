@@ -18,6 +18,7 @@ named by ``WorkerSpec.executor`` so that this module does not import the pool's.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import collections
 import concurrent.futures
@@ -25,8 +26,9 @@ import logging
 import os
 import random
 import signal
+import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 import msgspec
@@ -49,7 +51,8 @@ RETIRE = 4
 #: a worker measured an "auto" handler (tag 0; the reason is JSON: queue, kind, on-CPU share)
 CLASSIFIED = 6
 #: a delivery of tag 0 to this queue index sets the worker's handler slots to its ``retries``
-#: field (the autosize controller moved the concurrency)
+#: field (the autosize controller moved the concurrency); the body, if any, is each queue's
+#: slots (little-endian uint32 per queue index)
 CONTROL_QUEUE = 0xFFFF
 #: the first bytes of every frame of tag 0 (deliveries have tags from 1)
 NO_TAG = bytes(8)
@@ -88,6 +91,9 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     #: ``module:factory`` of the executor (empty: ``AppExecutor`` over ``app``); the factory
     #: gets the runtime and returns an object with ``slots``, ``flush_each``, ``run`` and ``close``
     executor: str = ""
+    #: with several queues: the handler slots of each (index = queue index), so that one
+    #: queue's deep backlog here does not keep another's frames from a slot (empty: one lane)
+    queue_slots: tuple[int, ...] = ()
 
 
 class Processing:
@@ -147,6 +153,55 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+class Lanes:
+    """Frames waiting for a slot when a worker serves several queues: one lane per queue, each
+    with its own free slots, started in turn (round robin) while the worker has slots free. A
+    queue that may not run here any more keeps one slot for what it already has."""
+
+    __slots__ = ("count", "free", "lanes", "slots", "turn")
+
+    def __init__(self, slots: Sequence[int]) -> None:
+        self.lanes = [collections.deque[bytes]() for _ in slots]
+        self.slots = [max(1, n) for n in slots]
+        self.free = list(self.slots)
+        self.count = 0
+        self.turn = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def extend(self, frames: list[bytes]) -> None:
+        lanes = self.lanes
+        for frame in frames:  # the queue index: bytes 12..13 of the DELIVERY header
+            lanes[frame[12] | frame[13] << 8].append(frame)
+        self.count += len(frames)
+
+    def take(self) -> bytes | None:
+        """The next frame whose queue has a slot free, in turn; None if none has."""
+        n = len(self.lanes)
+        for k in range(n):
+            q = (self.turn + k) % n
+            if self.lanes[q] and self.free[q] > 0:
+                self.free[q] -= 1
+                self.count -= 1
+                self.turn = (q + 1) % n
+                return self.lanes[q].popleft()
+        return None
+
+    def done(self, queue_index: int) -> None:
+        self.free[queue_index] += 1
+
+    def room(self) -> bool:
+        """Some queue has more slots free than frames waiting: reading more may fill them."""
+        return any(f > len(lane) for f, lane in zip(self.free, self.lanes))
+
+    def resize(self, slots: Sequence[int]) -> None:
+        for q, n in enumerate(slots[: len(self.slots)]):
+            n = max(1, n)
+            self.free[q] += n - self.slots[q]
+            self.slots[q] = n
+
+
 class Runtime:
     """The rings, the handler slots and the completion flushes of one worker process."""
 
@@ -157,7 +212,11 @@ class Runtime:
         self.executor = executor(self)
         #: handler slots free (of the executor's), and frames read but not started yet
         self.free = self.concurrency = self.executor.slots
-        self.waiting: collections.deque[bytes] = collections.deque()
+        self.waiting: collections.deque[bytes] | Lanes = collections.deque()
+        #: several queues with slots of their own: frames wait in one lane per queue
+        self.lanes: Lanes | None = None
+        if len(spec.queues) > 1 and spec.queue_slots:
+            self.waiting = self.lanes = Lanes(spec.queue_slots)
         self.done: list[bytes] = []
         self.flush_scheduled = False
         self.flush_timer: asyncio.TimerHandle | None = None
@@ -192,8 +251,11 @@ class Runtime:
         # While the frames here fill every free slot, new ones could not start anyway: look for
         # them when a handler finishes instead of being woken for each (no syscall per frame on
         # either side).
+        lanes = self.lanes
+        arm_when = ((lambda: self.free > len(self.waiting)) if lanes is None else
+                    (lambda: self.free > 0 and lanes.room()))
         self.reader = RingReader(self.inbox, self.on_frames, 256, on_closed=self.on_closed,
-                                 arm_when=lambda: self.free > len(self.waiting), on_error=self.failed)
+                                 arm_when=arm_when, on_error=self.failed)
         self.reader.start()
         try:
             await self.finished
@@ -229,9 +291,15 @@ class Runtime:
                 continue
             _, slots, queue_index = DELIVERY.unpack_from(frame)
             if queue_index == CONTROL_QUEUE:  # new handler slots (autosize)
-                logger.info("worker %d: %d handler slots (was %d)", self.spec.index, slots, self.concurrency)
+                per_queue = array.array("I", frame[DELIVERY.size :])
+                if sys.byteorder == "big":
+                    per_queue.byteswap()
+                logger.info("worker %d: %d handler slots (was %d)%s", self.spec.index, slots, self.concurrency,
+                            f", per queue {list(per_queue)}" if self.lanes is not None and per_queue else "")
                 self.free += slots - self.concurrency
                 self.concurrency = slots
+                if self.lanes is not None and per_queue:
+                    self.lanes.resize(per_queue)
             else:  # the go-ahead to recycle, always last: finish what we have, then go
                 self.retired = True
                 self.reader.stop()
@@ -251,9 +319,16 @@ class Runtime:
 
     def feed(self) -> None:
         """Start handlers for waiting frames while slots are free; finish when all is done."""
+        lanes = self.lanes
         while self.waiting and self.free > 0:
+            if lanes is None:
+                frame = self.waiting.popleft()  # type: ignore[union-attr]
+            else:
+                frame = lanes.take()  # type: ignore[assignment]
+                if frame is None:  # the queues with frames here have no slot free
+                    break
             self.free -= 1
-            t = self.loop.create_task(self.handle(self.waiting.popleft()))
+            t = self.loop.create_task(self.handle(frame))
             self.running.add(t)  # a strong reference: the loop keeps only a weak one
             t.add_done_callback(self.running.discard)
         idle = self.free == self.concurrency
@@ -272,11 +347,13 @@ class Runtime:
             payload = f"fastq internal error: {type(e).__name__}: {e}".encode("utf-8", "backslashreplace")
         self.done.append(COMPLETION.pack(tag, status, delay) + payload)
         self.free += 1
+        if self.lanes is not None:
+            self.lanes.done(queue_index)
         if self.executor.flush_each:  # each frame is a whole batch: its caller waits for it
             self.flush()
             self.feed()
             return
-        if not self.reader.armed and len(self.waiting) < self.free:
+        if not self.reader.armed and (len(self.waiting) < self.free if self.lanes is None else self.lanes.room()):
             # Local frames will not fill the free slots: take what the ring has first, so that
             # the flush below knows how much work is left here.
             self.pulling = True

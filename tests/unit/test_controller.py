@@ -311,6 +311,9 @@ def test_a_busy_cpu_queue_shares_the_cores_by_weight_with_every_busy_queue():
     assert share_slots({"crunch": 3.0, "mail": 1.0}, both, cores={"crunch": 16})["crunch"] == 12
     assert share_slots({"a": 1.0, "b": 1.0}, {"a": True, "b": True}, cores={"a": 2, "b": 2}) == {"a": 1, "b": 1}
     assert share_slots({"crunch": 1.0, "mail": 9.0}, both, cores={"crunch": 2})["crunch"] == 1
+    # an I/O queue that keeps up (no work waiting at the broker) does not press for a core
+    assert share_slots(weights, both, cores={"crunch": 2}, pressing=set()) == {"crunch": 2, "mail": 100}
+    assert share_slots(weights, both, cores={"crunch": 2}, pressing={"mail"}) == {"crunch": 1, "mail": 100}
 
 
 def test_a_cpu_queue_follows_its_share_of_the_cores_down_and_back_up_unless_the_user_set_it():
@@ -328,7 +331,8 @@ def test_a_cpu_queue_follows_its_share_of_the_cores_down_and_back_up_unless_the_
     auto.reclassify("cpu", CORES)
     assert auto.cap(1).concurrency == 1 and auto.cap(5).concurrency == CORES
     fixed = Controller(queue("cpu", concurrency=2), user_concurrency=True)
-    assert fixed.cap(1) == fixed.cap(1) and fixed.concurrency == 2
+    d = fixed.cap(1)
+    assert (d.concurrency, d.prefetch, d.reason) == (2, 4, "")
 
 
 def test_a_look_trims_the_highest_and_the_lowest_slice_of_its_throughput():
@@ -340,3 +344,40 @@ def test_a_look_trims_the_highest_and_the_lowest_slice_of_its_throughput():
     assert steady_rate(times, counts) == 1_000.0
     assert steady_rate([0.0, 2.0], [0, 3]) == 1.5  # too few slices: the plain rate
     assert steady_rate([0.0, 0.0], [0, 0]) == 0.0
+
+
+def test_a_probe_is_one_doubling_even_after_a_step_that_paid_well():
+    # Given a queue climbing on busy cores whose prefetch ceiling has aged out: the next
+    # increase is a probe
+    ctl = Controller(queue("io"))
+    ctl.concurrency, ctl.prefetch, ctl.before, ctl.raised = 10, 50, (5, 5), True
+    ctl.last = Sample(busy=0.9, backlog=10_000, throughput=1_000, latency=0.05)
+    ctl.capped["prefetch"], ctl.ceiling_age, ctl.ceiling_throughput = True, PROBE_AFTER, 1_240
+    d = ctl.step(Sample(busy=0.9, backlog=10_000, throughput=1_240, latency=0.05))
+    # Then it doubles, no more (a step that paid 24% would otherwise be followed by x4)
+    assert d.concurrency == 20
+
+
+def test_a_jump_that_paid_most_of_itself_is_kept_not_trimmed():
+    # Given idle-ish cores (25% busy: x3) and a gain of x1.9 from 4 to 12
+    ctl = Controller(queue("io"))
+    ctl.step(Sample(busy=0.25, backlog=10_000, throughput=1_000, latency=0.02))
+    assert ctl.concurrency == 12
+    d = ctl.step(Sample(busy=0.5, backlog=10_000, throughput=1_900, latency=0.02))
+    # Then twice what carried the gain (15) is above 12: nothing is trimmed nor capped
+    assert not d.reason.startswith("concurrency x") and not ctl.capped["concurrency"]
+
+
+def test_a_share_that_moves_during_a_prefetch_try_puts_the_factor_back_unjudged():
+    ctl = Controller(queue("cpu"))
+    d = ctl.step(Sample(busy=0.8, backlog=10_000, throughput=1_000, latency=0.01))
+    assert (d.prefetch, ctl.factor) == (6, 3)  # trying x3
+    d = ctl.cap(1)
+    assert (d.concurrency, d.prefetch, ctl.factor) == (1, 2, 2)  # x2 again, to be tried later
+
+
+def test_a_slow_queues_rate_is_not_trimmed_away():
+    from fastq.autosize import steady_rate
+
+    times = [0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75]
+    assert steady_rate(times, [0, 0, 0, 1, 1, 1, 1]) == 1 / 0.75  # one message: not 0
