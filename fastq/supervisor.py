@@ -285,6 +285,7 @@ class Supervisor:
             except (RingFull, RingClosed):
                 w.leaving, self.recycling = False, None  # try again at its next request
                 self.refresh(w)
+                self.place_cpu_queues()
                 self.want_to_leave.appendleft(w.index)
                 return
 
@@ -304,7 +305,7 @@ class Supervisor:
 
     def dispatch_backlog(self) -> None:
         d = self.dispatcher
-        if self.suspects:
+        if self.suspects or self.reserved is not None:
             self.place_suspects()
         if self.backlog:
             left = d.dispatch(self.backlog)
@@ -330,10 +331,13 @@ class Supervisor:
                 if self.reserved == w.index:
                     self.reserved = None
                 self.refresh(w)
+        may = set().union(*(self.allowed[self.queue_index[self.pending[t].queue]] for t in self.suspects))
+        if self.reserved is not None and self.reserved not in may:  # no waiting suspect may run there
+            w, self.reserved = self.workers[self.reserved], None
+            self.refresh(w)
         if self.suspects and self.reserved is None:
             # None is idle: keep the least busy one that may run a waiting suspect free of new
             # work until it is
-            may = set().union(*(self.allowed[self.queue_index[self.pending[t].queue]] for t in self.suspects))
             free = [w for w in alive if w.solo is None and w.index in may]
             if free:
                 self.reserved = min(free, key=lambda w: d.in_flight(w.index)).index
@@ -438,7 +442,10 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         #: per queue: when it last looked, and how long until its next look
         due: dict[str, tuple[float, float]] = {}
-        waited: dict[str, float] = {}  # when each queue last had work waiting at the broker
+        # when each queue last had work waiting at the broker at two reads in a row (one read
+        # may catch a queue that keeps up between a publish and its pump's next round trip)
+        waited: dict[str, float] = {}
+        ready_before: dict[str, int] = {}
         history: collections.deque[tuple[float, collections.Counter[str], tuple[float, float]]] = collections.deque()
         while not self.stopping:
             await asyncio.sleep(LOOK_TICK)
@@ -459,10 +466,12 @@ class Supervisor:
                 except Exception as e:  # noqa: BLE001 - the broker is down: decide next time
                     logger.warning("autosize: no queue depth for %r (%s); holding", name, e)
                     due[name] = (now, CONTROL_INTERVAL)
-                if backlogs.get(name, 0) > 0:
+                if backlogs.get(name, 0) > 0 and ready_before.get(name, 0) > 0:
                     waited[name] = now
+                ready_before[name] = backlogs.get(name, 0)
             # Queues with work (demand) share the host by weight: I/O ones its handlers, CPU ones
             # its cores, weighed against the busy queues that press for them (work waiting)
+            decided: list[str] = []
             shared = {n: c for n, c in controllers.items() if not c.user_fixed}
             caps = share_slots({n: plans[n].weight for n in shared},
                                {n: backlogs.get(n, 0) > 0 or self.in_flight[n] > 0 for n in shared},
@@ -475,15 +484,21 @@ class Supervisor:
                 d = controller.cap(caps[name]) if name in caps else None
                 if d is not None and d.reason:  # its share moved: judge what follows at the usual pace
                     due[name] = (now, CONTROL_INTERVAL)
+                    decided.append(name)
                 elif name in looking:
                     at, wait = due[name]
-                    window = [h for h in history if h[0] >= at + settle_for(wait) - LOOK_TICK / 2] or list(history)[-2:]
+                    start = at + settle_for(wait) + LOOK_TICK / 2
+                    first = max((i for i, h in enumerate(history) if h[0] <= start), default=0)
+                    window = list(itertools.islice(history, first, None))
+                    if len(window) < 2 or window[-1][0] - window[0][0] < (wait - settle_for(wait)) / 2:
+                        continue  # too little of its window was read (the awaits took long): next tick
                     throughput = steady_rate([t for t, _, _ in window], [c[name] for _, c, _ in window])
                     busy = meter.busy_between(window[0][2], window[-1][2])
                     latency = self.in_flight[name] / throughput if throughput > 0 else wait
                     d = controller.step(Sample(busy=busy, backlog=backlogs[name], throughput=throughput,
                                                latency=latency, memory_headroom=headroom))
                     due[name] = (now, controller.next_look(latency))
+                    decided.append(name)
                 if d is not None and d.reason:
                     logger.info("autosize: queue %r: %s; concurrency %d, prefetch %d",
                                 name, d.reason, d.concurrency, d.prefetch)
@@ -494,7 +509,14 @@ class Supervisor:
                     self.wake[name].set()
                     if d.prefetch != self.prefetch[name]:
                         self.prefetch[name] = d.prefetch
-                        await self.broker.prefetch(name, d.prefetch)
+                        try:
+                            await self.broker.prefetch(name, d.prefetch)
+                        except Exception as e:  # noqa: BLE001 - the broker is down: its reconnect applies it
+                            logger.warning("autosize: prefetch %d for %r not applied at the broker yet (%s)",
+                                           d.prefetch, name, e)
+            stamp = loop.time()  # after the awaits above: the next window starts here
+            for name in decided:
+                due[name] = (stamp, due[name][1])
             self.concurrency = self.slots_needed()
             self.tell_slots()
 
@@ -504,7 +526,7 @@ class Supervisor:
         recycling, restarting or gone is passed over while others can), apart from the other CPU
         queues where there are enough; the plan's workers when it has them all. Called again
         whenever a share or a worker's state changes; messages already on a worker finish there."""
-        start, changed = 0, False
+        start, changed, taken = 0, False, set[int]()
         for q in self.plan.queues:
             controller = self.controllers.get(q.name)
             if (controller.kind if controller is not None else q.kind) != "cpu" or q.name not in self.queue_index:
@@ -514,9 +536,10 @@ class Supervisor:
                 workers = mine
             else:
                 turn = [mine[(start + i) % len(mine)] for i in range(len(mine))]
-                usable = [i for i in turn if self.usable(self.workers[i])]
-                workers = tuple(sorted((usable + [i for i in turn if i not in usable])[:k]))
+                rank = {i: (not self.usable(self.workers[i]), i in taken, n) for n, i in enumerate(turn)}
+                workers = tuple(sorted(sorted(turn, key=rank.__getitem__)[:k]))
             start += k
+            taken.update(workers)
             if workers != self.queue_workers[q.name]:
                 self.queue_workers[q.name] = workers
                 index = self.queue_index[q.name]
@@ -525,8 +548,11 @@ class Supervisor:
                 changed = True
                 logger.info("queue %r now runs on worker processes %s (one per CPU handler of its %d)",
                             q.name, list(workers), k)
-        if changed and self.backlog:
-            self.dispatch_backlog()  # what waited for a worker that is not there goes elsewhere
+        if changed:
+            self.concurrency = self.slots_needed()
+            self.tell_slots()
+            if self.backlog:
+                self.dispatch_backlog()  # what waited for a worker that is not there goes elsewhere
 
     @staticmethod
     def usable(w: _Worker) -> bool:

@@ -158,10 +158,12 @@ class Lanes:
     with its own free slots, started in turn (round robin) while the worker has slots free. A
     queue that may not run here any more keeps one slot for what it already has."""
 
-    __slots__ = ("count", "free", "lanes", "slots", "turn")
+    __slots__ = ("count", "free", "given", "lanes", "slots", "turn")
 
     def __init__(self, slots: Sequence[int]) -> None:
         self.lanes = [collections.deque[bytes]() for _ in slots]
+        #: the slots the supervisor gave each queue here (0: it runs elsewhere now)
+        self.given = list(slots)
         self.slots = [max(1, n) for n in slots]
         self.free = list(self.slots)
         self.count = 0
@@ -192,11 +194,13 @@ class Lanes:
         self.free[queue_index] += 1
 
     def room(self) -> bool:
-        """Some queue has more slots free than frames waiting: reading more may fill them."""
-        return any(f > len(lane) for f, lane in zip(self.free, self.lanes))
+        """Some queue that runs here has more slots free than frames waiting: reading more may
+        fill them (a queue that runs elsewhere now gets no new frames: its slot does not count)."""
+        return any(f > len(lane) and g > 0 for f, lane, g in zip(self.free, self.lanes, self.given))
 
     def resize(self, slots: Sequence[int]) -> None:
         for q, n in enumerate(slots[: len(self.slots)]):
+            self.given[q] = n
             n = max(1, n)
             self.free[q] += n - self.slots[q]
             self.slots[q] = n
@@ -341,6 +345,15 @@ class Runtime:
         body = memoryview(frame)[DELIVERY.size :]
         try:
             status, delay, payload = await self.executor.run(body, retries, queue_index)
+        except asyncio.CancelledError as e:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # this handler's own task is being cancelled
+                raise
+            # a handler let the CancelledError of something it awaited out: its slot and its
+            # message must not be lost with it
+            logger.exception("worker %d: delivery %d raised CancelledError", self.spec.index, tag)
+            status, delay = (RETRY, 1.0) if retries < INTERNAL_RETRIES else (DEAD, 0.0)
+            payload = f"the handler raised CancelledError: {e}".encode("utf-8", "backslashreplace")
         except Exception as e:  # noqa: BLE001 - a bug of ours must not lose the message
             logger.exception("worker %d: internal error on delivery %d", self.spec.index, tag)
             status, delay = (RETRY, 1.0) if retries < INTERNAL_RETRIES else (DEAD, 0.0)
@@ -361,16 +374,20 @@ class Runtime:
                 self.reader.drain()
             finally:
                 self.pulling = False
-        self.schedule_flush()
+        self.schedule_flush(queue_index)
         self.feed()
 
-    def schedule_flush(self) -> None:
-        """Report completions now, unless this worker will still have frames waiting for a slot
-        once this one's slot is free: then the supervisor need not refill yet, and completions
-        gather for up to FLUSH_AFTER seconds (or FLUSH_MAX of them), one wake-up for many."""
+    def schedule_flush(self, queue_index: int) -> None:
+        """Report completions now, unless this worker will still have frames of the finished
+        one's queue waiting for a slot once its slot is free: then the supervisor need not refill
+        yet, and completions gather for up to FLUSH_AFTER seconds (or FLUSH_MAX of them), one
+        wake-up for many."""
         if self.flush_scheduled:
             return
-        if len(self.waiting) > self.free and len(self.done) < FLUSH_MAX:
+        lanes = self.lanes
+        more = (len(self.waiting) > self.free if lanes is None
+                else len(lanes.lanes[queue_index]) > lanes.free[queue_index])
+        if more and len(self.done) < FLUSH_MAX:
             if self.flush_timer is None:
                 self.flush_timer = self.loop.call_later(FLUSH_AFTER, self.flush)
             return

@@ -36,3 +36,11 @@ def test_room_says_when_reading_more_could_fill_a_slot_and_resize_keeps_one_for_
     assert [DELIVERY.unpack_from(lanes.take())[0] for _ in range(3)] == [1, 3, 2]
     lanes.resize([1, 0])  # fewer slots than are busy: the next frames wait for completions
     assert lanes.free == [-1, 0] and lanes.take() is None
+
+
+def test_a_queue_that_runs_elsewhere_now_does_not_keep_the_reader_armed():
+    lanes = Lanes([3, 0])
+    lanes.extend([frame(1, 0), frame(2, 0), frame(3, 0)])
+    assert not lanes.room()  # queue 1 may not run here: its floor slot is for leftovers only
+    lanes.resize([3, 2])
+    assert lanes.room()
