@@ -456,6 +456,11 @@ class AppExecutor:
             await self.call(handler, args, name, options)
         except Exception as e:  # noqa: BLE001 - any failure of user code is the message's outcome
             exc = e
+        except asyncio.CancelledError as e:  # one the handler let out of something it awaited,
+            task = asyncio.current_task()     # unless this handler's own task is being cancelled
+            if task is not None and task.cancelling():
+                raise
+            exc = e
         for mw in reversed(self.app.middleware):
             try:
                 mw.after_process(processing, exc)

@@ -80,6 +80,12 @@ def flaky(n: int) -> None:
     _record(b"flaky %d\\n" % n)
     raise RuntimeError("always fails %d" % n)
 
+@app.task(queue="poison", max_retries=1, retry_backoff=0.01)
+async def gone(n: int) -> None:
+    import asyncio
+    _record(b"gone %d\\n" % n)
+    raise asyncio.CancelledError("upstream went away")  # what awaiting a cancelled task raises
+
 @app.task(queue="poison")
 def fine(n: int) -> None:
     _record(b"fine %d\\n" % n)
@@ -203,21 +209,24 @@ def test_bad_and_failing_messages_are_dead_lettered_with_reasons_while_the_rest_
     broker.publish_sync("poison", [Message(m.encode("no.such.task", (1,))[1], "unknown")])
     broker.publish_sync("poison", [Message(m.encode(engine.app.fine.name, ("not an int",))[1], "invalid")])
     flaky_id = engine.app.flaky.send(7)
+    gone_id = engine.app.gone.send(8)
     engine.app.fine.send_many((i,) for i in range(100))
     engine.start("--processes", "2", "--queue", "poison")
-    engine.wait_for_lines(100 + 3)  # the fine ones, and flaky's three attempts
+    engine.wait_for_lines(100 + 3 + 2)  # the fine ones, flaky's three attempts, gone's two
     deadline = time.monotonic() + 30
-    while len(broker.dead_letters("poison")) < 4 and time.monotonic() < deadline:
+    while len(broker.dead_letters("poison")) < 5 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert engine.stop() == 0
     reasons = {d.message_id: d.reason for d in broker.dead_letters("poison")}
-    assert set(reasons) == {"garbage", "unknown", "invalid", flaky_id}
+    assert set(reasons) == {"garbage", "unknown", "invalid", flaky_id, gone_id}
+    # a CancelledError a handler lets out (not its own task's) is its failure: retried, then dead
+    assert reasons[gone_id] == "CancelledError: upstream went away (after 2 attempts)"
     assert reasons["garbage"].startswith("undecodable: body of 13 bytes is not a fastq task envelope")
     assert reasons["unknown"].startswith("unknown task 'no.such.task'")
     assert reasons["invalid"].startswith(f"invalid arguments for {engine.app.fine.name}: Expected `int`, got `str`")
     assert reasons[flaky_id] == "RuntimeError: always fails 7 (after 3 attempts)"
     lines = engine.lines()
-    assert lines.count("flaky") == 3 and lines.count("fine") == 100
+    assert lines.count("flaky") == 3 and lines.count("fine") == 100 and lines.count("gone") == 2
 
 
 def test_workers_killed_three_times_lose_nothing(engine):
