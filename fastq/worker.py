@@ -326,11 +326,11 @@ class Runtime:
         lanes = self.lanes
         while self.waiting and self.free > 0:
             if lanes is None:
-                frame = self.waiting.popleft()  # type: ignore[union-attr]
+                frame: bytes | None = self.waiting.popleft()  # type: ignore[union-attr]
             else:
-                frame = lanes.take()  # type: ignore[assignment]
-                if frame is None:  # the queues with frames here have no slot free
-                    break
+                frame = lanes.take()
+            if frame is None:  # the queues with frames here have no slot free
+                break
             self.free -= 1
             t = self.loop.create_task(self.handle(frame))
             self.running.add(t)  # a strong reference: the loop keeps only a weak one
