@@ -4,10 +4,10 @@ For noop, I/O (5 ms sleep) and CPU (about 1 ms of Python) handlers on ``memory:/
 (concurrency, prefetch) pair of the sweep is held for a few seconds, then the autosized engine
 starts from the formula; every run has a backlog that outlasts it, and its rate is read every
 second. The two best held pairs are then measured again, alternating with autosized runs,
-ROUNDS times, and the better of the two in each round is that round's best: one noisy sweep
-may crown the wrong pair, and a fresh measure beside each autosized run keeps the comparison in
-the same minute of a shared machine (the higher of two noisy rates still leans to the held
-side). Reported per scenario: the sweep, and over the rounds the medians of the autosized rate
+ROUNDS times, each over the same backlog as the autosized run, and the better of the two in
+each round is that round's best: one noisy sweep may crown the wrong pair, and a fresh measure
+beside each autosized run keeps the comparison in the same minute of a shared machine (the
+higher of two noisy rates still leans to the held side). Reported per scenario: the sweep, and over the rounds the medians of the autosized rate
 once it settled (median of its last three seconds), of that as a share of the round's best,
 and of the seconds until the autosized rate first reached 95% of it (the change of load is the
 start: from no work to a backlog).
@@ -60,16 +60,17 @@ CEILING = {"noop": 400_000, "io": 22_000, "cpu": 2_500}
 
 
 def run(bench: Bench, scenario: str, seconds: float, concurrency: int | None = None,
-        prefetch: int | None = None) -> list[float]:
-    """Messages per second in each second of a run with a backlog that outlasts it: held at
-    (concurrency, prefetch), or autosized from the formula when both are None."""
+        prefetch: int | None = None, fill_for: float | None = None) -> list[float]:
+    """Messages per second in each second of a run with a backlog that outlasts it (sized for
+    ``fill_for`` seconds, default ``seconds``): held at (concurrency, prefetch), or autosized
+    from the formula when both are None."""
     from fastq.worker import run_loop
 
     app = bench.module.app
     task = getattr(bench.module, scenario)
     sup = bench.supervisor(scenario, concurrency, prefetch, autosize=concurrency is None and prefetch is None)
     batch = [task.message(time.time()) for _ in range(10_000)]  # the same messages, many times:
-    for _ in range(int(CEILING[scenario] * (seconds + 1)) // len(batch) + 1):  # a quick fill
+    for _ in range(int(CEILING[scenario] * ((fill_for or seconds) + 1)) // len(batch) + 1):  # a quick fill
         app.broker.publish_sync(scenario, batch)
     gc.collect()
     gc.freeze()  # millions of queued entries must not make every collection slow
@@ -115,8 +116,11 @@ def measure(seconds: float, log: Callable[[str], None]) -> list[dict[str, Any]]:
                 rounds = []
                 for i in range(ROUNDS):
                     rates = run(bench, scenario, seconds)
+                    # the same backlog as the autosized run's: both over the same broker state
+                    # (8 million queued noop messages, against the sweep's 2.4 million)
                     again = {(t["concurrency"], t["prefetch"]): statistics.median(
-                        run(bench, scenario, HELD_SECONDS, t["concurrency"], t["prefetch"])[-3:]) for t in top}
+                        run(bench, scenario, HELD_SECONDS, t["concurrency"], t["prefetch"], fill_for=seconds)[-3:])
+                        for t in top}
                     (c, p), held = max(again.items(), key=lambda kv: kv[1])
                     settled = statistics.median(rates[-3:])
                     reached = next((k + 1 for k, r in enumerate(rates) if r >= 0.95 * held), None)
