@@ -688,8 +688,8 @@ def ramp(busy: float) -> float:
 
 
 class LoadMeter:
-    """Reads the machine for the controller: how busy the pinned worker cores were since the
-    last read, and how much of the memory limit is still available (psutil, read here only)."""
+    """Reads the machine for the controller: how busy the pinned worker cores were between two
+    snapshots, and how much of the memory limit is still available (psutil, read here only)."""
 
     def __init__(self, topology: Topology, cpus: Sequence[int]) -> None:
         import psutil
@@ -697,35 +697,22 @@ class LoadMeter:
         self._psutil = psutil
         self.topology = topology
         self.cpus = list(cpus) or list(topology.cpus)
-        self._last = self._times()
-
-    def _times(self) -> list[tuple[float, float]]:
-        per_cpu = self._psutil.cpu_times(percpu=True)
-        out = []
-        for cpu in self.cpus:
-            t = per_cpu[cpu] if cpu < len(per_cpu) else per_cpu[-1]
-            idle = t.idle + getattr(t, "iowait", 0.0)
-            out.append((sum(t) - idle, sum(t)))
-        return out
 
     def snapshot(self) -> tuple[float, float]:
         """The cores' seconds of work and of time so far (for ``busy_between``)."""
-        times = self._times()
-        return sum(t[0] for t in times), sum(t[1] for t in times)
+        per_cpu = self._psutil.cpu_times(percpu=True)
+        used = total = 0.0
+        for cpu in self.cpus:
+            t = per_cpu[cpu] if cpu < len(per_cpu) else per_cpu[-1]
+            used += sum(t) - t.idle - getattr(t, "iowait", 0.0)
+            total += sum(t)
+        return used, total
 
     @staticmethod
     def busy_between(a: tuple[float, float], b: tuple[float, float]) -> float:
         """Share of the cores' time spent on work between two snapshots, 0..1."""
         total = b[1] - a[1]
         return min(1.0, max(0.0, (b[0] - a[0]) / total)) if total > 0 else 0.0
-
-    def busy(self) -> float:
-        """Share of the cores' time spent on work since the last call, 0..1."""
-        now, last = self._times(), self._last
-        self._last = now
-        used = sum(n[0] - o[0] for n, o in zip(now, last))
-        total = sum(n[1] - o[1] for n, o in zip(now, last))
-        return min(1.0, max(0.0, used / total)) if total > 0 else 0.0
 
     def memory_headroom(self) -> float:
         """Share of the memory limit still available, 0..1: under a cgroup limit, what its own

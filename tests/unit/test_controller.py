@@ -4,6 +4,8 @@ and gives way to memory pressure. A tiny model stands in for the engine: each me
 
 from __future__ import annotations
 
+import time
+
 from fastq.autosize import (
     CONTROL_INTERVAL,
     COOLDOWN,
@@ -381,3 +383,26 @@ def test_a_slow_queues_rate_is_not_trimmed_away():
 
     times = [0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75]
     assert steady_rate(times, [0, 0, 0, 1, 1, 1, 1]) == 1 / 0.75  # one message: not 0
+
+
+def test_the_load_meter_reads_how_busy_the_cores_were_between_two_snapshots():
+    import os
+
+    from fastq.autosize import LoadMeter, Topology
+
+    assert LoadMeter.busy_between((1.0, 10.0), (2.0, 12.0)) == 0.5
+    assert LoadMeter.busy_between((1.0, 10.0), (1.0, 10.0)) == 0.0  # no time passed
+    original = os.sched_getaffinity(0)
+    cpu = min(original)
+    meter = LoadMeter(Topology.detect(), [cpu])
+    before = meter.snapshot()
+    os.sched_setaffinity(0, {cpu})
+    try:
+        deadline = time.process_time() + 0.3
+        while time.process_time() < deadline:  # this process keeps that core busy
+            pass
+    finally:
+        os.sched_setaffinity(0, original)
+    after = meter.snapshot()
+    assert after[1] > before[1] and after[0] > before[0]
+    assert 0.5 < LoadMeter.busy_between(before, after) <= 1.0
