@@ -406,3 +406,12 @@ def test_the_load_meter_reads_how_busy_the_cores_were_between_two_snapshots():
     after = meter.snapshot()
     assert after[1] > before[1] and after[0] > before[0]
     assert 0.5 < LoadMeter.busy_between(before, after) <= 1.0
+
+
+def test_a_larger_prefetch_is_judged_on_a_full_look_and_a_larger_concurrency_sooner():
+    ctl = Controller(queue("io"))
+    run(ctl, 2, cpu_s=50e-6, wait_s=5e-3)  # 4 -> 32 -> 100
+    assert ctl.next_look(latency=0.01) == RAMP_INTERVAL  # a concurrency step: judged after 1 s
+    d = ctl.step(model(ctl.concurrency, ctl.prefetch, cpu_s=50e-6, wait_s=5e-3))
+    assert d.reason.endswith("prefetch to concurrency x 10")
+    assert ctl.next_look(latency=0.01) == CONTROL_INTERVAL  # its gain is a few percent: 2 s
