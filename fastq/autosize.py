@@ -412,8 +412,8 @@ class Controller:
     Rules, first match wins, once per interval:
     1. memory headroom under 10%: halve prefetch (down to the concurrency; it stays capped until
        headroom is back to 20%), then, for I/O, cut concurrency by a quarter;
-    2. the last increase did not pay (throughput grew by under 5%): take it back (halve what was
-       doubled: the multiplicative decrease); that is the ceiling; likewise a decrease that lost
+    2. the last increase did not pay (throughput grew by under 5%): take it back, whole (the
+       multiplicative decrease); that is the ceiling; likewise a decrease that lost
        more than 5% of throughput and left the cores under 95% busy is taken back and becomes
        the floor;
     2b. cores saturated (95% busy or more) while a backlog waits: halve I/O concurrency, kept
@@ -422,13 +422,14 @@ class Controller:
        busy if each handler keeps its share of the CPU (x2 at least, x8 at most, up to 100 per
        host: with idle cores 4 reaches 100 in two intervals), else raise the prefetch factor
        to its largest (I/O x5 to x10; CPU x2 to x3, as CPU work never gets more than one
-       handler per pinned core). Idle cores should make the step pay; with busy ones, larger batches (less
-       overhead per message) may: there an increase follows one that paid STRONG_GAIN or more
-       with x4 (a slow start). An increase sized by idle cores that paid less than half of it
-       is trimmed to twice the concurrency that carried the gain (the knee lies between).
+       handler per pinned core). Idle cores should make the step pay; with busy ones, larger
+       batches (less overhead per message) may: there an increase that follows one that paid
+       STRONG_GAIN or more is x4 (a slow start). An increase sized by idle cores that paid less
+       than half of itself is trimmed to twice the concurrency that carried the gain (the knee
+       lies between).
     A ceiling (kept apart for concurrency and for prefetch, so that one that stopped paying
     leaves the other to try) holds until the load changes (throughput moves by a quarter) or
-    PROBE_AFTER intervals pass, when one step up is tried again; decreases hold
+    PROBE_AFTER intervals pass, when one doubling is tried again; decreases hold
     increases for COOLDOWN intervals. So it settles instead of swinging, and a value the user
     set never moves. ``next_look`` says when to look again: sooner after an increase.
     """
