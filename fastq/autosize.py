@@ -438,7 +438,7 @@ class Controller:
                  concurrency_max: int | None = None) -> None:
         self.kind = queue.kind
         self.concurrency, self.prefetch = queue.concurrency, queue.prefetch
-        self.fixed_concurrency = user_concurrency or queue.kind == "cpu"
+        #: the user set the concurrency: nothing moves it (fixed_concurrency also covers CPU work)
         self.user_fixed = user_concurrency
         #: a CPU queue's handlers when it has the cores it runs on to itself (its share may be less)
         self.cpu_cores = queue.concurrency
@@ -472,6 +472,12 @@ class Controller:
         self.probing = False  # the next increase tries a ceiling again
         self.sized_by_idle = False  # the last increase was sized by how idle the cores were
         self.before = (self.concurrency, self.factor)  # what the last increase started from
+
+    @property
+    def fixed_concurrency(self) -> bool:
+        """Concurrency the steps do not move: set by the user, or CPU work (one handler per
+        core; only its share of the cores moves it, in ``cap``)."""
+        return self.user_fixed or self.kind == "cpu"
 
     def next_look(self, latency: float) -> float:
         """Seconds until this queue wants its next look: RAMP_INTERVAL after an increase of
@@ -524,10 +530,9 @@ class Controller:
         within the user's bounds; a concurrency the user fixed stays."""
         if kind == "cpu" and self.kind != "cpu":
             self.kind = "cpu"
-            if not self.fixed_concurrency:  # the user's maximum, not a share of the I/O handlers
+            if not self.user_fixed:  # the user's maximum, not a share of the I/O handlers
                 self.concurrency = self.cpu_cores = max(1, min(cores, self.user_max_concurrency or cores))
                 self.min_concurrency = self.max_concurrency = self.concurrency
-                self.fixed_concurrency = True
             self.factor_min = self.factor = CPU_PREFETCH_FACTOR
             self.factor_max = CPU_PREFETCH_FACTOR_MAX
             self.capped = dict.fromkeys(self.capped, False)

@@ -16,7 +16,6 @@ module decides which workers accept work and what becomes of each outcome.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import collections
 import functools
@@ -25,7 +24,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import sys
 import time
 from typing import Any
 
@@ -404,13 +402,9 @@ class Supervisor:
         return max(1, max(sum(self.slots_of(i)) for i in range(self.plan.processes)))
 
     def slots_of(self, index: int) -> tuple[int, ...]:
-        """Worker ``index``'s share of each queue's concurrency (in queue index order); empty with
-        one queue (its slots are all the worker's)."""
+        """Worker ``index``'s share of each queue's concurrency (in queue index order)."""
         from fastq.autosize import split
 
-        if len(self.queues) == 1:
-            return (split(self.queue_concurrency[self.queues[0]], self.queue_workers[self.queues[0]],
-                          self.plan.processes)[index],)
         return tuple(split(self.queue_concurrency[q], self.queue_workers[q], self.plan.processes)[index]
                      for q in self.queues)
 
@@ -566,11 +560,9 @@ class Supervisor:
             per_queue = self.slots_of(w.index)
             if ((w.slots, w.queue_slots) != (self.concurrency, per_queue) and w.ready and not w.leaving
                     and w.process.is_alive()):
-                body = array.array("I", per_queue if len(per_queue) > 1 else ())
-                if sys.byteorder == "big":
-                    body.byteswap()
+                body = worker.slots_body(per_queue) if len(per_queue) > 1 else b""  # one queue: all its slots
                 try:
-                    w.inbox.put_nowait(DELIVERY.pack(0, self.concurrency, worker.CONTROL_QUEUE) + body.tobytes())
+                    w.inbox.put_nowait(DELIVERY.pack(0, self.concurrency, worker.CONTROL_QUEUE) + body)
                     w.slots, w.queue_slots = self.concurrency, per_queue
                 except (RingFull, RingClosed):
                     pass

@@ -18,7 +18,6 @@ named by ``WorkerSpec.executor`` so that this module does not import the pool's.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import collections
 import concurrent.futures
@@ -26,7 +25,7 @@ import logging
 import os
 import random
 import signal
-import sys
+import struct
 import time
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
@@ -153,24 +152,38 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def queue_slots(body: bytes) -> tuple[int, ...]:
+    """Each queue's slots from a slots frame's body (little-endian uint32 per queue index)."""
+    return struct.unpack(f"<{len(body) // 4}I", body[: len(body) // 4 * 4])
+
+
+def slots_body(per_queue: Sequence[int]) -> bytes:
+    """The body of a slots frame: each queue's slots, for ``queue_slots``."""
+    return struct.pack(f"<{len(per_queue)}I", *per_queue)
+
+
 class Lanes:
     """Frames waiting for a slot when a worker serves several queues: one lane per queue, each
     with its own free slots, started in turn (round robin) while the worker has slots free. A
     queue that may not run here any more keeps one slot for what it already has."""
 
-    __slots__ = ("count", "free", "given", "lanes", "slots", "turn")
+    __slots__ = ("count", "free", "given", "lanes", "turn")
 
     def __init__(self, slots: Sequence[int]) -> None:
         self.lanes = [collections.deque[bytes]() for _ in slots]
         #: the slots the supervisor gave each queue here (0: it runs elsewhere now)
         self.given = list(slots)
-        self.slots = [max(1, n) for n in slots]
-        self.free = list(self.slots)
+        self.free = [max(1, n) for n in slots]
         self.count = 0
         self.turn = 0
 
     def __len__(self) -> int:
         return self.count
+
+    @property
+    def slots(self) -> list[int]:
+        """Each queue's slots here: what it was given, or one for what it already has."""
+        return [max(1, n) for n in self.given]
 
     def extend(self, frames: list[bytes]) -> None:
         lanes = self.lanes
@@ -199,11 +212,9 @@ class Lanes:
         return any(f > len(lane) and g > 0 for f, lane, g in zip(self.free, self.lanes, self.given))
 
     def resize(self, slots: Sequence[int]) -> None:
-        for q, n in enumerate(slots[: len(self.slots)]):
+        for q, n in enumerate(slots[: len(self.given)]):
+            self.free[q] += max(1, n) - max(1, self.given[q])
             self.given[q] = n
-            n = max(1, n)
-            self.free[q] += n - self.slots[q]
-            self.slots[q] = n
 
 
 class Runtime:
@@ -295,9 +306,7 @@ class Runtime:
                 continue
             _, slots, queue_index = DELIVERY.unpack_from(frame)
             if queue_index == CONTROL_QUEUE:  # new handler slots (autosize)
-                per_queue = array.array("I", frame[DELIVERY.size :])
-                if sys.byteorder == "big":
-                    per_queue.byteswap()
+                per_queue = queue_slots(frame[DELIVERY.size :])
                 logger.info("worker %d: %d handler slots (was %d)%s", self.spec.index, slots, self.concurrency,
                             f", per queue {list(per_queue)}" if self.lanes is not None and per_queue else "")
                 self.free += slots - self.concurrency
