@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-from fastq._core_py import COMPLETION, DELIVERY
+from fastq._layout import COMPLETION, DELIVERY
 
 BATCH = 256
 BODY_BYTES = 100

@@ -5,7 +5,7 @@ from typing import NamedTuple
 
 from typing_extensions import Buffer, Self
 
-__all__ = ["AckWindow", "Dispatcher", "DispatcherStatistics", "Ring", "RingStatistics"]
+__all__ = ["AckWindow", "Dispatcher", "DispatcherStatistics", "Ring", "RingStatistics", "plain_values"]
 
 class RingStatistics(NamedTuple):
     used_bytes: int

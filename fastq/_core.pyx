@@ -2,9 +2,10 @@
 # cython: embedsignature=True, initializedcheck=False
 """Shared-memory single-producer single-consumer ring of byte frames: the hot path only.
 
-It moves bytes and decides nothing. fastq/_core_py.py is the slow, obvious twin and owns what both
-share (layout constants, names, the segment's life cycle, error messages); any difference in
-behaviour between the two is a bug here.
+It moves bytes and decides nothing. fastq/_core_py.py is the slow, obvious twin; any difference in
+behaviour between the two is a bug here. What both share comes from fastq/_layout.py (layout
+constants, names, value types, error messages) and fastq/_segment.py (the segment's and the
+wake-up sockets' life cycle); this module never imports the twin.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
@@ -25,11 +26,12 @@ from posix.unistd cimport close as close_fd
 
 import os
 
-from fastq import _core_py as _ref
-from fastq._core_py import RingStatistics
+from fastq import _layout as _ref
+from fastq import _segment as _seg
+from fastq._layout import RingStatistics
 from fastq.errors import PeerLost, RingBusy, RingClosed, RingCorrupt, RingEmpty, RingFull
 
-__all__ = ["AckWindow", "Dispatcher", "DispatcherStatistics", "Ring", "RingStatistics"]
+__all__ = ["AckWindow", "Dispatcher", "DispatcherStatistics", "Ring", "RingStatistics", "plain_values"]
 
 
 cdef extern from "sys/socket.h" nogil:
@@ -72,7 +74,7 @@ cdef object _too_large = _ref.too_large
 cdef object _full = _ref.full
 cdef object _check_max_frames = _ref.check_max_frames
 
-assert sizeof(RingHeader) == _ref.HEADER_BYTES, "RingHeader and _core_py.HEADER_BYTES disagree"
+assert sizeof(RingHeader) == _ref.HEADER_BYTES, "RingHeader and _layout.HEADER_BYTES disagree"
 
 
 cdef inline uint64_t _record(uint64_t size) noexcept nogil:
@@ -166,13 +168,13 @@ cdef class Ring:
 
     @classmethod
     def create(cls, size_bytes, *, name=None):
-        """Create a ring with ``size_bytes`` of frame space (see ``_core_py.Ring.create``)."""
+        """Create a ring with ``size_bytes`` of frame space (see ``fastq._core_py.Ring.create``)."""
         cdef Ring self
         capacity = _ref.check_size(size_bytes)
         name = _ref.new_name() if name is None else _ref.check_name(name)
         self = Ring.__new__(Ring)
-        self._setup(name, _ref.open_segment(name, HEADER_BYTES + capacity))
-        self._finalizer = _ref.register_creator(name)
+        self._setup(name, _seg.open_segment(name, HEADER_BYTES + capacity))
+        self._finalizer = _seg.register_creator(name)
         self._hdr.capacity = capacity
         fq_store_release(&self._hdr.magic, _ref.MAGIC)  # last: whoever sees it sees the rest
         self._cap = capacity
@@ -183,7 +185,7 @@ cdef class Ring:
         """Open the ring another process created (see ``_core_py.Ring.attach``)."""
         cdef Ring self
         _ref.check_name(name)
-        segment = _ref.open_segment(name, None)
+        segment = _seg.open_segment(name, None)
         self = Ring.__new__(Ring)
         self._setup(name, segment)
         try:
@@ -239,13 +241,13 @@ cdef class Ring:
         fq_fence()
         for role in (PRODUCER, CONSUMER):
             if fq_exchange(&self._hdr.producer_waiting if role == PRODUCER else &self._hdr.consumer_waiting, 0):
-                _ref.send_wakeup(_ref.wakeup_address(self.name, ROLE_NAMES[role]))
+                _seg.send_wakeup(_ref.wakeup_address(self.name, ROLE_NAMES[role]))
         if not (self._calls[PRODUCER] or self._calls[CONSUMER]):
             self._release()
 
     def unlink(self):
         """Remove the ring's name so that nothing is left in /dev/shm (the creator's job)."""
-        _ref.unlink_segment(self.name, self._finalizer is not None)
+        _seg.unlink_segment(self.name, self._finalizer is not None)
         if self._finalizer is not None:
             self._finalizer.cancel()
             self._finalizer = None
@@ -301,7 +303,7 @@ cdef class Ring:
         if self._fds[role] >= 0:
             return 0
         pid = &self._hdr.producer_pid if role == PRODUCER else &self._hdr.consumer_pid
-        self._fds[role] = _ref.bind_wakeup(self.name, ROLE_NAMES[role], pid[0]).detach()
+        self._fds[role] = _seg.bind_wakeup(self.name, ROLE_NAMES[role], pid[0]).detach()
         pid[0] = os.getpid()
         return 0
 
@@ -617,7 +619,7 @@ cdef class Ring:
     cdef bint _alive(self, int role) except -1:
         if self._fds[role] >= 0:
             return True
-        return _ref.probe(_ref.wakeup_address(self.name, ROLE_NAMES[role]))
+        return _seg.probe(_ref.wakeup_address(self.name, ROLE_NAMES[role]))
 
     cdef bint _ready(self, int role, uint64_t need) noexcept nogil:
         cdef RingHeader* h = self._hdr

@@ -1,5 +1,5 @@
-# Included by _core.pyx: the dispatcher's per-delivery work. fastq/_core_py.py has its twin, the
-# frame headers (DELIVERY, COMPLETION) and the error messages; both must behave the same.
+# Included by _core.pyx: the dispatcher's per-delivery work. fastq/_core_py.py has its twin;
+# the frame headers (DELIVERY, COMPLETION) and the error messages are fastq/_layout.py's.
 
 from cpython.bytes cimport PyBytes_AsString
 from cpython.mem cimport PyMem_Calloc
@@ -10,7 +10,7 @@ from libc.string cimport memmove
 from operator import index as operator_index
 
 
-from fastq._core_py import DispatcherStatistics
+from fastq._layout import DispatcherStatistics
 
 # The headers are written and read with the host's byte order: little-endian, as the twin's "<"
 # formats say (x86-64 and aarch64; fastq is Linux-only and pins with affinity masks).
@@ -24,8 +24,8 @@ cdef packed struct CompletionHeader:
     uint8_t status
     double delay
 
-assert sizeof(DeliveryHeader) == _ref.DELIVERY.size, "DeliveryHeader and _core_py.DELIVERY disagree"
-assert sizeof(CompletionHeader) == _ref.COMPLETION.size, "CompletionHeader and _core_py.COMPLETION disagree"
+assert sizeof(DeliveryHeader) == _ref.DELIVERY.size, "DeliveryHeader and _layout.DELIVERY disagree"
+assert sizeof(CompletionHeader) == _ref.COMPLETION.size, "CompletionHeader and _layout.COMPLETION disagree"
 import sys as _sys
 assert _sys.byteorder == "little", "the dispatcher's frame headers assume a little-endian host"
 

@@ -14,7 +14,6 @@ from fastq.errors import PeerLost, RingClosed, RingEmpty
 
 if os.environ.get("FASTQ_NO_EXTENSIONS"):
     from fastq._core_py import (
-        WAIT_SLICE_SECONDS,
         AckWindow,
         Dispatcher,
         DispatcherStatistics,
@@ -33,11 +32,10 @@ else:
         RingStatistics,
         plain_values,
     )
-    from fastq._core_py import WAIT_SLICE_SECONDS
 
     IMPLEMENTATION = "cython"
 
-from fastq._core_py import COMPLETION, DELIVERY, STATUS_OK
+from fastq._layout import COMPLETION, DELIVERY, STATUS_OK, WAIT_SLICE_SECONDS
 
 __all__ = [
     "COMPLETION", "DELIVERY", "AckWindow", "IMPLEMENTATION", "STATUS_OK", "Dispatcher", "DispatcherStatistics", "Ring",

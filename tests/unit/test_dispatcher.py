@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from fastq._core_py import COMPLETION, DELIVERY
+from fastq._layout import COMPLETION, DELIVERY
 from fastq.errors import ConfigError, FrameTooLarge, RingCorrupt, RingEmpty
 
 

@@ -434,22 +434,22 @@ def test_frames_before_a_corrupt_length_are_delivered_then_the_corruption_is_rep
 
     import _posixshmem
 
-    from fastq import _core_py
+    from fastq import _layout
     from fastq.errors import RingCorrupt
 
     ring = make_ring(1024)
     ring.put_many([b"good", b"also good", b"victim"])
     fd = _posixshmem.shm_open("/" + ring.name, os.O_RDWR, 0)
     try:
-        with mmap.mmap(fd, _core_py.HEADER_BYTES + 1024) as raw:
+        with mmap.mmap(fd, _layout.HEADER_BYTES + 1024) as raw:
             # The third frame starts after records of 8 and 16 bytes; give it an impossible length
-            _core_py.FRAME_HEADER.pack_into(raw, _core_py.HEADER_BYTES + 24, 999)
+            _layout.FRAME_HEADER.pack_into(raw, _layout.HEADER_BYTES + 24, 999)
             assert ring.get_many() == [b"good", b"also good"]
             with pytest.raises(RingCorrupt, match=r"holds a frame of 999 bytes at offset 24 but only 16 bytes are unread"):
                 ring.get_many_nowait()
             # A head that moved by less than one record is reported too, not read as "no frames"
-            tail = int.from_bytes(raw[_core_py.SLOT_TAIL * 8 : _core_py.SLOT_TAIL * 8 + 8], "little")
-            raw[_core_py.SLOT_HEAD * 8 : _core_py.SLOT_HEAD * 8 + 8] = (tail + 4).to_bytes(8, "little")
+            tail = int.from_bytes(raw[_layout.SLOT_TAIL * 8 : _layout.SLOT_TAIL * 8 + 8], "little")
+            raw[_layout.SLOT_HEAD * 8 : _layout.SLOT_HEAD * 8 + 8] = (tail + 4).to_bytes(8, "little")
             with pytest.raises(RingCorrupt):
                 ring.get_many_nowait()
     finally:
@@ -469,7 +469,8 @@ def test_liveness_can_be_asked_on_a_closed_handle(ring_impl, make_ring):
 
 def test_a_reader_that_is_not_armed_takes_a_stray_wake_up_instead_of_spinning(make_ring):
     import fastq.ring
-    from fastq._core_py import CONSUMER, send_wakeup, wakeup_address
+    from fastq._layout import CONSUMER, wakeup_address
+    from fastq._segment import send_wakeup
 
     ring = make_ring()
     got: list[bytes] = []

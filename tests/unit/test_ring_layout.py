@@ -8,16 +8,16 @@ import os
 import _posixshmem
 import pytest
 
-from fastq import _core, _core_py  # a missing extension is a failure here, never a skip
+from fastq import _core, _core_py, _layout  # a missing extension is a failure here, never a skip
 from fastq.errors import RingCorrupt
 
 pytestmark = pytest.mark.cython
 
 
-def test_ringheader_fields_sit_at_the_slots_the_twin_uses():
-    slots = {name[5:].lower(): value * 8 for name, value in vars(_core_py).items() if name.startswith("SLOT_")}
+def test_ringheader_fields_sit_at_the_slots_the_layout_names():
+    slots = {name[5:].lower(): value * 8 for name, value in vars(_layout).items() if name.startswith("SLOT_")}
     assert _core._header_offsets() == slots
-    assert max(slots.values()) < _core_py.HEADER_BYTES
+    assert max(slots.values()) < _layout.HEADER_BYTES
 
 
 @pytest.mark.parametrize(("writer", "reader"), [(_core, _core_py), (_core_py, _core)])
