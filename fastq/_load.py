@@ -7,9 +7,7 @@ import os
 import sys
 from typing import Any
 
-
-class LoadError(Exception):
-    """The spec does not name an importable object; the message says what to change."""
+from fastq.errors import LoadError
 
 
 def load(spec: str) -> Any:
@@ -22,11 +20,13 @@ def load(spec: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
-        raise LoadError(f"cannot import {module_name!r}: {e}; run from the directory that holds it") from None
+        raise LoadError(
+            f"cannot import {module_name!r}: {e}; run from the directory that holds it"
+        ) from e
     obj: Any = module
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
-        except AttributeError:
-            raise LoadError(f"module {module_name!r} has no {attr!r}") from None
+        except AttributeError as e:
+            raise LoadError(f"module {module_name!r} has no {attr!r}") from e
     return obj

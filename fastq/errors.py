@@ -13,6 +13,15 @@ class ConfigError(FastqError, ValueError):
     """Raised when a setting is invalid: a Config field, a broker URL, a ring's size or name."""
 
 
+class MessageError(FastqError, ValueError):
+    """A body that is not a fastq envelope; the reason says what was expected and what was seen."""
+
+
+class LoadError(FastqError, ImportError):
+    """A ``module:attribute`` spec that names no importable object; the message says what to
+    change."""
+
+
 class FrameTooLarge(FastqError, ValueError):
     """Raised by ``put_many`` before anything is written when a frame can never fit in the ring."""
 

@@ -13,11 +13,9 @@ import time
 
 import msgspec
 
-from fastq.errors import FastqError
+from fastq.errors import MessageError
 
-
-class MessageError(FastqError, ValueError):
-    """A body that is not a fastq envelope; the reason says what was expected and what was seen."""
+__all__ = ["Envelope", "MessageError", "decode", "encode", "encode_args", "new_id"]
 
 
 class Envelope(msgspec.Struct, array_like=True, gc=False, frozen=True):

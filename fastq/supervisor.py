@@ -31,7 +31,8 @@ import msgspec
 
 from fastq import worker
 from fastq.autosize import Plan
-from fastq.broker.base import Retry, Signal
+from fastq._aio import Signal, run_loop
+from fastq.broker.base import Retry
 from fastq.config import Config
 from fastq.errors import RingClosed, RingFull
 from fastq.ring import DELIVERY, Dispatcher, Ring, RingReader
@@ -736,7 +737,7 @@ class Supervisor:
 
     def run_forever(self) -> int:
         """Run until signalled; returns the exit code."""
-        return worker.run_loop(self.run())
+        return run_loop(self.run())
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()

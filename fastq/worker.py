@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from fastq import _load, message
+from fastq._aio import run_loop
 from fastq.autosize import IO_CONCURRENCY_MAX
 from fastq.errors import RingClosed, RingFull
 from fastq.ring import COMPLETION, DELIVERY, STATUS_OK, Ring, RingReader
@@ -521,10 +522,3 @@ class AppExecutor:
             return
         fut = self.runtime.loop.run_in_executor(self.pool, lambda: handler.fn(*args))
         await asyncio.wait_for(fut, options.timeout)
-
-
-def run_loop(main: Coroutine[Any, Any, T]) -> T:
-    """Run ``main`` on a uvloop event loop (this module is the one uvloop importer)."""
-    import uvloop
-
-    return uvloop.run(main)

@@ -64,7 +64,7 @@ def run(bench: Bench, scenario: str, seconds: float, concurrency: int | None = N
     """Messages per second in each second of a run with a backlog that outlasts it (sized for
     ``fill_for`` seconds, default ``seconds``): held at (concurrency, prefetch), or autosized
     from the formula when both are None."""
-    from fastq.worker import run_loop
+    from fastq._aio import run_loop
 
     app = bench.module.app
     task = getattr(bench.module, scenario)

@@ -15,7 +15,23 @@ from collections.abc import Sequence
 
 import msgspec
 
+from fastq._aio import Signal, wait_either
 from fastq.errors import ConfigError
+
+__all__ = [
+    "EXCHANGE_KINDS",
+    "Broker",
+    "DeadLetter",
+    "Delivery",
+    "Message",
+    "QueueDepth",
+    "QueueOptions",
+    "Retry",
+    "Signal",
+    "mask_url",
+    "query_float",
+    "wait_either",
+]
 
 
 class Message(msgspec.Struct, frozen=True, gc=False):
@@ -211,64 +227,6 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Release connections; unsettled deliveries come back to some consumer later."""
-
-
-class Signal:
-    """``asyncio.Event`` that looks its loop up once, at its first wait: Python 3.11's Event
-    does at every ``wait``, and that lookup is a getpid() system call; a supervisor waits once
-    per message."""
-
-    __slots__ = ("_loop", "_set", "_waiters")
-
-    def __init__(self) -> None:
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._set = False
-        self._waiters: list[asyncio.Future[None]] = []
-
-    def is_set(self) -> bool:
-        return self._set
-
-    def set(self) -> None:
-        if not self._set:
-            self._set = True
-            waiters, self._waiters = self._waiters, []
-            for w in waiters:
-                if not w.done():
-                    w.set_result(None)
-
-    def clear(self) -> None:
-        self._set = False
-
-    async def wait(self) -> None:
-        if self._set:
-            return
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-        waiter = self._loop.create_future()
-        self._waiters.append(waiter)
-        try:
-            await waiter
-        finally:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-
-
-async def wait_either(event: asyncio.Event | Signal, wake: asyncio.Event | Signal | None, timeout: float) -> None:
-    """Wait until ``event`` or ``wake`` is set, or ``timeout`` seconds pass."""
-    if wake is None:
-        try:
-            await asyncio.wait_for(event.wait(), timeout)
-        except TimeoutError:
-            pass
-        return
-    if wake.is_set():
-        return
-    waits = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(wake.wait())]
-    try:
-        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waits:
-            w.cancel()
 
 
 def mask_url(url: str) -> str:

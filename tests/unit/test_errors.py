@@ -21,6 +21,8 @@ from fastq import errors
         (errors.RingNotFound, FileNotFoundError),
         (errors.PeerLost, errors.RingClosed),
         (errors.BrokerConnectionError, ConnectionError),
+        (errors.MessageError, ValueError),
+        (errors.LoadError, ImportError),
     ],
 )
 def test_each_error_is_also_the_stdlib_class_users_catch(cls, stdlib):
