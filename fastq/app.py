@@ -20,10 +20,10 @@ from typing import Any, TypeVar, overload
 
 import msgspec
 
-from fastq.broker import Broker, QueueDepth, QueueOptions, mask_url, open_broker
-from fastq.config import Config
+from fastq.broker import Broker, QueueDepth, mask_url, open_broker
+from fastq.config import Config, HandlerOptions
 from fastq.errors import ConfigError
-from fastq.task import Consumer, HandlerOptions, Kind, Task, importable_name, module_name
+from fastq.task import Consumer, Task, importable_name, module_name
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -60,17 +60,6 @@ class TimingMiddleware(Middleware):
         else:
             logger.warning("%s %s failed after %.6f s: %s: %s", message.handler, message.message_id,
                            took, type(exc).__name__, exc)
-
-
-_AMQP_OPTIONS = set(QueueOptions.__struct_fields__)
-
-
-def _queue_options(given: dict[str, Any]) -> QueueOptions:
-    unknown = sorted(set(given) - _AMQP_OPTIONS)
-    if unknown:
-        raise ConfigError(f"unknown option(s) {unknown}; a task or consumer takes, besides its own, "
-                          f"{sorted(_AMQP_OPTIONS)}")
-    return QueueOptions(**given)
 
 
 class App:
@@ -117,77 +106,57 @@ class App:
                               "give this task the same exchange and queue options, or another queue")
 
     @overload
-    def task(self, fn: F) -> Task: ...
+    def task(self, fn: F, /) -> Task: ...
 
     @overload
-    def task(self, *, queue: str | None = None, name: str | None = None, kind: Kind = "auto",
-             max_retries: int = 3, retry_backoff: float = 1.0, timeout: float | None = None,
-             processes: int | None = None, concurrency: int | None = None,
-             prefetch: int | None = None, min_concurrency: int | None = None, max_concurrency: int | None = None,
-             min_prefetch: int | None = None, max_prefetch: int | None = None, weight: float = 1.0,
-             **amqp: Any) -> Callable[[F], Task]: ...
+    def task(self, *, name: str | None = None, **options: Any) -> Callable[[F], Task]: ...
 
-    def task(self, fn: Callable[..., Any] | None = None, *, queue: str | None = None,
-             name: str | None = None, kind: Kind = "auto", max_retries: int = 3,
-             retry_backoff: float = 1.0, timeout: float | None = None, processes: int | None = None,
-             concurrency: int | None = None, prefetch: int | None = None, min_concurrency: int | None = None,
-             max_concurrency: int | None = None, min_prefetch: int | None = None, max_prefetch: int | None = None,
-             weight: float = 1.0, **amqp: Any) -> Any:
+    def task(self, fn: Callable[..., Any] | None = None, /, *, name: str | None = None,
+             **options: Any) -> Any:
         """Register a function (``async def`` or plain) as a task; use bare or with options.
 
         Parameters:
-            amqp: where the broker has exchanges (RabbitMQ): ``exchange=``, ``exchange_kind=``
-                (direct, topic, fanout, headers), ``routing_key=``, ``binding_arguments=``,
-                ``quorum=``, ``delivery_limit=``, ``single_active_consumer=``
-                (``fastq.broker.QueueOptions``).
+            name: the task's name on the wire (default: ``module.qualname``).
+            options: ``fastq.config.HandlerOptions`` by name (``queue`` default ``"default"``,
+                ``kind``, ``max_retries``, ``retry_backoff``, ``timeout``, ``processes``,
+                ``concurrency``, ``prefetch``, ``weight`` and the autosize bounds), and where the
+                broker has exchanges (RabbitMQ) ``fastq.config.QueueOptions`` by name:
+                ``exchange=``, ``exchange_kind=`` (direct, topic, fanout, headers),
+                ``routing_key=``, ``binding_arguments=``, ``quorum=``, ``delivery_limit=``,
+                ``single_active_consumer=``.
 
         Raises:
-            ConfigError: an option is out of range, or the name is taken.
+            ConfigError: an option is unknown or out of range, or the name is taken.
         """
-        options = HandlerOptions(queue=queue or DEFAULT_QUEUE, kind=kind, max_retries=max_retries,
-                                 retry_backoff=retry_backoff, timeout=timeout,
-                                 processes=processes, concurrency=concurrency, prefetch=prefetch,
-                                 min_concurrency=min_concurrency, max_concurrency=max_concurrency,
-                                 min_prefetch=min_prefetch, max_prefetch=max_prefetch, weight=weight,
-                                 amqp=_queue_options(amqp))
+        handler = HandlerOptions.build(options.pop("queue", None) or DEFAULT_QUEUE, options)
 
         def register(fn: Callable[..., Any]) -> Task:
             task_name = name or f"{module_name(fn)}.{fn.__qualname__}"
             if task_name in self.tasks:
                 raise ConfigError(f"a task named {task_name!r} is registered already; pass name=")
-            if options.queue in self.consumers:
-                raise ConfigError(f"queue {options.queue!r} belongs to consumer "
-                                  f"{self.consumers[options.queue].name}; give the task another queue")
-            self._check_topology(options)
-            task = self.tasks[task_name] = Task(self, fn, task_name, options)
+            if handler.queue in self.consumers:
+                raise ConfigError(f"queue {handler.queue!r} belongs to consumer "
+                                  f"{self.consumers[handler.queue].name}; give the task another queue")
+            self._check_topology(handler)
+            task = self.tasks[task_name] = Task(self, fn, task_name, handler)
             if self._broker is not None:
-                self._broker.configure(options.queue, options.amqp)
+                self._broker.configure(handler.queue, handler.amqp)
             return task
 
         return register(fn) if fn is not None else register
 
-    def consumer(self, queue: str, *, kind: Kind = "auto", max_retries: int = 3,
-                 retry_backoff: float = 1.0, timeout: float | None = None, processes: int | None = None,
-                 concurrency: int | None = None, prefetch: int | None = None,
-                 min_concurrency: int | None = None, max_concurrency: int | None = None,
-                 min_prefetch: int | None = None, max_prefetch: int | None = None, weight: float = 1.0,
-                 **amqp: Any) -> Callable[[F], Consumer]:
+    def consumer(self, queue: str, /, **options: Any) -> Callable[[F], Consumer]:
         """Register a handler for every message on ``queue``, whoever produced it; it receives
-        the raw body ``bytes``. The way to put fastq behind an existing queue. ``amqp`` takes
-        the exchange and queue options of ``task``."""
-        options = HandlerOptions(queue=queue, kind=kind, max_retries=max_retries,
-                                 retry_backoff=retry_backoff, timeout=timeout,
-                                 processes=processes, concurrency=concurrency, prefetch=prefetch,
-                                 min_concurrency=min_concurrency, max_concurrency=max_concurrency,
-                                 min_prefetch=min_prefetch, max_prefetch=max_prefetch, weight=weight,
-                                 amqp=_queue_options(amqp))
+        the raw body ``bytes``. The way to put fastq behind an existing queue. ``options`` are
+        ``task``'s, but ``queue``."""
+        handler = HandlerOptions.build(queue, options)
 
         def register(fn: Callable[[bytes], Any]) -> Consumer:
             if queue in self.consumers or any(t.queue == queue for t in self.tasks.values()):
                 raise ConfigError(f"queue {queue!r} already has a handler; one consumer per queue")
-            c = self.consumers[queue] = Consumer(self, fn, options)
+            c = self.consumers[queue] = Consumer(self, fn, handler)
             if self._broker is not None:
-                self._broker.configure(queue, options.amqp)
+                self._broker.configure(queue, handler.amqp)
             return c
 
         return register

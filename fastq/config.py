@@ -1,5 +1,9 @@
 """Frozen settings; the only reader of FASTQ_* environment variables.
 
+``Config`` is how an App and its worker run; ``HandlerOptions`` is what one task or consumer
+declares (the one definition of those options: the decorators, the plan and the controller all
+take it), and ``QueueOptions`` how its queue is declared where the broker has exchanges.
+
 Every duration is float seconds and every size ends in ``_bytes``. Settings of one broker go in
 its URL's query (``sqlite:///fastq.db?lease=60``), parsed by that broker.
 """
@@ -8,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -16,6 +20,11 @@ from fastq.errors import ConfigError
 
 #: The embedded default: a SQLite file in the working directory.
 DEFAULT_BROKER_URL = "sqlite:///fastq.db"
+
+#: How a handler's work is sized: waiting (io), computing (cpu), or measured at run time (auto).
+Kind = Literal["io", "cpu", "auto"]
+KINDS = ("io", "cpu", "auto")
+EXCHANGE_KINDS = ("direct", "topic", "fanout", "headers")
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -106,3 +115,139 @@ def _parse(cls: type[Config], field: str, raw: str) -> Any:
 def _at_least(name: str, value: int | None, minimum: int) -> None:
     if value is not None and value < minimum:
         raise ConfigError(f"{name} must be >= {minimum} or None, got {value}")
+
+
+class QueueOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """How a queue is declared and bound where the broker has exchanges (RabbitMQ); the
+    embedded brokers have one queue per name and ignore these.
+
+    ``routing_key`` is the binding key (a pattern, for topic) and also what ``send`` publishes
+    with; None is the queue's name. For a headers exchange, ``binding_arguments`` are the
+    binding's (``x-match`` and the headers), and ``send`` puts the same headers on its messages.
+    """
+
+    exchange: str = ""
+    exchange_kind: str = "direct"
+    routing_key: str | None = None
+    binding_arguments: dict[str, str] | None = None
+    #: a quorum queue (``x-queue-type=quorum``), replicated; ``delivery_limit`` caps redeliveries
+    quorum: bool = False
+    delivery_limit: int | None = None
+    #: one consumer of all those attached gets the messages (``x-single-active-consumer``)
+    single_active_consumer: bool = False
+
+    def __post_init__(self) -> None:
+        if self.exchange_kind not in EXCHANGE_KINDS:
+            raise ConfigError(
+                f"exchange_kind must be one of {EXCHANGE_KINDS}, got {self.exchange_kind!r}"
+            )
+        if not self.exchange and self.exchange_kind != "direct":
+            raise ConfigError(f"exchange_kind={self.exchange_kind!r} needs an exchange= name; the "
+                              "default exchange is direct")
+        if self.exchange.startswith("amq."):
+            raise ConfigError(f"exchange {self.exchange!r}: names starting with 'amq.' are "
+                              "RabbitMQ's own")
+        if self.delivery_limit is not None and (not self.quorum or self.delivery_limit < 1):
+            raise ConfigError(
+                f"delivery_limit={self.delivery_limit!r} needs quorum=True and a value >= 1"
+            )
+        if self.binding_arguments is not None and self.exchange_kind != "headers":
+            raise ConfigError("binding_arguments are for exchange_kind='headers'")
+
+    def arguments(self) -> dict[str, object]:
+        """The queue's declare arguments."""
+        args: dict[str, object] = {}
+        if self.quorum:
+            args["x-queue-type"] = "quorum"
+            if self.delivery_limit is not None:
+                args["x-delivery-limit"] = self.delivery_limit
+        if self.single_active_consumer:
+            args["x-single-active-consumer"] = True
+        return args
+
+
+class HandlerOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """What a task or consumer declared (``@app.task(...)``, ``@app.consumer(queue, ...)``);
+    None means "the app's setting, else autosize". The one definition of these options: the
+    decorators take them by name (``build``), the plan sizes each queue from them and the
+    controller keeps within their bounds.
+
+    Raises:
+        ConfigError: a value is out of range, or two of them contradict each other.
+    """
+
+    queue: str
+    kind: Kind = "auto"
+    max_retries: int = 3
+    #: first retry delay in seconds; doubles each retry, with jitter
+    retry_backoff: float = 1.0
+    #: seconds a handler may run; past it, the call fails as if it raised
+    timeout: float | None = None
+    #: how many of the host's worker processes run this queue (None: all)
+    processes: int | None = None
+    concurrency: int | None = None
+    prefetch: int | None = None
+    #: its share of the host's I/O handlers beside other busy queues (relative; autosize)
+    weight: float = 1.0
+    #: bounds for autosize, host-wide (a fixed ``concurrency``/``prefetch`` leaves no room)
+    min_concurrency: int | None = None
+    max_concurrency: int | None = None
+    min_prefetch: int | None = None
+    max_prefetch: int | None = None
+    #: exchange, binding and queue type, where the broker has them (RabbitMQ)
+    amqp: QueueOptions = QueueOptions()
+
+    @classmethod
+    def build(cls, queue: str, given: Mapping[str, Any]) -> HandlerOptions:
+        """The options of a decorator call: its own names, and ``QueueOptions``' names, which
+        go to ``amqp``.
+
+        Raises:
+            ConfigError: a name is neither; or what ``__post_init__`` refuses.
+        """
+        own = {k: v for k, v in given.items() if k in _HANDLER_FIELDS}
+        amqp = {k: v for k, v in given.items() if k in _QUEUE_FIELDS}
+        unknown = sorted(set(given) - set(own) - set(amqp))
+        if unknown:
+            raise ConfigError(
+                f"unknown option(s) {unknown}; a task or consumer takes "
+                f"{sorted(_HANDLER_FIELDS)}, and where the broker has exchanges "
+                f"{sorted(_QUEUE_FIELDS)}"
+            )
+        return cls(queue=queue, **own, amqp=QueueOptions(**amqp))
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if not self.queue or not isinstance(self.queue, str):
+            raise ConfigError(f"queue must be a non-empty string, got {self.queue!r}")
+        if self.max_retries < 0:
+            raise ConfigError(f"max_retries must be >= 0, got {self.max_retries}")
+        if not self.retry_backoff >= 0:
+            raise ConfigError(f"retry_backoff must be >= 0 seconds, got {self.retry_backoff!r}")
+        if self.timeout is not None and not self.timeout > 0:
+            raise ConfigError(f"timeout must be > 0 seconds or None, got {self.timeout!r}")
+        for name in ("processes", "concurrency", "prefetch", "min_concurrency", "max_concurrency",
+                     "min_prefetch", "max_prefetch"):
+            _at_least(name, getattr(self, name), 1)
+        if not (isinstance(self.weight, (int, float)) and self.weight > 0):
+            raise ConfigError(
+                f"weight must be a number > 0 (a share beside other queues), got {self.weight!r}"
+            )
+        feeds = self.min_concurrency or self.concurrency or 0
+        if self.max_prefetch is not None and feeds > self.max_prefetch:
+            raise ConfigError(f"max_prefetch={self.max_prefetch} is below the handlers it must "
+                              f"feed ({feeds} at once); raise it")
+        for what in ("concurrency", "prefetch"):
+            low, high = getattr(self, f"min_{what}"), getattr(self, f"max_{what}")
+            if low is not None and high is not None and low > high:
+                raise ConfigError(f"min_{what}={low} is above max_{what}={high}; swap them")
+            if getattr(self, what) is not None and (low is not None or high is not None):
+                raise ConfigError(
+                    f"{what}={getattr(self, what)} is fixed, so min_{what}/max_{what} have "
+                    "nothing to bound; set one or the other"
+                )
+
+
+_HANDLER_FIELDS = frozenset(HandlerOptions.__struct_fields__) - {"queue", "amqp"}
+_QUEUE_FIELDS = frozenset(QueueOptions.__struct_fields__)

@@ -44,8 +44,8 @@ from typing import Any, Literal, TypeVar
 import msgspec
 
 from fastq import _call, worker
-from fastq.autosize import IO_CONCURRENCY_MAX, QueueSpec, Topology, plan
-from fastq.config import Config
+from fastq.autosize import IO_CONCURRENCY_MAX, Topology, plan
+from fastq.config import Config, HandlerOptions
 from fastq.errors import ConfigError, PoolBroken, PoolClosed, RingClosed, RingEmpty, WorkerLost
 from fastq.ring import Dispatcher, Ring
 
@@ -690,7 +690,7 @@ class Pool:
         if not isinstance(log_level, str) or log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ConfigError(f"log_level must be one of debug, info, warning, error, critical; got {log_level!r}")
         #: processes, pinning and the rules behind them, as ``fastq plan`` explains them
-        self.plan = plan(Topology.detect(), [QueueSpec(name="pool", kind=kind)], Config(processes=processes))
+        self.plan = plan(Topology.detect(), [HandlerOptions(queue="pool", kind=kind)], Config(processes=processes))
         self.processes = self.plan.processes
         self.kind = kind
         self.concurrency = concurrency or ASYNC_CONCURRENCY

@@ -468,7 +468,7 @@ class Supervisor:
             # its cores, weighed against the busy queues that press for them (work waiting)
             decided: list[str] = []
             shared = {n: c for n, c in controllers.items() if not c.user_fixed}
-            caps = share_slots({n: plans[n].weight for n in shared},
+            caps = share_slots({n: plans[n].options.weight for n in shared},
                                {n: backlogs.get(n, 0) > 0 or self.in_flight[n] > 0 for n in shared},
                                floors={n: c.min_concurrency for n, c in shared.items() if c.kind == "io"},
                                cores={n: c.cpu_cores for n, c in shared.items() if c.kind == "cpu"},

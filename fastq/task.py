@@ -12,19 +12,17 @@ import inspect
 import os
 import sys
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Literal, get_type_hints
+from typing import TYPE_CHECKING, Any, get_type_hints
 
 import msgspec
 
 from fastq import message
-from fastq.broker.base import Message, QueueOptions
+from fastq.broker.base import Message
+from fastq.config import HandlerOptions
 from fastq.errors import ConfigError
 
 if TYPE_CHECKING:
     from fastq.app import App
-
-Kind = Literal["io", "cpu", "auto"]
-KINDS = ("io", "cpu", "auto")
 
 
 def module_name(fn: Callable[..., Any]) -> str:
@@ -42,60 +40,6 @@ def importable_name(module: str) -> str:
     if spec is not None and spec.name and spec.name != "__main__":  # python -m package.module
         return spec.name.removesuffix(".__main__")
     return os.path.splitext(os.path.basename(getattr(main, "__file__", "__main__")))[0]
-
-
-class HandlerOptions(msgspec.Struct, frozen=True, kw_only=True):
-    """What a task or consumer declared; None means "the app's setting, else autosize"."""
-
-    queue: str
-    kind: Kind = "auto"
-    max_retries: int = 3
-    #: first retry delay in seconds; doubles each retry, with jitter
-    retry_backoff: float = 1.0
-    #: seconds a handler may run; past it, the call fails as if it raised
-    timeout: float | None = None
-    #: how many of the host's worker processes run this queue (None: all)
-    processes: int | None = None
-    concurrency: int | None = None
-    prefetch: int | None = None
-    #: its share of the host's I/O handlers beside other busy queues (relative; autosize)
-    weight: float = 1.0
-    #: bounds for autosize, host-wide (a fixed ``concurrency``/``prefetch`` leaves no room to move)
-    min_concurrency: int | None = None
-    max_concurrency: int | None = None
-    min_prefetch: int | None = None
-    max_prefetch: int | None = None
-    #: exchange, binding and queue type, where the broker has them (RabbitMQ)
-    amqp: QueueOptions = QueueOptions()
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ConfigError(f"kind must be one of {KINDS}, got {self.kind!r}")
-        if not self.queue or not isinstance(self.queue, str):
-            raise ConfigError(f"queue must be a non-empty string, got {self.queue!r}")
-        if self.max_retries < 0:
-            raise ConfigError(f"max_retries must be >= 0, got {self.max_retries}")
-        if not self.retry_backoff >= 0:
-            raise ConfigError(f"retry_backoff must be >= 0 seconds, got {self.retry_backoff!r}")
-        if self.timeout is not None and not self.timeout > 0:
-            raise ConfigError(f"timeout must be > 0 seconds or None, got {self.timeout!r}")
-        for name in ("processes", "concurrency", "prefetch", "min_concurrency", "max_concurrency",
-                     "min_prefetch", "max_prefetch"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"{name} must be >= 1 or None, got {value}")
-        if not (isinstance(self.weight, (int, float)) and self.weight > 0):
-            raise ConfigError(f"weight must be a number > 0 (a share beside other queues), got {self.weight!r}")
-        if self.max_prefetch is not None and (self.min_concurrency or self.concurrency or 0) > self.max_prefetch:
-            raise ConfigError(f"max_prefetch={self.max_prefetch} is below the handlers it must feed "
-                              f"({self.min_concurrency or self.concurrency} at once); raise it")
-        for what in ("concurrency", "prefetch"):
-            low, high = getattr(self, f"min_{what}"), getattr(self, f"max_{what}")
-            if low is not None and high is not None and low > high:
-                raise ConfigError(f"min_{what}={low} is above max_{what}={high}; swap them")
-            if getattr(self, what) is not None and (low is not None or high is not None):
-                raise ConfigError(f"{what}={getattr(self, what)} is fixed, so min_{what}/max_{what} have "
-                                  f"nothing to bound; set one or the other")
 
 
 class Task:

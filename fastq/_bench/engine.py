@@ -118,7 +118,7 @@ class Bench:
     def supervisor(self, scenario: str, concurrency: int | None, prefetch: int | None, *,
                    autosize: bool = False) -> Any:
         """A supervisor for one scenario's queue, planned on this machine with these settings."""
-        from fastq.autosize import QueueSpec, Topology, plan
+        from fastq.autosize import Topology, plan
         from fastq.config import Config
         from fastq.supervisor import Supervisor
 
@@ -126,7 +126,7 @@ class Bench:
         task = getattr(self.module, scenario)
         config = Config(broker_url=app.config.broker_url, concurrency=concurrency, prefetch=prefetch,
                         autosize=autosize)
-        the_plan = plan(Topology.detect(), [QueueSpec(name=task.queue, kind=task.options.kind)], config)
+        the_plan = plan(Topology.detect(), [task.options], config)
         return Supervisor(app, self.spec, the_plan, config, [task.queue])
 
     def run(self, scenario: str, n: int, concurrency: int | None, prefetch: int | None,

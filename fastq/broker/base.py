@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import msgspec
 
 from fastq._aio import Signal, wait_either
+from fastq.config import EXCHANGE_KINDS, QueueOptions
 from fastq.errors import ConfigError
 
 __all__ = [
@@ -92,53 +93,6 @@ class QueueDepth(msgspec.Struct, frozen=True):
     #: where ``unacked`` comes from when it is not the whole broker's count: "this process"
     #: (RabbitMQ without its management API, which alone counts unacked messages of every host)
     unacked_scope: str = "all"
-
-
-EXCHANGE_KINDS = ("direct", "topic", "fanout", "headers")
-
-
-class QueueOptions(msgspec.Struct, frozen=True, kw_only=True):
-    """How a queue is declared and bound where the broker has exchanges (RabbitMQ); the
-    embedded brokers have one queue per name and ignore these.
-
-    ``routing_key`` is the binding key (a pattern, for topic) and also what ``send`` publishes
-    with; None is the queue's name. For a headers exchange, ``binding_arguments`` are the
-    binding's (``x-match`` and the headers), and ``send`` puts the same headers on its messages.
-    """
-
-    exchange: str = ""
-    exchange_kind: str = "direct"
-    routing_key: str | None = None
-    binding_arguments: dict[str, str] | None = None
-    #: a quorum queue (``x-queue-type=quorum``), replicated; ``delivery_limit`` caps redeliveries
-    quorum: bool = False
-    delivery_limit: int | None = None
-    #: one consumer of all those attached gets the messages (``x-single-active-consumer``)
-    single_active_consumer: bool = False
-
-    def __post_init__(self) -> None:
-        if self.exchange_kind not in EXCHANGE_KINDS:
-            raise ConfigError(f"exchange_kind must be one of {EXCHANGE_KINDS}, got {self.exchange_kind!r}")
-        if not self.exchange and self.exchange_kind != "direct":
-            raise ConfigError(f"exchange_kind={self.exchange_kind!r} needs an exchange= name; the default "
-                              "exchange is direct")
-        if self.exchange.startswith("amq."):
-            raise ConfigError(f"exchange {self.exchange!r}: names starting with 'amq.' are RabbitMQ's own")
-        if self.delivery_limit is not None and (not self.quorum or self.delivery_limit < 1):
-            raise ConfigError(f"delivery_limit={self.delivery_limit!r} needs quorum=True and a value >= 1")
-        if self.binding_arguments is not None and self.exchange_kind != "headers":
-            raise ConfigError("binding_arguments are for exchange_kind='headers'")
-
-    def arguments(self) -> dict[str, object]:
-        """The queue's declare arguments."""
-        args: dict[str, object] = {}
-        if self.quorum:
-            args["x-queue-type"] = "quorum"
-            if self.delivery_limit is not None:
-                args["x-delivery-limit"] = self.delivery_limit
-        if self.single_active_consumer:
-            args["x-single-active-consumer"] = True
-        return args
 
 
 class Broker(abc.ABC):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fastq.autosize import QueueSpec, Topology, cpu_quota, memory_limit, plan
-from fastq.config import Config
+from fastq.autosize import Topology, cpu_quota, memory_limit, plan
+from fastq.config import Config, HandlerOptions
 
 GiB = 1 << 30
 
@@ -20,7 +20,7 @@ def machine(n_cpus, *, quota=None, memory=64 * GiB, first=0):
      (64, 100, 500, 64, 128), (128, 100, 500, 128, 256)],
 )
 def test_the_documented_formulas_on_machines_of_every_size(cores, io_concurrency, io_prefetch, cpu_concurrency, cpu_prefetch):
-    p = plan(machine(cores), [QueueSpec(name="fetch", kind="io"), QueueSpec(name="resize", kind="cpu")])
+    p = plan(machine(cores), [HandlerOptions(queue="fetch", kind="io"), HandlerOptions(queue="resize", kind="cpu")])
     io, cpu = p.queues
     assert p.processes == cores and p.pinned == tuple(range(cores))
     assert (io.concurrency, io.prefetch) == (io_concurrency, io_prefetch)
@@ -30,13 +30,13 @@ def test_the_documented_formulas_on_machines_of_every_size(cores, io_concurrency
 
 
 def test_an_affinity_mask_of_three_cpus_gives_three_pinned_processes():
-    p = plan(Topology(cpus=(2, 5, 7), memory_bytes=8 * GiB), [QueueSpec(name="q", kind="io")])
+    p = plan(Topology(cpus=(2, 5, 7), memory_bytes=8 * GiB), [HandlerOptions(queue="q", kind="io")])
     assert (p.processes, p.pinned) == (3, (2, 5, 7))
     assert (p.queues[0].concurrency, p.queues[0].prefetch, p.queues[0].per_process) == (6, 30, (2, 2, 2))
 
 
 def test_a_quota_of_one_and_a_half_cores_counts_as_one_process_and_three_io_slots():
-    p = plan(machine(4, quota=1.5), [QueueSpec(name="q", kind="io"), QueueSpec(name="c", kind="cpu")])
+    p = plan(machine(4, quota=1.5), [HandlerOptions(queue="q", kind="io"), HandlerOptions(queue="c", kind="cpu")])
     assert p.processes == 1
     assert "cgroup quota 1.5 cores, rounded down" in p.processes_rule
     assert (p.queues[0].concurrency, p.queues[0].prefetch) == (3, 15)
@@ -44,15 +44,15 @@ def test_a_quota_of_one_and_a_half_cores_counts_as_one_process_and_three_io_slot
 
 
 def test_a_512_mib_memory_limit_caps_prefetch_and_says_why():
-    p = plan(machine(64, memory=512 << 20), [QueueSpec(name="q", kind="io")])
+    p = plan(machine(64, memory=512 << 20), [HandlerOptions(queue="q", kind="io")])
     q = p.queues[0]
     assert (q.concurrency, q.prefetch) == (100, 128)  # 512 MiB / 4 / 1 MiB messages
     assert "capped to 128: a quarter of 512 MiB of memory holds 128 messages" in q.prefetch_rule
 
 
 def test_auto_starts_as_io_and_what_the_user_sets_wins():
-    p = plan(machine(4), [QueueSpec(name="a"), QueueSpec(name="b", kind="cpu", concurrency=3),
-                          QueueSpec(name="c", kind="io", prefetch=7)],
+    p = plan(machine(4), [HandlerOptions(queue="a"), HandlerOptions(queue="b", kind="cpu", concurrency=3),
+                          HandlerOptions(queue="c", kind="io", prefetch=7)],
              Config(processes=2, prefetch=50, pin_cpus=False))
     a, b, c = p.queues
     assert (p.processes, p.pinned, p.processes_rule) == (2, (), "set by you")
@@ -88,9 +88,9 @@ def test_detect_reads_this_machine():
 
 
 def test_queues_set_to_fewer_processes_take_consecutive_workers_and_split_their_concurrency():
-    p = plan(machine(4), [QueueSpec(name="all", kind="io"), QueueSpec(name="one", kind="cpu", processes=1),
-                          QueueSpec(name="two", kind="io", processes=2, concurrency=5),
-                          QueueSpec(name="big", kind="cpu", processes=9)])
+    p = plan(machine(4), [HandlerOptions(queue="all", kind="io"), HandlerOptions(queue="one", kind="cpu", processes=1),
+                          HandlerOptions(queue="two", kind="io", processes=2, concurrency=5),
+                          HandlerOptions(queue="big", kind="cpu", processes=9)])
     every, one, two, big = p.queues
     assert (every.workers, every.workers_rule) == ((0, 1, 2, 3), "all of them")
     assert (one.workers, one.concurrency, one.per_process, one.prefetch) == ((0,), 1, (1, 0, 0, 0), 2)

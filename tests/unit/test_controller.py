@@ -13,20 +13,19 @@ from fastq.autosize import (
     RAMP_INTERVAL,
     RAMP_MAX,
     Controller,
-    QueueSpec,
     Sample,
     Topology,
     plan,
     ramp,
 )
-from fastq.config import Config
+from fastq.config import Config, HandlerOptions
 
 CORES = 2
 
 
 def queue(kind="io", **kw):
     topology = Topology(cpus=tuple(range(CORES)), memory_bytes=64 << 30)
-    return plan(topology, [QueueSpec(name="q", kind=kind, **kw)], Config()).queues[0]
+    return plan(topology, [HandlerOptions(queue="q", kind=kind, **kw)], Config()).queues[0]
 
 
 def model(concurrency, prefetch, *, cpu_s, wait_s, cap=float("inf"), backlog=10_000, headroom=1.0):
@@ -176,7 +175,7 @@ def test_busy_cores_probe_larger_batches_and_keep_them_only_while_they_pay():
 def test_prefetch_stays_under_the_plans_memory_cap_and_a_memory_cut_holds_until_memory_is_back():
     # Given 512 MiB: the plan caps prefetch at 128 messages of 1 MiB
     topology = Topology(cpus=(0, 1), memory_bytes=512 << 20)
-    q = plan(topology, [QueueSpec(name="q", kind="io")], Config()).queues[0]
+    q = plan(topology, [HandlerOptions(queue="q", kind="io")], Config()).queues[0]
     ctl = Controller(q)
     trace = run(ctl, 15, cpu_s=50e-6, wait_s=5e-3)
     assert max(p for _, p, _ in trace) == 128 and trace[-1][:2] == (100, 128)

@@ -1,0 +1,85 @@
+"""Autosize: how many worker processes, and how much concurrency and prefetch each queue gets,
+at the start and then following the load (ARCHITECTURE.md, "Sizing").
+
+- ``topology``: what this process may use of the machine (the one psutil importer);
+- ``plan``: the starting numbers from the documented formulas, each with its rule (pure);
+- ``share``: the host's handlers and cores shared among the busy queues (pure);
+- ``controller``: one queue's steps within its share, one method per rule (pure).
+
+The supervisor's loop that measures and applies them is ``fastq.engine.tuning``.
+"""
+
+from fastq.autosize.controller import (
+    CONTROL_INTERVAL,
+    COOLDOWN,
+    CPU_PREFETCH_FACTOR_MAX,
+    GAIN,
+    IO_PREFETCH_FACTOR_MAX,
+    LOOK_TICK,
+    MEMORY_HEADROOM_MIN,
+    PRESS_MEMORY,
+    PROBE_AFTER,
+    RAMP_INTERVAL,
+    RAMP_MAX,
+    RAMP_SETTLE,
+    RAMP_TARGET,
+    SATURATED,
+    STRONG_GAIN,
+    Controller,
+    Decision,
+    Sample,
+    ramp,
+    settle_for,
+    steady_rate,
+)
+from fastq.autosize.plan import (
+    CPU_PREFETCH_FACTOR,
+    IO_CONCURRENCY_MAX,
+    IO_PREFETCH_FACTOR,
+    PREFETCH_MEMORY_SHARE,
+    Plan,
+    QueuePlan,
+    plan,
+    plan_app,
+    split,
+)
+from fastq.autosize.share import share_slots
+from fastq.autosize.topology import LoadMeter, Topology, cpu_quota, memory_limit
+
+__all__ = [
+    "CONTROL_INTERVAL",
+    "COOLDOWN",
+    "CPU_PREFETCH_FACTOR",
+    "CPU_PREFETCH_FACTOR_MAX",
+    "GAIN",
+    "IO_CONCURRENCY_MAX",
+    "IO_PREFETCH_FACTOR",
+    "IO_PREFETCH_FACTOR_MAX",
+    "LOOK_TICK",
+    "MEMORY_HEADROOM_MIN",
+    "PREFETCH_MEMORY_SHARE",
+    "PRESS_MEMORY",
+    "PROBE_AFTER",
+    "RAMP_INTERVAL",
+    "RAMP_MAX",
+    "RAMP_SETTLE",
+    "RAMP_TARGET",
+    "SATURATED",
+    "STRONG_GAIN",
+    "Controller",
+    "Decision",
+    "LoadMeter",
+    "Plan",
+    "QueuePlan",
+    "Sample",
+    "Topology",
+    "cpu_quota",
+    "memory_limit",
+    "plan",
+    "plan_app",
+    "ramp",
+    "settle_for",
+    "share_slots",
+    "split",
+    "steady_rate",
+]
