@@ -1,6 +1,6 @@
 """fastq: message and background-task processing on pinned uvloop workers fed by shared-memory rings."""
 
-from fastq.app import App, Middleware, TimingMiddleware
+from fastq.app import App
 from fastq.config import Config
 from fastq.errors import (
     BrokerConnectionError,
@@ -21,6 +21,7 @@ from fastq.errors import (
     RingNotFound,
     WorkerLost,
 )
+from fastq.middleware import Middleware, TimingMiddleware
 from fastq.pool import Pool
 from fastq.task import Consumer, Task
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, overload
 
@@ -23,6 +22,7 @@ import msgspec
 from fastq.broker import Broker, QueueDepth, mask_url, open_broker
 from fastq.config import Config, HandlerOptions
 from fastq.errors import ConfigError
+from fastq.middleware import Middleware
 from fastq.task import Consumer, Task, importable_name, module_name
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -31,35 +31,6 @@ logger = logging.getLogger(__name__)
 
 #: The queue of a task that names none.
 DEFAULT_QUEUE = "default"
-
-
-class Middleware:
-    """Hooks around every message a worker processes, called in the order they were given.
-
-    ``before_process`` runs before the handler; ``after_process`` after it, with the exception it
-    raised or None. A hook that raises fails the message like its handler would.
-    """
-
-    def before_process(self, message: Any) -> None:
-        pass
-
-    def after_process(self, message: Any, exc: BaseException | None) -> None:
-        pass
-
-
-class TimingMiddleware(Middleware):
-    """Logs each message's handler, outcome and duration (DEBUG, or WARNING on failure)."""
-
-    def before_process(self, message: Any) -> None:
-        message.started_at = time.perf_counter()
-
-    def after_process(self, message: Any, exc: BaseException | None) -> None:
-        took = time.perf_counter() - getattr(message, "started_at", time.perf_counter())
-        if exc is None:
-            logger.debug("%s %s done in %.6f s", message.handler, message.message_id, took)
-        else:
-            logger.warning("%s %s failed after %.6f s: %s: %s", message.handler, message.message_id,
-                           took, type(exc).__name__, exc)
 
 
 class App:

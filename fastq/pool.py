@@ -5,7 +5,7 @@ The caller's process plays the supervisor (ARCHITECTURE.md): one thread of the p
 *driver*, owns every ring. It cuts each call of ``map`` & co. into batches, writes them to the
 least busy worker through the dispatcher, reads the replies and hands them to the caller's
 thread (or event loop). One pinned worker process per usable core runs ``fastq.worker``'s
-``Runtime`` with ``fastq._call.PoolExecutor``: a plain function inline, an ``async def`` on the
+``Runtime`` with ``fastq.executors.pool.PoolExecutor``: a plain function inline, an ``async def`` on the
 worker's uvloop with up to ``concurrency`` calls in flight.
 
 Batches are sized from what they cost: the first batch of a call holds one item, later ones
@@ -43,7 +43,7 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
-from fastq import _call, worker
+from fastq import codec, wire, worker
 from fastq.autosize import IO_CONCURRENCY_MAX, Topology, plan
 from fastq.config import Config, HandlerOptions
 from fastq.errors import ConfigError, PoolBroken, PoolClosed, RingClosed, RingEmpty, WorkerLost
@@ -91,7 +91,7 @@ class _Job:
         #: its calls overlap in a worker (coroutines, or a plain function on threads: kind="io"),
         #: so it is sized by concurrency, not by measured cost
         self.is_async = coroutine or threads
-        self.flags = (_call.STAR if star else 0) | (_call.THREADS if threads and not coroutine else 0)
+        self.flags = (codec.STAR if star else 0) | (codec.THREADS if threads and not coroutine else 0)
         self.source: Iterator[Any] | None = iter(items)
         self.seq: list[Any] | tuple[Any, ...] | None = items if isinstance(items, (list, tuple)) else None
         self.taken = 0  # items taken from the source
@@ -194,7 +194,7 @@ class _Driver:
         self.ctx = multiprocessing.get_context("spawn")
         self.concurrency, self.ring_bytes, self.log_level = concurrency, ring_bytes, log_level
         #: what the workers run (``WorkerSpec.executor``)
-        self.executor = "fastq._call:PoolExecutor"
+        self.executor = "fastq.executors.pool:PoolExecutor"
         self.workers = [_Worker(i, cpu) for i, cpu in enumerate(cpus)]
         self.dispatcher = Dispatcher(len(self.workers), 1)
         self.batches: dict[int, _Batch] = {}
@@ -319,10 +319,10 @@ class _Driver:
         w.inbox, w.outbox = Ring.create(self.ring_bytes), Ring.create(self.ring_bytes)
         w.ready = False
         self.dispatcher.attach(w.index, w.inbox)
-        spec = worker.WorkerSpec(index=w.index, parent=os.getpid(), cpu=w.cpu, app="", queues=("pool",),
-                                 input_ring=w.inbox.name, output_ring=w.outbox.name,
-                                 concurrency=self.concurrency, log_level=self.log_level,
-                                 executor=self.executor)
+        spec = wire.WorkerSpec(index=w.index, parent=os.getpid(), cpu=w.cpu, app="", queues=("pool",),
+                               input_ring=w.inbox.name, output_ring=w.outbox.name,
+                               concurrency=self.concurrency, log_level=self.log_level,
+                               executor=self.executor)
         w.process = self.ctx.Process(target=worker.main, args=(msgspec.msgpack.encode(spec),),
                                      name=f"fastq-pool-{w.index}", daemon=True)
         w.process.start()
@@ -344,9 +344,9 @@ class _Driver:
         ok, other = self.dispatcher.complete(w.index, frames)
         for tag in ok:  # a pool worker never reports a bare OK
             raise RuntimeError(f"pool worker {w.index} completed batch {tag} without a reply")
-        for tag, status, seconds, payload in other:
+        for tag, status, _, payload in other:
             if tag == 0:
-                if status == worker.READY:
+                if status == wire.Report.READY:
                     w.ready, w.failures = True, 0
                 continue
             batch = self.batches.pop(tag)
@@ -358,11 +358,11 @@ class _Driver:
             self.counts["items_done"] += len(batch.items)
             if job.cancelled:
                 pass
-            elif status == _call.RESULT:
+            elif status == wire.Status.RESULT:
+                seconds, values, errors = codec.decode_reply(payload)
                 if job.measured(batch, seconds):
                     self.known[job.fn_ref] = (job.cost, job.size)  # type: ignore[assignment]
-                values, errors = _call.decode_reply(payload)
-                if errors and errors[0][0] == _call.WHOLE_BATCH:
+                if errors and errors[0][0] == codec.WHOLE_BATCH:
                     values = [None] * len(batch.items)
                     errors = [(i, errors[0][1]) for i in range(len(batch.items))]
                 self.deliver(job, batch.start, values, errors)
@@ -447,7 +447,7 @@ class _Driver:
         a split), None when the ring has no room now."""
         job = batch.job
         try:
-            body = _call.encode_request(job.fn_ref, job.flags, batch.items)
+            body = codec.encode_request(job.fn_ref, job.flags, batch.items)
         except TypeError as e:
             self.deliver(job, batch.start, [None] * len(batch.items), [(i, e) for i in range(len(batch.items))])
             return 0

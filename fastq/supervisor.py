@@ -29,13 +29,14 @@ from typing import Any
 
 import msgspec
 
-from fastq import worker
-from fastq.autosize import Plan
+from fastq import wire, worker
+from fastq.autosize import IO_CONCURRENCY_MAX, Plan
 from fastq._aio import Signal, run_loop
 from fastq.broker.base import Retry
 from fastq.config import Config
 from fastq.errors import RingClosed, RingFull
-from fastq.ring import DELIVERY, Dispatcher, Ring, RingReader
+from fastq.ring import Dispatcher, Ring, RingReader
+from fastq.wire import Report, Status
 
 logger = logging.getLogger(__name__)
 
@@ -166,12 +167,13 @@ class Supervisor:
         self.dispatcher.attach(w.index, w.inbox)
         self.refresh(w)  # accepts work once READY
         w.slots, w.queue_slots = self.concurrency, self.slots_of(w.index)
-        spec = worker.WorkerSpec(index=w.index, parent=os.getpid(), cpu=w.cpu, app=self.app_spec, queues=tuple(self.queues),
-                                 input_ring=w.inbox.name, output_ring=w.outbox.name,
-                                 concurrency=self.concurrency, log_level=self.log_level,
-                                 max_tasks=self.config.max_tasks_per_child,
-                                 max_memory_bytes=self.config.max_memory_per_child_bytes,
-                                 queue_slots=w.queue_slots)
+        spec = wire.WorkerSpec(index=w.index, parent=os.getpid(), cpu=w.cpu, app=self.app_spec, queues=tuple(self.queues),
+                               input_ring=w.inbox.name, output_ring=w.outbox.name,
+                               concurrency=self.concurrency, executor="fastq.executors.app:AppExecutor",
+                               log_level=self.log_level,
+                               max_tasks=self.config.max_tasks_per_child,
+                               max_memory_bytes=self.config.max_memory_per_child_bytes,
+                               queue_slots=w.queue_slots, io_threads=IO_CONCURRENCY_MAX)
         w.process = self.ctx.Process(target=worker.main, args=(msgspec.msgpack.encode(spec),),
                                      name=f"fastq-worker-{w.index}", daemon=True)
         w.process.start()
@@ -216,7 +218,7 @@ class Supervisor:
         for ring in (w.inbox, w.outbox):
             ring.close()
             ring.unlink()
-        recycled = code == worker.EXIT_RECYCLED  # not 0: a handler's os._exit(0) is no recycle
+        recycled = code == wire.EXIT_RECYCLED  # not 0: a handler's os._exit(0) is no recycle
         if self.reserved == w.index:
             self.reserved = None
             self.refresh_all()
@@ -280,7 +282,7 @@ class Supervisor:
             self.place_cpu_queues()
             logger.info("worker %d may recycle now", w.index)
             try:
-                w.inbox.put_nowait(DELIVERY.pack(0, 0, 0))
+                w.inbox.put_nowait(wire.recycle_frame())
             except (RingFull, RingClosed):
                 w.leaving, self.recycling = False, None  # try again at its next request
                 self.refresh(w)
@@ -561,9 +563,9 @@ class Supervisor:
             per_queue = self.slots_of(w.index)
             if ((w.slots, w.queue_slots) != (self.concurrency, per_queue) and w.ready and not w.leaving
                     and w.process.is_alive()):
-                body = worker.slots_body(per_queue) if len(per_queue) > 1 else b""  # one queue: all its slots
+                frame = wire.slots_frame(self.concurrency, per_queue if len(per_queue) > 1 else ())  # one queue: all its slots
                 try:
-                    w.inbox.put_nowait(DELIVERY.pack(0, self.concurrency, worker.CONTROL_QUEUE) + body)
+                    w.inbox.put_nowait(frame)
                     w.slots, w.queue_slots = self.concurrency, per_queue
                 except (RingFull, RingClosed):
                     pass
@@ -587,7 +589,7 @@ class Supervisor:
         for tag, status, delay, reason in other:
             if tag == 0:
                 self.worker_says(w, status, reason)
-            elif status == worker.RETRY:
+            elif status == Status.RETRY:
                 retry.append((tag, delay, reason.decode(errors="replace")))
             else:
                 dead.append((tag, reason.decode(errors="replace")))
@@ -602,16 +604,15 @@ class Supervisor:
 
     def worker_says(self, w: _Worker, status: int, payload: bytes = b"") -> None:
         """A frame of tag 0: the worker speaks for itself (READY, RETIRE, CLASSIFIED)."""
-        if status == worker.CLASSIFIED:
+        if status == Report.CLASSIFIED:
             try:
-                measured = msgspec.json.decode(payload, type=dict[str, Any])
-                measured["queue"], measured["kind"], measured["share"]  # noqa: B018 - all three there
-            except (msgspec.DecodeError, KeyError) as e:
+                measured = wire.parse_classified(payload)
+            except wire.ProtocolError as e:
                 logger.warning("worker %d sent a measurement that does not parse (%s); ignored", w.index, e)
                 return
             self.classified(measured)
             return
-        if status == worker.READY:
+        if status == Report.READY:
             w.ready, w.failures = True, 0
             self.refresh(w)
             self.place_cpu_queues()
@@ -620,7 +621,7 @@ class Supervisor:
                 logger.info("worker %d is back", w.index)
                 self.recycling = None
                 self.let_one_go()
-        elif status == worker.RETIRE:
+        elif status == Report.RETIRE:
             if w.index not in self.want_to_leave:
                 self.want_to_leave.append(w.index)
             self.let_one_go()
@@ -634,11 +635,11 @@ class Supervisor:
                                                      user_prefetch=plan.user_prefetch)
         return self.controllers[plan.name]
 
-    def classified(self, measured: dict[str, Any]) -> None:
+    def classified(self, measured: wire.Classified) -> None:
         """A worker measured the "auto" handlers of a queue: the first word per queue counts.
         CPU-bound ones move the queue to the cpu rules (one handler per core it runs on,
         prefetch x 2), unless the user fixed its concurrency; I/O-bound ones stay io."""
-        queue, kind, share = measured["queue"], measured["kind"], measured["share"]
+        queue, kind, share = measured.queue, measured.kind, measured.share
         if queue not in self.queue_index or queue in self.measured_kinds:
             return
         self.measured_kinds[queue] = kind

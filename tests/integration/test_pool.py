@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastq
-from fastq._call import RemoteTraceback
+from fastq.codec import RemoteTraceback
 
 sys.path.insert(0, str(Path(__file__).parent))
 import poolfns
@@ -320,7 +320,7 @@ def test_workers_that_cannot_start_break_the_pool_instead_of_hanging_it():
     SEEN_PIDS.update(p.pids)
     try:
         assert p.map(poolfns.double, [1]) == [2]
-        p._driver.executor = "fastq._call:NoSuchExecutor"  # every worker started from now fails
+        p._driver.executor = "fastq.executors.pool:NoSuchExecutor"  # every worker started from now fails
         for pid in p.pids:
             os.kill(pid, signal.SIGKILL)
         with pytest.raises(fastq.PoolBroken, match="before it was ready 3 times"):

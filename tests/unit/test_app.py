@@ -130,7 +130,7 @@ def test_timing_middleware_logs_failures_with_the_handler(caplog):
 
     mw, m = fastq.TimingMiddleware(), M()
     mw.before_process(m)
-    with caplog.at_level(logging.WARNING, logger="fastq.app"):
+    with caplog.at_level(logging.WARNING, logger="fastq.middleware"):
         mw.after_process(m, ValueError("card declined"))
     assert "shop.charge m1 failed after" in caplog.text and "ValueError: card declined" in caplog.text
 

@@ -35,27 +35,30 @@ ALLOWED: dict[str, set[str]] = {
     # the ack window (ARCHITECTURE.md: one multiple-ack over the completed prefix) lives in the
     # Cython core, which only ``ring`` imports; RabbitMQ's delivery tags are the amqp broker's
     "broker.amqp": {"broker.base", "message", "errors", "config", "ring"},
-    "worker": {"_aio", "ring", "message", "broker.base", "autosize", "config", "logging", "_load", "errors"},
+    "worker": {"_aio", "wire", "codec", "ring", "message", "middleware", "config", "autosize.topology", "_load", "errors"},
     # the supervisor owns the broker connection (ARCHITECTURE.md), so it uses broker.base's values
-    "supervisor": {"_aio", "worker", "ring", "autosize", "config", "logging", "broker.base", "errors"},
+    "supervisor": {"_aio", "wire", "worker", "ring", "autosize", "config", "logging", "broker.base", "errors"},
     "task": {"config", "message", "broker", "broker.base", "supervisor", "errors"},
-    "app": {"config", "message", "broker", "supervisor", "task", "errors"},
-    "pool": {"worker", "ring", "autosize", "config", "message", "errors", "_call"},
-    # fastq.Pool's wire format and its worker side: the pool row, split out so that a worker
-    # loads it by name (WorkerSpec.executor) without importing the pool
-    "_call": {"ring", "errors"},
+    "app": {"config", "message", "middleware", "broker", "supervisor", "task", "errors"},
+    "pool": {"worker", "wire", "codec", "ring", "autosize", "config", "message", "errors"},
+    "wire": {"ring", "message", "errors"},
+    "codec": {"ring", "message", "errors"},
+    "middleware": {"message", "errors"},
+    "executors": set(),
+    "executors.app": {"wire", "codec", "ring", "message", "middleware", "config", "errors", "_aio", "_load"},
+    "executors.pool": {"wire", "codec", "ring", "message", "middleware", "config", "errors", "_aio"},
     "logging": set(),
     "cli": {"app", "config", "autosize", "logging", "_bench", "_load", "supervisor", "errors"},
     "_load": {"errors"},
     "__main__": {"cli"},
-    "__init__": {"errors", "app", "task", "pool", "config", "ring"},
+    "__init__": {"errors", "app", "task", "pool", "config", "middleware"},
     # the `fastq bench` suite sits beside cli and drives what it measures
     "_bench": {"_aio", "ring", "errors", "_bench", "autosize", "config", "supervisor", "worker", "__init__", "broker.base"},
     "testing": {"app", "broker", "config", "errors"},
 }
 #: Third-party modules and the one fastq module allowed to import each.
 #: (``_bench`` measures a raw aiormq consumer as the broker's ceiling: that baseline is aiormq's)
-HEAVY = {"aiormq": {"broker.amqp", "_bench"}, "uvloop": {"_aio"}, "psutil": {"autosize.topology", "worker"}}
+HEAVY = {"aiormq": {"broker.amqp", "_bench"}, "uvloop": {"_aio"}, "psutil": {"autosize.topology"}}
 
 
 def _modules():
