@@ -145,7 +145,7 @@ class App:
             ConfigError: a queue has no handler, the broker URL is bad, or the App is not a
                 module-level global (workers import it by ``module:attribute``).
         """
-        from fastq.supervisor import run_app
+        from fastq.engine.supervisor import run_app
 
         return run_app(self, self.import_spec(), list(queues) if queues else None, log_level=log_level)
 

@@ -81,7 +81,7 @@ def _worker(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
     app = _app_with_overrides(args)
     try:
-        from fastq.supervisor import run_app
+        from fastq.engine.supervisor import run_app
 
         return run_app(app, args.app, args.queue, log_level=args.log_level.upper())
     except ConfigError as e:

@@ -120,7 +120,7 @@ class Bench:
         """A supervisor for one scenario's queue, planned on this machine with these settings."""
         from fastq.autosize import Topology, plan
         from fastq.config import Config
-        from fastq.supervisor import Supervisor
+        from fastq.engine.supervisor import Supervisor
 
         app = self.module.app
         task = getattr(self.module, scenario)
@@ -157,7 +157,7 @@ class Bench:
             await runner
             return took
 
-        from fastq.worker import run_loop
+        from fastq._aio import run_loop
 
         took = run_loop(main())
         return took + (enqueue if self.broker == "sqlite" and scenario == "noop" else 0.0), enqueue
@@ -202,7 +202,7 @@ def _baseline(scenario: str, n: int, concurrency: int, burn: int) -> dict[str, f
             noop(time.time())
         out["plain loop, one process"] = n / (time.perf_counter() - t)
     elif scenario == "io":
-        from fastq.worker import run_loop
+        from fastq._aio import run_loop
 
         t = time.perf_counter()
         run_loop(_io_baseline(n, concurrency))

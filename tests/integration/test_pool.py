@@ -128,18 +128,18 @@ def test_an_exception_comes_back_with_the_remote_traceback(pool):
 
 
 def test_after_an_error_map_sends_no_more_of_the_call(pool):
-    before = pool.statistics()["items_sent"]
+    before = pool.statistics().items_sent
     with pytest.raises(ValueError):
         pool.map(poolfns.fail_on_7, range(1_000_000), batch_size=1)
-    assert pool.statistics()["items_sent"] - before < 1000
+    assert pool.statistics().items_sent - before < 1000
 
 
 def test_leaving_an_iteration_early_cancels_the_rest(pool):
-    before = pool.statistics()["items_sent"]
+    before = pool.statistics().items_sent
     it = pool.imap(poolfns.spin, range(1_000_000), batch_size=10)
     assert [next(it) for _ in range(5)] == [0, 2, 4, 6, 8]
     it.close()
-    assert pool.statistics()["items_sent"] - before < 1_000_000
+    assert pool.statistics().items_sent - before < 1_000_000
     assert pool.map(poolfns.double, range(10)) == [2 * x for x in range(10)]
 
 
@@ -209,10 +209,10 @@ def test_sigkill_of_a_worker_mid_map_loses_nothing():
         SEEN_PIDS.update(p.pids)
         p.map(poolfns.spin, range(1000))
         victim = p.pids[0]
-        base = p.statistics()["items_done"]
+        base = p.statistics().items_done
 
         def kill_when_under_way():
-            while p.statistics()["items_done"] - base < 10_000:
+            while p.statistics().items_done - base < 10_000:
                 time.sleep(0.001)
             os.kill(victim, signal.SIGKILL)
 
@@ -222,7 +222,7 @@ def test_sigkill_of_a_worker_mid_map_loses_nothing():
         assert p.map(poolfns.spin, xs) == [2 * x for x in xs]
         killer.join()
         stats = p.statistics()
-        assert stats["workers_lost"] == 1 and stats["items_again"] > 0
+        assert stats.workers_lost == 1 and stats.items_again > 0
         assert victim not in p.pids and None not in p.pids
         SEEN_PIDS.update(p.pids)
         assert p.map(poolfns.double, range(1000)) == [2 * x for x in range(1000)]  # still usable
@@ -234,7 +234,7 @@ def test_an_item_that_kills_every_worker_it_runs_on_raises_worker_lost():
         SEEN_PIDS.update(p.pids)
         with pytest.raises(fastq.WorkerLost, match="died .*exit code 3"):
             p.map(poolfns.exit_on_13, range(100))
-        assert p.statistics()["workers_lost"] == 3  # whole batch, batch again, then alone
+        assert p.statistics().workers_lost == 3  # whole batch, batch again, then alone
         SEEN_PIDS.update(pid for pid in p.pids if pid)
         assert p.map(poolfns.exit_on_13, [1, 2, 3]) == [1, 2, 3]
         future = p.submit(poolfns.exit_on_13, 13)
@@ -245,7 +245,7 @@ def test_an_item_that_kills_every_worker_it_runs_on_raises_worker_lost():
 def test_leaving_the_with_block_leaves_no_process_or_shared_memory():
     with fastq.Pool() as p:
         pids = list(p.pids)
-        rings = [r.name for w in p._driver.workers for r in (w.inbox, w.outbox)]
+        rings = [r.name for w in p._driver.fleet for r in (w.inbox, w.outbox)]
         assert p.map(poolfns.double, range(10)) == [2 * x for x in range(10)]
     assert not any(_alive(pid) for pid in pids)
     assert not any((Path("/dev/shm") / name).exists() for name in rings)

@@ -1,4 +1,6 @@
-"""The import direction of ../shared/STYLE.md, as a test (trio's test_exports, uvloop's test_sourcecode)."""
+"""The import direction of ../shared/STYLE.md §2, as a test (trio's test_exports, uvloop's
+test_sourcecode): each module imports only from its row, each heavy dependency is imported by
+exactly one module, there is no import circle, and ``import fastq`` loads none of them."""
 
 from __future__ import annotations
 
@@ -11,54 +13,88 @@ import fastq
 
 PACKAGE = Path(fastq.__file__).parent
 
-#: module -> the fastq modules it may import (STYLE.md §2). `_bench` is the `fastq bench` suite:
-#: it sits beside cli and may import what it measures.
+_CORE = {"errors", "_layout", "_segment"}
+_RUNTIME = {"wire", "codec", "ring", "message", "middleware", "config", "errors", "_aio",
+            "autosize.topology", "_load"}
+_ENGINE = {"worker", "wire", "ring", "autosize", "broker.base", "config", "errors", "_aio"}
+_AMQP = {"broker.base", "message", "errors", "config", "ring"}
+
+#: module -> the fastq modules it may import (STYLE.md §2; a module may always import the
+#: modules of its own package that the table lists before it, as the rows below spell out).
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
-    "_layout": {"errors"},
-    "_segment": {"errors", "_layout"},
-    "_core_py": {"errors", "_layout", "_segment"},
-    "_core": {"errors", "_layout", "_segment"},
-    "ring": {"_core", "_core_py", "_layout", "errors"},
     "config": {"errors"},
     "message": {"errors"},
-    "autosize": {"autosize.controller", "autosize.plan", "autosize.share", "autosize.topology"},
+    "_layout": {"errors"},
+    # the segment's and the wake-up sockets' life cycle, shared by both ring implementations
+    "_segment": {"errors", "_layout"},
+    "_core_py": _CORE,
+    "_core": _CORE,
+    "ring": {"_core", "_core_py", "_layout", "errors"},
+    "wire": {"ring", "message", "errors"},
+    "codec": {"ring", "message", "errors"},
+    "_aio": {"errors"},
+    # module:attribute -> object, for the cli and for a worker loading its app and executor
+    "_load": {"errors"},
+    "autosize": {"autosize.topology", "autosize.plan", "autosize.share", "autosize.controller"},
     "autosize.topology": {"config", "errors"},
     "autosize.plan": {"autosize.topology", "config", "errors"},
     "autosize.share": {"autosize.plan"},
     "autosize.controller": {"autosize.plan", "config", "errors"},
-    "broker": {"broker.base", "broker.memory", "broker.sqlite", "broker.amqp", "errors"},
+    # QueueOptions is a setting (config); the broker interface re-exports it
     "broker.base": {"message", "errors", "_aio", "config"},
-    "_aio": set(),
     "broker.memory": {"broker.base", "message", "errors"},
     "broker.sqlite": {"broker.base", "message", "errors"},
-    # the ack window (ARCHITECTURE.md: one multiple-ack over the completed prefix) lives in the
-    # Cython core, which only ``ring`` imports; RabbitMQ's delivery tags are the amqp broker's
-    "broker.amqp": {"broker.base", "message", "errors", "config", "ring"},
-    "worker": {"_aio", "wire", "codec", "ring", "message", "middleware", "config", "autosize.topology", "_load", "errors"},
-    # the supervisor owns the broker connection (ARCHITECTURE.md), so it uses broker.base's values
-    "supervisor": {"_aio", "wire", "worker", "ring", "autosize", "config", "logging", "broker.base", "errors"},
-    "task": {"config", "message", "broker", "broker.base", "supervisor", "errors"},
-    "app": {"config", "message", "middleware", "broker", "supervisor", "task", "errors"},
-    "pool": {"worker", "wire", "codec", "ring", "autosize", "config", "message", "errors"},
-    "wire": {"ring", "message", "errors"},
-    "codec": {"ring", "message", "errors"},
+    "broker.amqp": _AMQP | {"broker.amqp.publish", "broker.amqp.consumer", "broker.amqp.settle",
+                            "broker.amqp.management", "broker.amqp.connection"},
+    "broker.amqp.broker": _AMQP | {"broker.amqp.publish", "broker.amqp.consumer",
+                                   "broker.amqp.settle", "broker.amqp.management",
+                                   "broker.amqp.connection"},
+    "broker.amqp.connection": _AMQP,
+    "broker.amqp.publish": _AMQP | {"broker.amqp.connection"},
+    "broker.amqp.consumer": _AMQP | {"broker.amqp.connection"},
+    "broker.amqp.settle": _AMQP | {"broker.amqp.connection", "broker.amqp.publish",
+                                   "broker.amqp.consumer"},
+    "broker.amqp.management": _AMQP,
+    "broker": {"broker.base", "broker.memory", "broker.sqlite", "broker.amqp", "errors"},
     "middleware": {"message", "errors"},
+    "worker": _RUNTIME,
     "executors": set(),
-    "executors.app": {"wire", "codec", "ring", "message", "middleware", "config", "errors", "_aio", "_load"},
-    "executors.pool": {"wire", "codec", "ring", "message", "middleware", "config", "errors", "_aio"},
-    "logging": set(),
-    "cli": {"app", "config", "autosize", "logging", "_bench", "_load", "supervisor", "errors"},
-    "_load": {"errors"},
+    "executors.app": _RUNTIME,
+    "executors.pool": _RUNTIME,
+    # worker only as the target a fleet member is spawned with
+    "engine": set(),
+    "engine.fleet": _ENGINE,
+    "engine.placement": _ENGINE | {"engine.fleet"},
+    "engine.pump": _ENGINE,
+    "engine.tuning": _ENGINE | {"engine.placement", "engine.pump"},
+    "engine.supervisor": _ENGINE | {"engine.fleet", "engine.placement", "engine.pump",
+                                    "engine.tuning"},
+    "pool": {"engine.fleet", "wire", "codec", "ring", "autosize", "config", "errors",
+             "pool.driver", "pool.job"},
+    "pool.job": {"codec", "autosize", "config", "errors"},
+    "pool.driver": {"engine.fleet", "wire", "codec", "ring", "autosize", "config", "errors",
+                    "pool.job"},
+    "task": {"config", "message", "middleware", "broker", "broker.base", "errors"},
+    "app": {"config", "message", "middleware", "broker", "task", "engine.supervisor", "errors"},
+    "testing": {"app", "broker", "broker.base", "config", "errors"},
+    "cli": {"app", "task", "config", "autosize", "engine.supervisor", "testing", "_load", "_bench",
+            "errors"},
+    # the `fastq bench` suites sit beside cli and drive what they measure
+    "_bench": {"app", "config", "autosize", "engine.supervisor", "testing", "ring", "_aio",
+               "broker.base", "errors", "__init__", "_bench"},
     "__main__": {"cli"},
     "__init__": {"errors", "app", "task", "pool", "config", "middleware"},
-    # the `fastq bench` suite sits beside cli and drives what it measures
-    "_bench": {"_aio", "ring", "errors", "_bench", "autosize", "config", "supervisor", "worker", "__init__", "broker.base"},
-    "testing": {"app", "broker", "config", "errors"},
 }
-#: Third-party modules and the one fastq module allowed to import each.
-#: (``_bench`` measures a raw aiormq consumer as the broker's ceiling: that baseline is aiormq's)
-HEAVY = {"aiormq": {"broker.amqp", "_bench"}, "uvloop": {"_aio"}, "psutil": {"autosize.topology"}}
+#: Third-party modules and the one fastq module allowed to import each (``_bench`` measures a
+#: raw aiormq consumer as the broker's ceiling: that baseline is aiormq's).
+HEAVY = {
+    "aiormq": {"broker.amqp", "broker.amqp.connection", "broker.amqp.publish", "broker.amqp.consumer",
+               "broker.amqp.settle", "broker.amqp.broker", "_bench"},
+    "pamqp": {"broker.amqp", "broker.amqp.publish", "broker.amqp.settle", "_bench"},
+    "uvloop": {"_aio"},
+    "psutil": {"autosize.topology"},
+}
 
 
 def _modules():
@@ -68,26 +104,37 @@ def _modules():
         yield ".".join(parts), path
 
 
-def _imports(path: Path) -> set[str]:
+def _tree(path: Path) -> ast.Module:
     source = path.read_text()
     if path.suffix == ".pyx":  # only the Python-level imports of the extension matter here
-        source = "\n".join(line for line in source.splitlines() if line.startswith(("import ", "from ")) and "cimport" not in line)
+        source = "\n".join(line for line in source.splitlines()
+                           if line.startswith(("import ", "from ")) and "cimport" not in line)
     tree = ast.parse(source)
     for node in ast.walk(tree):  # imports under `if TYPE_CHECKING:` never run: leave them out
         if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
             node.body = []
+    return tree
+
+
+def _imported(node: ast.AST) -> set[str]:
     found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            if node.module == "fastq":
-                found |= {a.name for a in node.names}
-            elif node.module.startswith("fastq."):
-                found.add(node.module[len("fastq."):])
-            else:
-                found.add("!" + node.module.split(".")[0])
-        elif isinstance(node, ast.Import):
-            for a in node.names:
-                found.add(a.name[len("fastq."):] if a.name.startswith("fastq.") else "!" + a.name.split(".")[0])
+    if isinstance(node, ast.ImportFrom) and node.module:
+        if node.module == "fastq":
+            found |= {a.name for a in node.names}
+        elif node.module.startswith("fastq."):
+            found.add(node.module[len("fastq."):])
+        else:
+            found.add("!" + node.module.split(".")[0])
+    elif isinstance(node, ast.Import):
+        for a in node.names:
+            found.add(a.name[len("fastq."):] if a.name.startswith("fastq.") else "!" + a.name.split(".")[0])
+    return found
+
+
+def _imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(_tree(path)):
+        found |= _imported(node)
     return found
 
 
@@ -95,24 +142,42 @@ def _group(name: str) -> str:
     return "_bench" if name.startswith("_bench") else name
 
 
-def _allowed(key: str, imported: str) -> bool:
-    target = _group(imported)
-    return target in ALLOWED[key] or target == key
+def test_every_module_has_a_row():
+    missing = [name for name, _ in _modules() if _group(name) not in ALLOWED]
+    assert missing == [], "add these to ALLOWED here and to STYLE.md §2"
 
 
 def test_fastq_modules_import_only_downward():
     wrong = []
     for name, path in _modules():
         key = _group(name)
-        assert key in ALLOWED, f"{name} is not in the layer table: add it to ALLOWED and STYLE.md"
         for imported in _imports(path):
             if imported.startswith("!"):
                 users = HEAVY.get(imported[1:])
                 if users is not None and key not in users:
                     wrong.append(f"{name} imports {imported[1:]}, which only {sorted(users)} may")
-            elif not _allowed(key, imported):
+            elif _group(imported) not in ALLOWED[key] and _group(imported) != key:
                 wrong.append(f"{name} imports fastq.{imported}")
     assert wrong == []
+
+
+def test_no_import_circle():
+    graph = {name: {i for i in _imports(path) if not i.startswith("!")} for name, path in _modules()}
+    seen: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        seen[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if seen.get(nxt) == 1:
+                return [*path, node, nxt]
+            if nxt not in seen and (found := visit(nxt, [*path, node])):
+                return found
+        seen[node] = 2
+        return None
+
+    for module in sorted(graph):
+        if module not in seen:
+            assert visit(module, []) is None
 
 
 def test_import_fastq_loads_no_heavy_dependency():
