@@ -80,10 +80,10 @@ def test_a_consumer_rabbitmq_takes_away_is_rebuilt(amqp_url, queue):
         await broker.publish(queue, _messages(100))
         seen: set[str] = set()
         await _drain(broker, queue, 30, unique=seen)
-        consumer = broker._consumers[queue]
+        consumer = broker.consumers.by_queue[queue]
         await consumer.channel.basic_cancel(consumer.tag)  # as RabbitMQ does when it cancels one
         await _drain(broker, queue, 60, unique=seen)
-        await broker._consumers[queue].channel.close()  # as RabbitMQ does on a channel error
+        await broker.consumers.by_queue[queue].channel.close()  # as RabbitMQ does on a channel error
         await _drain(broker, queue, 100, unique=seen)  # what the closed channel held comes again
         assert seen == {f"m{i}" for i in range(100)}
         await asyncio.sleep(0.2)
@@ -113,22 +113,22 @@ def test_publishing_survives_a_channel_error_and_a_deleted_queue(amqp_url, queue
 
 
 def test_the_watchdog_rebuilds_a_consumer_that_gets_nothing_while_messages_wait(amqp_url, queue, monkeypatch):
-    from fastq.broker import amqp
+    from fastq.broker.amqp import consumer
 
-    monkeypatch.setattr(amqp, "WATCHDOG_SECONDS", 0.5)
+    monkeypatch.setattr(consumer, "WATCHDOG_SECONDS", 0.5)
 
     async def main():
         broker = open_broker(amqp_url)
         await broker.open()
         await broker.declare(queue)
         await broker.prefetch(queue, 20)
-        stuck = broker._consumers[queue]
+        stuck = broker.consumers.by_queue[queue]
         stuck.alive = False  # it still holds its channel, but what comes to it goes nowhere
         await broker.publish(queue, _messages(100))
         seen: set[str] = set()
         await _drain(broker, queue, 100, unique=seen)  # the 20 it swallowed come back too
         assert seen == {f"m{i}" for i in range(100)}
-        assert broker._consumers[queue] is not stuck
+        assert broker.consumers.by_queue[queue] is not stuck
         await broker.close()
 
     asyncio.run(main())

@@ -1,0 +1,115 @@
+"""``amqp://`` and ``amqps://``: RabbitMQ through aiormq, the facade over the rooms below.
+
+One connection per supervisor (``connection``). Each queue has one consumer on its own channel,
+whose ``basic.qos`` is the host's prefetch for that queue (``consumer``). Publishing goes through
+one channel in confirm mode (``publish``). Acks, retries through TTL queues, dead letters and
+releases are ``settle``'s; the management API's counts ``management``'s.
+
+When the connection drops, deliveries not yet settled are RabbitMQ's again: it redelivers them
+(at-least-once: a handler may run twice). The connection reconnects with exponential backoff and
+jitter, declares again and consumes again; settling a delivery of the lost connection is a no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+
+from fastq.broker.amqp import management
+from fastq.broker.amqp.connection import Connection, Options
+from fastq.broker.amqp.consumer import Consumers
+from fastq.broker.amqp.publish import Publisher, SyncPublisher
+from fastq.broker.amqp.settle import Settler
+from fastq.broker.base import Broker, Delivery, Message, QueueDepth, QueueOptions, Retry, Signal
+
+
+class AMQPBroker(Broker):
+    """See the module docstring. Every coroutine runs on the loop that opened it;
+    ``publish_sync`` runs its own connection on a thread of its own.
+
+    Raises:
+        ConfigError: the URL is not an AMQP URL or one of its options is out of range.
+    """
+
+    def __init__(self, url: str, *, routes: dict[str, QueueOptions] | None = None) -> None:
+        self.options = Options(url)
+        self.url = self.options.masked
+        self.publish_timeout = self.options.publish_timeout
+        #: each queue's exchange, binding and type; a sync publisher shares the same dict
+        self.routes: dict[str, QueueOptions] = {} if routes is None else routes
+        self.connection = Connection(self.options, self.routes, self._restore, self._lost)
+        self.consumers = Consumers(self.connection)
+        self.publisher = Publisher(self.connection)
+        self.settler = Settler(self.connection, self.consumers, self.publisher)
+        self._sync: SyncPublisher | None = None
+        self._sync_lock = threading.Lock()
+
+    async def _restore(self, first: bool) -> None:
+        await self.consumers.restore(first)
+
+    def _lost(self) -> None:
+        self.consumers.lost()
+
+    async def open(self) -> None:
+        await self.connection.open()
+
+    async def declare(self, queue: str) -> None:
+        if queue not in self.connection.queues:
+            self.connection.queues.append(queue)
+        await self.connection.ready()
+        await self.connection.declare(queue)
+
+    def configure(self, queue: str, options: QueueOptions) -> None:
+        self.routes[queue] = options
+        self.connection.declared.discard(queue)
+
+    async def publish(self, queue: str, messages: Sequence[Message]) -> None:
+        await self.publisher.publish(queue, messages)
+
+    def publish_sync(self, queue: str, messages: Sequence[Message]) -> None:
+        with self._sync_lock:
+            if self._sync is None:
+                self._sync = SyncPublisher(lambda: AMQPBroker(self.options.given, routes=self.routes))
+        self._sync.publish(queue, messages)
+
+    async def prefetch(self, queue: str, prefetch: int) -> None:
+        await self.consumers.prefetch(queue, prefetch)
+
+    async def fetch(self, queue: str, max_messages: int, *, timeout: float,
+                    wake: asyncio.Event | Signal | None = None) -> list[Delivery]:
+        return await self.consumers.fetch(queue, max_messages, timeout=timeout, wake=wake)
+
+    async def settle(self, queue: str, *, ack: Sequence[int] = (), retry: Sequence[Retry] = (),
+                     dead: Sequence[tuple[int, str]] = (), release: Sequence[int] = ()) -> None:
+        await self.settler.settle(queue, ack=ack, retry=retry, dead=dead, release=release)
+
+    async def queue_depth(self, queue: str) -> QueueDepth:
+        """Ready and consumers from ``queue.declare`` (passive); dead letters from the dlq's;
+        unacked of every host from RabbitMQ's management API when it answers (port
+        ``management_port``, default 15672, same credentials), else this process's own."""
+        await self.connection.ready()
+        ok = await self.consumers.passive(queue)
+        dlq = f"{queue}.dlq"
+        dead = await self.consumers.passive(dlq) if dlq in self.connection.declared else None
+        o = self.options
+        unacked = await asyncio.get_running_loop().run_in_executor(
+            None, management.unacked_everywhere, o.aiormq_url, o.management_port,
+            o.management_port_given, queue)
+        dead_count = (dead.message_count or 0) if dead else 0
+        if unacked is None:
+            return QueueDepth(ready=ok.message_count or 0, unacked=self.consumers.held_of(queue),
+                              dead=dead_count, consumers=ok.consumer_count, unacked_scope="this process")
+        return QueueDepth(ready=ok.message_count or 0, unacked=unacked, consumers=ok.consumer_count,
+                          dead=dead_count)
+
+    async def close(self) -> None:
+        for consumer in list(self.consumers.by_queue.values()):
+            try:
+                await consumer.flush_stragglers(force=True)
+            except Exception:  # noqa: BLE001, S110 - closing anyway; RabbitMQ redelivers what was not acked
+                pass
+        await self.connection.close()
+        if self._sync is not None:
+            self._sync.close()
+            self._sync = None

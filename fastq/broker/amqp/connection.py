@@ -1,0 +1,257 @@
+"""One connection to RabbitMQ: the URL's options, connecting with backoff, the watcher that
+reconnects, the publishing channel in confirm mode, and the topology (queues, dead-letter
+queues, exchanges, bindings, retry TTL queues) declared on it, again after each reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable
+
+import aiormq
+import aiormq.abc
+
+from fastq.broker.base import QueueOptions, mask_url, query_float
+from fastq.errors import BrokerConnectionError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+#: what a lost connection or a closed channel raises: the operation is tried again once connected
+CONNECTION_ERRORS = (aiormq.exceptions.AMQPConnectionError,
+                     aiormq.exceptions.ChannelInvalidStateError, ConnectionError)
+#: publishes awaiting their confirm at once, per channel
+CONFIRM_WINDOW = 512
+RECONNECT_MIN, RECONNECT_MAX = 0.2, 15.0
+#: how often the watcher looks at the connection
+WATCH_SECONDS = 0.25
+#: a publish waits this long for a connection, or for its confirm, before it raises
+#: BrokerConnectionError
+PUBLISH_TIMEOUT = 60.0
+#: a retry queue unused this long (no declare; at least twice its TTL) is deleted by RabbitMQ
+RETRY_EXPIRES_MS = 3_600_000
+#: our own options in the URL's query; the rest is aiormq's (TLS files, heartbeat, ...)
+OWN_OPTIONS = ("confirm_window", "publish_timeout", "management_port")
+
+
+def retry_queue(queue: str, delay: float) -> tuple[str, int]:
+    """The TTL queue for ``delay`` seconds (two significant digits of milliseconds, >= 1)."""
+    ms = max(1, round(delay * 1000))
+    digits = len(str(ms))
+    if digits > 2:
+        step = 10 ** (digits - 2)
+        ms = round(ms / step) * step
+    return f"{queue}.retry.{ms}", ms
+
+
+class Options:
+    """An ``amqp://`` or ``amqps://`` URL: ours, and what goes to aiormq."""
+
+    def __init__(self, url: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme.lower() not in ("amqp", "amqps"):
+            raise ConfigError(f"not an AMQP URL: {mask_url(url)!r}; expected "
+                              "amqp://user:pass@host:port/vhost")
+        if not parts.hostname:
+            raise ConfigError(f"AMQP URL {mask_url(url)!r} names no host")
+        params = urllib.parse.parse_qs(parts.query)
+        self.confirm_window = int(query_float(url, params, "confirm_window", CONFIRM_WINDOW, 1))
+        self.publish_timeout = query_float(url, params, "publish_timeout", PUBLISH_TIMEOUT, 0.1)
+        self.management_port = int(query_float(url, params, "management_port", 15672, 1))
+        self.management_port_given = "management_port" in params
+        query = urllib.parse.urlencode([(k, v) for k, vs in params.items() if k not in OWN_OPTIONS
+                                        for v in vs])
+        #: what aiormq connects to (our options taken out)
+        self.aiormq_url = urllib.parse.urlunsplit(parts._replace(query=query))
+        #: as the user gave it (a sync publisher opens its own connection with it)
+        self.given = url
+        #: the only form that goes into logs and errors
+        self.masked = mask_url(url)
+
+    def scrub(self, text: str) -> str:
+        """``text`` without the URL's password, wherever a library put it."""
+        password = urllib.parse.urlsplit(self.aiormq_url).password
+        text = text.replace(self.aiormq_url, self.masked)
+        return text.replace(password, "***") if password else text
+
+
+class Connection:
+    """The connection, its publishing channel and the topology declared on it.
+
+    Parameters:
+        options: the URL's.
+        routes: each queue's exchange, binding and type (the broker's ``configure``).
+        restore: after every (re)connect (True the first time), before anyone uses it: consume
+            again.
+        lost: when the connection is gone: forget what it carried.
+    """
+
+    def __init__(self, options: Options, routes: dict[str, QueueOptions],
+                 restore: Callable[[bool], Awaitable[None]], lost: Callable[[], None]) -> None:
+        self.options, self.routes, self.restore, self.on_lost = options, routes, restore, lost
+        self.url = options.masked
+        self.connection: aiormq.abc.AbstractConnection | None = None
+        self.publisher: aiormq.abc.AbstractChannel | None = None
+        self.window: asyncio.Semaphore | None = None
+        #: queues and dead-letter queues declared on this connection
+        self.declared: set[str] = set()
+        self.retry_declared: dict[str, float] = {}  # retry queue -> when it was last declared
+        #: declared by the caller: declared again after a reconnect
+        self.queues: list[str] = []
+        #: bumped at each connect: work of an older connection is dropped
+        self.generation = 0
+        self.connected = asyncio.Event()
+        self.closing = False
+        self.watcher: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        if self.connection is not None:
+            return
+        self.closing = False
+        await self.connect(first=True)
+        self.watcher = asyncio.get_running_loop().create_task(self.watch())
+
+    async def connect(self, *, first: bool = False) -> None:
+        """Connect, open the publishing channel, declare and consume again; until it works
+        (the first time: raise BrokerConnectionError instead)."""
+        delay = RECONNECT_MIN
+        while True:
+            connection: aiormq.abc.AbstractConnection | None = None
+            try:
+                connection = await aiormq.connect(self.options.aiormq_url)
+                self.connection = connection
+                self.generation += 1
+                self.publisher = await connection.channel(publisher_confirms=True)
+                self.window = asyncio.Semaphore(self.options.confirm_window)
+                self.declared.clear()
+                self.retry_declared.clear()
+                for queue in self.queues:
+                    await self.declare(queue)
+                await self.restore(first)
+                break
+            except Exception as e:  # noqa: BLE001 - whatever failed, this attempt is over
+                text = f"{type(e).__name__}: {self.options.scrub(str(e))}"
+                self.lost()
+                self.connection = None
+                if connection is not None:
+                    try:
+                        await connection.close()
+                    except Exception:  # noqa: BLE001, S110 - it is broken already
+                        pass
+                if first:
+                    raise BrokerConnectionError(f"cannot connect to RabbitMQ at {self.url}: {text}") from e
+                logger.warning("RabbitMQ at %s unreachable (%s); trying again in %.1f s", self.url, text,
+                               delay)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, RECONNECT_MAX)
+        self.connected.set()
+
+    async def watch(self) -> None:
+        """Reconnect whenever the connection closes, until ``close``. It looks every
+        ``WATCH_SECONDS`` rather than awaiting ``connection.closing``, which aiormq may cancel
+        while the connection lives on (seen when a channel is closed)."""
+        while not self.closing:
+            connection = self.connection
+            if connection is not None and not connection.is_closed:
+                await asyncio.sleep(WATCH_SECONDS)
+                continue
+            if self.closing:
+                return
+            logger.warning("connection to RabbitMQ at %s lost; its unsettled deliveries go back to "
+                           "RabbitMQ", self.url)
+            self.lost()
+            try:
+                await self.connect()
+            except Exception:
+                logger.exception("reconnecting to RabbitMQ at %s failed; trying again", self.url)
+                await asyncio.sleep(RECONNECT_MAX)
+
+    def lost(self) -> None:
+        self.connected.clear()
+        self.on_lost()
+
+    async def ready(self) -> aiormq.abc.AbstractChannel:
+        """The publishing channel, once connected (BrokerConnectionError after the publish
+        timeout); a channel RabbitMQ closed alone is opened again."""
+        if not self.connected.is_set():
+            try:
+                await asyncio.wait_for(self.connected.wait(), self.options.publish_timeout)
+            except TimeoutError as e:
+                raise BrokerConnectionError(f"no connection to RabbitMQ at {self.url} for "
+                                            f"{self.options.publish_timeout:g} s") from e
+        assert self.publisher is not None and self.connection is not None
+        if self.publisher.is_closed and not self.connection.is_closed:
+            # RabbitMQ closed the channel alone (a channel error): the connection goes on
+            logger.warning("RabbitMQ closed the publishing channel on %s; opening another", self.url)
+            self.publisher = await self.connection.channel(publisher_confirms=True)
+            self.window = asyncio.Semaphore(self.options.confirm_window)
+        return self.publisher
+
+    async def wait_reconnect(self) -> None:
+        """Give the watcher time to notice a dead connection, then wait for the new one."""
+        deadline = time.monotonic() + self.options.publish_timeout
+        while (self.connection is not None and not self.connection.is_closed and self.connected.is_set()
+               and self.publisher is not None and not self.publisher.is_closed):
+            if time.monotonic() > deadline:
+                raise BrokerConnectionError(f"publishing to RabbitMQ at {self.url} failed for "
+                                            f"{self.options.publish_timeout:g} s")
+            await asyncio.sleep(0.05)
+        await self.ready()
+
+    async def channel(self) -> aiormq.abc.AbstractChannel:
+        """A new channel without confirms (a consumer's, or a passive declare's)."""
+        assert self.connection is not None
+        return await self.connection.channel(publisher_confirms=False)
+
+    # -- topology ------------------------------------------------------------------------------
+
+    async def declare(self, queue: str) -> None:
+        """The queue (its type and arguments), its dead-letter queue, its exchange and binding."""
+        assert self.publisher is not None
+        if queue in self.declared:
+            return
+        route = self.routes.get(queue, QueueOptions())
+        channel = self.publisher
+        try:
+            await channel.queue_declare(queue, durable=True, arguments=route.arguments() or None)
+            await channel.queue_declare(f"{queue}.dlq", durable=True)
+            if route.exchange:
+                await channel.exchange_declare(route.exchange, exchange_type=route.exchange_kind,
+                                               durable=True)
+                await channel.queue_bind(queue, route.exchange, routing_key=route.routing_key or queue,
+                                         arguments=dict(route.binding_arguments or {}) or None)
+        except aiormq.exceptions.ChannelPreconditionFailed as e:
+            # RabbitMQ closed the channel: open another, and say what to change
+            assert self.connection is not None
+            self.publisher = await self.connection.channel(publisher_confirms=True)
+            raise ConfigError(f"RabbitMQ refused to declare {queue!r} as {route} "
+                              f"({self.options.scrub(str(e))}): it exists with other settings; "
+                              "delete it, or declare it as it is") from e
+        self.declared.update((queue, f"{queue}.dlq"))
+
+    async def declare_retry(self, channel: aiormq.abc.AbstractChannel, queue: str, delay: float) -> str:
+        """The TTL queue for ``delay``. It expires when unused for ``RETRY_EXPIRES`` (or twice
+        its TTL): a declare counts as a use, and RabbitMQ counts from the last one, not from
+        the last publish, so it is declared again whenever a quarter of that time passed."""
+        name, ms = retry_queue(queue, delay)
+        expires = max(RETRY_EXPIRES_MS, 2 * ms + 60_000)
+        now = time.monotonic()
+        if now - self.retry_declared.get(name, -1e18) > expires / 4000:
+            await channel.queue_declare(name, durable=True, arguments={
+                "x-message-ttl": ms, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": queue,
+                "x-expires": expires})
+            self.retry_declared[name] = now
+        return name
+
+    async def close(self) -> None:
+        self.closing = True
+        self.lost()
+        if self.watcher is not None:
+            self.watcher.cancel()
+            self.watcher = None
+        if self.connection is not None:
+            await self.connection.close()
+            self.connection = None
