@@ -121,7 +121,7 @@ def encode_request(fn_ref: bytes, flags: int, items: list[Any]) -> bytes:
     except Exception as e:  # noqa: BLE001 - pickle raises many types
         bad = next((x for x in items if not _picklable(x)), None)
         raise TypeError(f"an argument of type {type(bad).__name__} cannot be sent to a pool worker ({e}); "
-                        f"pass builtins, bytes, msgspec Structs or picklable objects") from None
+                        f"pass builtins, bytes, msgspec Structs or picklable objects") from e
 
 
 def decode_request(body: bytes | memoryview) -> tuple[int, bytes, list[Any]]:

@@ -98,8 +98,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
                 raise ConfigError(
                     f"FASTQ_{field.upper()}={environ['FASTQ_' + field.upper()]!r} is not valid: "
                     f"{str(e).partition(' - at ')[0]}"
-                ) from None
-            raise ConfigError(str(e)) from None
+                ) from e
+            raise ConfigError(str(e)) from e
 
 
 def _parse(cls: type[Config], field: str, raw: str) -> Any:

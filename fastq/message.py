@@ -60,7 +60,7 @@ def encode_args(args: tuple[object, ...]) -> msgspec.Raw:
     except TypeError as e:
         raise MessageError(
             f"task arguments must be msgspec Structs or builtins (no pickle): {e}"
-        ) from None
+        ) from e
 
 
 def encode(task: str, args: tuple[object, ...] | msgspec.Raw, *, message_id: str | None = None,
@@ -85,4 +85,4 @@ def decode(body: bytes | memoryview) -> Envelope:
         raise MessageError(
             f"body of {len(body)} bytes is not a fastq task envelope ({e}); it starts with "
             f"0x{head}; send it with task.send(), or consume the queue with @app.consumer"
-        ) from None
+        ) from e

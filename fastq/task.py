@@ -97,7 +97,7 @@ class Task:
             args = message.encode_args(values)
             self._decoder.decode(args)
         except msgspec.ValidationError as e:
-            raise msgspec.ValidationError(f"task {self.name}: {e} (arguments in parameter order)") from None
+            raise msgspec.ValidationError(f"task {self.name}: {e} (arguments in parameter order)") from e
         message_id, body = message.encode(self.name, args)
         return Message(body, message_id)
 

@@ -53,7 +53,7 @@ class Job:
             self.fn_ref = pickle.dumps(fn, 5)
         except Exception as e:  # noqa: BLE001 - lambdas, closures, bound methods of odd objects
             raise TypeError(f"fn {fn!r} cannot be sent to the pool's workers ({e}); define it at module "
-                            f"level (a def, or functools.partial of one), as multiprocessing needs too") from None
+                            f"level (a def, or functools.partial of one), as multiprocessing needs too") from e
         coroutine = inspect.iscoroutinefunction(fn)
         #: its calls overlap in a worker (coroutines, or a plain function on threads: kind="io"),
         #: so it is sized by concurrency, not by measured cost
