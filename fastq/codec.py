@@ -22,14 +22,8 @@ same type it left as:
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import functools
-import inspect
 import pickle
-import time
 import traceback
-from collections.abc import Callable
 from typing import Any
 
 import msgspec

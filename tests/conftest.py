@@ -5,12 +5,12 @@ from __future__ import annotations
 import importlib
 import os
 import random
-import socket
-import urllib.parse
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from fastq.testing import require_amqp
 
 CI = bool(os.environ.get("CI"))
 AMQP_URL = os.environ.get("FASTQ_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -93,11 +93,4 @@ def rand() -> random.Random:
 @pytest.fixture(scope="session")
 def amqp_url() -> str:
     """RabbitMQ's URL; skips when none answers, unless CI is set, where that is a failure."""
-    u = urllib.parse.urlsplit(AMQP_URL)
-    try:
-        socket.create_connection((u.hostname, u.port or 5672), timeout=1).close()
-    except OSError as e:
-        if CI:
-            raise
-        pytest.skip(f"RabbitMQ unreachable at {u.hostname}:{u.port or 5672} ({e})")
-    return AMQP_URL
+    return require_amqp(AMQP_URL)

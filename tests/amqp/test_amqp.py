@@ -22,6 +22,8 @@ import pika
 import psutil
 import pytest
 
+from fastq.testing import wait_until
+
 APP = """
 import os
 import fastq
@@ -85,18 +87,16 @@ class Rabbit:
         return self.out.read_text().splitlines() if self.out.exists() else []
 
     def wait_for_lines(self, n: int, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.lines()) < n:
-            assert time.monotonic() < deadline, f"{len(self.lines())} of {n} processed; log: {self.logtext()}"
+        def done() -> bool:
             assert all(p.poll() is None for p in self.procs), f"a worker exited: {self.logtext()}"
-            time.sleep(0.05)
+            return len(self.lines()) >= n
+
+        wait_until(done, timeout, lambda: f"{len(self.lines())} of {n} processed; log: {self.logtext()}")
 
     def wait_for_distinct(self, n: int, timeout: float = 120) -> None:
         """Until ``n`` different lines: a message processed twice (at least once) counts once."""
-        deadline = time.monotonic() + timeout
-        while len(set(self.lines())) < n:
-            assert time.monotonic() < deadline, f"{len(set(self.lines()))} of {n}; log: {self.logtext()}"
-            time.sleep(0.1)
+        wait_until(lambda: len(set(self.lines())) >= n, timeout,
+                   lambda: f"{len(set(self.lines()))} of {n}; log: {self.logtext()}", interval=0.1)
 
     def stop(self, proc: subprocess.Popen[bytes] | None = None, timeout: float = 60) -> int:
         proc = proc or self.procs[-1]
@@ -110,18 +110,20 @@ class Rabbit:
         return (self.dir / "worker.log").read_text()[-4000:]
 
     def wait_for_consumers(self, queues: list[str], timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
         connection, channel = _channel(self.url)
+        opened = [channel]
+
+        def consumed(q: str) -> bool:
+            try:
+                return bool(opened[0].queue_declare(q, passive=True).method.consumer_count)
+            except pika.exceptions.ChannelClosedByBroker:  # not declared yet
+                opened[0] = connection.channel()
+                return False
+
         try:
             for q in queues:
-                while True:
-                    try:
-                        if channel.queue_declare(q, passive=True).method.consumer_count:
-                            break
-                    except pika.exceptions.ChannelClosedByBroker:  # not declared yet
-                        channel = connection.channel()
-                    assert time.monotonic() < deadline, f"no consumer on {q}: {self.logtext()}"
-                    time.sleep(0.1)
+                wait_until(lambda q=q: consumed(q), timeout, lambda q=q: f"no consumer on {q}: {self.logtext()}",
+                           interval=0.1)
         finally:
             connection.close()
 
@@ -195,10 +197,7 @@ def test_retries_and_dead_letters_are_counted_exactly(rabbit):
         connection.close()
     rabbit.start("--processes", "2", "--queue", f"{rabbit.q}.poison")
     rabbit.wait_for_lines(20 * 3 + 100)
-    deadline = time.monotonic() + 30
-    while rabbit.depth(f"{rabbit.q}.poison.dlq") < 21:
-        assert time.monotonic() < deadline, rabbit.logtext()
-        time.sleep(0.1)
+    wait_until(lambda: rabbit.depth(f"{rabbit.q}.poison.dlq") >= 21, 30, rabbit.logtext, interval=0.1)
     assert rabbit.stop() == 0
     words = collections.Counter(line.split()[0] for line in rabbit.lines())
     assert words == {"flaky": 60, "fine": 100}  # each flaky one: the first try and 2 retries
@@ -430,10 +429,7 @@ def test_exchanges_of_every_kind_route_to_their_queues(topology):
     # both topic queues get the task's message and "c" (which the task's queue dead-letters:
     # it is no envelope); 10 per fanout queue; the invoice, not the receipt
     r.wait_for_lines(1 + 2 + 20 + 1)
-    deadline = time.monotonic() + 30
-    while r.depth(r.q + ".topic.dlq") < 1:
-        assert time.monotonic() < deadline, r.logtext()
-        time.sleep(0.1)
+    wait_until(lambda: r.depth(r.q + ".topic.dlq") >= 1, 30, r.logtext, interval=0.1)
     assert r.stop(proc) == 0
     assert collections.Counter(r.lines()) == collections.Counter(
         ["order 1", "topic-raw envelope", "topic-raw c", "h invoice"] + [f"f{k} {i}" for k in (1, 2) for i in range(10)])

@@ -17,6 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from fastq.testing import wait_until
+
 APP = """
 import multiprocessing, os
 import fastq
@@ -150,11 +152,14 @@ class Engine:
         return len(self.out.read_text().splitlines()) if self.out.exists() else 0
 
     def wait_for_lines(self, n: int, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while self.line_count() < n:
-            assert time.monotonic() < deadline, f"{self.line_count()} of {n} processed; log: {self.logtext()}"
+        def done() -> bool:
             assert self.proc is None or self.proc.poll() is None, f"worker exited: {self.logtext()}"
-            time.sleep(0.05)
+            return self.line_count() >= n
+
+        wait_until(done, timeout, lambda: f"{self.line_count()} of {n} processed; log: {self.logtext()}")
+
+    def wait_for_log(self, text: str, count: int = 1, timeout: float = 60) -> None:
+        wait_until(lambda: (self.dir / "worker.log").read_text().count(text) >= count, timeout, self.logtext)
 
     def stop(self, timeout: float = 60, signum: int = signal.SIGTERM) -> int:
         assert self.proc is not None
@@ -213,9 +218,7 @@ def test_bad_and_failing_messages_are_dead_lettered_with_reasons_while_the_rest_
     engine.app.fine.send_many((i,) for i in range(100))
     engine.start("--processes", "2", "--queue", "poison")
     engine.wait_for_lines(100 + 3 + 2)  # the fine ones, flaky's three attempts, gone's two
-    deadline = time.monotonic() + 30
-    while len(broker.dead_letters("poison")) < 5 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: len(broker.dead_letters("poison")) >= 5, 30, engine.logtext)
     assert engine.stop() == 0
     reasons = {d.message_id: d.reason for d in broker.dead_letters("poison")}
     assert set(reasons) == {"garbage", "unknown", "invalid", flaky_id, gone_id}
@@ -236,10 +239,9 @@ def test_workers_killed_three_times_lose_nothing(engine):
         engine.wait_for_lines(4_000 * (kill + 1))
         victim = engine.workers()[0]
         victim.kill()  # SIGKILL
-        deadline = time.monotonic() + 10  # the supervisor reaps it and starts another
-        while victim.pid in [w.pid for w in engine.workers()] or len(engine.workers()) < 2:
-            assert time.monotonic() < deadline, engine.logtext()
-            time.sleep(0.02)
+        # the supervisor reaps it and starts another
+        wait_until(lambda: victim.pid not in [w.pid for w in engine.workers()] and len(engine.workers()) >= 2,
+                   10, engine.logtext)
     engine.wait_for_lines(20_000)
     assert engine.stop() == 0
     counts = collections.Counter(engine.lines())
@@ -325,9 +327,7 @@ def test_a_message_that_kills_its_worker_three_times_and_an_oversized_one_are_de
     engine.app.fine.send_many((i,) for i in range(50))
     engine.start("--processes", "2", "--queue", "poison")
     broker = engine.app.app.broker
-    deadline = time.monotonic() + 60
-    while len(broker.dead_letters("poison")) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: len(broker.dead_letters("poison")) >= 2, 60, engine.logtext)
     engine.wait_for_lines(50 + 3)
     assert engine.stop() == 0
     reasons = {d.message_id: d.reason for d in broker.dead_letters("poison")}
@@ -342,10 +342,7 @@ def test_workers_that_cannot_start_cost_no_message_and_back_off(engine, monkeypa
     monkeypatch.setenv("ENGINE_FAIL_IN_WORKERS", "1")
     engine.app.fine.send_many((i,) for i in range(10))
     engine.start("--processes", "2", "--queue", "poison")
-    deadline = time.monotonic() + 30
-    while (engine.dir / "worker.log").read_text().count("before it was ready") < 4:
-        assert time.monotonic() < deadline, engine.logtext()
-        time.sleep(0.05)
+    engine.wait_for_log("before it was ready", 4, timeout=30)
     assert engine.stop() == 0
     log = (engine.dir / "worker.log").read_text()
     # Then no message was dispatched to them, none was dead-lettered, all went back
@@ -369,10 +366,7 @@ def test_arguments_that_are_not_valid_utf8_are_dead_at_once(engine):
     broker.publish_sync("poison", [Message(body, "bad-utf8")])
     engine.app.fine.send(1)
     engine.start("--processes", "2", "--queue", "poison")
-    deadline = time.monotonic() + 30
-    while not broker.dead_letters("poison"):
-        assert time.monotonic() < deadline, engine.logtext()
-        time.sleep(0.05)
+    wait_until(lambda: broker.dead_letters("poison"), 30, engine.logtext)
     engine.wait_for_lines(1)  # fine(1); the bad one wrote nothing
     assert engine.stop() == 0
     (d,) = broker.dead_letters("poison")
@@ -411,10 +405,7 @@ def test_a_task_set_to_one_process_runs_on_one_worker_while_others_use_both(engi
     # filled once the two workers are up (one that starts late on a loaded machine would
     # otherwise find the queue drained by the other)
     engine.start("--processes", "2", "--queue", "solo", "--queue", "both", "--log-level", "info")
-    deadline = time.monotonic() + 60
-    while not all(f"worker {i} pinned" in engine.logtext() for i in (0, 1)):
-        assert time.monotonic() < deadline, engine.logtext()
-        time.sleep(0.05)
+    wait_until(lambda: all(f"worker {i} pinned" in engine.logtext() for i in (0, 1)), 60, engine.logtext)
     engine.app.app.broker.publish_sync("solo", [engine.app.where.message(i) for i in range(2_000)])
     for start in range(0, 20_000, 2_000):  # enough to outlast an app import of the slower one
         engine.app.app.broker.publish_sync("both", [engine.app.anywhere.message(i) for i in range(start, start + 2_000)])
@@ -495,16 +486,11 @@ def test_autosize_follows_io_work_that_turns_cpu_bound_mid_run(engine):
         found = re.findall(r"autosize: queue 'shift': .*; concurrency (\d+), prefetch", log.read_text())
         return int(found[-1]) if found else 4
 
-    deadline = time.monotonic() + 60
-    while concurrency_now() < 32:
-        assert time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.2)
+    wait_until(lambda: concurrency_now() >= 32, 60, engine.logtext, interval=0.2)
     # When the same handlers start computing instead of waiting
     (engine.dir / "out.txt.cpu").touch()
     # Then the saturated cores bring concurrency down to what they carry, halving at each look
-    while concurrency_now() > 4:
-        assert time.monotonic() < deadline + 60, log.read_text()[-3000:]
-        time.sleep(0.2)
+    wait_until(lambda: concurrency_now() <= 4, 120, engine.logtext, interval=0.2)
     assert engine.stop() == 0
     assert "busy: concurrency down to" in log.read_text()
     counts = collections.Counter(engine.lines())
@@ -536,10 +522,8 @@ def test_two_busy_io_queues_share_the_hosts_handlers(engine):
         found = re.findall(rf"autosize: queue '{queue}': .*; concurrency (\d+), prefetch", log.read_text())
         return max(map(int, found), default=4)
 
-    deadline = time.monotonic() + 90
-    while highest("slow") < 50 or highest("shift") < 50:  # each climbs to its half of 100
-        assert time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.2)
+    # each climbs to its half of 100
+    wait_until(lambda: highest("slow") >= 50 and highest("shift") >= 50, 90, engine.logtext, interval=0.2)
     time.sleep(4)  # two more looks: no further
     assert engine.stop() == 0
     assert highest("slow") == 50 and highest("shift") == 50, log.read_text()[-3000:]
@@ -556,23 +540,16 @@ def test_a_busy_cpu_queue_takes_its_share_of_the_cores_beside_a_busy_io_queue_th
     for start in range(0, total, 10_000):
         engine.app.app.broker.publish_sync("crunch", [engine.app.crunch.message(i) for i in range(start, start + 10_000)])
     engine.start("--processes", "2", "--queue", "lazy", "--queue", "crunch", "--log-level", "info")
-    log = engine.dir / "worker.log"
 
     def crunch_pids(after: int) -> tuple[int, collections.Counter[str]]:
         words = [w for w in engine.lines() if w.startswith("crunch-")]
         return len(words), collections.Counter(w.split("-")[1] for w in words[after:])
 
     def wait_for(text: str, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in log.read_text():
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.05)
+        engine.wait_for_log(text, timeout=timeout)
 
     def wait_for_crunch(n: int) -> None:
-        deadline = time.monotonic() + 120
-        while crunch_pids(0)[0] < n:
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.05)
+        wait_until(lambda: crunch_pids(0)[0] >= n, 120, engine.logtext)
 
     # Then while both are busy the CPU queue gets one core of the two, and runs on one worker:
     # after the change, worker 1 only finishes what it already had (at most its prefetch of 4)

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 import fastq
 from fastq.codec import RemoteTraceback
+from fastq.testing import wait_until
 
 sys.path.insert(0, str(Path(__file__).parent))
 import poolfns
@@ -212,8 +213,7 @@ def test_sigkill_of_a_worker_mid_map_loses_nothing():
         base = p.statistics().items_done
 
         def kill_when_under_way():
-            while p.statistics().items_done - base < 10_000:
-                time.sleep(0.001)
+            wait_until(lambda: p.statistics().items_done - base >= 10_000, 120, interval=0.001)
             os.kill(victim, signal.SIGKILL)
 
         killer = threading.Thread(target=kill_when_under_way)

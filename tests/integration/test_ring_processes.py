@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from fastq.errors import PeerLost, RingClosed, RingFull
+from fastq.testing import wait_until
 
 ctx = multiprocessing.get_context("spawn")
 BATCH = 256
@@ -145,9 +146,7 @@ def test_a_producer_blocked_on_a_killed_consumer_gives_up_within_its_timeout(rin
     consumer.start()
     try:
         ring.put(b"first")
-        deadline = time.monotonic() + 30
-        while ring.statistics().frames_got < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: ring.statistics().frames_got >= 1, 30, interval=0.01)
         ring.put_many([b"x" * 1000] * 4)  # now the ring is full
         # When the consumer is killed while the producer waits for room
         killed_at = time.monotonic()
@@ -255,9 +254,6 @@ def test_nothing_is_left_in_dev_shm_when_the_creator_dies(ring_impl, how):
         proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     # Then its segment is gone (a SIGKILL leaves it to the resource tracker, a moment later)
-    deadline = time.monotonic() + 10
-    while path.exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not path.exists()
+    wait_until(lambda: not path.exists(), 10, f"{path} is still there")
     proc.stdout.close()
     proc.stderr.close()

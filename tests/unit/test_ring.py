@@ -23,14 +23,12 @@ from fastq.errors import (
     RingFull,
     RingNotFound,
 )
+from fastq.testing import wait_until
 
 
 def wait_for(condition, timeout=5.0):
     """Poll ``condition`` until it holds; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "the condition did not hold in time"
-        time.sleep(0.001)
+    wait_until(condition, timeout, "the condition did not hold in time", interval=0.001)
 
 
 def consume_in_thread(ring, outcome):

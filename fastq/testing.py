@@ -1,0 +1,100 @@
+"""For tests, users' and ours: waiting for a condition without sleeping blind, an App on an
+in-process broker, and the RabbitMQ check that skips locally and fails in CI.
+
+    from fastq.testing import wait_until
+
+    wait_until(lambda: len(done) == 100, timeout=30, message=lambda: f"{len(done)} of 100 done")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import socket
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable
+
+from fastq.app import App
+from fastq.errors import ConfigError
+
+__all__ = ["AMQP_URL", "memory_app", "require_amqp", "wait_until", "wait_until_async"]
+
+#: where the RabbitMQ tests find their broker
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+#: seconds between two looks at the condition, by default
+INTERVAL = 0.02
+
+_apps = itertools.count()
+
+
+def _say(message: str | Callable[[], str]) -> str:
+    return message() if callable(message) else message
+
+
+def _check(timeout: float, interval: float) -> None:
+    if not timeout >= 0 or not interval > 0:
+        raise ConfigError(f"timeout must be >= 0 and interval > 0 seconds, got {timeout!r} and "
+                          f"{interval!r}")
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 30.0,
+               message: str | Callable[[], str] = "", *, interval: float = INTERVAL) -> None:
+    """Return as soon as ``predicate()`` is true; look again every ``interval`` seconds.
+
+    ``predicate`` may raise to give up at once (an assertion that a process still runs, say).
+    ``message`` (or what it returns, when it is called: at the timeout only) says what was
+    awaited and what was seen.
+
+    Raises:
+        TimeoutError: ``timeout`` seconds passed and it was still false; the message says so.
+    """
+    _check(timeout, interval)
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"not true after {timeout:g} s: {_say(message) or predicate!r}")
+        time.sleep(interval)
+
+
+async def wait_until_async(predicate: Callable[[], object | Awaitable[object]], timeout: float = 30.0,
+                           message: str | Callable[[], str] = "", *,
+                           interval: float = INTERVAL) -> None:
+    """``wait_until`` for a coroutine: the loop runs between looks; ``predicate`` may be async."""
+    _check(timeout, interval)
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if isinstance(result, Awaitable):
+            result = await result
+        if result:
+            return
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"not true after {timeout:g} s: {_say(message) or predicate!r}")
+        await asyncio.sleep(interval)
+
+
+def memory_app(name: str = "test") -> App:
+    """An App on a ``memory://`` broker of its own (in this process only): nothing touches a
+    file or a server, and no two such apps share a queue."""
+    return App(name, broker=f"memory://{name}-{os.getpid()}-{next(_apps)}")
+
+
+def require_amqp(url: str | None = None) -> str:
+    """RabbitMQ's URL (``url``, else ``FASTQ_AMQP_URL``, else ``AMQP_URL``) once something answers
+    on its port; when nothing does, the test is skipped, unless ``CI`` is set: there that is a
+    failure (dramatiq's rule: a suite that skips its broker tests in CI proves nothing)."""
+    import pytest
+
+    url = url or os.environ.get("FASTQ_AMQP_URL") or AMQP_URL
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or (5671 if parts.scheme == "amqps" else 5672)
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError as e:
+        if os.environ.get("CI"):
+            raise ConnectionError(f"RabbitMQ unreachable at {host}:{port} ({e}) and CI is set: "
+                                  "start it (rabbitmq-server -detached)") from e
+        pytest.skip(f"RabbitMQ unreachable at {host}:{port} ({e})")
+    return url
