@@ -30,6 +30,7 @@ def bench_dispatch_and_complete_a_batch(benchmark, impl):
     with mod.Ring.create(8 << 20) as r0, mod.Ring.create(8 << 20) as r1:
         rings = (r0, r1)
         if impl.startswith("python"):
+
             def round_trip():
                 for w, ring in enumerate(rings):
                     ring.put_many([DELIVERY.pack(t, n, q) + b for t, n, q, b in items[w::2]])

@@ -21,8 +21,11 @@ from fastq._bench import pool as scenarios
 
 @pytest.fixture(scope="module")
 def pools():
-    with fastq.Pool() as pool, multiprocessing.Pool(pool.processes) as mp, \
-            concurrent.futures.ProcessPoolExecutor(pool.processes) as ppe:
+    with (
+        fastq.Pool() as pool,
+        multiprocessing.Pool(pool.processes) as mp,
+        concurrent.futures.ProcessPoolExecutor(pool.processes) as ppe,
+    ):
         for p in (pool, mp):
             p.map(scenarios.double, range(64))
         list(ppe.map(scenarios.double, range(64)))
@@ -40,8 +43,10 @@ def _items(scenario: str) -> tuple[object, list[object]]:
 
 
 @pytest.mark.parametrize("scenario", ["tiny", "cpu 1 ms", "10 KiB args"])
-@pytest.mark.parametrize("method", ["fastq map", "fastq imap_unordered", "Pool.map", "Pool.imap_unordered",
-                                    "ProcessPoolExecutor"])
+@pytest.mark.parametrize(
+    "method",
+    ["fastq map", "fastq imap_unordered", "Pool.map", "Pool.imap_unordered", "ProcessPoolExecutor"],
+)
 def bench_pool(benchmark, pools, scenario, method):
     pool, mp, ppe = pools
     fn, items = _items(scenario)

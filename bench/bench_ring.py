@@ -25,6 +25,7 @@ def bench_put_many_get_many_in_one_process(benchmark, impl, size):
     mod = importlib.import_module(impl)
     frames = [os.urandom(SIZES[size]) for _ in range(FRAMES)]
     with mod.Ring.create(32 << 20) as ring:
+
         def round_trip():
             ring.put_many(frames)
             return ring.get_many(FRAMES)

@@ -1,4 +1,5 @@
-"""fastq: message and background-task processing on pinned uvloop workers fed by shared-memory rings."""
+"""fastq: message and background-task processing on pinned uvloop workers fed by shared-memory
+rings."""
 
 from fastq.app import App
 from fastq.config import Config
@@ -28,12 +29,16 @@ from fastq.task import Consumer, Task
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "App",
     "BrokerConnectionError",
+    "Config",
     "ConfigError",
+    "Consumer",
     "FastqError",
     "FrameTooLarge",
     "LoadError",
     "MessageError",
+    "Middleware",
     "PeerLost",
     "Pool",
     "PoolBroken",
@@ -45,12 +50,8 @@ __all__ = [
     "RingEmpty",
     "RingFull",
     "RingNotFound",
-    "WorkerLost",
-    "__version__",
-    "App",
-    "Config",
-    "Consumer",
-    "Middleware",
     "Task",
     "TimingMiddleware",
+    "WorkerLost",
+    "__version__",
 ]

@@ -54,8 +54,9 @@ class Signal:
                 self._waiters.remove(waiter)
 
 
-async def wait_either(event: asyncio.Event | Signal, wake: asyncio.Event | Signal | None,
-                      timeout: float) -> None:
+async def wait_either(
+    event: asyncio.Event | Signal, wake: asyncio.Event | Signal | None, timeout: float
+) -> None:
     """Wait until ``event`` or ``wake`` is set, or ``timeout`` seconds pass."""
     if wake is None:
         try:

@@ -1,11 +1,18 @@
 # The contract of fastq._core (and of its twin fastq._core_py); tests/typing/test_stubs.py keeps
 # the three in step.
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, Self, TypeAlias
 
-from typing_extensions import Buffer, Self
+from typing_extensions import Buffer
 
-__all__ = ["AckWindow", "Dispatcher", "DispatcherStatistics", "Ring", "RingStatistics", "plain_values"]
+__all__ = [
+    "AckWindow",
+    "Dispatcher",
+    "DispatcherStatistics",
+    "Ring",
+    "RingStatistics",
+    "plain_values",
+]
 
 class RingStatistics(NamedTuple):
     used_bytes: int
@@ -54,7 +61,7 @@ class Ring:
     def statistics(self) -> RingStatistics: ...
 
 #: (tag, retries, queue index, body): one delivery to route
-Item = tuple[int, int, int, Buffer]
+Item: TypeAlias = tuple[int, int, int, Buffer]
 
 class DispatcherStatistics(NamedTuple):
     dispatched: int

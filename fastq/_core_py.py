@@ -22,6 +22,7 @@ import select
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Self
 
 from fastq._layout import (
     COMPLETION,
@@ -70,7 +71,18 @@ from fastq._layout import (
     too_large,
     wakeup_address,
 )
-from fastq._segment import bind_wakeup, open_segment, probe, register_creator, send_wakeup, unlink_segment
+from fastq._segment import (
+    bind_wakeup,
+    open_segment,
+    probe,
+    register_creator,
+    send_wakeup,
+    unlink_segment,
+)
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
 from fastq.errors import PeerLost, RingBusy, RingClosed, RingCorrupt, RingEmpty, RingFull
 
 __all__ = [
@@ -91,6 +103,9 @@ class Ring:
     """
 
     spin_seconds: float
+    _name: str
+    _capacity: int
+    _finalizer: Any  # multiprocessing.util.Finalize while this handle created the ring, else None
 
     def __init__(self) -> None:
         raise TypeError("use Ring.create(size_bytes) or Ring.attach(name)")
@@ -138,7 +153,7 @@ class Ring:
         except BaseException:
             self._release()
             raise
-        self._capacity = self._h[SLOT_CAPACITY]
+        self._capacity = int(self._h[SLOT_CAPACITY])
         return self
 
     def _setup(self, name: str, segment: mmap.mmap) -> None:
@@ -197,7 +212,7 @@ class Ring:
             self._finalizer.cancel()
             self._finalizer = None
 
-    def __enter__(self) -> Ring:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -278,7 +293,11 @@ class Ring:
                 self._h[SLOT_PUTS_BLOCKED] += 1
                 blocked = True
             need = record_bytes(views[written].nbytes)
-            if not self._wait(PRODUCER, deadline, lambda: self._free() >= need):
+
+            def room(need: int = need) -> bool:
+                return self._free() >= need
+
+            if not self._wait(PRODUCER, deadline, room):
                 raise full(self._name, written, len(views), timeout=True)
 
     def _free(self) -> int:
@@ -364,7 +383,7 @@ class Ring:
         """
         h, data, cap = self._h, self._data, self._capacity
         tail, head = h[SLOT_TAIL], h[SLOT_HEAD]
-        pos, out = tail % cap, []
+        pos, out = tail % cap, list[bytes]()
         while tail != head and len(out) < limit:
             (size,) = FRAME_HEADER.unpack_from(data, pos)
             rec = record_bytes(size)
@@ -449,7 +468,9 @@ class Ring:
             if deadline is not None and now >= deadline:
                 self._h[slot] = 0
                 return False
-            wait = WAIT_SLICE_SECONDS if deadline is None else min(WAIT_SLICE_SECONDS, deadline - now)
+            wait = (
+                WAIT_SLICE_SECONDS if deadline is None else min(WAIT_SLICE_SECONDS, deadline - now)
+            )
             woken = bool(select.select([sock], [], [], wait)[0])
             self._h[slot] = 0
             self._drain(sock)
@@ -533,6 +554,7 @@ class Ring:
 
 # -- the dispatcher -------------------------------------------------------------------------------
 
+
 class Dispatcher:
     """Routes deliveries into per-worker rings and keeps each worker's in-flight tags.
 
@@ -587,7 +609,9 @@ class Dispatcher:
     def holds(self, worker: int, tag: int) -> bool:
         return tag in self._tags[check_worker(worker, self._n)]
 
-    def dispatch(self, items: Iterable[tuple[int, int, int, object]]) -> list[tuple[int, int, int, object]]:
+    def dispatch(
+        self, items: Iterable[tuple[int, int, int, Buffer]]
+    ) -> list[tuple[int, int, int, Buffer]]:
         """Write each item to the least busy accepting worker allowed its queue; return the items
         that found no such worker, or no room in its ring, in their order."""
         items = list(items)
@@ -601,7 +625,12 @@ class Dispatcher:
             allowed = self._allowed[queue]
             best = -1
             for w in range(self._n):
-                if self._accepting[w] and allowed[w] and not full[w] and (best < 0 or load[w] < load[best]):
+                if (
+                    self._accepting[w]
+                    and allowed[w]
+                    and not full[w]
+                    and (best < 0 or load[w] < load[best])
+                ):
                     best = w
             if best >= 0:
                 self._check_size(best, item)
@@ -609,7 +638,9 @@ class Dispatcher:
             picks.append(best)
         return self._write(items, picks)
 
-    def dispatch_to(self, worker: int, items: Iterable[tuple[int, int, int, object]]) -> list[tuple[int, int, int, object]]:
+    def dispatch_to(
+        self, worker: int, items: Iterable[tuple[int, int, int, Buffer]]
+    ) -> list[tuple[int, int, int, Buffer]]:
         """Write ``items`` to ``worker`` whether or not it accepts work; return what did not fit."""
         worker = check_worker(worker, self._n)
         items = list(items)
@@ -623,21 +654,26 @@ class Dispatcher:
             self._check_size(worker, item)
         return self._write(items, [worker] * len(items))
 
-    def _check_size(self, worker: int, item: tuple[int, int, int, object]) -> None:
+    def _check_size(self, worker: int, item: tuple[int, int, int, Buffer]) -> None:
         ring = self._rings[worker]
         assert ring is not None
-        size = DELIVERY.size + memoryview(item[3]).nbytes  # type: ignore[arg-type]
+        size = DELIVERY.size + memoryview(item[3]).nbytes
         if record_bytes(size) > ring.capacity_bytes:
             raise delivery_too_large(ring.name, item[0], size, ring.capacity_bytes)
 
-    def _write(self, items: list[tuple[int, int, int, object]], picks: list[int]) -> list[tuple[int, int, int, object]]:
+    def _write(
+        self, items: list[tuple[int, int, int, Buffer]], picks: list[int]
+    ) -> list[tuple[int, int, int, Buffer]]:
         for w in range(self._n):
             mine = [i for i, p in enumerate(picks) if p == w]
             if not mine:
                 continue
             ring = self._rings[w]
             assert ring is not None
-            frames = [DELIVERY.pack(items[i][0], items[i][1], items[i][2]) + bytes(items[i][3]) for i in mine]  # type: ignore[call-overload]
+            frames = [
+                DELIVERY.pack(items[i][0], items[i][1], items[i][2]) + bytes(items[i][3])
+                for i in mine
+            ]
             try:
                 written = ring.put_many_nowait(frames)
             except RingFull as e:
@@ -651,7 +687,9 @@ class Dispatcher:
             self._dispatched += written
         return [item for item, p in zip(items, picks) if p < 0]
 
-    def complete(self, worker: int, frames: Iterable[object]) -> tuple[list[int], list[tuple[int, int, float, bytes]]]:
+    def complete(
+        self, worker: int, frames: Iterable[object]
+    ) -> tuple[list[int], list[tuple[int, int, float, bytes]]]:
         """Read ``worker``'s completion frames: the tags done OK, and every other frame as
         ``(tag, status, delay, reason)``. Frames of tag 0 (the worker speaking for itself) are in
         the second list; a tag the worker no longer holds is dropped and counted as stale."""
@@ -677,7 +715,9 @@ class Dispatcher:
         return ok, other
 
     def statistics(self) -> DispatcherStatistics:
-        return DispatcherStatistics(self._dispatched, self._completed, self._stale, tuple(len(t) for t in self._tags))
+        return DispatcherStatistics(
+            self._dispatched, self._completed, self._stale, tuple(len(t) for t in self._tags)
+        )
 
 
 # -- the ack window -------------------------------------------------------------------------------
@@ -718,7 +758,8 @@ class AckWindow:
             self._state[i] |= _DONE
 
     def ack_prefix(self) -> int:
-        """Close the complete prefix; return the tag to ack with ``multiple`` (0: nothing to send)."""
+        """Close the complete prefix; return the tag to ack with ``multiple`` (0: nothing to
+        send)."""
         n, last = 0, 0
         while n < len(self._state) and self._state[n] & _DONE:
             if not self._state[n] & _ACKED:

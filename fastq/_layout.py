@@ -245,4 +245,6 @@ def short_completion(worker: int, size: int) -> RingCorrupt:
 
 
 def tag_below_window(tag: int, first: int) -> ValueError:
-    return ValueError(f"tag {tag} is below the window, which starts at {first}: it was acked already")
+    return ValueError(
+        f"tag {tag} is below the window, which starts at {first}: it was acked already"
+    )

@@ -5,13 +5,12 @@ sleeping peer); the hot path never comes here.
 
 from __future__ import annotations
 
+import _posixshmem
 import errno
 import mmap
 import os
 import socket
 from multiprocessing import resource_tracker, util
-
-import _posixshmem
 
 from fastq._layout import HEADER_BYTES, MIN_SIZE_BYTES, too_small, wakeup_address
 from fastq.errors import ConfigError, RingBusy, RingNotFound
@@ -37,7 +36,8 @@ def unlink_segment(name: str, creator: bool) -> None:
 
 
 def open_segment(name: str, size: int | None) -> mmap.mmap:
-    """Create (``size`` given) or open (``size=None``) the shared-memory segment of ring ``name``."""
+    """Create (``size`` given) or open (``size=None``) the shared-memory segment of ring
+    ``name``."""
     flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if size is not None else 0)
     try:
         fd = _posixshmem.shm_open("/" + name, flags, 0o600)

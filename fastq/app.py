@@ -43,8 +43,14 @@ class App:
         middleware: hooks around every message, in order.
     """
 
-    def __init__(self, name: str, broker: str | None = None, *, config: Config | None = None,
-                 middleware: Sequence[Middleware] = ()) -> None:
+    def __init__(
+        self,
+        name: str,
+        broker: str | None = None,
+        *,
+        config: Config | None = None,
+        middleware: Sequence[Middleware] = (),
+    ) -> None:
         self.name = name
         if config is None:
             config = Config.from_env(broker_url=broker)
@@ -73,17 +79,22 @@ class App:
         """Tasks that share a queue share its exchange and binding: they are one queue."""
         other = self.queues().get(options.queue)
         if other is not None and other.amqp != options.amqp:
-            raise ConfigError(f"queue {options.queue!r} is declared with {other.amqp} by another task; "
-                              "give this task the same exchange and queue options, or another queue")
+            raise ConfigError(
+                f"queue {options.queue!r} is declared with {other.amqp} by another task; "
+                "give this task the same exchange and queue options, or another queue"
+            )
 
     @overload
     def task(self, fn: F, /) -> Task: ...
 
     @overload
-    def task(self, *, name: str | None = None, **options: Any) -> Callable[[F], Task]: ...
+    def task(
+        self, fn: None = None, /, *, name: str | None = None, **options: Any
+    ) -> Callable[[F], Task]: ...
 
-    def task(self, fn: Callable[..., Any] | None = None, /, *, name: str | None = None,
-             **options: Any) -> Any:
+    def task(
+        self, fn: Callable[..., Any] | None = None, /, *, name: str | None = None, **options: Any
+    ) -> Any:
         """Register a function (``async def`` or plain) as a task; use bare or with options.
 
         Parameters:
@@ -106,8 +117,10 @@ class App:
             if task_name in self.tasks:
                 raise ConfigError(f"a task named {task_name!r} is registered already; pass name=")
             if handler.queue in self.consumers:
-                raise ConfigError(f"queue {handler.queue!r} belongs to consumer "
-                                  f"{self.consumers[handler.queue].name}; give the task another queue")
+                raise ConfigError(
+                    f"queue {handler.queue!r} belongs to consumer "
+                    f"{self.consumers[handler.queue].name}; give the task another queue"
+                )
             self._check_topology(handler)
             task = self.tasks[task_name] = Task(self, fn, task_name, handler)
             if self._broker is not None:
@@ -147,7 +160,9 @@ class App:
         """
         from fastq.engine.supervisor import run_app
 
-        return run_app(self, self.import_spec(), list(queues) if queues else None, log_level=log_level)
+        return run_app(
+            self, self.import_spec(), list(queues) if queues else None, log_level=log_level
+        )
 
     async def queue_depth(self, queue: str) -> QueueDepth:
         """How many messages of ``queue`` are ready, unacked, delayed and dead, as the broker
@@ -162,7 +177,8 @@ class App:
         names = [k for k, v in vars(module).items() if v is self] if module is not None else []
         if not names:
             raise ConfigError(
-                f"App {self.name!r} is not a global of module {self._module!r}; workers import it by "
+                f"App {self.name!r} is not a global of module {self._module!r}; workers import it "
+                "by "
                 "module:attribute, so create it at module level (or run `fastq worker module:app`)"
             )
         return f"{importable_name(self._module)}:{names[0]}"
@@ -170,10 +186,13 @@ class App:
     def queues(self) -> dict[str, HandlerOptions]:
         """Every queue this app consumes, with the options that size it (the first task's)."""
         found: dict[str, HandlerOptions] = {}
-        for handler in [*self.tasks.values(), *self.consumers.values()]:
+        handlers: list[Task | Consumer] = [*self.tasks.values(), *self.consumers.values()]
+        for handler in handlers:
             found.setdefault(handler.queue, handler.options)
         return found
 
     def __repr__(self) -> str:
-        return (f"<App {self.name!r} broker={mask_url(self.config.broker_url)!r} "
-                f"tasks={len(self.tasks)} consumers={len(self.consumers)}>")
+        return (
+            f"<App {self.name!r} broker={mask_url(self.config.broker_url)!r} "
+            f"tasks={len(self.tasks)} consumers={len(self.consumers)}>"
+        )

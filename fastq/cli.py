@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastq import _load
+from fastq.errors import LoadError
+
+if TYPE_CHECKING:
+    from fastq.broker import QueueDepth
 
 RET_OK = 0
 RET_ERROR = 1
@@ -23,14 +27,14 @@ class UsageError(Exception):
 def load(spec: str) -> Any:
     try:
         return _load.load(spec)
-    except _load.LoadError as e:
+    except LoadError as e:
         raise UsageError(str(e)) from None
 
 
 def _send(spec: str, arguments: str) -> int:
     import msgspec
 
-    from fastq.app import Task
+    from fastq.task import Task
 
     task = load(spec)
     if not isinstance(task, Task):
@@ -38,14 +42,18 @@ def _send(spec: str, arguments: str) -> int:
     try:
         values = msgspec.json.decode(arguments)
     except msgspec.DecodeError as e:
-        raise UsageError(f"arguments {arguments!r} are not JSON ({e}); pass a list or an object") from None
+        raise UsageError(
+            f"arguments {arguments!r} are not JSON ({e}); pass a list or an object"
+        ) from None
     try:
         if isinstance(values, list):
             message_id = task.send(*values)
         elif isinstance(values, dict):
             message_id = task.send(**values)
         else:
-            raise UsageError(f"arguments must be a JSON list (positional) or object (by name), got {arguments!r}")
+            raise UsageError(
+                f"arguments must be a JSON list (positional) or object (by name), got {arguments!r}"
+            )
     except (TypeError, msgspec.ValidationError) as e:
         raise UsageError(f"arguments do not fit {task.name}{task.signature}: {e}") from None
     print(message_id)
@@ -62,11 +70,20 @@ def _app_with_overrides(args: argparse.Namespace) -> Any:
     app = load(args.app)
     if not isinstance(app, App):
         raise UsageError(f"{args.app} is a {type(app).__name__}, not a fastq.App")
-    overrides = {k: v for k, v in (("processes", args.processes), ("concurrency", args.concurrency),
-                                   ("prefetch", args.prefetch), ("broker_url", args.broker),
-                                   ("autosize", getattr(args, "autosize", None))) if v is not None}
+    overrides = {
+        k: v
+        for k, v in (
+            ("processes", args.processes),
+            ("concurrency", args.concurrency),
+            ("prefetch", args.prefetch),
+            ("broker_url", args.broker),
+            ("autosize", getattr(args, "autosize", None)),
+        )
+        if v is not None
+    }
     try:
-        app.config = msgspec.structs.replace(app.config, **overrides)  # validated: the setting is named
+        # validated: the setting is named
+        app.config = msgspec.structs.replace(app.config, **overrides)
     except ConfigError as e:
         raise UsageError(str(e)) from None
     return app
@@ -77,8 +94,10 @@ def _worker(args: argparse.Namespace) -> int:
 
     from fastq.errors import ConfigError
 
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
+    )
     app = _app_with_overrides(args)
     try:
         from fastq.engine.supervisor import run_app
@@ -104,7 +123,7 @@ def _stats(args: argparse.Namespace) -> int:
         app.config = msgspec.structs.replace(app.config, broker_url=args.broker)
     queues = args.queue or sorted(app.queues())
 
-    async def measure() -> dict[str, object]:
+    async def measure() -> dict[str, QueueDepth]:
         try:
             return {q: await app.queue_depth(q) for q in queues}
         finally:
@@ -119,9 +138,11 @@ def _stats(args: argparse.Namespace) -> int:
         return RET_OK
     print(f"{'queue':<30} {'ready':>9} {'unacked':>9} {'delayed':>9} {'dead':>9} {'consumers':>9}")
     for q, d in depths.items():
-        consumers = "-" if d.consumers is None else d.consumers  # type: ignore[attr-defined]
-        scope = "" if d.unacked_scope == "all" else f"  (unacked: {d.unacked_scope})"  # type: ignore[attr-defined]
-        print(f"{q:<30} {d.ready:>9} {d.unacked:>9} {d.delayed:>9} {d.dead:>9} {consumers:>9}{scope}")  # type: ignore[attr-defined]
+        consumers = "-" if d.consumers is None else d.consumers
+        scope = "" if d.unacked_scope == "all" else f"  (unacked: {d.unacked_scope})"
+        print(
+            f"{q:<30} {d.ready:>9} {d.unacked:>9} {d.delayed:>9} {d.dead:>9} {consumers:>9}{scope}"
+        )
     return RET_OK
 
 
@@ -145,39 +166,77 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastq", description="fastq: queued messages and tasks on every core")
+    parser = argparse.ArgumentParser(
+        prog="fastq", description="fastq: queued messages and tasks on every core"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="measure fastq against the baselines on this machine")
-    bench.add_argument("suite", nargs="?", default="engine", choices=["engine", "ring", "autosize", "pool"],
-                       help="engine: noop/io/cpu handlers on memory:// and sqlite:// (default); ring: the rings alone")
-    bench.add_argument("--runs", type=int, default=3, help="runs per scenario; the median is reported (default 3)")
-    bench.add_argument("--sizes", default="100,1024,65536", help="frame sizes in bytes (default 100,1024,65536)")
-    bench.add_argument("--seconds", type=float, default=None,
-                       help="length of one run: ring, default 0.4; autosize, the autosized runs, default 20")
-    bench.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH ('-' for stdout)")
-    bench.add_argument("--broker", metavar="URL",
-                       help="engine suite through this broker instead: amqp://user:pass@host:port/vhost (RabbitMQ)")
-    send = commands.add_parser("send", help="enqueue one task call from a shell; prints its message id")
+    bench.add_argument(
+        "suite",
+        nargs="?",
+        default="engine",
+        choices=["engine", "ring", "autosize", "pool"],
+        help="engine: noop/io/cpu handlers on memory:// and sqlite:// (default); ring: the rings "
+        "alone",
+    )
+    bench.add_argument(
+        "--runs", type=int, default=3, help="runs per scenario; the median is reported (default 3)"
+    )
+    bench.add_argument(
+        "--sizes", default="100,1024,65536", help="frame sizes in bytes (default 100,1024,65536)"
+    )
+    bench.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="length of one run: ring, default 0.4; autosize, the autosized runs, default 20",
+    )
+    bench.add_argument(
+        "--json", metavar="PATH", help="also write the figures as JSON to PATH ('-' for stdout)"
+    )
+    bench.add_argument(
+        "--broker",
+        metavar="URL",
+        help="engine suite through this broker instead: amqp://user:pass@host:port/vhost "
+        "(RabbitMQ)",
+    )
+    send = commands.add_parser(
+        "send", help="enqueue one task call from a shell; prints its message id"
+    )
     send.add_argument("task", help="module:task, e.g. shop.tasks:send_receipt")
-    send.add_argument("arguments", nargs="?", default="[]", help="JSON list (positional) or object (by name)")
-    stats = commands.add_parser("stats", help="messages ready, unacked, delayed and dead per queue of an app")
+    send.add_argument(
+        "arguments", nargs="?", default="[]", help="JSON list (positional) or object (by name)"
+    )
+    stats = commands.add_parser(
+        "stats", help="messages ready, unacked, delayed and dead per queue of an app"
+    )
     stats.add_argument("app", help="module:app, e.g. shop.tasks:app")
     stats.add_argument("--queue", action="append", help="only this queue (repeatable)")
     stats.add_argument("--broker", help="broker URL (default: the app's)")
     stats.add_argument("--json", action="store_true", help="one JSON object: queue -> counts")
     work = commands.add_parser("worker", help="run the workers of an app: fastq worker module:app")
-    show = commands.add_parser("plan", help="print the sizing plan for this machine, and why, without starting anything")
+    show = commands.add_parser(
+        "plan", help="print the sizing plan for this machine, and why, without starting anything"
+    )
     for sub in (work, show):
         sub.add_argument("app", help="module:app, e.g. shop.tasks:app")
         sub.add_argument("--queue", action="append", help="consume only this queue (repeatable)")
-        sub.add_argument("--processes", type=int, help="worker processes (default: one per usable core)")
+        sub.add_argument(
+            "--processes", type=int, help="worker processes (default: one per usable core)"
+        )
         sub.add_argument("--concurrency", type=int, help="handlers at once per queue, whole host")
         sub.add_argument("--prefetch", type=int, help="unacked messages per queue, whole host")
         sub.add_argument("--broker", help="broker URL (default: the app's)")
-    work.add_argument("--autosize", action=argparse.BooleanOptionalAction, default=None,
-                      help="follow the load, moving what you did not set (default: on, or FASTQ_AUTOSIZE)")
+    work.add_argument(
+        "--autosize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="follow the load, moving what you did not set (default: on, or FASTQ_AUTOSIZE)",
+    )
     work.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    show.add_argument("--json", action="store_true", help="the plan as JSON, every number with its rule")
+    show.add_argument(
+        "--json", action="store_true", help="the plan as JSON, every number with its rule"
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "worker":
@@ -192,8 +251,11 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--runs must be >= 1, got {args.runs}")
         if args.suite == "engine" and args.broker:
             if not args.broker.lower().startswith(("amqp://", "amqps://")):
-                raise UsageError(f"--broker takes an amqp:// URL (the embedded brokers are measured by default); "
-                                 f"got {args.broker.partition('://')[0]}://...")
+                raise UsageError(
+                    f"--broker takes an amqp:// URL (the embedded brokers are measured by "
+                    "default); "
+                    f"got {args.broker.partition('://')[0]}://..."
+                )
             from fastq._bench import amqp
 
             return amqp.main(url=args.broker, runs=args.runs, json_path=args.json)
@@ -209,15 +271,21 @@ def main(argv: list[str] | None = None) -> int:
             from fastq._bench import autosize
 
             if args.seconds is not None and args.seconds < 5:
-                raise UsageError(f"--seconds must be >= 5 for the autosize suite, got {args.seconds:g}")
+                raise UsageError(
+                    f"--seconds must be >= 5 for the autosize suite, got {args.seconds:g}"
+                )
             return autosize.main(seconds=args.seconds or 20.0, json_path=args.json)
         from fastq._bench import ring
 
         try:
             sizes = [int(s) for s in args.sizes.split(",")]
         except ValueError:
-            raise UsageError(f"--sizes takes comma-separated integers, got {args.sizes!r}") from None
-        return ring.main(sizes=sizes, runs=args.runs, seconds=args.seconds or 0.4, json_path=args.json)
+            raise UsageError(
+                f"--sizes takes comma-separated integers, got {args.sizes!r}"
+            ) from None
+        return ring.main(
+            sizes=sizes, runs=args.runs, seconds=args.seconds or 0.4, json_path=args.json
+        )
     except UsageError as e:
         print(f"fastq {args.command}: {e}", file=sys.stderr)
         return RET_USAGE

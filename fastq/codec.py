@@ -99,10 +99,14 @@ def decode_values(codec: int, type_ref: bytes, raw: msgspec.Raw) -> list[Any]:
         return _typed(type_ref).decode(raw)  # type: ignore[no-any-return]
     if codec == PICKLE:
         return pickle.loads(msgspec.msgpack.decode(raw, type=bytes))  # type: ignore[no-any-return]
-    raise ValueError(f"unknown codec {codec} in a pool frame: the caller and the worker run different fastq versions")
+    raise ValueError(
+        f"unknown codec {codec} in a pool frame: the caller and the worker run different fastq "
+        "versions"
+    )
 
 
 # -- the caller's side ----------------------------------------------------------------------------
+
 
 def encode_request(fn_ref: bytes, flags: int, items: list[Any]) -> bytes:
     """One batch of calls as a frame body.
@@ -112,10 +116,12 @@ def encode_request(fn_ref: bytes, flags: int, items: list[Any]) -> bytes:
     """
     try:
         return encode(items, [flags, fn_ref], [], True)
-    except Exception as e:  # noqa: BLE001 - pickle raises many types
+    except Exception as e:
         bad = next((x for x in items if not _picklable(x)), None)
-        raise TypeError(f"an argument of type {type(bad).__name__} cannot be sent to a pool worker ({e}); "
-                        f"pass builtins, bytes, msgspec Structs or picklable objects") from e
+        raise TypeError(
+            f"an argument of type {type(bad).__name__} cannot be sent to a pool worker ({e}); "
+            f"pass builtins, bytes, msgspec Structs or picklable objects"
+        ) from e
 
 
 def decode_request(body: bytes | memoryview) -> tuple[int, bytes, list[Any]]:
@@ -156,7 +162,9 @@ def decode_reply(payload: bytes) -> tuple[float, list[Any], list[tuple[int, Base
     try:
         values = decode_values(codec, type_ref, raw)
     except Exception as e:  # noqa: BLE001 - a class this process lacks, an __init__ that refuses...
-        error = RemoteError(f"the results came back but cannot be rebuilt in the caller: {type(e).__name__}: {e}")
+        error = RemoteError(
+            f"the results came back but cannot be rebuilt in the caller: {type(e).__name__}: {e}"
+        )
         error.__cause__ = e
         return seconds, [], [(WHOLE_BATCH, error)]
     errors: list[tuple[int, BaseException]] = []
@@ -175,6 +183,7 @@ def decode_reply(payload: bytes) -> tuple[float, list[Any], list[tuple[int, Base
 
 
 # -- the worker's side ----------------------------------------------------------------------------
+
 
 def error_record(index: int, e: BaseException) -> ErrorRecord:
     """What goes back of an exception an item raised: itself, pickled when it can be, and its
@@ -199,8 +208,9 @@ def _text(s: str) -> str:
     return s.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def encode_reply(seconds: float, values: list[Any], errors: list[ErrorRecord],
-                 max_bytes: int) -> bytes:
+def encode_reply(
+    seconds: float, values: list[Any], errors: list[ErrorRecord], max_bytes: int
+) -> bytes:
     """The reply frame body: the worker seconds the batch took, its results and error records
     (in item order), at most ``max_bytes``; items whose results make it larger fail with an
     error that says so."""
@@ -211,15 +221,26 @@ def encode_reply(seconds: float, values: list[Any], errors: list[ErrorRecord],
         for i, v in enumerate(values):
             if not _picklable(v):
                 values[i] = None
-                errors.append(error_record(i, TypeError(
-                    f"fn returned a {type(v).__name__}, which cannot travel back to the caller; "
-                    f"return builtins, bytes, msgspec Structs or picklable objects")))
+                errors.append(
+                    error_record(
+                        i,
+                        TypeError(
+                            f"fn returned a {type(v).__name__}, which cannot travel back to the "
+                            "caller; "
+                            f"return builtins, bytes, msgspec Structs or picklable objects"
+                        ),
+                    )
+                )
         errors.sort(key=lambda r: r[0])
         body = encode(values, [seconds], [errors], False)
     if len(body) <= max_bytes:
         return body
     # Too large for the ring: every item fails, with the size (the caller sizes its batches by
     # the reply bytes it has seen, so this is one result larger than the ring, or the first batch)
-    e = ValueError(f"the results of this batch take {len(body)} bytes, more than the pool's ring holds "
-                   f"({max_bytes} bytes); make the Pool with a larger ring_bytes= or return less")
-    return encode([None] * len(values), [seconds], [[error_record(i, e) for i in range(len(values))]], False)
+    e = ValueError(
+        f"the results of this batch take {len(body)} bytes, more than the pool's ring holds "
+        f"({max_bytes} bytes); make the Pool with a larger ring_bytes= or return less"
+    )
+    return encode(
+        [None] * len(values), [seconds], [[error_record(i, e) for i in range(len(values))]], False
+    )

@@ -61,7 +61,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
                 f"{self.ring_size_bytes}; raise ring_size_bytes or lower max_message_bytes"
             )
         if not self.shutdown_timeout >= 0:
-            raise ConfigError(f"shutdown_timeout must be >= 0 seconds, got {self.shutdown_timeout!r}")
+            raise ConfigError(
+                f"shutdown_timeout must be >= 0 seconds, got {self.shutdown_timeout!r}"
+            )
         if "://" not in self.broker_url:
             raise ConfigError(
                 f"broker_url must look like sqlite:///path, memory:// or amqp://host, got "
@@ -142,11 +144,14 @@ class QueueOptions(msgspec.Struct, frozen=True, kw_only=True):
                 f"exchange_kind must be one of {EXCHANGE_KINDS}, got {self.exchange_kind!r}"
             )
         if not self.exchange and self.exchange_kind != "direct":
-            raise ConfigError(f"exchange_kind={self.exchange_kind!r} needs an exchange= name; the "
-                              "default exchange is direct")
+            raise ConfigError(
+                f"exchange_kind={self.exchange_kind!r} needs an exchange= name; the "
+                "default exchange is direct"
+            )
         if self.exchange.startswith("amq."):
-            raise ConfigError(f"exchange {self.exchange!r}: names starting with 'amq.' are "
-                              "RabbitMQ's own")
+            raise ConfigError(
+                f"exchange {self.exchange!r}: names starting with 'amq.' are RabbitMQ's own"
+            )
         if self.delivery_limit is not None and (not self.quorum or self.delivery_limit < 1):
             raise ConfigError(
                 f"delivery_limit={self.delivery_limit!r} needs quorum=True and a value >= 1"
@@ -154,9 +159,9 @@ class QueueOptions(msgspec.Struct, frozen=True, kw_only=True):
         if self.binding_arguments is not None and self.exchange_kind != "headers":
             raise ConfigError("binding_arguments are for exchange_kind='headers'")
 
-    def arguments(self) -> dict[str, object]:
+    def arguments(self) -> dict[str, Any]:
         """The queue's declare arguments."""
-        args: dict[str, object] = {}
+        args: dict[str, Any] = {}
         if self.quorum:
             args["x-queue-type"] = "quorum"
             if self.delivery_limit is not None:
@@ -227,8 +232,15 @@ class HandlerOptions(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError(f"retry_backoff must be >= 0 seconds, got {self.retry_backoff!r}")
         if self.timeout is not None and not self.timeout > 0:
             raise ConfigError(f"timeout must be > 0 seconds or None, got {self.timeout!r}")
-        for name in ("processes", "concurrency", "prefetch", "min_concurrency", "max_concurrency",
-                     "min_prefetch", "max_prefetch"):
+        for name in (
+            "processes",
+            "concurrency",
+            "prefetch",
+            "min_concurrency",
+            "max_concurrency",
+            "min_prefetch",
+            "max_prefetch",
+        ):
             _at_least(name, getattr(self, name), 1)
         if not (isinstance(self.weight, (int, float)) and self.weight > 0):
             raise ConfigError(
@@ -236,8 +248,10 @@ class HandlerOptions(msgspec.Struct, frozen=True, kw_only=True):
             )
         feeds = self.min_concurrency or self.concurrency or 0
         if self.max_prefetch is not None and feeds > self.max_prefetch:
-            raise ConfigError(f"max_prefetch={self.max_prefetch} is below the handlers it must "
-                              f"feed ({feeds} at once); raise it")
+            raise ConfigError(
+                f"max_prefetch={self.max_prefetch} is below the handlers it must "
+                f"feed ({feeds} at once); raise it"
+            )
         for what in ("concurrency", "prefetch"):
             low, high = getattr(self, f"min_{what}"), getattr(self, f"max_{what}")
             if low is not None and high is not None and low > high:

@@ -43,7 +43,8 @@ class RingEmpty(FastqError, queue.Empty):
 
 
 class RingClosed(FastqError):
-    """Raised when using a ring that was closed, by this handle or by the process at the other end."""
+    """Raised when using a ring that was closed, by this handle or by the process at the other
+    end."""
 
 
 class RingNotFound(FastqError, FileNotFoundError):
@@ -51,7 +52,8 @@ class RingNotFound(FastqError, FileNotFoundError):
 
 
 class RingBusy(FastqError):
-    """Raised when a second producer (or consumer) tries to use a single-producer single-consumer ring."""
+    """Raised when a second producer (or consumer) tries to use a single-producer
+    single-consumer ring."""
 
 
 class RingCorrupt(FastqError):

@@ -63,9 +63,15 @@ def encode_args(args: tuple[object, ...]) -> msgspec.Raw:
         ) from e
 
 
-def encode(task: str, args: tuple[object, ...] | msgspec.Raw, *, message_id: str | None = None,
-           headers: dict[str, str] | None = None) -> tuple[str, bytes]:
-    """Encode one task call (arguments as values, or already raw); returns ``(message_id, body)``."""
+def encode(
+    task: str,
+    args: tuple[object, ...] | msgspec.Raw,
+    *,
+    message_id: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[str, bytes]:
+    """Encode one task call (arguments as values, or already raw); returns ``(message_id,
+    body)``."""
     message_id = message_id or new_id()
     raw = args if isinstance(args, msgspec.Raw) else encode_args(args)
     envelope = Envelope(message_id, task, raw, time.time(), 0, headers)

@@ -24,7 +24,12 @@ class Processing:
     __slots__ = ("handler", "message_id", "queue", "retries", "started_at")
 
     def __init__(self, handler: str, message_id: str, queue: str, retries: int) -> None:
-        self.handler, self.message_id, self.queue, self.retries = handler, message_id, queue, retries
+        self.handler, self.message_id, self.queue, self.retries = (
+            handler,
+            message_id,
+            queue,
+            retries,
+        )
         self.started_at = 0.0
 
 
@@ -53,5 +58,11 @@ class TimingMiddleware(Middleware):
         if exc is None:
             logger.debug("%s %s done in %.6f s", message.handler, message.message_id, took)
         else:
-            logger.warning("%s %s failed after %.6f s: %s: %s", message.handler, message.message_id,
-                           took, type(exc).__name__, exc)
+            logger.warning(
+                "%s %s failed after %.6f s: %s: %s",
+                message.handler,
+                message.message_id,
+                took,
+                type(exc).__name__,
+                exc,
+            )

@@ -9,10 +9,22 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from fastq.errors import PeerLost, RingClosed, RingEmpty
 
-if os.environ.get("FASTQ_NO_EXTENSIONS"):
+if TYPE_CHECKING:  # the stub of fastq._core is the contract of both implementations
+    from fastq._core import (
+        AckWindow,
+        Dispatcher,
+        DispatcherStatistics,
+        Ring,
+        RingStatistics,
+        plain_values,
+    )
+
+    IMPLEMENTATION: str
+elif os.environ.get("FASTQ_NO_EXTENSIONS"):
     from fastq._core_py import (
         AckWindow,
         Dispatcher,
@@ -38,8 +50,18 @@ else:
 from fastq._layout import COMPLETION, DELIVERY, STATUS_OK, WAIT_SLICE_SECONDS
 
 __all__ = [
-    "COMPLETION", "DELIVERY", "AckWindow", "IMPLEMENTATION", "STATUS_OK", "Dispatcher", "DispatcherStatistics", "Ring",
-    "RingReader", "RingStatistics", "get_many_async", "plain_values",
+    "COMPLETION",
+    "DELIVERY",
+    "IMPLEMENTATION",
+    "STATUS_OK",
+    "AckWindow",
+    "Dispatcher",
+    "DispatcherStatistics",
+    "Ring",
+    "RingReader",
+    "RingStatistics",
+    "get_many_async",
+    "plain_values",
 ]
 
 
@@ -68,7 +90,11 @@ async def get_many_async(
         woken = loop.create_future()
         fd = ring.fileno()
         loop.add_reader(fd, _set_done, woken)
-        wait = WAIT_SLICE_SECONDS if deadline is None else min(WAIT_SLICE_SECONDS, deadline - loop.time())
+        wait = (
+            WAIT_SLICE_SECONDS
+            if deadline is None
+            else min(WAIT_SLICE_SECONDS, deadline - loop.time())
+        )
         try:
             await asyncio.wait_for(woken, max(wait, 0.0))
         except TimeoutError:
@@ -77,7 +103,9 @@ async def get_many_async(
                 try:  # what it wrote before it went is still ours
                     return ring.get_many_nowait(max_frames)
                 except RingEmpty:
-                    raise PeerLost(f"the producer of ring {ring.name!r} (pid {pid}) is gone") from None
+                    raise PeerLost(
+                        f"the producer of ring {ring.name!r} (pid {pid}) is gone"
+                    ) from None
             if deadline is not None and loop.time() >= deadline:
                 raise RingEmpty(f"ring {ring.name!r} stayed empty until the timeout") from None
         finally:
@@ -102,10 +130,16 @@ class RingReader:
     caller does (the supervisor has each worker's process sentinel).
     """
 
-    def __init__(self, ring: Ring, on_frames: Callable[[list[bytes]], object], max_frames: int = 1024,
-                 *, on_closed: Callable[[], object] | None = None,
-                 arm_when: Callable[[], bool] | None = None,
-                 on_error: Callable[[BaseException], object] | None = None) -> None:
+    def __init__(
+        self,
+        ring: Ring,
+        on_frames: Callable[[list[bytes]], object],
+        max_frames: int = 1024,
+        *,
+        on_closed: Callable[[], object] | None = None,
+        arm_when: Callable[[], bool] | None = None,
+        on_error: Callable[[BaseException], object] | None = None,
+    ) -> None:
         self.ring, self.on_frames, self.max_frames = ring, on_frames, max_frames
         self.on_closed, self.arm_when, self.on_error = on_closed, arm_when, on_error
         #: the producer will write the wake-up descriptor at its next put

@@ -38,22 +38,27 @@ def importable_name(module: str) -> str:
     main = sys.modules["__main__"]
     spec = getattr(main, "__spec__", None)
     if spec is not None and spec.name and spec.name != "__main__":  # python -m package.module
-        return spec.name.removesuffix(".__main__")
+        return str(spec.name).removesuffix(".__main__")
     return os.path.splitext(os.path.basename(getattr(main, "__file__", "__main__")))[0]
 
 
 class Task:
     """A function registered with ``@app.task``: call it directly, or ``send`` it to a worker."""
 
-    def __init__(self, app: App, fn: Callable[..., Any], name: str, options: HandlerOptions) -> None:
+    def __init__(
+        self, app: App, fn: Callable[..., Any], name: str, options: HandlerOptions
+    ) -> None:
         self.app, self.fn, self.name, self.options = app, fn, name, options
         self.is_async = inspect.iscoroutinefunction(fn)
         self.signature = inspect.signature(fn)
         #: a call with exactly this many positional arguments needs no binding (-1: always bind,
         #: as a keyword-only parameter cannot be given positionally)
         positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        self.arity = (len(self.signature.parameters)
-                      if all(p.kind in positional for p in self.signature.parameters.values()) else -1)
+        self.arity = (
+            len(self.signature.parameters)
+            if all(p.kind in positional for p in self.signature.parameters.values())
+            else -1
+        )
         for p in self.signature.parameters.values():
             if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 raise ConfigError(
@@ -63,7 +68,7 @@ class Task:
         hints = get_type_hints(fn, include_extras=True)
         types = tuple(hints.get(p, Any) for p in self.signature.parameters)
         #: the type of the argument tuple, as the worker decodes it
-        self.args_type: Any = tuple[types] if types else tuple[()]
+        self.args_type: Any = tuple.__class_getitem__(types) if types else tuple[()]
         self._decoder = msgspec.msgpack.Decoder(self.args_type)
 
     @property
@@ -94,10 +99,12 @@ class Task:
             # Dicts become Structs; then the encoded arguments are decoded with the worker's own
             # typed decoder, because convert() passes Struct instances through unchecked.
             values = msgspec.convert(args, self.args_type, from_attributes=True)
-            args = message.encode_args(values)
-            self._decoder.decode(args)
+            raw = message.encode_args(values)
+            self._decoder.decode(raw)
         except msgspec.ValidationError as e:
-            raise msgspec.ValidationError(f"task {self.name}: {e} (arguments in parameter order)") from e
+            raise msgspec.ValidationError(
+                f"task {self.name}: {e} (arguments in parameter order)"
+            ) from e
         message_id, body = message.encode(self.name, args)
         return Message(body, message_id)
 
@@ -110,7 +117,9 @@ class Task:
     async def send_async(self, *args: Any, **kwargs: Any) -> str:
         """``send`` for coroutines: the publish runs off the event loop."""
         m = self.message(*args, **kwargs)
-        await asyncio.get_running_loop().run_in_executor(None, self.app.broker.publish_sync, self.queue, [m])
+        await asyncio.get_running_loop().run_in_executor(
+            None, self.app.broker.publish_sync, self.queue, [m]
+        )
         return m.message_id
 
     def send_many(self, calls: Iterable[tuple[Any, ...]]) -> list[str]:
@@ -123,8 +132,10 @@ class Task:
     # -- consuming --------------------------------------------------------------------------
 
     def decode_args(self, raw: bytes | memoryview) -> tuple[Any, ...]:
-        """The arguments of an envelope, validated (msgspec.ValidationError when they do not fit)."""
-        return self._decoder.decode(raw)
+        """The arguments of an envelope, validated (msgspec.ValidationError when they do not
+        fit)."""
+        args: tuple[Any, ...] = self._decoder.decode(raw)
+        return args
 
 
 class Consumer:

@@ -35,12 +35,18 @@ def _say(message: str | Callable[[], str]) -> str:
 
 def _check(timeout: float, interval: float) -> None:
     if not timeout >= 0 or not interval > 0:
-        raise ConfigError(f"timeout must be >= 0 and interval > 0 seconds, got {timeout!r} and "
-                          f"{interval!r}")
+        raise ConfigError(
+            f"timeout must be >= 0 and interval > 0 seconds, got {timeout!r} and {interval!r}"
+        )
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 30.0,
-               message: str | Callable[[], str] = "", *, interval: float = INTERVAL) -> None:
+def wait_until(
+    predicate: Callable[[], object],
+    timeout: float = 30.0,
+    message: str | Callable[[], str] = "",
+    *,
+    interval: float = INTERVAL,
+) -> None:
     """Return as soon as ``predicate()`` is true; look again every ``interval`` seconds.
 
     ``predicate`` may raise to give up at once (an assertion that a process still runs, say).
@@ -58,9 +64,13 @@ def wait_until(predicate: Callable[[], object], timeout: float = 30.0,
         time.sleep(interval)
 
 
-async def wait_until_async(predicate: Callable[[], object | Awaitable[object]], timeout: float = 30.0,
-                           message: str | Callable[[], str] = "", *,
-                           interval: float = INTERVAL) -> None:
+async def wait_until_async(
+    predicate: Callable[[], object | Awaitable[object]],
+    timeout: float = 30.0,
+    message: str | Callable[[], str] = "",
+    *,
+    interval: float = INTERVAL,
+) -> None:
     """``wait_until`` for a coroutine: the loop runs between looks; ``predicate`` may be async."""
     _check(timeout, interval)
     deadline = time.monotonic() + timeout
@@ -89,12 +99,17 @@ def require_amqp(url: str | None = None) -> str:
 
     url = url or os.environ.get("FASTQ_AMQP_URL") or AMQP_URL
     parts = urllib.parse.urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or (5671 if parts.scheme == "amqps" else 5672)
+    host, port = (
+        parts.hostname or "127.0.0.1",
+        parts.port or (5671 if parts.scheme == "amqps" else 5672),
+    )
     try:
         socket.create_connection((host, port), timeout=1).close()
     except OSError as e:
         if os.environ.get("CI"):
-            raise ConnectionError(f"RabbitMQ unreachable at {host}:{port} ({e}) and CI is set: "
-                                  "start it (rabbitmq-server -detached)") from e
+            raise ConnectionError(
+                f"RabbitMQ unreachable at {host}:{port} ({e}) and CI is set: "
+                "start it (rabbitmq-server -detached)"
+            ) from e
         pytest.skip(f"RabbitMQ unreachable at {host}:{port} ({e})")
     return url

@@ -166,6 +166,7 @@ _classified = msgspec.msgpack.Decoder(Classified)
 
 # -- supervisor -> worker -------------------------------------------------------------------------
 
+
 def slots_frame(total: int, per_queue: tuple[int, ...] = ()) -> bytes:
     """The control frame that gives a worker ``total`` handler slots (``per_queue`` of them by
     queue index, when it serves several queues)."""
@@ -188,14 +189,17 @@ def parse_control(frame: bytes) -> tuple[Control, memoryview]:
         ProtocolError: the frame is too short or names no ``Control``.
     """
     if len(frame) < CONTROL.size:
-        raise ProtocolError(f"a control frame of {len(frame)} bytes, expected at least "
-                            f"{CONTROL.size}; the supervisor runs another fastq version?")
+        raise ProtocolError(
+            f"a control frame of {len(frame)} bytes, expected at least "
+            f"{CONTROL.size}; the supervisor runs another fastq version?"
+        )
     _, kind = CONTROL.unpack_from(frame)
     try:
         control = Control(kind)
     except ValueError:
-        raise ProtocolError(f"control frame of unknown kind {kind}; the supervisor runs another "
-                            "fastq version?") from None
+        raise ProtocolError(
+            f"control frame of unknown kind {kind}; the supervisor runs another fastq version?"
+        ) from None
     return control, memoryview(frame)[CONTROL.size :]
 
 
@@ -213,6 +217,7 @@ def delivery_queue(frame: bytes) -> int:
 
 # -- worker -> supervisor -------------------------------------------------------------------------
 
+
 def completion(tag: int, status: Status, delay: float = 0.0, payload: bytes = b"") -> bytes:
     """A completion frame: what became of delivery ``tag``."""
     return COMPLETION.pack(tag, status, delay) + payload
@@ -227,7 +232,9 @@ def retire_report() -> bytes:
 
 
 def classified_report(queue: str, kind: str, share: float) -> bytes:
-    return COMPLETION.pack(0, Report.CLASSIFIED, 0.0) + _encoder.encode(Classified(queue, kind, share))
+    return COMPLETION.pack(0, Report.CLASSIFIED, 0.0) + _encoder.encode(
+        Classified(queue, kind, share)
+    )
 
 
 def parse_classified(payload: bytes) -> Classified:

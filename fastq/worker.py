@@ -43,7 +43,9 @@ class Executor(Protocol):
     #: report each completion at once (its caller waits for it) instead of gathering them
     flush_each: bool
 
-    async def run(self, body: memoryview, attempt: int, queue_index: int) -> tuple[int, float, bytes]:
+    async def run(
+        self, body: memoryview, attempt: int, queue_index: int
+    ) -> tuple[int, float, bytes]:
         """One delivery: its status, the retry delay in seconds and the payload."""
         ...
 
@@ -68,8 +70,10 @@ def main(spec_bytes: bytes) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     die_with_parent(spec.parent)
-    logging.basicConfig(level=spec.log_level,
-                        format=f"%(asctime)s %(process)d worker-{spec.index} %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=spec.log_level,
+        format=f"%(asctime)s %(process)d worker-{spec.index} %(levelname)s %(message)s",
+    )
     pin_to(spec.cpu, spec.index)
     runtime = Runtime(spec, _load.load(spec.executor))
     code = wire.EXIT_FAILED
@@ -180,13 +184,21 @@ class Runtime:
         """Past max_tasks or max_memory_bytes: time to ask to leave."""
         spec = self.spec
         if spec.max_tasks is not None and self.started >= spec.max_tasks:
-            logger.info("worker %d asks to leave after %d messages (max_tasks_per_child)", spec.index, self.started)
+            logger.info(
+                "worker %d asks to leave after %d messages (max_tasks_per_child)",
+                spec.index,
+                self.started,
+            )
             return True
         if spec.max_memory_bytes is not None and self.started:  # a batch first: a limit below
             rss = resident_bytes()  # a new worker's own size must not turn restarts into a loop
             if rss > spec.max_memory_bytes:
-                logger.info("worker %d asks to leave at %d bytes resident (max_memory_per_child_bytes=%d)",
-                            spec.index, rss, spec.max_memory_bytes)
+                logger.info(
+                    "worker %d asks to leave at %d bytes resident (max_memory_per_child_bytes=%d)",
+                    spec.index,
+                    rss,
+                    spec.max_memory_bytes,
+                )
                 return True
         return False
 
@@ -199,10 +211,19 @@ class Runtime:
         # them when a handler finishes instead of being woken for each (no syscall per frame on
         # either side).
         lanes = self.lanes
-        arm_when = ((lambda: self.free > len(self.waiting)) if lanes is None else
-                    (lambda: self.free > 0 and lanes.room()))
-        self.reader = RingReader(self.inbox, self.on_frames, 256, on_closed=self.on_closed,
-                                 arm_when=arm_when, on_error=self.failed)
+        arm_when = (
+            (lambda: self.free > len(self.waiting))
+            if lanes is None
+            else (lambda: self.free > 0 and lanes.room())
+        )
+        self.reader = RingReader(
+            self.inbox,
+            self.on_frames,
+            256,
+            on_closed=self.on_closed,
+            arm_when=arm_when,
+            on_error=self.failed,
+        )
         self.reader.start()
         try:
             await self.finished
@@ -240,9 +261,15 @@ class Runtime:
             if kind is Control.SLOTS:  # autosize moved the handler slots
                 slots = wire.parse_slots(body)
                 per_queue = slots.per_queue
-                logger.info("worker %d: %d handler slots (was %d)%s", self.spec.index, slots.total,
-                            self.concurrency,
-                            f", per queue {list(per_queue)}" if self.lanes is not None and per_queue else "")
+                logger.info(
+                    "worker %d: %d handler slots (was %d)%s",
+                    self.spec.index,
+                    slots.total,
+                    self.concurrency,
+                    f", per queue {list(per_queue)}"
+                    if self.lanes is not None and per_queue
+                    else "",
+                )
                 self.free += slots.total - self.concurrency
                 self.concurrency = slots.total
                 if self.lanes is not None and per_queue:
@@ -279,9 +306,9 @@ class Runtime:
             self.running.add(t)  # a strong reference: the loop keeps only a weak one
             t.add_done_callback(self.running.discard)
         idle = self.free == self.concurrency
-        if (self.retired or self.input_closed) and not self.waiting and idle:
-            if not self.finished.done():
-                self.finished.set_result(None)
+        done = (self.retired or self.input_closed) and not self.waiting and idle
+        if done and not self.finished.done():
+            self.finished.set_result(None)
 
     async def handle(self, frame: bytes) -> None:
         tag, retries, queue_index = DELIVERY.unpack_from(frame)
@@ -297,10 +324,12 @@ class Runtime:
             logger.exception("worker %d: delivery %d raised CancelledError", self.spec.index, tag)
             status, delay = (_RETRY, 1.0) if retries < INTERNAL_RETRIES else (_DEAD, 0.0)
             payload = f"the handler raised CancelledError: {e}".encode("utf-8", "backslashreplace")
-        except Exception as e:  # noqa: BLE001 - a bug of ours must not lose the message
+        except Exception as e:
             logger.exception("worker %d: internal error on delivery %d", self.spec.index, tag)
             status, delay = (_RETRY, 1.0) if retries < INTERNAL_RETRIES else (_DEAD, 0.0)
-            payload = f"fastq internal error: {type(e).__name__}: {e}".encode("utf-8", "backslashreplace")
+            payload = f"fastq internal error: {type(e).__name__}: {e}".encode(
+                "utf-8", "backslashreplace"
+            )
         self.done.append(wire.COMPLETION.pack(tag, status, delay) + payload)
         self.free += 1
         if self.lanes is not None:
@@ -309,7 +338,9 @@ class Runtime:
             self.flush()
             self.feed()
             return
-        if not self.reader.armed and (len(self.waiting) < self.free if self.lanes is None else self.lanes.room()):
+        if not self.reader.armed and (
+            len(self.waiting) < self.free if self.lanes is None else self.lanes.room()
+        ):
             # Local frames will not fill the free slots: take what the ring has first, so that
             # the flush below knows how much work is left here.
             self.pulling = True
@@ -328,14 +359,18 @@ class Runtime:
         if self.flush_scheduled:
             return
         lanes = self.lanes
-        more = (len(self.waiting) > self.free if lanes is None
-                else len(lanes.lanes[queue_index]) > lanes.free[queue_index])
+        more = (
+            len(self.waiting) > self.free
+            if lanes is None
+            else len(lanes.lanes[queue_index]) > lanes.free[queue_index]
+        )
         if more and len(self.done) < FLUSH_MAX:
             if self.flush_timer is None:
                 self.flush_timer = self.loop.call_later(FLUSH_AFTER, self.flush)
             return
         self.flush_scheduled = True
-        self.loop.call_soon(self.flush)  # before the next handler starts: the supervisor refills meanwhile
+        # before the next handler starts: the supervisor refills meanwhile
+        self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self.flush_scheduled = False

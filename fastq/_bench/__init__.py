@@ -12,7 +12,9 @@ def log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def write_json(path: str | None, suite: str, machine: dict[str, Any], results: list[dict[str, Any]]) -> None:
+def write_json(
+    path: str | None, suite: str, machine: dict[str, Any], results: list[dict[str, Any]]
+) -> None:
     """The figures of a run, with the machine, to ``path`` (``-``: stdout; None: nowhere)."""
     if not path:
         return

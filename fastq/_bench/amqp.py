@@ -65,7 +65,9 @@ def _aio_pika_publish(url: str, queue: str, n: int) -> float:
         t = time.perf_counter()
         for i in range(n):
             await channel.default_exchange.publish(
-                aio_pika.Message(b"%d" % i, delivery_mode=aio_pika.DeliveryMode.PERSISTENT), routing_key=queue)
+                aio_pika.Message(b"%d" % i, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                routing_key=queue,
+            )
         took = time.perf_counter() - t
         await connection.close()
         return n / took
@@ -123,7 +125,9 @@ def _reference(url: str, queue: str, n: int, processes: int, target: Callable[..
     """Messages per second of ``target`` consumers in ``processes`` processes on a full queue."""
     ctx = multiprocessing.get_context("spawn")
     counter, done = ctx.Value("q", 0), ctx.Event()
-    procs = [ctx.Process(target=target, args=(url, queue, n, counter, done)) for _ in range(processes)]
+    procs = [
+        ctx.Process(target=target, args=(url, queue, n, counter, done)) for _ in range(processes)
+    ]
     for p in procs:
         p.start()
     t = None
@@ -156,11 +160,21 @@ def measure(url: str, runs: int, log: Callable[[str], None]) -> list[dict[str, A
                 for start in range(0, PUBLISH_N, 1000):
                     bench.module.noop.send_many((0.0,) for _ in range(1000))
                 fastq_rates.append(PUBLISH_N / (time.perf_counter() - t))
-                pika_rates.append(_aio_pika_publish(url, PREFIX + "pika-publish", AIO_PIKA_PUBLISH_N))
-                log(f"amqp publish round {r + 1}/{runs}: fastq {fastq_rates[-1]:,.0f}/s, aio-pika {pika_rates[-1]:,.0f}/s")
-            results.append({"scenario": "publish (confirmed)", "msgs_per_s": statistics.median(fastq_rates),
-                            "runs_msgs_per_s": fastq_rates,
-                            "baselines": {"aio-pika, one at a time": statistics.median(pika_rates)}})
+                pika_rates.append(
+                    _aio_pika_publish(url, PREFIX + "pika-publish", AIO_PIKA_PUBLISH_N)
+                )
+                log(
+                    f"amqp publish round {r + 1}/{runs}: fastq {fastq_rates[-1]:,.0f}/s, aio-pika "
+                    f"{pika_rates[-1]:,.0f}/s"
+                )
+            results.append(
+                {
+                    "scenario": "publish (confirmed)",
+                    "msgs_per_s": statistics.median(fastq_rates),
+                    "runs_msgs_per_s": fastq_rates,
+                    "baselines": {"aio-pika, one at a time": statistics.median(pika_rates)},
+                }
+            )
             for label, (scenario, n, concurrency, prefetch) in SCENARIOS.items():
                 rates: list[float] = []
                 base: dict[str, list[float]] = {}
@@ -169,18 +183,31 @@ def measure(url: str, runs: int, log: Callable[[str], None]) -> list[dict[str, A
                     took, _ = bench.run(scenario, n, concurrency, prefetch)
                     rates.append(n / took)
                     if scenario == "noop":
-                        for name, target in (("aio-pika consumer, ack each, prefetch 100", _aio_pika_consumer),
-                                             ("aiormq consumer, no_ack (ceiling)", _aiormq_no_ack_consumer)):
+                        for name, target in (
+                            ("aio-pika consumer, ack each, prefetch 100", _aio_pika_consumer),
+                            ("aiormq consumer, no_ack (ceiling)", _aiormq_no_ack_consumer),
+                        ):
                             _purge(url, queues)
                             for start in range(0, n, 1000):
-                                bench.module.app.broker.publish_sync(PREFIX + "ref", [
-                                    _raw(i) for i in range(start, min(n, start + 1000))])
+                                bench.module.app.broker.publish_sync(
+                                    PREFIX + "ref",
+                                    [_raw(i) for i in range(start, min(n, start + 1000))],
+                                )
                             base.setdefault(f"{name}, {processes} processes", []).append(
-                                _reference(url, PREFIX + "ref", n, processes, target))
+                                _reference(url, PREFIX + "ref", n, processes, target)
+                            )
                     log(f"amqp {label} round {r + 1}/{runs}: {n / took:,.0f} msgs/s")
-                results.append({"scenario": label, "messages": n, "concurrency": concurrency, "prefetch": prefetch,
-                                "msgs_per_s": statistics.median(rates), "runs_msgs_per_s": rates,
-                                "baselines": {k: statistics.median(v) for k, v in base.items()}})
+                results.append(
+                    {
+                        "scenario": label,
+                        "messages": n,
+                        "concurrency": concurrency,
+                        "prefetch": prefetch,
+                        "msgs_per_s": statistics.median(rates),
+                        "runs_msgs_per_s": rates,
+                        "baselines": {k: statistics.median(v) for k, v in base.items()},
+                    }
+                )
         finally:
             bench.close()
             _purge(url, queues, delete=True)
@@ -201,8 +228,14 @@ def render(results: list[dict[str, Any]]) -> str:
     for r in results:
         target = TARGETS.get(r["scenario"])
         met = "" if target is None else (" met" if r["msgs_per_s"] >= target else " MISSED")
-        base = "; ".join(f"{k}: {v:,.0f}/s (fastq {r['msgs_per_s'] / v:.2f}x)" for k, v in r["baselines"].items() if v)
-        lines.append(f"  {r['scenario']:<20} {r['msgs_per_s']:>9,.0f}  {target or '':>7}{met}  {base}")
+        base = "; ".join(
+            f"{k}: {v:,.0f}/s (fastq {r['msgs_per_s'] / v:.2f}x)"
+            for k, v in r["baselines"].items()
+            if v
+        )
+        lines.append(
+            f"  {r['scenario']:<20} {r['msgs_per_s']:>9,.0f}  {target or '':>7}{met}  {base}"
+        )
     return "\n".join(lines)
 
 
@@ -212,10 +245,15 @@ def main(*, url: str, runs: int, json_path: str | None) -> int:
     from fastq.broker.base import mask_url
 
     info = machine()
-    log(f"fastq bench (amqp) on {mask_url(url)}: {info['cpu']}, {info['usable_cores']} usable cores")
+    log(
+        f"fastq bench (amqp) on {mask_url(url)}: {info['cpu']}, {info['usable_cores']} usable cores"
+    )
     results = measure(url, runs, log)
-    print(f"fastq bench (RabbitMQ at {mask_url(url)}) on {info['cpu']} ({info['usable_cores']} cores), "
-          f"Python {info['python']}; median of {runs} runs; RabbitMQ shares the cores")
+    print(
+        f"fastq bench (RabbitMQ at {mask_url(url)}) on {info['cpu']} ({info['usable_cores']} "
+        "cores), "
+        f"Python {info['python']}; median of {runs} runs; RabbitMQ shares the cores"
+    )
     print(render(results))
     write_json(json_path, "amqp", info, results)
     return 0

@@ -1,14 +1,15 @@
 """``python -m fastq bench`` (engine): noop, I/O and CPU handlers through the whole engine.
 
-For each broker (``memory://``, and the embedded ``sqlite://`` default) and each scenario, the
-queue is filled, then the supervisor and its pinned workers run in this process tree until every
-message is acked. Rates are messages per second over that run, timed from the moment every worker
-is ready; for SQLite noop the time to enqueue is added (that figure includes the enqueue, the
-broker's whole round trip), while SQLite I/O and CPU rates are the processing rate, which is what
-their baselines measure too, with the enqueue rate beside them. A second, paced pass (producer at a quarter of the measured
-rate) gives latency from enqueue to handler done, p50 and p99. Each scenario runs beside its
-baseline in the same run: a plain loop for noop, one asyncio process with the same concurrency for
-I/O, one process and ``multiprocessing.Pool.imap_unordered`` for CPU. Medians of ``runs`` rounds.
+For each broker (``memory://``, and the embedded ``sqlite://`` default) and each scenario, the queue
+is filled, then the supervisor and its pinned workers run in this process tree until every message
+is acked. Rates are messages per second over that run, timed from the moment every worker is ready;
+for SQLite noop the time to enqueue is added (that figure includes the enqueue, the broker's whole
+round trip), while SQLite I/O and CPU rates are the processing rate, which is what their baselines
+measure too, with the enqueue rate beside them. A second, paced pass (producer at a quarter of the
+measured rate) gives latency from enqueue to handler done, p50 and p99. Each scenario runs beside
+its baseline in the same run: a plain loop for noop, one asyncio process with the same concurrency
+for I/O, one process and ``multiprocessing.Pool.imap_unordered`` for CPU. Medians of ``runs``
+rounds.
 
 Caveats: two cores are shared by producer, supervisor and workers; concurrency and prefetch are
 set per scenario (printed in the table), not grown by load, which is the autosize issue's work.
@@ -26,8 +27,9 @@ import tempfile
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 #: per scenario: its handler (and queue), messages, concurrency (host), prefetch (host). None is
 #: the plan's formula (cpu: one handler per core, prefetch = cores x 2); "x3", the cpu formula's
@@ -46,7 +48,9 @@ app = fastq.App("bench", broker={url!r})
 _LAT = {lat!r}
 # Only the paced pass records latency (one 8-byte append per message); the throughput pass does
 # nothing but its work, so that recording does not weigh on the rate.
-_fd = os.open(_LAT, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if os.environ.get("FASTQ_BENCH_RECORD") else None
+_fd = None
+if os.environ.get("FASTQ_BENCH_RECORD"):
+    _fd = os.open(_LAT, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
 def _record(t):
     if _fd is not None:
@@ -99,15 +103,18 @@ def _burn(n: int) -> int:
 
 
 class Bench:
-    def __init__(self, broker: str, workdir: Path, burn: int, url: str | None = None, prefix: str = "") -> None:
+    def __init__(
+        self, broker: str, workdir: Path, burn: int, url: str | None = None, prefix: str = ""
+    ) -> None:
         self.dir = workdir
         self.lat = workdir / f"lat-{broker}.bin"
         if url is None:
             url = "memory://bench" if broker == "memory" else f"sqlite:///{workdir / 'bench.db'}"
         self.prefix = prefix
         module = f"fastq_bench_{broker}"
-        (workdir / f"{module}.py").write_text(textwrap.dedent(
-            APP.format(url=url, lat=str(self.lat), burn=burn, prefix=prefix)))
+        (workdir / f"{module}.py").write_text(
+            textwrap.dedent(APP.format(url=url, lat=str(self.lat), burn=burn, prefix=prefix))
+        )
         sys.path.insert(0, str(workdir))
         import importlib
 
@@ -115,8 +122,14 @@ class Bench:
         self.spec = f"{module}:app"
         self.broker = broker
 
-    def supervisor(self, scenario: str, concurrency: int | None, prefetch: int | None, *,
-                   autosize: bool = False) -> Any:
+    def supervisor(
+        self,
+        scenario: str,
+        concurrency: int | None,
+        prefetch: int | None,
+        *,
+        autosize: bool = False,
+    ) -> Any:
         """A supervisor for one scenario's queue, planned on this machine with these settings."""
         from fastq.autosize import Topology, plan
         from fastq.config import Config
@@ -124,14 +137,25 @@ class Bench:
 
         app = self.module.app
         task = getattr(self.module, scenario)
-        config = Config(broker_url=app.config.broker_url, concurrency=concurrency, prefetch=prefetch,
-                        autosize=autosize)
+        config = Config(
+            broker_url=app.config.broker_url,
+            concurrency=concurrency,
+            prefetch=prefetch,
+            autosize=autosize,
+        )
         the_plan = plan(Topology.detect(), [task.options], config)
         return Supervisor(app, self.spec, the_plan, config, [task.queue])
 
-    def run(self, scenario: str, n: int, concurrency: int | None, prefetch: int | None,
-            pace: float | None = None) -> tuple[float, float]:
-        """Seconds to process ``n`` messages (enqueue included for sqlite noop), and enqueue seconds."""
+    def run(
+        self,
+        scenario: str,
+        n: int,
+        concurrency: int | None,
+        prefetch: int | None,
+        pace: float | None = None,
+    ) -> tuple[float, float]:
+        """Seconds to process ``n`` messages (enqueue included for sqlite noop), and enqueue
+        seconds."""
         task = getattr(self.module, scenario)
         # The settings in the table, held: the controller (autosize) is measured on its own.
         sup = self.supervisor(scenario, concurrency, prefetch)
@@ -195,8 +219,10 @@ def _baseline(scenario: str, n: int, concurrency: int, burn: int) -> dict[str, f
     """Messages per second of what a user would write instead, in this run."""
     out = {}
     if scenario == "noop":
+
         def noop(t: float) -> None:
             pass
+
         t = time.perf_counter()
         for _ in range(n):
             noop(time.time())
@@ -236,39 +262,63 @@ def measure(brokers: list[str], runs: int, log: Callable[[str], None]) -> list[d
                         took, enq = bench.run(scenario, n, concurrency, prefetch)
                         rates.append(n / took)
                         enqueues.append(enq)
-                        for name, rate in _baseline(scenario, n, concurrency or len(os.sched_getaffinity(0)), burn).items():
+                        for name, rate in _baseline(
+                            scenario, n, concurrency or len(os.sched_getaffinity(0)), burn
+                        ).items():
                             base.setdefault(name, []).append(rate)
                         log(f"{broker} {label} round {r + 1}/{runs}: {n / took:,.0f} msgs/s")
                     rate = statistics.median(rates)
-                    bench.run(scenario, max(200, int(rate / 4)), concurrency, prefetch, pace=rate / 4)  # ~1 s
+                    # ~1 s
+                    bench.run(
+                        scenario, max(200, int(rate / 4)), concurrency, prefetch, pace=rate / 4
+                    )
                     lat = sorted(bench.latencies())
-                    results.append({
-                        "broker": broker, "scenario": label, "messages": n,
-                        "concurrency": concurrency, "prefetch": prefetch,
-                        "msgs_per_s": rate, "runs_msgs_per_s": rates,
-                        "enqueue_msgs_per_s": n / statistics.median(enqueues) if any(enqueues) else None,
-                        "p50_ms": lat[len(lat) // 2] * 1e3 if lat else None,
-                        "p99_ms": lat[int(len(lat) * 0.99)] * 1e3 if lat else None,
-                        "baselines": {k: statistics.median(v) for k, v in base.items()},
-                    })
+                    results.append(
+                        {
+                            "broker": broker,
+                            "scenario": label,
+                            "messages": n,
+                            "concurrency": concurrency,
+                            "prefetch": prefetch,
+                            "msgs_per_s": rate,
+                            "runs_msgs_per_s": rates,
+                            "enqueue_msgs_per_s": n / statistics.median(enqueues)
+                            if any(enqueues)
+                            else None,
+                            "p50_ms": lat[len(lat) // 2] * 1e3 if lat else None,
+                            "p99_ms": lat[int(len(lat) * 0.99)] * 1e3 if lat else None,
+                            "baselines": {k: statistics.median(v) for k, v in base.items()},
+                        }
+                    )
             finally:
                 bench.close()
     return results
 
 
 def render(results: list[dict[str, Any]]) -> str:
-    lines = [f"  {'broker':<7} {'scenario':<9} {'msgs/s':>10} {'enqueue/s':>10} {'p50 ms':>8} {'p99 ms':>8}   "
-             f"{'concurrency/prefetch':<20} baseline in the same run"]
+    lines = [
+        (
+            f"  {'broker':<7} {'scenario':<9} {'msgs/s':>10} {'enqueue/s':>10} {'p50 ms':>8} "
+            f"{'p99 ms':>8}   {'concurrency/prefetch':<20} baseline in the same run"
+        )
+    ]
     for r in results:
         setting = f"{r['concurrency'] or 'cores'}/{r['prefetch'] or 'x2'}"
-        base = "; ".join(f"{k}: {v:,.0f}/s, fastq {r['msgs_per_s'] / v:.2f}x" for k, v in r["baselines"].items())
+        base = "; ".join(
+            f"{k}: {v:,.0f}/s, fastq {r['msgs_per_s'] / v:.2f}x" for k, v in r["baselines"].items()
+        )
         if r["scenario"] == "io" and r["concurrency"]:
-            base += f"; {r['msgs_per_s'] / (r['concurrency'] / 0.005):.1%} of {r['concurrency']} / 5 ms"
+            base += (
+                f"; {r['msgs_per_s'] / (r['concurrency'] / 0.005):.1%} of {r['concurrency']} / 5 ms"
+            )
         enqueue = f"{r['enqueue_msgs_per_s']:,.0f}" if r["enqueue_msgs_per_s"] else "-"
         p50 = f"{r['p50_ms']:.1f}" if r["p50_ms"] is not None else "-"
         p99 = f"{r['p99_ms']:.1f}" if r["p99_ms"] is not None else "-"
-        lines.append(f"  {r['broker']:<7} {r['scenario']:<9} {r['msgs_per_s']:>10,.0f} {enqueue:>10} {p50:>8} "
-                     f"{p99:>8}   {setting:<20} {base}")
+        lines.append(
+            f"  {r['broker']:<7} {r['scenario']:<9} {r['msgs_per_s']:>10,.0f} {enqueue:>10} "
+            f"{p50:>8} "
+            f"{p99:>8}   {setting:<20} {base}"
+        )
     return "\n".join(lines)
 
 
@@ -277,12 +327,19 @@ def main(*, runs: int, json_path: str | None) -> int:
     from fastq._bench.ring import machine
 
     info = machine()
-    log(f"fastq bench: {info['cpu']}, {info['usable_cores']} usable cores, Python {info['python']}, "
-        f"ring implementation {info['implementation']}")
+    log(
+        f"fastq bench: {info['cpu']}, {info['usable_cores']} usable cores, Python "
+        f"{info['python']}, "
+        f"ring implementation {info['implementation']}"
+    )
     results = measure(["memory", "sqlite"], runs, log)
-    print(f"fastq bench (engine) on {info['cpu']} ({info['usable_cores']} cores), Python {info['python']}, "
-          f"ring {info['implementation']}; median of {runs} runs; sqlite noop msgs/s include the enqueue; "
-          "latency from a paced pass at 1/4 of that rate")
+    print(
+        f"fastq bench (engine) on {info['cpu']} ({info['usable_cores']} cores), Python "
+        f"{info['python']}, "
+        f"ring {info['implementation']}; median of {runs} runs; sqlite noop msgs/s include the "
+        "enqueue; "
+        "latency from a paced pass at 1/4 of that rate"
+    )
     print(render(results))
     write_json(json_path, "engine", info, results)
     return 0

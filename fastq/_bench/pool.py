@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import multiprocessing
 import os
 import statistics
@@ -31,6 +32,14 @@ from fastq._bench.engine import _burn, _burn_iterations
 CHUNK = 256
 #: the one-process loop of the 1 ms scenario runs this many items (a second), not all 4,000
 LOCAL_CPU_ITEMS = 1_000
+
+
+def _run_one_loop(n: int, concurrency: int) -> None:
+    asyncio.run(_one_loop(n, concurrency))
+
+
+def _loop(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+    return [fn(x) for x in items]
 
 
 def double(x: int) -> int:
@@ -56,13 +65,20 @@ def _timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t
 
 
-def _methods(pool: fastq.Pool, mp: Any, ppe: concurrent.futures.ProcessPoolExecutor,
-             fn: Callable[[Any], Any], items: list[Any]) -> dict[str, Callable[[], Any]]:
+def _methods(
+    pool: fastq.Pool,
+    mp: Any,
+    ppe: concurrent.futures.ProcessPoolExecutor,
+    fn: Callable[[Any], Any],
+    items: list[Any],
+) -> dict[str, Callable[[], Any]]:
     return {
         "fastq map": lambda: pool.map(fn, items),
         "fastq imap_unordered": lambda: sum(1 for _ in pool.imap_unordered(fn, items)),
         "Pool.map": lambda: mp.map(fn, items, chunksize=CHUNK),
-        "Pool.imap_unordered": lambda: sum(1 for _ in mp.imap_unordered(fn, items, chunksize=CHUNK)),
+        "Pool.imap_unordered": lambda: sum(
+            1 for _ in mp.imap_unordered(fn, items, chunksize=CHUNK)
+        ),
         "ProcessPoolExecutor": lambda: sum(1 for _ in ppe.map(fn, items, chunksize=CHUNK)),
     }
 
@@ -89,7 +105,10 @@ def measure(runs: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
     rates: dict[str, dict[str, list[float]]] = {s: {} for s in scenarios}
     with fastq.Pool() as pool:
         processes = pool.processes
-        with multiprocessing.Pool(processes) as mp, concurrent.futures.ProcessPoolExecutor(processes) as ppe:
+        with (
+            multiprocessing.Pool(processes) as mp,
+            concurrent.futures.ProcessPoolExecutor(processes) as ppe,
+        ):
             # warm every pool: processes started, the functions imported
             for fn, _ in scenarios.values():
                 if fn is not nap:
@@ -102,25 +121,40 @@ def measure(runs: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
                     methods: dict[str, Callable[[], Any]]
                     if fn is nap:
                         concurrency = pool.concurrency * processes
-                        methods = {"fastq map": lambda: pool.map(nap, items),
-                                   "one asyncio process": lambda: asyncio.run(_one_loop(len(items), concurrency))}
+                        methods = {
+                            "fastq map": functools.partial(pool.map, nap, items),
+                            "one asyncio process": functools.partial(
+                                _run_one_loop, len(items), concurrency
+                            ),
+                        }
                     else:
                         methods = _methods(pool, mp, ppe, fn, items)
                         local = items if fn is not burn else items[:LOCAL_CPU_ITEMS]
-                        methods["one process loop"] = lambda fn=fn, local=local: [fn(x) for x in local]
+                        methods["one process loop"] = functools.partial(_loop, fn, local)
                     for method, call in methods.items():
-                        n = LOCAL_CPU_ITEMS if method == "one process loop" and fn is burn else len(items)
+                        n = (
+                            LOCAL_CPU_ITEMS
+                            if method == "one process loop" and fn is burn
+                            else len(items)
+                        )
                         rate = n / _timed(call)
                         rates[name].setdefault(method, []).append(rate)
-                    log(f"  run {run + 1}/{runs} {name}: " + ", ".join(
-                        f"{m} {v[-1]:,.0f}/s" for m, v in rates[name].items()))
+                    log(
+                        f"  run {run + 1}/{runs} {name}: "
+                        + ", ".join(f"{m} {v[-1]:,.0f}/s" for m, v in rates[name].items())
+                    )
         concurrency = pool.concurrency
     results = []
     for name, by_method in rates.items():
         medians = {m: statistics.median(v) for m, v in by_method.items()}
         fastq_rate = medians["fastq map"]
-        r: dict[str, Any] = {"scenario": name, "items": len(scenarios[name][1]), "processes": processes,
-                             "rates": medians, "runs": by_method}
+        r: dict[str, Any] = {
+            "scenario": name,
+            "items": len(scenarios[name][1]),
+            "processes": processes,
+            "rates": medians,
+            "runs": by_method,
+        }
         if name == "async 5 ms":
             r["ideal"] = processes * concurrency / 0.005
             r["of_ideal"] = fastq_rate / r["ideal"]
@@ -162,11 +196,18 @@ def main(*, runs: int, json_path: str | None) -> int:
     from fastq._bench.ring import machine
 
     info = machine()
-    log(f"fastq bench pool: {info['cpu']}, {info['usable_cores']} usable cores, Python {info['python']}, "
-        f"ring implementation {info['implementation']}")
+    log(
+        f"fastq bench pool: {info['cpu']}, {info['usable_cores']} usable cores, Python "
+        f"{info['python']}, "
+        f"ring implementation {info['implementation']}"
+    )
     results = measure(runs, log)
-    print(f"fastq bench (pool) on {info['cpu']} ({info['usable_cores']} cores), Python {info['python']}, "
-          f"ring {info['implementation']}; median of {runs} runs; pools started and warm before timing")
+    print(
+        f"fastq bench (pool) on {info['cpu']} ({info['usable_cores']} cores), Python "
+        f"{info['python']}, "
+        f"ring {info['implementation']}; median of {runs} runs; pools started and warm before "
+        "timing"
+    )
     print(render(results))
     write_json(json_path, "pool", info, results)
     return 0

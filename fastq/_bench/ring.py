@@ -19,7 +19,8 @@ import platform
 import statistics
 import struct
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from fastq._bench import log, write_json
 from fastq.ring import IMPLEMENTATION, Ring
@@ -186,7 +187,9 @@ METHODS: dict[str, tuple[Callable[..., None], Callable[..., int]]] = {
 }
 
 
-def _producer_main(method: str, transport: Any, size: int, count: int, barrier: Any, out: Any) -> None:
+def _producer_main(
+    method: str, transport: Any, size: int, count: int, barrier: Any, out: Any
+) -> None:
     pinned = _pin(0)
     payloads = [os.urandom(size) for _ in range(BATCH)]  # distinct objects: no pickle memo help
     barrier.wait()
@@ -219,17 +222,21 @@ def run_once(method: str, size: int, count: int) -> tuple[float, bool]:
     barrier, out = ctx.Barrier(2), ctx.SimpleQueue()
     if method.startswith("os.pipe"):
         consumer = ctx.Process(target=_consumer_main, args=(method, reader, count, barrier, out))
-        producer = ctx.Process(target=_producer_main, args=(method, writer, size, count, barrier, out))
+        producer = ctx.Process(
+            target=_producer_main, args=(method, writer, size, count, barrier, out)
+        )
     else:
         consumer = ctx.Process(target=_consumer_main, args=(method, transport, count, barrier, out))
-        producer = ctx.Process(target=_producer_main, args=(method, transport, size, count, barrier, out))
+        producer = ctx.Process(
+            target=_producer_main, args=(method, transport, size, count, barrier, out)
+        )
     try:
         consumer.start()
         producer.start()
         if method.startswith("os.pipe"):
             reader.close()
             writer.close()
-        got = dict((m[0], m[1:]) for m in (out.get(), out.get()))
+        got = {m[0]: m[1:] for m in (out.get(), out.get())}
         producer.join(60)
         consumer.join(60)
     finally:
@@ -242,7 +249,9 @@ def run_once(method: str, size: int, count: int) -> tuple[float, bool]:
             ring.unlink()
     (t0, pinned), (t1, nbytes) = got["t0"], got["t1"]
     if nbytes != size * count:
-        raise RuntimeError(f"{method}: consumer saw {nbytes} payload bytes, expected {size * count}")
+        raise RuntimeError(
+            f"{method}: consumer saw {nbytes} payload bytes, expected {size * count}"
+        )
     return t1 - t0, pinned
 
 
@@ -250,7 +259,9 @@ def machine() -> dict[str, Any]:
     model = platform.processor() or "unknown"
     try:
         with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            model = next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
     except (OSError, StopIteration):
         pass
     return {
@@ -262,7 +273,9 @@ def machine() -> dict[str, Any]:
     }
 
 
-def measure(sizes: list[int], runs: int, seconds: float, log: Callable[[str], None]) -> list[dict[str, Any]]:
+def measure(
+    sizes: list[int], runs: int, seconds: float, log: Callable[[str], None]
+) -> list[dict[str, Any]]:
     methods = [m for m in METHODS if m != "faster-fifo put_many" or _faster_fifo() is not None]
     if len(methods) < len(METHODS):
         log("faster-fifo is not installed (pip install faster-fifo): that baseline is skipped")
@@ -279,7 +292,10 @@ def measure(sizes: list[int], runs: int, seconds: float, log: Callable[[str], No
             for method in methods:
                 elapsed, pinned = run_once(method, size, counts[method])
                 times[method].append(elapsed)
-                log(f"size {size} B, round {r + 1}/{runs}: {method:<24} {counts[method] / elapsed:>14,.0f} msgs/s")
+                log(
+                    f"size {size} B, round {r + 1}/{runs}: {method:<24} "
+                    f"{counts[method] / elapsed:>14,.0f} msgs/s"
+                )
         for method in methods:
             rates = [counts[method] / t for t in times[method]]
             rate = statistics.median(rates)
@@ -302,23 +318,32 @@ def render(results: list[dict[str, Any]]) -> str:
     for size in dict.fromkeys(r["size_bytes"] for r in results):
         rows = [r for r in results if r["size_bytes"] == size]
         ours = next(r for r in rows if r["method"] == "fastq ring")["msgs_per_s"]
-        lines.append(f"\nframes of {size:,} bytes (median of {len(rows[0]['runs_msgs_per_s'])} runs)")
+        lines.append(
+            f"\nframes of {size:,} bytes (median of {len(rows[0]['runs_msgs_per_s'])} runs)"
+        )
         lines.append(f"  {'method':<24} {'msgs/s':>14} {'MB/s':>10}   fastq is")
         for r in rows:
             ratio = "-" if r["method"] == "fastq ring" else f"{ours / r['msgs_per_s']:.2f}x"
-            lines.append(f"  {r['method']:<24} {r['msgs_per_s']:>14,.0f} {r['mb_per_s']:>10,.0f}   {ratio}")
+            lines.append(
+                f"  {r['method']:<24} {r['msgs_per_s']:>14,.0f} {r['mb_per_s']:>10,.0f}   {ratio}"
+            )
     return "\n".join(lines)
 
 
 def main(*, sizes: list[int], runs: int, seconds: float, json_path: str | None) -> int:
     info = machine()
-    log(f"fastq bench ring: {info['cpu']}, {info['usable_cores']} usable cores, Python {info['python']}, "
-        f"ring implementation {info['implementation']}")
+    log(
+        f"fastq bench ring: {info['cpu']}, {info['usable_cores']} usable cores, Python "
+        f"{info['python']}, "
+        f"ring implementation {info['implementation']}"
+    )
     results = measure(sizes, runs, seconds, log)
     pinned = any(r["pinned"] for r in results)
-    print(f"fastq bench ring on {info['cpu']} ({info['usable_cores']} cores, "
-          f"{'producer and consumer pinned to different cores' if pinned else 'not pinned'}), "
-          f"Python {info['python']}, implementation {info['implementation']}")
+    print(
+        f"fastq bench ring on {info['cpu']} ({info['usable_cores']} cores, "
+        f"{'producer and consumer pinned to different cores' if pinned else 'not pinned'}), "
+        f"Python {info['python']}, implementation {info['implementation']}"
+    )
     print(render(results))
     write_json(json_path, "ring", info, results)
     return 0

@@ -93,8 +93,14 @@ class Controller:
     and ``next_look`` says when to look again: sooner after an increase.
     """
 
-    def __init__(self, queue: QueuePlan, *, user_concurrency: bool = False,
-                 user_prefetch: bool = False, concurrency_max: int | None = None) -> None:
+    def __init__(
+        self,
+        queue: QueuePlan,
+        *,
+        user_concurrency: bool = False,
+        user_prefetch: bool = False,
+        concurrency_max: int | None = None,
+    ) -> None:
         self.kind = queue.kind
         self.concurrency, self.prefetch = queue.concurrency, queue.prefetch
         #: the user set the concurrency: nothing moves it (fixed_concurrency also covers CPU work)
@@ -103,18 +109,22 @@ class Controller:
         self.cpu_cores = queue.concurrency
         self.fixed_prefetch = user_prefetch
         self.min_concurrency = 1 if self.kind == "io" else queue.concurrency
-        self.max_concurrency = queue.concurrency if self.fixed_concurrency else (concurrency_max or IO_CONCURRENCY_MAX)
+        self.max_concurrency = (
+            queue.concurrency if self.fixed_concurrency else (concurrency_max or IO_CONCURRENCY_MAX)
+        )
         bounds = queue.options
         if not self.fixed_concurrency:  # the user's bounds (checked against each other already)
             self.min_concurrency = max(self.min_concurrency, bounds.min_concurrency or 1)
-            self.max_concurrency = min(self.max_concurrency,
-                                       bounds.max_concurrency or self.max_concurrency)
+            self.max_concurrency = min(
+                self.max_concurrency, bounds.max_concurrency or self.max_concurrency
+            )
             self.max_concurrency = max(self.max_concurrency, self.min_concurrency)
         self.min_prefetch = bounds.min_prefetch or 1
         self.max_prefetch = bounds.max_prefetch or (1 << 62)
         if not self.fixed_concurrency:  # handlers beyond what may be delivered would idle
-            self.max_concurrency = max(self.min_concurrency,
-                                       min(self.max_concurrency, self.max_prefetch))
+            self.max_concurrency = max(
+                self.min_concurrency, min(self.max_concurrency, self.max_prefetch)
+            )
         self.user_max_concurrency = bounds.max_concurrency
         base = IO_PREFETCH_FACTOR if self.kind == "io" else CPU_PREFETCH_FACTOR
         self.factor_min, self.factor = base, base
@@ -165,9 +175,13 @@ class Controller:
             self.min_concurrency = self.max_concurrency = new
             self._forget_step()
             self.prefetch = self._prefetch_for(new)
-            return Decision(concurrency=new, prefetch=self.prefetch,
-                            reason=f"its share of the host's {self.cpu_cores} cores beside the other busy queues is "
-                                   f"{ceiling}: concurrency {'down' if new < old else 'up'} to {new}")
+            return Decision(
+                concurrency=new,
+                prefetch=self.prefetch,
+                reason=f"its share of the host's {self.cpu_cores} cores beside the other busy "
+                "queues is "
+                f"{ceiling}: concurrency {'down' if new < old else 'up'} to {new}",
+            )
         user_max = self.user_max_concurrency or IO_CONCURRENCY_MAX
         self.max_concurrency = max(self.min_concurrency, min(user_max, ceiling))
         if self.concurrency <= self.max_concurrency:
@@ -175,8 +189,12 @@ class Controller:
         self.concurrency = self.max_concurrency
         self._forget_step()
         self.prefetch = self._prefetch_for(self.concurrency)
-        return Decision(concurrency=self.concurrency, prefetch=self.prefetch,
-                        reason=f"its share of the host's handlers is {ceiling}: concurrency down to {self.concurrency}")
+        return Decision(
+            concurrency=self.concurrency,
+            prefetch=self.prefetch,
+            reason=f"its share of the host's handlers is {ceiling}: concurrency down to "
+            f"{self.concurrency}",
+        )
 
     def _forget_step(self) -> None:
         """The share moved this queue: its last step cannot be judged against the next look. A
@@ -194,7 +212,9 @@ class Controller:
         if kind == "cpu" and self.kind != "cpu":
             self.kind = "cpu"
             if not self.user_fixed:  # the user's maximum, not a share of the I/O handlers
-                self.concurrency = self.cpu_cores = max(1, min(cores, self.user_max_concurrency or cores))
+                self.concurrency = self.cpu_cores = max(
+                    1, min(cores, self.user_max_concurrency or cores)
+                )
                 self.min_concurrency = self.max_concurrency = self.concurrency
             self.factor_min = self.factor = CPU_PREFETCH_FACTOR
             self.factor_max = CPU_PREFETCH_FACTOR_MAX
@@ -202,13 +222,18 @@ class Controller:
             self.raised = self.lowered = False
             self.cooldown = COOLDOWN
             self.prefetch = self._prefetch_for(self.concurrency)
-        return Decision(concurrency=self.concurrency, prefetch=self.prefetch,
-                        reason=f"measured {kind}-bound" if kind == self.kind else "")
+        return Decision(
+            concurrency=self.concurrency,
+            prefetch=self.prefetch,
+            reason=f"measured {kind}-bound" if kind == self.kind else "",
+        )
 
     def _prefetch_for(self, concurrency: int) -> int:
         if self.fixed_prefetch:
             return self.prefetch
-        cap = min(self.prefetch_cap, self.memory_cap if self.memory_cap is not None else self.prefetch_cap)
+        cap = min(
+            self.prefetch_cap, self.memory_cap if self.memory_cap is not None else self.prefetch_cap
+        )
         prefetch = max(concurrency, min(concurrency * self.factor, cap))
         return min(max(prefetch, self.min_prefetch), self.max_prefetch)  # the user's bounds win
 
@@ -232,8 +257,12 @@ class Controller:
         self.last, self.raised, self.lowered = s, False, False
         last = look.last
         # the last increase paid by STRONG_GAIN or more: the next may be larger (slow start)
-        look.strong = (look.raised and last is not None and last.throughput > 0
-                       and s.throughput >= last.throughput * (1 + STRONG_GAIN))
+        look.strong = (
+            look.raised
+            and last is not None
+            and last.throughput > 0
+            and s.throughput >= last.throughput * (1 + STRONG_GAIN)
+        )
         if self.cooldown:
             self.cooldown -= 1
         if self.memory_cap is not None and s.memory_headroom >= 2 * MEMORY_HEADROOM_MIN:
@@ -243,7 +272,9 @@ class Controller:
             if abs(s.throughput - self.ceiling_throughput) > 0.25 * self.ceiling_throughput:
                 self.capped = dict.fromkeys(self.capped, False)  # the load changed
                 self.probing = False
-            elif self.ceiling_age > PROBE_AFTER:  # time to try one step up again: a doubling at most
+            elif (
+                self.ceiling_age > PROBE_AFTER
+            ):  # time to try one step up again: a doubling at most
                 self.capped = dict.fromkeys(self.capped, False)
                 self.probing = True
         if s.backlog == 0:
@@ -267,12 +298,17 @@ class Controller:
         if not self.fixed_prefetch and p > max(c, self.min_prefetch):
             self.memory_cap = max(c, p // 2)
             p = self._prefetch_for(c)
-            reason = f"memory headroom {s.memory_headroom:.0%} < {MEMORY_HEADROOM_MIN:.0%}: prefetch halved"
+            reason = (
+                f"memory headroom {s.memory_headroom:.0%} < {MEMORY_HEADROOM_MIN:.0%}: "
+                "prefetch halved"
+            )
         elif not self.fixed_concurrency and c > self.min_concurrency:
             c = max(self.min_concurrency, c * 3 // 4)
             p = min(p, self._prefetch_for(c))
-            reason = (f"memory headroom {s.memory_headroom:.0%} with prefetch at its floor: "
-                      "concurrency cut by a quarter")
+            reason = (
+                f"memory headroom {s.memory_headroom:.0%} with prefetch at its floor: "
+                "concurrency cut by a quarter"
+            )
         self.cooldown = COOLDOWN
         return c, p, reason
 
@@ -289,13 +325,17 @@ class Controller:
         if self.factor != before_factor:
             self.factor = before_factor
             p = self._prefetch_for(c)
-            reason = (f"throughput {s.throughput:,.0f}/s did not grow (latency "
-                      f"{s.latency * 1e3:.1f} ms): prefetch back to concurrency x {self.factor}")
+            reason = (
+                f"throughput {s.throughput:,.0f}/s did not grow (latency "
+                f"{s.latency * 1e3:.1f} ms): prefetch back to concurrency x {self.factor}"
+            )
         elif c != before_c:
             c = min(max(before_c, self.min_concurrency), self.max_concurrency)
             p = self._prefetch_for(c)
-            reason = (f"throughput {s.throughput:,.0f}/s did not grow (latency "
-                      f"{s.latency * 1e3:.1f} ms): concurrency back to {c}")
+            reason = (
+                f"throughput {s.throughput:,.0f}/s did not grow (latency "
+                f"{s.latency * 1e3:.1f} ms): concurrency back to {c}"
+            )
         self._ceiling(s, dimension)
         self.cooldown = COOLDOWN
         return c, p, reason
@@ -311,8 +351,10 @@ class Controller:
             return None
         gained = s.throughput / last.throughput
         c = max(before_c + 1, math.ceil(2 * before_c * gained), self.min_concurrency)
-        reason = (f"concurrency x{self.concurrency / before_c:.1f} raised throughput only "
-                  f"x{gained:.2f} (to {s.throughput:,.0f}/s): concurrency trimmed to {c}")
+        reason = (
+            f"concurrency x{self.concurrency / before_c:.1f} raised throughput only "
+            f"x{gained:.2f} (to {s.throughput:,.0f}/s): concurrency trimmed to {c}"
+        )
         self._ceiling(s, "concurrency")
         return c, self._prefetch_for(c), reason
 
@@ -322,13 +364,21 @@ class Controller:
         the loss is not the decrease's doing: a neighbour's load, or noise; seen on a loaded CI
         machine.)"""
         last = look.last
-        if not (look.lowered and last is not None and s.throughput < last.throughput * (1 - GAIN)
-                and s.busy < SATURATED):
+        if not (
+            look.lowered
+            and last is not None
+            and s.throughput < last.throughput * (1 - GAIN)
+            and s.busy < SATURATED
+        ):
             return None
         c = min(max(self.before[0], self.min_concurrency), self.max_concurrency)
         self._ceiling(s, "down")
         self.cooldown = COOLDOWN
-        return c, self._prefetch_for(c), f"throughput fell to {s.throughput:,.0f}/s: concurrency back to {c}"
+        return (
+            c,
+            self._prefetch_for(c),
+            f"throughput fell to {s.throughput:,.0f}/s: concurrency back to {c}",
+        )
 
     def decrease_lost_on_saturated_cores(self, s: Sample, look: _Look) -> _Change | None:
         """5. A decrease lost throughput, but the cores are as saturated as before: not the
@@ -345,14 +395,24 @@ class Controller:
         adds waiting (the work turned CPU-bound, say); halve I/O concurrency, and keep it while
         throughput holds (the multiplicative decrease)."""
         c = self.concurrency
-        if not (s.busy >= SATURATED and s.backlog > 0 and not self.cooldown
-                and not self.fixed_concurrency and not look.raised and c > self.min_concurrency
-                and not self.capped["down"]):
+        if not (
+            s.busy >= SATURATED
+            and s.backlog > 0
+            and not self.cooldown
+            and not self.fixed_concurrency
+            and not look.raised
+            and c > self.min_concurrency
+            and not self.capped["down"]
+        ):
             return None
         self.before = (c, self.factor)
         c = max(self.min_concurrency, c // 2)
         self.lowered = True
-        return c, self._prefetch_for(c), f"cores {s.busy:.0%} busy: concurrency down to {c} while throughput holds"
+        return (
+            c,
+            self._prefetch_for(c),
+            f"cores {s.busy:.0%} busy: concurrency down to {c} while throughput holds",
+        )
 
     def backlog_waits(self, s: Sample, look: _Look) -> _Change | None:
         """7. A backlog waits: each step is tried and kept only if it pays. With idle cores more
@@ -364,24 +424,36 @@ class Controller:
         probing, self.probing = self.probing, False  # a probe is this one step
         c, p, reason = self.concurrency, self.prefetch, ""
         self.before = (c, self.factor)
-        if not self.fixed_concurrency and c < self.max_concurrency and not self.capped["concurrency"]:
+        if (
+            not self.fixed_concurrency
+            and c < self.max_concurrency
+            and not self.capped["concurrency"]
+        ):
             jump = 2.0 if probing else ramp(s.busy)
             self.sized_by_idle = jump > 2.0
             if jump == 2.0 and look.strong and not probing:  # busy cores, but each step paid well
                 jump = 4.0
             c = min(self.max_concurrency, max(c + 1, int(c * jump)))
             p = self._prefetch_for(c)
-            reason = (f"cores {s.busy:.0%} busy while {s.backlog} messages wait: "
-                      f"concurrency +{c - self.concurrency}")
+            reason = (
+                f"cores {s.busy:.0%} busy while {s.backlog} messages wait: "
+                f"concurrency +{c - self.concurrency}"
+            )
             self.raised = True
-        elif not self.fixed_prefetch and self.factor < self.factor_max and not self.capped["prefetch"]:
+        elif (
+            not self.fixed_prefetch
+            and self.factor < self.factor_max
+            and not self.capped["prefetch"]
+        ):
             # Straight to the largest factor: the gain of larger batches flattens out, and a
             # step of +1 (x5 to x6) would pay less than the noise of one look.
             self.factor = self.factor_max
             p = self._prefetch_for(c)
             if p > self.prefetch:
-                reason = (f"cores {s.busy:.0%} busy while {s.backlog} messages wait: "
-                          f"prefetch to concurrency x {self.factor}")
+                reason = (
+                    f"cores {s.busy:.0%} busy while {s.backlog} messages wait: "
+                    f"prefetch to concurrency x {self.factor}"
+                )
                 self.raised = True
             else:  # the memory cap or the user's maximum: nothing to try
                 self.factor = self.before[1]
@@ -389,8 +461,13 @@ class Controller:
         return c, p, reason
 
     RULES: ClassVar[tuple[Callable[[Controller, Sample, _Look], _Change | None], ...]] = (
-        memory_short, increase_did_not_pay, jump_paid_less_than_half, decrease_lost_on_idle_cores,
-        decrease_lost_on_saturated_cores, saturated, backlog_waits,
+        memory_short,
+        increase_did_not_pay,
+        jump_paid_less_than_half,
+        decrease_lost_on_idle_cores,
+        decrease_lost_on_saturated_cores,
+        saturated,
+        backlog_waits,
     )
 
 
@@ -408,7 +485,9 @@ def steady_rate(times: Sequence[float], counts: Sequence[int]) -> float:
     count settled by each: with four slices or more and four messages a slice or more, the mean
     rate of the slices without the highest and the lowest, else the plain rate (a slow queue's
     slices are mostly empty: trimming them would throw its signal away). Pure."""
-    rates = [(b - a) / (t1 - t0) for a, b, t0, t1 in zip(counts, counts[1:], times, times[1:]) if t1 > t0]
+    rates = [
+        (b - a) / (t1 - t0) for a, b, t0, t1 in zip(counts, counts[1:], times, times[1:]) if t1 > t0
+    ]
     if len(rates) < 4 or counts[-1] - counts[0] < 4 * len(rates):
         span = times[-1] - times[0]
         return (counts[-1] - counts[0]) / span if span > 0 else 0.0
@@ -426,5 +505,3 @@ def ramp(busy: float) -> float:
     enough to take them to RAMP_TARGET if each handler keeps its share of the CPU, at least x2
     and at most x RAMP_MAX."""
     return min(float(RAMP_MAX), max(2.0, RAMP_TARGET / max(busy, 1e-3)))
-
-

@@ -75,9 +75,9 @@ class Plan(msgspec.Struct, frozen=True, kw_only=True):
         """The plan in words, one line per number, as ``fastq plan`` prints it."""
         t = self.topology
         quota = "none" if t.cpu_quota is None else f"{t.cpu_quota:g} cores"
+        memory = f"memory {t.memory_bytes / 2**20:,.0f} MiB"
         lines = [
-            f"cpus {list(t.cpus)}, cgroup cpu quota {quota}, "
-            f"memory {t.memory_bytes / 2**20:,.0f} MiB",
+            f"cpus {list(t.cpus)}, cgroup cpu quota {quota}, {memory}",
             f"processes: {self.processes} ({self.processes_rule})",
             f"pinned to cpus: {list(self.pinned) if self.pinned else 'not pinned'}",
         ]
@@ -86,20 +86,28 @@ class Plan(msgspec.Struct, frozen=True, kw_only=True):
                 lines.append(
                     f"queue {q.name!r}: worker processes {list(q.workers)} ({q.workers_rule})"
                 )
-            lines.append(f"queue {q.name!r} ({q.kind}): concurrency {q.concurrency} "
-                         f"({q.concurrency_rule}), per process {list(q.per_process)}")
+            lines.append(
+                f"queue {q.name!r} ({q.kind}): concurrency {q.concurrency} "
+                f"({q.concurrency_rule}), per process {list(q.per_process)}"
+            )
             lines.append(f"queue {q.name!r}: prefetch {q.prefetch} ({q.prefetch_rule})")
             o = q.options
-            bounds = [f"{k}={getattr(o, k)}" for k in ("min_concurrency", "max_concurrency",
-                                                        "min_prefetch", "max_prefetch")
-                      if getattr(o, k) is not None]
+            bounds = [
+                f"{k}={getattr(o, k)}"
+                for k in ("min_concurrency", "max_concurrency", "min_prefetch", "max_prefetch")
+                if getattr(o, k) is not None
+            ]
             if o.weight != 1.0 or bounds:
-                lines.append(f"queue {q.name!r}: autosize within {', '.join(bounds) or 'the rules'}; "
-                             f"weight {o.weight:g} beside other busy I/O queues (set by you)")
+                lines.append(
+                    f"queue {q.name!r}: autosize within {', '.join(bounds) or 'the rules'}; "
+                    f"weight {o.weight:g} beside other busy I/O queues (set by you)"
+                )
         return "\n".join(lines)
 
 
-def plan(topology: Topology, queues: Sequence[HandlerOptions], config: Config | None = None) -> Plan:
+def plan(
+    topology: Topology, queues: Sequence[HandlerOptions], config: Config | None = None
+) -> Plan:
     """Size processes, concurrency and prefetch from ``topology``; what ``config`` or a queue's
     options set wins over the formulas. Pure."""
     config = config or Config()
@@ -120,8 +128,9 @@ def plan(topology: Topology, queues: Sequence[HandlerOptions], config: Config | 
     )
 
 
-def plan_app(app: Any, queues: Sequence[str] | None = None,
-             topology: Topology | None = None) -> Plan:
+def plan_app(
+    app: Any, queues: Sequence[str] | None = None, topology: Topology | None = None
+) -> Plan:
     """The plan for ``app``'s queues (all of them by default) with ``app.config``, on this
     machine unless ``topology`` is given; what ``fastq plan`` prints and ``fastq worker`` runs.
 
@@ -132,8 +141,10 @@ def plan_app(app: Any, queues: Sequence[str] | None = None,
     names = list(queues or known)
     unknown = [q for q in names if q not in known]
     if unknown or not names:
-        raise ConfigError(f"queues {unknown or names} have no task or consumer in app "
-                          f"{app.name!r}; known: {sorted(known)}")
+        raise ConfigError(
+            f"queues {unknown or names} have no task or consumer in app "
+            f"{app.name!r}; known: {sorted(known)}"
+        )
     return plan(topology or Topology.detect(), [known[q] for q in names], app.config)
 
 
@@ -143,8 +154,9 @@ def _cores_rule(t: Topology, processes: int) -> str:
     return f"one per usable core: {len(t.cpus)} cpus in the affinity mask"
 
 
-def _plan_queues(queues: Sequence[HandlerOptions], cores: float, processes: int, t: Topology,
-                 config: Config) -> tuple[QueuePlan, ...]:
+def _plan_queues(
+    queues: Sequence[HandlerOptions], cores: float, processes: int, t: Topology, config: Config
+) -> tuple[QueuePlan, ...]:
     """Queues that run on fewer processes than the host has take consecutive workers, each
     starting where the previous one ended, so that two such queues do not crowd one core."""
     planned, start = [], 0
@@ -155,9 +167,12 @@ def _plan_queues(queues: Sequence[HandlerOptions], cores: float, processes: int,
             n = min(q.processes, processes)
             workers = tuple(sorted((start + k) % processes for k in range(n)))
             start = (start + n) % processes
-            w_rule = (f"set by you: {n} of {processes}" if n == q.processes else
-                      f"set by you: {q.processes}, capped to the {processes} processes this host "
-                      "runs")
+            w_rule = (
+                f"set by you: {n} of {processes}"
+                if n == q.processes
+                else f"set by you: {q.processes}, capped to the {processes} processes this host "
+                "runs"
+            )
         planned.append(_plan_queue(q, cores, processes, workers, w_rule, t, config))
     return tuple(planned)
 
@@ -169,8 +184,15 @@ def split(concurrency: int, workers: Sequence[int], processes: int) -> tuple[int
     return tuple(share.get(i, 0) for i in range(processes))
 
 
-def _plan_queue(q: HandlerOptions, cores: float, processes: int, workers: tuple[int, ...],
-                w_rule: str, t: Topology, config: Config) -> QueuePlan:
+def _plan_queue(
+    q: HandlerOptions,
+    cores: float,
+    processes: int,
+    workers: tuple[int, ...],
+    w_rule: str,
+    t: Topology,
+    config: Config,
+) -> QueuePlan:
     kind: Literal["io", "cpu"] = "cpu" if q.kind == "cpu" else "io"
     user_concurrency = q.concurrency if q.concurrency is not None else config.concurrency
     if user_concurrency is not None:
@@ -194,20 +216,33 @@ def _plan_queue(q: HandlerOptions, cores: float, processes: int, workers: tuple[
         prefetch, p_rule = concurrency * factor, f"{kind}: concurrency x {factor}"
         if prefetch > cap:
             prefetch = max(concurrency, cap)
-            p_rule += (f", capped to {prefetch}: a quarter of {t.memory_bytes / 2**20:,.0f} MiB "
-                       f"of memory holds {cap} messages of "
-                       f"max_message_bytes={config.max_message_bytes}")
+            p_rule += (
+                f", capped to {prefetch}: a quarter of {t.memory_bytes / 2**20:,.0f} MiB "
+                f"of memory holds {cap} messages of "
+                f"max_message_bytes={config.max_message_bytes}"
+            )
     if user_prefetch is None:
         prefetch, p_rule = _bounded(prefetch, p_rule, q.min_prefetch, q.max_prefetch, "prefetch")
-    return QueuePlan(name=q.queue, kind=kind, workers=workers, workers_rule=w_rule,
-                     concurrency=concurrency, per_process=split(concurrency, workers, processes),
-                     prefetch=prefetch, concurrency_rule=c_rule, prefetch_rule=p_rule, options=q,
-                     user_concurrency=user_concurrency is not None,
-                     user_prefetch=user_prefetch is not None, prefetch_cap=cap)
+    return QueuePlan(
+        name=q.queue,
+        kind=kind,
+        workers=workers,
+        workers_rule=w_rule,
+        concurrency=concurrency,
+        per_process=split(concurrency, workers, processes),
+        prefetch=prefetch,
+        concurrency_rule=c_rule,
+        prefetch_rule=p_rule,
+        options=q,
+        user_concurrency=user_concurrency is not None,
+        user_prefetch=user_prefetch is not None,
+        prefetch_cap=cap,
+    )
 
 
-def _bounded(value: int, rule: str, low: int | None, high: int | None,
-             name: str) -> tuple[int, str]:
+def _bounded(
+    value: int, rule: str, low: int | None, high: int | None, name: str
+) -> tuple[int, str]:
     """``value`` within the user's bounds, and the rule saying so when they moved it."""
     if low is not None and value < low:
         return low, f"{rule}, raised to your min_{name}={low}"

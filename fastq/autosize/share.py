@@ -8,9 +8,14 @@ import math
 from fastq.autosize.plan import IO_CONCURRENCY_MAX
 
 
-def share_slots(weights: dict[str, float], demand: dict[str, bool], budget: int = IO_CONCURRENCY_MAX,
-                floors: dict[str, int] | None = None, cores: dict[str, int] | None = None,
-                pressing: set[str] | None = None) -> dict[str, int]:
+def share_slots(
+    weights: dict[str, float],
+    demand: dict[str, bool],
+    budget: int = IO_CONCURRENCY_MAX,
+    floors: dict[str, int] | None = None,
+    cores: dict[str, int] | None = None,
+    pressing: set[str] | None = None,
+) -> dict[str, int]:
     """What each queue may have at once now, host-wide, from its weight and who has demand (a
     backlog, or work in flight). Pure.
 
@@ -32,7 +37,9 @@ def share_slots(weights: dict[str, float], demand: dict[str, bool], budget: int 
     for q, weight in weights.items():
         if q in cores:
             own = cores[q]
-            caps[q] = max(1, min(own, math.floor(own * weight / contending + 0.5))) if q in busy else own
+            caps[q] = (
+                max(1, min(own, math.floor(own * weight / contending + 0.5))) if q in busy else own
+            )
             continue
         share = int(budget * weight / total_io) if q in busy and total_io > 0 else 0
         caps[q] = max(floors.get(q, 1), share, 1)

@@ -71,8 +71,9 @@ def _cgroup_v2_path(proc_self_cgroup: str | None) -> str | None:
     return None
 
 
-def cpu_quota(v2_cpu_max: str | None, v1_quota_us: str | None,
-              v1_period_us: str | None) -> float | None:
+def cpu_quota(
+    v2_cpu_max: str | None, v1_quota_us: str | None, v1_period_us: str | None
+) -> float | None:
     """Cores of CPU quota from cgroup v2 ``cpu.max`` ("150000 100000", "max 100000") or v1
     ``cfs_quota_us``/``cfs_period_us`` (-1: none); None when unlimited or unreadable."""
     if v2_cpu_max:
@@ -143,8 +144,10 @@ def _cgroup_memory_used() -> int | None:
     """Bytes this process's cgroup uses (v2 ``memory.current``, v1 ``memory.usage_in_bytes``)."""
     root = Path("/sys/fs/cgroup")
     group = _cgroup_v2_path(_read(Path("/proc/self/cgroup")))
-    for raw in ((_read(root / group.lstrip("/") / "memory.current") if group is not None else None),
-                _read(root / "memory" / "memory.usage_in_bytes")):
+    for raw in (
+        (_read(root / group.lstrip("/") / "memory.current") if group is not None else None),
+        _read(root / "memory" / "memory.usage_in_bytes"),
+    ):
         if raw and raw.strip().isdigit():
             return int(raw)
     return None

@@ -123,8 +123,14 @@ class Broker(abc.ABC):
         """``publish`` for code without an event loop, such as ``task.send()``."""
 
     @abc.abstractmethod
-    async def fetch(self, queue: str, max_messages: int, *, timeout: float,
-                    wake: asyncio.Event | Signal | None = None) -> list[Delivery]:
+    async def fetch(
+        self,
+        queue: str,
+        max_messages: int,
+        *,
+        timeout: float,
+        wake: asyncio.Event | Signal | None = None,
+    ) -> list[Delivery]:
         """Up to ``max_messages`` deliveries, waiting at most ``timeout`` seconds for the first;
         a wait also ends (with what there is, maybe nothing) as soon as ``wake`` is set."""
 
@@ -192,7 +198,9 @@ def mask_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
-def query_float(url: str, params: dict[str, list[str]], name: str, default: float, minimum: float) -> float:
+def query_float(
+    url: str, params: dict[str, list[str]], name: str, default: float, minimum: float
+) -> float:
     """A number from a broker URL's query, checked; ConfigError names the URL (masked)."""
     if name not in params:
         return default

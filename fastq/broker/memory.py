@@ -16,11 +16,20 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
-from fastq.broker.base import Broker, DeadLetter, Delivery, Message, QueueDepth, Retry, Signal, wait_either
+from fastq.broker.base import (
+    Broker,
+    DeadLetter,
+    Delivery,
+    Message,
+    QueueDepth,
+    Retry,
+    Signal,
+    wait_either,
+)
 
 
 class _Entry:
-    __slots__ = ("body", "message_id", "headers", "attempts", "retries")
+    __slots__ = ("attempts", "body", "headers", "message_id", "retries")
 
     def __init__(self, m: Message) -> None:
         self.body, self.message_id, self.headers = m.body, m.message_id, m.headers
@@ -94,11 +103,19 @@ class MemoryBroker(Broker):
                 e.attempts += 1
                 tag = next(self._tags)
                 q.unacked[tag] = e
-                out.append(Delivery(tag, queue, e.body, e.message_id, e.attempts, e.retries, e.headers))
+                out.append(
+                    Delivery(tag, queue, e.body, e.message_id, e.attempts, e.retries, e.headers)
+                )
             return out, (q.delayed[0][0] if q.delayed else None)
 
-    async def fetch(self, queue: str, max_messages: int, *, timeout: float,
-                    wake: asyncio.Event | Signal | None = None) -> list[Delivery]:
+    async def fetch(
+        self,
+        queue: str,
+        max_messages: int,
+        *,
+        timeout: float,
+        wake: asyncio.Event | Signal | None = None,
+    ) -> list[Delivery]:
         out, _ = self._take(queue, max_messages)
         if out or timeout <= 0 or (wake is not None and wake.is_set()):
             return out  # the busy path: no waiter to set up
@@ -143,9 +160,22 @@ class MemoryBroker(Broker):
             for tag, reason in dead:
                 e = q.unacked.pop(tag, None)
                 if e is not None:
-                    q.dead.append(DeadLetter(next(self._dead_ids), queue, e.message_id, e.body,
-                                             e.attempts, e.retries, reason, time.time(), e.headers))
-            released = [e for e in map(q.unacked.pop, release, itertools.repeat(None)) if e is not None]
+                    q.dead.append(
+                        DeadLetter(
+                            next(self._dead_ids),
+                            queue,
+                            e.message_id,
+                            e.body,
+                            e.attempts,
+                            e.retries,
+                            reason,
+                            time.time(),
+                            e.headers,
+                        )
+                    )
+            released = [
+                e for e in map(q.unacked.pop, release, itertools.repeat(None)) if e is not None
+            ]
             q.ready.extendleft(reversed(released))  # back at the front, in their order
             waiters = list(self._waiters) if released or retry else []
         self._notify(waiters)
@@ -153,7 +183,9 @@ class MemoryBroker(Broker):
     async def queue_depth(self, queue: str) -> QueueDepth:
         with self._lock:
             q = self._queue(queue)
-            return QueueDepth(ready=len(q.ready), unacked=len(q.unacked), delayed=len(q.delayed), dead=len(q.dead))
+            return QueueDepth(
+                ready=len(q.ready), unacked=len(q.unacked), delayed=len(q.delayed), dead=len(q.dead)
+            )
 
     def dead_letters(self, queue: str | None = None, limit: int = 100) -> list[DeadLetter]:
         """Dead letters, oldest first."""
@@ -161,7 +193,9 @@ class MemoryBroker(Broker):
             found = [d for name, q in self._queues.items() if queue in (None, name) for d in q.dead]
         return sorted(found, key=lambda d: d.id)[:limit]
 
-    def requeue_dead_letters(self, ids: Sequence[int] | None = None, *, queue: str | None = None) -> int:
+    def requeue_dead_letters(
+        self, ids: Sequence[int] | None = None, *, queue: str | None = None
+    ) -> int:
         """Put dead letters (all, those of ``queue``, or those ``ids``) back, with fresh counts."""
         moved = 0
         with self._lock:

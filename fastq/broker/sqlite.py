@@ -1,9 +1,9 @@
 """``sqlite:///path``: the embedded, durable default broker. No server; the file is the queue.
 
-One row per message. A message is deliverable when ``visible_at`` has passed. A fetch claims a
-batch in one transaction: it writes this broker's lease owner and pushes ``visible_at`` one lease
-ahead; while the consumer lives, a background task keeps pushing it. Ack deletes the row, a retry
-sets ``visible_at`` to the retry time, a dead letter moves the row to ``fastq_dead_letters`` with its
+One row per message. A message is deliverable when ``visible_at`` has passed. A fetch claims a batch
+in one transaction: it writes this broker's lease owner and pushes ``visible_at`` one lease ahead;
+while the consumer lives, a background task keeps pushing it. Ack deletes the row, a retry sets
+``visible_at`` to the retry time, a dead letter moves the row to ``fastq_dead_letters`` with its
 reason. If the consumer dies, its leases lapse and the messages are visible again: at-least-once,
 across restarts, with any number of producer processes and supervisors on one file (WAL, writers
 take turns with ``BEGIN IMMEDIATE``, a settle only touches rows this broker still leases).
@@ -31,7 +31,17 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from fastq.broker.base import Broker, DeadLetter, Delivery, Message, QueueDepth, Retry, Signal, query_float, wait_either
+from fastq.broker.base import (
+    Broker,
+    DeadLetter,
+    Delivery,
+    Message,
+    QueueDepth,
+    Retry,
+    Signal,
+    query_float,
+    wait_either,
+)
 from fastq.errors import ConfigError
 
 T = TypeVar("T")
@@ -63,7 +73,8 @@ CREATE TABLE IF NOT EXISTS fastq_dead_letters (
 );
 """
 _INSERT = (
-    "INSERT INTO fastq_messages (queue, message_id, body, headers, visible_at) VALUES (?, ?, ?, ?, ?)"
+    "INSERT INTO fastq_messages (queue, message_id, body, headers, visible_at) "
+    "VALUES (?, ?, ?, ?, ?)"
 )
 _CLAIM = """
 UPDATE fastq_messages SET lease_owner = ?1, visible_at = ?2, attempts = attempts + 1
@@ -73,14 +84,19 @@ RETURNING id, message_id, body, headers, attempts, retries
 """
 _ACK = "DELETE FROM fastq_messages WHERE id = ? AND lease_owner = ?"
 #: many acks in one statement: the ids as a JSON array (half the cost of executemany per id)
-_ACK_MANY = "DELETE FROM fastq_messages WHERE lease_owner = ? AND id IN (SELECT value FROM json_each(?))"
+_ACK_MANY = (
+    "DELETE FROM fastq_messages WHERE lease_owner = ? AND id IN (SELECT value FROM json_each(?))"
+)
 _RETRY = (
     "UPDATE fastq_messages SET visible_at = ?, lease_owner = NULL, retries = retries + 1, "
     "last_error = ? WHERE id = ? AND lease_owner = ?"
 )
-_RELEASE = "UPDATE fastq_messages SET visible_at = ?, lease_owner = NULL WHERE id = ? AND lease_owner = ?"
+_RELEASE = (
+    "UPDATE fastq_messages SET visible_at = ?, lease_owner = NULL WHERE id = ? AND lease_owner = ?"
+)
 _BURY = """
-INSERT INTO fastq_dead_letters (queue, message_id, body, headers, attempts, retries, reason, failed_at)
+INSERT INTO fastq_dead_letters
+    (queue, message_id, body, headers, attempts, retries, reason, failed_at)
 SELECT queue, message_id, body, headers, attempts, retries, ?, ? FROM fastq_messages
 WHERE id = ? AND lease_owner = ?
 """
@@ -121,7 +137,12 @@ def _unpack(raw: bytes | None) -> dict[str, str] | None:
 def parse_url(url: str) -> tuple[str, dict[str, list[str]]]:
     """``sqlite:///relative.db`` or ``sqlite:////absolute.db``: the path, and the query."""
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme != "sqlite" or parts.netloc or not parts.path.startswith("/") or parts.path == "/":
+    if (
+        parts.scheme != "sqlite"
+        or parts.netloc
+        or not parts.path.startswith("/")
+        or parts.path == "/"
+    ):
         raise ConfigError(
             f"{url!r} is not a SQLite broker URL; use sqlite:///relative/path.db or "
             "sqlite:////absolute/path.db"
@@ -179,7 +200,9 @@ class SqliteBroker(Broker):
     def _checkpoint(self) -> None:
         self._db().execute("PRAGMA wal_checkpoint(PASSIVE)")
 
-    def _write(self, work: Callable[[sqlite3.Connection], T], db: sqlite3.Connection | None = None) -> T:
+    def _write(
+        self, work: Callable[[sqlite3.Connection], T], db: sqlite3.Connection | None = None
+    ) -> T:
         """Run ``work`` in one write transaction on ``db``, by default this thread's connection."""
         db = db or self._db()
         db.execute("BEGIN IMMEDIATE")
@@ -223,7 +246,9 @@ class SqliteBroker(Broker):
 
     def _claim_rows(self, db: sqlite3.Connection, queue: str, max_messages: int) -> list[Any]:
         now = time.time()
-        rows = db.execute(_CLAIM, (self.owner, now + self.lease, queue, now, max_messages)).fetchall()
+        rows = db.execute(
+            _CLAIM, (self.owner, now + self.lease, queue, now, max_messages)
+        ).fetchall()
         rows.sort()  # RETURNING has no order; ids are publish order
         return rows
 
@@ -231,8 +256,14 @@ class SqliteBroker(Broker):
     def _deliveries(queue: str, rows: list[Any]) -> list[Delivery]:
         return [Delivery(r[0], queue, r[2], r[1], r[4], r[5], _unpack(r[3])) for r in rows]
 
-    async def fetch(self, queue: str, max_messages: int, *, timeout: float,
-                    wake: asyncio.Event | Signal | None = None) -> list[Delivery]:
+    async def fetch(
+        self,
+        queue: str,
+        max_messages: int,
+        *,
+        timeout: float,
+        wake: asyncio.Event | Signal | None = None,
+    ) -> list[Delivery]:
         return await self.exchange(queue, fetch=max_messages, timeout=timeout, wake=wake)
 
     async def settle(
@@ -278,7 +309,9 @@ class SqliteBroker(Broker):
             if not self._published.is_set():  # other processes publish without telling us
                 pause = min(pause * 2, self.poll)
 
-    async def _exchange_now(self, queue: str, settle: tuple[Any, ...] | None, fetch: int) -> list[Delivery]:
+    async def _exchange_now(
+        self, queue: str, settle: tuple[Any, ...] | None, fetch: int
+    ) -> list[Delivery]:
         """One exchange, on the loop's thread when the write lock is free now: a round trip to
         the broker's thread costs the supervisor several times the transaction itself. With
         synchronous=full a commit waits for the disk, so that mode always uses the thread."""
@@ -298,7 +331,9 @@ class SqliteBroker(Broker):
                 self._loop_commits += 1
                 if self._loop_commits >= CHECKPOINT_EVERY and not self._checkpointing:
                     self._loop_commits, self._checkpointing = 0, True
-                    done = asyncio.get_running_loop().run_in_executor(self._executor, self._checkpoint)
+                    done = asyncio.get_running_loop().run_in_executor(
+                        self._executor, self._checkpoint
+                    )
                     done.add_done_callback(self._checkpointed)
                 return out
         return await self._run(self._exchange, queue, settle, fetch)  # waits its turn for the lock
@@ -308,8 +343,13 @@ class SqliteBroker(Broker):
         if not done.cancelled() and done.exception() is not None:
             logger.warning("checkpointing %s failed: %s", self.url, done.exception())
 
-    def _exchange(self, queue: str, settle: tuple[Any, ...] | None, fetch: int,
-                  db: sqlite3.Connection | None = None) -> list[Delivery]:
+    def _exchange(
+        self,
+        queue: str,
+        settle: tuple[Any, ...] | None,
+        fetch: int,
+        db: sqlite3.Connection | None = None,
+    ) -> list[Delivery]:
         now, me = time.time(), self.owner
 
         def work(db: sqlite3.Connection) -> list[Any]:
@@ -327,19 +367,31 @@ class SqliteBroker(Broker):
             return self._claim_rows(db, queue, fetch) if fetch > 0 else []
 
         rows = self._write(work, db)
-        if settle is not None and (settle[1] or settle[3]) and self._loop is not None and self._published is not None:
+        if (
+            settle is not None
+            and (settle[1] or settle[3])
+            and self._loop is not None
+            and self._published is not None
+        ):
             self._loop.call_soon_threadsafe(self._published.set)
         return self._deliveries(queue, rows)
 
     async def _renew_leases(self) -> None:
         while True:
             await asyncio.sleep(self.lease / 3)
-            await self._run(lambda: self._write(lambda db: db.execute(_RENEW, (time.time() + self.lease, self.owner))))
+            await self._run(
+                lambda: self._write(
+                    lambda db: db.execute(_RENEW, (time.time() + self.lease, self.owner))
+                )
+            )
 
     async def queue_depth(self, queue: str) -> QueueDepth:
         def depth() -> tuple[int, ...]:
             db = self._db()
-            return (*db.execute(_DEPTH, (time.time(), queue)).fetchone(), db.execute(_DEAD_COUNT, (queue,)).fetchone()[0])
+            return (
+                *db.execute(_DEPTH, (time.time(), queue)).fetchone(),
+                db.execute(_DEAD_COUNT, (queue,)).fetchone()[0],
+            )
 
         row = await self._run(depth)
         return QueueDepth(ready=row[0], unacked=row[1], delayed=row[2], dead=row[3])
@@ -354,9 +406,15 @@ class SqliteBroker(Broker):
                 await self._renewer
             except asyncio.CancelledError:
                 pass
-        await self._run(lambda: self._write(lambda db: db.execute(
-            "UPDATE fastq_messages SET visible_at = ?, lease_owner = NULL WHERE lease_owner = ?",
-            (time.time(), self.owner))))
+        await self._run(
+            lambda: self._write(
+                lambda db: db.execute(
+                    "UPDATE fastq_messages SET visible_at = ?, lease_owner = NULL WHERE "
+                    "lease_owner = ?",
+                    (time.time(), self.owner),
+                )
+            )
+        )
         await self._run(self._close_db)
         if self._loop_db is not None:
             self._loop_db.close()
@@ -374,23 +432,46 @@ class SqliteBroker(Broker):
 
     def dead_letters(self, queue: str | None = None, limit: int = 100) -> list[DeadLetter]:
         """Dead letters, oldest first, with the reason each one failed."""
-        rows = self._db().execute(
-            "SELECT id, queue, message_id, body, attempts, retries, reason, failed_at, headers "
-            "FROM fastq_dead_letters WHERE ?1 IS NULL OR queue = ?1 ORDER BY id LIMIT ?2",
-            (queue, limit),
-        ).fetchall()
-        return [DeadLetter(*r[:8], _unpack(r[8])) for r in rows]
+        rows = (
+            self._db()
+            .execute(
+                "SELECT id, queue, message_id, body, attempts, retries, reason, failed_at, headers "
+                "FROM fastq_dead_letters WHERE ?1 IS NULL OR queue = ?1 ORDER BY id LIMIT ?2",
+                (queue, limit),
+            )
+            .fetchall()
+        )
+        return [
+            DeadLetter(
+                id=r[0],
+                queue=r[1],
+                message_id=r[2],
+                body=r[3],
+                attempts=r[4],
+                retries=r[5],
+                reason=r[6],
+                failed_at=r[7],
+                headers=_unpack(r[8]),
+            )
+            for r in rows
+        ]
 
-    def requeue_dead_letters(self, ids: Sequence[int] | None = None, *, queue: str | None = None) -> int:
+    def requeue_dead_letters(
+        self, ids: Sequence[int] | None = None, *, queue: str | None = None
+    ) -> int:
         """Put dead letters (all, those of ``queue``, or those ``ids``) back, with fresh counts."""
-        where = "(?1 IS NULL OR queue = ?1)" + ("" if ids is None else
-                 f" AND id IN ({','.join(str(int(i)) for i in ids) or 'NULL'})")
+        where = "(?1 IS NULL OR queue = ?1)" + (
+            "" if ids is None else f" AND id IN ({','.join(str(int(i)) for i in ids) or 'NULL'})"
+        )
 
         def work(db: sqlite3.Connection) -> int:
             db.execute(
                 "INSERT INTO fastq_messages (queue, message_id, body, headers, visible_at) "
-                f"SELECT queue, message_id, body, headers, ?2 FROM fastq_dead_letters WHERE {where} "
-                "ORDER BY id", (queue, time.time()))
+                f"SELECT queue, message_id, body, headers, ?2 FROM fastq_dead_letters WHERE "
+                f"{where} "
+                "ORDER BY id",
+                (queue, time.time()),
+            )
             return db.execute(f"DELETE FROM fastq_dead_letters WHERE {where}", (queue,)).rowcount
 
         return self._write(work)

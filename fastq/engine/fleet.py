@@ -138,8 +138,9 @@ class ProcessLauncher:
         return Ring.create(size_bytes), Ring.create(size_bytes)
 
     def spawn(self, spec: WorkerSpec, name: str) -> Any:
-        process = self.ctx.Process(target=worker.main, args=(msgspec.msgpack.encode(spec),),
-                                   name=name, daemon=True)
+        process = self.ctx.Process(
+            target=worker.main, args=(msgspec.msgpack.encode(spec),), name=name, daemon=True
+        )
         process.start()
         return process
 
@@ -195,9 +196,16 @@ class Fleet:
         name: the process name prefix (``fastq-worker``, ``fastq-pool``).
     """
 
-    def __init__(self, cpus: Sequence[int | None], dispatcher: Dispatcher,
-                 spec: Callable[[Member], WorkerSpec], *, ring_bytes: int, name: str,
-                 launcher: Launcher | None = None) -> None:
+    def __init__(
+        self,
+        cpus: Sequence[int | None],
+        dispatcher: Dispatcher,
+        spec: Callable[[Member], WorkerSpec],
+        *,
+        ring_bytes: int,
+        name: str,
+        launcher: Launcher | None = None,
+    ) -> None:
         self.members = [Member(i, cpu) for i, cpu in enumerate(cpus)]
         self.dispatcher, self.spec, self.ring_bytes, self.name = dispatcher, spec, ring_bytes, name
         self.launcher: Launcher = launcher or ProcessLauncher()
@@ -279,8 +287,7 @@ class Fleet:
 
     def accepting(self, m: Member) -> bool:
         """Whether the dispatcher may give ``m`` new work (suspects go by ``place_suspects``)."""
-        return (m.ready and not m.leaving and m.solo is None and m.index != self.reserved
-                and m.alive)
+        return m.ready and not m.leaving and m.solo is None and m.index != self.reserved and m.alive
 
     def refresh(self, m: Member) -> None:
         self.dispatcher.set_accepting(m.index, self.accepting(m))
@@ -309,8 +316,9 @@ class Fleet:
 
     # -- suspects ---------------------------------------------------------------------------
 
-    def place_suspects(self, may_run: Callable[[int, int], bool],
-                       send: Callable[[Member, int], bool | None]) -> None:
+    def place_suspects(
+        self, may_run: Callable[[int, int], bool], send: Callable[[Member, int], bool | None]
+    ) -> None:
         """Put each waiting suspect alone on an idle, ready member that ``may_run(tag, index)``
         (``send`` writes it there; False: it could not, and it waits on; None: there is nothing
         to run any more). While suspects wait and no member is idle, keep the least busy one
@@ -336,7 +344,9 @@ class Fleet:
                     self.reserved = None
                 self.refresh(m)
         may = {m.index for m in self.members if any(may_run(t, m.index) for t in self.suspects)}
-        if self.reserved is not None and self.reserved not in may:  # no waiting suspect may run there
+        if (
+            self.reserved is not None and self.reserved not in may
+        ):  # no waiting suspect may run there
             r, self.reserved = self.members[self.reserved], None
             self.refresh(r)
         if self.suspects and self.reserved is None:
@@ -344,4 +354,3 @@ class Fleet:
             if free:
                 self.reserved = min(free, key=lambda m: d.in_flight(m.index)).index
                 self.refresh(self.members[self.reserved])
-

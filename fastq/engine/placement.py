@@ -58,8 +58,10 @@ class Placement:
 
     def slots_of(self, index: int) -> tuple[int, ...]:
         """Worker ``index``'s share of each queue's concurrency (in queue index order)."""
-        return tuple(split(self.concurrency[q], self.workers[q], self.plan.processes)[index]
-                     for q in self.queues)
+        return tuple(
+            split(self.concurrency[q], self.workers[q], self.plan.processes)[index]
+            for q in self.queues
+        )
 
     def spec_slots(self, index: int) -> tuple[int, tuple[int, ...]]:
         """The slots a worker starts with, remembered as told."""
@@ -90,8 +92,12 @@ class Placement:
                 self.allowed[index] = set(workers)
                 self.dispatcher.allow(index, workers)
                 changed = True
-                logger.info("queue %r now runs on worker processes %s (one per CPU handler of its %d)",
-                            q.name, list(workers), k)
+                logger.info(
+                    "queue %r now runs on worker processes %s (one per CPU handler of its %d)",
+                    q.name,
+                    list(workers),
+                    k,
+                )
         return changed
 
     def tell(self, members: Iterable[Member]) -> None:
@@ -100,8 +106,13 @@ class Placement:
         self.slots = self.slots_needed()
         for m in members:
             per_queue = self.slots_of(m.index)
-            if (self.told.get(m.index) != (self.slots, per_queue) and m.ready and not m.leaving
-                    and m.alive and m.inbox is not None):
+            if (
+                self.told.get(m.index) != (self.slots, per_queue)
+                and m.ready
+                and not m.leaving
+                and m.alive
+                and m.inbox is not None
+            ):
                 # one queue: all its slots; several: each queue's
                 frame = wire.slots_frame(self.slots, per_queue if len(per_queue) > 1 else ())
                 try:

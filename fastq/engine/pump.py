@@ -16,11 +16,14 @@ import collections
 import itertools
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastq._aio import Signal
 from fastq.broker.base import Broker, Delivery, Retry
 from fastq.config import Config
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +33,7 @@ IDLE_WAIT = 0.25
 RETRY_MIN, RETRY_MAX = 0.5, 30.0
 
 #: what the dispatcher routes: (tag, retries, queue index, body)
-Item = tuple[int, int, int, bytes]
+Item = tuple[int, int, int, "Buffer"]
 KINDS = ("ack", "retry", "dead", "release")
 
 
@@ -59,8 +62,14 @@ class Pumps:
         deliver: takes each round trip's new deliveries, as dispatcher items.
     """
 
-    def __init__(self, broker: Broker, config: Config, queues: Sequence[str],
-                 prefetch: dict[str, int], deliver: Callable[[list[Item]], None]) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        config: Config,
+        queues: Sequence[str],
+        prefetch: dict[str, int],
+        deliver: Callable[[list[Item]], None],
+    ) -> None:
         self.broker, self.config, self.queues, self.deliver = broker, config, list(queues), deliver
         self.queue_index = {q: i for i, q in enumerate(queues)}
         #: each queue's budget of unsettled deliveries on this host
@@ -87,7 +96,11 @@ class Pumps:
 
     async def run(self, queue: str) -> None:
         """The queue's pump (see the module docstring); runs until cancelled."""
-        wake, limit, index = self.wake[queue], self.config.max_message_bytes, self.queue_index[queue]
+        wake, limit, index = (
+            self.wake[queue],
+            self.config.max_message_bytes,
+            self.queue_index[queue],
+        )
         pause = RETRY_MIN
         while True:
             wake.clear()
@@ -101,11 +114,20 @@ class Pumps:
             self.outcomes[queue], self.settling[queue] = _parts(), parts
             try:
                 deliveries = await self.broker.exchange(
-                    queue, **parts, fetch=max(want, 0), timeout=0.0 if settling else IDLE_WAIT,
-                    wake=wake)
+                    queue,
+                    **parts,
+                    fetch=max(want, 0),
+                    timeout=0.0 if settling else IDLE_WAIT,
+                    wake=wake,
+                )
             except Exception:
-                logger.exception("settling %d and fetching %d messages on %r failed; retrying in "
-                                 "%.1f s", settling, max(want, 0), queue, pause)
+                logger.exception(
+                    "settling %d and fetching %d messages on %r failed; retrying in %.1f s",
+                    settling,
+                    max(want, 0),
+                    queue,
+                    pause,
+                )
                 for kind, items in parts.items():  # in front of what came meanwhile
                     self.outcomes[queue][kind][:0] = items
                 del self.settling[queue]
@@ -126,8 +148,9 @@ class Pumps:
                 p = self.pending[tag] = Pending(queue, d, (tag, d.retries, index, d.body))
                 self.in_flight[queue] += 1
                 if len(d.body) > limit:
-                    too_large.append((tag, f"message of {len(d.body)} bytes exceeds "
-                                           f"max_message_bytes={limit}"))
+                    too_large.append(
+                        (tag, f"message of {len(d.body)} bytes exceeds max_message_bytes={limit}")
+                    )
                 else:
                     items.append(p.item)
             if too_large:
@@ -135,8 +158,13 @@ class Pumps:
             if deliveries:
                 self.deliver(items)
 
-    def settle(self, ack: Sequence[int] = (), retry: Sequence[tuple[int, float, str]] = (),
-               dead: Sequence[tuple[int, str]] = (), release: Sequence[int] = ()) -> None:
+    def settle(
+        self,
+        ack: Sequence[int] = (),
+        retry: Sequence[tuple[int, float, str]] = (),
+        dead: Sequence[tuple[int, str]] = (),
+        release: Sequence[int] = (),
+    ) -> None:
         """Hand outcomes (by tag) to their queues' pumps and return; ``flush`` waits until they
         are applied at the broker."""
         pending = self.pending
@@ -160,8 +188,11 @@ class Pumps:
 
     def unsettled(self) -> int:
         """Outcomes given to ``settle`` and not applied at the broker yet."""
-        return sum(len(v) for parts in (*self.outcomes.values(), *self.settling.values())
-                   for v in parts.values())
+        return sum(
+            len(v)
+            for parts in (*self.outcomes.values(), *self.settling.values())
+            for v in parts.values()
+        )
 
     async def wait_settled(self, count: int, kind: str = "ack") -> None:
         """Wait until ``count`` messages were settled as ``kind`` ("ack", "retry", "dead",

@@ -74,8 +74,9 @@ class SupervisorStatistics(msgspec.Struct, frozen=True, kw_only=True):
     decisions: tuple[tuple[float, str, str], ...]
 
 
-def run_app(app: Any, app_spec: str, queues: list[str] | None = None, *,
-            log_level: str = "WARNING") -> int:
+def run_app(
+    app: Any, app_spec: str, queues: list[str] | None = None, *, log_level: str = "WARNING"
+) -> int:
     """Plan the workers of ``app`` (with ``app.config`` as it stands) and run them until
     SIGTERM/SIGINT; returns the exit code. What ``fastq worker`` and ``App.run`` do.
 
@@ -89,25 +90,40 @@ def run_app(app: Any, app_spec: str, queues: list[str] | None = None, *,
     logger.info("fastq worker %s on %s", app_spec, broker.url)
     for line in the_plan.explain().splitlines():
         logger.info("plan: %s", line)
-    return Supervisor(app, app_spec, the_plan, app.config, queues, log_level=log_level).run_forever()
+    return Supervisor(
+        app, app_spec, the_plan, app.config, queues, log_level=log_level
+    ).run_forever()
 
 
 class Supervisor:
     """One host's supervisor of ``queues`` of ``app`` (imported by workers as ``app_spec``)."""
 
-    def __init__(self, app: Any, app_spec: str, plan: Plan, config: Config, queues: list[str],
-                 log_level: str = "WARNING") -> None:
+    def __init__(
+        self,
+        app: Any,
+        app_spec: str,
+        plan: Plan,
+        config: Config,
+        queues: list[str],
+        log_level: str = "WARNING",
+    ) -> None:
         self.app, self.app_spec, self.plan, self.config = app, app_spec, plan, config
         self.queues, self.log_level = queues, log_level
         self.broker: Broker = app.broker
         self.dispatcher = Dispatcher(plan.processes, len(queues))
         self.placement = Placement(plan, queues, self.dispatcher)
-        self.pumps = Pumps(self.broker, config, queues, {q.name: q.prefetch for q in plan.queues},
-                           self.deliver)
+        self.pumps = Pumps(
+            self.broker, config, queues, {q.name: q.prefetch for q in plan.queues}, self.deliver
+        )
         self.tuning = Tuning(self)
         pinned = plan.pinned or (None,) * plan.processes
-        self.fleet = Fleet(pinned, self.dispatcher, self.spec_for, ring_bytes=config.ring_size_bytes,
-                           name="fastq-worker")
+        self.fleet = Fleet(
+            pinned,
+            self.dispatcher,
+            self.spec_for,
+            ring_bytes=config.ring_size_bytes,
+            name="fastq-worker",
+        )
         #: items dispatched nowhere yet
         self.backlog: collections.deque[Item] = collections.deque()
         self.stopping = False
@@ -133,21 +149,31 @@ class Supervisor:
     def spec_for(self, m: Member) -> WorkerSpec:
         slots, per_queue = self.placement.spec_slots(m.index)
         assert m.inbox is not None and m.outbox is not None
-        return WorkerSpec(index=m.index, parent=os.getpid(), cpu=m.cpu, app=self.app_spec,
-                          queues=tuple(self.queues), input_ring=m.inbox.name,
-                          output_ring=m.outbox.name, concurrency=slots,
-                          executor="fastq.executors.app:AppExecutor", log_level=self.log_level,
-                          max_tasks=self.config.max_tasks_per_child,
-                          max_memory_bytes=self.config.max_memory_per_child_bytes,
-                          queue_slots=per_queue, io_threads=IO_CONCURRENCY_MAX)
+        return WorkerSpec(
+            index=m.index,
+            parent=os.getpid(),
+            cpu=m.cpu,
+            app=self.app_spec,
+            queues=tuple(self.queues),
+            input_ring=m.inbox.name,
+            output_ring=m.outbox.name,
+            concurrency=slots,
+            executor="fastq.executors.app:AppExecutor",
+            log_level=self.log_level,
+            max_tasks=self.config.max_tasks_per_child,
+            max_memory_bytes=self.config.max_memory_per_child_bytes,
+            queue_slots=per_queue,
+            io_threads=IO_CONCURRENCY_MAX,
+        )
 
     def start_worker(self, m: Member) -> None:
         self.fleet.start(m)
         self.starts[m.index] += 1
         asyncio.get_running_loop().add_reader(m.process.sentinel, self.worker_exited, m)
         assert m.outbox is not None
-        reader = self.readers[m.index] = RingReader(m.outbox, functools.partial(self.completions, m),
-                                                    on_error=self.reader_failed)
+        reader = self.readers[m.index] = RingReader(
+            m.outbox, functools.partial(self.completions, m), on_error=self.reader_failed
+        )
         reader.start()
 
     def worker_exited(self, m: Member) -> None:
@@ -183,8 +209,14 @@ class Supervisor:
         self.end_completions(m)
         gone = self.fleet.reap(m)
         if gone.before_ready:
-            logger.error("worker %d (pid %s) exited with %s before it was ready (its log says why); "
-                         "starting it again in %.1f s", m.index, gone.pid, gone.code, gone.restart_in)
+            logger.error(
+                "worker %d (pid %s) exited with %s before it was ready (its log says why); "
+                "starting it again in %.1f s",
+                m.index,
+                gone.pid,
+                gone.code,
+                gone.restart_in,
+            )
             if gone.lost:  # never sent to a worker that is not ready; if it were, it never ran
                 self.backlog.extend(self.pumps.pending[t].item for t in gone.lost)
                 self.dispatch_backlog()
@@ -194,11 +226,20 @@ class Supervisor:
                     self.start_worker(m)
             return
         if gone.recycled:
-            logger.info("worker %d (pid %s) recycled; %d unread messages go to the others",
-                        m.index, gone.pid, len(gone.lost))
+            logger.info(
+                "worker %d (pid %s) recycled; %d unread messages go to the others",
+                m.index,
+                gone.pid,
+                len(gone.lost),
+            )
         else:
-            logger.warning("worker %d (pid %s) exited with %s holding %d messages; handing them on",
-                           m.index, gone.pid, gone.code, len(gone.lost))
+            logger.warning(
+                "worker %d (pid %s) exited with %s holding %d messages; handing them on",
+                m.index,
+                gone.pid,
+                gone.code,
+                len(gone.lost),
+            )
         dead = []
         for tag in gone.lost:
             p = self.pumps.pending[tag]
@@ -217,8 +258,12 @@ class Supervisor:
             self.start_worker(m)
         self.dispatch_backlog()
         if dead:
-            self.pumps.settle(dead=[(t, f"killed its worker {MAX_WORKER_DEATHS} times (last exit "
-                                        f"code {gone.code})") for t in dead])
+            self.pumps.settle(
+                dead=[
+                    (t, f"killed its worker {MAX_WORKER_DEATHS} times (last exit code {gone.code})")
+                    for t in dead
+                ]
+            )
 
     def end_completions(self, m: Member) -> None:
         """Apply every completion a worker that has exited wrote, then stop its reader.
@@ -312,8 +357,9 @@ class Supervisor:
             try:
                 measured = wire.parse_classified(payload)
             except wire.ProtocolError as e:
-                logger.warning("worker %d sent a measurement that does not parse (%s); ignored",
-                               m.index, e)
+                logger.warning(
+                    "worker %d sent a measurement that does not parse (%s); ignored", m.index, e
+                )
                 return
             self.tuning.classified(measured)
         elif status == Report.READY:
@@ -334,19 +380,37 @@ class Supervisor:
         messages in flight and starts; and the controller's recent decisions with their
         reasons."""
         pumps, placement = self.pumps, self.placement
-        queues = {q: QueueStatistics(concurrency=placement.concurrency[q], prefetch=pumps.prefetch[q],
-                                     in_flight=pumps.in_flight[q], settled=pumps.settled_by_queue[q])
-                  for q in self.queues}
-        workers = tuple(WorkerStatistics(index=m.index, pid=m.process.pid if m.process else None,
-                                         cpu=m.cpu, ready=m.ready,
-                                         in_flight=self.dispatcher.in_flight(m.index),
-                                         starts=self.starts[m.index]) for m in self.fleet)
-        return SupervisorStatistics(queues=queues, handler_slots_per_worker=placement.slots,
-                                    workers=workers, decisions=tuple(self.tuning.decisions))
+        queues = {
+            q: QueueStatistics(
+                concurrency=placement.concurrency[q],
+                prefetch=pumps.prefetch[q],
+                in_flight=pumps.in_flight[q],
+                settled=pumps.settled_by_queue[q],
+            )
+            for q in self.queues
+        }
+        workers = tuple(
+            WorkerStatistics(
+                index=m.index,
+                pid=m.process.pid if m.process else None,
+                cpu=m.cpu,
+                ready=m.ready,
+                in_flight=self.dispatcher.in_flight(m.index),
+                starts=self.starts[m.index],
+            )
+            for m in self.fleet
+        )
+        return SupervisorStatistics(
+            queues=queues,
+            handler_slots_per_worker=placement.slots,
+            workers=workers,
+            decisions=tuple(self.tuning.decisions),
+        )
 
     async def wait_workers_ready(self, timeout: float | None = None) -> None:
         """Wait until every worker has attached its rings and loaded the app (TimeoutError
         after ``timeout`` seconds)."""
+
         async def all_ready() -> None:
             while not all(m.ready for m in self.fleet):
                 self.ready_event.clear()
@@ -366,10 +430,13 @@ class Supervisor:
         if self.signals and signum == self.last_signal[0] and now - self.last_signal[1] < 0.5:
             return  # the same signal twice at once (sent to the pid and to its group): one request
         self.last_signal = (signum, now)
-        logger.warning("%s: %s", signal.Signals(signum).name,
-                       "stopping at once, giving unfinished work back" if self.signals else
-                       f"finishing in-flight work (up to {self.config.shutdown_timeout} s), then "
-                       "exiting")
+        logger.warning(
+            "%s: %s",
+            signal.Signals(signum).name,
+            "stopping at once, giving unfinished work back"
+            if self.signals
+            else f"finishing in-flight work (up to {self.config.shutdown_timeout} s), then exiting",
+        )
         self.stop()
 
     def stop(self) -> None:
@@ -401,8 +468,12 @@ class Supervisor:
                 self.spawn(self.tuning.run())
             await self.stopped.wait()  # they stop fetching once stopping, and settle on
             deadline = loop.time() + self.config.shutdown_timeout
-            while (self.pumps.pending and not self.stop_now.is_set() and loop.time() < deadline
-                   and any(m.alive for m in self.fleet)):
+            while (
+                self.pumps.pending
+                and not self.stop_now.is_set()
+                and loop.time() < deadline
+                and any(m.alive for m in self.fleet)
+            ):
                 await asyncio.sleep(0.02)
         finally:
             self.stopping = True
@@ -427,7 +498,9 @@ class Supervisor:
         for m in fleet:
             self.end_completions(m)
         if self.pumps.pending:
-            logger.warning("giving %d unfinished messages back to the broker", len(self.pumps.pending))
+            logger.warning(
+                "giving %d unfinished messages back to the broker", len(self.pumps.pending)
+            )
             self.pumps.settle(release=list(self.pumps.pending))
         await self.pumps.flush(self.pump_tasks)
         for t in list(self.tasks):  # the pumps, and any reader left

@@ -75,7 +75,8 @@ class Tuning:
         self.measured_kinds: dict[str, str] = {}
         #: the recent changes: (unix time, queue, reason), newest last
         self.decisions: collections.deque[tuple[float, str, str]] = collections.deque(
-            maxlen=DECISIONS_KEPT)
+            maxlen=DECISIONS_KEPT
+        )
 
     def kind(self, queue: str) -> str:
         """The kind a queue's numbers follow now: its controller's, else its plan's."""
@@ -85,13 +86,19 @@ class Tuning:
     def controller(self, plan: QueuePlan) -> Controller:
         """The autosize controller of a queue (made from its plan at first use)."""
         if plan.name not in self.controllers:
-            self.controllers[plan.name] = Controller(plan, user_concurrency=plan.user_concurrency,
-                                                     user_prefetch=plan.user_prefetch)
+            self.controllers[plan.name] = Controller(
+                plan, user_concurrency=plan.user_concurrency, user_prefetch=plan.user_prefetch
+            )
         return self.controllers[plan.name]
 
     def decided(self, queue: str, reason: str, d: Decision) -> None:
-        logger.info("autosize: queue %r: %s; concurrency %d, prefetch %d", queue, reason,
-                    d.concurrency, d.prefetch)
+        logger.info(
+            "autosize: queue %r: %s; concurrency %d, prefetch %d",
+            queue,
+            reason,
+            d.concurrency,
+            d.prefetch,
+        )
         self.decisions.append((time.time(), queue, reason))
 
     async def run(self) -> None:
@@ -143,12 +150,15 @@ class Tuning:
                 {n: backlogs.get(n, 0) > 0 or pumps.in_flight[n] > 0 for n in shared},
                 floors={n: c.min_concurrency for n, c in shared.items() if c.kind == "io"},
                 cores={n: c.cpu_cores for n, c in shared.items() if c.kind == "cpu"},
-                pressing={n for n in shared if now - waited.get(n, -PRESS_MEMORY) < PRESS_MEMORY})
+                pressing={n for n in shared if now - waited.get(n, -PRESS_MEMORY) < PRESS_MEMORY},
+            )
             for name, controller in list(controllers.items()):
                 if name not in backlogs:
                     continue
                 d = controller.cap(caps[name]) if name in caps else None
-                if d is not None and d.reason:  # its share moved: judge what follows at the usual pace
+                if (
+                    d is not None and d.reason
+                ):  # its share moved: judge what follows at the usual pace
                     due[name] = (now, CONTROL_INTERVAL)
                     decided.append(name)
                 elif name in looking:
@@ -156,15 +166,26 @@ class Tuning:
                     start = at + settle_for(wait) + LOOK_TICK / 2
                     first = max((i for i, h in enumerate(history) if h[0] <= start), default=0)
                     window = list(itertools.islice(history, first, None))
-                    if len(window) < 2 or window[-1][0] - window[0][0] < (wait - settle_for(wait)) / 2:
-                        continue  # too little of its window was read (the awaits took long): next tick
-                    throughput = steady_rate([t for t, _, _ in window],
-                                             [c[name] for _, c, _ in window])
+                    if (
+                        len(window) < 2
+                        or window[-1][0] - window[0][0] < (wait - settle_for(wait)) / 2
+                    ):
+                        # too little of its window was read (the awaits took long): next tick
+                        continue
+                    throughput = steady_rate(
+                        [t for t, _, _ in window], [c[name] for _, c, _ in window]
+                    )
                     busy = meter.busy_between(window[0][2], window[-1][2])
                     latency = pumps.in_flight[name] / throughput if throughput > 0 else wait
-                    d = controller.step(Sample(busy=busy, backlog=backlogs[name],
-                                               throughput=throughput, latency=latency,
-                                               memory_headroom=headroom))
+                    d = controller.step(
+                        Sample(
+                            busy=busy,
+                            backlog=backlogs[name],
+                            throughput=throughput,
+                            latency=latency,
+                            memory_headroom=headroom,
+                        )
+                    )
                     due[name] = (now, controller.next_look(latency))
                     decided.append(name)
                 if d is not None and d.reason:
@@ -188,8 +209,12 @@ class Tuning:
             try:
                 await e.broker.prefetch(name, d.prefetch)
             except Exception as exc:  # noqa: BLE001 - the broker is down: its reconnect applies it
-                logger.warning("autosize: prefetch %d for %r not applied at the broker yet (%s)",
-                               d.prefetch, name, exc)
+                logger.warning(
+                    "autosize: prefetch %d for %r not applied at the broker yet (%s)",
+                    d.prefetch,
+                    name,
+                    exc,
+                )
 
     def classified(self, measured: Classified) -> None:
         """A worker measured the "auto" handlers of a queue: the first word per queue counts.
@@ -202,12 +227,21 @@ class Tuning:
         self.measured_kinds[queue] = kind
         plan = self.plans[queue]
         if kind != "cpu" or plan.kind == "cpu" or plan.user_concurrency or not e.config.autosize:
-            logger.info("autosize: queue %r: its handlers measured %s-bound (on-CPU %.0f%% of their "
-                        "time); its numbers stay", queue, "I/O" if kind == "io" else "CPU", share * 100)
+            logger.info(
+                "autosize: queue %r: its handlers measured %s-bound (on-CPU %.0f%% of their "
+                "time); its numbers stay",
+                queue,
+                "I/O" if kind == "io" else "CPU",
+                share * 100,
+            )
             return
         d = self.controller(plan).reclassify("cpu", len(plan.workers))
-        self.decided(queue, f"its handlers measured CPU-bound (on-CPU {share:.0%} of their time): "
-                            "now cpu, one handler per core it runs on", d)
+        self.decided(
+            queue,
+            f"its handlers measured CPU-bound (on-CPU {share:.0%} of their time): "
+            "now cpu, one handler per core it runs on",
+            d,
+        )
         e.placement.concurrency[queue] = d.concurrency
         e.place_cpu_queues()
         if d.prefetch != e.pumps.prefetch[queue]:

@@ -58,12 +58,16 @@ class AppExecutor:
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
-    async def run(self, body: memoryview, retries: int, queue_index: int) -> tuple[int, float, bytes]:
+    async def run(
+        self, body: memoryview, retries: int, queue_index: int
+    ) -> tuple[int, float, bytes]:
         """Run one delivery: its status, retry delay and reason (UTF-8, cut to REASON_CHARS)."""
         status, delay, reason = await self.outcome(body, retries, queue_index)
         return status, delay, reason[:REASON_CHARS].encode("utf-8", "backslashreplace")
 
-    async def outcome(self, body: memoryview, retries: int, queue_index: int) -> tuple[int, float, str]:
+    async def outcome(
+        self, body: memoryview, retries: int, queue_index: int
+    ) -> tuple[int, float, str]:
         consumer = self.consumers[queue_index]
         if consumer is not None:
             handler, args, name, message_id = consumer, (bytes(body),), consumer.name, ""
@@ -74,9 +78,15 @@ class AppExecutor:
                 return Status.DEAD, 0.0, f"undecodable: {e}"
             handler = self.app.tasks.get(envelope.task)
             if handler is None:
-                return Status.DEAD, 0.0, (f"unknown task {envelope.task!r}: this app registers "
-                                          f"{sorted(self.app.tasks)[:5]}; deploy the task or fix the "
-                                          "producer")
+                return (
+                    Status.DEAD,
+                    0.0,
+                    (
+                        f"unknown task {envelope.task!r}: this app registers "
+                        f"{sorted(self.app.tasks)[:5]}; deploy the task or fix the "
+                        "producer"
+                    ),
+                )
             try:
                 args = handler.decode_args(envelope.args)
             except Exception as e:  # noqa: BLE001 - ValidationError, bad UTF-8, nesting too deep...
@@ -92,7 +102,7 @@ class AppExecutor:
         except Exception as e:  # noqa: BLE001 - any failure of user code is the message's outcome
             exc = e
         except asyncio.CancelledError as e:  # one the handler let out of something it awaited,
-            task = asyncio.current_task()     # unless this handler's own task is being cancelled
+            task = asyncio.current_task()  # unless this handler's own task is being cancelled
             if task is not None and task.cancelling():
                 raise
             exc = e
@@ -118,11 +128,17 @@ class AppExecutor:
         try:
             self.runtime.say(wire.classified_report(queue, kind, round(share, 3)))
         except (RingFull, RingClosed) as e:
-            logger.warning("worker %d: could not report queue %r as %s-bound (%s)",
-                           self.runtime.spec.index, queue, kind, type(e).__name__)
+            logger.warning(
+                "worker %d: could not report queue %r as %s-bound (%s)",
+                self.runtime.spec.index,
+                queue,
+                kind,
+                type(e).__name__,
+            )
 
-    async def call(self, handler: Any, args: tuple[Any, ...], name: str,
-                   options: HandlerOptions) -> None:
+    async def call(
+        self, handler: Any, args: tuple[Any, ...], name: str, options: HandlerOptions
+    ) -> None:
         if handler.is_async:
             if options.timeout is None:
                 await handler.fn(*args)
@@ -139,7 +155,9 @@ class AppExecutor:
                 try:
                     handler.fn(*args)
                 finally:
-                    shares.append((time.thread_time() - cpu) / max(time.perf_counter() - wall, 1e-9))
+                    shares.append(
+                        (time.thread_time() - cpu) / max(time.perf_counter() - wall, 1e-9)
+                    )
                     if len(shares) == AUTO_SAMPLES:  # measured: the supervisor plans by it too
                         self.report(options.queue, sum(shares) / len(shares))
                 return

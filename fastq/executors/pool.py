@@ -50,7 +50,9 @@ class PoolExecutor:
 
     def threads(self) -> concurrent.futures.ThreadPoolExecutor:
         if self.pool is None:
-            self.pool = concurrent.futures.ThreadPoolExecutor(self.concurrency, thread_name_prefix="fastq-pool")
+            self.pool = concurrent.futures.ThreadPoolExecutor(
+                self.concurrency, thread_name_prefix="fastq-pool"
+            )
         return self.pool
 
     def close(self) -> None:
@@ -64,7 +66,9 @@ class PoolExecutor:
             loaded = self.fns[fn_ref] = (fn, inspect.iscoroutinefunction(fn))
         return loaded
 
-    async def run(self, body: memoryview, attempt: int, queue_index: int) -> tuple[int, float, bytes]:
+    async def run(
+        self, body: memoryview, attempt: int, queue_index: int
+    ) -> tuple[int, float, bytes]:
         """Run one batch; its reply, as a RESULT completion (the delay field is not used)."""
         started = time.perf_counter()
         values: list[Any] = []
@@ -76,14 +80,17 @@ class PoolExecutor:
             errors.append(error_record(WHOLE_BATCH, e))
         else:
             if is_async or flags & THREADS:
-                values = await self.run_async(fn, items, flags & STAR, errors, threaded=not is_async)
+                values = await self.run_async(
+                    fn, items, flags & STAR, errors, threaded=not is_async
+                )
             else:
                 values = run_sync(fn, items, flags & STAR, errors)
         payload = encode_reply(time.perf_counter() - started, values, errors, self.max_reply_bytes)
         return Status.RESULT, 0.0, payload
 
-    async def run_async(self, fn: Any, items: list[Any], star: int,
-                        errors: list[ErrorRecord], threaded: bool) -> list[Any]:
+    async def run_async(
+        self, fn: Any, items: list[Any], star: int, errors: list[ErrorRecord], threaded: bool
+    ) -> list[Any]:
         if self.limit is None:
             self.limit = asyncio.Semaphore(self.concurrency)
         limit = self.limit
@@ -94,7 +101,11 @@ class PoolExecutor:
             async with limit:
                 try:
                     if threaded:
-                        call = functools.partial(fn, *x[0], **x[1]) if star else functools.partial(fn, x)
+                        call = (
+                            functools.partial(fn, *x[0], **x[1])
+                            if star
+                            else functools.partial(fn, x)
+                        )
                         ok, value = await loop.run_in_executor(self.threads(), _guarded, call)
                         if not ok:
                             raise value
@@ -102,7 +113,12 @@ class PoolExecutor:
                     else:
                         values[i] = await (fn(*x[0], **x[1]) if star else fn(x))
                 except BaseException as e:
-                    if isinstance(e, asyncio.CancelledError) and asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    task = asyncio.current_task()
+                    if (
+                        isinstance(e, asyncio.CancelledError)
+                        and task is not None
+                        and task.cancelling()
+                    ):
                         raise  # the worker itself is being stopped
                     errors.append(error_record(i, e))
 
@@ -134,7 +150,9 @@ def run_sync(fn: Any, items: list[Any], star: int, errors: list[ErrorRecord]) ->
                 # that raised from ``it``: the loop goes on after it
                 values.extend(map(fn, it))
                 if len(values) < len(items):  # fn raised StopIteration, which ends map quietly
-                    errors.append(error_record(len(values), StopIteration("fn raised StopIteration")))
+                    errors.append(
+                        error_record(len(values), StopIteration("fn raised StopIteration"))
+                    )
                     values.append(None)
                     continue
             return values

@@ -20,7 +20,7 @@ import operator
 import threading
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
 import msgspec
 
@@ -84,8 +84,10 @@ class _Results:
             yield chunk
 
 
-def _unordered(chunks: Iterable[tuple[int, list[Any], list[tuple[int, BaseException]]]],
-               cancel: Callable[[], None]) -> Iterator[Any]:
+def _unordered(
+    chunks: Iterable[tuple[int, list[Any], list[tuple[int, BaseException]]]],
+    cancel: Callable[[], None],
+) -> Iterator[Any]:
     try:
         for _, values, errors in chunks:
             if errors:
@@ -96,8 +98,10 @@ def _unordered(chunks: Iterable[tuple[int, list[Any], list[tuple[int, BaseExcept
         cancel()
 
 
-def _ordered(chunks: Iterable[tuple[int, list[Any], list[tuple[int, BaseException]]]],
-             cancel: Callable[[], None]) -> Iterator[Any]:
+def _ordered(
+    chunks: Iterable[tuple[int, list[Any], list[tuple[int, BaseException]]]],
+    cancel: Callable[[], None],
+) -> Iterator[Any]:
     held: dict[int, tuple[list[Any], list[tuple[int, BaseException]]]] = {}
     following = 0
     try:
@@ -157,18 +161,40 @@ class Pool:
     ``multiprocessing``.
     """
 
-    def __init__(self, processes: int | None = None, *, kind: Literal["auto", "io", "cpu"] = "auto",
-                 concurrency: int | None = None, ring_bytes: int = RING_BYTES, log_level: str = "WARNING") -> None:
+    def __init__(
+        self,
+        processes: int | None = None,
+        *,
+        kind: Literal["auto", "io", "cpu"] = "auto",
+        concurrency: int | None = None,
+        ring_bytes: int = RING_BYTES,
+        log_level: str = "WARNING",
+    ) -> None:
         if kind not in ("auto", "io", "cpu"):
             raise ConfigError(f"kind must be 'auto', 'io' or 'cpu', got {kind!r}")
         if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 1):
-            raise ConfigError(f"concurrency must be a positive int (calls in flight per process), got {concurrency!r}")
+            raise ConfigError(
+                f"concurrency must be a positive int (calls in flight per process), got "
+                f"{concurrency!r}"
+            )
         if ring_bytes < 64 << 10:
             raise ConfigError(f"ring_bytes must be at least 65536, got {ring_bytes}")
-        if not isinstance(log_level, str) or log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-            raise ConfigError(f"log_level must be one of debug, info, warning, error, critical; got {log_level!r}")
+        if not isinstance(log_level, str) or log_level.upper() not in (
+            "DEBUG",
+            "INFO",
+            "WARNING",
+            "ERROR",
+            "CRITICAL",
+        ):
+            raise ConfigError(
+                f"log_level must be one of debug, info, warning, error, critical; got {log_level!r}"
+            )
         #: processes, pinning and the rules behind them, as ``fastq plan`` explains them
-        self.plan = plan(Topology.detect(), [HandlerOptions(queue="pool", kind=kind)], Config(processes=processes))
+        self.plan = plan(
+            Topology.detect(),
+            [HandlerOptions(queue="pool", kind=kind)],
+            Config(processes=processes),
+        )
         self.processes = self.plan.processes
         self.kind = kind
         self.concurrency = concurrency or ASYNC_CONCURRENCY
@@ -178,17 +204,33 @@ class Pool:
         # nor shared memory
         self._finalizer = weakref.finalize(self, self._driver.stop, "terminate", 10)
 
-    def _job(self, fn: Callable[..., Any], items: Iterable[Any], batch_size: int | str,
-             deliver: Callable[[Any], None], star: bool = False) -> Job:
+    def _job(
+        self,
+        fn: Callable[..., Any],
+        items: Iterable[Any],
+        batch_size: int | str,
+        deliver: Callable[[Any], None],
+        star: bool = False,
+    ) -> Job:
         if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
             raise ConfigError(f"batch_size must be 'auto' or a positive int, got {batch_size!r}")
-        job = Job(fn, items, star=star, batch_size=None if batch_size == "auto" else int(batch_size),
-                   concurrency=self.concurrency, deliver=deliver, length=operator.length_hint(items),
-                   processes=self.processes, threads=self.kind == "io")
+        job = Job(
+            fn,
+            items,
+            star=star,
+            batch_size=None if batch_size == "auto" else int(batch_size),
+            concurrency=self.concurrency,
+            deliver=deliver,
+            length=operator.length_hint(items),
+            processes=self.processes,
+            threads=self.kind == "io",
+        )
         self._driver.add(job)
         return job
 
-    def map(self, fn: Callable[[T], R], iterable: Iterable[T], *, batch_size: int | str = "auto") -> list[R]:
+    def map(
+        self, fn: Callable[[T], R], iterable: Iterable[T], *, batch_size: int | str = "auto"
+    ) -> list[R]:
         """``[fn(x) for x in iterable]``, over the workers.
 
         Raises:
@@ -200,23 +242,33 @@ class Pool:
         self._job(fn, iterable, batch_size, results.put)
         return _gathered(list(results))
 
-    def imap(self, fn: Callable[[T], R], iterable: Iterable[T], *, batch_size: int | str = "auto") -> Iterator[R]:
+    def imap(
+        self, fn: Callable[[T], R], iterable: Iterable[T], *, batch_size: int | str = "auto"
+    ) -> Iterator[R]:
         """Like ``map``, yielding results in order as they come; an exception ends the iteration
         at its item. Leaving the loop early cancels what was not sent yet."""
         return self._iterate(fn, iterable, batch_size, _ordered)
 
-    def imap_unordered(self, fn: Callable[[T], R], iterable: Iterable[T], *,
-                       batch_size: int | str = "auto") -> Iterator[R]:
+    def imap_unordered(
+        self, fn: Callable[[T], R], iterable: Iterable[T], *, batch_size: int | str = "auto"
+    ) -> Iterator[R]:
         """Like ``imap``, in the order the results come back."""
         return self._iterate(fn, iterable, batch_size, _unordered)
 
-    def _iterate(self, fn: Callable[..., Any], iterable: Iterable[Any], batch_size: int | str,
-                 order: Callable[[Any, Callable[[], None]], Iterator[Any]]) -> Iterator[Any]:
+    def _iterate(
+        self,
+        fn: Callable[..., Any],
+        iterable: Iterable[Any],
+        batch_size: int | str,
+        order: Callable[[Any, Callable[[], None]], Iterator[Any]],
+    ) -> Iterator[Any]:
         results = _Results()
-        job = self._job(fn, iterable, batch_size, results.put)  # starts now, not at the first next()
+        # starts now, not at the first next()
+        job = self._job(fn, iterable, batch_size, results.put)
         cancel = functools.partial(self._cancel, job)
         iterator = order(results, cancel)
-        weakref.finalize(iterator, cancel)  # dropped before its first next(), its finally never runs
+        # dropped before its first next(), its finally never runs
+        weakref.finalize(iterator, cancel)
         return iterator
 
     def _cancel(self, job: Job) -> None:
@@ -225,7 +277,9 @@ class Pool:
             job.cancelled = True
             self._driver.wake()
 
-    def submit(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[R]:
+    def submit(
+        self, fn: Callable[..., R], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[R]:
         """Run ``fn(*args, **kwargs)`` in a worker; the future gets its result or exception."""
         future: concurrent.futures.Future[R] = concurrent.futures.Future()
 
@@ -251,8 +305,13 @@ class Pool:
         future.add_done_callback(cancelled)
         return future
 
-    async def map_async(self, fn: Callable[[T], R] | Callable[[T], Awaitable[R]], iterable: Iterable[T], *,
-                        batch_size: int | str = "auto") -> list[R]:
+    async def map_async(
+        self,
+        fn: Callable[[T], R] | Callable[[T], Awaitable[R]],
+        iterable: Iterable[T],
+        *,
+        batch_size: int | str = "auto",
+    ) -> list[R]:
         """``map`` for a caller inside an event loop: awaiting it never blocks the loop."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[list[R]] = loop.create_future()
@@ -281,11 +340,17 @@ class Pool:
         finally:
             self._cancel(job)  # when the caller was cancelled
 
-    async def aimap_unordered(self, fn: Callable[[T], R] | Callable[[T], Awaitable[R]], iterable: Iterable[T], *,
-                              batch_size: int | str = "auto") -> AsyncIterator[R]:
+    async def aimap_unordered(
+        self,
+        fn: Callable[[T], R] | Callable[[T], Awaitable[R]],
+        iterable: Iterable[T],
+        *,
+        batch_size: int | str = "auto",
+    ) -> AsyncIterator[R]:
         """``imap_unordered`` for a caller inside an event loop (an async iterator)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
+
         def deliver(chunk: Any) -> None:  # on the driver thread
             _call_soon(loop, queue.put_nowait, chunk)
 
@@ -326,7 +391,9 @@ class Pool:
             ValueError: the pool was not closed.
         """
         if self._driver.stopping is None:
-            raise ValueError("join() needs close() or terminate() first, as multiprocessing.Pool does")
+            raise ValueError(
+                "join() needs close() or terminate() first, as multiprocessing.Pool does"
+            )
         self._driver.stop(self._driver.stopping, timeout)
         if not self._driver.thread.is_alive():
             self._finalizer.detach()
@@ -336,7 +403,7 @@ class Pool:
         self._driver.stop("terminate")
         self._finalizer.detach()
 
-    def __enter__(self) -> Pool:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:

@@ -58,14 +58,16 @@ class Driver:
     """The pool's thread: the only user of the rings, and the only one to touch a job's
     batches."""
 
-    def __init__(self, cpus: tuple[int | None, ...], concurrency: int, ring_bytes: int,
-                 log_level: str) -> None:
+    def __init__(
+        self, cpus: tuple[int | None, ...], concurrency: int, ring_bytes: int, log_level: str
+    ) -> None:
         self.concurrency, self.ring_bytes, self.log_level = concurrency, ring_bytes, log_level
         #: what the workers run (``WorkerSpec.executor``)
         self.executor = "fastq.executors.pool:PoolExecutor"
         self.dispatcher = Dispatcher(len(cpus), 1)
-        self.fleet = Fleet(cpus, self.dispatcher, self.spec_for, ring_bytes=ring_bytes,
-                           name="fastq-pool")
+        self.fleet = Fleet(
+            cpus, self.dispatcher, self.spec_for, ring_bytes=ring_bytes, name="fastq-pool"
+        )
         self.batches: dict[int, Batch] = {}
         #: suspect batches waiting to run alone, by the tag each will be sent with
         self.suspects: dict[int, Batch] = {}
@@ -96,17 +98,27 @@ class Driver:
 
     def spec_for(self, m: Member) -> wire.WorkerSpec:
         assert m.inbox is not None and m.outbox is not None
-        return wire.WorkerSpec(index=m.index, parent=os.getpid(), cpu=m.cpu, app="",
-                               queues=("pool",), input_ring=m.inbox.name,
-                               output_ring=m.outbox.name, concurrency=self.concurrency,
-                               executor=self.executor, log_level=self.log_level)
+        return wire.WorkerSpec(
+            index=m.index,
+            parent=os.getpid(),
+            cpu=m.cpu,
+            app="",
+            queues=("pool",),
+            input_ring=m.inbox.name,
+            output_ring=m.outbox.name,
+            concurrency=self.concurrency,
+            executor=self.executor,
+            log_level=self.log_level,
+        )
 
     # -- called from any thread ---------------------------------------------------------------
 
     def add(self, job: Job) -> None:
         with self.lock:
             if self.broken is not None:
-                raise PoolBroken(f"the pool is broken ({self.broken}); make a new one") from self.broken
+                raise PoolBroken(
+                    f"the pool is broken ({self.broken}); make a new one"
+                ) from self.broken
             if self.stopping is not None or self.shut:
                 raise PoolClosed("the pool was closed; it takes no more calls (make a new Pool)")
             self.incoming.append(job)
@@ -168,7 +180,11 @@ class Driver:
                 fds.append(m.outbox.fileno())
         fds += list(self.fleet.sentinels())
         restarts = [m.start_after for m in self.fleet if m.process is None and m.start_after]
-        timeout = IDLE_SECONDS if not restarts else max(0.0, min(IDLE_SECONDS, min(restarts) - time.monotonic()))
+        timeout = (
+            IDLE_SECONDS
+            if not restarts
+            else max(0.0, min(IDLE_SECONDS, min(restarts) - time.monotonic()))
+        )
         try:
             readable = select.select(fds, [], [], timeout)[0]
         finally:
@@ -219,7 +235,9 @@ class Driver:
             batch = self.batches.pop(tag)
             job = batch.job
             job.outstanding -= len(batch.items)
-            job.reply_bytes_per_item = max(job.reply_bytes_per_item, len(payload) / len(batch.items))
+            job.reply_bytes_per_item = max(
+                job.reply_bytes_per_item, len(payload) / len(batch.items)
+            )
             self.counts["items_done"] += len(batch.items)
             if job.cancelled:
                 pass
@@ -232,15 +250,22 @@ class Driver:
                     errors = [(i, errors[0][1]) for i in range(len(batch.items))]
                 self.deliver(job, batch.start, values, errors)
             else:  # the runtime failed on the batch (a bug of ours): its items fail with that
-                e = RuntimeError(f"fastq pool worker {m.index} failed on a batch: "
-                                 f"{payload.decode('utf-8', 'replace')}")
-                self.deliver(job, batch.start, [None] * len(batch.items),
-                             [(i, e) for i in range(len(batch.items))])
+                e = RuntimeError(
+                    f"fastq pool worker {m.index} failed on a batch: "
+                    f"{payload.decode('utf-8', 'replace')}"
+                )
+                self.deliver(
+                    job,
+                    batch.start,
+                    [None] * len(batch.items),
+                    [(i, e) for i in range(len(batch.items))],
+                )
             self.maybe_finish(job)
         self.fleet.passed(m)
 
-    def deliver(self, job: Job, start: int, values: list[Any],
-                errors: list[tuple[int, BaseException]]) -> None:
+    def deliver(
+        self, job: Job, start: int, values: list[Any], errors: list[tuple[int, BaseException]]
+    ) -> None:
         if errors:  # the caller gets this exception: send no more of the job
             job.source = None
         job.deliver((start, values, errors))
@@ -249,8 +274,13 @@ class Driver:
         if job.cancelled:
             job.source = None
             job.again.clear()
-        if (not job.finished and job.source is None and not job.again and not job.alone
-                and job.outstanding == 0):
+        if (
+            not job.finished
+            and job.source is None
+            and not job.again
+            and not job.alone
+            and job.outstanding == 0
+        ):
             job.finished = True
             self.live.discard(job)
             job.deliver(DONE)
@@ -342,20 +372,30 @@ class Driver:
         try:
             body = codec.encode_request(job.fn_ref, job.flags, batch.items)
         except TypeError as e:
-            self.deliver(job, batch.start, [None] * len(batch.items),
-                         [(i, e) for i in range(len(batch.items))])
+            self.deliver(
+                job,
+                batch.start,
+                [None] * len(batch.items),
+                [(i, e) for i in range(len(batch.items))],
+            )
             return 0
         job.bytes_per_item = len(body) / len(batch.items)
         assert m.inbox is not None
         if len(body) + 64 > m.inbox.max_frame_bytes:
             if len(batch.items) > 1:
                 half = len(batch.items) // 2
-                job.again.extendleft([Batch(job, batch.start + half, batch.items[half:], batch.deaths),
-                                      Batch(job, batch.start, batch.items[:half], batch.deaths)])
+                job.again.extendleft(
+                    [
+                        Batch(job, batch.start + half, batch.items[half:], batch.deaths),
+                        Batch(job, batch.start, batch.items[:half], batch.deaths),
+                    ]
+                )
             else:
-                big = ConfigError(f"an argument of {len(body)} bytes (encoded) does not fit the pool's "
-                                  f"rings of {self.ring_bytes} bytes; make the Pool with ring_bytes= "
-                                  f"above {2 * len(body)}")
+                big = ConfigError(
+                    f"an argument of {len(body)} bytes (encoded) does not fit the pool's "
+                    f"rings of {self.ring_bytes} bytes; make the Pool with ring_bytes= "
+                    f"above {2 * len(body)}"
+                )
                 self.deliver(job, batch.start, [None], [(0, big)])
             return 0
         tag = tag or next(self.tags)
@@ -375,15 +415,27 @@ class Driver:
             return
         reason = exit_reason(gone.code)
         if gone.before_ready:
-            logger.error("pool worker %d (pid %s) exited (%s) before it was ready; its output above "
-                         "says why", m.index, gone.pid, reason)
+            logger.error(
+                "pool worker %d (pid %s) exited (%s) before it was ready; its output above "
+                "says why",
+                m.index,
+                gone.pid,
+                reason,
+            )
             if m.failures >= START_FAILURES:
-                raise PoolBroken(f"pool worker {m.index} exited before it was ready {m.failures} "
-                                 f"times in a row (last: {reason}); its output says why")
+                raise PoolBroken(
+                    f"pool worker {m.index} exited before it was ready {m.failures} "
+                    f"times in a row (last: {reason}); its output says why"
+                )
         else:
             self.counts["workers_lost"] += 1
-            logger.warning("pool worker %d (pid %s) died (%s) holding %d batches; running them again",
-                           m.index, gone.pid, reason, len(gone.lost))
+            logger.warning(
+                "pool worker %d (pid %s) died (%s) holding %d batches; running them again",
+                m.index,
+                gone.pid,
+                reason,
+                len(gone.lost),
+            )
         # What ran when the worker died: a plain function's batches run one after the other,
         # so the oldest it held; an async (or threaded) job's batches run together, so all of
         # them. The rest waited in its ring: they go again as they were.
@@ -400,7 +452,9 @@ class Driver:
                 continue
             if gone.before_ready or tag not in running:  # it never ran: not the items' fault
                 job.again.append(batch)
-            elif not self.died_with(batch, alone=gone.solo == tag, m=m, pid=gone.pid, reason=reason):
+            elif not self.died_with(
+                batch, alone=gone.solo == tag, m=m, pid=gone.pid, reason=reason
+            ):
                 continue
             self.counts["items_again"] += len(batch.items)
             if job not in self.jobs:
@@ -414,15 +468,19 @@ class Driver:
             m.start_after = 0.0
             self.fleet.start(m)
 
-    def died_with(self, batch: Batch, *, alone: bool, m: Member, pid: int | None, reason: str) -> bool:
+    def died_with(
+        self, batch: Batch, *, alone: bool, m: Member, pid: int | None, reason: str
+    ) -> bool:
         """``batch`` was running when its worker died: what it becomes by the pool's rule.
         False when it is given up (its item fails with WorkerLost)."""
         job = batch.job
         deaths, fate = DEATHS.after_death(batch.deaths, alone)
         if fate is Fate.GIVE_UP:
-            e = WorkerLost(f"pool worker {m.index} (pid {pid}) died ({reason}) while running this "
-                           f"call alone, after two workers died running it with others; the function "
-                           f"may end its process (os._exit, a crash in C code, the out-of-memory killer)")
+            e = WorkerLost(
+                f"pool worker {m.index} (pid {pid}) died ({reason}) while running this "
+                f"call alone, after two workers died running it with others; the function "
+                f"may end its process (os._exit, a crash in C code, the out-of-memory killer)"
+            )
             self.deliver(job, batch.start, [None], [(0, e)])
             self.maybe_finish(job)
             return False
@@ -437,7 +495,9 @@ class Driver:
         return True
 
     def shutdown(self) -> None:
-        error: BaseException = self.broken or PoolClosed("the pool was terminated before this call finished")
+        error: BaseException = self.broken or PoolClosed(
+            "the pool was terminated before this call finished"
+        )
         with self.lock:
             self.shut = True  # add() refuses from now on: the snapshot below is every job
         for job in list(self.live) + list(self.incoming):

@@ -46,21 +46,37 @@ DONE = object()
 class Job:
     """One call of map, imap, imap_unordered, submit or their async forms."""
 
-    def __init__(self, fn: Callable[..., Any], items: Iterable[Any], *, star: bool, batch_size: int | None,
-                 concurrency: int, deliver: Callable[[Any], None], length: int = 0, processes: int = 1,
-                 threads: bool = False) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        items: Iterable[Any],
+        *,
+        star: bool,
+        batch_size: int | None,
+        concurrency: int,
+        deliver: Callable[[Any], None],
+        length: int = 0,
+        processes: int = 1,
+        threads: bool = False,
+    ) -> None:
         try:
             self.fn_ref = pickle.dumps(fn, 5)
-        except Exception as e:  # noqa: BLE001 - lambdas, closures, bound methods of odd objects
-            raise TypeError(f"fn {fn!r} cannot be sent to the pool's workers ({e}); define it at module "
-                            f"level (a def, or functools.partial of one), as multiprocessing needs too") from e
+        except Exception as e:
+            raise TypeError(
+                f"fn {fn!r} cannot be sent to the pool's workers ({e}); define it at module "
+                f"level (a def, or functools.partial of one), as multiprocessing needs too"
+            ) from e
         coroutine = inspect.iscoroutinefunction(fn)
         #: its calls overlap in a worker (coroutines, or a plain function on threads: kind="io"),
         #: so it is sized by concurrency, not by measured cost
         self.is_async = coroutine or threads
-        self.flags = (codec.STAR if star else 0) | (codec.THREADS if threads and not coroutine else 0)
+        self.flags = (codec.STAR if star else 0) | (
+            codec.THREADS if threads and not coroutine else 0
+        )
         self.source: Iterator[Any] | None = iter(items)
-        self.seq: list[Any] | tuple[Any, ...] | None = items if isinstance(items, (list, tuple)) else None
+        self.seq: list[Any] | tuple[Any, ...] | None = (
+            items if isinstance(items, (list, tuple)) else None
+        )
         self.taken = 0  # items taken from the source
         self.length, self.processes = length, processes  # length: 0 when unknown
         self.outstanding = 0  # items sent whose results are not in
@@ -84,9 +100,18 @@ class Job:
         assert self.source is not None
         n = self.size
         if self.fixed is None and self.cost is not None and not self.is_async:
-            n = int(min(MAX_BATCH_ITEMS, max(1, BATCH_SECONDS / max(self.cost, 1e-9)), GROWTH * self.size))
+            n = int(
+                min(
+                    MAX_BATCH_ITEMS,
+                    max(1, BATCH_SECONDS / max(self.cost, 1e-9)),
+                    GROWTH * self.size,
+                )
+            )
             if self.length > self.taken:
-                tail = max((self.length - self.taken) / self.processes * TAIL_SHARE, TAIL_SECONDS / max(self.cost, 1e-9))
+                tail = max(
+                    (self.length - self.taken) / self.processes * TAIL_SHARE,
+                    TAIL_SECONDS / max(self.cost, 1e-9),
+                )
                 n = max(1, min(n, int(tail)))
         per_item = max(self.bytes_per_item, self.reply_bytes_per_item)
         if per_item:

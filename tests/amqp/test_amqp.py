@@ -71,15 +71,30 @@ class Rabbit:
         self.url, self.dir, self.out = url, tmp_path, tmp_path / "out.txt"
         self.q = f"fq-test-{uuid.uuid4().hex[:8]}"
         self.module = f"amqp_app_{self.q.replace('-', '_')}"
-        (tmp_path / f"{self.module}.py").write_text(textwrap.dedent(APP.format(url=url, out=str(self.out), q=self.q)))
+        (tmp_path / f"{self.module}.py").write_text(
+            textwrap.dedent(APP.format(url=url, out=str(self.out), q=self.q))
+        )
         sys.path.insert(0, str(tmp_path))
         self.app = __import__(self.module)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.log = open(tmp_path / "worker.log", "ab")
 
     def start(self, *args: str) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen([sys.executable, "-m", "fastq", "worker", f"{self.module}:app", "--log-level", "info",
-                                 *args], cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fastq",
+                "worker",
+                f"{self.module}:app",
+                "--log-level",
+                "info",
+                *args,
+            ],
+            cwd=self.dir,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         self.procs.append(proc)
         return proc
 
@@ -91,12 +106,18 @@ class Rabbit:
             assert all(p.poll() is None for p in self.procs), f"a worker exited: {self.logtext()}"
             return len(self.lines()) >= n
 
-        wait_until(done, timeout, lambda: f"{len(self.lines())} of {n} processed; log: {self.logtext()}")
+        wait_until(
+            done, timeout, lambda: f"{len(self.lines())} of {n} processed; log: {self.logtext()}"
+        )
 
     def wait_for_distinct(self, n: int, timeout: float = 120) -> None:
         """Until ``n`` different lines: a message processed twice (at least once) counts once."""
-        wait_until(lambda: len(set(self.lines())) >= n, timeout,
-                   lambda: f"{len(set(self.lines()))} of {n}; log: {self.logtext()}", interval=0.1)
+        wait_until(
+            lambda: len(set(self.lines())) >= n,
+            timeout,
+            lambda: f"{len(set(self.lines()))} of {n}; log: {self.logtext()}",
+            interval=0.1,
+        )
 
     def stop(self, proc: subprocess.Popen[bytes] | None = None, timeout: float = 60) -> int:
         proc = proc or self.procs[-1]
@@ -122,8 +143,12 @@ class Rabbit:
 
         try:
             for q in queues:
-                wait_until(lambda q=q: consumed(q), timeout, lambda q=q: f"no consumer on {q}: {self.logtext()}",
-                           interval=0.1)
+                wait_until(
+                    lambda q=q: consumed(q),
+                    timeout,
+                    lambda q=q: f"no consumer on {q}: {self.logtext()}",
+                    interval=0.1,
+                )
         finally:
             connection.close()
 
@@ -135,8 +160,11 @@ class Rabbit:
             connection.close()
 
     def workers(self, proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
-        return [p for p in psutil.Process(proc.pid).children()
-                if "spawn_main" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE]
+        return [
+            p
+            for p in psutil.Process(proc.pid).children()
+            if "spawn_main" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE
+        ]
 
     def close(self) -> None:
         for proc in self.procs:  # not the resource tracker: it unlinks the rings after the kill
@@ -159,9 +187,15 @@ class Rabbit:
 
 
 def _retry_queues(prefix: str) -> list[str]:
-    out = subprocess.run(["rabbitmqctl", "list_queues", "name", "--quiet"], capture_output=True, text=True,
-                         check=False).stdout
-    return [line.strip() for line in out.splitlines() if line.startswith(prefix) and ".retry." in line]
+    out = subprocess.run(
+        ["rabbitmqctl", "list_queues", "name", "--quiet"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    return [
+        line.strip() for line in out.splitlines() if line.startswith(prefix) and ".retry." in line
+    ]
 
 
 @pytest.fixture
@@ -192,12 +226,16 @@ def test_retries_and_dead_letters_are_counted_exactly(rabbit):
     rabbit.app.fine.send_many((i,) for i in range(100))
     connection, channel = _channel(rabbit.url)
     try:  # not a message of any task, nor msgpack
-        channel.basic_publish("", f"{rabbit.q}.poison", b"\xc1 garbage", pika.BasicProperties(delivery_mode=2))
+        channel.basic_publish(
+            "", f"{rabbit.q}.poison", b"\xc1 garbage", pika.BasicProperties(delivery_mode=2)
+        )
     finally:
         connection.close()
     rabbit.start("--processes", "2", "--queue", f"{rabbit.q}.poison")
     rabbit.wait_for_lines(20 * 3 + 100)
-    wait_until(lambda: rabbit.depth(f"{rabbit.q}.poison.dlq") >= 21, 30, rabbit.logtext, interval=0.1)
+    wait_until(
+        lambda: rabbit.depth(f"{rabbit.q}.poison.dlq") >= 21, 30, rabbit.logtext, interval=0.1
+    )
     assert rabbit.stop() == 0
     words = collections.Counter(line.split()[0] for line in rabbit.lines())
     assert words == {"flaky": 60, "fine": 100}  # each flaky one: the first try and 2 retries
@@ -215,8 +253,13 @@ def test_retries_and_dead_letters_are_counted_exactly(rabbit):
     garbage = [h for h, body in dead if body == b"\xc1 garbage"]
     assert len(garbage) == 1 and garbage[0]["x-fastq-reason"].startswith("undecodable")
     failed = [h for h, body in dead if body != b"\xc1 garbage"]
-    assert all(h["x-fastq-exception"] == "ValueError" and h["x-fastq-attempts"] == 3
-               and h["x-fastq-retries"] == 2 and "always fails" in h["x-fastq-reason"] for h in failed)
+    assert all(
+        h["x-fastq-exception"] == "ValueError"
+        and h["x-fastq-attempts"] == 3
+        and h["x-fastq-retries"] == 2
+        and "always fails" in h["x-fastq-reason"]
+        for h in failed
+    )
     assert rabbit.depth(f"{rabbit.q}.poison") == 0
 
 
@@ -226,14 +269,18 @@ def test_a_plain_pika_producer_feeds_a_fastq_consumer_fairly(rabbit):
     try:
         channel.queue_declare(f"{rabbit.q}.raw", durable=True)
         for i in range(2000):
-            channel.basic_publish("", f"{rabbit.q}.raw", b"task %d" % i, pika.BasicProperties(delivery_mode=2))
+            channel.basic_publish(
+                "", f"{rabbit.q}.raw", b"task %d" % i, pika.BasicProperties(delivery_mode=2)
+            )
     finally:
         connection.close()
     rabbit.start("--processes", "2", "--queue", f"{rabbit.q}.raw")
     rabbit.wait_for_lines(2000)
     assert rabbit.stop() == 0
     lines = rabbit.lines()
-    assert sorted(line.split(" ", 1)[1] for line in lines) == sorted(f"task {i}" for i in range(2000))
+    assert sorted(line.split(" ", 1)[1] for line in lines) == sorted(
+        f"task {i}" for i in range(2000)
+    )
     per_worker = collections.Counter(line.split(" ", 1)[0] for line in lines)
     assert len(per_worker) == 2 and min(per_worker.values()) > 200  # both workers took a share
 
@@ -248,7 +295,8 @@ def test_what_fastq_publishes_is_a_standard_amqp_message(rabbit):
     assert method is not None
     assert props.delivery_mode == 2 and props.message_id == message_id
     assert props.content_type == "application/msgpack"
-    envelope = msgspec.msgpack.decode(body)  # any msgpack reader: [id, task, args, enqueued_at, ...]
+    # any msgpack reader: [id, task, args, enqueued_at, ...]
+    envelope = msgspec.msgpack.decode(body)
     assert envelope[:3] == [message_id, rabbit.app.record.name, [42]]
 
 
@@ -261,7 +309,9 @@ def test_rabbitmq_restarted_mid_run_loses_nothing(rabbit):
         time.sleep(2)
     finally:  # CI and the next test use this RabbitMQ: it always comes back
         subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True, timeout=120)
-        subprocess.run(["rabbitmqctl", "await_startup"], check=False, capture_output=True, timeout=120)
+        subprocess.run(
+            ["rabbitmqctl", "await_startup"], check=False, capture_output=True, timeout=120
+        )
     rabbit.wait_for_distinct(20_000, timeout=180)
     assert rabbit.stop() == 0
     assert set(rabbit.lines()) == {str(i) for i in range(20_000)}  # at least once: some twice
@@ -336,8 +386,22 @@ def test_queue_depth_and_fastq_stats(rabbit):
 
     d = asyncio.run(depth())
     assert (d.ready, d.unacked, d.dead, d.consumers) == (300, 0, 0, 0)
-    out = subprocess.run([sys.executable, "-m", "fastq", "stats", f"{rabbit.module}:app", "--queue", rabbit.q,
-                          "--json"], cwd=rabbit.dir, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastq",
+            "stats",
+            f"{rabbit.module}:app",
+            "--queue",
+            rabbit.q,
+            "--json",
+        ],
+        cwd=rabbit.dir,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert json.loads(out)[rabbit.q]["ready"] == 300
 
 
@@ -354,11 +418,13 @@ def _record(line: bytes) -> None:
     os.write(fd, line)
     os.close(fd)
 
-@app.task(queue=Q + ".topic", exchange=Q + ".x", exchange_kind="topic", routing_key="orders.*", kind="io")
+@app.task(queue=Q + ".topic", exchange=Q + ".x", exchange_kind="topic", routing_key="orders.*",
+          kind="io")
 async def order(n: int) -> None:
     _record(b"order %d\\n" % n)
 
-@app.consumer(Q + ".topic-raw", exchange=Q + ".x", exchange_kind="topic", routing_key="orders.*", kind="io")
+@app.consumer(Q + ".topic-raw", exchange=Q + ".x", exchange_kind="topic", routing_key="orders.*",
+              kind="io")
 async def order_raw(body: bytes) -> None:
     _record(b"topic-raw %s\\n" % (body if body == b"c" else b"envelope"))
 
@@ -391,7 +457,9 @@ TOPOLOGY_QUEUES = [".topic", ".topic-raw", ".f1", ".f2", ".h", ".quorum", ".sac"
 def topology(tmp_path, amqp_url):
     r = Rabbit(tmp_path, amqp_url)
     r.module = f"amqp_topo_{r.q.replace('-', '_')}"
-    (tmp_path / f"{r.module}.py").write_text(textwrap.dedent(TOPOLOGY.format(url=amqp_url, out=str(r.out), q=r.q)))
+    (tmp_path / f"{r.module}.py").write_text(
+        textwrap.dedent(TOPOLOGY.format(url=amqp_url, out=str(r.out), q=r.q))
+    )
     r.app = __import__(r.module)
     yield r
     connection, channel = _channel(amqp_url)
@@ -420,10 +488,18 @@ def test_exchanges_of_every_kind_route_to_their_queues(topology):
         channel.basic_publish(r.q + ".x", "invoices.created", b"nobody binds this", persistent)
         for i in range(10):
             channel.basic_publish(r.q + ".fan", "", b"%d" % i, persistent)
-        channel.basic_publish(r.q + ".hx", "", b"invoice", pika.BasicProperties(delivery_mode=2,
-                                                                                 headers={"kind": "invoice"}))
-        channel.basic_publish(r.q + ".hx", "", b"receipt", pika.BasicProperties(delivery_mode=2,
-                                                                                headers={"kind": "receipt"}))
+        channel.basic_publish(
+            r.q + ".hx",
+            "",
+            b"invoice",
+            pika.BasicProperties(delivery_mode=2, headers={"kind": "invoice"}),
+        )
+        channel.basic_publish(
+            r.q + ".hx",
+            "",
+            b"receipt",
+            pika.BasicProperties(delivery_mode=2, headers={"kind": "receipt"}),
+        )
     finally:
         connection.close()
     # both topic queues get the task's message and "c" (which the task's queue dead-letters:
@@ -432,7 +508,9 @@ def test_exchanges_of_every_kind_route_to_their_queues(topology):
     wait_until(lambda: r.depth(r.q + ".topic.dlq") >= 1, 30, r.logtext, interval=0.1)
     assert r.stop(proc) == 0
     assert collections.Counter(r.lines()) == collections.Counter(
-        ["order 1", "topic-raw envelope", "topic-raw c", "h invoice"] + [f"f{k} {i}" for k in (1, 2) for i in range(10)])
+        ["order 1", "topic-raw envelope", "topic-raw c", "h invoice"]
+        + [f"f{k} {i}" for k in (1, 2) for i in range(10)]
+    )
 
 
 def test_quorum_and_single_active_consumer_queues(topology):
@@ -440,8 +518,12 @@ def test_quorum_and_single_active_consumer_queues(topology):
     r.app.replicated.send_many((i,) for i in range(50))
     for start in range(0, 2000, 1000):
         r.app.one_at_a_time.send_many((i,) for i in range(start, start + 1000))
-    types = subprocess.run(["rabbitmqctl", "list_queues", "name", "type", "--quiet"], capture_output=True,
-                           text=True, check=True).stdout
+    types = subprocess.run(
+        ["rabbitmqctl", "list_queues", "name", "type", "--quiet"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert f"{r.q}.quorum\tquorum" in types
     a = r.start("--processes", "1", "--queue", r.q + ".quorum", "--queue", r.q + ".sac")
     b = r.start("--processes", "1", "--queue", r.q + ".sac")
@@ -450,7 +532,9 @@ def test_quorum_and_single_active_consumer_queues(topology):
     sac = [line.split() for line in r.lines() if line.startswith("sac ")]
     assert sorted(int(n) for _, n, _ in sac) == list(range(2000))
     assert len({pid for _, _, pid in sac}) == 1  # one consumer had them all
-    assert sorted(line for line in r.lines() if line.startswith("quorum")) == sorted(f"quorum {i}" for i in range(50))
+    assert sorted(line for line in r.lines() if line.startswith("quorum")) == sorted(
+        f"quorum {i}" for i in range(50)
+    )
 
 
 def test_a_queue_declared_otherwise_is_a_clear_error(topology):

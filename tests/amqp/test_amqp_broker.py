@@ -29,7 +29,8 @@ def _messages(n: int, start: int = 0) -> list[Message]:
 
 
 async def _drain(broker, queue: str, n: int, *, unique: set[str] | None = None) -> list:
-    """Fetch and ack until ``n`` deliveries came (or, given ``unique``, until it holds ``n`` ids)."""
+    """Fetch and ack until ``n`` deliveries came (or, given ``unique``, until it holds ``n``
+    ids)."""
     got = []
     deadline = asyncio.get_running_loop().time() + 30
     while (len(got) if unique is None else len(unique)) < n:
@@ -43,7 +44,9 @@ async def _drain(broker, queue: str, n: int, *, unique: set[str] | None = None) 
     return got
 
 
-def test_a_prefetch_change_reaches_the_running_consumer_with_nothing_lost_or_doubled(amqp_url, queue):
+def test_a_prefetch_change_reaches_the_running_consumer_with_nothing_lost_or_doubled(
+    amqp_url, queue
+):
     async def main():
         broker = open_broker(amqp_url)
         await broker.open()
@@ -54,7 +57,8 @@ def test_a_prefetch_change_reaches_the_running_consumer_with_nothing_lost_or_dou
         await asyncio.sleep(0.3)
         first += await broker.fetch(queue, 100, timeout=0.1)
         assert len(first) == 10  # unacked, RabbitMQ holds the rest back: qos 10
-        await broker.prefetch(queue, 50)  # a new consumer on the same channel, the old one cancelled
+        # a new consumer on the same channel, the old one cancelled
+        await broker.prefetch(queue, 50)
         await asyncio.sleep(0.3)
         second = await broker.fetch(queue, 100, timeout=0.1)
         assert len(second) == 50
@@ -83,7 +87,9 @@ def test_a_consumer_rabbitmq_takes_away_is_rebuilt(amqp_url, queue):
         consumer = broker.consumers.by_queue[queue]
         await consumer.channel.basic_cancel(consumer.tag)  # as RabbitMQ does when it cancels one
         await _drain(broker, queue, 60, unique=seen)
-        await broker.consumers.by_queue[queue].channel.close()  # as RabbitMQ does on a channel error
+        await broker.consumers.by_queue[
+            queue
+        ].channel.close()  # as RabbitMQ does on a channel error
         await _drain(broker, queue, 100, unique=seen)  # what the closed channel held comes again
         assert seen == {f"m{i}" for i in range(100)}
         await asyncio.sleep(0.2)
@@ -104,15 +110,19 @@ def test_publishing_survives_a_channel_error_and_a_deleted_queue(amqp_url, queue
         connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
         connection.channel().queue_delete(queue)
         connection.close()
-        await broker.publish(queue, _messages(5, 5))  # returned (no queue), declared again, published
+        # returned (no queue), declared again, published
+        await broker.publish(queue, _messages(5, 5))
         depth = await broker.queue_depth(queue)
-        assert depth.ready == 5  # the first five went with the deleted queue; the next five are here
+        # the first five went with the deleted queue; the next five are here
+        assert depth.ready == 5
         await broker.close()
 
     asyncio.run(main())
 
 
-def test_the_watchdog_rebuilds_a_consumer_that_gets_nothing_while_messages_wait(amqp_url, queue, monkeypatch):
+def test_the_watchdog_rebuilds_a_consumer_that_gets_nothing_while_messages_wait(
+    amqp_url, queue, monkeypatch
+):
     from fastq.broker.amqp import consumer
 
     monkeypatch.setattr(consumer, "WATCHDOG_SECONDS", 0.5)

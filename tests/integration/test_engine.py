@@ -7,6 +7,7 @@ count exactly what was processed, and how often.
 from __future__ import annotations
 
 import collections
+import itertools
 import signal
 import subprocess
 import sys
@@ -104,7 +105,8 @@ def big(text: str) -> None:
 
 if __name__ == "__main__":  # python engine_app.py QUEUE...: the library's own entry point
     import logging, sys
-    logging.basicConfig(level="INFO", format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level="INFO",
+                        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
     sys.exit(app.run(sys.argv[1:] or None, log_level="INFO"))
 """
 
@@ -112,7 +114,9 @@ if __name__ == "__main__":  # python engine_app.py QUEUE...: the library's own e
 class Engine:
     def __init__(self, tmp_path: Path) -> None:
         self.dir, self.out = tmp_path, tmp_path / "out.txt"
-        (tmp_path / "engine_app.py").write_text(textwrap.dedent(APP.format(db=tmp_path / "q.db", out=str(self.out))))
+        (tmp_path / "engine_app.py").write_text(
+            textwrap.dedent(APP.format(db=tmp_path / "q.db", out=str(self.out)))
+        )
         sys.path.insert(0, str(tmp_path))
         import engine_app
 
@@ -121,14 +125,22 @@ class Engine:
 
     def start(self, *args: str) -> None:
         self.log = open(self.dir / "worker.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "fastq", "worker", "engine_app:app", *args],
-                                     cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fastq", "worker", "engine_app:app", *args],
+            cwd=self.dir,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
 
     def start_script(self, *args: str) -> None:
         """``python engine_app.py``: the app runs its own workers with ``app.run()``."""
         self.log = open(self.dir / "worker.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, "engine_app.py", *args],
-                                     cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "engine_app.py", *args],
+            cwd=self.dir,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
 
     def workers(self) -> list[psutil.Process]:
         """The worker processes (not multiprocessing's resource tracker, also a child)."""
@@ -156,10 +168,16 @@ class Engine:
             assert self.proc is None or self.proc.poll() is None, f"worker exited: {self.logtext()}"
             return self.line_count() >= n
 
-        wait_until(done, timeout, lambda: f"{self.line_count()} of {n} processed; log: {self.logtext()}")
+        wait_until(
+            done, timeout, lambda: f"{self.line_count()} of {n} processed; log: {self.logtext()}"
+        )
 
     def wait_for_log(self, text: str, count: int = 1, timeout: float = 60) -> None:
-        wait_until(lambda: (self.dir / "worker.log").read_text().count(text) >= count, timeout, self.logtext)
+        wait_until(
+            lambda: (self.dir / "worker.log").read_text().count(text) >= count,
+            timeout,
+            self.logtext,
+        )
 
     def stop(self, timeout: float = 60, signum: int = signal.SIGTERM) -> int:
         assert self.proc is not None
@@ -212,7 +230,9 @@ def test_bad_and_failing_messages_are_dead_lettered_with_reasons_while_the_rest_
     import fastq.message as m
 
     broker.publish_sync("poison", [Message(m.encode("no.such.task", (1,))[1], "unknown")])
-    broker.publish_sync("poison", [Message(m.encode(engine.app.fine.name, ("not an int",))[1], "invalid")])
+    broker.publish_sync(
+        "poison", [Message(m.encode(engine.app.fine.name, ("not an int",))[1], "invalid")]
+    )
     flaky_id = engine.app.flaky.send(7)
     gone_id = engine.app.gone.send(8)
     engine.app.fine.send_many((i,) for i in range(100))
@@ -224,9 +244,13 @@ def test_bad_and_failing_messages_are_dead_lettered_with_reasons_while_the_rest_
     assert set(reasons) == {"garbage", "unknown", "invalid", flaky_id, gone_id}
     # a CancelledError a handler lets out (not its own task's) is its failure: retried, then dead
     assert reasons[gone_id] == "CancelledError: upstream went away (after 2 attempts)"
-    assert reasons["garbage"].startswith("undecodable: body of 13 bytes is not a fastq task envelope")
+    assert reasons["garbage"].startswith(
+        "undecodable: body of 13 bytes is not a fastq task envelope"
+    )
     assert reasons["unknown"].startswith("unknown task 'no.such.task'")
-    assert reasons["invalid"].startswith(f"invalid arguments for {engine.app.fine.name}: Expected `int`, got `str`")
+    assert reasons["invalid"].startswith(
+        f"invalid arguments for {engine.app.fine.name}: Expected `int`, got `str`"
+    )
     assert reasons[flaky_id] == "RuntimeError: always fails 7 (after 3 attempts)"
     lines = engine.lines()
     assert lines.count("flaky") == 3 and lines.count("fine") == 100 and lines.count("gone") == 2
@@ -240,8 +264,13 @@ def test_workers_killed_three_times_lose_nothing(engine):
         victim = engine.workers()[0]
         victim.kill()  # SIGKILL
         # the supervisor reaps it and starts another
-        wait_until(lambda: victim.pid not in [w.pid for w in engine.workers()] and len(engine.workers()) >= 2,
-                   10, engine.logtext)
+        wait_until(
+            lambda victim=victim: (
+                victim.pid not in [w.pid for w in engine.workers()] and len(engine.workers()) >= 2
+            ),
+            10,
+            engine.logtext,
+        )
     engine.wait_for_lines(20_000)
     assert engine.stop() == 0
     counts = collections.Counter(engine.lines())
@@ -275,7 +304,7 @@ def test_a_sigkilled_supervisor_loses_nothing_and_leaves_no_worker_behind(engine
     engine.proc.wait()
     engine.proc = None
     engine.log.close()
-    gone, alive = psutil.wait_procs(workers, timeout=10)  # they see the ring's producer gone
+    _gone, alive = psutil.wait_procs(workers, timeout=10)  # they see the ring's producer gone
     assert alive == []
     engine.start("--processes", "2", "--prefetch", "256", "--concurrency", "32", "--broker", broker)
     engine.wait_for_lines(20_000)
@@ -293,8 +322,9 @@ def test_a_sigkilled_supervisor_loses_nothing_and_leaves_no_worker_behind(engine
     ],
     ids=["by-task-count", "by-memory"],
 )
-def test_recycled_workers_make_progress_and_lose_or_double_nothing(engine, monkeypatch, setting, value,
-                                                                   messages, log_line, recycles):
+def test_recycled_workers_make_progress_and_lose_or_double_nothing(
+    engine, monkeypatch, setting, value, messages, log_line, recycles
+):
     monkeypatch.setenv(setting, value)
     enqueue(engine, messages)
     engine.start("--processes", "2", "--prefetch", "256", "--concurrency", "32")
@@ -306,9 +336,12 @@ def test_recycled_workers_make_progress_and_lose_or_double_nothing(engine, monke
     assert len(counts) == messages and set(counts.values()) == {1}
     log = (engine.dir / "worker.log").read_text()
     assert log.count(log_line) >= recycles
-    events = [("go" if "may recycle now" in line else "back") for line in log.splitlines()
-              if "may recycle now" in line or " is back" in line]
-    assert all(a != b for a, b in zip(events, events[1:])), events
+    events = [
+        ("go" if "may recycle now" in line else "back")
+        for line in log.splitlines()
+        if "may recycle now" in line or " is back" in line
+    ]
+    assert all(a != b for a, b in itertools.pairwise(events)), events
 
 
 def test_a_bad_broker_url_is_one_line_and_exit_2(engine):
@@ -317,10 +350,15 @@ def test_a_bad_broker_url_is_one_line_and_exit_2(engine):
     engine.proc = None
     engine.log.close()
     log = (engine.dir / "worker.log").read_text().strip()
-    assert log == "fastq worker: unknown broker URL 'redis://user:***@host/0'; expected sqlite:///path, memory:// or amqp://user:pass@host:port/vhost"
+    assert log == (
+        "fastq worker: unknown broker URL 'redis://user:***@host/0'; expected sqlite:///path, "
+        "memory:// or amqp://user:pass@host:port/vhost"
+    )
 
 
-def test_a_message_that_kills_its_worker_three_times_and_an_oversized_one_are_dead_lettered(engine, monkeypatch):
+def test_a_message_that_kills_its_worker_three_times_and_an_oversized_one_are_dead_lettered(
+    engine, monkeypatch
+):
     monkeypatch.setenv("FASTQ_MAX_MESSAGE_BYTES", "1000")
     killer = engine.app.crash.send(1)
     oversized = engine.app.big.send("x" * 5000)
@@ -332,7 +370,9 @@ def test_a_message_that_kills_its_worker_three_times_and_an_oversized_one_are_de
     assert engine.stop() == 0
     reasons = {d.message_id: d.reason for d in broker.dead_letters("poison")}
     assert reasons[killer] == "killed its worker 3 times (last exit code -9)"
-    assert reasons[oversized].startswith("message of ") and reasons[oversized].endswith("bytes exceeds max_message_bytes=1000")
+    assert reasons[oversized].startswith("message of ") and reasons[oversized].endswith(
+        "bytes exceeds max_message_bytes=1000"
+    )
     lines = engine.lines()
     assert (lines.count("crash"), lines.count("fine"), lines.count("big")) == (3, 50, 0)
 
@@ -351,7 +391,11 @@ def test_workers_that_cannot_start_cost_no_message_and_back_off(engine, monkeypa
     assert engine.app.app.broker.dead_letters("poison") == []
     import sqlite3
 
-    (n,) = sqlite3.connect(engine.dir / "q.db").execute("SELECT count(*) FROM fastq_messages").fetchone()
+    (n,) = (
+        sqlite3.connect(engine.dir / "q.db")
+        .execute("SELECT count(*) FROM fastq_messages")
+        .fetchone()
+    )
     assert n == 10 and engine.lines() == []
 
 
@@ -370,7 +414,9 @@ def test_arguments_that_are_not_valid_utf8_are_dead_at_once(engine):
     engine.wait_for_lines(1)  # fine(1); the bad one wrote nothing
     assert engine.stop() == 0
     (d,) = broker.dead_letters("poison")
-    assert d.message_id == "bad-utf8" and d.reason.startswith(f"invalid arguments for {engine.app.big.name}:")
+    assert d.message_id == "bad-utf8" and d.reason.startswith(
+        f"invalid arguments for {engine.app.big.name}:"
+    )
     assert d.attempts == 1
 
 
@@ -387,7 +433,9 @@ def test_ten_producer_processes_enqueueing_while_the_engine_runs_lose_nothing(en
 
     engine.start("--processes", "2", "--prefetch", "512", "--concurrency", "64")
     ctx = multiprocessing.get_context("spawn")
-    producers = [ctx.Process(target=_produce_into, args=(str(engine.dir), p, 2_000)) for p in range(10)]
+    producers = [
+        ctx.Process(target=_produce_into, args=(str(engine.dir), p, 2_000)) for p in range(10)
+    ]
     for p in producers:
         p.start()
     for p in producers:
@@ -405,10 +453,14 @@ def test_a_task_set_to_one_process_runs_on_one_worker_while_others_use_both(engi
     # filled once the two workers are up (one that starts late on a loaded machine would
     # otherwise find the queue drained by the other)
     engine.start("--processes", "2", "--queue", "solo", "--queue", "both", "--log-level", "info")
-    wait_until(lambda: all(f"worker {i} pinned" in engine.logtext() for i in (0, 1)), 60, engine.logtext)
+    wait_until(
+        lambda: all(f"worker {i} pinned" in engine.logtext() for i in (0, 1)), 60, engine.logtext
+    )
     engine.app.app.broker.publish_sync("solo", [engine.app.where.message(i) for i in range(2_000)])
     for start in range(0, 20_000, 2_000):  # enough to outlast an app import of the slower one
-        engine.app.app.broker.publish_sync("both", [engine.app.anywhere.message(i) for i in range(start, start + 2_000)])
+        engine.app.app.broker.publish_sync(
+            "both", [engine.app.anywhere.message(i) for i in range(start, start + 2_000)]
+        )
     engine.wait_for_lines(22_000)
     assert engine.stop() == 0
     # Then each message ran once, the solo queue on exactly one worker process, the other on two
@@ -417,7 +469,8 @@ def test_a_task_set_to_one_process_runs_on_one_worker_while_others_use_both(engi
     for who in words[::2]:
         pids[who.split("-")[0]].add(who)
     assert collections.Counter(words[1::2]) == collections.Counter(
-        [str(i) for i in range(2_000)] + [str(i) for i in range(20_000)])
+        [str(i) for i in range(2_000)] + [str(i) for i in range(20_000)]
+    )
     assert len(pids["solo"]) == 1 and len(pids["both"]) == 2
     assert "queue 'solo': worker processes [0] (set by you: 1 of 2)" in engine.logtext()
 
@@ -451,13 +504,21 @@ def test_autosize_raises_the_concurrency_of_a_waiting_io_queue_and_loses_nothing
     counts = collections.Counter(engine.lines())
     assert len(counts) == 6_000 and set(counts.values()) == {1}
     log = (engine.dir / "worker.log").read_text()
-    first = re.search(r"autosize: queue 'slow': cores (\d+)% busy while \d+ messages wait: "
-                      r"concurrency \+(\d+); concurrency (\d+), prefetch (\d+)", log)
+    first = re.search(
+        r"autosize: queue 'slow': cores (\d+)% busy while \d+ messages wait: "
+        r"concurrency \+(\d+); concurrency (\d+), prefetch (\d+)",
+        log,
+    )
     assert first, log[-3000:]
     concurrency = int(first[3])
-    assert concurrency == 4 + int(first[2]) and concurrency >= 8 and int(first[4]) == 5 * concurrency
+    assert (
+        concurrency == 4 + int(first[2]) and concurrency >= 8 and int(first[4]) == 5 * concurrency
+    )
     slots = (concurrency + 1) // 2  # the busier of the two workers
-    assert f"worker 0: {slots} handler slots (was 2)" in log and f"worker 1: {slots} handler slots (was 2)" in log
+    assert (
+        f"worker 0: {slots} handler slots (was 2)" in log
+        and f"worker 1: {slots} handler slots (was 2)" in log
+    )
     assert "recycled" not in log  # new slots are not a go-ahead to leave
 
 
@@ -477,13 +538,19 @@ def test_autosize_follows_io_work_that_turns_cpu_bound_mid_run(engine):
     import re
 
     # Given waiting handlers: the controller raises concurrency from the formula's 4
-    for start in range(0, 120_000, 20_000):  # enough work to outlast the whole reaction on a loaded machine
-        engine.app.app.broker.publish_sync("shift", [engine.app.shift.message(i) for i in range(start, start + 20_000)])
+    for start in range(
+        0, 120_000, 20_000
+    ):  # enough work to outlast the whole reaction on a loaded machine
+        engine.app.app.broker.publish_sync(
+            "shift", [engine.app.shift.message(i) for i in range(start, start + 20_000)]
+        )
     engine.start("--processes", "2", "--queue", "shift", "--log-level", "info")
     log = engine.dir / "worker.log"
 
     def concurrency_now() -> int:
-        found = re.findall(r"autosize: queue 'shift': .*; concurrency (\d+), prefetch", log.read_text())
+        found = re.findall(
+            r"autosize: queue 'shift': .*; concurrency (\d+), prefetch", log.read_text()
+        )
         return int(found[-1]) if found else 4
 
     wait_until(lambda: concurrency_now() >= 32, 60, engine.logtext, interval=0.2)
@@ -503,9 +570,14 @@ def test_auto_handlers_measured_cpu_bound_move_their_queue_to_the_cpu_rules(engi
     engine.wait_for_lines(3_000)
     assert engine.stop() == 0
     log = (engine.dir / "worker.log").read_text()
-    assert "queue 'guess' (io): concurrency 4 (io: min(100, cores x 2) with 2 cores; auto starts as io" in log
-    assert ("autosize: queue 'guess': its handlers measured CPU-bound (on-CPU" in log
-            and "now cpu, one handler per core it runs on; concurrency 2, prefetch 4" in log)
+    assert (
+        "queue 'guess' (io): concurrency 4 (io: min(100, cores x 2) with 2 cores; auto starts as io"
+        in log
+    )
+    assert (
+        "autosize: queue 'guess': its handlers measured CPU-bound (on-CPU" in log
+        and "now cpu, one handler per core it runs on; concurrency 2, prefetch 4" in log
+    )
     assert collections.Counter(engine.lines()) == collections.Counter(str(i) for i in range(3_000))
 
 
@@ -514,31 +586,43 @@ def test_two_busy_io_queues_share_the_hosts_handlers(engine):
 
     for q, task in (("slow", engine.app.slow), ("shift", engine.app.shift)):
         for start in range(0, 40_000, 5_000):
-            engine.app.app.broker.publish_sync(q, [task.message(i) for i in range(start, start + 5_000)])
+            engine.app.app.broker.publish_sync(
+                q, [task.message(i) for i in range(start, start + 5_000)]
+            )
     engine.start("--processes", "2", "--queue", "slow", "--queue", "shift", "--log-level", "info")
     log = engine.dir / "worker.log"
 
     def highest(queue: str) -> int:
-        found = re.findall(rf"autosize: queue '{queue}': .*; concurrency (\d+), prefetch", log.read_text())
+        found = re.findall(
+            rf"autosize: queue '{queue}': .*; concurrency (\d+), prefetch", log.read_text()
+        )
         return max(map(int, found), default=4)
 
     # each climbs to its half of 100
-    wait_until(lambda: highest("slow") >= 50 and highest("shift") >= 50, 90, engine.logtext, interval=0.2)
+    wait_until(
+        lambda: highest("slow") >= 50 and highest("shift") >= 50, 90, engine.logtext, interval=0.2
+    )
     time.sleep(4)  # two more looks: no further
     assert engine.stop() == 0
     assert highest("slow") == 50 and highest("shift") == 50, log.read_text()[-3000:]
 
 
-def test_a_busy_cpu_queue_takes_its_share_of_the_cores_beside_a_busy_io_queue_then_all_of_them(engine):
+def test_a_busy_cpu_queue_takes_its_share_of_the_cores_beside_a_busy_io_queue_then_all_of_them(
+    engine,
+):
     import asyncio
 
     # Given CPU work (one handler per core: 2 on 2 workers) and waiting I/O work of the same
     # weight (50 ms each: 10,000 take 5 s or more at 100 at once), both with a backlog
     total = 40_000
     for start in range(0, 10_000, 5_000):
-        engine.app.app.broker.publish_sync("lazy", [engine.app.lazy.message(i) for i in range(start, start + 5_000)])
+        engine.app.app.broker.publish_sync(
+            "lazy", [engine.app.lazy.message(i) for i in range(start, start + 5_000)]
+        )
     for start in range(0, total, 10_000):
-        engine.app.app.broker.publish_sync("crunch", [engine.app.crunch.message(i) for i in range(start, start + 10_000)])
+        engine.app.app.broker.publish_sync(
+            "crunch", [engine.app.crunch.message(i) for i in range(start, start + 10_000)]
+        )
     engine.start("--processes", "2", "--queue", "lazy", "--queue", "crunch", "--log-level", "info")
 
     def crunch_pids(after: int) -> tuple[int, collections.Counter[str]]:
@@ -553,17 +637,24 @@ def test_a_busy_cpu_queue_takes_its_share_of_the_cores_beside_a_busy_io_queue_th
 
     # Then while both are busy the CPU queue gets one core of the two, and runs on one worker:
     # after the change, worker 1 only finishes what it already had (at most its prefetch of 4)
-    wait_for("autosize: queue 'crunch': its share of the host's 2 cores beside the other busy queues is 1: "
-             "concurrency down to 1")
+    wait_for(
+        "autosize: queue 'crunch': its share of the host's 2 cores beside the other busy queues is "
+        "1: "
+        "concurrency down to 1"
+    )
     wait_for("queue 'crunch' now runs on worker processes [0] (one per CPU handler of its 1)")
     mark, _ = crunch_pids(0)
     wait_for_crunch(mark + 300)
-    assert sum(1 for w in engine.lines() if not w.startswith("crunch-")) < 10_000, "the I/O queue drained first"
+    assert sum(1 for w in engine.lines() if not w.startswith("crunch-")) < 10_000, (
+        "the I/O queue drained first"
+    )
     counts = crunch_pids(mark)[1].most_common()
     assert counts[0][1] >= 296 and sum(n for _, n in counts[1:]) <= 4, counts
     # And once the I/O queue keeps up (nothing of it waited for 4 s: at most its prefetch of
     # 1,000 is still running), the CPU queue has both cores again, on both workers
-    wait_for("its share of the host's 2 cores beside the other busy queues is 2: concurrency up to 2")
+    wait_for(
+        "its share of the host's 2 cores beside the other busy queues is 2: concurrency up to 2"
+    )
     assert sum(1 for w in engine.lines() if not w.startswith("crunch-")) >= 9_000
     wait_for("queue 'crunch' now runs on worker processes [0, 1] (one per CPU handler of its 2)")
     mark, _ = crunch_pids(0)
@@ -578,5 +669,6 @@ def test_a_busy_cpu_queue_takes_its_share_of_the_cores_beside_a_busy_io_queue_th
     assert set(done.values()) == {1}
     depth = asyncio.run(engine.app.app.queue_depth("crunch"))
     assert (depth.unacked, len(done) + depth.ready) == (0, total)
-    assert collections.Counter(w for w in words if not w.startswith("crunch-")) == collections.Counter(
-        str(i) for i in range(10_000))
+    assert collections.Counter(
+        w for w in words if not w.startswith("crunch-")
+    ) == collections.Counter(str(i) for i in range(10_000))

@@ -53,14 +53,21 @@ def pool():
 
 
 scalars = st.one_of(
-    st.integers(-(2**63), 2**64 - 1), st.floats(allow_nan=False), st.text(max_size=20), st.binary(max_size=20),
-    st.none(), st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.floats(allow_nan=False),
+    st.text(max_size=20),
+    st.binary(max_size=20),
+    st.none(),
+    st.booleans(),
 )
 anything = st.one_of(
-    scalars, st.integers(-(2**80), 2**80), st.tuples(st.integers(), st.text(max_size=3)),
-    st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=3),
-    st.frozensets(st.integers(), max_size=3), st.builds(Point, st.integers(-(2**63), 2**63 - 1),
-                                                        st.tuples(st.text(max_size=3))),
+    scalars,
+    st.integers(-(2**80), 2**80),
+    st.tuples(st.integers(), st.text(max_size=3)),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=3),
+    st.frozensets(st.integers(), max_size=3),
+    st.builds(Point, st.integers(-(2**63), 2**63 - 1), st.tuples(st.text(max_size=3))),
 )
 batches = st.one_of(
     st.lists(st.integers(-(2**63), 2**63 - 1), max_size=400),  # msgpack both ways
@@ -70,7 +77,9 @@ batches = st.one_of(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(xs=batches, batch_size=st.sampled_from(["auto", 1, 7]))
 def test_results_equal_a_local_loop(pool, xs, batch_size):
     expected = [poolfns.describe(x) for x in xs]  # the type and repr the worker saw
@@ -202,7 +211,9 @@ def test_kind_io_runs_plain_functions_in_threads():
         pids = p.map(poolfns.blocking_sleep, [0.2] * 100)
         took = time.monotonic() - started
     assert set(pids) == set(p.pids) - {None} or len(set(pids)) == p.processes
-    assert took < 5.0, f"100 blocking sleeps of 0.2 s on {p.processes} x 50 threads took {took:.1f} s"
+    assert took < 5.0, (
+        f"100 blocking sleeps of 0.2 s on {p.processes} x 50 threads took {took:.1f} s"
+    )
 
 
 def test_sigkill_of_a_worker_mid_map_loses_nothing():
@@ -262,7 +273,9 @@ def test_close_join_terminate():
     with pytest.raises(ValueError, match="close"):
         p.join()
     result = []
-    t = threading.Thread(target=lambda: result.append(_catch(lambda: p.map(poolfns.spin, range(10_000_000)))))
+    t = threading.Thread(
+        target=lambda: result.append(_catch(lambda: p.map(poolfns.spin, range(10_000_000))))
+    )
     t.start()
     time.sleep(0.5)
     p.terminate()
@@ -302,7 +315,8 @@ def test_bad_input_says_what_to_change(pool):
         SEEN_PIDS.update(small.pids)
         with pytest.raises(fastq.ConfigError, match="ring_bytes"):
             small.map(poolfns.identity, [b"x" * 100_000])
-        assert small.map(poolfns.identity, [b"x" * 10_000] * 50) == [b"x" * 10_000] * 50  # split to fit
+        # split to fit
+        assert small.map(poolfns.identity, [b"x" * 10_000] * 50) == [b"x" * 10_000] * 50
     # a function the workers cannot import fails its items, with the import error
     module = types.ModuleType("only_in_the_caller")
     exec("def f(x):\n    return x\n", module.__dict__)
@@ -320,7 +334,9 @@ def test_workers_that_cannot_start_break_the_pool_instead_of_hanging_it():
     SEEN_PIDS.update(p.pids)
     try:
         assert p.map(poolfns.double, [1]) == [2]
-        p._driver.executor = "fastq.executors.pool:NoSuchExecutor"  # every worker started from now fails
+        p._driver.executor = (
+            "fastq.executors.pool:NoSuchExecutor"  # every worker started from now fails
+        )
         for pid in p.pids:
             os.kill(pid, signal.SIGKILL)
         with pytest.raises(fastq.PoolBroken, match="before it was ready 3 times"):
@@ -412,7 +428,9 @@ def test_a_caller_that_gave_up_does_not_break_the_pool(pool):
 def test_a_poison_call_costs_innocent_calls_nothing():
     with fastq.Pool() as p:
         SEEN_PIDS.update(p.pids)
-        futures = [p.submit(poolfns.exit_on_13, 13)] + [p.submit(poolfns.spin, i) for i in range(60)]
+        futures = [p.submit(poolfns.exit_on_13, 13)] + [
+            p.submit(poolfns.spin, i) for i in range(60)
+        ]
         assert isinstance(futures[0].exception(timeout=120), fastq.WorkerLost)
         assert [f.result(timeout=120) for f in futures[1:]] == [2 * i for i in range(60)]
         SEEN_PIDS.update(pid for pid in p.pids if pid)

@@ -65,7 +65,9 @@ def test_a_million_random_frames_arrive_whole_and_in_order(ring_impl):
     ring = ring_impl.Ring.create(1 << 20)
     results = ctx.SimpleQueue()
     count, seed = 1_000_000, random.randrange(1 << 32)
-    producer = ctx.Process(target=_produce, args=(_impl(ring_impl), ring.name, seed, count, results))
+    producer = ctx.Process(
+        target=_produce, args=(_impl(ring_impl), ring.name, seed, count, results)
+    )
     producer.start()
     try:
         # When this process consumes until the producer closes the ring
@@ -178,7 +180,9 @@ def test_a_consumer_waiting_forever_on_a_killed_producer_gets_peer_lost(ring_imp
         assert ring.get_many(timeout=30) == [b"only one"]
         os.kill(producer.pid, signal.SIGKILL)
         started = time.monotonic()
-        with pytest.raises(PeerLost, match=rf"^the producer of ring '{ring.name}' \(pid {producer.pid}\) is gone$"):
+        with pytest.raises(
+            PeerLost, match=rf"^the producer of ring '{ring.name}' \(pid {producer.pid}\) is gone$"
+        ):
             ring.get_many()  # no timeout at all: the peer's death still ends the wait
         assert time.monotonic() - started < 10
     finally:
@@ -244,7 +248,9 @@ def test_nothing_is_left_in_dev_shm_when_the_creator_dies(ring_impl, how):
     # Given a process that creates a ring and then fails, or is killed
     proc = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(CREATOR.format(impl=_impl(ring_impl))), how],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     name = proc.stdout.readline().strip()
     path = Path("/dev/shm") / name

@@ -22,7 +22,9 @@ def msgs(n, prefix=b"m"):
 def _produce(url: str, producer: int, count: int) -> None:
     broker = open_broker(url)
     for start in range(0, count, 100):  # many small transactions, interleaving with the others
-        broker.publish_sync("q", [Message(b"x", f"p{producer}-{i}") for i in range(start, start + 100)])
+        broker.publish_sync(
+            "q", [Message(b"x", f"p{producer}-{i}") for i in range(start, start + 100)]
+        )
 
 
 def test_ten_producer_processes_at_once_lose_nothing(tmp_path):
@@ -33,7 +35,12 @@ def test_ten_producer_processes_at_once_lose_nothing(tmp_path):
     for p in procs:
         p.join(120)
     assert [p.exitcode for p in procs] == [0] * 10
-    ids = [r[0] for r in sqlite3.connect(f"{tmp_path}/many.db").execute("SELECT message_id FROM fastq_messages")]
+    ids = [
+        r[0]
+        for r in sqlite3.connect(f"{tmp_path}/many.db").execute(
+            "SELECT message_id FROM fastq_messages"
+        )
+    ]
     assert len(ids) == len(set(ids)) == 20_000
 
 
@@ -49,7 +56,8 @@ def _consume(url: str, seen, stop_after: float, start) -> None:
             if got:
                 idle_since = time.monotonic()
                 ids += [d.message_id for d in got]
-                await asyncio.sleep(0.001)  # the work: a consumer that only takes would starve the other
+                # the work: a consumer that only takes would starve the other
+                await asyncio.sleep(0.001)
                 await broker.settle("q", ack=[d.tag for d in got])
         await broker.close()
         seen.put(ids)  # once, at the end: the parent reads it before it joins
@@ -104,7 +112,8 @@ def test_the_leases_of_a_killed_consumer_lapse_and_another_gets_everything(tmp_p
             while len(ids) < 1_000 and time.monotonic() < deadline:
                 got = await broker.fetch("q", 256, timeout=1)
                 ids += [d.message_id for d in got]
-                await asyncio.sleep(0.001)  # the work: a consumer that only takes would starve the other
+                # the work: a consumer that only takes would starve the other
+                await asyncio.sleep(0.001)
                 await broker.settle("q", ack=[d.tag for d in got])
             depth = await broker.queue_depth("q")
             await broker.close()
@@ -154,5 +163,3 @@ def test_a_live_consumer_keeps_its_leases(tmp_path):
         await b.close()
 
     asyncio.run(main())
-
-

@@ -29,7 +29,9 @@ def _stub_names() -> dict[str, set[str]]:
 
 
 def _public(cls: type) -> set[str]:
-    return {n for n in dir(cls) if not n.startswith("_") or n in {"__enter__", "__exit__"}} - set(dir(tuple))
+    return {n for n in dir(cls) if not n.startswith("_") or n in {"__enter__", "__exit__"}} - set(
+        dir(tuple)
+    )
 
 
 @pytest.mark.cython
@@ -53,4 +55,8 @@ def test_stub_signatures_match_the_twin():
         for fn in (n for n in node.body if isinstance(n, ast.FunctionDef) and not n.decorator_list):
             params = [a.arg for a in fn.args.args + fn.args.kwonlyargs]
             twin = inspect.signature(getattr(getattr(_core_py, cls), fn.name))
-            assert params == [p for p in twin.parameters if twin.parameters[p].kind != inspect.Parameter.VAR_POSITIONAL], fn.name
+            assert params == [
+                p
+                for p in twin.parameters
+                if twin.parameters[p].kind != inspect.Parameter.VAR_POSITIONAL
+            ], fn.name

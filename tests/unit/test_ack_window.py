@@ -7,7 +7,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 
-
 def test_the_prefix_moves_only_over_complete_tags(ring_impl):
     w = ring_impl.AckWindow()
     w.done([2, 3])
@@ -40,7 +39,9 @@ def test_a_tag_below_the_window_is_refused_with_the_reason(ring_impl):
     w = ring_impl.AckWindow(first=10)
     w.done([10])
     assert w.ack_prefix() == 10
-    with pytest.raises(ValueError, match=r"^tag 10 is below the window, which starts at 11: it was acked already$"):
+    with pytest.raises(
+        ValueError, match=r"^tag 10 is below the window, which starts at 11: it was acked already$"
+    ):
         w.done([10])
     with pytest.raises(ValueError, match=r"^first must be >= 1, got 0$"):
         ring_impl.AckWindow(first=0)
@@ -58,7 +59,12 @@ def test_a_long_run_with_one_slow_tag_keeps_working(ring_impl):
 
 @pytest.mark.cython
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["done", "prefix", "stragglers"]), st.integers(0, 40)), max_size=60))
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["done", "prefix", "stragglers"]), st.integers(0, 40)),
+        max_size=60,
+    )
+)
 def test_both_implementations_agree_with_a_model(ops):
     from fastq import _core, _core_py
 

@@ -38,8 +38,14 @@ def test_a_task_is_registered_under_its_qualified_name_on_the_default_queue(app)
     def add(x: int, y: int) -> int:
         return x + y
 
-    assert app.tasks == {f"{__name__}.test_a_task_is_registered_under_its_qualified_name_on_the_default_queue.<locals>.add": add}
-    assert (add.queue, add.options.kind, add.options.max_retries, add.is_async) == ("default", "auto", 3, False)
+    test = "test_a_task_is_registered_under_its_qualified_name_on_the_default_queue"
+    assert app.tasks == {f"{__name__}.{test}.<locals>.add": add}
+    assert (add.queue, add.options.kind, add.options.max_retries, add.is_async) == (
+        "default",
+        "auto",
+        3,
+        False,
+    )
     assert add(2, 3) == 5  # still callable in place
 
 
@@ -53,7 +59,9 @@ def test_send_validates_encodes_and_returns_the_message_id(app):
     assert (delivery.message_id, env.id, env.task) == (mid, mid, charge.name)
     assert charge.decode_args(env.args) == (Order(1, 9.5), "first")
     # Wrong types stop at the producer, with the path of the bad value
-    with pytest.raises(msgspec.ValidationError, match=r"Expected `float`, got `str` - at `\$\[0\]\.total`"):
+    with pytest.raises(
+        msgspec.ValidationError, match=r"Expected `float`, got `str` - at `\$\[0\]\.total`"
+    ):
         charge.send(Order(1, "lots"))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"missing a required argument: 'order'"):
         charge.send()
@@ -68,7 +76,9 @@ def test_send_many_publishes_one_batch_in_order_and_send_async_works_in_a_loop(a
     ids = square.send_many((i,) for i in range(100))
     got = published(app, "default")
     assert [d.message_id for d in got] == ids
-    assert [square.decode_args(message.decode(d.body).args) for d in got] == [(i,) for i in range(100)]
+    assert [square.decode_args(message.decode(d.body).args) for d in got] == [
+        (i,) for i in range(100)
+    ]
 
     async def main():
         return await square.send_async(7)
@@ -111,7 +121,9 @@ def test_untyped_star_arguments_and_duplicate_names_are_refused(app):
     @app.task(name="same")
     def one() -> None: ...
 
-    with pytest.raises(ConfigError, match=r"^a task named 'same' is registered already; pass name=$"):
+    with pytest.raises(
+        ConfigError, match=r"^a task named 'same' is registered already; pass name=$"
+    ):
         app.task(name="same")(lambda: None)
 
 
@@ -119,7 +131,9 @@ def test_the_broker_url_comes_from_the_argument_else_the_environment(monkeypatch
     monkeypatch.setenv("FASTQ_BROKER_URL", "memory://from-env")
     assert fastq.App("a").config.broker_url == "memory://from-env"
     assert fastq.App("a", broker="memory://given").config.broker_url == "memory://given"
-    assert fastq.App("a", broker="memory://x", config=fastq.Config(processes=2)).config.processes == 2
+    assert (
+        fastq.App("a", broker="memory://x", config=fastq.Config(processes=2)).config.processes == 2
+    )
     monkeypatch.delenv("FASTQ_BROKER_URL")
     assert fastq.App("a").config.broker_url == "sqlite:///fastq.db"
 
@@ -132,7 +146,9 @@ def test_timing_middleware_logs_failures_with_the_handler(caplog):
     mw.before_process(m)
     with caplog.at_level(logging.WARNING, logger="fastq.middleware"):
         mw.after_process(m, ValueError("card declined"))
-    assert "shop.charge m1 failed after" in caplog.text and "ValueError: card declined" in caplog.text
+    assert (
+        "shop.charge m1 failed after" in caplog.text and "ValueError: card declined" in caplog.text
+    )
 
 
 def test_tasks_of_a_script_run_as_main_get_the_name_workers_import(tmp_path):
@@ -143,7 +159,9 @@ def test_tasks_of_a_script_run_as_main_get_the_name_workers_import(tmp_path):
         "import fastq\napp = fastq.App('s', broker='memory://s')\n"
         "@app.task\ndef ship(n: int) -> None: ...\nprint(ship.name)\n"
     )
-    out = subprocess.run([sys.executable, "script_shop.py"], cwd=tmp_path, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "script_shop.py"], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "script_shop.ship"  # not __main__.ship
 
 
@@ -162,7 +180,11 @@ def test_run_needs_an_app_that_workers_can_import():
         return fastq.App("local", broker="memory://local-app")
 
     app = make()
-    with pytest.raises(ConfigError, match=r"^App 'local' is not a global of module 'test_app'; workers import it by module:attribute"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^App 'local' is not a global of module 'test_app'; workers import it by "
+        r"module:attribute",
+    ):
         app.import_spec()
 
 
@@ -184,17 +206,27 @@ def test_positional_arguments_never_fill_keyword_only_parameters():
     assert tag.message("a", color="red").message_id
 
 
-@pytest.mark.parametrize(("options", "error"), [
-    ({"min_concurrency": 9, "max_concurrency": 3}, "min_concurrency=9 is above max_concurrency=3"),
-    ({"concurrency": 4, "max_concurrency": 8}, "concurrency=4 is fixed"),
-    ({"max_prefetch": 0}, "max_prefetch must be >= 1"),
-    ({"weight": 0}, "weight must be a number > 0"),
-    ({"min_concurrency": 8, "max_prefetch": 4}, "max_prefetch=4 is below the handlers it must feed"),
-])
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        (
+            {"min_concurrency": 9, "max_concurrency": 3},
+            "min_concurrency=9 is above max_concurrency=3",
+        ),
+        ({"concurrency": 4, "max_concurrency": 8}, "concurrency=4 is fixed"),
+        ({"max_prefetch": 0}, "max_prefetch must be >= 1"),
+        ({"weight": 0}, "weight must be a number > 0"),
+        (
+            {"min_concurrency": 8, "max_prefetch": 4},
+            "max_prefetch=4 is below the handlers it must feed",
+        ),
+    ],
+)
 def test_autosize_bounds_that_cannot_hold_are_refused(options, error):
     import fastq
 
     app = fastq.App("bounds", broker="memory://bounds")
     with pytest.raises(fastq.ConfigError, match=error):
+
         @app.task(**options)
         def f(x: int) -> None: ...

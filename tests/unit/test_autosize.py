@@ -16,11 +16,22 @@ def machine(n_cpus, *, quota=None, memory=64 * GiB, first=0):
 
 @pytest.mark.parametrize(
     ("cores", "io_concurrency", "io_prefetch", "cpu_concurrency", "cpu_prefetch"),
-    [(1, 2, 10, 1, 2), (2, 4, 20, 2, 4), (4, 8, 40, 4, 8), (16, 32, 160, 16, 32),
-     (64, 100, 500, 64, 128), (128, 100, 500, 128, 256)],
+    [
+        (1, 2, 10, 1, 2),
+        (2, 4, 20, 2, 4),
+        (4, 8, 40, 4, 8),
+        (16, 32, 160, 16, 32),
+        (64, 100, 500, 64, 128),
+        (128, 100, 500, 128, 256),
+    ],
 )
-def test_the_documented_formulas_on_machines_of_every_size(cores, io_concurrency, io_prefetch, cpu_concurrency, cpu_prefetch):
-    p = plan(machine(cores), [HandlerOptions(queue="fetch", kind="io"), HandlerOptions(queue="resize", kind="cpu")])
+def test_the_documented_formulas_on_machines_of_every_size(
+    cores, io_concurrency, io_prefetch, cpu_concurrency, cpu_prefetch
+):
+    p = plan(
+        machine(cores),
+        [HandlerOptions(queue="fetch", kind="io"), HandlerOptions(queue="resize", kind="cpu")],
+    )
     io, cpu = p.queues
     assert p.processes == cores and p.pinned == tuple(range(cores))
     assert (io.concurrency, io.prefetch) == (io_concurrency, io_prefetch)
@@ -32,11 +43,18 @@ def test_the_documented_formulas_on_machines_of_every_size(cores, io_concurrency
 def test_an_affinity_mask_of_three_cpus_gives_three_pinned_processes():
     p = plan(Topology(cpus=(2, 5, 7), memory_bytes=8 * GiB), [HandlerOptions(queue="q", kind="io")])
     assert (p.processes, p.pinned) == (3, (2, 5, 7))
-    assert (p.queues[0].concurrency, p.queues[0].prefetch, p.queues[0].per_process) == (6, 30, (2, 2, 2))
+    assert (p.queues[0].concurrency, p.queues[0].prefetch, p.queues[0].per_process) == (
+        6,
+        30,
+        (2, 2, 2),
+    )
 
 
 def test_a_quota_of_one_and_a_half_cores_counts_as_one_process_and_three_io_slots():
-    p = plan(machine(4, quota=1.5), [HandlerOptions(queue="q", kind="io"), HandlerOptions(queue="c", kind="cpu")])
+    p = plan(
+        machine(4, quota=1.5),
+        [HandlerOptions(queue="q", kind="io"), HandlerOptions(queue="c", kind="cpu")],
+    )
     assert p.processes == 1
     assert "cgroup quota 1.5 cores, rounded down" in p.processes_rule
     assert (p.queues[0].concurrency, p.queues[0].prefetch) == (3, 15)
@@ -51,9 +69,15 @@ def test_a_512_mib_memory_limit_caps_prefetch_and_says_why():
 
 
 def test_auto_starts_as_io_and_what_the_user_sets_wins():
-    p = plan(machine(4), [HandlerOptions(queue="a"), HandlerOptions(queue="b", kind="cpu", concurrency=3),
-                          HandlerOptions(queue="c", kind="io", prefetch=7)],
-             Config(processes=2, prefetch=50, pin_cpus=False))
+    p = plan(
+        machine(4),
+        [
+            HandlerOptions(queue="a"),
+            HandlerOptions(queue="b", kind="cpu", concurrency=3),
+            HandlerOptions(queue="c", kind="io", prefetch=7),
+        ],
+        Config(processes=2, prefetch=50, pin_cpus=False),
+    )
     a, b, c = p.queues
     assert (p.processes, p.pinned, p.processes_rule) == (2, (), "set by you")
     assert (a.kind, a.concurrency, a.prefetch, a.prefetch_rule) == ("io", 8, 50, "set by you")
@@ -65,8 +89,13 @@ def test_auto_starts_as_io_and_what_the_user_sets_wins():
 
 @pytest.mark.parametrize(
     ("v2", "v1_quota", "v1_period", "expected"),
-    [("150000 100000\n", None, None, 1.5), ("max 100000\n", None, None, None),
-     (None, "200000\n", "100000\n", 2.0), (None, "-1\n", "100000\n", None), (None, None, None, None)],
+    [
+        ("150000 100000\n", None, None, 1.5),
+        ("max 100000\n", None, None, None),
+        (None, "200000\n", "100000\n", 2.0),
+        (None, "-1\n", "100000\n", None),
+        (None, None, None, None),
+    ],
 )
 def test_cgroup_cpu_quota_v2_and_v1(v2, v1_quota, v1_period, expected):
     assert cpu_quota(v2, v1_quota, v1_period) == expected
@@ -88,14 +117,29 @@ def test_detect_reads_this_machine():
 
 
 def test_queues_set_to_fewer_processes_take_consecutive_workers_and_split_their_concurrency():
-    p = plan(machine(4), [HandlerOptions(queue="all", kind="io"), HandlerOptions(queue="one", kind="cpu", processes=1),
-                          HandlerOptions(queue="two", kind="io", processes=2, concurrency=5),
-                          HandlerOptions(queue="big", kind="cpu", processes=9)])
+    p = plan(
+        machine(4),
+        [
+            HandlerOptions(queue="all", kind="io"),
+            HandlerOptions(queue="one", kind="cpu", processes=1),
+            HandlerOptions(queue="two", kind="io", processes=2, concurrency=5),
+            HandlerOptions(queue="big", kind="cpu", processes=9),
+        ],
+    )
     every, one, two, big = p.queues
     assert (every.workers, every.workers_rule) == ((0, 1, 2, 3), "all of them")
-    assert (one.workers, one.concurrency, one.per_process, one.prefetch) == ((0,), 1, (1, 0, 0, 0), 2)
+    assert (one.workers, one.concurrency, one.per_process, one.prefetch) == (
+        (0,),
+        1,
+        (1, 0, 0, 0),
+        2,
+    )
     assert "one handler per pinned core it runs on" in one.concurrency_rule
-    assert (two.workers, two.workers_rule, two.per_process) == ((1, 2), "set by you: 2 of 4", (0, 3, 2, 0))
+    assert (two.workers, two.workers_rule, two.per_process) == (
+        (1, 2),
+        "set by you: 2 of 4",
+        (0, 3, 2, 0),
+    )
     assert (big.workers, big.concurrency) == ((0, 1, 2, 3), 4)
     assert big.workers_rule == "set by you: 9, capped to the 4 processes this host runs"
     assert "queue 'two': worker processes [1, 2] (set by you: 2 of 4)" in p.explain()

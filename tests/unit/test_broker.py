@@ -69,14 +69,22 @@ def test_retry_comes_back_after_its_delay_counted_and_dead_letters_keep_their_re
         await b.open()
         await b.publish("q", msgs(2))
         first, second = await b.fetch("q", 2, timeout=1)
-        await b.settle("q", retry=[Retry(first.tag, 0.2, "RuntimeError: flaky")],
-                       dead=[(second.tag, "ValueError: bad payload")])
+        await b.settle(
+            "q",
+            retry=[Retry(first.tag, 0.2, "RuntimeError: flaky")],
+            dead=[(second.tag, "ValueError: bad payload")],
+        )
         assert await b.queue_depth("q") == QueueDepth(ready=0, unacked=0, delayed=1, dead=1)
         assert await b.fetch("q", 5, timeout=0.05) == []  # not before its delay
         (again,) = await b.fetch("q", 5, timeout=2)
         assert (again.body, again.attempts, again.retries) == (b"m0", 2, 1)
         (dead,) = b.dead_letters("q")
-        assert (dead.body, dead.message_id, dead.reason, dead.attempts) == (b"m1", "id-1", "ValueError: bad payload", 1)
+        assert (dead.body, dead.message_id, dead.reason, dead.attempts) == (
+            b"m1",
+            "id-1",
+            "ValueError: bad payload",
+            1,
+        )
         # A dead letter goes back on request, and comes out like a new message
         assert b.requeue_dead_letters(queue="q") == 1
         assert b.dead_letters("q") == []
@@ -161,9 +169,13 @@ def test_exchange_settles_and_claims_in_one_call(url):
         await b.publish("q", msgs(6))
         first = await b.exchange("q", fetch=2)
         # When two are acked, one retried and one dead-lettered as the next batch is claimed
-        got = await b.exchange("q", ack=[first[0].tag], retry=[Retry(first[1].tag, 60.0, "later")], fetch=3)
+        got = await b.exchange(
+            "q", ack=[first[0].tag], retry=[Retry(first[1].tag, 60.0, "later")], fetch=3
+        )
         assert [d.body for d in got] == [b"m2", b"m3", b"m4"]
-        got2 = await b.exchange("q", ack=[got[0].tag, got[1].tag], dead=[(got[2].tag, "bad")], fetch=10)
+        got2 = await b.exchange(
+            "q", ack=[got[0].tag, got[1].tag], dead=[(got[2].tag, "bad")], fetch=10
+        )
         # Then the books balance: m5 delivered, m1 delayed, m4 dead, the rest gone
         assert [d.body for d in got2] == [b"m5"]
         assert await b.queue_depth("q") == QueueDepth(ready=0, unacked=1, delayed=1, dead=1)

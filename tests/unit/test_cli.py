@@ -53,15 +53,36 @@ def test_send_enqueues_a_call_from_json_and_prints_its_id(shop, capsys):
 @pytest.mark.parametrize(
     ("argv", "error"),
     [
-        (["send", "clishop", "[]"], r"^fastq send: 'clishop' is not module:attribute, e\.g\. myproject\.tasks:app$"),
-        (["send", "nosuchmodule:x", "[]"], r"^fastq send: cannot import 'nosuchmodule': No module named 'nosuchmodule'; run from"),
+        (
+            ["send", "clishop", "[]"],
+            r"^fastq send: 'clishop' is not module:attribute, e\.g\. myproject\.tasks:app$",
+        ),
+        (
+            ["send", "nosuchmodule:x", "[]"],
+            r"^fastq send: cannot import 'nosuchmodule': No module named 'nosuchmodule'; run from",
+        ),
         (["send", "clishop:nothing", "[]"], r"^fastq send: module 'clishop' has no 'nothing'$"),
-        (["send", "clishop:not_a_task", "[]"], r"^fastq send: clishop:not_a_task is a int, not a task made with @app\.task$"),
+        (
+            ["send", "clishop:not_a_task", "[]"],
+            r"^fastq send: clishop:not_a_task is a int, not a task made with @app\.task$",
+        ),
         (["send", "clishop:charge", "[1,"], r"^fastq send: arguments '\[1,' are not JSON"),
-        (["send", "clishop:charge", '[{"id": "x", "total": 1}]'], r"^fastq send: arguments do not fit .*Expected `int`, got `str`"),
+        (
+            ["send", "clishop:charge", '[{"id": "x", "total": 1}]'],
+            r"^fastq send: arguments do not fit .*Expected `int`, got `str`",
+        ),
         (["bench", "--runs", "0"], r"^fastq bench: --runs must be >= 1, got 0$"),
-        (["bench", "autosize", "--seconds", "2"], r"^fastq bench: --seconds must be >= 5 for the autosize suite, got 2$"),
-        (["plan", "clishop:app", "--queue", "nope"], r"^fastq plan: queues \['nope'\] have no task or consumer in app 'cli'; known: \['orders'\]$"),
+        (
+            ["bench", "autosize", "--seconds", "2"],
+            r"^fastq bench: --seconds must be >= 5 for the autosize suite, got 2$",
+        ),
+        (
+            ["plan", "clishop:app", "--queue", "nope"],
+            (
+                r"^fastq plan: queues \['nope'\] have no task or consumer in app 'cli'; "
+                r"known: \['orders'\]$"
+            ),
+        ),
         (["plan", "clishop:charge"], r"^fastq plan: clishop:charge is a Task, not a fastq\.App$"),
         (["plan", "clishop:app", "--prefetch", "0"], r"^fastq plan: prefetch must be >= 1"),
     ],
@@ -98,7 +119,11 @@ def test_stats_counts_ready_and_dead_messages_per_queue(shop, capsys, tmp_path):
     shop.charge.send_many((shop.Order(i, 1.0),) for i in range(7))
     assert main(["stats", "clishop:app", "--broker", f"sqlite:///{db}", "--json"]) == 0
     counts = msgspec.json.decode(capsys.readouterr().out)
-    assert counts["orders"]["ready"] == 7 and counts["orders"]["unacked"] == 0 and counts["orders"]["dead"] == 0
+    assert (
+        counts["orders"]["ready"] == 7
+        and counts["orders"]["unacked"] == 0
+        and counts["orders"]["dead"] == 0
+    )
     assert main(["stats", "clishop:app", "--broker", f"sqlite:///{db}"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ["queue", "ready", "unacked", "delayed", "dead", "consumers"]

@@ -4,6 +4,7 @@ and gives way to memory pressure. A tiny model stands in for the engine: each me
 
 from __future__ import annotations
 
+import itertools
 import time
 
 from fastq.autosize import (
@@ -35,7 +36,9 @@ def model(concurrency, prefetch, *, cpu_s, wait_s, cap=float("inf"), backlog=10_
     throughput = min(running / (cpu_s + wait_s), CORES / cpu_s, cap)
     busy = min(1.0, throughput * cpu_s / CORES)
     latency = prefetch / throughput  # everything delivered waits its turn (Little's law)
-    return Sample(busy=busy, backlog=backlog, throughput=throughput, latency=latency, memory_headroom=headroom)
+    return Sample(
+        busy=busy, backlog=backlog, throughput=throughput, latency=latency, memory_headroom=headroom
+    )
 
 
 def run(ctl, steps, **load):
@@ -47,8 +50,8 @@ def run(ctl, steps, **load):
 
 
 def direction_changes(values):
-    moves = [b - a for a, b in zip(values, values[1:]) if b != a]
-    return sum(1 for a, b in zip(moves, moves[1:]) if (a > 0) != (b > 0))
+    moves = [b - a for a, b in itertools.pairwise(values) if b != a]
+    return sum(1 for a, b in itertools.pairwise(moves) if (a > 0) != (b > 0))
 
 
 def test_io_work_with_idle_cores_climbs_to_the_ceiling_then_holds():
@@ -64,15 +67,24 @@ def test_io_work_with_idle_cores_climbs_to_the_ceiling_then_holds():
     assert concurrency == sorted(concurrency)
     assert trace[0][2] == "cores 2% busy while 10000 messages wait: concurrency +28"
     assert trace[1][2] == "cores 16% busy while 10000 messages wait: concurrency +68"
-    assert trace[2] == (100, 1000, "cores 50% busy while 10000 messages wait: prefetch to concurrency x 10")
-    assert trace[3] == (100, 500, "throughput 19,802/s did not grow (latency 50.5 ms): prefetch back to concurrency x 5")
+    assert trace[2] == (
+        100,
+        1000,
+        "cores 50% busy while 10000 messages wait: prefetch to concurrency x 10",
+    )
+    assert trace[3] == (
+        100,
+        500,
+        "throughput 19,802/s did not grow (latency 50.5 ms): prefetch back to concurrency x 5",
+    )
     assert all(t == (100, 500, "") for t in trace[4:])
     # and each climbing step asks to be judged after RAMP_INTERVAL, a hold after CONTROL_INTERVAL
     ramping = Controller(queue("io"))
     assert ramping.next_look(latency=0.01) == RAMP_INTERVAL  # the first look
     ramping.step(model(4, 20, cpu_s=50e-6, wait_s=5e-3))
     assert ramping.next_look(latency=0.01) == RAMP_INTERVAL
-    assert ramping.next_look(latency=0.5) == CONTROL_INTERVAL  # slow handlers: a change needs time to show
+    # slow handlers: a change needs time to show
+    assert ramping.next_look(latency=0.5) == CONTROL_INTERVAL
     assert ctl.next_look(latency=0.01) == CONTROL_INTERVAL
 
 
@@ -90,7 +102,10 @@ def test_when_the_cores_fill_up_it_stops_climbing_and_does_not_swing():
     settled = concurrency[-1]
     assert settled == 16  # 8 left the cores idle, 16 filled them, 32 bought nothing
     probes = [i for i, c in enumerate(concurrency[10:-1], 10) if c != settled]
-    assert all(concurrency[i] in (2 * settled, settled // 2) and concurrency[i + 1] == settled for i in probes)
+    assert all(
+        concurrency[i] in (2 * settled, settled // 2) and concurrency[i + 1] == settled
+        for i in probes
+    )
     assert len(probes) <= 2 * (70 // PROBE_AFTER + 1)
 
 
@@ -103,12 +118,17 @@ def test_a_downstream_bottleneck_backs_off_once_and_settles():
     # twice the concurrency that carried the gain; from then on it holds, but for a probe one
     # doubling up every PROBE_AFTER intervals, taken back at once
     assert concurrency[0] == 32
-    assert trace[1][2] == "concurrency x8.0 raised throughput only x1.26 (to 1,000/s): concurrency trimmed to 11"
+    assert (
+        trace[1][2]
+        == "concurrency x8.0 raised throughput only x1.26 (to 1,000/s): concurrency trimmed to 11"
+    )
     settled = concurrency[1]
     assert settled == 11  # 4 carried 792/s: 5.05 carry 1,000/s, twice that for headroom
     probes = [i for i, c in enumerate(concurrency[2:], 2) if c != settled]
-    assert probes and all(concurrency[i] == 2 * settled and concurrency[i + 1] == settled for i in probes)
-    assert all(b - a > PROBE_AFTER for a, b in zip(probes, probes[1:]))
+    assert probes and all(
+        concurrency[i] == 2 * settled and concurrency[i + 1] == settled for i in probes
+    )
+    assert all(b - a > PROBE_AFTER for a, b in itertools.pairwise(probes))
 
 
 def test_memory_pressure_lowers_prefetch_first_then_concurrency_never_below_the_floor():
@@ -116,7 +136,9 @@ def test_memory_pressure_lowers_prefetch_first_then_concurrency_never_below_the_
     run(ctl, 20, cpu_s=50e-6, wait_s=5e-3)  # climbed
     c0, p0 = ctl.concurrency, ctl.prefetch
     trace = run(ctl, 30, cpu_s=50e-6, wait_s=5e-3, headroom=0.05)
-    assert trace[0][:2] == (c0, p0 // 2) and "memory headroom 5% < 10%: prefetch halved" in trace[0][2]
+    assert (
+        trace[0][:2] == (c0, p0 // 2) and "memory headroom 5% < 10%: prefetch halved" in trace[0][2]
+    )
     prefetches = [p for _, p, _ in trace]
     first_cut = next(i for i, (c, _, _) in enumerate(trace) if c < c0)
     assert prefetches[first_cut - 1] == c0  # concurrency moves only once prefetch is at its floor
@@ -134,8 +156,12 @@ def test_cpu_work_never_gets_more_than_one_handler_per_core_and_prefetch_stays_w
 
 
 def test_what_the_user_set_never_moves():
-    ctl = Controller(queue("io", concurrency=7, prefetch=9), user_concurrency=True, user_prefetch=True)
-    trace = run(ctl, 30, cpu_s=50e-6, wait_s=5e-3) + run(ctl, 10, cpu_s=50e-6, wait_s=5e-3, headroom=0.01)
+    ctl = Controller(
+        queue("io", concurrency=7, prefetch=9), user_concurrency=True, user_prefetch=True
+    )
+    trace = run(ctl, 30, cpu_s=50e-6, wait_s=5e-3) + run(
+        ctl, 10, cpu_s=50e-6, wait_s=5e-3, headroom=0.01
+    )
     assert {(c, p) for c, p, _ in trace} == {(7, 9)}
 
 
@@ -157,7 +183,9 @@ def test_busy_cores_probe_larger_batches_and_keep_them_only_while_they_pay():
 
     def sample(c):
         throughput = 10_000 * min(c, 16) ** 0.5
-        return Sample(busy=0.9, backlog=10_000, throughput=throughput, latency=ctl.prefetch / throughput)
+        return Sample(
+            busy=0.9, backlog=10_000, throughput=throughput, latency=ctl.prefetch / throughput
+        )
 
     trace = []
     for _ in range(12):
@@ -168,7 +196,10 @@ def test_busy_cores_probe_larger_batches_and_keep_them_only_while_they_pay():
     # the knee
     assert [c for c, _ in trace[:4]] == [8, 32, 100, 32]
     assert trace[1][1] == "cores 90% busy while 10000 messages wait: concurrency +24"
-    assert trace[3] == (32, "throughput 40,000/s did not grow (latency 12.5 ms): concurrency back to 32")
+    assert trace[3] == (
+        32,
+        "throughput 40,000/s did not grow (latency 12.5 ms): concurrency back to 32",
+    )
     assert {c for c, _ in trace[4:]} == {32}
 
 
@@ -232,7 +263,8 @@ def test_auto_handlers_measured_cpu_bound_take_the_cpu_rules():
     assert (ctl.kind, ctl.concurrency, ctl.prefetch) == ("io", 4, 20)
     d = ctl.reclassify("cpu", CORES)
     assert (d.concurrency, d.prefetch, d.reason) == (2, 4, "measured cpu-bound")
-    trace = run(ctl, 20, cpu_s=1e-3, wait_s=0.0)  # then it moves as cpu work does: prefetch x2..x3 only
+    # then it moves as cpu work does: prefetch x2..x3 only
+    trace = run(ctl, 20, cpu_s=1e-3, wait_s=0.0)
     assert all(c == 2 and 4 <= p <= 6 for c, p, _ in trace)
 
 
@@ -243,13 +275,20 @@ def test_busy_io_queues_share_the_hosts_handlers_by_weight_and_idle_ones_give_th
     demand = {"mail": True, "thumbs": True, "idle": False}
     assert share_slots(weights, demand) == {"mail": 75, "thumbs": 25, "idle": 1}
     assert share_slots(weights, {"mail": True}) == {"mail": 100, "thumbs": 1, "idle": 1}
-    assert share_slots(weights, demand, floors={"thumbs": 40}) == {"mail": 75, "thumbs": 40, "idle": 1}
+    assert share_slots(weights, demand, floors={"thumbs": 40}) == {
+        "mail": 75,
+        "thumbs": 40,
+        "idle": 1,
+    }
     # A controller at 100 comes down to its share at once, then climbs no higher than it
     ctl = Controller(queue("io"))
     run(ctl, 10, cpu_s=50e-6, wait_s=5e-3)
     assert ctl.concurrency == 100
     d = ctl.cap(25)
-    assert (d.concurrency, d.reason) == (25, "its share of the host's handlers is 25: concurrency down to 25")
+    assert (d.concurrency, d.reason) == (
+        25,
+        "its share of the host's handlers is 25: concurrency down to 25",
+    )
     assert max(c for c, _, _ in run(ctl, 20, cpu_s=50e-6, wait_s=5e-3)) == 25
     ctl.cap(100)  # the other queue went quiet: the whole host again
     assert max(c for c, _, _ in run(ctl, 30, cpu_s=50e-6, wait_s=5e-3)) == 100
@@ -269,7 +308,10 @@ def test_a_throughput_dip_on_cores_still_saturated_does_not_undo_a_decrease():
     d = ctl.step(Sample(busy=1.0, backlog=4_000, throughput=1_800, latency=0.05))
     assert (d.concurrency, d.reason) == (lowered, "")
     for _ in range(5):
-        assert ctl.step(Sample(busy=1.0, backlog=4_000, throughput=1_800, latency=0.05)).concurrency == lowered
+        assert (
+            ctl.step(Sample(busy=1.0, backlog=4_000, throughput=1_800, latency=0.05)).concurrency
+            == lowered
+        )
     # whereas a decrease that leaves the cores idle and loses throughput is taken back
     ctl2 = Controller(queue("io"))
     run(ctl2, 14, cpu_s=50e-6, wait_s=5e-3)
@@ -310,11 +352,20 @@ def test_a_busy_cpu_queue_shares_the_cores_by_weight_with_every_busy_queue():
     assert share_slots(weights, {"mail": True}, cores={"crunch": 2}) == {"crunch": 2, "mail": 100}
     # 16 cores, weights 3 to 1: 12; two CPU queues of equal weight split them; never under one
     assert share_slots({"crunch": 3.0, "mail": 1.0}, both, cores={"crunch": 16})["crunch"] == 12
-    assert share_slots({"a": 1.0, "b": 1.0}, {"a": True, "b": True}, cores={"a": 2, "b": 2}) == {"a": 1, "b": 1}
+    assert share_slots({"a": 1.0, "b": 1.0}, {"a": True, "b": True}, cores={"a": 2, "b": 2}) == {
+        "a": 1,
+        "b": 1,
+    }
     assert share_slots({"crunch": 1.0, "mail": 9.0}, both, cores={"crunch": 2})["crunch"] == 1
     # an I/O queue that keeps up (no work waiting at the broker) does not press for a core
-    assert share_slots(weights, both, cores={"crunch": 2}, pressing=set()) == {"crunch": 2, "mail": 100}
-    assert share_slots(weights, both, cores={"crunch": 2}, pressing={"mail"}) == {"crunch": 1, "mail": 100}
+    assert share_slots(weights, both, cores={"crunch": 2}, pressing=set()) == {
+        "crunch": 2,
+        "mail": 100,
+    }
+    assert share_slots(weights, both, cores={"crunch": 2}, pressing={"mail"}) == {
+        "crunch": 1,
+        "mail": 100,
+    }
 
 
 def test_a_cpu_queue_follows_its_share_of_the_cores_down_and_back_up_unless_the_user_set_it():
@@ -322,7 +373,9 @@ def test_a_cpu_queue_follows_its_share_of_the_cores_down_and_back_up_unless_the_
     assert (ctl.concurrency, ctl.prefetch) == (2, 4)
     d = ctl.cap(1)
     assert (d.concurrency, d.prefetch) == (1, 2)
-    assert d.reason == "its share of the host's 2 cores beside the other busy queues is 1: concurrency down to 1"
+    assert d.reason == (
+        "its share of the host's 2 cores beside the other busy queues is 1: concurrency down to 1"
+    )
     assert ctl.cap(1).reason == ""  # no change, nothing said
     assert all(c == 1 and p <= 3 for c, p, _ in run(ctl, 10, cpu_s=1e-3, wait_s=0.0))
     d = ctl.cap(2)

@@ -61,7 +61,9 @@ def test_dispatch_fills_the_worker_that_holds_fewer(two):
 def test_complete_returns_ok_tags_and_other_outcomes_with_reasons(two):
     d, _ = two
     d.dispatch_to(0, [(t, 0, 0, b"") for t in (1, 2, 3)])
-    ok, other = d.complete(0, [done(1), done(2, 1, 2.5, b"ValueError: no"), done(0, 3), done(3, 2, 0.0, "é".encode())])
+    ok, other = d.complete(
+        0, [done(1), done(2, 1, 2.5, b"ValueError: no"), done(0, 3), done(3, 2, 0.0, "é".encode())]
+    )
     assert ok == [1]
     assert other == [(2, 1, 2.5, b"ValueError: no"), (0, 3, 0.0, b""), (3, 2, 0.0, "é".encode())]
     assert d.in_flight(0) == 0
@@ -139,7 +141,11 @@ def test_a_body_too_large_for_the_ring_raises_before_anything_is_written(two, ri
     d = ring_impl.Dispatcher(1)
     ring = make_ring(256)
     d.attach(0, ring)
-    with pytest.raises(FrameTooLarge, match=r"^delivery 2 of 314 bytes \(header included\) exceeds max_frame_bytes=252 of ring '.*'; raise ring_size_bytes or lower max_message_bytes in the Config$"):
+    with pytest.raises(
+        FrameTooLarge,
+        match=r"^delivery 2 of 314 bytes \(header included\) exceeds max_frame_bytes=252 of ring "
+        r"'.*'; raise ring_size_bytes or lower max_message_bytes in the Config$",
+    ):
         d.dispatch([(1, 0, 0, b""), (2, 0, 0, bytes(300))])
     assert d.in_flight(0) == 0
     assert ring.statistics().frames == 0
@@ -169,7 +175,9 @@ def test_frames_that_wrap_around_the_ring_end_read_back_whole(ring_impl, make_ri
 
 def test_short_completion_frames_are_reported_as_corrupt(two):
     d, _ = two
-    with pytest.raises(RingCorrupt, match=r"^worker 0 wrote a completion of 5 bytes, expected at least 17 "):
+    with pytest.raises(
+        RingCorrupt, match=r"^worker 0 wrote a completion of 5 bytes, expected at least 17 "
+    ):
         d.complete(0, [b"short"])
 
 
@@ -177,13 +185,19 @@ def test_bad_indexes_and_counts_say_what_is_allowed(ring_impl, make_ring):
     with pytest.raises(ConfigError, match=r"^workers must be 1\.\.65535, got 0$"):
         ring_impl.Dispatcher(0)
     d = ring_impl.Dispatcher(2, queues=1)
-    with pytest.raises(IndexError, match=r"^worker 2 is outside 0\.\.1; this dispatcher has 2 workers$"):
+    with pytest.raises(
+        IndexError, match=r"^worker 2 is outside 0\.\.1; this dispatcher has 2 workers$"
+    ):
         d.in_flight(2)
-    with pytest.raises(IndexError, match=r"^queue index 1 is outside 0\.\.0; this dispatcher has 1 queues$"):
+    with pytest.raises(
+        IndexError, match=r"^queue index 1 is outside 0\.\.0; this dispatcher has 1 queues$"
+    ):
         d.dispatch([(1, 0, 1, b"")])
     ring = make_ring(4096)
     d.attach(0, ring)
-    with pytest.raises(ConfigError, match=r"^worker 0 already has a ring; detach\(\) it before attaching another$"):
+    with pytest.raises(
+        ConfigError, match=r"^worker 0 already has a ring; detach\(\) it before attaching another$"
+    ):
         d.attach(0, ring)
 
 
@@ -202,7 +216,11 @@ def test_both_implementations_write_the_same_bytes(make_ring):
         finally:
             r.close()
             r.unlink()
-    assert out[0] == out[1] == [struct.pack("<QIH", 2**40 + 1, 7, 3) + b"payload", struct.pack("<QIH", 5, 0, 3)]
+    assert (
+        out[0]
+        == out[1]
+        == [struct.pack("<QIH", 2**40 + 1, 7, 3) + b"payload", struct.pack("<QIH", 5, 0, 3)]
+    )
 
 
 def test_a_detached_worker_accepts_nothing_even_when_told_to(two):
@@ -214,9 +232,11 @@ def test_a_detached_worker_accepts_nothing_even_when_told_to(two):
 
 
 def test_items_may_be_lists_and_short_ones_are_refused(two):
-    d, rings = two
+    d, _rings = two
     assert d.dispatch([[1, 0, 0, b"x"]]) == []
-    with pytest.raises(TypeError, match=r"^a delivery is \(tag, retries, queue index, body\), got \(2, 0, 0\)$"):
+    with pytest.raises(
+        TypeError, match=r"^a delivery is \(tag, retries, queue index, body\), got \(2, 0, 0\)$"
+    ):
         d.dispatch([(2, 0, 0)])
     with pytest.raises(TypeError, match=r"^a delivery is"):
         d.dispatch_to(1, [(3,)])

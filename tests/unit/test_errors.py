@@ -31,12 +31,18 @@ def test_each_error_is_also_the_stdlib_class_users_catch(cls, stdlib):
 
 
 def test_every_public_error_is_exported_from_the_package():
-    public = {n for n, v in vars(errors).items() if isinstance(v, type) and issubclass(v, Exception)}
+    public = {
+        n for n, v in vars(errors).items() if isinstance(v, type) and issubclass(v, Exception)
+    }
     assert public <= set(fastq.__all__)
 
 
 def test_the_public_surface_is_exactly_all():
     assert len(set(fastq.__all__)) == len(fastq.__all__)
     assert all(hasattr(fastq, name) for name in fastq.__all__)
-    public = {n for n, v in vars(fastq).items() if not n.startswith("_") and not isinstance(v, types.ModuleType)}
+    public = {
+        n
+        for n, v in vars(fastq).items()
+        if not n.startswith("_") and not isinstance(v, types.ModuleType)
+    }
     assert public == set(fastq.__all__) - {"__version__"}

@@ -14,8 +14,18 @@ import fastq
 PACKAGE = Path(fastq.__file__).parent
 
 _CORE = {"errors", "_layout", "_segment"}
-_RUNTIME = {"wire", "codec", "ring", "message", "middleware", "config", "errors", "_aio",
-            "autosize.topology", "_load"}
+_RUNTIME = {
+    "wire",
+    "codec",
+    "ring",
+    "message",
+    "middleware",
+    "config",
+    "errors",
+    "_aio",
+    "autosize.topology",
+    "_load",
+}
 _ENGINE = {"worker", "wire", "ring", "autosize", "broker.base", "config", "errors", "_aio"}
 _AMQP = {"broker.base", "message", "errors", "config", "ring"}
 
@@ -46,14 +56,19 @@ ALLOWED: dict[str, set[str]] = {
     "broker.memory": {"broker.base", "message", "errors"},
     "broker.sqlite": {"broker.base", "message", "errors"},
     "broker.amqp": {"broker.amqp.broker"},
-    "broker.amqp.broker": _AMQP | {"broker.amqp.publish", "broker.amqp.consumer",
-                                   "broker.amqp.settle", "broker.amqp.management",
-                                   "broker.amqp.connection"},
+    "broker.amqp.broker": _AMQP
+    | {
+        "broker.amqp.publish",
+        "broker.amqp.consumer",
+        "broker.amqp.settle",
+        "broker.amqp.management",
+        "broker.amqp.connection",
+    },
     "broker.amqp.connection": _AMQP,
     "broker.amqp.publish": _AMQP | {"broker.amqp.connection"},
     "broker.amqp.consumer": _AMQP | {"broker.amqp.connection"},
-    "broker.amqp.settle": _AMQP | {"broker.amqp.connection", "broker.amqp.publish",
-                                   "broker.amqp.consumer"},
+    "broker.amqp.settle": _AMQP
+    | {"broker.amqp.connection", "broker.amqp.publish", "broker.amqp.consumer"},
     "broker.amqp.management": set(),
     "broker": {"broker.base", "broker.memory", "broker.sqlite", "broker.amqp", "errors"},
     "middleware": {"message", "errors"},
@@ -67,29 +82,72 @@ ALLOWED: dict[str, set[str]] = {
     "engine.placement": _ENGINE | {"engine.fleet"},
     "engine.pump": _ENGINE,
     "engine.tuning": _ENGINE | {"engine.placement", "engine.pump"},
-    "engine.supervisor": _ENGINE | {"engine.fleet", "engine.placement", "engine.pump",
-                                    "engine.tuning"},
-    "pool": {"engine.fleet", "wire", "codec", "ring", "autosize", "config", "errors",
-             "pool.driver", "pool.job"},
+    "engine.supervisor": _ENGINE
+    | {"engine.fleet", "engine.placement", "engine.pump", "engine.tuning"},
+    "pool": {
+        "engine.fleet",
+        "wire",
+        "codec",
+        "ring",
+        "autosize",
+        "config",
+        "errors",
+        "pool.driver",
+        "pool.job",
+    },
     "pool.job": {"codec", "autosize", "config", "errors"},
-    "pool.driver": {"engine.fleet", "wire", "codec", "ring", "autosize", "config", "errors",
-                    "pool.job"},
+    "pool.driver": {
+        "engine.fleet",
+        "wire",
+        "codec",
+        "ring",
+        "autosize",
+        "config",
+        "errors",
+        "pool.job",
+    },
     "task": {"config", "message", "middleware", "broker", "broker.base", "errors"},
     "app": {"config", "message", "middleware", "broker", "task", "engine.supervisor", "errors"},
     "testing": {"app", "broker", "broker.base", "config", "errors"},
-    "cli": {"app", "task", "config", "autosize", "engine.supervisor", "testing", "_load", "_bench",
-            "errors"},
+    "cli": {
+        "app",
+        "task",
+        "config",
+        "autosize",
+        "engine.supervisor",
+        "testing",
+        "_load",
+        "_bench",
+        "errors",
+    },
     # the `fastq bench` suites sit beside cli and drive what they measure
-    "_bench": {"app", "config", "autosize", "engine.supervisor", "testing", "ring", "_aio",
-               "broker.base", "errors", "__init__", "_bench"},
+    "_bench": {
+        "app",
+        "config",
+        "autosize",
+        "engine.supervisor",
+        "testing",
+        "ring",
+        "_aio",
+        "broker.base",
+        "errors",
+        "__init__",
+        "_bench",
+    },
     "__main__": {"cli"},
     "__init__": {"errors", "app", "task", "pool", "config", "middleware"},
 }
 #: Third-party modules and the one fastq module allowed to import each (``_bench`` measures a
 #: raw aiormq consumer as the broker's ceiling: that baseline is aiormq's).
 HEAVY = {
-    "aiormq": {"broker.amqp.connection", "broker.amqp.publish", "broker.amqp.consumer",
-               "broker.amqp.settle", "broker.amqp.broker", "_bench"},
+    "aiormq": {
+        "broker.amqp.connection",
+        "broker.amqp.publish",
+        "broker.amqp.consumer",
+        "broker.amqp.settle",
+        "broker.amqp.broker",
+        "_bench",
+    },
     "pamqp": {"broker.amqp.publish", "broker.amqp.settle", "_bench"},
     "uvloop": {"_aio"},
     "psutil": {"autosize.topology"},
@@ -106,8 +164,11 @@ def _modules():
 def _tree(path: Path) -> ast.Module:
     source = path.read_text()
     if path.suffix == ".pyx":  # only the Python-level imports of the extension matter here
-        source = "\n".join(line for line in source.splitlines()
-                           if line.startswith(("import ", "from ")) and "cimport" not in line)
+        source = "\n".join(
+            line
+            for line in source.splitlines()
+            if line.startswith(("import ", "from ")) and "cimport" not in line
+        )
     tree = ast.parse(source)
     for node in ast.walk(tree):  # imports under `if TYPE_CHECKING:` never run: leave them out
         if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
@@ -121,7 +182,7 @@ def _imported(node: ast.AST) -> set[str]:
         if node.module == "fastq":
             found |= {a.name for a in node.names}
         elif node.module.startswith("fastq."):
-            module = node.module[len("fastq."):]
+            module = node.module[len("fastq.") :]
             base = PACKAGE.joinpath(*module.split("."))
             for a in node.names:  # `from fastq.pkg import submodule` imports the submodule
                 sub = base / a.name
@@ -131,7 +192,11 @@ def _imported(node: ast.AST) -> set[str]:
             found.add("!" + node.module.split(".")[0])
     elif isinstance(node, ast.Import):
         for a in node.names:
-            found.add(a.name[len("fastq."):] if a.name.startswith("fastq.") else "!" + a.name.split(".")[0])
+            found.add(
+                a.name[len("fastq.") :]
+                if a.name.startswith("fastq.")
+                else "!" + a.name.split(".")[0]
+            )
     return found
 
 
@@ -149,7 +214,9 @@ def _group(name: str) -> str:
 def _allowed(key: str, target: str) -> bool:
     """``target`` is in ``key``'s row, or its package is (a row may name a whole package)."""
     parts = target.split(".")
-    return target == key or any(".".join(parts[:n]) in ALLOWED[key] for n in range(1, len(parts) + 1))
+    return target == key or any(
+        ".".join(parts[:n]) in ALLOWED[key] for n in range(1, len(parts) + 1)
+    )
 
 
 def test_every_module_has_a_row():
@@ -172,7 +239,9 @@ def test_fastq_modules_import_only_downward():
 
 
 def test_no_import_circle():
-    graph = {name: {i for i in _imports(path) if not i.startswith("!")} for name, path in _modules()}
+    graph = {
+        name: {i for i in _imports(path) if not i.startswith("!")} for name, path in _modules()
+    }
     seen: dict[str, int] = {}  # 1: on the current path, 2: done
 
     def visit(node: str, path: list[str]) -> list[str] | None:

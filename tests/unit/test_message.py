@@ -22,13 +22,20 @@ def test_an_envelope_round_trips_with_its_raw_arguments():
 
 
 def test_a_body_that_is_not_an_envelope_is_refused_with_its_first_bytes():
-    with pytest.raises(message.MessageError, match=r"^body of 5 bytes is not a fastq task envelope \(.*\); it starts with 0x68656c6c6f; "):
+    with pytest.raises(
+        message.MessageError,
+        match=r"^body of 5 bytes is not a fastq task envelope \(.*\); it starts with 0x68656c6c6f; "
+        r"",
+    ):
         message.decode(b"hello")
     assert issubclass(message.MessageError, ValueError)
 
 
 def test_arguments_that_would_need_pickle_are_refused():
-    with pytest.raises(message.MessageError, match=r"^task arguments must be msgspec Structs or builtins \(no pickle\)"):
+    with pytest.raises(
+        message.MessageError,
+        match=r"^task arguments must be msgspec Structs or builtins \(no pickle\)",
+    ):
         message.encode("t", (object(),))
 
 

@@ -82,9 +82,14 @@ def test_put_many_takes_any_iterable(make_ring):
 
 def test_a_frame_that_is_not_bytes_like_is_refused_and_nothing_is_written(make_ring):
     ring = make_ring(4096)
-    with pytest.raises(TypeError, match=r"^frame 1 is str, expected bytes or another bytes-like object; encode it first$"):
+    with pytest.raises(
+        TypeError,
+        match=r"^frame 1 is str, expected bytes or another bytes-like object; encode it first$",
+    ):
         ring.put_many([b"ok", "text"])
-    with pytest.raises(TypeError, match=r"^frame 0 is a non-contiguous buffer; pass a contiguous copy$"):
+    with pytest.raises(
+        TypeError, match=r"^frame 0 is a non-contiguous buffer; pass a contiguous copy$"
+    ):
         ring.put_many([memoryview(b"abcdef")[::2]])
     assert ring.statistics().frames_put == 0
 
@@ -192,7 +197,7 @@ def test_size_is_rounded_up_to_a_multiple_of_eight(make_ring):
 
 
 def test_attach_by_name_sees_the_frames_of_the_creator(ring_impl, make_ring):
-    ring = make_ring(name="fqt-attach-%d" % id(ring_impl))
+    ring = make_ring(name=f"fqt-attach-{id(ring_impl)}")
     ring.put_many([b"one", b"two"])
     other = ring_impl.Ring.attach(ring.name)
     try:
@@ -203,7 +208,9 @@ def test_attach_by_name_sees_the_frames_of_the_creator(ring_impl, make_ring):
 
 
 def test_attach_to_an_unknown_name_raises_ring_not_found(ring_impl):
-    with pytest.raises(RingNotFound, match=r"^no ring named 'fqt-nobody'; create it first or check the name$"):
+    with pytest.raises(
+        RingNotFound, match=r"^no ring named 'fqt-nobody'; create it first or check the name$"
+    ):
         ring_impl.Ring.attach("fqt-nobody")
 
 
@@ -307,7 +314,9 @@ def test_the_wakeup_descriptor_is_written_only_when_the_consumer_asked(make_ring
     assert ring.get_many() == [b"2", b"3"]
 
 
-def test_get_many_async_waits_on_the_loop_and_returns_what_was_put(ring_impl, make_ring, monkeypatch):
+def test_get_many_async_waits_on_the_loop_and_returns_what_was_put(
+    ring_impl, make_ring, monkeypatch
+):
     import fastq.ring
 
     ring = make_ring()
@@ -373,10 +382,9 @@ def test_unlink_removes_the_segment_and_a_with_block_unlinks_for_the_creator(rin
     ring.unlink()
     ring.unlink()  # idempotent
     assert not path.exists()
-    with pytest.raises(RuntimeError):
-        with ring_impl.Ring.create(4096) as ring:
-            path = Path("/dev/shm") / ring.name
-            raise RuntimeError("the creator fails")
+    with pytest.raises(RuntimeError), ring_impl.Ring.create(4096) as ring:
+        path = Path("/dev/shm") / ring.name
+        raise RuntimeError("the creator fails")
     assert not path.exists()
 
 
@@ -427,10 +435,11 @@ def test_a_huge_max_frames_is_capped_not_allocated(make_ring):
         ring.get_many(2.5)
 
 
-def test_frames_before_a_corrupt_length_are_delivered_then_the_corruption_is_reported(ring_impl, make_ring):
-    import mmap
-
+def test_frames_before_a_corrupt_length_are_delivered_then_the_corruption_is_reported(
+    ring_impl, make_ring
+):
     import _posixshmem
+    import mmap
 
     from fastq import _layout
     from fastq.errors import RingCorrupt
@@ -443,11 +452,16 @@ def test_frames_before_a_corrupt_length_are_delivered_then_the_corruption_is_rep
             # The third frame starts after records of 8 and 16 bytes; give it an impossible length
             _layout.FRAME_HEADER.pack_into(raw, _layout.HEADER_BYTES + 24, 999)
             assert ring.get_many() == [b"good", b"also good"]
-            with pytest.raises(RingCorrupt, match=r"holds a frame of 999 bytes at offset 24 but only 16 bytes are unread"):
+            with pytest.raises(
+                RingCorrupt,
+                match=r"holds a frame of 999 bytes at offset 24 but only 16 bytes are unread",
+            ):
                 ring.get_many_nowait()
             # A head that moved by less than one record is reported too, not read as "no frames"
             tail = int.from_bytes(raw[_layout.SLOT_TAIL * 8 : _layout.SLOT_TAIL * 8 + 8], "little")
-            raw[_layout.SLOT_HEAD * 8 : _layout.SLOT_HEAD * 8 + 8] = (tail + 4).to_bytes(8, "little")
+            raw[_layout.SLOT_HEAD * 8 : _layout.SLOT_HEAD * 8 + 8] = (tail + 4).to_bytes(
+                8, "little"
+            )
             with pytest.raises(RingCorrupt):
                 ring.get_many_nowait()
     finally:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import _posixshmem
 import mmap
 import os
 
-import _posixshmem
 import pytest
 
 from fastq import _core, _core_py, _layout  # a missing extension is a failure here, never a skip
@@ -15,7 +15,11 @@ pytestmark = pytest.mark.cython
 
 
 def test_ringheader_fields_sit_at_the_slots_the_layout_names():
-    slots = {name[5:].lower(): value * 8 for name, value in vars(_layout).items() if name.startswith("SLOT_")}
+    slots = {
+        name[5:].lower(): value * 8
+        for name, value in vars(_layout).items()
+        if name.startswith("SLOT_")
+    }
     assert _core._header_offsets() == slots
     assert max(slots.values()) < _layout.HEADER_BYTES
 
@@ -50,7 +54,11 @@ def test_attach_refuses_a_segment_that_is_not_a_ring(impl):
         os.ftruncate(fd, 4096)
         with mmap.mmap(fd, 4096) as m:
             m[:8] = b"whatever"
-        with pytest.raises(RingCorrupt, match=r"^segment 'fqt-not-a-ring' starts with 0x[0-9a-f]+, expected the fastq ring magic"):
+        with pytest.raises(
+            RingCorrupt,
+            match=r"^segment 'fqt-not-a-ring' starts with 0x[0-9a-f]+, expected the fastq ring "
+            r"magic",
+        ):
             impl.Ring.attach(name)
     finally:
         os.close(fd)

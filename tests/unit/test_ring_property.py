@@ -22,7 +22,9 @@ ops = st.lists(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(ops=ops)
 def test_random_puts_and_gets_behave_like_a_deque(ring_impl, ops):
     ring = ring_impl.Ring.create(CAPACITY)

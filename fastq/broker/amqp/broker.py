@@ -70,18 +70,33 @@ class AMQPBroker(Broker):
     def publish_sync(self, queue: str, messages: Sequence[Message]) -> None:
         with self._sync_lock:
             if self._sync is None:
-                self._sync = SyncPublisher(lambda: AMQPBroker(self.options.given, routes=self.routes))
+                self._sync = SyncPublisher(
+                    lambda: AMQPBroker(self.options.given, routes=self.routes)
+                )
         self._sync.publish(queue, messages)
 
     async def prefetch(self, queue: str, prefetch: int) -> None:
         await self.consumers.prefetch(queue, prefetch)
 
-    async def fetch(self, queue: str, max_messages: int, *, timeout: float,
-                    wake: asyncio.Event | Signal | None = None) -> list[Delivery]:
+    async def fetch(
+        self,
+        queue: str,
+        max_messages: int,
+        *,
+        timeout: float,
+        wake: asyncio.Event | Signal | None = None,
+    ) -> list[Delivery]:
         return await self.consumers.fetch(queue, max_messages, timeout=timeout, wake=wake)
 
-    async def settle(self, queue: str, *, ack: Sequence[int] = (), retry: Sequence[Retry] = (),
-                     dead: Sequence[tuple[int, str]] = (), release: Sequence[int] = ()) -> None:
+    async def settle(
+        self,
+        queue: str,
+        *,
+        ack: Sequence[int] = (),
+        retry: Sequence[Retry] = (),
+        dead: Sequence[tuple[int, str]] = (),
+        release: Sequence[int] = (),
+    ) -> None:
         await self.settler.settle(queue, ack=ack, retry=retry, dead=dead, release=release)
 
     async def queue_depth(self, queue: str) -> QueueDepth:
@@ -94,14 +109,28 @@ class AMQPBroker(Broker):
         dead = await self.consumers.passive(dlq) if dlq in self.connection.declared else None
         o = self.options
         unacked = await asyncio.get_running_loop().run_in_executor(
-            None, management.unacked_everywhere, o.aiormq_url, o.management_port,
-            o.management_port_given, queue)
+            None,
+            management.unacked_everywhere,
+            o.aiormq_url,
+            o.management_port,
+            o.management_port_given,
+            queue,
+        )
         dead_count = (dead.message_count or 0) if dead else 0
         if unacked is None:
-            return QueueDepth(ready=ok.message_count or 0, unacked=self.consumers.held_of(queue),
-                              dead=dead_count, consumers=ok.consumer_count, unacked_scope="this process")
-        return QueueDepth(ready=ok.message_count or 0, unacked=unacked, consumers=ok.consumer_count,
-                          dead=dead_count)
+            return QueueDepth(
+                ready=ok.message_count or 0,
+                unacked=self.consumers.held_of(queue),
+                dead=dead_count,
+                consumers=ok.consumer_count,
+                unacked_scope="this process",
+            )
+        return QueueDepth(
+            ready=ok.message_count or 0,
+            unacked=unacked,
+            consumers=ok.consumer_count,
+            dead=dead_count,
+        )
 
     async def close(self) -> None:
         for consumer in list(self.consumers.by_queue.values()):

@@ -21,8 +21,11 @@ from fastq.errors import BrokerConnectionError, ConfigError
 logger = logging.getLogger(__name__)
 
 #: what a lost connection or a closed channel raises: the operation is tried again once connected
-CONNECTION_ERRORS = (aiormq.exceptions.AMQPConnectionError,
-                     aiormq.exceptions.ChannelInvalidStateError, ConnectionError)
+CONNECTION_ERRORS = (
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+)
 #: publishes awaiting their confirm at once, per channel
 CONFIRM_WINDOW = 512
 RECONNECT_MIN, RECONNECT_MAX = 0.2, 15.0
@@ -53,8 +56,9 @@ class Options:
     def __init__(self, url: str) -> None:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme.lower() not in ("amqp", "amqps"):
-            raise ConfigError(f"not an AMQP URL: {mask_url(url)!r}; expected "
-                              "amqp://user:pass@host:port/vhost")
+            raise ConfigError(
+                f"not an AMQP URL: {mask_url(url)!r}; expected amqp://user:pass@host:port/vhost"
+            )
         if not parts.hostname:
             raise ConfigError(f"AMQP URL {mask_url(url)!r} names no host")
         params = urllib.parse.parse_qs(parts.query)
@@ -62,8 +66,9 @@ class Options:
         self.publish_timeout = query_float(url, params, "publish_timeout", PUBLISH_TIMEOUT, 0.1)
         self.management_port = int(query_float(url, params, "management_port", 15672, 1))
         self.management_port_given = "management_port" in params
-        query = urllib.parse.urlencode([(k, v) for k, vs in params.items() if k not in OWN_OPTIONS
-                                        for v in vs])
+        query = urllib.parse.urlencode(
+            [(k, v) for k, vs in params.items() if k not in OWN_OPTIONS for v in vs]
+        )
         #: what aiormq connects to (our options taken out)
         self.aiormq_url = urllib.parse.urlunsplit(parts._replace(query=query))
         #: as the user gave it (a sync publisher opens its own connection with it)
@@ -89,8 +94,13 @@ class Connection:
         lost: when the connection is gone: forget what it carried.
     """
 
-    def __init__(self, options: Options, routes: dict[str, QueueOptions],
-                 restore: Callable[[bool], Awaitable[None]], lost: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        options: Options,
+        routes: dict[str, QueueOptions],
+        restore: Callable[[bool], Awaitable[None]],
+        lost: Callable[[], None],
+    ) -> None:
         self.options, self.routes, self.restore, self.on_lost = options, routes, restore, lost
         self.url = options.masked
         self.connection: aiormq.abc.AbstractConnection | None = None
@@ -132,7 +142,7 @@ class Connection:
                     await self.declare(queue)
                 await self.restore(first)
                 break
-            except Exception as e:  # noqa: BLE001 - whatever failed, this attempt is over
+            except Exception as e:
                 text = f"{type(e).__name__}: {self.options.scrub(str(e))}"
                 self.lost()
                 self.connection = None
@@ -142,9 +152,12 @@ class Connection:
                     except Exception:  # noqa: BLE001, S110 - it is broken already
                         pass
                 if first:
-                    raise BrokerConnectionError(f"cannot connect to RabbitMQ at {self.url}: {text}") from e
-                logger.warning("RabbitMQ at %s unreachable (%s); trying again in %.1f s", self.url, text,
-                               delay)
+                    raise BrokerConnectionError(
+                        f"cannot connect to RabbitMQ at {self.url}: {text}"
+                    ) from e
+                logger.warning(
+                    "RabbitMQ at %s unreachable (%s); trying again in %.1f s", self.url, text, delay
+                )
                 await asyncio.sleep(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, RECONNECT_MAX)
         self.connected.set()
@@ -160,8 +173,10 @@ class Connection:
                 continue
             if self.closing:
                 return
-            logger.warning("connection to RabbitMQ at %s lost; its unsettled deliveries go back to "
-                           "RabbitMQ", self.url)
+            logger.warning(
+                "connection to RabbitMQ at %s lost; its unsettled deliveries go back to RabbitMQ",
+                self.url,
+            )
             self.lost()
             try:
                 await self.connect()
@@ -180,12 +195,16 @@ class Connection:
             try:
                 await asyncio.wait_for(self.connected.wait(), self.options.publish_timeout)
             except TimeoutError as e:
-                raise BrokerConnectionError(f"no connection to RabbitMQ at {self.url} for "
-                                            f"{self.options.publish_timeout:g} s") from e
+                raise BrokerConnectionError(
+                    f"no connection to RabbitMQ at {self.url} for "
+                    f"{self.options.publish_timeout:g} s"
+                ) from e
         assert self.publisher is not None and self.connection is not None
         if self.publisher.is_closed and not self.connection.is_closed:
             # RabbitMQ closed the channel alone (a channel error): the connection goes on
-            logger.warning("RabbitMQ closed the publishing channel on %s; opening another", self.url)
+            logger.warning(
+                "RabbitMQ closed the publishing channel on %s; opening another", self.url
+            )
             self.publisher = await self.connection.channel(publisher_confirms=True)
             self.window = asyncio.Semaphore(self.options.confirm_window)
         return self.publisher
@@ -193,11 +212,18 @@ class Connection:
     async def wait_reconnect(self) -> None:
         """Give the watcher time to notice a dead connection, then wait for the new one."""
         deadline = time.monotonic() + self.options.publish_timeout
-        while (self.connection is not None and not self.connection.is_closed and self.connected.is_set()
-               and self.publisher is not None and not self.publisher.is_closed):
+        while (
+            self.connection is not None
+            and not self.connection.is_closed
+            and self.connected.is_set()
+            and self.publisher is not None
+            and not self.publisher.is_closed
+        ):
             if time.monotonic() > deadline:
-                raise BrokerConnectionError(f"publishing to RabbitMQ at {self.url} failed for "
-                                            f"{self.options.publish_timeout:g} s")
+                raise BrokerConnectionError(
+                    f"publishing to RabbitMQ at {self.url} failed for "
+                    f"{self.options.publish_timeout:g} s"
+                )
             await asyncio.sleep(0.05)
         await self.ready()
 
@@ -219,20 +245,29 @@ class Connection:
             await channel.queue_declare(queue, durable=True, arguments=route.arguments() or None)
             await channel.queue_declare(f"{queue}.dlq", durable=True)
             if route.exchange:
-                await channel.exchange_declare(route.exchange, exchange_type=route.exchange_kind,
-                                               durable=True)
-                await channel.queue_bind(queue, route.exchange, routing_key=route.routing_key or queue,
-                                         arguments=dict(route.binding_arguments or {}) or None)
+                await channel.exchange_declare(
+                    route.exchange, exchange_type=route.exchange_kind, durable=True
+                )
+                await channel.queue_bind(
+                    queue,
+                    route.exchange,
+                    routing_key=route.routing_key or queue,
+                    arguments=dict(route.binding_arguments or {}) or None,
+                )
         except aiormq.exceptions.ChannelPreconditionFailed as e:
             # RabbitMQ closed the channel: open another, and say what to change
             assert self.connection is not None
             self.publisher = await self.connection.channel(publisher_confirms=True)
-            raise ConfigError(f"RabbitMQ refused to declare {queue!r} as {route} "
-                              f"({self.options.scrub(str(e))}): it exists with other settings; "
-                              "delete it, or declare it as it is") from e
+            raise ConfigError(
+                f"RabbitMQ refused to declare {queue!r} as {route} "
+                f"({self.options.scrub(str(e))}): it exists with other settings; "
+                "delete it, or declare it as it is"
+            ) from e
         self.declared.update((queue, f"{queue}.dlq"))
 
-    async def declare_retry(self, channel: aiormq.abc.AbstractChannel, queue: str, delay: float) -> str:
+    async def declare_retry(
+        self, channel: aiormq.abc.AbstractChannel, queue: str, delay: float
+    ) -> str:
         """The TTL queue for ``delay``. It expires when unused for ``RETRY_EXPIRES`` (or twice
         its TTL): a declare counts as a use, and RabbitMQ counts from the last one, not from
         the last publish, so it is declared again whenever a quarter of that time passed."""
@@ -240,9 +275,16 @@ class Connection:
         expires = max(RETRY_EXPIRES_MS, 2 * ms + 60_000)
         now = time.monotonic()
         if now - self.retry_declared.get(name, -1e18) > expires / 4000:
-            await channel.queue_declare(name, durable=True, arguments={
-                "x-message-ttl": ms, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": queue,
-                "x-expires": expires})
+            await channel.queue_declare(
+                name,
+                durable=True,
+                arguments={
+                    "x-message-ttl": ms,
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": queue,
+                    "x-expires": expires,
+                },
+            )
             self.retry_declared[name] = now
         return name
 

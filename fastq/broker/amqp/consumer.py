@@ -12,7 +12,7 @@ import collections
 import itertools
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import aiormq
 import aiormq.abc
@@ -21,9 +21,13 @@ from fastq.broker.amqp.connection import Connection
 from fastq.broker.base import Delivery, Signal, wait_either
 from fastq.ring import AckWindow
 
+if TYPE_CHECKING:
+    from pamqp.commands import Basic
+
 logger = logging.getLogger(__name__)
 
-#: completed tags past a gap acked one by one once this many wait, or once the oldest waited this long
+#: completed tags past a gap are acked one by one once this many wait, or once the oldest waited
+#: this long (seconds)
 STRAGGLERS = 256
 STRAGGLER_SECONDS = 0.05
 #: a consumer that got nothing this long while its queue had messages and it had room is rebuilt
@@ -36,9 +40,15 @@ HEADER_RETRIES = "x-fastq-retries"
 class Consumer:
     """One queue's consumer: its channel, its tag, its deliveries not taken yet, its acks."""
 
-    def __init__(self, queue: str, channel: aiormq.abc.AbstractChannel, prefetch: int,
-                 generation: int) -> None:
-        self.queue, self.channel, self.prefetch, self.generation = queue, channel, prefetch, generation
+    def __init__(
+        self, queue: str, channel: aiormq.abc.AbstractChannel, prefetch: int, generation: int
+    ) -> None:
+        self.queue, self.channel, self.prefetch, self.generation = (
+            queue,
+            channel,
+            prefetch,
+            generation,
+        )
         self.tag = ""
         self.buffer: collections.deque[aiormq.abc.DeliveredMessage] = collections.deque()
         #: the channel's delivery tags completed, and the acks they allow (basic.ack multiple)
@@ -72,7 +82,7 @@ class Held:
 
     def __init__(self, consumer: Consumer, message: aiormq.abc.DeliveredMessage) -> None:
         self.consumer, self.message = consumer, message
-        self.delivery_tag: int = message.delivery.delivery_tag  # type: ignore[union-attr]
+        self.delivery_tag: int = cast("Basic.Deliver", message.delivery).delivery_tag or 0
         #: its retry or dead-letter copy is confirmed: a settle sent again does not copy it twice
         self.copied = False
 
@@ -102,8 +112,11 @@ class Consumers:
         for queue, prefetch in list(self.prefetch_of.items()):
             await self.consume(queue, prefetch)
         if not first:
-            logger.warning("reconnected to RabbitMQ at %s; consuming %s again", self.connection.url,
-                           sorted(self.prefetch_of))
+            logger.warning(
+                "reconnected to RabbitMQ at %s; consuming %s again",
+                self.connection.url,
+                sorted(self.prefetch_of),
+            )
 
     async def prefetch(self, queue: str, prefetch: int) -> None:
         """Consume ``queue`` with ``basic.qos`` = ``prefetch`` (the host's budget). A change
@@ -122,13 +135,19 @@ class Consumers:
         try:
             await consumer.channel.basic_qos(prefetch_count=prefetch)
             ok = await consumer.channel.basic_consume(queue, consumer.callback)
-            old, consumer.tag, consumer.prefetch = consumer.tag, ok.consumer_tag, prefetch
+            old, consumer.tag, consumer.prefetch = consumer.tag, ok.consumer_tag or "", prefetch
             await consumer.channel.basic_cancel(old)
-            logger.info("consuming %r with prefetch %d (a new consumer; the old one cancelled)", queue,
-                        prefetch)
+            logger.info(
+                "consuming %r with prefetch %d (a new consumer; the old one cancelled)",
+                queue,
+                prefetch,
+            )
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as e:
-            logger.warning("changing the prefetch of %r failed (%s); rebuilding its consumer", queue,
-                           type(e).__name__)
+            logger.warning(
+                "changing the prefetch of %r failed (%s); rebuilding its consumer",
+                queue,
+                type(e).__name__,
+            )
             await self.rebuild(consumer)
 
     async def consume(self, queue: str, prefetch: int) -> None:
@@ -171,26 +190,36 @@ class Consumers:
             except Exception:  # noqa: BLE001, S110 - it goes either way
                 pass
         if self.connection.connected.is_set() and not self.connection.closing:
-            await self.consume(consumer.queue, self.prefetch_of.get(consumer.queue, consumer.prefetch))
+            await self.consume(
+                consumer.queue, self.prefetch_of.get(consumer.queue, consumer.prefetch)
+            )
 
     async def check(self, consumer: Consumer, wanted: int) -> Consumer | None:
         """The watchdog: a consumer whose channel closed or whose consumer was cancelled is
         rebuilt at once; one that got nothing for ``WATCHDOG_SECONDS`` while the supervisor
         had room, its queue had ready messages and it held less than its prefetch, too."""
-        broken = consumer.channel.is_closed or consumer.tag not in consumer.channel.consumers
+        consumers = cast("aiormq.Channel", consumer.channel).consumers
+        broken = consumer.channel.is_closed or consumer.tag not in consumers
         if not broken and wanted > 0 and not consumer.buffer:
             now = time.monotonic()
             if now - max(consumer.last_arrival, consumer.last_check) >= WATCHDOG_SECONDS:
                 consumer.last_check = now
                 held = sum(1 for h in self.held.values() if h.consumer is consumer)
                 if held < consumer.prefetch and (await self.passive(consumer.queue)).message_count:
-                    logger.warning("the consumer of %r got nothing for %.0f s while messages wait; "
-                                   "rebuilding it", consumer.queue, now - consumer.last_arrival)
+                    logger.warning(
+                        "the consumer of %r got nothing for %.0f s while messages wait; "
+                        "rebuilding it",
+                        consumer.queue,
+                        now - consumer.last_arrival,
+                    )
                     broken = True
         if broken:
             if consumer.alive:
-                logger.warning("the consumer of %r is gone (channel closed or consumer cancelled); "
-                               "consuming again", consumer.queue)
+                logger.warning(
+                    "the consumer of %r is gone (channel closed or consumer cancelled); "
+                    "consuming again",
+                    consumer.queue,
+                )
             await self.rebuild(consumer)
             return self.by_queue.get(consumer.queue)
         return consumer
@@ -204,8 +233,14 @@ class Consumers:
             if not channel.is_closed:
                 await channel.close()
 
-    async def fetch(self, queue: str, max_messages: int, *, timeout: float,
-                    wake: asyncio.Event | Signal | None = None) -> list[Delivery]:
+    async def fetch(
+        self,
+        queue: str,
+        max_messages: int,
+        *,
+        timeout: float,
+        wake: asyncio.Event | Signal | None = None,
+    ) -> list[Delivery]:
         consumer = self.by_queue.get(queue)
         if consumer is None:
             if queue not in self.prefetch_of:
@@ -234,14 +269,22 @@ class Consumers:
             retries = int(headers.get(HEADER_RETRIES, 0))  # type: ignore[arg-type]
         except (TypeError, ValueError):
             retries = 0
-        count = headers.get("x-delivery-count")  # quorum queues count every delivery before this one
-        redelivered = count if isinstance(count, int) else (
-            1 if message.delivery.redelivered else 0)  # type: ignore[union-attr]
-        return Delivery(tag=tag, queue=consumer.queue, body=message.body,
-                        message_id=props.message_id or "", attempts=retries + 1 + redelivered,
-                        retries=retries,
-                        headers={str(k): str(v) for k, v in headers.items()
-                                 if isinstance(v, (str, int, float, bool))} or None)
+        # quorum queues count every delivery before this one
+        count = headers.get("x-delivery-count")
+        deliver = cast("Basic.Deliver", message.delivery)
+        redelivered = count if isinstance(count, int) else (1 if deliver.redelivered else 0)
+        return Delivery(
+            tag=tag,
+            queue=consumer.queue,
+            body=message.body,
+            message_id=props.message_id or "",
+            attempts=retries + 1 + redelivered,
+            retries=retries,
+            headers={
+                str(k): str(v) for k, v in headers.items() if isinstance(v, (str, int, float, bool))
+            }
+            or None,
+        )
 
     def held_of(self, queue: str) -> int:
         """Deliveries of ``queue`` on this host: handed on and not settled, or buffered."""

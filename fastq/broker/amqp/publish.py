@@ -55,28 +55,41 @@ class Publisher:
             channel = await conn.ready()
             try:
                 await conn.declare(queue)
-                results = await asyncio.gather(*[self.publish_one(channel, queue, m) for m in pending],
-                                               return_exceptions=True)
+                results = await asyncio.gather(
+                    *[self.publish_one(channel, queue, m) for m in pending], return_exceptions=True
+                )
             except CONNECTION_ERRORS as e:
-                logger.warning("publishing to %r on %s failed (%s); waiting for the connection", queue,
-                               conn.url, type(e).__name__)
+                logger.warning(
+                    "publishing to %r on %s failed (%s); waiting for the connection",
+                    queue,
+                    conn.url,
+                    type(e).__name__,
+                )
                 await conn.wait_reconnect()
                 continue
             failed = [m for m, r in zip(pending, results) if isinstance(r, BaseException)]
             hard = [r for r in results if isinstance(r, BaseException) and not _transient(r)]
             if hard:
-                raise BrokerConnectionError(f"RabbitMQ at {conn.url} refused a publish to {queue!r}: "
-                                            f"{conn.options.scrub(str(hard[0]))}") from hard[0]
+                raise BrokerConnectionError(
+                    f"RabbitMQ at {conn.url} refused a publish to {queue!r}: "
+                    f"{conn.options.scrub(str(hard[0]))}"
+                ) from hard[0]
             attempts += 1
             if failed and attempts > PUBLISH_ATTEMPTS:
-                raise BrokerConnectionError(f"publishing {len(failed)} messages to {queue!r} on "
-                                            f"{conn.url} failed {PUBLISH_ATTEMPTS} times: "
-                                            f"{results[0]!r}")
-            if failed and not all(isinstance(r, Unroutable) for r in results if isinstance(r, BaseException)):
+                raise BrokerConnectionError(
+                    f"publishing {len(failed)} messages to {queue!r} on "
+                    f"{conn.url} failed {PUBLISH_ATTEMPTS} times: "
+                    f"{results[0]!r}"
+                )
+            if failed and not all(
+                isinstance(r, Unroutable) for r in results if isinstance(r, BaseException)
+            ):
                 await conn.wait_reconnect()
             pending = failed
 
-    async def publish_one(self, channel: aiormq.abc.AbstractChannel, queue: str, m: Message) -> None:
+    async def publish_one(
+        self, channel: aiormq.abc.AbstractChannel, queue: str, m: Message
+    ) -> None:
         conn = self.connection
         exchange = ""
         headers: dict[str, Any] = dict(m.headers or {})
@@ -89,13 +102,23 @@ class Publisher:
             for k, v in (route.binding_arguments or {}).items():
                 if not k.startswith("x-"):
                     headers.setdefault(k, v)
-        properties = Basic.Properties(delivery_mode=2, message_id=m.message_id or None,
-                                      content_type=headers.pop("content-type", MSGPACK),
-                                      headers=headers or None)
+        properties = Basic.Properties(
+            delivery_mode=2,
+            message_id=m.message_id or None,
+            content_type=headers.pop("content-type", MSGPACK),
+            headers=headers or None,
+        )
         await self.confirmed(channel, queue, m.body, properties, exchange, routing_key)
 
-    async def confirmed(self, channel: aiormq.abc.AbstractChannel, queue: str, body: bytes,
-                        properties: Basic.Properties, exchange: str, routing_key: str) -> None:
+    async def confirmed(
+        self,
+        channel: aiormq.abc.AbstractChannel,
+        queue: str,
+        body: bytes,
+        properties: Basic.Properties,
+        exchange: str,
+        routing_key: str,
+    ) -> None:
         """Publish one message (mandatory, persistent) within the confirm window and wait for
         RabbitMQ's confirm. A return (no queue took it: ``queue``'s topology was deleted
         meanwhile?) forgets that ``queue`` was declared, so that the next try declares it again."""
@@ -103,17 +126,25 @@ class Publisher:
         assert conn.window is not None
         async with conn.window:
             try:
-                confirm = await channel.basic_publish(body, exchange=exchange, routing_key=routing_key,
-                                                      properties=properties, mandatory=True,
-                                                      timeout=conn.options.publish_timeout)
+                confirm = await channel.basic_publish(
+                    body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=properties,
+                    mandatory=True,
+                    timeout=conn.options.publish_timeout,
+                )
             except aiormq.exceptions.PublishError as e:
                 conn.declared.discard(queue)
                 conn.retry_declared.pop(routing_key, None)
-                raise Unroutable(f"no queue took message {properties.message_id!r} for "
-                                 f"{routing_key!r}") from e
+                raise Unroutable(
+                    f"no queue took message {properties.message_id!r} for {routing_key!r}"
+                ) from e
         if not isinstance(confirm, Basic.Ack):
-            raise Nacked(f"RabbitMQ did not confirm message {properties.message_id!r} to "
-                         f"{routing_key!r}: {confirm!r}")
+            raise Nacked(
+                f"RabbitMQ did not confirm message {properties.message_id!r} to "
+                f"{routing_key!r}: {confirm!r}"
+            )
 
 
 class Publishing(Protocol):
@@ -135,8 +166,9 @@ class SyncPublisher:
 
     def __init__(self, make: Callable[[], Publishing]) -> None:
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="fastq-amqp-publish",
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="fastq-amqp-publish", daemon=True
+        )
         self.thread.start()
         self.broker = make()
         self.timeout = self.broker.publish_timeout * 2 + 10
@@ -152,8 +184,9 @@ class SyncPublisher:
             future.result(self.timeout)
         except TimeoutError as e:
             future.cancel()
-            raise BrokerConnectionError(f"publishing to {queue!r} on {self.broker.url} took over "
-                                        f"{self.timeout:g} s") from e
+            raise BrokerConnectionError(
+                f"publishing to {queue!r} on {self.broker.url} took over {self.timeout:g} s"
+            ) from e
 
     def close(self) -> None:
         if self.loop.is_closed():

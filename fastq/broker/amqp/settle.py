@@ -51,23 +51,33 @@ class Settler:
     def __init__(self, connection: Connection, consumers: Consumers, publisher: Publisher) -> None:
         self.connection, self.consumers, self.publisher = connection, consumers, publisher
 
-    async def settle(self, queue: str, *, ack: Sequence[int] = (), retry: Sequence[Retry] = (),
-                     dead: Sequence[tuple[int, str]] = (), release: Sequence[int] = ()) -> None:
+    async def settle(
+        self,
+        queue: str,
+        *,
+        ack: Sequence[int] = (),
+        retry: Sequence[Retry] = (),
+        dead: Sequence[tuple[int, str]] = (),
+        release: Sequence[int] = (),
+    ) -> None:
         copies = [self.retry_copy(r) for r in retry] + [self.dead_copy(t, why) for t, why in dead]
         ready = [c for c in copies if c is not None]
         if ready:  # published and confirmed before the originals are acked
             channel = await self.connection.ready()
-            await self.connection.declare(queue)  # again, if a returned copy found its topology gone
+            # again, if a returned copy found its topology gone
+            await self.connection.declare(queue)
             await asyncio.gather(*[self.republish(channel, *c) for c in ready])
         done = list(ack) + [r.tag for r in retry] + [t for t, _ in dead]
         by_consumer: dict[int, tuple[Consumer, list[int], list[int]]] = {}
         for tags, requeue in ((done, False), (release, True)):
             for tag in tags:
                 held = self.consumers.held.pop(tag, None)
-                if held is None or not held.consumer.alive:  # settled already, or its connection is gone
+                if (
+                    held is None or not held.consumer.alive
+                ):  # settled already, or its connection is gone
                     continue
                 entry = by_consumer.setdefault(id(held.consumer), (held.consumer, [], []))
-                entry[2 if requeue else 1].append(held.delivery_tag)
+                (entry[2] if requeue else entry[1]).append(held.delivery_tag)
         for consumer, acks, releases in by_consumer.values():
             await self.settle_on(consumer, acks, releases)
 
@@ -93,8 +103,11 @@ class Settler:
             await consumer.flush_stragglers(force=False)
         except CONNECTION_ERRORS as e:
             # the connection went: RabbitMQ requeues what this channel held, settled or not
-            logger.warning("settling on %r failed (%s); RabbitMQ redelivers what was not acked",
-                           consumer.queue, type(e).__name__)
+            logger.warning(
+                "settling on %r failed (%s); RabbitMQ redelivers what was not acked",
+                consumer.queue,
+                type(e).__name__,
+            )
 
     def copy_of(self, tag: int) -> tuple[Held, dict[str, Any]] | None:
         """The held delivery to copy (retry, dead letter) and its headers; None when it is
@@ -119,18 +132,34 @@ class Settler:
             return None
         held, headers = found
         retries = int(headers.get(HEADER_RETRIES, 0) or 0)
-        headers.update({HEADER_REASON: reason[:REASON_CHARS], HEADER_EXCEPTION: exception_type(reason),
-                        HEADER_ATTEMPTS: retries + 1})
+        headers.update(
+            {
+                HEADER_REASON: reason[:REASON_CHARS],
+                HEADER_EXCEPTION: exception_type(reason),
+                HEADER_ATTEMPTS: retries + 1,
+            }
+        )
         return held, f"{held.consumer.queue}.dlq", 0.0, headers
 
-    async def republish(self, channel: aiormq.abc.AbstractChannel, held: Held, target: str,
-                        delay: float, headers: dict[str, Any]) -> None:
+    async def republish(
+        self,
+        channel: aiormq.abc.AbstractChannel,
+        held: Held,
+        target: str,
+        delay: float,
+        headers: dict[str, Any],
+    ) -> None:
         props = held.message.header.properties
         routing_key = target
         if delay > 0:
             routing_key = await self.connection.declare_retry(channel, target, delay)
-        properties = Basic.Properties(delivery_mode=2, message_id=props.message_id,
-                                      content_type=props.content_type, headers=headers)
-        await self.publisher.confirmed(channel, held.consumer.queue, held.message.body, properties, "",
-                                       routing_key)
+        properties = Basic.Properties(
+            delivery_mode=2,
+            message_id=props.message_id,
+            content_type=props.content_type,
+            headers=headers,
+        )
+        await self.publisher.confirmed(
+            channel, held.consumer.queue, held.message.body, properties, "", routing_key
+        )
         held.copied = True
