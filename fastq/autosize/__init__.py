@@ -4,31 +4,34 @@ at the start and then following the load (ARCHITECTURE.md, "Sizing").
 - ``topology``: what this process may use of the machine (the one psutil importer);
 - ``plan``: the starting numbers from the documented formulas, each with its rule (pure);
 - ``share``: the host's handlers and cores shared among the busy queues (pure);
+- ``look``: what a look at a queue sees, and how looks are timed and judged (pure);
 - ``controller``: one queue's steps within its share, one method per rule (pure).
 
 The supervisor's loop that measures and applies them is ``fastq.engine.tuning``.
 """
 
 from fastq.autosize.controller import (
-    CONTROL_INTERVAL,
     COOLDOWN,
     CPU_PREFETCH_FACTOR_MAX,
     GAIN,
     IO_PREFETCH_FACTOR_MAX,
-    LOOK_TICK,
     MEMORY_HEADROOM_MIN,
-    PRESS_MEMORY,
     PROBE_AFTER,
-    RAMP_INTERVAL,
     RAMP_MAX,
-    RAMP_SETTLE,
     RAMP_TARGET,
     SATURATED,
     STRONG_GAIN,
     Controller,
     Decision,
-    Sample,
     ramp,
+)
+from fastq.autosize.look import (
+    CONTROL_INTERVAL,
+    LOOK_TICK,
+    PRESS_MEMORY,
+    RAMP_INTERVAL,
+    RAMP_SETTLE,
+    Sample,
     settle_for,
     steady_rate,
 )

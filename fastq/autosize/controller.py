@@ -7,11 +7,12 @@ queue has a ``Controller``; ``share_slots`` splits the host among the busy queue
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import ClassVar, Literal
 
 import msgspec
 
+from fastq.autosize.look import CONTROL_INTERVAL, RAMP_INTERVAL, RAMP_SETTLE, Sample
 from fastq.autosize.plan import (
     CPU_PREFETCH_FACTOR,
     IO_CONCURRENCY_MAX,
@@ -22,20 +23,6 @@ from fastq.autosize.plan import (
 #: (concurrency, prefetch, reason): what a rule decided ("" when nothing changed)
 _Change = tuple[int, int, str]
 
-#: seconds between two looks at the load
-CONTROL_INTERVAL = 2.0
-#: seconds until the next look after an increase, or at the start: a climb is judged sooner
-#: (only while messages spend well under a quarter of it in flight, so that it can show)
-RAMP_INTERVAL = 1.0
-#: of which the first RAMP_SETTLE seconds are not judged (a change takes hold); a look of
-#: CONTROL_INTERVAL judges its second half (settle_for)
-RAMP_SETTLE = 0.25
-#: seconds between two readings of the settled counts and the cores: a look judges the slices
-#: of its window by their mean rate without the highest and the lowest (steady_rate), so that a
-#: burst of a neighbour's work that dips one slice does not decide a step
-LOOK_TICK = 0.125
-#: a queue whose work waited at the broker within this many seconds presses for the cores
-PRESS_MEMORY = 4.0
 #: share of the cores an increase of I/O concurrency aims at, from how busy they are now:
 #: with idle cores it grows by up to RAMP_MAX at once, never by less than x2
 RAMP_TARGET = 0.75
@@ -54,21 +41,6 @@ COOLDOWN = 3
 PROBE_AFTER = 15
 #: at or above this share of busy time the cores are saturated: fewer at once may do as well
 SATURATED = 0.95
-
-
-class Sample(msgspec.Struct, frozen=True, kw_only=True):
-    """What the supervisor saw of one queue over one interval."""
-
-    #: share of the pinned worker cores' time spent on the CPU, 0..1
-    busy: float
-    #: messages ready at the broker and not delivered yet
-    backlog: int
-    #: messages settled per second over the interval
-    throughput: float
-    #: mean seconds a message spent delivered and unsettled (in flight / throughput)
-    latency: float
-    #: share of the memory limit still available, 0..1
-    memory_headroom: float = 1.0
 
 
 class Decision(msgspec.Struct, frozen=True, kw_only=True):
@@ -478,26 +450,6 @@ class _Look:
 
     def __init__(self, last: Sample | None, raised: bool, lowered: bool) -> None:
         self.last, self.raised, self.lowered, self.strong = last, raised, lowered, False
-
-
-def steady_rate(times: Sequence[float], counts: Sequence[int]) -> float:
-    """Messages per second between the first and the last of ``times`` (ascending), given the
-    count settled by each: with four slices or more and four messages a slice or more, the mean
-    rate of the slices without the highest and the lowest, else the plain rate (a slow queue's
-    slices are mostly empty: trimming them would throw its signal away). Pure."""
-    rates = [
-        (b - a) / (t1 - t0) for a, b, t0, t1 in zip(counts, counts[1:], times, times[1:]) if t1 > t0
-    ]
-    if len(rates) < 4 or counts[-1] - counts[0] < 4 * len(rates):
-        span = times[-1] - times[0]
-        return (counts[-1] - counts[0]) / span if span > 0 else 0.0
-    rates.sort()
-    return sum(rates[1:-1]) / (len(rates) - 2)
-
-
-def settle_for(interval: float) -> float:
-    """Seconds at the start of a look of ``interval`` that are not judged: a change takes hold."""
-    return RAMP_SETTLE if interval <= RAMP_INTERVAL else interval / 2
 
 
 def ramp(busy: float) -> float:

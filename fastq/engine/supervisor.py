@@ -23,8 +23,6 @@ import signal
 from collections.abc import Coroutine
 from typing import Any
 
-import msgspec
-
 from fastq import wire
 from fastq._aio import Signal, run_loop
 from fastq.autosize import IO_CONCURRENCY_MAX, Plan, plan_app
@@ -33,6 +31,7 @@ from fastq.config import Config
 from fastq.engine.fleet import MAX_WORKER_DEATHS, DeathPolicy, Fate, Fleet, Member
 from fastq.engine.placement import Placement
 from fastq.engine.pump import Item, Pumps
+from fastq.engine.statistics import QueueStatistics, SupervisorStatistics, WorkerStatistics
 from fastq.engine.tuning import Tuning
 from fastq.errors import RingClosed, RingFull
 from fastq.ring import Dispatcher, RingReader
@@ -44,34 +43,6 @@ logger = logging.getLogger(__name__)
 EXIT_GRACE = 5.0
 #: the fleet's rule for messages whose worker died: alone at the first death, dead at the third
 DEATHS = DeathPolicy(alone_from=1, counts_every_death=False, give_up_at=MAX_WORKER_DEATHS)
-
-
-class QueueStatistics(msgspec.Struct, frozen=True, kw_only=True):
-    concurrency: int
-    prefetch: int
-    in_flight: int
-    settled: int
-
-
-class WorkerStatistics(msgspec.Struct, frozen=True, kw_only=True):
-    index: int
-    pid: int | None
-    cpu: int | None
-    ready: bool
-    in_flight: int
-    #: times it was started (1: never restarted)
-    starts: int
-
-
-class SupervisorStatistics(msgspec.Struct, frozen=True, kw_only=True):
-    """A snapshot of a supervisor (``Supervisor.statistics()``)."""
-
-    queues: dict[str, QueueStatistics]
-    #: handler slots per worker process: the busiest process's share of all queues
-    handler_slots_per_worker: int
-    workers: tuple[WorkerStatistics, ...]
-    #: the controller's recent changes: (unix time, queue, reason), newest last
-    decisions: tuple[tuple[float, str, str], ...]
 
 
 def run_app(

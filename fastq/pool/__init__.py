@@ -13,11 +13,9 @@ driver's docstring.
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import functools
 import operator
-import threading
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any, Literal, Self, TypeVar
@@ -29,6 +27,7 @@ from fastq.config import Config, HandlerOptions
 from fastq.errors import ConfigError
 from fastq.pool.driver import Driver
 from fastq.pool.job import ASYNC_CONCURRENCY, DONE, RING_BYTES, Failure, Job
+from fastq.pool.results import Results, call_soon, gathered, ordered, unordered
 
 __all__ = ["Pool", "PoolStatistics"]
 
@@ -49,96 +48,6 @@ class PoolStatistics(msgspec.Struct, frozen=True, kw_only=True):
     items_again: int
     #: workers that died after they were ready; each was replaced
     workers_lost: int
-
-
-class _Results:
-    """A job's replies for a caller's thread: (start, values, errors) chunks, then DONE."""
-
-    def __init__(self, *, at_end: bool = False) -> None:
-        self.chunks: collections.deque[Any] = collections.deque()
-        self.ready = threading.Condition(threading.Lock())
-        #: wake the caller only when the job ended (map): one thread switch per call, not per batch
-        self.at_end = at_end
-
-    def put(self, chunk: Any) -> None:
-        if self.at_end and chunk is not DONE and not isinstance(chunk, Failure):
-            self.chunks.append(chunk)  # deque.append is atomic; the caller reads after DONE
-            return
-        with self.ready:
-            self.chunks.append(chunk)
-            self.ready.notify()
-
-    def get(self) -> Any:
-        with self.ready:
-            while not self.chunks:
-                self.ready.wait()
-            return self.chunks.popleft()
-
-    def __iter__(self) -> Iterator[tuple[int, list[Any], list[tuple[int, BaseException]]]]:
-        while True:
-            chunk = self.get()
-            if chunk is DONE:
-                return
-            if isinstance(chunk, Failure):
-                raise chunk.error
-            yield chunk
-
-
-def _unordered(
-    chunks: Iterable[tuple[int, list[Any], list[tuple[int, BaseException]]]],
-    cancel: Callable[[], None],
-) -> Iterator[Any]:
-    try:
-        for _, values, errors in chunks:
-            if errors:
-                yield from values[: errors[0][0]]
-                raise errors[0][1]
-            yield from values
-    finally:
-        cancel()
-
-
-def _ordered(
-    chunks: Iterable[tuple[int, list[Any], list[tuple[int, BaseException]]]],
-    cancel: Callable[[], None],
-) -> Iterator[Any]:
-    held: dict[int, tuple[list[Any], list[tuple[int, BaseException]]]] = {}
-    following = 0
-    try:
-        for start, values, errors in chunks:
-            held[start] = (values, errors)
-            while following in held:
-                values, errors = held.pop(following)
-                if errors:
-                    yield from values[: errors[0][0]]
-                    raise errors[0][1]
-                yield from values
-                following += len(values)
-    finally:
-        cancel()
-
-
-def _gathered(chunks: list[tuple[int, list[Any], list[tuple[int, BaseException]]]]) -> list[Any]:
-    """All the values in order, or the exception of the first item that raised."""
-    chunks.sort(key=lambda c: c[0])
-    failed = [(start + errors[0][0], errors[0][1]) for start, _, errors in chunks if errors]
-    if failed:
-        raise min(failed, key=lambda f: f[0])[1]
-    if len(chunks) == 1:
-        return chunks[0][1]
-    out: list[Any] = []
-    for _, values, _ in chunks:
-        out += values
-    return out
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[Any], None], arg: Any) -> None:
-    """Hand ``arg`` to the caller's event loop; a loop that has closed (the caller gave up and
-    left asyncio.run) gets nothing, and the driver goes on."""
-    try:
-        loop.call_soon_threadsafe(fn, arg)
-    except RuntimeError:
-        pass
 
 
 class Pool:
@@ -238,22 +147,22 @@ class Pool:
                 worker's traceback as ``__cause__``; later items are not started.
             WorkerLost: an item's worker died each time it ran (see the module's docstring).
         """
-        results = _Results(at_end=True)
+        results = Results(at_end=True)
         self._job(fn, iterable, batch_size, results.put)
-        return _gathered(list(results))
+        return gathered(list(results))
 
     def imap(
         self, fn: Callable[[T], R], iterable: Iterable[T], *, batch_size: int | str = "auto"
     ) -> Iterator[R]:
         """Like ``map``, yielding results in order as they come; an exception ends the iteration
         at its item. Leaving the loop early cancels what was not sent yet."""
-        return self._iterate(fn, iterable, batch_size, _ordered)
+        return self._iterate(fn, iterable, batch_size, ordered)
 
     def imap_unordered(
         self, fn: Callable[[T], R], iterable: Iterable[T], *, batch_size: int | str = "auto"
     ) -> Iterator[R]:
         """Like ``imap``, in the order the results come back."""
-        return self._iterate(fn, iterable, batch_size, _unordered)
+        return self._iterate(fn, iterable, batch_size, unordered)
 
     def _iterate(
         self,
@@ -262,7 +171,7 @@ class Pool:
         batch_size: int | str,
         order: Callable[[Any, Callable[[], None]], Iterator[Any]],
     ) -> Iterator[Any]:
-        results = _Results()
+        results = Results()
         # starts now, not at the first next()
         job = self._job(fn, iterable, batch_size, results.put)
         cancel = functools.partial(self._cancel, job)
@@ -324,13 +233,13 @@ class Pool:
                 done.set_exception(chunk.error)
                 return
             try:
-                done.set_result(_gathered(chunks))
+                done.set_result(gathered(chunks))
             except BaseException as e:  # noqa: BLE001 - the first item's exception is the result
                 done.set_exception(e)
 
         def deliver(chunk: Any) -> None:  # on the driver thread
             if chunk is DONE or isinstance(chunk, Failure):
-                _call_soon(loop, finish, chunk)
+                call_soon(loop, finish, chunk)
             else:
                 chunks.append(chunk)
 
@@ -352,7 +261,7 @@ class Pool:
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
         def deliver(chunk: Any) -> None:  # on the driver thread
-            _call_soon(loop, queue.put_nowait, chunk)
+            call_soon(loop, queue.put_nowait, chunk)
 
         job = self._job(fn, iterable, batch_size, deliver)
         try:
@@ -362,7 +271,7 @@ class Pool:
                     return
                 if isinstance(chunk, Failure):
                     raise chunk.error
-                for value in _unordered([chunk], lambda: None):
+                for value in unordered([chunk], lambda: None):
                     yield value
         finally:
             self._cancel(job)
@@ -374,7 +283,7 @@ class Pool:
 
     def statistics(self) -> PoolStatistics:
         """Totals since the pool started (see ``PoolStatistics``)."""
-        counts = self._driver.counts
+        counts = self._driver.batches.counts
         return PoolStatistics(**{k: counts[k] for k in PoolStatistics.__struct_fields__})
 
     def close(self) -> None:
