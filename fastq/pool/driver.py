@@ -6,12 +6,12 @@ call into batches (fastq.pool.job), writes them to the least busy worker through
 dispatcher, reads the replies and hands them to the caller's thread or event loop; what
 becomes of each batch is fastq.pool.batches'.
 
-A worker that dies (SIGKILL, a crash in C code, ``os._exit``) is started again; what it held
-runs again, so a call may run twice (the function's side effects with it). What ran when it died
-takes a death by the pool's rule (``fastq.pool.batches.DEATHS``): a batch runs again whole, then
-its items run one per batch and alone on an idle worker (suspects), and an item that was alone
-on a worker that died fails with ``WorkerLost``. A function that kills its worker every time
-thus fails after three worker deaths, never hangs. What waited in the dead worker's ring goes again as it was.
+A worker that dies (SIGKILL, a crash in C code, ``os._exit``) is started again; what it held runs
+again, so a call may run twice (the function's side effects with it). What ran when it died takes a
+death by the pool's rule (``fastq.pool.batches.DEATHS``): a batch runs again whole, then its items
+run one per batch and alone on an idle worker (suspects), and an item that was alone on a worker
+that died fails with ``WorkerLost``. A function that kills its worker every time thus fails after
+three worker deaths, never hangs. What waited in the dead worker's ring goes again as it was.
 """
 
 from __future__ import annotations
