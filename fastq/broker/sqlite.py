@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from fastq.broker import sqlite_sql as sql
 from fastq.broker.base import (
     Broker,
     DeadLetter,
@@ -45,69 +46,6 @@ from fastq.broker.base import (
 from fastq.errors import ConfigError
 
 T = TypeVar("T")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS fastq_messages (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: a tag names one message forever
-    queue TEXT NOT NULL,
-    message_id TEXT NOT NULL,
-    body BLOB NOT NULL,
-    headers BLOB,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    retries INTEGER NOT NULL DEFAULT 0,
-    visible_at REAL NOT NULL,
-    lease_owner TEXT,
-    last_error TEXT
-);
-CREATE INDEX IF NOT EXISTS fastq_messages_visible ON fastq_messages (queue, visible_at, id);
-CREATE TABLE IF NOT EXISTS fastq_dead_letters (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    queue TEXT NOT NULL,
-    message_id TEXT NOT NULL,
-    body BLOB NOT NULL,
-    headers BLOB,
-    attempts INTEGER NOT NULL,
-    retries INTEGER NOT NULL,
-    reason TEXT NOT NULL,
-    failed_at REAL NOT NULL
-);
-"""
-_INSERT = (
-    "INSERT INTO fastq_messages (queue, message_id, body, headers, visible_at) "
-    "VALUES (?, ?, ?, ?, ?)"
-)
-_CLAIM = """
-UPDATE fastq_messages SET lease_owner = ?1, visible_at = ?2, attempts = attempts + 1
-WHERE id IN (SELECT id FROM fastq_messages WHERE queue = ?3 AND visible_at <= ?4
-             ORDER BY visible_at, id LIMIT ?5)
-RETURNING id, message_id, body, headers, attempts, retries
-"""
-_ACK = "DELETE FROM fastq_messages WHERE id = ? AND lease_owner = ?"
-#: many acks in one statement: the ids as a JSON array (half the cost of executemany per id)
-_ACK_MANY = (
-    "DELETE FROM fastq_messages WHERE lease_owner = ? AND id IN (SELECT value FROM json_each(?))"
-)
-_RETRY = (
-    "UPDATE fastq_messages SET visible_at = ?, lease_owner = NULL, retries = retries + 1, "
-    "last_error = ? WHERE id = ? AND lease_owner = ?"
-)
-_RELEASE = (
-    "UPDATE fastq_messages SET visible_at = ?, lease_owner = NULL WHERE id = ? AND lease_owner = ?"
-)
-_BURY = """
-INSERT INTO fastq_dead_letters
-    (queue, message_id, body, headers, attempts, retries, reason, failed_at)
-SELECT queue, message_id, body, headers, attempts, retries, ?, ? FROM fastq_messages
-WHERE id = ? AND lease_owner = ?
-"""
-_RENEW = "UPDATE fastq_messages SET visible_at = ? WHERE lease_owner = ?"
-_DEPTH = """
-SELECT coalesce(sum(visible_at <= ?1), 0),
-       coalesce(sum(visible_at > ?1 AND lease_owner IS NOT NULL), 0),
-       coalesce(sum(visible_at > ?1 AND lease_owner IS NULL), 0)
-FROM fastq_messages WHERE queue = ?2
-"""
-_DEAD_COUNT = "SELECT count(*) FROM fastq_dead_letters WHERE queue = ?"
 
 #: the loop's connection leaves checkpoints to the thread: one every this many of its commits
 CHECKPOINT_EVERY = 256
@@ -183,7 +121,7 @@ class SqliteBroker(Broker):
             db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
-            db.executescript(_SCHEMA)
+            db.executescript(sql.SCHEMA)
             self._local.db = db
         return db
 
@@ -239,7 +177,7 @@ class SqliteBroker(Broker):
     def publish_sync(self, queue: str, messages: Sequence[Message]) -> None:
         now = time.time()
         rows = [(queue, m.message_id, m.body, _pack(m.headers), now + m.delay) for m in messages]
-        self._write(lambda db: db.executemany(_INSERT, rows))
+        self._write(lambda db: db.executemany(sql.INSERT, rows))
         loop, published = self._loop, self._published
         if loop is not None and published is not None and not loop.is_closed():
             loop.call_soon_threadsafe(published.set)  # wake a fetch in this process at once
@@ -247,7 +185,7 @@ class SqliteBroker(Broker):
     def _claim_rows(self, db: sqlite3.Connection, queue: str, max_messages: int) -> list[Any]:
         now = time.time()
         rows = db.execute(
-            _CLAIM, (self.owner, now + self.lease, queue, now, max_messages)
+            sql.CLAIM, (self.owner, now + self.lease, queue, now, max_messages)
         ).fetchall()
         rows.sort()  # RETURNING has no order; ids are publish order
         return rows
@@ -356,14 +294,14 @@ class SqliteBroker(Broker):
             if settle is not None:
                 ack, retry, dead, release = settle
                 if dead:
-                    db.executemany(_BURY, [(reason, now, tag, me) for tag, reason in dead])
-                    db.executemany(_ACK, [(tag, me) for tag, _ in dead])
+                    db.executemany(sql.BURY, [(reason, now, tag, me) for tag, reason in dead])
+                    db.executemany(sql.ACK, [(tag, me) for tag, _ in dead])
                 if ack:
-                    db.execute(_ACK_MANY, (me, json.dumps(ack)))
+                    db.execute(sql.ACK_MANY, (me, json.dumps(ack)))
                 if retry:
-                    db.executemany(_RETRY, [(now + r.delay, r.reason, r.tag, me) for r in retry])
+                    db.executemany(sql.RETRY, [(now + r.delay, r.reason, r.tag, me) for r in retry])
                 if release:
-                    db.executemany(_RELEASE, [(now, tag, me) for tag in release])
+                    db.executemany(sql.RELEASE, [(now, tag, me) for tag in release])
             return self._claim_rows(db, queue, fetch) if fetch > 0 else []
 
         rows = self._write(work, db)
@@ -381,7 +319,7 @@ class SqliteBroker(Broker):
             await asyncio.sleep(self.lease / 3)
             await self._run(
                 lambda: self._write(
-                    lambda db: db.execute(_RENEW, (time.time() + self.lease, self.owner))
+                    lambda db: db.execute(sql.RENEW, (time.time() + self.lease, self.owner))
                 )
             )
 
@@ -389,8 +327,8 @@ class SqliteBroker(Broker):
         def depth() -> tuple[int, ...]:
             db = self._db()
             return (
-                *db.execute(_DEPTH, (time.time(), queue)).fetchone(),
-                db.execute(_DEAD_COUNT, (queue,)).fetchone()[0],
+                *db.execute(sql.DEPTH, (time.time(), queue)).fetchone(),
+                db.execute(sql.DEAD_COUNT, (queue,)).fetchone()[0],
             )
 
         row = await self._run(depth)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from fastq._aio import Signal
 from fastq.broker.base import Broker, Delivery, Retry
 from fastq.config import Config
+from fastq.engine.fleet import DeathPolicy, Fate
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -185,6 +186,28 @@ class Pumps:
     def _outcome(self, p: Pending, kind: str, item: Any) -> None:
         self.outcomes[p.queue][kind].append(item)
         self.wake[p.queue].set()
+
+    def lost(
+        self, tags: Sequence[int], solo: int | None, policy: DeathPolicy, *, died: bool
+    ) -> tuple[list[Item], list[int], list[int]]:
+        """What becomes of the deliveries ``tags`` that a worker held when it exited: by
+        ``policy`` if it ``died`` (``solo``: the one it ran alone), else (it recycled) each goes
+        on as it was. Returns the items to dispatch again, the tags of suspects (to run alone)
+        and the tags to dead-letter."""
+        again: list[Item] = []
+        suspects, dead = [], []
+        for tag in tags:
+            p = self.pending[tag]
+            fate = Fate.SUSPECT if p.deaths else Fate.AGAIN
+            if died:
+                p.deaths, fate = policy.after_death(p.deaths, alone=solo == tag)
+            if fate is Fate.GIVE_UP:
+                dead.append(tag)
+            elif fate is Fate.SUSPECT:
+                suspects.append(tag)
+            else:
+                again.append(p.item)
+        return again, suspects, dead
 
     def unsettled(self) -> int:
         """Outcomes given to ``settle`` and not applied at the broker yet."""

@@ -28,10 +28,10 @@ from fastq._aio import Signal, run_loop
 from fastq.autosize import IO_CONCURRENCY_MAX, Plan, plan_app
 from fastq.broker.base import Broker
 from fastq.config import Config
-from fastq.engine.fleet import MAX_WORKER_DEATHS, DeathPolicy, Fate, Fleet, Member
+from fastq.engine.fleet import MAX_WORKER_DEATHS, DeathPolicy, Fleet, Member
 from fastq.engine.placement import Placement
 from fastq.engine.pump import Item, Pumps
-from fastq.engine.statistics import QueueStatistics, SupervisorStatistics, WorkerStatistics
+from fastq.engine.statistics import SupervisorStatistics, snapshot
 from fastq.engine.tuning import Tuning
 from fastq.errors import RingClosed, RingFull
 from fastq.ring import Dispatcher, RingReader
@@ -211,20 +211,11 @@ class Supervisor:
                 gone.code,
                 len(gone.lost),
             )
-        dead = []
-        for tag in gone.lost:
-            p = self.pumps.pending[tag]
-            fate = Fate.AGAIN
-            if not gone.recycled:  # a recycle is no death
-                p.deaths, fate = DEATHS.after_death(p.deaths, alone=gone.solo == tag)
-            elif p.deaths:
-                fate = Fate.SUSPECT
-            if fate is Fate.GIVE_UP:
-                dead.append(tag)
-            elif fate is Fate.SUSPECT:
-                self.fleet.suspects.append(tag)
-            else:
-                self.backlog.append(p.item)
+        again, suspects, dead = self.pumps.lost(
+            gone.lost, gone.solo, DEATHS, died=not gone.recycled
+        )
+        self.backlog.extend(again)
+        self.fleet.suspects.extend(suspects)
         if not self.stopping:
             self.start_worker(m)
         self.dispatch_backlog()
@@ -350,32 +341,8 @@ class Supervisor:
         """Per queue: concurrency, prefetch, in flight and settled; per worker: its pid, core,
         messages in flight and starts; and the controller's recent decisions with their
         reasons."""
-        pumps, placement = self.pumps, self.placement
-        queues = {
-            q: QueueStatistics(
-                concurrency=placement.concurrency[q],
-                prefetch=pumps.prefetch[q],
-                in_flight=pumps.in_flight[q],
-                settled=pumps.settled_by_queue[q],
-            )
-            for q in self.queues
-        }
-        workers = tuple(
-            WorkerStatistics(
-                index=m.index,
-                pid=m.process.pid if m.process else None,
-                cpu=m.cpu,
-                ready=m.ready,
-                in_flight=self.dispatcher.in_flight(m.index),
-                starts=self.starts[m.index],
-            )
-            for m in self.fleet
-        )
-        return SupervisorStatistics(
-            queues=queues,
-            handler_slots_per_worker=placement.slots,
-            workers=workers,
-            decisions=tuple(self.tuning.decisions),
+        return snapshot(
+            self.queues, self.pumps, self.placement, self.fleet, self.starts, self.tuning.decisions
         )
 
     async def wait_workers_ready(self, timeout: float | None = None) -> None:

@@ -49,7 +49,8 @@ ALLOWED: dict[str, set[str]] = {
     # QueueOptions is a setting (config); the broker interface re-exports it
     "broker.base": {"message", "errors", "_aio", "config"},
     "broker.memory": {"broker.base", "message", "errors"},
-    "broker.sqlite": {"broker.base", "message", "errors"},
+    "broker.sqlite": {"broker.base", "broker.sqlite_sql", "message", "errors"},
+    "broker.sqlite_sql": set(),
     "broker.amqp": {"broker.amqp.broker"},
     "broker.amqp.broker": _AMQP | _AMQP_ROOMS,
     "broker.amqp.connection": _AMQP,
@@ -68,7 +69,7 @@ ALLOWED: dict[str, set[str]] = {
     "engine": set(),
     "engine.fleet": _ENGINE,
     "engine.placement": _ENGINE | {"engine.fleet"},
-    "engine.pump": _ENGINE,
+    "engine.pump": _ENGINE | {"engine.fleet"},
     "engine.tuning": _ENGINE | {"engine.placement", "engine.pump"},
     "engine.statistics": set(),
     "engine.supervisor": _ENGINE | {"engine.fleet", "engine.placement", "engine.pump",
