@@ -5,6 +5,7 @@ from fastq.app import App
 from fastq.config import Config
 from fastq.errors import (
     BrokerConnectionError,
+    BrokerStorageError,
     ConfigError,
     FastqError,
     FrameTooLarge,
@@ -31,6 +32,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "App",
     "BrokerConnectionError",
+    "BrokerStorageError",
     "Config",
     "ConfigError",
     "Consumer",

@@ -171,7 +171,7 @@ cdef class Ring:
         """Create a ring with ``size_bytes`` of frame space (see ``fastq._core_py.Ring.create``)."""
         cdef Ring self
         capacity = _ref.check_size(size_bytes)
-        name = _ref.new_name() if name is None else _ref.check_name(name)
+        name = _seg.new_name() if name is None else _ref.check_name(name)
         self = Ring.__new__(Ring)
         self._setup(name, _seg.open_segment(name, HEADER_BYTES + capacity))
         self._finalizer = _seg.register_creator(name)

@@ -64,7 +64,6 @@ from fastq._layout import (
     delivery_too_large,
     frame_view,
     full,
-    new_name,
     record_bytes,
     short_completion,
     tag_below_window,
@@ -73,6 +72,7 @@ from fastq._layout import (
 )
 from fastq._segment import (
     bind_wakeup,
+    new_name,
     open_segment,
     probe,
     register_creator,

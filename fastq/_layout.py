@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import operator
 import re
-import secrets
 import struct
 import time
 from typing import NamedTuple
@@ -93,10 +92,6 @@ def check_name(name: str) -> str:
             "pass such a name or None for a generated one"
         )
     return name
-
-
-def new_name() -> str:
-    return "fq-" + secrets.token_hex(8)
 
 
 def wakeup_address(name: str, role: str) -> bytes:

@@ -1,6 +1,11 @@
 """The operating-system side of a ring, shared by fastq._core and its twin: the shared-memory
 segment's life cycle and the wake-up sockets. Slow paths only (create, attach, close, a
 sleeping peer); the hot path never comes here.
+
+A generated ring name says who made it: ``fq-<pid>-<start>-<random>``, the creator's pid and its
+start time (in clock ticks since boot, from /proc), so that ``sweep`` can tell the segments of
+a process that is gone (a tree killed whole: the resource tracker with it) from those of a live
+one, even when the pid was reused since.
 """
 
 from __future__ import annotations
@@ -9,6 +14,8 @@ import _posixshmem
 import errno
 import mmap
 import os
+import re
+import secrets
 import socket
 from multiprocessing import resource_tracker, util
 
@@ -91,3 +98,49 @@ def probe(address: bytes) -> bool:
         except OSError:
             return False
     return True
+
+
+SHM = "/dev/shm"
+#: a name new_name made: creator pid, its start time (hex), random
+_OWNED = re.compile(r"fq-(\d+)-([0-9a-f]+)-[0-9a-f]+")
+_owner: tuple[int, str] | None = None
+
+
+def start_time(pid: int) -> str | None:
+    """The start time of process ``pid`` (clock ticks since boot, hex), None if there is none."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2 :].split()  # after "pid (comm) ": state is field 3
+    return f"{int(fields[19]):x}"  # field 22
+
+
+def new_name() -> str:
+    """A fresh ring name that says which process made it (see the module docstring)."""
+    global _owner
+    pid = os.getpid()
+    if _owner is None or _owner[0] != pid:  # first use here, or a forked child
+        _owner = (pid, start_time(pid) or "0")
+    return f"fq-{pid}-{_owner[1]}-{secrets.token_hex(6)}"
+
+
+def sweep(directory: str = SHM) -> list[str]:
+    """Unlink the ring segments whose creator is gone (what a tree SIGKILLed whole leaves),
+    never one of a live process; returns their names."""
+    removed: list[str] = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        m = _OWNED.fullmatch(name)
+        if m is None or start_time(int(m[1])) == m[2]:
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+        except OSError:  # another sweeper was first, or it is not ours to remove
+            continue
+        removed.append(name)
+    return removed

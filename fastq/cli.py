@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from typing import TYPE_CHECKING, Any
 
 from fastq import _load
-from fastq.errors import LoadError
+from fastq.errors import FastqError, LoadError
 
 if TYPE_CHECKING:
     from fastq.broker import QueueDepth
@@ -98,6 +99,8 @@ def _worker(args: argparse.Namespace) -> int:
         level=args.log_level.upper(),
         format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
     )
+    if args.log_level != "debug":  # fastq says what failed and what to check; aiormq's own
+        logging.getLogger("aiormq").setLevel(logging.CRITICAL)  # lines would say it twice
     app = _app_with_overrides(args)
     try:
         from fastq.engine.supervisor import run_app
@@ -114,7 +117,6 @@ def _stats(args: argparse.Namespace) -> int:
     import msgspec
 
     from fastq.app import App
-    from fastq.errors import FastqError
 
     app = load(args.app)
     if not isinstance(app, App):
@@ -129,10 +131,7 @@ def _stats(args: argparse.Namespace) -> int:
         finally:
             await app.broker.close()
 
-    try:
-        depths = asyncio.run(measure())
-    except FastqError as e:
-        raise UsageError(str(e)) from None
+    depths = asyncio.run(measure())
     if args.json:
         print(msgspec.json.encode(depths).decode())
         return RET_OK
@@ -287,6 +286,14 @@ def main(argv: list[str] | None = None) -> int:
             sizes=sizes, runs=args.runs, seconds=args.seconds or 0.4, json_path=args.json
         )
     except UsageError as e:
+        print(f"fastq {args.command}: {e}", file=sys.stderr)
+        return RET_USAGE
+    except FastqError as e:
+        # A broker that cannot be opened (what was tried, masked, and what to check), a disk
+        # that refused a write, a setting that does not hold: one line; the traceback only when
+        # asked for with --log-level debug.
+        if getattr(args, "log_level", "") == "debug":
+            traceback.print_exc()
         print(f"fastq {args.command}: {e}", file=sys.stderr)
         return RET_USAGE
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import msgspec
 
 from fastq.errors import ConfigError
+from fastq.url import mask_url
 
 #: The embedded default: a SQLite file in the working directory.
 DEFAULT_BROKER_URL = "sqlite:///fastq.db"
@@ -67,7 +68,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         if "://" not in self.broker_url:
             raise ConfigError(
                 f"broker_url must look like sqlite:///path, memory:// or amqp://host, got "
-                f"{self.broker_url!r}"
+                f"{mask_url(self.broker_url)!r}"
             )
 
     @classmethod
@@ -87,7 +88,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
             try:
                 values[field] = _parse(cls, field, raw)
             except ValueError as e:
-                raise ConfigError(f"FASTQ_{field.upper()}={raw!r} is not valid: {e}") from e
+                raise ConfigError(
+                    f"FASTQ_{field.upper()}={mask_url(raw)!r} is not valid: {e}"
+                ) from e
         from_env = set(values)
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:
@@ -98,7 +101,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
             field = str(e).rpartition("$.")[2].strip("`")
             if field in from_env:
                 raise ConfigError(
-                    f"FASTQ_{field.upper()}={environ['FASTQ_' + field.upper()]!r} is not valid: "
+                    f"FASTQ_{field.upper()}={mask_url(environ['FASTQ_' + field.upper()])!r} is not "
+                    "valid: "
                     f"{str(e).partition(' - at ')[0]}"
                 ) from e
             raise ConfigError(str(e)) from e

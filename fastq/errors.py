@@ -65,7 +65,13 @@ class PeerLost(RingClosed):
 
 
 class BrokerConnectionError(FastqError, ConnectionError):
-    """The broker went away; ``__cause__`` holds the underlying client's exception."""
+    """The broker cannot be reached or opened, or went away; the message says what was tried
+    (the password masked) and what to check; ``__cause__`` holds the client's exception."""
+
+
+class BrokerStorageError(FastqError, OSError):
+    """The broker's storage refused a write (a full disk, a read-only file system, an I/O
+    error): what was being written was not stored; the message says which and what to do."""
 
 
 class WorkerLost(FastqError):

@@ -48,6 +48,7 @@ else:
     IMPLEMENTATION = "cython"
 
 from fastq._layout import COMPLETION, DELIVERY, STATUS_OK, WAIT_SLICE_SECONDS
+from fastq._segment import sweep as sweep_dead_segments
 
 __all__ = [
     "COMPLETION",
@@ -62,6 +63,7 @@ __all__ = [
     "RingStatistics",
     "get_many_async",
     "plain_values",
+    "sweep_dead_segments",
 ]
 
 

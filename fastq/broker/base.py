@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import urllib.parse
 from collections.abc import Sequence
 
 import msgspec
@@ -18,6 +17,7 @@ import msgspec
 from fastq._aio import Signal, wait_either
 from fastq.config import EXCHANGE_KINDS, QueueOptions
 from fastq.errors import ConfigError
+from fastq.url import mask_url
 
 __all__ = [
     "EXCHANGE_KINDS",
@@ -187,15 +187,6 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Release connections; unsettled deliveries come back to some consumer later."""
-
-
-def mask_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``: the only form to log or put in an error."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def query_float(

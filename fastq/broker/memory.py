@@ -24,6 +24,7 @@ from fastq.broker.base import (
     QueueDepth,
     Retry,
     Signal,
+    mask_url,
     wait_either,
 )
 
@@ -48,7 +49,7 @@ class MemoryBroker(Broker):
     """See the module docstring. Thread-safe; ``fetch`` wakes on a publish from any thread."""
 
     def __init__(self, url: str = "memory://") -> None:
-        self.url = url
+        self.url = mask_url(url)
         self._lock = threading.Lock()
         self._queues: dict[str, _Queue] = {}
         self._tags = itertools.count(1)

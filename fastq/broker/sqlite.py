@@ -40,12 +40,27 @@ from fastq.broker.base import (
     QueueDepth,
     Retry,
     Signal,
+    mask_url,
     query_float,
     wait_either,
 )
-from fastq.errors import ConfigError
+from fastq.errors import BrokerConnectionError, BrokerStorageError, ConfigError, FastqError
 
 T = TypeVar("T")
+
+#: SQLite's primary result codes of a storage that refused a write: what happened, what to do
+_STORAGE_PROBLEMS = {
+    sqlite3.SQLITE_FULL: ("the disk holding {path} is full", "free space there, then try again"),
+    sqlite3.SQLITE_READONLY: (
+        "{path} cannot be written (a read-only file or file system)",
+        "make it writable again, then try again",
+    ),
+    sqlite3.SQLITE_IOERR: ("an I/O error on {path}", "check the disk and its file system"),
+    sqlite3.SQLITE_CANTOPEN: (
+        "{path} cannot be opened for writing",
+        "check that its directory exists and is writable",
+    ),
+}
 
 #: the loop's connection leaves checkpoints to the thread: one every this many of its commits
 CHECKPOINT_EVERY = 256
@@ -82,7 +97,7 @@ def parse_url(url: str) -> tuple[str, dict[str, list[str]]]:
         or parts.path == "/"
     ):
         raise ConfigError(
-            f"{url!r} is not a SQLite broker URL; use sqlite:///relative/path.db or "
+            f"{mask_url(url)!r} is not a SQLite broker URL; use sqlite:///relative/path.db or "
             "sqlite:////absolute/path.db"
         )
     return parts.path[1:], urllib.parse.parse_qs(parts.query)
@@ -93,13 +108,13 @@ class SqliteBroker(Broker):
     connection; ``publish_sync`` and the dead-letter methods use a connection per calling thread."""
 
     def __init__(self, url: str) -> None:
-        self.url = url
+        self.url = mask_url(url)
         self.path, params = parse_url(url)
         self.lease = query_float(url, params, "lease", 60.0, 1.0)
         self.poll = query_float(url, params, "poll", 0.05, 0.001)
         mode = params.get("synchronous", ["normal"])[-1].lower()
         if mode not in ("normal", "full"):
-            raise ConfigError(f"synchronous={mode!r} in {url} must be 'normal' or 'full'")
+            raise ConfigError(f"synchronous={mode!r} in {mask_url(url)} must be 'normal' or 'full'")
         self.synchronous = mode
         #: the lease owner this broker writes on what it claims
         self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
@@ -118,10 +133,13 @@ class SqliteBroker(Broker):
     def _db(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
-            db.executescript(sql.SCHEMA)
+            try:
+                db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
+                db.executescript(sql.SCHEMA)
+            except sqlite3.Error as e:
+                raise self._open_error(e) from e
             self._local.db = db
         return db
 
@@ -129,27 +147,67 @@ class SqliteBroker(Broker):
         """The event loop's own connection: it never waits for the write lock (BUSY at once,
         and the caller goes to the thread instead), never checkpoints (the thread does)."""
         if self._loop_db is None:
-            db = sqlite3.connect(self.path, timeout=0.0, isolation_level=None)
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA wal_autocheckpoint=0")
+            try:
+                db = sqlite3.connect(self.path, timeout=0.0, isolation_level=None)
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.execute("PRAGMA wal_autocheckpoint=0")
+            except sqlite3.Error as e:
+                raise self._open_error(e) from e
             self._loop_db = db
         return self._loop_db
+
+    def _open_error(self, e: sqlite3.Error) -> FastqError:
+        """What opening the file failed on, in words: the path, or its storage."""
+        directory = os.path.dirname(os.path.abspath(self.path))
+        if os.path.isdir(directory):
+            stored = self._storage_error(e, "the broker could not be opened")
+            if stored is not None:
+                return stored
+            hint = f"check that {directory} is writable by this user and {self.path} is a database"
+        else:
+            hint = f"the directory {directory} does not exist; create it or change the path"
+        return BrokerConnectionError(f"cannot open the SQLite broker at {self.url} ({e}): {hint}")
+
+    def _storage_error(self, e: sqlite3.Error, outcome: str) -> BrokerStorageError | None:
+        """``e`` as a BrokerStorageError when the storage refused a write (full, read-only, an
+        I/O error), saying that ``outcome``; None for any other error."""
+        code = getattr(e, "sqlite_errorcode", 0) & 0xFF
+        problem = _STORAGE_PROBLEMS.get(code)
+        if problem is None:
+            return None
+        what, fix = problem
+        return BrokerStorageError(
+            f"{what.format(path=os.path.abspath(self.path))}: {outcome} ({e}); {fix}"
+        )
 
     def _checkpoint(self) -> None:
         self._db().execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def _write(
-        self, work: Callable[[sqlite3.Connection], T], db: sqlite3.Connection | None = None
+        self,
+        work: Callable[[sqlite3.Connection], T],
+        db: sqlite3.Connection | None = None,
+        outcome: str = "nothing was written",
     ) -> T:
-        """Run ``work`` in one write transaction on ``db``, by default this thread's connection."""
+        """Run ``work`` in one write transaction on ``db``, by default this thread's connection.
+
+        Raises:
+            BrokerStorageError: the storage refused it (``outcome`` says what did not happen).
+        """
         db = db or self._db()
-        db.execute("BEGIN IMMEDIATE")
         try:
-            result = work(db)
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:  # never leave a long-lived connection holding the lock
-                db.execute("ROLLBACK")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(db)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:  # never leave a long-lived connection holding the lock
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:
+            stored = self._storage_error(e, outcome)
+            if stored is not None:
+                raise stored from e
             raise
         return result
 
@@ -177,7 +235,10 @@ class SqliteBroker(Broker):
     def publish_sync(self, queue: str, messages: Sequence[Message]) -> None:
         now = time.time()
         rows = [(queue, m.message_id, m.body, _pack(m.headers), now + m.delay) for m in messages]
-        self._write(lambda db: db.executemany(sql.INSERT, rows))
+        self._write(
+            lambda db: db.executemany(sql.INSERT, rows),
+            outcome=f"{len(rows)} message(s) to {queue!r} were not enqueued",
+        )
         loop, published = self._loop, self._published
         if loop is not None and published is not None and not loop.is_closed():
             loop.call_soon_threadsafe(published.set)  # wake a fetch in this process at once
@@ -304,7 +365,9 @@ class SqliteBroker(Broker):
                     db.executemany(sql.RELEASE, [(now, tag, me) for tag in release])
             return self._claim_rows(db, queue, fetch) if fetch > 0 else []
 
-        rows = self._write(work, db)
+        rows = self._write(
+            work, db, outcome=f"settling and claiming on {queue!r} did not happen (it is retried)"
+        )
         if (
             settle is not None
             and (settle[1] or settle[3])

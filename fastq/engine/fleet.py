@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import logging
 import multiprocessing
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
@@ -25,8 +26,10 @@ from typing import Any, NamedTuple, Protocol
 import msgspec
 
 from fastq import worker
-from fastq.ring import Dispatcher, Ring
+from fastq.ring import Dispatcher, Ring, sweep_dead_segments
 from fastq.wire import EXIT_RECYCLED, WorkerSpec
+
+logger = logging.getLogger(__name__)
 
 #: a parcel of work in flight at this many worker deaths is given up (dead-lettered, WorkerLost)
 MAX_WORKER_DEATHS = 3
@@ -222,6 +225,20 @@ class Fleet:
         return self.members[index]
 
     # -- I/O --------------------------------------------------------------------------------
+
+    def sweep(self) -> None:
+        """Remove what a fastq process tree killed whole left in /dev/shm (its rings; the resource
+        tracker that would have unlinked them died with it). Only segments whose creator is gone
+        (pid and start time), never a live process's."""
+        removed = sweep_dead_segments()
+        if removed:
+            logger.warning(
+                "removed %d ring segments that fastq processes which are gone left in "
+                "/dev/shm (%s%s)",
+                len(removed),
+                ", ".join(removed[:3]),
+                ", ..." if len(removed) > 3 else "",
+            )
 
     def start(self, m: Member) -> None:
         """Two rings, attached to the dispatcher, and a process that attaches them too."""

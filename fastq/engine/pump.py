@@ -22,6 +22,7 @@ from fastq._aio import Signal
 from fastq.broker.base import Broker, Delivery, Retry
 from fastq.config import Config
 from fastq.engine.fleet import DeathPolicy, Fate
+from fastq.errors import FastqError
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -30,8 +31,9 @@ logger = logging.getLogger(__name__)
 
 #: seconds a pump waits in the broker for new messages when it has nothing to settle
 IDLE_WAIT = 0.25
-#: seconds before a failed round trip is tried again; doubling, to
-RETRY_MIN, RETRY_MAX = 0.5, 30.0
+#: seconds before a failed round trip is tried again; doubling, to at most RETRY_MAX: a broker
+#: that comes back (space freed on a full disk, a restarted server) is used within a second
+RETRY_MIN, RETRY_MAX = 0.25, 1.0
 
 #: what the dispatcher routes: (tag, retries, queue index, body)
 Item = tuple[int, int, int, "Buffer"]
@@ -102,7 +104,7 @@ class Pumps:
             self.config.max_message_bytes,
             self.queue_index[queue],
         )
-        pause = RETRY_MIN
+        pause, failures = RETRY_MIN, 0
         while True:
             wake.clear()
             parts = self.outcomes[queue]
@@ -121,21 +123,29 @@ class Pumps:
                     timeout=0.0 if settling else IDLE_WAIT,
                     wake=wake,
                 )
-            except Exception:
-                logger.exception(
-                    "settling %d and fetching %d messages on %r failed; retrying in %.1f s",
-                    settling,
-                    max(want, 0),
-                    queue,
-                    pause,
-                )
+            except Exception as e:
+                if not isinstance(e, FastqError):
+                    logger.exception(
+                        "settling %d and fetching %d messages on %r failed; retrying in %.1f s",
+                        settling,
+                        max(want, 0),
+                        queue,
+                        pause,
+                    )
+                elif failures % 60 == 0:  # the broker said what is wrong: once a minute is enough
+                    logger.error("%s; retrying every %g s at most", e, RETRY_MAX)
+                failures += 1
                 for kind, items in parts.items():  # in front of what came meanwhile
                     self.outcomes[queue][kind][:0] = items
                 del self.settling[queue]
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, RETRY_MAX)
                 continue
-            pause = RETRY_MIN
+            if failures:
+                logger.warning(
+                    "settling and fetching on %r works again after %d failed tries", queue, failures
+                )
+            pause, failures = RETRY_MIN, 0
             del self.settling[queue]
             if settling:
                 self.in_flight[queue] -= settling

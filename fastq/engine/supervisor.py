@@ -399,6 +399,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.on_signal, sig)
         try:
+            self.fleet.sweep()
             for m in self.fleet:
                 self.start_worker(m)
             self.pump_tasks = [self.spawn(self.pumps.run(q)) for q in self.queues]

@@ -79,6 +79,7 @@ class Driver:
         self.shut = False
         self.broken: BaseException | None = None
         self.checked = 0.0
+        self.fleet.sweep()
         for m in self.fleet:
             self.fleet.start(m)
         self.thread = threading.Thread(target=self.serve, name="fastq-pool", daemon=True)

@@ -26,14 +26,16 @@ _AMQP_ROOMS = {"broker.amqp.connection", "broker.amqp.publish", "broker.amqp.con
 #: modules may be imported too.
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
-    "config": {"errors"},
+    # the one masking function for URLs in logs and errors
+    "url": set(),
+    "config": {"errors", "url"},
     "message": {"errors"},
     "_layout": {"errors"},
     # the segment's and the wake-up sockets' life cycle, shared by both ring implementations
     "_segment": {"errors", "_layout"},
     "_core_py": _CORE,
     "_core": _CORE,
-    "ring": {"_core", "_core_py", "_layout", "errors"},
+    "ring": {"_core", "_core_py", "_layout", "_segment", "errors"},
     "wire": {"ring", "message", "errors"},
     "codec": {"ring", "message", "errors"},
     "_aio": {"errors"},
@@ -47,7 +49,7 @@ ALLOWED: dict[str, set[str]] = {
     "autosize.look": set(),
     "autosize.controller": {"autosize.plan", "autosize.look", "config", "errors"},
     # QueueOptions is a setting (config); the broker interface re-exports it
-    "broker.base": {"message", "errors", "_aio", "config"},
+    "broker.base": {"message", "errors", "_aio", "config", "url"},
     "broker.memory": {"broker.base", "message", "errors"},
     "broker.sqlite": {"broker.base", "broker.sqlite_sql", "message", "errors"},
     "broker.sqlite_sql": set(),

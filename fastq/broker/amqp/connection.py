@@ -28,7 +28,9 @@ CONNECTION_ERRORS = (
 )
 #: publishes awaiting their confirm at once, per channel
 CONFIRM_WINDOW = 512
-RECONNECT_MIN, RECONNECT_MAX = 0.2, 15.0
+#: seconds between reconnect attempts: doubling from RECONNECT_MIN to RECONNECT_MAX, with jitter;
+#: a connect that fails is cheap, and a send waits for the next one once RabbitMQ is back
+RECONNECT_MIN, RECONNECT_MAX = 0.2, 2.0
 #: how often the watcher looks at the connection
 WATCH_SECONDS = 0.25
 #: a publish waits this long for a connection, or for its confirm, before it raises
@@ -116,6 +118,8 @@ class Connection:
         self.connected = asyncio.Event()
         self.closing = False
         self.watcher: asyncio.Task[None] | None = None
+        #: set to make the watcher look at the connection now
+        self.poked = asyncio.Event()
 
     async def open(self) -> None:
         if self.connection is not None:
@@ -153,7 +157,7 @@ class Connection:
                         pass
                 if first:
                     raise BrokerConnectionError(
-                        f"cannot connect to RabbitMQ at {self.url}: {text}"
+                        f"cannot connect to RabbitMQ at {self.url} ({text}): {_hint(e)}"
                     ) from e
                 logger.warning(
                     "RabbitMQ at %s unreachable (%s); trying again in %.1f s", self.url, text, delay
@@ -164,12 +168,17 @@ class Connection:
 
     async def watch(self) -> None:
         """Reconnect whenever the connection closes, until ``close``. It looks every
-        ``WATCH_SECONDS`` rather than awaiting ``connection.closing``, which aiormq may cancel
-        while the connection lives on (seen when a channel is closed)."""
+        ``WATCH_SECONDS`` (or at once when ``ready`` found the connection dead) rather than
+        awaiting ``connection.closing``, which aiormq may cancel while the connection lives on
+        (seen when a channel is closed)."""
         while not self.closing:
             connection = self.connection
             if connection is not None and not connection.is_closed:
-                await asyncio.sleep(WATCH_SECONDS)
+                self.poked.clear()
+                try:
+                    await asyncio.wait_for(self.poked.wait(), WATCH_SECONDS)
+                except TimeoutError:
+                    pass
                 continue
             if self.closing:
                 return
@@ -188,44 +197,52 @@ class Connection:
         self.connected.clear()
         self.on_lost()
 
-    async def ready(self) -> aiormq.abc.AbstractChannel:
-        """The publishing channel, once connected (BrokerConnectionError after the publish
-        timeout); a channel RabbitMQ closed alone is opened again."""
-        if not self.connected.is_set():
-            try:
-                await asyncio.wait_for(self.connected.wait(), self.options.publish_timeout)
-            except TimeoutError as e:
-                raise BrokerConnectionError(
-                    f"no connection to RabbitMQ at {self.url} for "
-                    f"{self.options.publish_timeout:g} s"
-                ) from e
-        assert self.publisher is not None and self.connection is not None
-        if self.publisher.is_closed and not self.connection.is_closed:
+    def deadline(self) -> float:
+        """When a publish that starts now gives up: ``publish_timeout`` seconds from now."""
+        return time.monotonic() + self.options.publish_timeout
+
+    async def ready(self, deadline: float | None = None) -> aiormq.abc.AbstractChannel:
+        """The publishing channel once it works: waits for a reconnect (the watcher's) while
+        the connection is down, opens another channel when RabbitMQ closed this one alone, and
+        never hands out a channel of a connection that is gone, even before the watcher saw it
+        go.
+
+        Raises:
+            BrokerConnectionError: no working channel by ``deadline`` (default: the publish
+                timeout from now).
+        """
+        deadline = self.deadline() if deadline is None else deadline
+        while True:
+            connection = self.connection
+            if self.connected.is_set() and (connection is None or connection.is_closed):
+                self.lost()  # gone, and the watcher has not looked yet: it looks now
+                self.poked.set()
+            if not self.connected.is_set():
+                try:
+                    await asyncio.wait_for(
+                        self.connected.wait(), max(0.0, deadline - time.monotonic())
+                    )
+                except TimeoutError as e:
+                    raise BrokerConnectionError(
+                        f"no connection to RabbitMQ at {self.url} for "
+                        f"{self.options.publish_timeout:g} s (publish_timeout in the URL's "
+                        "query sets how long a send waits)"
+                    ) from e
+                continue
+            assert self.publisher is not None and connection is not None
+            if not self.publisher.is_closed:
+                return self.publisher
             # RabbitMQ closed the channel alone (a channel error): the connection goes on
             logger.warning(
                 "RabbitMQ closed the publishing channel on %s; opening another", self.url
             )
-            self.publisher = await self.connection.channel(publisher_confirms=True)
+            try:
+                self.publisher = await connection.channel(publisher_confirms=True)
+            except CONNECTION_ERRORS:
+                self.lost()  # the connection went with it
+                self.poked.set()
+                continue
             self.window = asyncio.Semaphore(self.options.confirm_window)
-        return self.publisher
-
-    async def wait_reconnect(self) -> None:
-        """Give the watcher time to notice a dead connection, then wait for the new one."""
-        deadline = time.monotonic() + self.options.publish_timeout
-        while (
-            self.connection is not None
-            and not self.connection.is_closed
-            and self.connected.is_set()
-            and self.publisher is not None
-            and not self.publisher.is_closed
-        ):
-            if time.monotonic() > deadline:
-                raise BrokerConnectionError(
-                    f"publishing to RabbitMQ at {self.url} failed for "
-                    f"{self.options.publish_timeout:g} s"
-                )
-            await asyncio.sleep(0.05)
-        await self.ready()
 
     async def channel(self) -> aiormq.abc.AbstractChannel:
         """A new channel without confirms (a consumer's, or a passive declare's)."""
@@ -297,3 +314,23 @@ class Connection:
         if self.connection is not None:
             await self.connection.close()
             self.connection = None
+
+
+def _hint(e: BaseException) -> str:
+    """What to check when the first connection fails, from what failed."""
+    text = str(e)
+    if (
+        isinstance(
+            e,
+            (aiormq.exceptions.AuthenticationError, aiormq.exceptions.ProbableAuthenticationError),
+        )
+        or "ACCESS_REFUSED" in text
+    ):
+        return "RabbitMQ refused the user name or password; check them in the URL"
+    if "vhost" in text or "NOT_ALLOWED" in text or "Connection.Close" in text:
+        return "the virtual host (the URL's path) does not exist, or this user may not use it"
+    if isinstance(e, ConnectionRefusedError) or "Connection refused" in text:
+        return "nothing listens there; is RabbitMQ running on that host and port?"
+    if isinstance(e, OSError | TimeoutError):
+        return "the host does not answer; check its name, port and the network"
+    return "check the URL and that RabbitMQ runs there"

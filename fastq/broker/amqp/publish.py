@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -25,8 +26,8 @@ logger = logging.getLogger(__name__)
 
 #: the content type of a fastq envelope; raw messages of consumers keep theirs
 MSGPACK = "application/msgpack"
-#: a batch whose publishes keep failing (returned, nacked) is given up after this many tries
-PUBLISH_ATTEMPTS = 20
+#: seconds between two tries of the messages not confirmed yet; doubling, to at most
+PAUSE_MIN, PAUSE_MAX = 0.02, 0.5
 
 
 class Nacked(Exception):
@@ -48,43 +49,56 @@ class Publisher:
         self.connection = connection
 
     async def publish(self, queue: str, messages: Sequence[Message]) -> None:
-        """Publish and wait for RabbitMQ's confirm of each (see the module docstring)."""
+        """Publish and wait for RabbitMQ's confirm of each (see the module docstring). While
+        the connection is down (a restart, a blip) it waits for the reconnect, up to
+        ``publish_timeout`` seconds in all, and only then fails.
+
+        Raises:
+            BrokerConnectionError: not every message was confirmed within the publish timeout
+                (those not confirmed may still arrive: at-least-once), or RabbitMQ refused one.
+        """
         conn = self.connection
-        pending, attempts = list(messages), 0
+        deadline = conn.deadline()
+        pending, pause = list(messages), PAUSE_MIN
         while pending:
-            channel = await conn.ready()
+            channel = await conn.ready(deadline)
             try:
                 await conn.declare(queue)
                 results = await asyncio.gather(
                     *[self.publish_one(channel, queue, m) for m in pending], return_exceptions=True
                 )
             except CONNECTION_ERRORS as e:
-                logger.warning(
-                    "publishing to %r on %s failed (%s); waiting for the connection",
-                    queue,
-                    conn.url,
-                    type(e).__name__,
-                )
-                await conn.wait_reconnect()
-                continue
-            failed = [m for m, r in zip(pending, results) if isinstance(r, BaseException)]
-            hard = [r for r in results if isinstance(r, BaseException) and not _transient(r)]
+                results = [e] * len(pending)
+            failed = [
+                m for m, r in zip(pending, results, strict=True) if isinstance(r, BaseException)
+            ]
+            errors = [r for r in results if isinstance(r, BaseException)]
+            hard = [r for r in errors if not _transient(r)]
             if hard:
                 raise BrokerConnectionError(
                     f"RabbitMQ at {conn.url} refused a publish to {queue!r}: "
                     f"{conn.options.scrub(str(hard[0]))}"
                 ) from hard[0]
-            attempts += 1
-            if failed and attempts > PUBLISH_ATTEMPTS:
+            if failed and time.monotonic() >= deadline:
                 raise BrokerConnectionError(
-                    f"publishing {len(failed)} messages to {queue!r} on "
-                    f"{conn.url} failed {PUBLISH_ATTEMPTS} times: "
-                    f"{results[0]!r}"
-                )
-            if failed and not all(
-                isinstance(r, Unroutable) for r in results if isinstance(r, BaseException)
-            ):
-                await conn.wait_reconnect()
+                    f"publishing {len(failed)} of {len(messages)} messages to {queue!r} on "
+                    f"{conn.url} failed for {conn.options.publish_timeout:g} s (last: "
+                    f"{conn.options.scrub(repr(errors[-1]))}); publish_timeout in the URL's "
+                    "query sets how long a send waits"
+                ) from errors[-1]
+            if failed:
+                if not all(isinstance(r, Unroutable) for r in errors):
+                    logger.info(
+                        "publishing to %r on %s: %d not confirmed (%s); waiting for the connection",
+                        queue,
+                        conn.url,
+                        len(failed),
+                        type(errors[-1]).__name__,
+                    )
+                # a moment for a dead channel or connection to show (ready() then waits for the
+                # reconnect), growing so that a down broker is not hammered
+                await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+                pause = min(pause * 2, PAUSE_MAX)
             pending = failed
 
     async def publish_one(
