@@ -21,7 +21,9 @@ def share_slots(
 
     I/O queues split ``budget`` handlers in proportion to the weights of the I/O queues with
     demand; one without keeps only its floor (its minimum, at least 1), so that its share goes to
-    the busy ones. CPU queues (``cores``: each one's name and the cores it runs on) share the
+    the busy ones; when no other I/O queue has demand, there is nobody to give it to, and an idle
+    one keeps the whole budget (a lone queue that drained, or whose messages another host holds
+    for now, must not meet its next burst with one handler). CPU queues (``cores``: each one's name and the cores it runs on) share the
     cores instead, weighed against every other queue that presses for them: CPU queues with
     demand, and the others in ``pressing`` (work waiting at the broker of late: they do not keep
     up; default: those with demand). A busy CPU queue gets its weight's share of its cores,
@@ -41,6 +43,9 @@ def share_slots(
                 max(1, min(own, math.floor(own * weight / contending + 0.5))) if q in busy else own
             )
             continue
-        share = int(budget * weight / total_io) if q in busy and total_io > 0 else 0
+        if q in busy:
+            share = int(budget * weight / total_io)
+        else:
+            share = budget if total_io == 0 else 0
         caps[q] = max(floors.get(q, 1), share, 1)
     return caps

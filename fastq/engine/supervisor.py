@@ -23,9 +23,12 @@ import signal
 from collections.abc import Coroutine
 from typing import Any
 
+import msgspec
+
 from fastq import wire
 from fastq._aio import Signal, run_loop
 from fastq.autosize import IO_CONCURRENCY_MAX, Plan, plan_app
+from fastq.autosize.claims import CoreClaim
 from fastq.broker.base import Broker
 from fastq.config import Config
 from fastq.engine.fleet import MAX_WORKER_DEATHS, DeathPolicy, Fleet, Member
@@ -109,6 +112,7 @@ class Supervisor:
         self.signals = 0
         self.last_signal = (0, 0.0)
         self.exits: set[asyncio.Task[None]] = set()  # workers being replaced
+        self.cores = CoreClaim()
         self.tasks: set[asyncio.Task[Any]] = set()
 
     @property
@@ -386,6 +390,16 @@ class Supervisor:
         if self.signals > 1:
             self.stop_now.set()
 
+    def claim_cores(self) -> None:
+        """Pin to the cores the other fastq processes of this host use least (fastq.autosize
+        .claims), when this host runs fewer worker processes than it has cores."""
+        if not self.plan.pinned:
+            return
+        chosen = self.cores.take(len(self.plan.pinned), self.plan.topology.cpus)
+        self.plan = msgspec.structs.replace(self.plan, pinned=chosen)
+        for m, cpu in zip(self.fleet, chosen, strict=True):
+            m.cpu = cpu
+
     def run_forever(self) -> int:
         """Run until signalled; returns the exit code."""
         return run_loop(self.run())
@@ -399,6 +413,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.on_signal, sig)
         try:
+            self.claim_cores()
             self.fleet.sweep()
             for m in self.fleet:
                 self.start_worker(m)
@@ -445,4 +460,5 @@ class Supervisor:
         for t in list(self.tasks):  # the pumps, and any reader left
             t.cancel()
         fleet.release_all()
+        self.cores.release()
         await self.broker.close()

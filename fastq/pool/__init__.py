@@ -23,6 +23,7 @@ from typing import Any, Literal, Self, TypeVar
 import msgspec
 
 from fastq.autosize import Topology, plan
+from fastq.autosize.claims import CoreClaim
 from fastq.config import Config, HandlerOptions
 from fastq.errors import ConfigError
 from fastq.pool.driver import Driver
@@ -107,8 +108,11 @@ class Pool:
         self.processes = self.plan.processes
         self.kind = kind
         self.concurrency = concurrency or ASYNC_CONCURRENCY
-        cpus = self.plan.pinned or (None,) * self.processes
-        self._driver = Driver(tuple(cpus), self.concurrency, ring_bytes, log_level.upper())
+        cores = CoreClaim()
+        cpus: tuple[int | None, ...] = (None,) * self.processes
+        if self.plan.pinned:  # the cores other fastq processes of this host use least
+            cpus = cores.take(self.processes, self.plan.topology.cpus)
+        self._driver = Driver(cpus, self.concurrency, ring_bytes, log_level.upper(), cores)
         # leaving without close/terminate (or the interpreter exiting) leaks neither processes
         # nor shared memory
         self._finalizer = weakref.finalize(self, self._driver.stop, "terminate", 10)

@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 from fastq import wire
+from fastq.autosize.claims import CoreClaim
 from fastq.engine.fleet import Fleet, Member
 from fastq.errors import PoolBroken, PoolClosed, RingClosed, RingEmpty
 from fastq.pool.batches import Batches
@@ -57,9 +58,16 @@ class Driver:
     batches."""
 
     def __init__(
-        self, cpus: tuple[int | None, ...], concurrency: int, ring_bytes: int, log_level: str
+        self,
+        cpus: tuple[int | None, ...],
+        concurrency: int,
+        ring_bytes: int,
+        log_level: str,
+        cores: CoreClaim | None = None,
     ) -> None:
         self.concurrency, self.ring_bytes, self.log_level = concurrency, ring_bytes, log_level
+        #: the cores this pool claimed on the host, released when it stops
+        self.cores = cores
         #: what the workers run (``WorkerSpec.executor``)
         self.executor = "fastq.executors.pool:PoolExecutor"
         self.dispatcher = Dispatcher(len(cpus), 1)
@@ -265,3 +273,5 @@ class Driver:
         self.fleet.release_all()
         self.wake_r.close()
         self.wake_w.close()
+        if self.cores is not None:
+            self.cores.release()

@@ -347,8 +347,9 @@ def test_a_busy_cpu_queue_shares_the_cores_by_weight_with_every_busy_queue():
     # Given 2 cores: beside a busy I/O queue of equal weight the CPU queue gets one core, the
     # I/O queue all of the I/O handlers (they wait, they do not take cores)
     assert share_slots(weights, both, cores={"crunch": 2}) == {"crunch": 1, "mail": 100}
-    # an idle I/O queue leaves it every core; an idle CPU queue keeps its cores (it uses none)
-    assert share_slots(weights, {"crunch": True}, cores={"crunch": 2}) == {"crunch": 2, "mail": 1}
+    # an idle I/O queue leaves it every core, and keeps its handlers (no other I/O queue wants
+    # them); an idle CPU queue keeps its cores (it uses none)
+    assert share_slots(weights, {"crunch": True}, cores={"crunch": 2}) == {"crunch": 2, "mail": 100}
     assert share_slots(weights, {"mail": True}, cores={"crunch": 2}) == {"crunch": 2, "mail": 100}
     # 16 cores, weights 3 to 1: 12; two CPU queues of equal weight split them; never under one
     assert share_slots({"crunch": 3.0, "mail": 1.0}, both, cores={"crunch": 16})["crunch"] == 12
@@ -467,3 +468,20 @@ def test_a_larger_prefetch_is_judged_on_a_full_look_and_a_larger_concurrency_soo
     d = ctl.step(model(ctl.concurrency, ctl.prefetch, cpu_s=50e-6, wait_s=5e-3))
     assert d.reason.endswith("prefetch to concurrency x 10")
     assert ctl.next_look(latency=0.01) == CONTROL_INTERVAL  # its gain is a few percent: 2 s
+
+
+def test_a_lone_io_queue_that_drained_keeps_its_handlers_for_the_next_burst():
+    from fastq.autosize import share_slots
+
+    # Given one I/O queue whose backlog is gone (drained, or another supervisor holds its
+    # messages for now: ready 0, nothing in flight here)
+    assert share_slots({"only": 1.0}, {"only": False}, floors={"only": 1}) == {"only": 100}
+    # Then its controller is not cut: the next burst meets the concurrency it climbed to
+    ctl = Controller(queue("io"))
+    run(ctl, 20, cpu_s=50e-6, wait_s=5e-3)
+    climbed = ctl.concurrency
+    d = ctl.cap(share_slots({"q": 1.0}, {"q": False})["q"])
+    assert (d.concurrency, d.reason) == (climbed, "")
+    # while beside another I/O queue that is busy, an idle one gives its share up to its floor
+    assert share_slots({"idle": 1.0, "busy": 1.0}, {"busy": True}) == {"idle": 1, "busy": 100}
+

@@ -43,6 +43,8 @@ ALLOWED: dict[str, set[str]] = {
     "_load": {"errors"},
     "autosize": {"autosize.topology", "autosize.plan", "autosize.share", "autosize.look",
                  "autosize.controller"},
+    # the cores the fastq processes of one host claimed (files in the runtime dir)
+    "autosize.claims": {"_segment"},
     "autosize.topology": {"config", "errors"},
     "autosize.plan": {"autosize.topology", "config", "errors"},
     "autosize.share": {"autosize.plan"},
