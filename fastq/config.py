@@ -46,6 +46,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     batch_max: int = 256
     max_message_bytes: int = 1 << 20
     shutdown_timeout: float = 30.0
+    #: a worker stopped (SIGSTOP) this long is killed and replaced; what it held goes elsewhere
+    worker_stopped_timeout: float = 10.0
     max_tasks_per_child: int | None = None
     max_memory_per_child_bytes: int | None = None
 
@@ -60,6 +62,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
             raise ConfigError(
                 f"max_message_bytes={self.max_message_bytes} exceeds half of ring_size_bytes="
                 f"{self.ring_size_bytes}; raise ring_size_bytes or lower max_message_bytes"
+            )
+        if not self.worker_stopped_timeout > 0:
+            raise ConfigError(
+                f"worker_stopped_timeout must be > 0 seconds, got {self.worker_stopped_timeout!r}"
             )
         if not self.shutdown_timeout >= 0:
             raise ConfigError(

@@ -20,15 +20,16 @@ def share_slots(
     backlog, or work in flight). Pure.
 
     I/O queues split ``budget`` handlers in proportion to the weights of the I/O queues with
-    demand; one without keeps only its floor (its minimum, at least 1), so that its share goes to
-    the busy ones; when no other I/O queue has demand, there is nobody to give it to, and an idle
-    one keeps the whole budget (a lone queue that drained, or whose messages another host holds
-    for now, must not meet its next burst with one handler). CPU queues (``cores``: each one's name and the cores it runs on) share the
-    cores instead, weighed against every other queue that presses for them: CPU queues with
-    demand, and the others in ``pressing`` (work waiting at the broker of late: they do not keep
-    up; default: those with demand). A busy CPU queue gets its weight's share of its cores,
-    rounded, at least one; an idle one, or one that nobody presses, keeps them all (an I/O queue
-    that keeps up with a trickle needs no core of its own).
+    demand; one without keeps only its floor (its minimum, at least 1), so that its share goes
+    to the busy ones; when no other I/O queue has demand, there is nobody to give it to, and an
+    idle one keeps the whole budget (a lone queue that drained, or whose messages another host
+    holds for now, must not meet its next burst with one handler). CPU queues (``cores``: each
+    one's name and the cores it runs on) share the cores instead, weighed against every other
+    queue that presses for them: CPU queues with demand, and the others in ``pressing`` (work
+    waiting at the broker of late: they do not keep up; default: those with demand). A busy CPU
+    queue gets its weight's share of its cores, rounded, at least one; an idle one, or one that
+    nobody presses, keeps them all (an I/O queue that keeps up with a trickle needs no core of
+    its own).
     """
     floors, cores = floors or {}, cores or {}
     busy = [q for q in weights if demand.get(q)]

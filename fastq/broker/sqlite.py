@@ -64,6 +64,10 @@ _STORAGE_PROBLEMS = {
 
 #: the loop's connection leaves checkpoints to the thread: one every this many of its commits
 CHECKPOINT_EVERY = 256
+#: ... or as soon as the WAL file is this large: a burst must not grow it until the disk is full
+CHECKPOINT_WAL_BYTES = 16 << 20
+#: a WAL reset by a checkpoint is cut back to this size (SQLite's journal_size_limit)
+WAL_LIMIT_BYTES = 16 << 20
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +140,7 @@ class SqliteBroker(Broker):
             try:
                 db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
                 db.execute("PRAGMA journal_mode=WAL")
+                db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
                 db.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
                 db.executescript(sql.SCHEMA)
             except sqlite3.Error as e:
@@ -151,6 +156,7 @@ class SqliteBroker(Broker):
                 db = sqlite3.connect(self.path, timeout=0.0, isolation_level=None)
                 db.execute("PRAGMA synchronous=NORMAL")
                 db.execute("PRAGMA wal_autocheckpoint=0")
+                db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
             except sqlite3.Error as e:
                 raise self._open_error(e) from e
             self._loop_db = db
@@ -182,6 +188,21 @@ class SqliteBroker(Broker):
 
     def _checkpoint(self) -> None:
         self._db().execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def _truncate_wal(self) -> None:
+        """Copy the WAL into the file and cut it to nothing, waiting for the others' transactions:
+        after the storage refused a write, the room a full disk needs first (ignored when it
+        fails too: the next try tries again)."""
+        try:
+            self._db().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as e:
+            logger.debug("truncating the WAL of %s failed: %s", self.url, e)
+
+    def _wal_bytes(self) -> int:
+        try:
+            return os.stat(self.path + "-wal").st_size
+        except OSError:
+            return 0
 
     def _write(
         self,
@@ -233,6 +254,12 @@ class SqliteBroker(Broker):
         await self._run(self.publish_sync, queue, messages)
 
     def publish_sync(self, queue: str, messages: Sequence[Message]) -> None:
+        """Enqueue ``messages`` in one transaction (any thread).
+
+        Raises:
+            BrokerStorageError: the disk is full or read-only: none of them was enqueued.
+            BrokerConnectionError: the file cannot be opened (its directory does not exist...).
+        """
         now = time.time()
         rows = [(queue, m.message_id, m.body, _pack(m.headers), now + m.delay) for m in messages]
         self._write(
@@ -299,7 +326,11 @@ class SqliteBroker(Broker):
             self._published.clear()
             if settle is None and fetch <= 0:
                 return []
-            out = await self._exchange_now(queue, settle, fetch)
+            try:
+                out = await self._exchange_now(queue, settle, fetch)
+            except BrokerStorageError:
+                await self._run(self._truncate_wal)  # what a full disk needs first, if it can
+                raise
             settle = None
             remaining = deadline - time.monotonic()
             if out or fetch <= 0 or remaining <= 0 or (wake is not None and wake.is_set()):
@@ -328,7 +359,10 @@ class SqliteBroker(Broker):
                 end = time.perf_counter()
                 self._inline_after = end + (end - start)
                 self._loop_commits += 1
-                if self._loop_commits >= CHECKPOINT_EVERY and not self._checkpointing:
+                due = self._loop_commits >= CHECKPOINT_EVERY or (
+                    self._wal_bytes() > CHECKPOINT_WAL_BYTES
+                )
+                if due and not self._checkpointing:
                     self._loop_commits, self._checkpointing = 0, True
                     done = asyncio.get_running_loop().run_in_executor(
                         self._executor, self._checkpoint

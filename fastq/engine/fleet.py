@@ -93,6 +93,10 @@ class Member:
         self.solo: int | None = None
         #: when its owner should start it again (monotonic seconds; 0: not waiting to)
         self.start_after = 0.0
+        #: since when (monotonic seconds) it is seen stopped (SIGSTOP); 0: it runs
+        self.stopped_since = 0.0
+        #: the watchdog killed it (stopped too long): what it held is not at fault
+        self.killed_stopped = False
 
     @property
     def alive(self) -> bool:
@@ -120,6 +124,8 @@ class Exit(NamedTuple):
     solo: int | None
     #: seconds until it should start again
     restart_in: float
+    #: the watchdog killed it for being stopped too long: no death for what it held
+    stopped: bool = False
 
 
 class Launcher(Protocol):
@@ -264,7 +270,10 @@ class Fleet:
             self.refresh_all()
         self.recycling.forget(m.index)
         recycled = code == EXIT_RECYCLED  # not 0: a handler's os._exit(0) is no recycle
-        return Exit(m, pid, code, recycled, before_ready, lost, solo, restart_delay(m.failures))
+        stopped, m.killed_stopped, m.stopped_since = m.killed_stopped, False, 0.0
+        return Exit(
+            m, pid, code, recycled, before_ready, lost, solo, restart_delay(m.failures), stopped
+        )
 
     def became_ready(self, m: Member) -> None:
         m.ready, m.failures = True, 0
@@ -296,6 +305,24 @@ class Fleet:
                 ring.close()
                 ring.unlink()
         m.inbox = m.outbox = None
+
+    def kill_stopped(self, timeout: float, now: float) -> list[Member]:
+        """The watchdog: SIGKILL each live member that has been stopped (SIGSTOP, SIGTSTP, a
+        debugger) for ``timeout`` seconds or more, and return them; its owner sees them exit as
+        usual, and what they held goes to the others as not at fault (``Exit.stopped``)."""
+        killed = []
+        for m in self.members:
+            if not m.alive or m.killed_stopped:
+                continue
+            if not process_stopped(m.process.pid):
+                m.stopped_since = 0.0
+                continue
+            m.stopped_since = m.stopped_since or now
+            if now - m.stopped_since >= timeout:
+                m.killed_stopped = True
+                m.process.kill()  # SIGKILL ends a stopped process too
+                killed.append(m)
+        return killed
 
     def sentinels(self) -> dict[int, Member]:
         return {m.process.sentinel: m for m in self.members if m.process is not None}
@@ -371,3 +398,13 @@ class Fleet:
             if free:
                 self.reserved = min(free, key=lambda m: d.in_flight(m.index)).index
                 self.refresh(self.members[self.reserved])
+
+
+def process_stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (state T or t in /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] in (b"T", b"t")

@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 #: seconds the workers get to finish and exit once their input is closed, before SIGKILL
 EXIT_GRACE = 5.0
+#: seconds between two looks of the watchdog at the workers' process states
+WATCHDOG_TICK = 0.5
 #: the fleet's rule for messages whose worker died: alone at the first death, dead at the third
 DEATHS = DeathPolicy(alone_from=1, counts_every_death=False, give_up_at=MAX_WORKER_DEATHS)
 
@@ -200,7 +202,16 @@ class Supervisor:
                 if not self.stopping:
                     self.start_worker(m)
             return
-        if gone.recycled:
+        if gone.stopped:
+            logger.warning(
+                "worker %d (pid %s) was stopped for %g s or more (SIGSTOP?) and was killed; its %d "
+                "messages go to the others",
+                m.index,
+                gone.pid,
+                self.config.worker_stopped_timeout,
+                len(gone.lost),
+            )
+        elif gone.recycled:
             logger.info(
                 "worker %d (pid %s) recycled; %d unread messages go to the others",
                 m.index,
@@ -216,7 +227,7 @@ class Supervisor:
                 len(gone.lost),
             )
         again, suspects, dead = self.pumps.lost(
-            gone.lost, gone.solo, DEATHS, died=not gone.recycled
+            gone.lost, gone.solo, DEATHS, died=not (gone.recycled or gone.stopped)
         )
         self.backlog.extend(again)
         self.fleet.suspects.extend(suspects)
@@ -390,6 +401,14 @@ class Supervisor:
         if self.signals > 1:
             self.stop_now.set()
 
+    async def watchdog(self) -> None:
+        """Kill a worker stopped (SIGSTOP) for ``worker_stopped_timeout`` seconds: its exit hands
+        what it held to the others, and it is started again."""
+        loop = asyncio.get_running_loop()
+        while not self.stopping:
+            await asyncio.sleep(WATCHDOG_TICK)
+            self.fleet.kill_stopped(self.config.worker_stopped_timeout, loop.time())
+
     def claim_cores(self) -> None:
         """Pin to the cores the other fastq processes of this host use least (fastq.autosize
         .claims), when this host runs fewer worker processes than it has cores."""
@@ -418,6 +437,7 @@ class Supervisor:
             for m in self.fleet:
                 self.start_worker(m)
             self.pump_tasks = [self.spawn(self.pumps.run(q)) for q in self.queues]
+            self.spawn(self.watchdog())
             if self.config.autosize:
                 self.spawn(self.tuning.run())
             await self.stopped.wait()  # they stop fetching once stopping, and settle on

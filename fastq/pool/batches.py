@@ -245,7 +245,7 @@ class Batches:
             if job.cancelled:
                 self.maybe_finish(job)
                 continue
-            if gone.before_ready or tag not in running:  # it never ran: not the items' fault
+            if gone.before_ready or gone.stopped or tag not in running:  # not the items' fault
                 job.again.append(batch)
             elif not self.died_with(
                 batch, alone=gone.solo == tag, m=m, pid=gone.pid, reason=reason

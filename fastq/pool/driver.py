@@ -28,6 +28,7 @@ from typing import Any
 
 from fastq import wire
 from fastq.autosize.claims import CoreClaim
+from fastq.config import Config
 from fastq.engine.fleet import Fleet, Member
 from fastq.errors import PoolBroken, PoolClosed, RingClosed, RingEmpty
 from fastq.pool.batches import Batches
@@ -36,6 +37,8 @@ from fastq.ring import Dispatcher, Ring
 
 logger = logging.getLogger(__name__)
 
+#: a worker stopped (SIGSTOP) this long is killed and replaced (as Config's default for the engine)
+STOPPED_TIMEOUT = Config().worker_stopped_timeout
 #: a worker that exits this often in a row before it is ready breaks the pool
 START_FAILURES = 3
 #: seconds the driver sleeps at most with nothing to do (it also watches the workers)
@@ -192,6 +195,13 @@ class Driver:
 
     def check_workers(self, readable: list[Any]) -> None:
         self.checked = time.monotonic()
+        for m in self.fleet.kill_stopped(STOPPED_TIMEOUT, self.checked):  # its exit comes next
+            logger.warning(
+                "pool worker %d (pid %s) was stopped for %g s or more (SIGSTOP?) and was killed",
+                m.index,
+                m.process.pid,
+                STOPPED_TIMEOUT,
+            )
         sentinels = self.fleet.sentinels()
         for fd in readable:
             if fd in sentinels:

@@ -484,4 +484,3 @@ def test_a_lone_io_queue_that_drained_keeps_its_handlers_for_the_next_burst():
     assert (d.concurrency, d.reason) == (climbed, "")
     # while beside another I/O queue that is busy, an idle one gives its share up to its floor
     assert share_slots({"idle": 1.0, "busy": 1.0}, {"busy": True}) == {"idle": 1, "busy": 100}
-
