@@ -41,16 +41,16 @@ def _one_line(out: subprocess.CompletedProcess[str]) -> str:
             "amqp://guest:hunter2@127.0.0.1:1/",
             (
                 r"^fastq worker: cannot connect to RabbitMQ at amqp://guest:\*\*\*@127\.0\.0\.1:1/ "
-                r"\(AMQPConnectionError: .*Connection refused\): nothing listens there; is RabbitMQ "
-                r"running on that host and port\?$"
+                r"\(AMQPConnectionError: .*Connection refused\): nothing listens there; is "
+                r"RabbitMQ running on that host and port\?$"
             ),
         ),
         (
             "sqlite:////no/such/dir/q.db?password=hunter2",
             (
                 r"^fastq worker: cannot open the SQLite broker at sqlite:////no/such/dir/q\.db\?"
-                r"password=\*\*\* \(unable to open database file\): the directory /no/such/dir does "
-                r"not exist; create it or change the path$"
+                r"password=\*\*\* \(unable to open database file\): the directory /no/such/dir "
+                r"does not exist; create it or change the path$"
             ),
         ),
         (
