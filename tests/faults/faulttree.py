@@ -4,6 +4,7 @@ counted line by line, the worker processes found by psutil, the whole tree kille
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -94,7 +95,8 @@ class Tree:
     def wait_for_workers(self, proc: subprocess.Popen[bytes], n: int, timeout: float = 60) -> None:
         def up() -> bool:
             assert proc.poll() is None, f"the supervisor exited: {self.logtext(proc)}"
-            return len(self.workers(proc)) >= n and "pinned" in self.logtext(proc)
+            pinned = len(re.findall(r"worker \d+ pinned to cpu", self.logs[proc.pid].read_text()))
+            return len(self.workers(proc)) >= n and pinned >= n
 
         wait_until(up, timeout, lambda: self.logtext(proc))
 
