@@ -30,11 +30,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.parent.name == "amqp":
             item.add_marker(pytest.mark.amqp)
-        if item.path.parent.name == "integration":
+        if item.path.parent.name in ("integration", "faults"):
             item.add_marker(pytest.mark.multiprocess)
-    # The RabbitMQ tests go last: one restarts RabbitMQ, whose start-up burns CPU for a while on
+    # The RabbitMQ tests go last: some restart RabbitMQ, whose start-up burns CPU for a while on
     # the cores that the engine's timing-sensitive tests (autosize reactions) measure.
-    items.sort(key=lambda item: item.path.parent.name == "amqp")
+    items.sort(key=lambda item: item.get_closest_marker("amqp") is not None)
 
 
 def _fastq_segments() -> set[str]:

@@ -37,6 +37,11 @@ async def record(n: int) -> None:
 async def slow(n: int) -> None:
     await asyncio.sleep(0.002)
     _record(b"%d\\n" % n)
+
+@app.task(queue={q!r} + ".crawl", kind="io", concurrency=8)
+async def crawl(n: int) -> None:
+    await asyncio.sleep(0.02)  # 8 at once: 400 a second, whatever the machine
+    _record(b"%d\\n" % n)
 """
 
 
