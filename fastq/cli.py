@@ -174,9 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         "suite",
         nargs="?",
         default="engine",
-        choices=["engine", "ring", "autosize", "pool"],
+        choices=["engine", "ring", "autosize", "pool", "soak"],
         help="engine: noop/io/cpu handlers on memory:// and sqlite:// (default); ring: the rings "
-        "alone",
+        "alone; soak: mixed load with a worker SIGKILLed every minute (--minutes, default 20)",
+    )
+    bench.add_argument(
+        "--minutes", type=float, default=20.0, help="length of the soak suite (default 20)"
     )
     bench.add_argument(
         "--runs", type=int, default=3, help="runs per scenario; the median is reported (default 3)"
@@ -266,6 +269,12 @@ def main(argv: list[str] | None = None) -> int:
             from fastq._bench import pool
 
             return pool.main(runs=args.runs, json_path=args.json)
+        if args.suite == "soak":
+            from fastq._bench import soak
+
+            if not args.minutes > 0:
+                raise UsageError(f"--minutes must be > 0, got {args.minutes:g}")
+            return soak.main(minutes=args.minutes, json_path=args.json)
         if args.suite == "autosize":
             from fastq._bench import autosize
 

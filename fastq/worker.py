@@ -209,12 +209,13 @@ class Runtime:
         self.finished: asyncio.Future[None] = self.loop.create_future()
         # While the frames here fill every free slot, new ones could not start anyway: look for
         # them when a handler finishes instead of being woken for each (no syscall per frame on
-        # either side).
+        # either side). A worker with nothing running always looks: frames that its queues'
+        # lanes would not make room for (a queue moved elsewhere since) are still its to run.
         lanes = self.lanes
         arm_when = (
             (lambda: self.free > len(self.waiting))
             if lanes is None
-            else (lambda: self.free > 0 and lanes.room())
+            else (lambda: (self.free > 0 and lanes.room()) or not self.running)
         )
         self.reader = RingReader(
             self.inbox,
@@ -339,7 +340,9 @@ class Runtime:
             self.feed()
             return
         if not self.reader.armed and (
-            len(self.waiting) < self.free if self.lanes is None else self.lanes.room()
+            len(self.waiting) < self.free
+            if self.lanes is None
+            else self.lanes.room() or len(self.running) <= 1  # this handler's task is the last
         ):
             # Local frames will not fill the free slots: take what the ring has first, so that
             # the flush below knows how much work is left here.

@@ -36,7 +36,7 @@ class Placement:
         #: each queue's concurrency on the host now (the plan's, then the controller's)
         self.concurrency = {q.name: q.concurrency for q in plan.queues}
         #: the workers each queue runs on now: the plan's, or for a CPU queue whose share of the
-        #: cores is smaller, one per handler (place_cpu_queues)
+        #: cores is smaller, one per handler (place_queues)
         self.workers = {q.name: q.workers for q in plan.queues}
         #: per queue index, the workers that may run it
         self.allowed = [set(range(plan.processes)) for _ in queues]
@@ -68,36 +68,42 @@ class Placement:
         told = self.told[index] = (self.slots, self.slots_of(index))
         return told
 
-    def place_cpu_queues(self, kind: Callable[[str], str], usable: Callable[[int], bool]) -> bool:
-        """Give each CPU queue (``kind(name)``) one worker per handler of its share: workers that
-        take work now (``usable``) before the others, apart from the other CPU queues where
-        there are enough; the plan's workers when it has them all. Returns whether a queue moved
+    def place_queues(self, kind: Callable[[str], str], usable: Callable[[int], bool]) -> bool:
+        """Run each queue whose concurrency is smaller than its workers on one worker per
+        handler, so that no worker gets its messages with no slot for them: workers that take
+        work now (``usable``) before the others, apart from the other queues of its kind
+        (``kind(name)``) where there are enough; the plan's workers when it has them all. A CPU
+        queue's share of the cores moves it (CPU handlers run inline, one per worker); an I/O
+        queue's concurrency does when it falls below its workers. Returns whether a queue moved
         (messages already on a worker finish there)."""
-        start, changed, taken = 0, False, set[int]()
-        for q in self.plan.queues:
-            if kind(q.name) != "cpu" or q.name not in self.queue_index:
-                continue
-            k, mine = self.concurrency[q.name], q.workers
-            if k >= len(mine):
-                workers = mine
-            else:
-                turn = [mine[(start + i) % len(mine)] for i in range(len(mine))]
-                rank = {i: (not usable(i), i in taken, n) for n, i in enumerate(turn)}
-                workers = tuple(sorted(sorted(turn, key=rank.__getitem__)[:k]))
-            start += k
-            taken.update(workers)
-            if workers != self.workers[q.name]:
-                self.workers[q.name] = workers
-                index = self.queue_index[q.name]
-                self.allowed[index] = set(workers)
-                self.dispatcher.allow(index, workers)
-                changed = True
-                logger.info(
-                    "queue %r now runs on worker processes %s (one per CPU handler of its %d)",
-                    q.name,
-                    list(workers),
-                    k,
-                )
+        changed = False
+        for which in ("cpu", "io"):
+            start, taken = 0, set[int]()
+            for q in self.plan.queues:
+                if kind(q.name) != which or q.name not in self.queue_index:
+                    continue
+                k, mine = self.concurrency[q.name], q.workers
+                if k >= len(mine):
+                    workers = mine
+                else:
+                    turn = [mine[(start + i) % len(mine)] for i in range(len(mine))]
+                    rank = {i: (not usable(i), i in taken, n) for n, i in enumerate(turn)}
+                    workers = tuple(sorted(sorted(turn, key=rank.__getitem__)[:k]))
+                start += k
+                taken.update(workers)
+                if workers != self.workers[q.name]:
+                    self.workers[q.name] = workers
+                    index = self.queue_index[q.name]
+                    self.allowed[index] = set(workers)
+                    self.dispatcher.allow(index, workers)
+                    changed = True
+                    logger.info(
+                        "queue %r now runs on worker processes %s (one per %s handler of its %d)",
+                        q.name,
+                        list(workers),
+                        "CPU" if which == "cpu" else "I/O",
+                        k,
+                    )
         return changed
 
     def tell(self, members: Iterable[Member]) -> None:

@@ -103,7 +103,7 @@ class Supervisor:
         #: items dispatched nowhere yet
         self.backlog: collections.deque[Item] = collections.deque()
         self.stopping = False
-        self.place_cpu_queues()  # a CPU queue planned with fewer handlers than workers
+        self.place_queues()  # a queue planned with fewer handlers than workers
         self.placement.slots = self.placement.slots_needed()
         self.readers: dict[int, RingReader] = {}
         self.starts = collections.Counter[int]()
@@ -157,7 +157,7 @@ class Supervisor:
         asyncio.get_running_loop().remove_reader(m.process.sentinel)
         m.process.join()
         self.dispatcher.set_accepting(m.index, False)
-        self.place_cpu_queues()
+        self.place_queues()
         task = self.spawn(self.replace_worker(m))
         self.exits.add(task)
         task.add_done_callback(self.exits.discard)
@@ -264,7 +264,7 @@ class Supervisor:
             return
         m = fleet[index]
         fleet.leave(m)
-        self.place_cpu_queues()
+        self.place_queues()
         logger.info("worker %d may recycle now", m.index)
         try:
             assert m.inbox is not None
@@ -272,7 +272,7 @@ class Supervisor:
         except (RingFull, RingClosed):
             fleet.stay(m)  # try again at its next request
             fleet.recycling.refused(m.index)
-            self.place_cpu_queues()
+            self.place_queues()
 
     # -- dispatch ---------------------------------------------------------------------------
 
@@ -296,11 +296,11 @@ class Supervisor:
     def send_alone(self, m: Member, tag: int) -> bool:
         return not self.dispatcher.dispatch_to(m.index, [self.pumps.pending[tag].item])
 
-    def place_cpu_queues(self) -> None:
-        """Place the CPU queues again (a share or a worker's state changed); what waited for a
-        worker that is not there goes elsewhere."""
+    def place_queues(self) -> None:
+        """Place the queues again (a concurrency, a share or a worker's state changed); what
+        waited for a worker that is not there goes elsewhere."""
         fleet = self.fleet
-        if self.placement.place_cpu_queues(self.tuning.kind, lambda i: fleet[i].usable):
+        if self.placement.place_queues(self.tuning.kind, lambda i: fleet[i].usable):
             self.retell()
             if self.backlog:
                 self.dispatch_backlog()
@@ -341,7 +341,7 @@ class Supervisor:
             self.tuning.classified(measured)
         elif status == Report.READY:
             self.fleet.became_ready(m)
-            self.place_cpu_queues()
+            self.place_queues()
             self.ready_event.set()
             if self.fleet.recycling.back(m.index):  # its replacement is up: the next may go
                 logger.info("worker %d is back", m.index)

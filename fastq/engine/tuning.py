@@ -56,7 +56,7 @@ class Engine(Protocol):
     placement: Placement
     stopping: bool
 
-    def place_cpu_queues(self) -> None: ...
+    def place_queues(self) -> None: ...
 
     def retell(self) -> None: ...
 
@@ -197,12 +197,11 @@ class Tuning:
 
     async def apply(self, name: str, controller: Controller, d: Decision) -> None:
         """A decision: the queue's concurrency (before any await: ``classified`` may run
-        meanwhile), its workers if it is a CPU queue, its prefetch at the broker."""
+        meanwhile), the workers it runs on, its prefetch at the broker."""
         e = self.engine
         self.decided(name, d.reason, d)
         e.placement.concurrency[name] = d.concurrency
-        if controller.kind == "cpu":
-            e.place_cpu_queues()
+        e.place_queues()
         e.pumps.wake[name].set()
         if d.prefetch != e.pumps.prefetch[name]:
             e.pumps.prefetch[name] = d.prefetch
@@ -243,7 +242,7 @@ class Tuning:
             d,
         )
         e.placement.concurrency[queue] = d.concurrency
-        e.place_cpu_queues()
+        e.place_queues()
         if d.prefetch != e.pumps.prefetch[queue]:
             e.pumps.prefetch[queue] = d.prefetch
             e.spawn(e.broker.prefetch(queue, d.prefetch))

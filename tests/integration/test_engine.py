@@ -78,6 +78,14 @@ def guess(n: int) -> None:
     sum(i * i for i in range(20_000))
     _record(b"%d\\n" % n)
 
+@app.task(queue="one-a", kind="io", concurrency=1)
+async def one_a(n: int) -> None:
+    _record(b"a%d\\n" % n)
+
+@app.task(queue="one-b", kind="io", concurrency=1)
+async def one_b(n: int) -> None:
+    _record(b"b%d\\n" % n)
+
 @app.task(queue="poison", max_retries=2, retry_backoff=0.01)
 def flaky(n: int) -> None:
     _record(b"flaky %d\\n" % n)
@@ -672,3 +680,22 @@ def test_a_busy_cpu_queue_takes_its_share_of_the_cores_beside_a_busy_io_queue_th
     assert collections.Counter(
         w for w in words if not w.startswith("crunch-")
     ) == collections.Counter(str(i) for i in range(10_000))
+
+
+def test_queues_with_fewer_handlers_than_workers_run_on_as_many_workers_and_lose_nothing(engine):
+    # Given two queues of one handler each, and two worker processes: each queue's slot is on
+    # one worker (found by the soak: the other worker, with no slot for either queue, was given
+    # their messages anyway and never read them)
+    engine.app.app.broker.publish_sync("one-a", [engine.app.one_a.message(i) for i in range(3_000)])
+    engine.app.app.broker.publish_sync("one-b", [engine.app.one_b.message(i) for i in range(3_000)])
+    engine.start("--processes", "2", "--queue", "one-a", "--queue", "one-b", "--log-level", "info")
+    engine.wait_for_lines(6_000)
+    assert engine.stop() == 0
+    # Then each runs on one worker of its own, and every message ran once
+    log = (engine.dir / "worker.log").read_text()
+    assert "queue 'one-a' now runs on worker processes [0] (one per I/O handler of its 1)" in log
+    assert "queue 'one-b' now runs on worker processes [1] (one per I/O handler of its 1)" in log
+    counts = collections.Counter(engine.lines())
+    assert counts == collections.Counter(
+        [f"a{i}" for i in range(3_000)] + [f"b{i}" for i in range(3_000)]
+    )

@@ -103,7 +103,8 @@ HEAVY = {
                "broker.amqp.settle", "broker.amqp.broker", "_bench"},
     "pamqp": {"broker.amqp.publish", "broker.amqp.settle", "_bench"},
     "uvloop": {"_aio"},
-    "psutil": {"autosize.topology"},
+    # (``_bench`` reads the process trees it measures)
+    "psutil": {"autosize.topology", "_bench"},
 }
 # fmt: on
 
