@@ -13,7 +13,10 @@ from fastq.url import looks_secret, mask_url
     [
         ("amqp://guest:guest@127.0.0.1:5672/vh", "amqp://guest:***@127.0.0.1:5672/vh"),
         ("sqlite:///fastq.db", "sqlite:///fastq.db"),
-        ("sqlite:////abs/q.db?lease=30&password=hunter2", "sqlite:////abs/q.db?lease=30&password=***"),
+        (
+            "sqlite:////abs/q.db?lease=30&password=hunter2",
+            "sqlite:////abs/q.db?lease=30&password=***",
+        ),
         ("sqlite://user:hunter2@/path", "sqlite://user:***@/path"),
         ("amqp://u:hunter2@h:notaport/x?token=t", "amqp://u:***@h:notaport/x?token=***"),
         ("user:hunter2@host", "user:***@host"),
