@@ -2,7 +2,7 @@
 rings."""
 
 from fastq.app import App
-from fastq.config import Config
+from fastq.config import Config, Route
 from fastq.errors import (
     BrokerConnectionError,
     BrokerStorageError,
@@ -15,12 +15,14 @@ from fastq.errors import (
     PoolBroken,
     PoolClosed,
     RemoteError,
+    ResultExpired,
     RingBusy,
     RingClosed,
     RingCorrupt,
     RingEmpty,
     RingFull,
     RingNotFound,
+    TaskFailed,
     WorkerLost,
 )
 from fastq.middleware import Middleware, TimingMiddleware
@@ -46,13 +48,16 @@ __all__ = [
     "PoolBroken",
     "PoolClosed",
     "RemoteError",
+    "ResultExpired",
     "RingBusy",
     "RingClosed",
     "RingCorrupt",
     "RingEmpty",
     "RingFull",
     "RingNotFound",
+    "Route",
     "Task",
+    "TaskFailed",
     "TimingMiddleware",
     "WorkerLost",
     "__version__",

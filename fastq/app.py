@@ -20,7 +20,7 @@ from typing import Any, TypeVar, overload
 import msgspec
 
 from fastq.broker import Broker, QueueDepth, mask_url, open_broker
-from fastq.config import Config, HandlerOptions
+from fastq.config import Config, HandlerOptions, Route
 from fastq.errors import ConfigError
 from fastq.middleware import Middleware
 from fastq.task import Consumer, Task, importable_name, module_name
@@ -41,6 +41,8 @@ class App:
         broker: broker URL; default ``FASTQ_BROKER_URL``, else ``sqlite:///fastq.db``.
         config: settings; default ``Config.from_env()`` (``broker`` wins over its URL).
         middleware: hooks around every message, in order.
+        result_store: where results are kept when the broker keeps none (RabbitMQ):
+            ``sqlite:///results.db`` (or ``memory://`` in one process). Default: the broker.
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class App:
         *,
         config: Config | None = None,
         middleware: Sequence[Middleware] = (),
+        result_store: str | None = None,
     ) -> None:
         self.name = name
         if config is None:
@@ -62,6 +65,8 @@ class App:
         self.consumers: dict[str, Consumer] = {}
         self._broker: Broker | None = None
         self._broker_url: str | None = None  # the URL self._broker was made for
+        self.result_store_url = result_store
+        self._result_store: Broker | None = None
         #: the module that made this App: workers import it from there (see ``run``)
         self._module = sys._getframe(1).f_globals.get("__name__", "__main__")
 
@@ -74,6 +79,29 @@ class App:
             for queue, options in self.queues().items():
                 self._broker.configure(queue, options.amqp)
         return self._broker
+
+    @property
+    def result_store(self) -> Broker:
+        """Where results are kept and read: ``result_store`` if given, else the broker.
+
+        Raises:
+            ConfigError: the broker keeps no results and no ``result_store`` was given, or the
+                one given keeps none.
+        """
+        if self.result_store_url is None:
+            broker = self.broker
+            if not broker.keeps_results:
+                raise ConfigError(broker.no_results())
+            return broker
+        if self._result_store is None:
+            store = open_broker(self.result_store_url)
+            if not store.keeps_results:
+                raise ConfigError(
+                    f"result_store={store.url} keeps no results; give a sqlite:/// URL "
+                    "(or memory:// for one process)"
+                )
+            self._result_store = store
+        return self._result_store
 
     def _check_topology(self, options: HandlerOptions) -> None:
         """Tasks that share a queue share its exchange and binding: they are one queue."""
@@ -89,19 +117,37 @@ class App:
 
     @overload
     def task(
-        self, fn: None = None, /, *, name: str | None = None, **options: Any
+        self,
+        fn: None = None,
+        /,
+        *,
+        name: str | None = None,
+        publish_to: str | Route | Task | None = None,
+        **options: Any,
     ) -> Callable[[F], Task]: ...
 
     def task(
-        self, fn: Callable[..., Any] | None = None, /, *, name: str | None = None, **options: Any
+        self,
+        fn: Callable[..., Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        publish_to: str | Route | Task | None = None,
+        **options: Any,
     ) -> Any:
         """Register a function (``async def`` or plain) as a task; use bare or with options.
 
         Parameters:
             name: the task's name on the wire (default: ``module.qualname``).
+            publish_to: where the return value goes, published by the supervisor before the
+                input is acked: a queue name (``bytes`` as they are, a list of them one message
+                each, None nothing, other values their msgpack), a ``fastq.Route`` (the same,
+                to an exchange: RabbitMQ) or another Task (the value is its one argument; the
+                types are checked here).
             options: ``fastq.config.HandlerOptions`` by name (``queue`` default ``"default"``,
                 ``kind``, ``max_retries``, ``retry_backoff``, ``timeout``, ``processes``,
-                ``concurrency``, ``prefetch``, ``weight`` and the autosize bounds), and where the
+                ``concurrency``, ``prefetch``, ``weight``, the autosize bounds and ``result_ttl``:
+                seconds to keep each outcome for ``task.result``), and where the
                 broker has exchanges (RabbitMQ) ``fastq.config.QueueOptions`` by name:
                 ``exchange=``, ``exchange_kind=`` (direct, topic, fanout, headers),
                 ``routing_key=``, ``binding_arguments=``, ``quorum=``, ``delivery_limit=``,
@@ -122,23 +168,28 @@ class App:
                     f"{self.consumers[handler.queue].name}; give the task another queue"
                 )
             self._check_topology(handler)
-            task = self.tasks[task_name] = Task(self, fn, task_name, handler)
+            task = Task(self, fn, task_name, handler, publish_to)
+            self.tasks[task_name] = task
             if self._broker is not None:
                 self._broker.configure(handler.queue, handler.amqp)
             return task
 
         return register(fn) if fn is not None else register
 
-    def consumer(self, queue: str, /, **options: Any) -> Callable[[F], Consumer]:
+    def consumer(
+        self, queue: str, /, *, publish_to: str | Route | Task | None = None, **options: Any
+    ) -> Callable[[F], Consumer]:
         """Register a handler for every message on ``queue``, whoever produced it; it receives
         the raw body ``bytes``. The way to put fastq behind an existing queue. ``options`` are
-        ``task``'s, but ``queue``."""
+        ``task``'s, but ``queue`` and ``result_ttl``; ``publish_to`` as ``task``'s (a returned
+        ``bytes`` is published as it is, for other programs to read)."""
         handler = HandlerOptions.build(queue, options)
 
         def register(fn: Callable[[bytes], Any]) -> Consumer:
             if queue in self.consumers or any(t.queue == queue for t in self.tasks.values()):
                 raise ConfigError(f"queue {queue!r} already has a handler; one consumer per queue")
-            c = self.consumers[queue] = Consumer(self, fn, handler)
+            c = Consumer(self, fn, handler, publish_to)
+            self.consumers[queue] = c
             if self._broker is not None:
                 self._broker.configure(queue, handler.amqp)
             return c

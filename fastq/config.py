@@ -181,6 +181,30 @@ class QueueOptions(msgspec.Struct, frozen=True, kw_only=True):
         return args
 
 
+class Route(msgspec.Struct, frozen=True):
+    """Where ``publish_to`` sends a return value on a broker with exchanges (RabbitMQ): the
+    exchange (declared durable, of ``exchange_kind``, if it does not exist) and the routing key.
+    Unlike a queue name, a route may lead nowhere: RabbitMQ drops what no binding takes."""
+
+    exchange: str
+    routing_key: str = ""
+    exchange_kind: str = "direct"
+    #: headers put on each message (a headers exchange routes by them)
+    headers: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.exchange or not isinstance(self.exchange, str):
+            raise ConfigError(f"Route needs an exchange name, got {self.exchange!r}")
+        if self.exchange.startswith("amq."):
+            raise ConfigError(
+                f"exchange {self.exchange!r}: names starting with 'amq.' are RabbitMQ's own"
+            )
+        if self.exchange_kind not in EXCHANGE_KINDS:
+            raise ConfigError(
+                f"exchange_kind must be one of {EXCHANGE_KINDS}, got {self.exchange_kind!r}"
+            )
+
+
 class HandlerOptions(msgspec.Struct, frozen=True, kw_only=True):
     """What a task or consumer declared (``@app.task(...)``, ``@app.consumer(queue, ...)``);
     None means "the app's setting, else autosize". The one definition of these options: the
@@ -209,6 +233,8 @@ class HandlerOptions(msgspec.Struct, frozen=True, kw_only=True):
     max_concurrency: int | None = None
     min_prefetch: int | None = None
     max_prefetch: int | None = None
+    #: seconds to keep each message's outcome for ``task.result`` (None: keep nothing)
+    result_ttl: float | None = None
     #: exchange, binding and queue type, where the broker has them (RabbitMQ)
     amqp: QueueOptions = QueueOptions()
 
@@ -240,6 +266,12 @@ class HandlerOptions(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError(f"max_retries must be >= 0, got {self.max_retries}")
         if not self.retry_backoff >= 0:
             raise ConfigError(f"retry_backoff must be >= 0 seconds, got {self.retry_backoff!r}")
+        if self.result_ttl is not None and not (
+            isinstance(self.result_ttl, (int, float)) and self.result_ttl > 0
+        ):
+            raise ConfigError(
+                f"result_ttl must be > 0 seconds or None (keep no results), got {self.result_ttl!r}"
+            )
         if self.timeout is not None and not self.timeout > 0:
             raise ConfigError(f"timeout must be > 0 seconds or None, got {self.timeout!r}")
         for name in (

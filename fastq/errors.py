@@ -90,3 +90,30 @@ class PoolClosed(FastqError, ValueError):
 
 class PoolBroken(PoolClosed):
     """The ``fastq.Pool``'s workers cannot start, or its driver failed: every call fails with it."""
+
+
+class TaskFailed(FastqError):
+    """The task of a result failed for good (its retries spent, or dead at once): ``error_type``,
+    ``error_message`` and ``traceback`` are the worker's, as text; ``reason`` is the dead
+    letter's."""
+
+    def __init__(
+        self,
+        message_id: str,
+        task: str,
+        error_type: str,
+        error_message: str,
+        traceback: str,
+        reason: str,
+    ) -> None:
+        super().__init__(
+            f"task {task} (message {message_id}) failed for good: {reason}"
+            + (f"\n\nremote traceback:\n{traceback}" if traceback else "")
+        )
+        self.message_id, self.task = message_id, task
+        self.error_type, self.error_message, self.traceback = error_type, error_message, traceback
+        self.reason = reason
+
+
+class ResultExpired(FastqError, LookupError):
+    """A result was kept and its ``result_ttl`` passed: it is gone."""

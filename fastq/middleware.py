@@ -2,8 +2,8 @@
 
 Middleware runs in the worker processes, in the order the App was given it: ``before_process``
 before the handler, ``after_process`` after it (in reverse order) with the exception it raised or
-None. A hook that raises fails the message as its handler would. What a hook sees of the message
-is a ``Processing``.
+None, and the handler's return value in ``message.result``. A hook that raises fails the message
+as its handler would. What a hook sees of the message is a ``Processing``.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ __all__ = ["Middleware", "Processing", "TimingMiddleware"]
 
 class Processing:
     """What middleware sees of one message: the handler's name, the message id (empty for a
-    consumer's raw body), the queue and how many times it was retried before. Hooks may set
-    attributes of their own on it (``started_at`` is TimingMiddleware's)."""
+    consumer's raw body), the queue and how many times it was retried before; in
+    ``after_process``, ``result`` is what the handler returned (None when it raised). Hooks may
+    set attributes of their own on it (``started_at`` is TimingMiddleware's)."""
 
-    __slots__ = ("handler", "message_id", "queue", "retries", "started_at")
+    __slots__ = ("handler", "message_id", "queue", "result", "retries", "started_at")
 
     def __init__(self, handler: str, message_id: str, queue: str, retries: int) -> None:
         self.handler, self.message_id, self.queue, self.retries = (
@@ -31,13 +32,15 @@ class Processing:
             retries,
         )
         self.started_at = 0.0
+        self.result: object = None
 
 
 class Middleware:
     """Hooks around every message a worker processes, called in the order they were given.
 
     ``before_process`` runs before the handler; ``after_process`` after it, with the exception it
-    raised or None. A hook that raises fails the message like its handler would.
+    raised or None (and its return value in ``message.result``). A hook that raises fails the
+    message like its handler would.
     """
 
     def before_process(self, message: Processing) -> None:

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any, get_type_hints
 
 import msgspec
 
-from fastq import message
+from fastq import _notify, message, results
 from fastq.broker.base import Message
-from fastq.config import HandlerOptions
-from fastq.errors import ConfigError
+from fastq.config import HandlerOptions, Route
+from fastq.errors import ConfigError, MessageError
 
 if TYPE_CHECKING:
     from fastq.app import App
@@ -42,11 +42,137 @@ def importable_name(module: str) -> str:
     return os.path.splitext(os.path.basename(getattr(main, "__file__", "__main__")))[0]
 
 
-class Task:
+#: seconds a ``call``'s result is kept when its task keeps none (``result_ttl`` unset)
+CALL_KEEP = 60.0
+
+_value_encoder = msgspec.msgpack.Encoder()
+
+
+class _Produces:
+    """What tasks and consumers share: the return type, and what their return value becomes
+    (kept, published to ``publish_to``)."""
+
+    name: str
+    options: HandlerOptions
+    returns: Any
+    publish_to: str | Route | Task | None
+
+    def _returns(self, fn: Callable[..., Any]) -> None:
+        self.returns = get_type_hints(fn, include_extras=True).get("return", Any)
+        self.result_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(self.returns)
+        #: the worker checks what the handler returned against its return annotation
+        self.checks_return = self.returns is not Any
+
+    def _set_publish_to(self, publish_to: str | Route | Task | None) -> None:
+        if publish_to is not None and not isinstance(publish_to, (str, Route, Task)):
+            raise ConfigError(
+                f"{self.name}: publish_to must be a queue name, a fastq.Route or a Task, got "
+                f"{type(publish_to).__name__}"
+            )
+        if isinstance(publish_to, str) and not publish_to:
+            raise ConfigError(f"{self.name}: publish_to must be a non-empty queue name")
+        if isinstance(publish_to, Task):
+            params = list(publish_to.signature.parameters.values())
+            if len(params) != 1:
+                raise ConfigError(
+                    f"{self.name}: publish_to={publish_to.name} takes {len(params)} arguments; "
+                    "the return value becomes the one argument of the task it is published to"
+                )
+            expected = publish_to.args_type.__args__[0]
+            if not _fits(self.returns, expected):
+                raise ConfigError(
+                    f"{self.name} returns {_type_name(self.returns)}, but publish_to="
+                    f"{publish_to.name} takes {params[0].name}: {_type_name(expected)}; "
+                    "make the return annotation match the parameter"
+                )
+        self.publish_to = publish_to
+
+    def encode_value(self, value: Any, limit: int) -> bytes:
+        """The return value as msgpack, checked against the return annotation.
+
+        Raises:
+            MessageError: it does not encode, does not fit the annotation, or is over ``limit``
+                bytes (the message says which, and the setting that raises the limit).
+        """
+        try:
+            raw = _value_encoder.encode(value)
+            if self.checks_return:
+                self.result_decoder.decode(raw)
+        except (TypeError, msgspec.ValidationError) as e:
+            raise MessageError(
+                f"{self.name} returned a {type(value).__name__} that does not encode as its "
+                f"return annotation {_type_name(self.returns)} says ({e}); return msgspec "
+                "Structs or builtins of that type"
+            ) from e
+        _check_size(self.name, value, len(raw), limit)
+        return raw
+
+    def outputs(self, value: Any, limit: int) -> list[tuple[str, str, bytes]]:
+        """What ``value`` publishes to ``publish_to``, as ``(queue, message id, body)`` (queue ""
+        for a ``Route``): for a task, one message with the value as
+        its argument; for a queue name, a ``bytes`` value as it is (a list or tuple of them: one
+        message each), None nothing, any other value its msgpack.
+
+        Raises:
+            MessageError: the value does not encode or is too large (the message says why).
+        """
+        target = self.publish_to
+        if target is None:
+            return []
+        if isinstance(target, Task):
+            try:
+                m = target.message(value)
+            except (msgspec.ValidationError, MessageError, TypeError) as e:
+                raise MessageError(
+                    f"{self.name} returned what {target.name} cannot take as its argument: {e}"
+                ) from e
+            _check_size(self.name, value, len(m.body), limit)
+            return [(target.queue, m.message_id, m.body)]
+        if value is None:
+            return []
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            bodies = [bytes(value)]
+        elif isinstance(value, (list, tuple)) and all(
+            isinstance(v, (bytes, bytearray, memoryview)) for v in value
+        ):
+            bodies = [bytes(v) for v in value]
+        else:
+            bodies = [self.encode_value(value, limit)]
+        for body in bodies:
+            _check_size(self.name, value, len(body), limit)
+        queue = target if isinstance(target, str) else ""
+        return [(queue, message.new_id(), body) for body in bodies]
+
+
+def _check_size(name: str, value: Any, size: int, limit: int) -> None:
+    if size > limit:
+        raise MessageError(
+            f"{name} returned a {type(value).__name__} of {size} bytes encoded, over "
+            f"max_message_bytes={limit}; return less, or raise Config(max_message_bytes=...)"
+        )
+
+
+def _fits(returns: Any, expected: Any) -> bool:
+    if expected is Any or returns == expected:
+        return True
+    classes = isinstance(returns, type) and isinstance(expected, type)
+    return classes and issubclass(returns, expected)
+
+
+def _type_name(t: Any) -> str:
+    return getattr(t, "__name__", None) or repr(t)
+
+
+class Task(_Produces):
     """A function registered with ``@app.task``: call it directly, or ``send`` it to a worker."""
 
     def __init__(
-        self, app: App, fn: Callable[..., Any], name: str, options: HandlerOptions
+        self,
+        app: App,
+        fn: Callable[..., Any],
+        name: str,
+        options: HandlerOptions,
+        publish_to: str | Route | Task | None = None,
     ) -> None:
         self.app, self.fn, self.name, self.options = app, fn, name, options
         self.is_async = inspect.iscoroutinefunction(fn)
@@ -70,6 +196,8 @@ class Task:
         #: the type of the argument tuple, as the worker decodes it
         self.args_type: Any = tuple.__class_getitem__(types) if types else tuple[()]
         self._decoder = msgspec.msgpack.Decoder(self.args_type)
+        self._returns(fn)
+        self._set_publish_to(publish_to)
 
     @property
     def queue(self) -> str:
@@ -84,7 +212,7 @@ class Task:
 
     # -- producing --------------------------------------------------------------------------
 
-    def message(self, *args: Any, **kwargs: Any) -> Message:
+    def message(self, *args: Any, _headers: dict[str, str] | None = None, **kwargs: Any) -> Message:
         """The broker message for one call, arguments validated against the parameter types.
 
         Raises:
@@ -105,8 +233,18 @@ class Task:
             raise msgspec.ValidationError(
                 f"task {self.name}: {e} (arguments in parameter order)"
             ) from e
-        message_id, body = message.encode(self.name, args)
-        return Message(body, message_id)
+        if _headers is None and self.options.result_ttl is not None:
+            _headers = self._notify_headers()
+        message_id, body = message.encode(self.name, args, headers=_headers)
+        return Message(body, message_id, _headers)
+
+    def _notify_headers(self, keep: float | None = None) -> dict[str, str]:
+        """The headers of a message whose result this process may wait for: its supervisor
+        pokes this process's wake-up address once the result is stored."""
+        headers = {results.NOTIFY: _notify.listener().address}
+        if keep is not None:
+            headers[results.KEEP] = repr(keep)
+        return headers
 
     def send(self, *args: Any, **kwargs: Any) -> str:
         """Publish one call; returns its message id once the broker holds it."""
@@ -121,6 +259,96 @@ class Task:
             None, self.app.broker.publish_sync, self.queue, [m]
         )
         return m.message_id
+
+    # -- results ----------------------------------------------------------------------------
+
+    def result(self, message_id: str, timeout: float | None = None) -> Any:
+        """The return value of message ``message_id`` (decoded as the return annotation says),
+        waiting up to ``timeout`` seconds (None: as long as it takes) for it. Needs
+        ``result_ttl`` on the task (or a message sent by ``call``).
+
+        Raises:
+            TaskFailed: the task failed for good (the remote type, message and traceback).
+            TimeoutError: no result within ``timeout``.
+            ResultExpired: it was kept and ``result_ttl`` passed.
+            ConfigError: the broker keeps no results and the App has no ``result_store``.
+        """
+        return results.wait(
+            self.app.result_store,
+            message_id,
+            self.result_decoder,
+            self.name,
+            timeout,
+            announced=False,
+        )
+
+    async def result_async(self, message_id: str, timeout: float | None = None) -> Any:
+        """``result`` for coroutines: the loop runs while it waits."""
+        return await results.wait_async(
+            self.app.result_store,
+            message_id,
+            self.result_decoder,
+            self.name,
+            timeout,
+            announced=False,
+        )
+
+    def call(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        """Send one call and wait for its return value: ``send`` then ``result`` (RabbitMQ's RPC
+        tutorial, for any broker that keeps results). The result is kept ``result_ttl``, else
+        ``CALL_KEEP`` seconds (or the timeout, if longer)."""
+        broker = self.app.broker
+        if broker.replies_directly:  # RabbitMQ: direct reply-to, no store
+            m = self.message(*args, _headers=self._keep_headers(timeout), **kwargs)
+            outcome = self._replied(lambda: broker.call_sync(self.queue, m, timeout), m, timeout)
+            return self._read(outcome, m)
+        store = self.app.result_store  # before sending: a ConfigError sends nothing
+        m = self.message(*args, _headers=self._notify_headers(self._call_keep(timeout)), **kwargs)
+        broker.publish_sync(self.queue, [m])
+        return results.wait(
+            store, m.message_id, self.result_decoder, self.name, timeout, announced=True
+        )
+
+    async def call_async(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        """``call`` for coroutines."""
+        broker = self.app.broker
+        if broker.replies_directly:
+            m = self.message(*args, _headers=self._keep_headers(timeout), **kwargs)
+            try:
+                outcome = await broker.call_async(self.queue, m, timeout)
+            except TimeoutError:
+                raise self._no_reply(m, timeout) from None
+            return self._read(outcome, m)
+        store = self.app.result_store
+        m = self.message(*args, _headers=self._notify_headers(self._call_keep(timeout)), **kwargs)
+        await asyncio.get_running_loop().run_in_executor(
+            None, self.app.broker.publish_sync, self.queue, [m]
+        )
+        return await results.wait_async(
+            store, m.message_id, self.result_decoder, self.name, timeout, announced=True
+        )
+
+    def _read(self, outcome: bytes, m: Message) -> Any:
+        return results.read(outcome, self.result_decoder, message_id=m.message_id, task=self.name)
+
+    def _keep_headers(self, timeout: float | None) -> dict[str, str]:
+        return {results.KEEP: repr(self._call_keep(timeout))}
+
+    def _replied(self, wait: Callable[[], bytes], m: Message, timeout: float | None) -> bytes:
+        try:
+            return wait()
+        except TimeoutError:
+            raise self._no_reply(m, timeout) from None
+
+    def _no_reply(self, m: Message, timeout: float | None) -> TimeoutError:
+        return TimeoutError(
+            f"no reply to the call of {self.name} (message {m.message_id}) within {timeout:g} s: "
+            "it is still queued or running; wait longer, or check that a worker consumes "
+            f"{self.queue!r}"
+        )
+
+    def _call_keep(self, timeout: float | None) -> float:
+        return self.options.result_ttl or max(CALL_KEEP, timeout or 0.0)
 
     def send_many(self, calls: Iterable[tuple[Any, ...]]) -> list[str]:
         """Publish many calls (each a tuple of positional arguments) in one batch; their ids."""
@@ -138,13 +366,26 @@ class Task:
         return args
 
 
-class Consumer:
+class Consumer(_Produces):
     """A handler registered with ``@app.consumer(queue)``: gets the raw body of every message."""
 
-    def __init__(self, app: App, fn: Callable[[bytes], Any], options: HandlerOptions) -> None:
+    def __init__(
+        self,
+        app: App,
+        fn: Callable[[bytes], Any],
+        options: HandlerOptions,
+        publish_to: str | Route | Task | None = None,
+    ) -> None:
         self.app, self.fn, self.options = app, fn, options
         self.name = f"{module_name(fn)}.{fn.__qualname__}"
         self.is_async = inspect.iscoroutinefunction(fn)
+        if options.result_ttl is not None:
+            raise ConfigError(
+                f"consumer {self.name}: result_ttl is for tasks (a consumer's messages come from "
+                "other programs, which read no fastq results); use publish_to, or a task"
+            )
+        self._returns(fn)
+        self._set_publish_to(publish_to)
 
     @property
     def queue(self) -> str:

@@ -15,7 +15,9 @@ Supervisor -> worker (the input ring):
 Worker -> supervisor (the output ring):
 
 - a **completion**: ``COMPLETION`` header (tag >= 1, a ``Status``, the retry delay in seconds),
-  then the payload: the reason in UTF-8 for RETRY and DEAD, the reply for RESULT, nothing for OK.
+  then the payload: the reason in UTF-8 for RETRY and DEAD, the reply for RESULT, nothing for OK,
+  a ``Returned`` (msgpack) for VALUE and FAILED: what the handler returned or how it failed for
+  good, to keep (``fastq.results``) and to publish (``publish_to``).
 - a **report**: ``COMPLETION`` header of tag 0 whose status byte is a ``Report``, delay 0;
   ``Report.CLASSIFIED`` carries ``Classified`` (msgpack), the others nothing.
 
@@ -41,17 +43,21 @@ __all__ = [
     "NO_TAG",
     "Classified",
     "Control",
+    "Produced",
     "ProtocolError",
     "Report",
+    "Returned",
     "Slots",
     "Status",
     "WorkerSpec",
     "classified_report",
     "completion",
     "delivery_queue",
+    "encode_returned",
     "is_control",
     "parse_classified",
     "parse_control",
+    "parse_returned",
     "parse_slots",
     "ready_report",
     "recycle_frame",
@@ -71,6 +77,10 @@ class Status(enum.IntEnum):
     DEAD = 2
     #: a ``fastq.Pool`` batch is done; the payload is its reply (``fastq.codec``)
     RESULT = 5
+    #: done, with a value to keep or outputs to publish first (payload: ``Returned``)
+    VALUE = 7
+    #: failed for good, with the failure to keep (payload: ``Returned``; ``reason`` set)
+    FAILED = 8
 
 
 class Report(enum.IntEnum):
@@ -121,6 +131,36 @@ class Slots(msgspec.Struct, array_like=True, frozen=True):
     per_queue: tuple[int, ...] = ()
 
 
+class Produced(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """One message a handler produced (``publish_to``), encoded by the worker."""
+
+    queue: str
+    message_id: str
+    body: bytes
+    #: to an exchange instead of a queue (``fastq.Route``): its name and kind, the routing key
+    exchange: str = ""
+    exchange_kind: str = ""
+    routing_key: str = ""
+    headers: dict[str, str] | None = None
+
+
+class Returned(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """What became of a delivery that keeps a result or publishes (VALUE, FAILED)."""
+
+    #: the handler's name
+    handler: str
+    #: seconds to keep ``outcome`` (0: keep nothing)
+    keep: float = 0.0
+    #: a ``fastq.results.Outcome``, msgpack (empty when nothing is kept)
+    outcome: bytes = b""
+    #: the dead letter's reason (FAILED)
+    reason: str = ""
+    #: the messages to publish before the delivery is acked (VALUE)
+    outputs: tuple[Produced, ...] = ()
+    #: the waiter to poke once the outcome is stored (``fastq._notify``)
+    notify: str = ""
+
+
 class Classified(msgspec.Struct, array_like=True, frozen=True):
     """What a worker measured of a queue's "auto" handlers."""
 
@@ -157,11 +197,14 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     queue_slots: tuple[int, ...] = ()
     #: threads a worker may use for plain-function I/O handlers (started only when used)
     io_threads: int = 100
+    #: the most a return value kept or published may take, encoded (Config.max_message_bytes)
+    max_message_bytes: int = 1 << 20
 
 
 _encoder = msgspec.msgpack.Encoder()
 _slots = msgspec.msgpack.Decoder(Slots)
 _classified = msgspec.msgpack.Decoder(Classified)
+_returned = msgspec.msgpack.Decoder(Returned)
 
 
 # -- supervisor -> worker -------------------------------------------------------------------------
@@ -243,3 +286,16 @@ def parse_classified(payload: bytes) -> Classified:
         return _classified.decode(payload)
     except msgspec.DecodeError as e:
         raise ProtocolError(f"a measurement that does not decode ({e})") from e
+
+
+def encode_returned(returned: Returned) -> bytes:
+    """The payload of a VALUE or FAILED completion."""
+    return _encoder.encode(returned)
+
+
+def parse_returned(payload: bytes) -> Returned:
+    """Raises ProtocolError when the payload is not a ``Returned``."""
+    try:
+        return _returned.decode(payload)
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"a returned value that does not decode ({e})") from e

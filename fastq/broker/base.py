@@ -25,10 +25,12 @@ __all__ = [
     "DeadLetter",
     "Delivery",
     "Message",
+    "Output",
     "QueueDepth",
     "QueueOptions",
     "Retry",
     "Signal",
+    "StoredResult",
     "mask_url",
     "query_float",
     "wait_either",
@@ -57,6 +59,8 @@ class Delivery(msgspec.Struct, gc=False):
     #: times it failed and was scheduled again (settle(retry=...)); what max_retries counts
     retries: int = 0
     headers: dict[str, str] | None = None
+    #: where its caller waits for the result (RabbitMQ's direct reply-to); "" : nobody
+    reply_to: str = ""
 
 
 class Retry(msgspec.Struct, frozen=True, gc=False):
@@ -79,6 +83,34 @@ class DeadLetter(msgspec.Struct, frozen=True, gc=False):
     headers: dict[str, str] | None = None
 
 
+class StoredResult(msgspec.Struct, frozen=True, gc=False):
+    """A handler's outcome to keep (``fastq.results``): written by the supervisor, read by
+    ``task.result``."""
+
+    message_id: str
+    #: the task's (or consumer's) name
+    handler: str
+    #: a ``fastq.results.Outcome``, msgpack
+    outcome: bytes
+    #: seconds to keep it
+    ttl: float
+    #: who waits for it: a ``fastq._notify`` address to poke once it is stored ("" : nobody)
+    notify: str = ""
+    #: where to send it as a reply instead (the delivery's reply_to: RabbitMQ direct reply-to)
+    reply_to: str = ""
+
+
+class Output(msgspec.Struct, frozen=True, gc=False):
+    """A message a handler produced (``publish_to``): published before its input is acked."""
+
+    queue: str
+    message: Message
+    #: to an exchange instead (``fastq.Route``; ``queue`` is then ""): name, kind, routing key
+    exchange: str = ""
+    exchange_kind: str = ""
+    routing_key: str = ""
+
+
 class QueueDepth(msgspec.Struct, frozen=True):
     #: deliverable now
     ready: int
@@ -97,10 +129,17 @@ class QueueDepth(msgspec.Struct, frozen=True):
 
 class Broker(abc.ABC):
     """A queue backend. Every method is safe to call from the one event loop that opened it,
-    except ``publish_sync``, which any thread may call."""
+    except ``publish_sync`` and ``get_result``, which any thread may call."""
 
     #: The URL with its password masked: the only form that goes into logs and errors.
     url: str
+    #: it keeps results in its own storage (``exchange(results=...)`` writes them with the ack)
+    keeps_results = False
+    #: ``task.call`` gets its reply straight back (``call_sync``, ``call_async``), no store
+    replies_directly = False
+    #: ``exchange`` writes outputs and results in the ack's own transaction (or at once, in
+    #: process): the supervisor need not take them apart from the other outcomes
+    atomic_outputs = False
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -155,6 +194,9 @@ class Broker(abc.ABC):
         retry: Sequence[Retry] = (),
         dead: Sequence[tuple[int, str]] = (),
         release: Sequence[int] = (),
+        results: Sequence[StoredResult] = (),
+        outputs: Sequence[Output] = (),
+        replies: Sequence[StoredResult] = (),
         fetch: int = 0,
         timeout: float = 0.0,
         wake: asyncio.Event | Signal | None = None,
@@ -163,17 +205,91 @@ class Broker(abc.ABC):
         a consumer does after each batch of work. Backends that can do both in one round trip
         override this; the supervisor calls nothing else on its hot path.
 
+        ``outputs`` (what handlers produced) are published, ``results`` stored (only where
+        ``keeps_results``) and ``replies`` sent to their callers (only where deliveries carry a
+        ``reply_to``), before anything is settled: an input is never acked before what it
+        produced is durable. A backend with transactions does all of it in one.
+
         When it raises, the supervisor sends the same outcomes again later, so settling must be
         idempotent (a tag settled already is ignored), and deliveries taken before the error
         must come back to some consumer (a lease that lapses, a channel that closes). The
         default settles, then fetches: a failed fetch settles again next time, which the
         memory and SQLite brokers ignore.
         """
+        await self.publish_outputs(outputs)
+        if results:
+            await self.put_results(results)
+        if replies:
+            await self.reply(replies)
         if ack or retry or dead or release:
             await self.settle(queue, ack=ack, retry=retry, dead=dead, release=release)
         if fetch <= 0:
             return []
         return await self.fetch(queue, fetch, timeout=timeout, wake=wake)
+
+    async def publish_outputs(self, outputs: Sequence[Output]) -> None:
+        """Publish ``outputs``, grouped by queue (or route) in their order, each group
+        confirmed."""
+        by_queue: dict[str, list[Message]] = {}
+        by_route: dict[tuple[str, str, str], list[Message]] = {}
+        for o in outputs:
+            if o.exchange:
+                by_route.setdefault((o.exchange, o.exchange_kind, o.routing_key), []).append(
+                    o.message
+                )
+            else:
+                by_queue.setdefault(o.queue, []).append(o.message)
+        for queue, messages in by_queue.items():
+            await self.publish(queue, messages)
+        for (exchange, kind, routing_key), messages in by_route.items():
+            await self.publish_routed(exchange, kind, routing_key, messages)
+
+    #: it has exchanges: ``publish_to=fastq.Route(...)`` works (RabbitMQ)
+    has_exchanges = False
+
+    async def declare_exchange(self, exchange: str, kind: str) -> None:
+        """Make sure the exchange exists (brokers that ``has_exchanges``)."""
+        raise ConfigError(f"{self.url} has no exchanges")
+
+    async def publish_routed(
+        self, exchange: str, kind: str, routing_key: str, messages: Sequence[Message]
+    ) -> None:
+        """Publish to an exchange (declared as ``kind`` if need be), confirmed, not mandatory."""
+        raise ConfigError(
+            f"publish_to=Route(exchange={exchange!r}) needs a broker with exchanges "
+            f"(amqp://); {self.url} has queues only: publish_to a queue name"
+        )
+
+    def call_sync(self, queue: str, m: Message, timeout: float | None) -> bytes:
+        """Publish ``m`` as a call and wait for its outcome (``replies_directly`` brokers)."""
+        raise NotImplementedError(f"{self.url} has no direct replies")
+
+    async def call_async(self, queue: str, m: Message, timeout: float | None) -> bytes:
+        """``call_sync`` for coroutines."""
+        raise NotImplementedError(f"{self.url} has no direct replies")
+
+    async def reply(self, replies: Sequence[StoredResult]) -> None:
+        """Send each outcome to its ``reply_to``; only brokers whose deliveries carry one."""
+        raise NotImplementedError(f"{self.url} has no replies")
+
+    async def put_results(self, results: Sequence[StoredResult]) -> None:
+        """Store ``results`` (durably, where the broker is); a broker that keeps none says so."""
+        raise ConfigError(self.no_results())
+
+    def get_result(self, message_id: str) -> bytes | None:
+        """The stored outcome of ``message_id`` (``fastq.results.Outcome``), or None while there
+        is none. Any thread.
+
+        Raises:
+            ResultExpired: it was kept and its ttl passed.
+        """
+        raise ConfigError(self.no_results())
+
+    def no_results(self) -> str:
+        return (
+            f"{self.url} keeps no results; give the App a result store: "
+            "App(..., result_store='sqlite:///results.db')"
+        )
 
     async def prefetch(self, queue: str, prefetch: int) -> None:
         """The host's budget of unsettled deliveries of ``queue`` (the supervisor's, whole):

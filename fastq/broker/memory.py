@@ -3,7 +3,8 @@
 Every ``open_broker("memory://name")`` in one process returns the same broker, so a producer and a
 supervisor in that process share its queues; another process sees nothing of them. It keeps the
 semantics of the durable brokers: FIFO, deliveries counted, retries after a delay, dead letters
-with their reason, unsettled deliveries released on close.
+with their reason, unsettled deliveries released on close; kept results expire as SQLite's do
+(the outcome at its ttl, the tombstone one ttl later).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
+from fastq import results as _results
 from fastq.broker.base import (
     Broker,
     DeadLetter,
@@ -24,6 +26,7 @@ from fastq.broker.base import (
     QueueDepth,
     Retry,
     Signal,
+    StoredResult,
     mask_url,
     wait_either,
 )
@@ -48,6 +51,9 @@ class _Queue:
 class MemoryBroker(Broker):
     """See the module docstring. Thread-safe; ``fetch`` wakes on a publish from any thread."""
 
+    keeps_results = True
+    atomic_outputs = True
+
     def __init__(self, url: str = "memory://") -> None:
         self.url = mask_url(url)
         self._lock = threading.Lock()
@@ -56,6 +62,9 @@ class MemoryBroker(Broker):
         self._seq = itertools.count()
         self._dead_ids = itertools.count(1)
         self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+        #: message id -> (outcome, None for a tombstone; expires_at, wall clock)
+        self._results: dict[str, tuple[bytes | None, float]] = {}
+        self._purges: list[tuple[float, str, float]] = []  # heap of (purge_at, id, ttl)
 
     def _queue(self, name: str) -> _Queue:
         q = self._queues.get(name)
@@ -180,6 +189,32 @@ class MemoryBroker(Broker):
             q.ready.extendleft(reversed(released))  # back at the front, in their order
             waiters = list(self._waiters) if released or retry else []
         self._notify(waiters)
+
+    async def put_results(self, results: Sequence[StoredResult]) -> None:
+        now = time.time()
+        with self._lock:
+            for r in results:
+                self._results[r.message_id] = (r.outcome, now + r.ttl)
+                heapq.heappush(self._purges, (now + r.ttl, r.message_id, r.ttl))
+            while self._purges and self._purges[0][0] < now:
+                _, message_id, ttl = heapq.heappop(self._purges)
+                kept = self._results.get(message_id)
+                if kept is None:
+                    continue
+                if kept[0] is None:
+                    del self._results[message_id]
+                elif kept[1] < now:  # (a later put of the same id has a later expiry)
+                    self._results[message_id] = (None, kept[1])
+                    heapq.heappush(self._purges, (kept[1] + ttl, message_id, ttl))
+
+    def get_result(self, message_id: str) -> bytes | None:
+        with self._lock:
+            kept = self._results.get(message_id)
+        if kept is None:
+            return None
+        if kept[0] is None or kept[1] < time.time():
+            raise _results.expired(message_id, kept[1])
+        return kept[0]
 
     async def queue_depth(self, queue: str) -> QueueDepth:
         with self._lock:

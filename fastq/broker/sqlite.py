@@ -31,36 +31,26 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from fastq import results
 from fastq.broker import sqlite_sql as sql
+from fastq.broker import sqlite_storage as storage
 from fastq.broker.base import (
     Broker,
     DeadLetter,
     Delivery,
     Message,
+    Output,
     QueueDepth,
     Retry,
     Signal,
+    StoredResult,
     mask_url,
     query_float,
     wait_either,
 )
-from fastq.errors import BrokerConnectionError, BrokerStorageError, ConfigError, FastqError
+from fastq.errors import BrokerStorageError, ConfigError, FastqError
 
 T = TypeVar("T")
-
-#: SQLite's primary result codes of a storage that refused a write: what happened, what to do
-_STORAGE_PROBLEMS = {
-    sqlite3.SQLITE_FULL: ("the disk holding {path} is full", "free space there, then try again"),
-    sqlite3.SQLITE_READONLY: (
-        "{path} cannot be written (a read-only file or file system)",
-        "make it writable again, then try again",
-    ),
-    sqlite3.SQLITE_IOERR: ("an I/O error on {path}", "check the disk and its file system"),
-    sqlite3.SQLITE_CANTOPEN: (
-        "{path} cannot be opened for writing",
-        "check that its directory exists and is writable",
-    ),
-}
 
 #: the loop's connection leaves checkpoints to the thread: one every this many of its commits
 CHECKPOINT_EVERY = 256
@@ -111,6 +101,10 @@ class SqliteBroker(Broker):
     """See the module docstring. Async methods run on one thread of its own, with its own
     connection; ``publish_sync`` and the dead-letter methods use a connection per calling thread."""
 
+    #: results live in the broker's own file, written in the transaction of their ack
+    keeps_results = True
+    atomic_outputs = True
+
     def __init__(self, url: str) -> None:
         self.url = mask_url(url)
         self.path, params = parse_url(url)
@@ -131,6 +125,7 @@ class SqliteBroker(Broker):
         self._loop_commits = 0
         self._inline_after = 0.0  # perf_counter time before which exchanges go through the thread
         self._checkpointing = False
+        self._purge_after = 0.0
 
     # -- connections ------------------------------------------------------------------------
 
@@ -163,28 +158,10 @@ class SqliteBroker(Broker):
         return self._loop_db
 
     def _open_error(self, e: sqlite3.Error) -> FastqError:
-        """What opening the file failed on, in words: the path, or its storage."""
-        directory = os.path.dirname(os.path.abspath(self.path))
-        if os.path.isdir(directory):
-            stored = self._storage_error(e, "the broker could not be opened")
-            if stored is not None:
-                return stored
-            hint = f"check that {directory} is writable by this user and {self.path} is a database"
-        else:
-            hint = f"the directory {directory} does not exist; create it or change the path"
-        return BrokerConnectionError(f"cannot open the SQLite broker at {self.url} ({e}): {hint}")
+        return storage.open_error(self.path, self.url, e)
 
     def _storage_error(self, e: sqlite3.Error, outcome: str) -> BrokerStorageError | None:
-        """``e`` as a BrokerStorageError when the storage refused a write (full, read-only, an
-        I/O error), saying that ``outcome``; None for any other error."""
-        code = getattr(e, "sqlite_errorcode", 0) & 0xFF
-        problem = _STORAGE_PROBLEMS.get(code)
-        if problem is None:
-            return None
-        what, fix = problem
-        return BrokerStorageError(
-            f"{what.format(path=os.path.abspath(self.path))}: {outcome} ({e}); {fix}"
-        )
+        return storage.storage_error(self.path, e, outcome)
 
     def _checkpoint(self) -> None:
         self._db().execute("PRAGMA wal_checkpoint(PASSIVE)")
@@ -311,16 +288,23 @@ class SqliteBroker(Broker):
         retry: Sequence[Retry] = (),
         dead: Sequence[tuple[int, str]] = (),
         release: Sequence[int] = (),
+        results: Sequence[StoredResult] = (),
+        outputs: Sequence[Output] = (),
+        replies: Sequence[StoredResult] = (),
         fetch: int = 0,
         timeout: float = 0.0,
         wake: asyncio.Event | Signal | None = None,
     ) -> list[Delivery]:
-        """Settle and claim in one write transaction; then, while nothing was claimed, look
-        again (woken by a publish in this process, else less often each time) until ``timeout``
-        or ``wake``."""
+        """Publish the outputs, store the results, settle and claim, in one write transaction;
+        then, while nothing was claimed, look again (woken by a publish in this process, else
+        less often each time) until ``timeout`` or ``wake``."""
         assert self._published is not None, "open() the broker first"
         deadline = time.monotonic() + timeout
-        settle = (ack, retry, dead, release) if ack or retry or dead or release else None
+        settle = (
+            (ack, retry, dead, release, results, outputs)
+            if ack or retry or dead or release or results or outputs
+            else None
+        )
         pause = 0.001
         while True:
             self._published.clear()
@@ -387,7 +371,23 @@ class SqliteBroker(Broker):
 
         def work(db: sqlite3.Connection) -> list[Any]:
             if settle is not None:
-                ack, retry, dead, release = settle
+                ack, retry, dead, release, results, outputs = settle
+                if outputs:
+                    db.executemany(
+                        sql.INSERT,
+                        [
+                            (
+                                o.queue,
+                                o.message.message_id,
+                                o.message.body,
+                                _pack(o.message.headers),
+                                now + o.message.delay,
+                            )
+                            for o in outputs
+                        ],
+                    )
+                if results:
+                    self._store_results(db, results, now)
                 if dead:
                     db.executemany(sql.BURY, [(reason, now, tag, me) for tag, reason in dead])
                     db.executemany(sql.ACK, [(tag, me) for tag, _ in dead])
@@ -404,12 +404,46 @@ class SqliteBroker(Broker):
         )
         if (
             settle is not None
-            and (settle[1] or settle[3])
+            and (settle[1] or settle[3] or settle[5])
             and self._loop is not None
             and self._published is not None
         ):
             self._loop.call_soon_threadsafe(self._published.set)
         return self._deliveries(queue, rows)
+
+    # -- results (fastq.results) ------------------------------------------------------------
+
+    def _store_results(
+        self, db: sqlite3.Connection, results: Sequence[StoredResult], now: float
+    ) -> None:
+        """Write ``results`` in the caller's transaction; expired ones are purged at most once a
+        second (expiry on write)."""
+        db.executemany(
+            sql.PUT_RESULT,
+            [(r.message_id, r.handler, r.outcome, r.ttl, now + r.ttl) for r in results],
+        )
+        if now >= self._purge_after:
+            self._purge_after = now + 1.0
+            db.execute(sql.PURGE_TOMBSTONES, (now,))
+            db.execute(sql.PURGE_OUTCOMES, (now,))
+
+    async def put_results(self, results: Sequence[StoredResult]) -> None:
+        now = time.time()
+        await self._run(
+            lambda: self._write(
+                lambda db: self._store_results(db, results, now),
+                outcome=f"{len(results)} result(s) were not stored (they are written again)",
+            )
+        )
+
+    def get_result(self, message_id: str) -> bytes | None:
+        row = self._db().execute(sql.GET_RESULT, (message_id,)).fetchone()
+        if row is None:
+            return None
+        outcome, expires_at = row
+        if outcome is None or expires_at < time.time():  # expiry on read
+            raise results.expired(message_id, expires_at)
+        return bytes(outcome)
 
     async def _renew_leases(self) -> None:
         while True:

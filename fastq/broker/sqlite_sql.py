@@ -2,6 +2,9 @@
 
 One row per message in ``fastq_messages``, deliverable once ``visible_at`` has passed; a claim
 writes the lease owner; the failed for good move to ``fastq_dead_letters`` with their reason.
+Kept results are rows of ``fastq_results`` until their ``purge_at``: then the outcome is dropped
+and the row stays as a tombstone for one more ttl (a late reader learns "expired", not
+"unknown"), then it goes.
 """
 
 SCHEMA = """
@@ -29,6 +32,15 @@ CREATE TABLE IF NOT EXISTS fastq_dead_letters (
     reason TEXT NOT NULL,
     failed_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS fastq_results (
+    message_id TEXT PRIMARY KEY,
+    handler TEXT NOT NULL,
+    outcome BLOB,                -- NULL: expired (a tombstone)
+    ttl REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    purge_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS fastq_results_purge ON fastq_results (purge_at);
 """
 INSERT = (
     "INSERT INTO fastq_messages (queue, message_id, body, headers, visible_at) "
@@ -66,3 +78,13 @@ SELECT coalesce(sum(visible_at <= ?1), 0),
 FROM fastq_messages WHERE queue = ?2
 """
 DEAD_COUNT = "SELECT count(*) FROM fastq_dead_letters WHERE queue = ?"
+PUT_RESULT = (
+    "INSERT OR REPLACE INTO fastq_results "
+    "(message_id, handler, outcome, ttl, expires_at, purge_at) VALUES (?1, ?2, ?3, ?4, ?5, ?5)"
+)
+GET_RESULT = "SELECT outcome, expires_at FROM fastq_results WHERE message_id = ?"
+#: expiry on write: tombstones due go, then outcomes due become tombstones for one more ttl
+PURGE_TOMBSTONES = "DELETE FROM fastq_results WHERE purge_at < ?1 AND outcome IS NULL"
+PURGE_OUTCOMES = (
+    "UPDATE fastq_results SET outcome = NULL, purge_at = purge_at + ttl WHERE purge_at < ?1"
+)

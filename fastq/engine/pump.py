@@ -19,10 +19,12 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fastq._aio import Signal
-from fastq.broker.base import Broker, Delivery, Retry
+from fastq._notify import Poker
+from fastq.broker.base import Broker, Delivery, Message, Output, Retry, StoredResult
 from fastq.config import Config
 from fastq.engine.fleet import DeathPolicy, Fate
 from fastq.errors import FastqError
+from fastq.wire import Returned
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -35,9 +37,18 @@ IDLE_WAIT = 0.25
 #: that comes back (space freed on a full disk, a restarted server) is used within a second
 RETRY_MIN, RETRY_MAX = 0.25, 1.0
 
+#: outcomes of a queue that may wait for their outputs' confirms (brokers without transactions:
+#: RabbitMQ confirms a persistent message once it is on disk, tens of milliseconds under load),
+#: beyond its prefetch: done work, not hoarded work, so the broker's qos for a queue that
+#: publishes is its prefetch plus this, and the pump claims while they wait
+CONFIRM_ALLOWANCE = 500
+
 #: what the dispatcher routes: (tag, retries, queue index, body)
 Item = tuple[int, int, int, "Buffer"]
 KINDS = ("ack", "retry", "dead", "release")
+#: what rides along with the outcomes, in the same round trip: kept results, published outputs,
+#: replies to callers waiting on RabbitMQ's direct reply-to
+EXTRAS = ("results", "outputs", "replies")
 
 
 class Pending:
@@ -52,7 +63,11 @@ class Pending:
 
 
 def _parts() -> dict[str, list[Any]]:
-    return {kind: [] for kind in KINDS}
+    return {kind: [] for kind in (*KINDS, *EXTRAS)}
+
+
+def _outcomes(parts: dict[str, list[Any]]) -> int:
+    return sum(len(parts[kind]) for kind in KINDS)
 
 
 class Pumps:
@@ -63,6 +78,8 @@ class Pumps:
         config: ``batch_max`` (the most a round trip claims) and ``max_message_bytes``.
         queues: in queue-index order; ``prefetch`` is each one's host budget (changed by tuning).
         deliver: takes each round trip's new deliveries, as dispatcher items.
+        store: where results are kept when it is not the broker (``App(result_store=...)``):
+            written before the round trip that acks their messages.
     """
 
     def __init__(
@@ -72,8 +89,15 @@ class Pumps:
         queues: Sequence[str],
         prefetch: dict[str, int],
         deliver: Callable[[list[Item]], None],
+        store: Broker | None = None,
+        *,
+        publishing: set[str] | frozenset[str] = frozenset(),
     ) -> None:
         self.broker, self.config, self.queues, self.deliver = broker, config, list(queues), deliver
+        self.store = store
+        #: results have somewhere to go; else (a call's on a broker that keeps none) dropped
+        self.keeps_results = store is not None or getattr(broker, "keeps_results", False)
+        self.poker: Poker | None = None  # made at the first result that someone waits for
         self.queue_index = {q: i for i, q in enumerate(queues)}
         #: each queue's budget of unsettled deliveries on this host
         self.prefetch = prefetch
@@ -90,6 +114,16 @@ class Pumps:
         self.settled_event = Signal()
         #: no more claims (draining); outcomes are still settled
         self.stopping = False
+        #: where outputs are not written in the ack's transaction (RabbitMQ: a publish confirm
+        #: takes a disk write, milliseconds), the outcomes that carry outputs, replies or results
+        #: for another store go in batches of their own, each published then acked by a task of
+        #: its own, so that the pump goes on claiming and settling the rest meanwhile
+        self.defer = not getattr(broker, "atomic_outputs", True)
+        #: the queues whose handlers publish (publish_to): their confirms get an allowance
+        self.publishing_queues = set(publishing) if self.defer else set()
+        self.carrying: dict[str, dict[str, list[Any]]] = {q: _parts() for q in queues}
+        self.publishing: dict[str, list[dict[str, list[Any]]]] = {q: [] for q in queues}
+        self.publishers: set[asyncio.Task[None]] = set()
 
     def stop(self) -> None:
         """Claim no more; a pump waiting for new messages stops waiting now."""
@@ -107,15 +141,32 @@ class Pumps:
         pause, failures = RETRY_MIN, 0
         while True:
             wake.clear()
+            carrying = self.carrying[queue]
+            if _outcomes(carrying) and not self.publishing[queue]:  # one batch at a time: the
+                # next gathers what finished meanwhile, one confirm wait for many
+                self.carrying[queue] = _parts()
+                self.publishing[queue].append(carrying)
+                t = asyncio.create_task(self.publish_then_settle(queue, carrying))
+                self.publishers.add(t)
+                t.add_done_callback(self.publishers.discard)
             parts = self.outcomes[queue]
-            settling = sum(map(len, parts.values()))
-            room = 0 if self.stopping else self.prefetch[queue] - self.in_flight[queue] + settling
+            settling = _outcomes(parts)
+            confirming = min(self.confirming(queue), self.allowance(queue))
+            room = (
+                0
+                if self.stopping
+                else self.prefetch[queue] - self.in_flight[queue] + settling + confirming
+            )
             want = min(room, self.config.batch_max)
             if not settling and want <= 0:
                 await wake.wait()
                 continue
             self.outcomes[queue], self.settling[queue] = _parts(), parts
+            results: list[StoredResult] = parts["results"]
             try:
+                if self.store is not None and parts["results"]:
+                    await self.store.put_results(parts["results"])
+                    parts = {**parts, "results": []}
                 deliveries = await self.broker.exchange(
                     queue,
                     **parts,
@@ -147,12 +198,9 @@ class Pumps:
                 )
             pause, failures = RETRY_MIN, 0
             del self.settling[queue]
+            self.wake_waiters(results)
             if settling:
-                self.in_flight[queue] -= settling
-                self.settled_by_queue[queue] += settling
-                for kind, items in parts.items():
-                    self.settled[kind] += len(items)
-                self.settled_event.set()
+                self.count_settled(queue, parts)
             items, too_large = [], []
             for d in deliveries:
                 tag = next(self.tags)
@@ -169,16 +217,106 @@ class Pumps:
             if deliveries:
                 self.deliver(items)
 
+    def allowance(self, queue: str) -> int:
+        return CONFIRM_ALLOWANCE if queue in self.publishing_queues else 0
+
+    def qos(self, queue: str) -> int:
+        """What the broker may hold unacked for ``queue`` on this host: its prefetch, plus the
+        allowance for outcomes waiting for their outputs' confirms."""
+        return self.prefetch[queue] + self.allowance(queue)
+
+    def confirming(self, queue: str) -> int:
+        """Outcomes of ``queue`` done and waiting for their outputs to be confirmed."""
+        return _outcomes(self.carrying[queue]) + sum(map(_outcomes, self.publishing[queue]))
+
+    def count_settled(self, queue: str, parts: dict[str, list[Any]]) -> None:
+        settled = _outcomes(parts)
+        self.in_flight[queue] -= settled
+        self.settled_by_queue[queue] += settled
+        for kind in KINDS:
+            self.settled[kind] += len(parts[kind])
+        self.settled_event.set()
+
+    async def publish_then_settle(self, queue: str, parts: dict[str, list[Any]]) -> None:
+        """One batch of outcomes that carry outputs (``defer``): publish them, confirmed, then
+        settle; tried again with backoff until it works (at least once: an output may go twice,
+        never an input acked before its outputs)."""
+        batch, results = parts, parts["results"]
+        pause, failures = RETRY_MIN, 0
+        try:
+            while True:
+                try:
+                    if self.store is not None and parts["results"]:
+                        await self.store.put_results(parts["results"])
+                        parts = {**parts, "results": []}
+                    await self.broker.exchange(queue, **parts, fetch=0, timeout=0.0, wake=None)
+                    break
+                except Exception as e:  # noqa: BLE001 - whatever it was, the batch is tried again
+                    if failures % 60 == 0:
+                        logger.error(
+                            "publishing %d outputs of %r, then settling, failed (%s); retrying "
+                            "every %g s at most",
+                            len(parts["outputs"]) + len(parts["replies"]),
+                            queue,
+                            e if isinstance(e, FastqError) else repr(e),
+                            RETRY_MAX,
+                        )
+                    failures += 1
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, RETRY_MAX)
+            self.wake_waiters(results)
+            self.count_settled(queue, parts)
+        finally:
+            self.publishing[queue] = [b for b in self.publishing[queue] if b is not batch]
+            self.wake[queue].set()  # room for the next batch, and for claims
+
     def settle(
         self,
         ack: Sequence[int] = (),
         retry: Sequence[tuple[int, float, str]] = (),
         dead: Sequence[tuple[int, str]] = (),
         release: Sequence[int] = (),
+        returned: Sequence[tuple[int, Returned]] = (),
     ) -> None:
         """Hand outcomes (by tag) to their queues' pumps and return; ``flush`` waits until they
-        are applied at the broker."""
+        are applied at the broker. ``returned`` are the deliveries with a result to keep or
+        outputs to publish (``wire.Returned``): acked (dead, with a ``reason``) in the same round
+        trip that stores and publishes them."""
         pending = self.pending
+        for tag, r in returned:
+            p = pending.pop(tag)
+            carries = r.outputs or (r.keep and (p.delivery.reply_to or self.store is not None))
+            parts = (self.carrying if self.defer and carries else self.outcomes)[p.queue]
+            if r.keep:
+                d = p.delivery
+                kept = StoredResult(
+                    d.message_id, r.handler, r.outcome, r.keep, r.notify, d.reply_to
+                )
+                if d.reply_to:
+                    parts["replies"].append(kept)
+                if self.keeps_results:
+                    parts["results"].append(kept)
+                elif not d.reply_to:
+                    logger.warning(
+                        "the result of %s is not kept: %s", d.message_id, self.broker.no_results()
+                    )
+            if r.outputs:
+                parts["outputs"].extend(
+                    Output(
+                        o.queue,
+                        Message(o.body, o.message_id, o.headers),
+                        o.exchange,
+                        o.exchange_kind,
+                        o.routing_key,
+                    )
+                    for o in r.outputs
+                )
+            if r.reason:
+                logger.warning("dead letter %s on %r: %s", p.delivery.message_id, p.queue, r.reason)
+                parts["dead"].append((p.delivery.tag, r.reason))
+            else:
+                parts["ack"].append(p.delivery.tag)
+            self.wake[p.queue].set()
         for tag in ack:
             p = pending.pop(tag)
             self._outcome(p, "ack", p.delivery.tag)
@@ -192,6 +330,14 @@ class Pumps:
         for tag in release:
             p = pending.pop(tag)
             self._outcome(p, "release", p.delivery.tag)
+
+    def wake_waiters(self, results: Sequence[StoredResult]) -> None:
+        """Poke the processes waiting for ``results``, now stored (``fastq._notify``)."""
+        pokes = [(r.notify, r.message_id) for r in results if r.notify]
+        if pokes:
+            if self.poker is None:
+                self.poker = Poker()
+            self.poker.poke(pokes)
 
     def _outcome(self, p: Pending, kind: str, item: Any) -> None:
         self.outcomes[p.queue][kind].append(item)
@@ -221,10 +367,15 @@ class Pumps:
 
     def unsettled(self) -> int:
         """Outcomes given to ``settle`` and not applied at the broker yet."""
+        publishing = [b for batches in self.publishing.values() for b in batches]
         return sum(
-            len(v)
-            for parts in (*self.outcomes.values(), *self.settling.values())
-            for v in parts.values()
+            _outcomes(parts)
+            for parts in (
+                *self.outcomes.values(),
+                *self.settling.values(),
+                *self.carrying.values(),
+                *publishing,
+            )
         )
 
     async def wait_settled(self, count: int, kind: str = "ack") -> None:

@@ -30,13 +30,13 @@ from fastq._aio import Signal, run_loop
 from fastq.autosize import IO_CONCURRENCY_MAX, Plan, plan_app
 from fastq.autosize.claims import CoreClaim
 from fastq.broker.base import Broker
-from fastq.config import Config
+from fastq.config import Config, Route
 from fastq.engine.fleet import MAX_WORKER_DEATHS, DeathPolicy, Fleet, Member
 from fastq.engine.placement import Placement
 from fastq.engine.pump import Item, Pumps
 from fastq.engine.statistics import SupervisorStatistics, snapshot
 from fastq.engine.tuning import Tuning
-from fastq.errors import RingClosed, RingFull
+from fastq.errors import ConfigError, RingClosed, RingFull
 from fastq.ring import Dispatcher, RingReader
 from fastq.wire import Report, Status, WorkerSpec
 
@@ -61,6 +61,22 @@ def run_app(
             anything starts).
     """
     broker = app.broker  # a bad URL raises here
+    routed = sorted(
+        h.name
+        for h in [*app.tasks.values(), *app.consumers.values()]
+        if isinstance(h.publish_to, Route)
+    )
+    if routed and not broker.has_exchanges:
+        raise ConfigError(
+            f"{routed[0]} has publish_to=fastq.Route(...), which needs a broker with exchanges "
+            f"(amqp://); {broker.url} has queues only: publish_to a queue name"
+        )
+    keeping = sorted(t.name for t in app.tasks.values() if t.options.result_ttl is not None)
+    if keeping:
+        try:
+            _ = app.result_store
+        except ConfigError as e:
+            raise ConfigError(f"{keeping[0]} has result_ttl, but {e}") from None
     the_plan = plan_app(app, queues)
     queues = [q.name for q in the_plan.queues]
     logger.info("fastq worker %s on %s", app_spec, broker.url)
@@ -86,10 +102,20 @@ class Supervisor:
         self.app, self.app_spec, self.plan, self.config = app, app_spec, plan, config
         self.queues, self.log_level = queues, log_level
         self.broker: Broker = app.broker
+        #: where results are kept when it is not the broker (App(result_store=...))
+        self.store: Broker | None = (
+            app.result_store if getattr(app, "result_store_url", None) else None
+        )
         self.dispatcher = Dispatcher(plan.processes, len(queues))
         self.placement = Placement(plan, queues, self.dispatcher)
         self.pumps = Pumps(
-            self.broker, config, queues, {q.name: q.prefetch for q in plan.queues}, self.deliver
+            self.broker,
+            config,
+            queues,
+            {q.name: q.prefetch for q in plan.queues},
+            self.deliver,
+            self.store,
+            publishing=self.publishing_queues(),
         )
         self.tuning = Tuning(self)
         pinned = plan.pinned or (None,) * plan.processes
@@ -141,6 +167,7 @@ class Supervisor:
             max_memory_bytes=self.config.max_memory_per_child_bytes,
             queue_slots=per_queue,
             io_threads=IO_CONCURRENCY_MAX,
+            max_message_bytes=self.config.max_message_bytes,
         )
 
     def start_worker(self, m: Member) -> None:
@@ -313,16 +340,22 @@ class Supervisor:
 
     def completions(self, m: Member, frames: list[bytes]) -> None:
         ack, other = self.dispatcher.complete(m.index, frames)
-        retry, dead = [], []
-        for tag, status, delay, reason in other:
+        retry, dead, returned = [], [], []
+        for tag, status, delay, payload in other:
             if tag == 0:
-                self.worker_says(m, status, reason)
+                self.worker_says(m, status, payload)
             elif status == Status.RETRY:
-                retry.append((tag, delay, reason.decode(errors="replace")))
+                retry.append((tag, delay, payload.decode(errors="replace")))
+            elif status == Status.VALUE or status == Status.FAILED:
+                try:
+                    returned.append((tag, wire.parse_returned(payload)))
+                except wire.ProtocolError as e:  # the worker runs another version: never lost
+                    logger.error("worker %d: %s; message retried", m.index, e)
+                    retry.append((tag, 1.0, str(e)))
             else:
-                dead.append((tag, reason.decode(errors="replace")))
+                dead.append((tag, payload.decode(errors="replace")))
         self.fleet.passed(m)
-        self.pumps.settle(ack, retry, dead)
+        self.pumps.settle(ack, retry, dead, returned=returned)
         if self.fleet.recycling.asked and self.fleet.recycling.leaving is None:
             self.let_one_go()  # a go-ahead refused earlier (its ring was full) is tried again
         if self.backlog or self.fleet.suspects:
@@ -419,6 +452,36 @@ class Supervisor:
         for m, cpu in zip(self.fleet, chosen, strict=True):
             m.cpu = cpu
 
+    def publishing_queues(self) -> set[str]:
+        """This supervisor's queues whose handlers publish what they return (publish_to)."""
+        handlers = [*self.app.tasks.values(), *self.app.consumers.values()]
+        return {
+            h.queue
+            for h in handlers
+            if h.queue in self.queues and getattr(h, "publish_to", None) is not None
+        }
+
+    def output_queues(self) -> list[str]:
+        """The queues that the handlers of this supervisor's queues publish to (publish_to)."""
+        handlers = [*self.app.tasks.values(), *self.app.consumers.values()]
+        found = {
+            target if isinstance(target, str) else target.queue
+            for h in handlers
+            if h.queue in self.queues
+            and (target := getattr(h, "publish_to", None)) is not None
+            and not isinstance(target, Route)
+        }
+        return sorted(found - set(self.queues))
+
+    def output_routes(self) -> list[Route]:
+        """The exchanges that the handlers of this supervisor's queues publish to."""
+        handlers = [*self.app.tasks.values(), *self.app.consumers.values()]
+        return [
+            h.publish_to
+            for h in handlers
+            if h.queue in self.queues and isinstance(getattr(h, "publish_to", None), Route)
+        ]
+
     def run_forever(self) -> int:
         """Run until signalled; returns the exit code."""
         return run_loop(self.run())
@@ -426,9 +489,15 @@ class Supervisor:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         await self.broker.open()
+        if self.store is not None:
+            await self.store.open()
         for q in self.queues:
             await self.broker.declare(q)
-            await self.broker.prefetch(q, self.pumps.prefetch[q])
+            await self.broker.prefetch(q, self.pumps.qos(q))
+        for q in self.output_queues():  # a publish_to queue nobody consumes yet holds them
+            await self.broker.declare(q)
+        for route in self.output_routes():  # refused at start when it exists as another kind
+            await self.broker.declare_exchange(route.exchange, route.exchange_kind)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.on_signal, sig)
         try:
@@ -482,3 +551,5 @@ class Supervisor:
         fleet.release_all()
         self.cores.release()
         await self.broker.close()
+        if self.store is not None:
+            await self.store.close()

@@ -206,7 +206,7 @@ class Tuning:
         if d.prefetch != e.pumps.prefetch[name]:
             e.pumps.prefetch[name] = d.prefetch
             try:
-                await e.broker.prefetch(name, d.prefetch)
+                await e.broker.prefetch(name, e.pumps.qos(name))
             except Exception as exc:  # noqa: BLE001 - the broker is down: its reconnect applies it
                 logger.warning(
                     "autosize: prefetch %d for %r not applied at the broker yet (%s)",
@@ -245,6 +245,6 @@ class Tuning:
         e.place_queues()
         if d.prefetch != e.pumps.prefetch[queue]:
             e.pumps.prefetch[queue] = d.prefetch
-            e.spawn(e.broker.prefetch(queue, d.prefetch))
+            e.spawn(e.broker.prefetch(queue, e.pumps.qos(queue)))
         e.retell()
         e.pumps.wake[queue].set()

@@ -18,15 +18,17 @@ import concurrent.futures
 import logging
 import random
 import time
+import traceback
 from typing import TYPE_CHECKING, Any
 
-from fastq import _load, message, wire
-from fastq.config import HandlerOptions
+from fastq import _load, message, results, wire
+from fastq.config import HandlerOptions, Route
 from fastq.errors import RingClosed, RingFull
 from fastq.middleware import Processing
 from fastq.wire import Status
 
 if TYPE_CHECKING:
+    from fastq.task import Consumer, Task
     from fastq.worker import Runtime
 
 logger = logging.getLogger(__name__)
@@ -37,6 +39,18 @@ AUTO_SAMPLES = 8
 AUTO_IO_BELOW = 0.5
 #: a reason is cut to this many characters
 REASON_CHARS = 2000
+#: a kept failure's traceback is cut to its last this many characters
+TRACEBACK_CHARS = 20000
+
+
+def _keep(headers: dict[str, str] | None) -> float:
+    """Seconds to keep a result that its message asks for (``task.call``); 0: none."""
+    if not headers or results.KEEP not in headers:
+        return 0.0
+    try:
+        return max(0.0, float(headers[results.KEEP]))
+    except ValueError:
+        return 0.0
 
 
 class AppExecutor:
@@ -61,49 +75,59 @@ class AppExecutor:
     async def run(
         self, body: memoryview, retries: int, queue_index: int
     ) -> tuple[int, float, bytes]:
-        """Run one delivery: its status, retry delay and reason (UTF-8, cut to REASON_CHARS)."""
-        status, delay, reason = await self.outcome(body, retries, queue_index)
-        return status, delay, reason[:REASON_CHARS].encode("utf-8", "backslashreplace")
+        """Run one delivery: its status, retry delay and payload (the reason in UTF-8, cut to
+        REASON_CHARS; a ``wire.Returned`` for VALUE and FAILED)."""
+        status, delay, payload = await self.outcome(body, retries, queue_index)
+        if isinstance(payload, str):
+            return status, delay, payload[:REASON_CHARS].encode("utf-8", "backslashreplace")
+        return status, delay, payload
 
     async def outcome(
         self, body: memoryview, retries: int, queue_index: int
-    ) -> tuple[int, float, str]:
+    ) -> tuple[int, float, str | bytes]:
         consumer = self.consumers[queue_index]
+        headers: dict[str, str] | None = None
         if consumer is not None:
-            handler, args, name, message_id = consumer, (bytes(body),), consumer.name, ""
+            handler: Task | Consumer = consumer
+            args: tuple[Any, ...] = (bytes(body),)
+            name, message_id = consumer.name, ""
         else:
             try:
                 envelope = message.decode(body)
             except Exception as e:  # noqa: BLE001 - whatever the bytes do, they are not a message
                 return Status.DEAD, 0.0, f"undecodable: {e}"
-            handler = self.app.tasks.get(envelope.task)
-            if handler is None:
-                return (
-                    Status.DEAD,
-                    0.0,
-                    (
-                        f"unknown task {envelope.task!r}: this app registers "
-                        f"{sorted(self.app.tasks)[:5]}; deploy the task or fix the "
-                        "producer"
-                    ),
+            headers = envelope.headers
+            task = self.app.tasks.get(envelope.task)
+            if task is None:
+                reason = (
+                    f"unknown task {envelope.task!r}: this app registers "
+                    f"{sorted(self.app.tasks)[:5]}; deploy the task or fix the producer"
                 )
+                return self.failed_for_good(envelope.task, reason, None, _keep(headers), headers)
+            handler = task
             try:
-                args = handler.decode_args(envelope.args)
+                args = task.decode_args(envelope.args)
             except Exception as e:  # noqa: BLE001 - ValidationError, bad UTF-8, nesting too deep...
-                return Status.DEAD, 0.0, f"invalid arguments for {envelope.task}: {e}"
+                reason = f"invalid arguments for {envelope.task}: {e}"
+                keep = task.options.result_ttl or _keep(headers)
+                return self.failed_for_good(envelope.task, reason, e, keep, headers)
             name, message_id = envelope.task, envelope.id
         options: HandlerOptions = handler.options
+        keep = options.result_ttl or _keep(headers)
         processing = Processing(name, message_id, self.runtime.spec.queues[queue_index], retries)
         exc: BaseException | None = None
+        payload = b""
         try:
             for mw in self.app.middleware:
                 mw.before_process(processing)
-            await self.call(handler, args, name, options)
+            processing.result = value = await self.call(handler, args, name, options)
+            if keep or handler.publish_to is not None:
+                payload = self.returned(handler, value, keep, headers)
         except Exception as e:  # noqa: BLE001 - any failure of user code is the message's outcome
             exc = e
         except asyncio.CancelledError as e:  # one the handler let out of something it awaited,
-            task = asyncio.current_task()  # unless this handler's own task is being cancelled
-            if task is not None and task.cancelling():
+            current = asyncio.current_task()  # unless this handler's own task is being cancelled
+            if current is not None and current.cancelling():
                 raise
             exc = e
         for mw in reversed(self.app.middleware):
@@ -112,14 +136,63 @@ class AppExecutor:
             except Exception as e:  # noqa: BLE001
                 exc = exc or e
         if exc is None:
-            return Status.OK, 0.0, ""
+            return (Status.VALUE, 0.0, payload) if payload else (Status.OK, 0.0, "")
         reason = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, TimeoutError):
             reason = f"timed out after {options.timeout} s ({reason})"
         if retries < options.max_retries:
             delay = options.retry_backoff * (2**retries) * random.uniform(0.5, 1.5)
             return Status.RETRY, delay, reason
-        return Status.DEAD, 0.0, f"{reason} (after {retries + 1} attempts)"
+        reason = f"{reason} (after {retries + 1} attempts)"
+        return self.failed_for_good(name, reason, exc, keep, headers)
+
+    def returned(
+        self, handler: Task | Consumer, value: Any, keep: float, headers: dict[str, str] | None
+    ) -> bytes:
+        """The VALUE payload of what ``handler`` returned: the outcome to keep and the messages
+        to publish (empty: there is neither).
+
+        Raises:
+            MessageError: the value does not encode, or is too large (the message's failure).
+        """
+        limit = self.runtime.spec.max_message_bytes
+        route = handler.publish_to if isinstance(handler.publish_to, Route) else None
+        outputs = tuple(
+            wire.Produced(*o)
+            if route is None
+            else wire.Produced(
+                *o, route.exchange, route.exchange_kind, route.routing_key, route.headers
+            )
+            for o in handler.outputs(value, limit)
+        )
+        outcome = results.success(handler.encode_value(value, limit)) if keep else b""
+        if not outcome and not outputs:
+            return b""
+        notify = (headers or {}).get(results.NOTIFY, "") if keep else ""
+        return wire.encode_returned(wire.Returned(handler.name, keep, outcome, "", outputs, notify))
+
+    def failed_for_good(
+        self,
+        name: str,
+        reason: str,
+        exc: BaseException | None,
+        keep: float,
+        headers: dict[str, str] | None,
+    ) -> tuple[int, float, str | bytes]:
+        """DEAD with ``reason``; FAILED with the failure to keep, where a result is kept."""
+        if not keep:
+            return Status.DEAD, 0.0, reason
+        reason = reason[:REASON_CHARS]
+        tb = "".join(traceback.format_exception(exc))[-TRACEBACK_CHARS:] if exc else ""
+        outcome = results.failure(
+            type(exc).__name__ if exc else "", str(exc) if exc else "", tb, reason
+        )
+        notify = (headers or {}).get(results.NOTIFY, "")
+        return (
+            Status.FAILED,
+            0.0,
+            wire.encode_returned(wire.Returned(name, keep, outcome, reason, (), notify)),
+        )
 
     def report(self, queue: str, share: float) -> None:
         """Tell the supervisor what an "auto" handler measured; a report that cannot go (a full
@@ -138,13 +211,12 @@ class AppExecutor:
 
     async def call(
         self, handler: Any, args: tuple[Any, ...], name: str, options: HandlerOptions
-    ) -> None:
+    ) -> Any:
+        """Run the handler as its kind says; its return value."""
         if handler.is_async:
             if options.timeout is None:
-                await handler.fn(*args)
-            else:
-                await asyncio.wait_for(handler.fn(*args), options.timeout)
-            return
+                return await handler.fn(*args)
+            return await asyncio.wait_for(handler.fn(*args), options.timeout)
         kind = options.kind
         if kind == "auto":
             shares = self.measured.setdefault(name, [])
@@ -153,16 +225,14 @@ class AppExecutor:
             else:
                 wall, cpu = time.perf_counter(), time.thread_time()
                 try:
-                    handler.fn(*args)
+                    return handler.fn(*args)
                 finally:
                     shares.append(
                         (time.thread_time() - cpu) / max(time.perf_counter() - wall, 1e-9)
                     )
                     if len(shares) == AUTO_SAMPLES:  # measured: the supervisor plans by it too
                         self.report(options.queue, sum(shares) / len(shares))
-                return
         if kind == "cpu":
-            handler.fn(*args)  # inline: this process owns its core
-            return
+            return handler.fn(*args)  # inline: this process owns its core
         fut = self.runtime.loop.run_in_executor(self.pool, lambda: handler.fn(*args))
-        await asyncio.wait_for(fut, options.timeout)
+        return await asyncio.wait_for(fut, options.timeout)

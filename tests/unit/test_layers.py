@@ -16,11 +16,12 @@ PACKAGE = Path(fastq.__file__).parent
 # fmt: off
 _CORE = {"errors", "_layout", "_segment"}
 _RUNTIME = {"wire", "codec", "ring", "message", "middleware", "config", "errors", "_aio",
-            "autosize.topology", "_load"}
-_ENGINE = {"worker", "wire", "ring", "autosize", "broker.base", "config", "errors", "_aio"}
+            "autosize.topology", "_load", "results"}
+_ENGINE = {"worker", "wire", "ring", "autosize", "broker.base", "config", "errors", "_aio",
+           "_notify"}
 _AMQP = {"broker.base", "message", "errors", "config", "ring"}
 _AMQP_ROOMS = {"broker.amqp.connection", "broker.amqp.publish", "broker.amqp.consumer",
-               "broker.amqp.settle", "broker.amqp.management"}
+               "broker.amqp.settle", "broker.amqp.management", "broker.amqp.replies"}
 
 #: module -> the fastq modules it may import (STYLE.md §2). A row may name a package: then its
 #: modules may be imported too.
@@ -39,6 +40,10 @@ ALLOWED: dict[str, set[str]] = {
     "wire": {"ring", "message", "errors"},
     "codec": {"ring", "message", "errors"},
     "_aio": {"errors"},
+    # wake-ups for result waiters (a datagram socket per waiting process)
+    "_notify": set(),
+    # what a handler returned, as it is kept and read
+    "results": {"errors", "_notify"},
     # module:attribute -> object, for the cli and for a worker loading its app and executor
     "_load": {"errors"},
     "autosize": {"autosize.topology", "autosize.plan", "autosize.share", "autosize.look",
@@ -52,9 +57,12 @@ ALLOWED: dict[str, set[str]] = {
     "autosize.controller": {"autosize.plan", "autosize.look", "config", "errors"},
     # QueueOptions is a setting (config); the broker interface re-exports it
     "broker.base": {"message", "errors", "_aio", "config", "url"},
-    "broker.memory": {"broker.base", "message", "errors"},
-    "broker.sqlite": {"broker.base", "broker.sqlite_sql", "message", "errors"},
+    "broker.memory": {"broker.base", "message", "errors", "results"},
+    "broker.sqlite": {"broker.base", "broker.sqlite_sql", "broker.sqlite_storage", "message",
+                      "errors", "results"},
     "broker.sqlite_sql": set(),
+    # what the SQLite file's storage errors mean, in words
+    "broker.sqlite_storage": {"errors"},
     "broker.amqp": {"broker.amqp.broker"},
     "broker.amqp.broker": _AMQP | _AMQP_ROOMS,
     "broker.amqp.connection": _AMQP,
@@ -63,6 +71,8 @@ ALLOWED: dict[str, set[str]] = {
     "broker.amqp.settle": _AMQP | {"broker.amqp.connection", "broker.amqp.publish",
                                    "broker.amqp.consumer"},
     "broker.amqp.management": set(),
+    # direct reply-to: the caller's side of task.call, and the supervisor's replies
+    "broker.amqp.replies": _AMQP | {"broker.amqp.connection", "broker.amqp.publish"},
     "broker": {"broker.base", "broker.memory", "broker.sqlite", "broker.amqp", "errors"},
     "middleware": {"message", "errors"},
     "worker": _RUNTIME,
@@ -85,7 +95,8 @@ ALLOWED: dict[str, set[str]] = {
     "pool.batches": {"engine.fleet", "wire", "codec", "ring", "errors", "pool.job"},
     "pool.driver": {"engine.fleet", "wire", "codec", "ring", "autosize", "config", "errors",
                     "pool.job", "pool.batches"},
-    "task": {"config", "message", "middleware", "broker", "broker.base", "errors"},
+    "task": {"config", "message", "middleware", "broker", "broker.base", "errors", "results",
+             "_notify"},
     "app": {"config", "message", "middleware", "broker", "task", "engine.supervisor", "errors"},
     "testing": {"app", "broker", "broker.base", "config", "errors"},
     "cli": {"app", "task", "config", "autosize", "engine.supervisor", "testing", "_load", "_bench",
@@ -100,8 +111,8 @@ ALLOWED: dict[str, set[str]] = {
 #: raw aiormq consumer as the broker's ceiling: that baseline is aiormq's).
 HEAVY = {
     "aiormq": {"broker.amqp.connection", "broker.amqp.publish", "broker.amqp.consumer",
-               "broker.amqp.settle", "broker.amqp.broker", "_bench"},
-    "pamqp": {"broker.amqp.publish", "broker.amqp.settle", "_bench"},
+               "broker.amqp.settle", "broker.amqp.broker", "broker.amqp.replies", "_bench"},
+    "pamqp": {"broker.amqp.publish", "broker.amqp.settle", "broker.amqp.replies", "_bench"},
     "uvloop": {"_aio"},
     # (``_bench`` reads the process trees it measures)
     "psutil": {"autosize.topology", "_bench"},

@@ -20,8 +20,18 @@ from fastq.broker.amqp import management
 from fastq.broker.amqp.connection import Connection, Options
 from fastq.broker.amqp.consumer import Consumers
 from fastq.broker.amqp.publish import Publisher, SyncPublisher
+from fastq.broker.amqp.replies import Replies
 from fastq.broker.amqp.settle import Settler
-from fastq.broker.base import Broker, Delivery, Message, QueueDepth, QueueOptions, Retry, Signal
+from fastq.broker.base import (
+    Broker,
+    Delivery,
+    Message,
+    QueueDepth,
+    QueueOptions,
+    Retry,
+    Signal,
+    StoredResult,
+)
 
 
 class AMQPBroker(Broker):
@@ -42,6 +52,7 @@ class AMQPBroker(Broker):
         self.consumers = Consumers(self.connection)
         self.publisher = Publisher(self.connection)
         self.settler = Settler(self.connection, self.consumers, self.publisher)
+        self.replies = Replies(self.connection, self.publisher)
         self._sync: SyncPublisher | None = None
         self._sync_lock = threading.Lock()
 
@@ -50,6 +61,7 @@ class AMQPBroker(Broker):
 
     def _lost(self) -> None:
         self.consumers.lost()
+        self.replies.lost()
 
     async def open(self) -> None:
         await self.connection.open()
@@ -68,12 +80,48 @@ class AMQPBroker(Broker):
         await self.publisher.publish(queue, messages)
 
     def publish_sync(self, queue: str, messages: Sequence[Message]) -> None:
+        self._sync_publisher().publish(queue, messages)
+
+    def _sync_publisher(self) -> SyncPublisher:
         with self._sync_lock:
             if self._sync is None:
                 self._sync = SyncPublisher(
                     lambda: AMQPBroker(self.options.given, routes=self.routes)
                 )
-        self._sync.publish(queue, messages)
+            return self._sync
+
+    # -- calls: direct reply-to (fastq.broker.amqp.replies) ---------------------------------
+
+    replies_directly = True
+
+    async def request(self, queue: str, m: Message, timeout: float | None) -> bytes:
+        """Publish ``m`` as a call on this broker's connection; the outcome bytes."""
+        await self.connection.open()
+        return await self.replies.request(queue, m, timeout)
+
+    def call_sync(self, queue: str, m: Message, timeout: float | None) -> bytes:
+        """A call from code without a loop, on the publishing thread's connection."""
+        return self._sync_publisher().request(queue, m, timeout)
+
+    async def call_async(self, queue: str, m: Message, timeout: float | None) -> bytes:
+        """A call from a coroutine of any loop, on the publishing thread's connection."""
+        return await self._sync_publisher().request_async(queue, m, timeout)
+
+    async def reply(self, replies: Sequence[StoredResult]) -> None:
+        await self.replies.reply(replies)
+
+    # -- publish_to=fastq.Route(...) --------------------------------------------------------
+
+    has_exchanges = True
+
+    async def declare_exchange(self, exchange: str, kind: str) -> None:
+        await self.connection.ready()
+        await self.connection.declare_exchange(exchange, kind)
+
+    async def publish_routed(
+        self, exchange: str, kind: str, routing_key: str, messages: Sequence[Message]
+    ) -> None:
+        await self.publisher.publish_routed(exchange, kind, routing_key, messages)
 
     async def prefetch(self, queue: str, prefetch: int) -> None:
         await self.consumers.prefetch(queue, prefetch)

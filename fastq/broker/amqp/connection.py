@@ -282,6 +282,28 @@ class Connection:
             ) from e
         self.declared.update((queue, f"{queue}.dlq"))
 
+    async def declare_exchange(self, exchange: str, kind: str) -> None:
+        """A durable exchange of ``kind`` (``publish_to=fastq.Route(...)``), once per connection.
+
+        Raises:
+            ConfigError: it exists as another kind (RabbitMQ refused; says what to change).
+        """
+        key = f"exchange {exchange}"
+        if key in self.declared:
+            return
+        assert self.publisher is not None
+        try:
+            await self.publisher.exchange_declare(exchange, exchange_type=kind, durable=True)
+        except aiormq.exceptions.ChannelPreconditionFailed as e:
+            assert self.connection is not None
+            self.publisher = await self.connection.channel(publisher_confirms=True)
+            raise ConfigError(
+                f"RabbitMQ refused to declare exchange {exchange!r} as a durable {kind} exchange "
+                f"({self.options.scrub(str(e))}): it exists with other settings; give the Route "
+                "its exchange_kind"
+            ) from e
+        self.declared.add(key)
+
     async def declare_retry(
         self, channel: aiormq.abc.AbstractChannel, queue: str, delay: float
     ) -> str:

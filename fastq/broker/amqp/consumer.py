@@ -284,6 +284,7 @@ class Consumers:
                 str(k): str(v) for k, v in headers.items() if isinstance(v, (str, int, float, bool))
             }
             or None,
+            reply_to=props.reply_to or "",
         )
 
     def held_of(self, queue: str) -> int:

@@ -101,8 +101,50 @@ class Publisher:
                 pause = min(pause * 2, PAUSE_MAX)
             pending = failed
 
+    async def publish_routed(
+        self, exchange: str, kind: str, routing_key: str, messages: Sequence[Message]
+    ) -> None:
+        """Publish to an exchange, each confirmed but not mandatory (what no binding takes is
+        dropped, as on any exchange). A failure raises: the caller tries the batch again.
+
+        Raises:
+            BrokerConnectionError: the connection did not come back within publish_timeout.
+            ConfigError: the exchange exists as another kind.
+        """
+        conn = self.connection
+        channel = await conn.ready()
+        await conn.declare_exchange(exchange, kind)
+        channel = await conn.ready()
+        assert conn.window is not None
+
+        async def one(m: Message) -> None:
+            headers: dict[str, Any] = dict(m.headers or {})
+            properties = Basic.Properties(
+                delivery_mode=2,
+                message_id=m.message_id or None,
+                content_type=headers.pop("content-type", MSGPACK),
+                headers=headers or None,
+            )
+            async with conn.window:  # type: ignore[union-attr]
+                confirm = await channel.basic_publish(
+                    m.body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=properties,
+                    timeout=conn.options.publish_timeout,
+                )
+            if not isinstance(confirm, Basic.Ack):
+                raise Nacked(f"RabbitMQ did not confirm message {m.message_id!r} to {exchange!r}")
+
+        await asyncio.gather(*(one(m) for m in messages))
+
     async def publish_one(
-        self, channel: aiormq.abc.AbstractChannel, queue: str, m: Message
+        self,
+        channel: aiormq.abc.AbstractChannel,
+        queue: str,
+        m: Message,
+        *,
+        reply_to: str | None = None,
     ) -> None:
         conn = self.connection
         exchange = ""
@@ -121,6 +163,8 @@ class Publisher:
             message_id=m.message_id or None,
             content_type=headers.pop("content-type", MSGPACK),
             headers=headers or None,
+            reply_to=reply_to,
+            correlation_id=m.message_id if reply_to else None,
         )
         await self.confirmed(channel, queue, m.body, properties, exchange, routing_key)
 
@@ -171,6 +215,8 @@ class Publishing(Protocol):
 
     async def publish(self, queue: str, messages: Sequence[Message]) -> None: ...
 
+    async def request(self, queue: str, m: Message, timeout: float | None) -> bytes: ...
+
     async def close(self) -> None: ...
 
 
@@ -201,6 +247,17 @@ class SyncPublisher:
             raise BrokerConnectionError(
                 f"publishing to {queue!r} on {self.broker.url} took over {self.timeout:g} s"
             ) from e
+
+    def request(self, queue: str, m: Message, timeout: float | None) -> bytes:
+        """A call (``Replies.request``) on this publisher's loop; its outcome."""
+        future = asyncio.run_coroutine_threadsafe(self.broker.request(queue, m, timeout), self.loop)
+        return future.result()
+
+    async def request_async(self, queue: str, m: Message, timeout: float | None) -> bytes:
+        """``request`` for a coroutine on another loop."""
+        return await asyncio.wrap_future(
+            asyncio.run_coroutine_threadsafe(self.broker.request(queue, m, timeout), self.loop)
+        )
 
     def close(self) -> None:
         if self.loop.is_closed():

@@ -158,6 +158,8 @@ class Settler:
             message_id=props.message_id,
             content_type=props.content_type,
             headers=headers,
+            reply_to=props.reply_to,  # a call's reply still finds its caller after a retry
+            correlation_id=props.correlation_id,
         )
         await self.publisher.confirmed(
             channel, held.consumer.queue, held.message.body, properties, "", routing_key
