@@ -174,9 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         "suite",
         nargs="?",
         default="engine",
-        choices=["engine", "ring", "autosize", "pool", "soak"],
+        choices=["engine", "ring", "autosize", "pool", "soak", "pipeline"],
         help="engine: noop/io/cpu handlers on memory:// and sqlite:// (default); ring: the rings "
-        "alone; soak: mixed load with a worker SIGKILLed every minute (--minutes, default 20)",
+        "alone; soak: mixed load with a worker SIGKILLed every minute (--minutes, default 20); "
+        "pipeline: 3-stage publish_to chains and call latency (with --broker amqp://: beside "
+        "Celery and Dramatiq)",
     )
     bench.add_argument(
         "--minutes", type=float, default=20.0, help="length of the soak suite (default 20)"
@@ -251,6 +253,15 @@ def main(argv: list[str] | None = None) -> int:
             return _send(args.task, args.arguments)
         if args.runs < 1:
             raise UsageError(f"--runs must be >= 1, got {args.runs}")
+        if args.suite == "pipeline":
+            from fastq._bench import pipeline
+
+            if args.broker and not args.broker.lower().startswith(("amqp://", "amqps://")):
+                raise UsageError(
+                    "--broker takes an amqp:// URL (memory:// and sqlite:// are measured by "
+                    f"default); got {args.broker.partition('://')[0]}://..."
+                )
+            return pipeline.main(runs=args.runs, url=args.broker, json_path=args.json)
         if args.suite == "engine" and args.broker:
             if not args.broker.lower().startswith(("amqp://", "amqps://")):
                 raise UsageError(

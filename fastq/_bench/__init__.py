@@ -12,6 +12,12 @@ def log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of ``values``, nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
 def write_json(
     path: str | None, suite: str, machine: dict[str, Any], results: list[dict[str, Any]]
 ) -> None:
