@@ -3,10 +3,11 @@ supervisor that stored a result.
 
 A process that waits for results (``task.call``, ``task.result`` of a message it sent) binds one
 socket in Linux's abstract namespace (no file to clean up; gone with the process) and names it in
-the messages it sends (``fastq.results.NOTIFY``). The supervisor, once a result is committed,
-sends that socket one datagram: the message id. A thread of the waiting process reads them and
-wakes the waiters of those ids, sync or async. A datagram that cannot go (the waiter left, its
-buffer is full) is dropped: the waiter's store look every ``FALLBACK`` seconds covers it.
+the messages it sends (``fastq.results.NOTIFY``). The supervisor, once results are committed,
+sends that socket one datagram per batch: their message ids, one per line. A thread of the
+waiting process reads them and wakes the waiters of those ids, sync or async. A datagram that
+cannot go (the waiter left, its buffer is full) is dropped: the waiter's store look every
+``FALLBACK`` seconds covers it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 #: seconds between a waiter's looks at the store while no wake-up came (a lost datagram)
 FALLBACK = 0.5
+#: the most a wake-up datagram carries (ids of one batch for one waiting process)
+DATAGRAM_BYTES = 8192
 _PREFIX = "fastq-wait-"
 
 
@@ -81,14 +84,14 @@ class Listener:
     def _read(self) -> None:
         while True:
             try:
-                data = self.sock.recv(256)
+                data = self.sock.recv(DATAGRAM_BYTES)
             except OSError:  # closed
                 return
-            message_id = data.decode("ascii", "replace")
-            with self.lock:
-                waiters = list(self.waiting.get(message_id, ()))
-            for w in waiters:
-                w.wake()
+            for message_id in data.decode("ascii", "replace").split("\n"):
+                with self.lock:
+                    waiters = list(self.waiting.get(message_id, ()))
+                for w in waiters:
+                    w.wake()
 
 
 _listener: Listener | None = None
@@ -125,14 +128,20 @@ class Poker:
         self.sock.setblocking(False)
 
     def poke(self, pokes: Iterable[tuple[str, str]]) -> None:
-        """Send each ``(address, message_id)`` one datagram; ones that cannot go are dropped."""
+        """Tell each waiting process the ids of ``(address, message_id)`` that are stored: one
+        datagram per address (per DATAGRAM_BYTES of ids); ones that cannot go are dropped."""
+        by_address: dict[str, list[str]] = {}
         for address, message_id in pokes:
-            if not address.startswith(_PREFIX):
-                continue  # not a fastq waiter's: never write to another program's socket
-            try:
-                self.sock.sendto(message_id.encode("ascii", "replace"), "\0" + address)
-            except OSError:  # gone (ECONNREFUSED), full (EAGAIN): its fallback look covers it
-                pass
+            if address.startswith(_PREFIX):  # never write to another program's socket
+                by_address.setdefault(address, []).append(message_id)
+        for address, ids in by_address.items():
+            per = max(1, DATAGRAM_BYTES // (max(map(len, ids)) + 1))
+            for i in range(0, len(ids), per):
+                data = "\n".join(ids[i : i + per]).encode("ascii", "replace")
+                try:
+                    self.sock.sendto(data, "\0" + address)
+                except OSError:  # gone (ECONNREFUSED), full (EAGAIN): its fallback look covers it
+                    pass
 
     def close(self) -> None:
         self.sock.close()

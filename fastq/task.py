@@ -107,11 +107,13 @@ class _Produces:
         _check_size(self.name, value, len(raw), limit)
         return raw
 
-    def outputs(self, value: Any, limit: int) -> list[tuple[str, str, bytes]]:
+    def outputs(
+        self, value: Any, limit: int, encoded: bytes | None = None
+    ) -> list[tuple[str, str, bytes]]:
         """What ``value`` publishes to ``publish_to``, as ``(queue, message id, body)`` (queue ""
-        for a ``Route``): for a task, one message with the value as
-        its argument; for a queue name, a ``bytes`` value as it is (a list or tuple of them: one
-        message each), None nothing, any other value its msgpack.
+        for a ``Route``): for a task, one message with the value as its argument; for a queue
+        name, a ``bytes`` value as it is (a list or tuple of them: one message each), None
+        nothing, any other value its msgpack (``encoded``, when the caller has it already).
 
         Raises:
             MessageError: the value does not encode or is too large (the message says why).
@@ -137,7 +139,7 @@ class _Produces:
         ):
             bodies = [bytes(v) for v in value]
         else:
-            bodies = [self.encode_value(value, limit)]
+            bodies = [encoded if encoded is not None else self.encode_value(value, limit)]
         for body in bodies:
             _check_size(self.name, value, len(body), limit)
         queue = target if isinstance(target, str) else ""

@@ -9,12 +9,14 @@ in-process broker, and the RabbitMQ check that skips locally and fails in CI.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import socket
+import subprocess
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 from fastq.app import App
 from fastq.errors import ConfigError
@@ -113,3 +115,20 @@ def require_amqp(url: str | None = None) -> str:
             ) from e
         pytest.skip(f"RabbitMQ unreachable at {host}:{port} ({e})")
     return url
+
+
+@contextlib.contextmanager
+def rabbitmq_stopped(timeout: float = 180) -> Iterator[None]:
+    """RabbitMQ on this host stopped (``rabbitmqctl stop_app``) for the ``with`` block, and
+    started again however the block ends, waiting until it is up (``await_startup``): other
+    tests and CI share this RabbitMQ."""
+    subprocess.run(["rabbitmqctl", "stop_app"], check=True, capture_output=True, timeout=timeout)
+    try:
+        yield
+    finally:
+        subprocess.run(
+            ["rabbitmqctl", "start_app"], check=True, capture_output=True, timeout=timeout
+        )
+        subprocess.run(
+            ["rabbitmqctl", "await_startup"], check=False, capture_output=True, timeout=timeout
+        )

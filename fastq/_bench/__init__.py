@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 
@@ -16,6 +19,34 @@ def percentile(values: list[float], q: float) -> float:
     """The ``q`` quantile (0..1) of ``values``, nearest rank."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+def timed_calls(call: Callable[[int], object], n: int, warmup: int = 0) -> list[float]:
+    """Seconds of each of ``n`` sequential ``call(i)`` (after ``warmup`` not counted); each
+    must return ``i``."""
+    times = []
+    for i in range(warmup + n):
+        t = time.perf_counter()
+        got = call(i)
+        took = time.perf_counter() - t
+        assert got == i, f"call({i}) returned {got!r}"
+        if i >= warmup:
+            times.append(took)
+    return times
+
+
+def chain_figures(scenario: str, rates: list[float]) -> dict[str, Any]:
+    """The figures of a chain scenario: the median rate and every run's."""
+    median = statistics.median(rates)
+    return {f"chain_{scenario}_msgs_per_s": median, f"chain_{scenario}_runs": rates}
+
+
+def call_figures(rounds: list[list[float]]) -> dict[str, float]:
+    """Median over rounds of each round's p50 and p99 call time, in milliseconds."""
+    return {
+        "call_p50_ms": statistics.median(percentile(r, 0.5) for r in rounds) * 1e3,
+        "call_p99_ms": statistics.median(percentile(r, 0.99) for r in rounds) * 1e3,
+    }
 
 
 def write_json(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,16 +24,8 @@ from typing import Any
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 
-CELERY = """
-import os
-from celery import Celery, chain
-
-app = Celery("peer", broker={url!r}, backend={backend!r})
-app.conf.update(task_default_queue={queue!r}, broker_connection_retry_on_startup=True,
-                worker_hijack_root_logger=False)
-OUT = {out!r}
-
-
+#: what both peers' apps have: ~1 ms of CPU, and the output of a chain's last stage
+COMMON = """
 def burn(n):
     x = 0
     for i in range(n):
@@ -46,7 +37,18 @@ def done():
     fd = os.open(OUT, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     os.write(fd, b"x")
     os.close(fd)
+"""
 
+CELERY = """
+import os
+from celery import Celery, chain
+
+app = Celery("peer", broker={url!r}, backend={backend!r})
+app.conf.update(task_default_queue={queue!r}, broker_connection_retry_on_startup=True,
+                worker_hijack_root_logger=False)
+OUT = {out!r}
+
+{common}
 
 @app.task(ignore_result=True)
 def noop_a(n):
@@ -102,19 +104,7 @@ dramatiq.set_broker(RabbitmqBroker(url={url!r}))
 OUT = {out!r}
 Q = {queue!r}
 
-
-def burn(n):
-    x = 0
-    for i in range(n):
-        x += i * i
-    return x
-
-
-def done():
-    fd = os.open(OUT, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    os.write(fd, b"x")
-    os.close(fd)
-
+{common}
 
 @dramatiq.actor(queue_name=Q + "a")
 def noop_a(n):
@@ -229,7 +219,7 @@ class Peer:
 def measure(
     url: str, runs: int, chains: dict[str, int], calls: int, log: Callable[[str], None]
 ) -> list[dict[str, Any]]:
-    from fastq._bench import percentile
+    from fastq._bench import call_figures, chain_figures, timed_calls
     from fastq._bench.engine import _burn_iterations
 
     burn = _burn_iterations()
@@ -247,6 +237,7 @@ def measure(
                     queue=prefix + "celery",
                     out=str(work / "celery.out"),
                     burn=burn,
+                    common=COMMON,
                 ),
                 work,
                 [
@@ -267,24 +258,15 @@ def measure(
                 for scenario, n in chains.items():
                     rates = [peer.chain(scenario, n) for _ in range(runs)]
                     log(f"celery chain {scenario}: {', '.join(f'{x:,.0f}' for x in rates)} msgs/s")
-                    r[f"chain_{scenario}_msgs_per_s"] = statistics.median(rates)
-                    r[f"chain_{scenario}_runs"] = rates
+                    r.update(chain_figures(scenario, rates))
                 peer.start()
-                p50s, p99s = [], []
                 peer.mod.echo.delay(0).get(timeout=120)  # the worker is up
-                for _ in range(runs):
-                    times = []
-                    for i in range(calls):
-                        t = time.perf_counter()
-                        assert peer.mod.echo.delay(i).get(timeout=60) == i
-                        times.append(time.perf_counter() - t)
-                    p50s.append(percentile(times, 0.5) * 1e3)
-                    p99s.append(percentile(times, 0.99) * 1e3)
-                    log(f"celery call: p50 {p50s[-1]:.2f} ms, p99 {p99s[-1]:.2f} ms")
-                r["call_p50_ms"], r["call_p99_ms"] = (
-                    statistics.median(p50s),
-                    statistics.median(p99s),
-                )
+                echo = peer.mod.echo
+                rounds = [
+                    timed_calls(lambda i: echo.delay(i).get(timeout=60), calls) for _ in range(runs)
+                ]
+                log(f"celery call: {call_figures(rounds)}")
+                r.update(call_figures(rounds))
                 results.append(r)
             finally:
                 peer.close()
@@ -295,7 +277,11 @@ def measure(
             peer = Peer(
                 "dramatiq",
                 DRAMATIQ.format(
-                    url=url, queue=prefix + "dq-", out=str(work / "dramatiq.out"), burn=burn
+                    url=url,
+                    queue=prefix + "dq-",
+                    out=str(work / "dramatiq.out"),
+                    burn=burn,
+                    common=COMMON,
                 ),
                 work,
                 [sys.executable, "-m", "dramatiq", "peer_dramatiq", "--processes", cores],
@@ -305,8 +291,7 @@ def measure(
                 for scenario, n in chains.items():
                     rates = [peer.chain(scenario, n) for _ in range(runs)]
                     log(f"dramatiq pipeline {scenario}: {', '.join(f'{x:,.0f}' for x in rates)}")
-                    r[f"chain_{scenario}_msgs_per_s"] = statistics.median(rates)
-                    r[f"chain_{scenario}_runs"] = rates
+                    r.update(chain_figures(scenario, rates))
                 results.append(r)
             finally:
                 peer.close()

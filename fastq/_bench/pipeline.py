@@ -15,7 +15,6 @@ extra installs them), and for ``call``, Celery's ``.delay().get()`` with a Redis
 from __future__ import annotations
 
 import asyncio
-import statistics
 import sys
 import tempfile
 import textwrap
@@ -125,16 +124,14 @@ class Pipeline:
 
     def calls(self, n: int) -> list[float]:
         """Seconds of each of ``n`` sequential calls (after 20 not counted)."""
+        from fastq._bench import timed_calls
+
         echo = self.module.echo
         sup = self.supervisor([echo.queue])
         times: list[float] = []
 
         def caller() -> None:
-            for i in range(n + 20):
-                t = time.perf_counter()
-                assert echo.call(i, timeout=60) == i
-                if i >= 20:
-                    times.append(time.perf_counter() - t)
+            times.extend(timed_calls(lambda i: echo.call(i, timeout=60), n, warmup=20))
 
         async def main() -> None:
             runner = asyncio.get_running_loop().create_task(sup.run())
@@ -158,7 +155,7 @@ class Pipeline:
 def measure_fastq(
     label: str, url: str, runs: int, log: Callable[[str], None], prefix: str = ""
 ) -> dict[str, Any]:
-    from fastq._bench import percentile
+    from fastq._bench import call_figures, chain_figures
     from fastq._bench.engine import _burn_iterations
 
     burn = _burn_iterations()
@@ -173,18 +170,13 @@ def measure_fastq(
                 for r in range(runs):
                     rates.append(n / p.chain(scenario, n))
                     log(f"fastq {label} chain {scenario} {r + 1}/{runs}: {rates[-1]:,.0f} msgs/s")
-                out[f"chain_{scenario}_msgs_per_s"] = statistics.median(rates)
-                out[f"chain_{scenario}_runs"] = rates
-            p50s, p99s = [], []
+                out.update(chain_figures(scenario, rates))
+            rounds = []
             for r in range(runs):
-                times = p.calls(CALLS)
-                p50s.append(percentile(times, 0.5) * 1e3)
-                p99s.append(percentile(times, 0.99) * 1e3)
-                log(f"fastq {label} call {r + 1}/{runs}: p50 {p50s[-1]:.2f} ms, p99 {p99s[-1]:.2f}")
-            out["call_p50_ms"], out["call_p99_ms"] = (
-                statistics.median(p50s),
-                statistics.median(p99s),
-            )
+                rounds.append(p.calls(CALLS))
+                figures = call_figures(rounds[-1:])
+                log(f"fastq {label} call {r + 1}/{runs}: {figures}")
+            out.update(call_figures(rounds))
         finally:
             p.close()
     return out

@@ -164,9 +164,7 @@ class Pumps:
             self.outcomes[queue], self.settling[queue] = _parts(), parts
             results: list[StoredResult] = parts["results"]
             try:
-                if self.store is not None and parts["results"]:
-                    await self.store.put_results(parts["results"])
-                    parts = {**parts, "results": []}
+                parts = await self.stored(parts)
                 deliveries = await self.broker.exchange(
                     queue,
                     **parts,
@@ -217,6 +215,14 @@ class Pumps:
             if deliveries:
                 self.deliver(items)
 
+    async def stored(self, parts: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        """``parts`` with their results written to ``store`` first, where results are kept
+        apart from the broker (then the broker's round trip has none left to write)."""
+        if self.store is None or not parts["results"]:
+            return parts
+        await self.store.put_results(parts["results"])
+        return {**parts, "results": []}
+
     def allowance(self, queue: str) -> int:
         return CONFIRM_ALLOWANCE if queue in self.publishing_queues else 0
 
@@ -246,9 +252,7 @@ class Pumps:
         try:
             while True:
                 try:
-                    if self.store is not None and parts["results"]:
-                        await self.store.put_results(parts["results"])
-                        parts = {**parts, "results": []}
+                    parts = await self.stored(parts)
                     await self.broker.exchange(queue, **parts, fetch=0, timeout=0.0, wake=None)
                     break
                 except Exception as e:  # noqa: BLE001 - whatever it was, the batch is tried again

@@ -452,35 +452,32 @@ class Supervisor:
         for m, cpu in zip(self.fleet, chosen, strict=True):
             m.cpu = cpu
 
+    def publish_targets(self) -> list[tuple[str, Any]]:
+        """``(queue, publish_to)`` of each handler of this supervisor's queues that publishes
+        what it returns."""
+        handlers = [*self.app.tasks.values(), *self.app.consumers.values()]
+        return [
+            (h.queue, target)
+            for h in handlers
+            if h.queue in self.queues and (target := getattr(h, "publish_to", None)) is not None
+        ]
+
     def publishing_queues(self) -> set[str]:
         """This supervisor's queues whose handlers publish what they return (publish_to)."""
-        handlers = [*self.app.tasks.values(), *self.app.consumers.values()]
-        return {
-            h.queue
-            for h in handlers
-            if h.queue in self.queues and getattr(h, "publish_to", None) is not None
-        }
+        return {queue for queue, _ in self.publish_targets()}
 
     def output_queues(self) -> list[str]:
-        """The queues that the handlers of this supervisor's queues publish to (publish_to)."""
-        handlers = [*self.app.tasks.values(), *self.app.consumers.values()]
+        """The queues that the handlers of this supervisor's queues publish to, beside its own."""
         found = {
             target if isinstance(target, str) else target.queue
-            for h in handlers
-            if h.queue in self.queues
-            and (target := getattr(h, "publish_to", None)) is not None
-            and not isinstance(target, Route)
+            for _, target in self.publish_targets()
+            if not isinstance(target, Route)
         }
         return sorted(found - set(self.queues))
 
     def output_routes(self) -> list[Route]:
         """The exchanges that the handlers of this supervisor's queues publish to."""
-        handlers = [*self.app.tasks.values(), *self.app.consumers.values()]
-        return [
-            h.publish_to
-            for h in handlers
-            if h.queue in self.queues and isinstance(getattr(h, "publish_to", None), Route)
-        ]
+        return [t for _, t in self.publish_targets() if isinstance(t, Route)]
 
     def run_forever(self) -> int:
         """Run until signalled; returns the exit code."""

@@ -156,16 +156,15 @@ class AppExecutor:
             MessageError: the value does not encode, or is too large (the message's failure).
         """
         limit = self.runtime.spec.max_message_bytes
-        route = handler.publish_to if isinstance(handler.publish_to, Route) else None
-        outputs = tuple(
-            wire.Produced(*o)
-            if route is None
-            else wire.Produced(
-                *o, route.exchange, route.exchange_kind, route.routing_key, route.headers
-            )
-            for o in handler.outputs(value, limit)
+        encoded = handler.encode_value(value, limit) if keep else None
+        route = handler.publish_to
+        to = (
+            (route.exchange, route.exchange_kind, route.routing_key, route.headers)
+            if isinstance(route, Route)
+            else ()
         )
-        outcome = results.success(handler.encode_value(value, limit)) if keep else b""
+        outputs = tuple(wire.Produced(*o, *to) for o in handler.outputs(value, limit, encoded))
+        outcome = results.success(encoded) if encoded is not None else b""
         if not outcome and not outputs:
             return b""
         notify = (headers or {}).get(results.NOTIFY, "") if keep else ""

@@ -22,7 +22,7 @@ import pika
 import psutil
 import pytest
 
-from fastq.testing import wait_until
+from fastq.testing import rabbitmq_stopped, wait_until
 
 APP = """
 import os
@@ -304,14 +304,8 @@ def test_rabbitmq_restarted_mid_run_loses_nothing(rabbit):
     _enqueue(rabbit, 20_000)
     rabbit.start("--processes", "2", "--queue", rabbit.q)
     rabbit.wait_for_lines(3000)
-    try:
-        subprocess.run(["rabbitmqctl", "stop_app"], check=True, capture_output=True, timeout=120)
+    with rabbitmq_stopped():  # started again however the block ends
         time.sleep(2)
-    finally:  # CI and the next test use this RabbitMQ: it always comes back
-        subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True, timeout=120)
-        subprocess.run(
-            ["rabbitmqctl", "await_startup"], check=False, capture_output=True, timeout=120
-        )
     rabbit.wait_for_distinct(20_000, timeout=180)
     assert rabbit.stop() == 0
     assert set(rabbit.lines()) == {str(i) for i in range(20_000)}  # at least once: some twice

@@ -21,25 +21,9 @@ from conftest import CI
 from faulttree import Tree, enqueue
 
 import fastq
-from fastq.testing import wait_until
+from fastq.testing import rabbitmq_stopped, wait_until
 
 pytestmark = pytest.mark.amqp
-
-
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=180)
-
-
-@contextlib.contextmanager
-def rabbitmq_stopped() -> Iterator[None]:
-    _rabbitmqctl("stop_app")
-    try:
-        yield
-    finally:  # CI and the next test use this RabbitMQ: it always comes back
-        _rabbitmqctl("start_app")
-        subprocess.run(
-            ["rabbitmqctl", "await_startup"], check=False, capture_output=True, timeout=180
-        )
 
 
 class Producer(threading.Thread):

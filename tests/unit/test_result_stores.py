@@ -179,6 +179,9 @@ def test_the_wakeup_socket_wakes_sync_and_async_waiters():
         return True
 
     assert asyncio.run(wait_async())
+    many = [listener.expect(f"id-{i}") for i in range(3, 300)]
+    poker.poke([(listener.address, f"id-{i}") for i in range(3, 300)])  # a few datagrams
+    assert all(w.event is not None and w.event.wait(5) for w in many)
     poker.poke([("not-ours", "x"), ("fastq-wait-gone", "x")])  # ignored, no error
     poker.close()
 

@@ -272,15 +272,20 @@ class Connection:
                     arguments=dict(route.binding_arguments or {}) or None,
                 )
         except aiormq.exceptions.ChannelPreconditionFailed as e:
-            # RabbitMQ closed the channel: open another, and say what to change
-            assert self.connection is not None
-            self.publisher = await self.connection.channel(publisher_confirms=True)
-            raise ConfigError(
-                f"RabbitMQ refused to declare {queue!r} as {route} "
-                f"({self.options.scrub(str(e))}): it exists with other settings; "
-                "delete it, or declare it as it is"
+            raise await self._refused(
+                e, f"{queue!r} as {route}", "delete it, or declare it as it is"
             ) from e
         self.declared.update((queue, f"{queue}.dlq"))
+
+    async def _refused(self, e: Exception, what: str, fix: str) -> ConfigError:
+        """RabbitMQ refused to declare ``what`` (it exists with other settings) and closed the
+        publishing channel: open another, and say what to change."""
+        assert self.connection is not None
+        self.publisher = await self.connection.channel(publisher_confirms=True)
+        return ConfigError(
+            f"RabbitMQ refused to declare {what} ({self.options.scrub(str(e))}): it exists with "
+            f"other settings; {fix}"
+        )
 
     async def declare_exchange(self, exchange: str, kind: str) -> None:
         """A durable exchange of ``kind`` (``publish_to=fastq.Route(...)``), once per connection.
@@ -295,12 +300,8 @@ class Connection:
         try:
             await self.publisher.exchange_declare(exchange, exchange_type=kind, durable=True)
         except aiormq.exceptions.ChannelPreconditionFailed as e:
-            assert self.connection is not None
-            self.publisher = await self.connection.channel(publisher_confirms=True)
-            raise ConfigError(
-                f"RabbitMQ refused to declare exchange {exchange!r} as a durable {kind} exchange "
-                f"({self.options.scrub(str(e))}): it exists with other settings; give the Route "
-                "its exchange_kind"
+            raise await self._refused(
+                e, f"exchange {exchange!r} as a durable {kind} exchange", "give the Route its kind"
             ) from e
         self.declared.add(key)
 
