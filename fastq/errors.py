@@ -26,6 +26,11 @@ class FrameTooLarge(FastqError, ValueError):
     """Raised by ``put_many`` before anything is written when a frame can never fit in the ring."""
 
 
+class FrameError(FastqError, ValueError):
+    """Bytes off an AMQP connection that are not a frame where one was due: the stream is out of
+    step, and the connection is closed (what it carried is redelivered)."""
+
+
 class RingFull(FastqError, queue.Full):
     """Raised by ``*_nowait`` puts, or on timeout, when the ring has no room.
 

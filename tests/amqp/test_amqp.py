@@ -313,6 +313,36 @@ def test_rabbitmq_restarted_mid_run_loses_nothing(rabbit):
     assert "reconnected to RabbitMQ" in rabbit.logtext()
 
 
+def _close_consuming_connections(reason: str) -> int:
+    """``rabbitmqctl close_connection`` for every fastq consuming connection; how many."""
+    out = subprocess.run(
+        ["rabbitmqctl", "list_connections", "pid", "client_properties", "--quiet"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    pids = [line.split()[0] for line in out.splitlines() if "fastq consumer" in line]
+    for pid in pids:
+        subprocess.run(["rabbitmqctl", "close_connection", pid, reason], check=True)
+    return len(pids)
+
+
+def test_the_consuming_connection_closed_by_rabbitmq_loses_nothing(rabbit):
+    """RabbitMQ closes only the consuming connection (aiormq's lives on): both are made again,
+    what the closed one held comes back, and every message is processed."""
+    _enqueue(rabbit, 20_000)
+    rabbit.start("--processes", "2", "--queue", rabbit.q)
+    rabbit.wait_for_lines(3000)
+    assert _close_consuming_connections("fastq test: consuming connection closed") == 1
+    rabbit.wait_for_distinct(20_000, timeout=180)
+    assert rabbit.stop() == 0
+    assert set(rabbit.lines()) == {str(i) for i in range(20_000)}  # at least once: some twice
+    assert rabbit.depth(rabbit.q) == 0
+    log = rabbit.logtext()
+    assert "CONNECTION_FORCED - fastq test: consuming connection closed" in log
+    assert "reconnected to RabbitMQ" in log
+
+
 def test_a_supervisor_killed_mid_run_costs_nothing_after_a_restart(rabbit):
     _enqueue(rabbit, 10_000)
     first = rabbit.start("--processes", "2", "--queue", rabbit.q)

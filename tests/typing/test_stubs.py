@@ -60,3 +60,25 @@ def test_stub_signatures_match_the_twin():
                 for p in twin.parameters
                 if twin.parameters[p].kind != inspect.Parameter.VAR_POSITIONAL
             ], fn.name
+
+
+@pytest.mark.cython
+@pytest.mark.parametrize("module", ["fastq._amqp", "fastq._amqp_py"], ids=["cython", "python"])
+def test_the_amqp_stub_and_both_implementations_name_the_same_things(module):
+    import importlib
+
+    tree = ast.parse(STUB.with_name("_amqp.pyi").read_text())
+    stub_all = next(
+        ast.literal_eval(n.value)
+        for n in tree.body
+        if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "__all__"
+    )
+    reader = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "FrameReader")
+    members = {
+        n.name if isinstance(n, ast.FunctionDef) else n.target.id  # type: ignore[union-attr]
+        for n in reader.body
+        if isinstance(n, ast.FunctionDef | ast.AnnAssign)
+    } - {"__init__"}
+    implementation = importlib.import_module(module)
+    assert set(implementation.__all__) == set(stub_all)
+    assert _public(implementation.FrameReader()) == members  # type: ignore[arg-type]

@@ -48,7 +48,9 @@ class AMQPBroker(Broker):
         self.publish_timeout = self.options.publish_timeout
         #: each queue's exchange, binding and type; a sync publisher shares the same dict
         self.routes: dict[str, QueueOptions] = {} if routes is None else routes
-        self.connection = Connection(self.options, self.routes, self._restore, self._lost)
+        self.connection = Connection(
+            self.options, self.routes, self._restore, self._lost, self._consumers_lost
+        )
         self.consumers = Consumers(self.connection)
         self.publisher = Publisher(self.connection)
         self.settler = Settler(self.connection, self.consumers, self.publisher)
@@ -58,6 +60,9 @@ class AMQPBroker(Broker):
 
     async def _restore(self, first: bool) -> None:
         await self.consumers.restore(first)
+
+    def _consumers_lost(self) -> None:
+        self.consumers.lost()
 
     def _lost(self) -> None:
         self.consumers.lost()

@@ -1,11 +1,14 @@
-"""One connection to RabbitMQ: the URL's options, connecting with backoff, the watcher that
-reconnects, the publishing channel in confirm mode, and the topology (queues, dead-letter
-queues, exchanges, bindings, retry TTL queues) declared on it, again after each reconnect.
+"""The connections to RabbitMQ: the URL's options, connecting with backoff, the watcher that
+reconnects, aiormq's connection with the publishing channel in confirm mode and the topology
+(queues, dead-letter queues, exchanges, bindings, retry TTL queues) declared on it, again after
+each reconnect, and beside it the consuming connection (fastq.broker.amqp.stream). The two come
+and go together: when either is lost, both are made again and the consumers consume again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -15,6 +18,7 @@ from collections.abc import Awaitable, Callable
 import aiormq
 import aiormq.abc
 
+from fastq.broker.amqp.stream import Stream
 from fastq.broker.base import QueueOptions, mask_url, query_float
 from fastq.errors import BrokerConnectionError, ConfigError
 
@@ -94,6 +98,8 @@ class Connection:
         restore: after every (re)connect (True the first time), before anyone uses it: consume
             again.
         lost: when the connection is gone: forget what it carried.
+        stream_lost: when only the consuming connection is gone: forget what it carried (the
+            consumers' deliveries); ``lost`` if not given.
     """
 
     def __init__(
@@ -102,10 +108,14 @@ class Connection:
         routes: dict[str, QueueOptions],
         restore: Callable[[bool], Awaitable[None]],
         lost: Callable[[], None],
+        stream_lost: Callable[[], None] | None = None,
     ) -> None:
         self.options, self.routes, self.restore, self.on_lost = options, routes, restore, lost
+        self.on_stream_lost = stream_lost or lost
         self.url = options.masked
         self.connection: aiormq.abc.AbstractConnection | None = None
+        #: the consumers' connection (made only once a consumer needs it: a producer has none)
+        self.stream: Stream | None = None
         self.publisher: aiormq.abc.AbstractChannel | None = None
         self.window: asyncio.Semaphore | None = None
         #: queues and dead-letter queues declared on this connection
@@ -138,6 +148,7 @@ class Connection:
                 connection = await aiormq.connect(self.options.aiormq_url)
                 self.connection = connection
                 self.generation += 1
+                self.drop_stream()
                 self.publisher = await connection.channel(publisher_confirms=True)
                 self.window = asyncio.Semaphore(self.options.confirm_window)
                 self.declared.clear()
@@ -150,6 +161,7 @@ class Connection:
                 text = f"{type(e).__name__}: {self.options.scrub(str(e))}"
                 self.lost()
                 self.connection = None
+                self.drop_stream()
                 if connection is not None:
                     try:
                         await connection.close()
@@ -172,8 +184,12 @@ class Connection:
         awaiting ``connection.closing``, which aiormq may cancel while the connection lives on
         (seen when a channel is closed)."""
         while not self.closing:
-            connection = self.connection
-            if connection is not None and not connection.is_closed:
+            connection, stream = self.connection, self.stream
+            if (
+                connection is not None
+                and not connection.is_closed
+                and (stream is None or not stream.is_closed)
+            ):
                 self.poked.clear()
                 try:
                     await asyncio.wait_for(self.poked.wait(), WATCH_SECONDS)
@@ -182,11 +198,22 @@ class Connection:
                 continue
             if self.closing:
                 return
+            if (  # the consuming connection went alone
+                connection is not None
+                and not connection.is_closed
+                and stream is not None
+                and await self.consume_again(stream)
+            ):
+                continue
             logger.warning(
                 "connection to RabbitMQ at %s lost; its unsettled deliveries go back to RabbitMQ",
                 self.url,
             )
             self.lost()
+            self.drop_stream()
+            if connection is not None and not connection.is_closed:
+                with contextlib.suppress(Exception):
+                    await connection.close()
             try:
                 await self.connect()
             except Exception:
@@ -196,6 +223,28 @@ class Connection:
     def lost(self) -> None:
         self.connected.clear()
         self.on_lost()
+
+    async def consume_again(self, stream: Stream) -> bool:
+        """The consuming connection went and aiormq's lives (RabbitMQ closed that one, or its
+        bytes were out of step): the consumers forget what it held (RabbitMQ requeued it) and
+        consume on a new one; publishing goes on meanwhile. False if that failed: then both
+        connections are made again."""
+        logger.warning(
+            "the consuming connection to RabbitMQ at %s was lost (%s); what it held goes back "
+            "to RabbitMQ",
+            self.url,
+            self.options.scrub(stream.closed_because),
+        )
+        self.on_stream_lost()
+        self.drop_stream()
+        try:
+            await self.restore(False)
+        except Exception as e:  # noqa: BLE001 - whatever it was, both connections are made again
+            logger.warning(
+                "consuming again failed (%s: %s)", type(e).__name__, self.options.scrub(str(e))
+            )
+            return False
+        return True
 
     def deadline(self) -> float:
         """When a publish that starts now gives up: ``publish_timeout`` seconds from now."""
@@ -245,9 +294,29 @@ class Connection:
             self.window = asyncio.Semaphore(self.options.confirm_window)
 
     async def channel(self) -> aiormq.abc.AbstractChannel:
-        """A new channel without confirms (a consumer's, or a passive declare's)."""
+        """A new channel without confirms (a passive declare's)."""
         assert self.connection is not None
         return await self.connection.channel(publisher_confirms=False)
+
+    async def consuming(self) -> Stream:
+        """The consuming connection, made with the first consumer of this connection.
+
+        Raises:
+            ConnectionError, OSError, TimeoutError: it could not be made, or it is gone (the
+                watcher makes both connections again).
+        """
+        stream = self.stream
+        if stream is None:
+            stream = self.stream = await Stream.open(self.options.aiormq_url, self.poked.set)
+        elif stream.is_closed:  # the watcher makes both connections again
+            self.poked.set()
+            raise ConnectionError(f"the consuming connection is gone ({stream.closed_because})")
+        return stream
+
+    def drop_stream(self) -> None:
+        if self.stream is not None:
+            self.stream.abort()
+            self.stream = None
 
     # -- topology ------------------------------------------------------------------------------
 
@@ -334,6 +403,9 @@ class Connection:
         if self.watcher is not None:
             self.watcher.cancel()
             self.watcher = None
+        if self.stream is not None:
+            await self.stream.close()
+            self.stream = None
         if self.connection is not None:
             await self.connection.close()
             self.connection = None

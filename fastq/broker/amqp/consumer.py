@@ -1,8 +1,9 @@
-"""Each queue's one consumer on its own channel, whose ``basic.qos`` is the host's prefetch for
-that queue: RabbitMQ pushes deliveries into a local buffer that ``fetch`` takes from. A prefetch
-change makes a new consumer on the same channel (``basic.qos`` reaches only consumers made after
-it); a consumer whose channel closed, that was cancelled, or that gets nothing while its queue
-has messages (the watchdog) is rebuilt.
+"""Each queue's one consumer on its own channel of the consuming connection
+(fastq.broker.amqp.stream), whose ``basic.qos`` is the host's prefetch for that queue: RabbitMQ
+pushes deliveries into a local buffer that ``fetch`` takes from, a read's worth at a time. A
+prefetch change makes a new consumer on the same channel (``basic.qos`` reaches only consumers
+made after it); a consumer whose channel closed, that was cancelled, or that gets nothing while
+its queue has messages (the watchdog) is rebuilt.
 """
 
 from __future__ import annotations
@@ -12,17 +13,17 @@ import collections
 import itertools
 import logging
 import time
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import aiormq
-import aiormq.abc
 
 from fastq.broker.amqp.connection import Connection
+from fastq.broker.amqp.stream import StreamChannel
 from fastq.broker.base import Delivery, Signal, wait_either
 from fastq.ring import AckWindow
 
 if TYPE_CHECKING:
-    from pamqp.commands import Basic
+    from fastq.broker.amqp.stream import Delivered
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +41,7 @@ HEADER_RETRIES = "x-fastq-retries"
 class Consumer:
     """One queue's consumer: its channel, its tag, its deliveries not taken yet, its acks."""
 
-    def __init__(
-        self, queue: str, channel: aiormq.abc.AbstractChannel, prefetch: int, generation: int
-    ) -> None:
+    def __init__(self, queue: str, channel: StreamChannel, prefetch: int, generation: int) -> None:
         self.queue, self.channel, self.prefetch, self.generation = (
             queue,
             channel,
@@ -50,7 +49,7 @@ class Consumer:
             generation,
         )
         self.tag = ""
-        self.buffer: collections.deque[aiormq.abc.DeliveredMessage] = collections.deque()
+        self.buffer: collections.deque[Delivered] = collections.deque()
         #: the channel's delivery tags completed, and the acks they allow (basic.ack multiple)
         self.window = AckWindow(1)
         self.straggling_since = 0.0
@@ -71,7 +70,7 @@ class Consumer:
             self.straggling_since = now
         if force or waiting >= STRAGGLERS or now - self.straggling_since >= STRAGGLER_SECONDS:
             for tag in self.window.take_stragglers():
-                await self.channel.basic_ack(tag, multiple=False)
+                self.channel.basic_ack(tag, multiple=False)
             self.straggling_since = 0.0
 
 
@@ -80,9 +79,9 @@ class Held:
 
     __slots__ = ("consumer", "copied", "delivery_tag", "message")
 
-    def __init__(self, consumer: Consumer, message: aiormq.abc.DeliveredMessage) -> None:
+    def __init__(self, consumer: Consumer, message: Delivered) -> None:
         self.consumer, self.message = consumer, message
-        self.delivery_tag: int = cast("Basic.Deliver", message.delivery).delivery_tag or 0
+        self.delivery_tag: int = message[1]
         #: its retry or dead-letter copy is confirmed: a settle sent again does not copy it twice
         self.copied = False
 
@@ -134,8 +133,8 @@ class Consumers:
             return
         try:
             await consumer.channel.basic_qos(prefetch_count=prefetch)
-            ok = await consumer.channel.basic_consume(queue, consumer.callback)
-            old, consumer.tag, consumer.prefetch = consumer.tag, ok.consumer_tag or "", prefetch
+            tag = await consumer.channel.basic_consume(queue, consumer.callback)
+            old, consumer.tag, consumer.prefetch = consumer.tag, tag, prefetch
             await consumer.channel.basic_cancel(old)
             logger.info(
                 "consuming %r with prefetch %d (a new consumer; the old one cancelled)",
@@ -154,19 +153,18 @@ class Consumers:
         conn = self.connection
         generation = conn.generation
         await conn.declare(queue)
-        channel = await conn.channel()
+        channel = await (await conn.consuming()).channel()
         await channel.basic_qos(prefetch_count=prefetch)
         consumer = Consumer(queue, channel, prefetch, generation)
 
-        async def arrived(message: aiormq.abc.DeliveredMessage) -> None:
+        def arrived(messages: list[Delivered]) -> None:
             if consumer.alive:
-                consumer.buffer.append(message)
+                consumer.buffer.extend(messages)
                 consumer.last_arrival = time.monotonic()
                 consumer.arrived.set()
 
         consumer.callback = arrived
-        ok = await channel.basic_consume(queue, arrived)
-        consumer.tag = ok.consumer_tag or ""
+        consumer.tag = await channel.basic_consume(queue, arrived)
         if generation != conn.generation or queue in self.by_queue:  # reconnected meanwhile
             consumer.alive = False
             await channel.close()
@@ -198,8 +196,7 @@ class Consumers:
         """The watchdog: a consumer whose channel closed or whose consumer was cancelled is
         rebuilt at once; one that got nothing for ``WATCHDOG_SECONDS`` while the supervisor
         had room, its queue had ready messages and it held less than its prefetch, too."""
-        consumers = cast("aiormq.Channel", consumer.channel).consumers
-        broken = consumer.channel.is_closed or consumer.tag not in consumers
+        broken = consumer.channel.is_closed or consumer.tag not in consumer.channel.consumers
         if not broken and wanted > 0 and not consumer.buffer:
             now = time.monotonic()
             if now - max(consumer.last_arrival, consumer.last_check) >= WATCHDOG_SECONDS:
@@ -260,31 +257,33 @@ class Consumers:
         await consumer.flush_stragglers(force=False)
         return out
 
-    def delivery(self, consumer: Consumer, message: aiormq.abc.DeliveredMessage) -> Delivery:
+    def delivery(self, consumer: Consumer, message: Delivered) -> Delivery:
         tag = next(self.tags)
         self.held[tag] = Held(consumer, message)
-        props = message.header.properties
-        headers = props.headers or {}
+        _, _, redelivered, _, message_id, reply_to, _, _, headers, body = message
+        if headers is None:
+            return Delivery(
+                tag, consumer.queue, body, message_id, 1 + redelivered, 0, None, reply_to
+            )
         try:
-            retries = int(headers.get(HEADER_RETRIES, 0))  # type: ignore[arg-type]
+            retries = int(headers.get(HEADER_RETRIES, 0))
         except (TypeError, ValueError):
             retries = 0
         # quorum queues count every delivery before this one
         count = headers.get("x-delivery-count")
-        deliver = cast("Basic.Deliver", message.delivery)
-        redelivered = count if isinstance(count, int) else (1 if deliver.redelivered else 0)
+        before = count if isinstance(count, int) else (1 if redelivered else 0)
         return Delivery(
             tag=tag,
             queue=consumer.queue,
-            body=message.body,
-            message_id=props.message_id or "",
-            attempts=retries + 1 + redelivered,
+            body=body,
+            message_id=message_id,
+            attempts=retries + 1 + before,
             retries=retries,
             headers={
                 str(k): str(v) for k, v in headers.items() if isinstance(v, (str, int, float, bool))
             }
             or None,
-            reply_to=props.reply_to or "",
+            reply_to=reply_to,
         )
 
     def held_of(self, queue: str) -> int:

@@ -88,18 +88,18 @@ class Settler:
                 window.done(acks)
                 last = window.ack_prefix()
                 if last:
-                    await channel.basic_ack(last, multiple=True)
+                    channel.basic_ack(last, multiple=True)
             if releases:
                 window.done(releases)
                 requeue = set(releases)
                 for tag in window.take_stragglers():  # the releases, and what waited past a gap
                     if tag in requeue:
-                        await channel.basic_nack(tag, multiple=False, requeue=True)
+                        channel.basic_nack(tag, multiple=False, requeue=True)
                     else:
-                        await channel.basic_ack(tag, multiple=False)
+                        channel.basic_ack(tag, multiple=False)
                 last = window.ack_prefix()  # a release may have closed a gap
                 if last:
-                    await channel.basic_ack(last, multiple=True)
+                    channel.basic_ack(last, multiple=True)
             await consumer.flush_stragglers(force=False)
         except CONNECTION_ERRORS as e:
             # the connection went: RabbitMQ requeues what this channel held, settled or not
@@ -115,7 +115,7 @@ class Settler:
         held = self.consumers.held.get(tag)
         if held is None or not held.consumer.alive or held.copied:
             return None
-        return held, dict(held.message.header.properties.headers or {})
+        return held, dict(held.message[8] or {})
 
     def retry_copy(self, r: Retry) -> _Copy | None:
         found = self.copy_of(r.tag)
@@ -149,19 +149,19 @@ class Settler:
         delay: float,
         headers: dict[str, Any],
     ) -> None:
-        props = held.message.header.properties
+        _, _, _, _, message_id, reply_to, correlation_id, content_type, _, body = held.message
         routing_key = target
         if delay > 0:
             routing_key = await self.connection.declare_retry(channel, target, delay)
         properties = Basic.Properties(
             delivery_mode=2,
-            message_id=props.message_id,
-            content_type=props.content_type,
+            message_id=message_id or None,
+            content_type=content_type or None,
             headers=headers,
-            reply_to=props.reply_to,  # a call's reply still finds its caller after a retry
-            correlation_id=props.correlation_id,
+            reply_to=reply_to or None,  # a call's reply still finds its caller after a retry
+            correlation_id=correlation_id or None,
         )
         await self.publisher.confirmed(
-            channel, held.consumer.queue, held.message.body, properties, "", routing_key
+            channel, held.consumer.queue, body, properties, "", routing_key
         )
         held.copied = True

@@ -1,0 +1,218 @@
+"""fastq._amqp and its twin read the same AMQP frames the same way: deliveries built by pamqp (the
+library aiormq writes and reads frames with), split at every byte, and garbage refused."""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import importlib
+import random
+from types import ModuleType
+
+import pytest
+from pamqp import body, commands, frame, header, heartbeat
+from pamqp import encode as pamqp_encode
+
+from fastq.errors import FrameError
+
+
+@pytest.fixture(params=["cython", "python"])
+def amqp(request: pytest.FixtureRequest) -> ModuleType:
+    return importlib.import_module("fastq._amqp" if request.param == "cython" else "fastq._amqp_py")
+
+
+HEADERS = {
+    "x-fastq-retries": 2,
+    "x-delivery-count": 3,
+    "s": "text",
+    "raw": bytearray(b"\xff\xfe"),  # a byte array (x)
+    "t": True,
+    "d": 1.5,
+    "neg": -7,
+    "big": 2**40,
+    "nested": {"a": [1, "two", {"b": None}]},
+    "when": datetime.datetime(2026, 12, 3, 12, 0, tzinfo=datetime.UTC),
+    "dec": decimal.Decimal("1.25"),
+}
+
+
+def delivery(
+    channel: int,
+    tag: int,
+    payload: bytes,
+    *,
+    frame_max: int = 131072,
+    headers: dict[str, object] | None = None,
+    redelivered: bool = False,
+) -> bytes:
+    props = commands.Basic.Properties(
+        content_type="application/msgpack",
+        delivery_mode=2,
+        priority=3,
+        message_id=f"id-{tag}",
+        reply_to="amq.rabbitmq.reply-to.x",
+        correlation_id=f"c{tag}",
+        timestamp=datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC),
+        app_id="app",
+        headers=headers,
+    )
+    out = frame.marshal(
+        commands.Basic.Deliver("ctag-1", tag, redelivered, "ex", "rk"), channel
+    ) + frame.marshal(header.ContentHeader(0, len(payload), props), channel)
+    step = frame_max - 8
+    for i in range(0, len(payload), step):
+        out += frame.marshal(body.ContentBody(payload[i : i + step]), channel)
+    return out
+
+
+def expected(channel: int, tag: int, payload: bytes, headers=None, redelivered=False):
+    return (
+        channel,
+        tag,
+        redelivered,
+        "ctag-1",
+        f"id-{tag}",
+        "amq.rabbitmq.reply-to.x",
+        f"c{tag}",
+        "application/msgpack",
+        headers,
+        payload,
+    )
+
+
+def test_deliveries_and_other_frames_in_order(amqp):
+    other = frame.marshal(commands.Basic.ConsumeOk("ctag-2"), 5)
+    beat = frame.marshal(heartbeat.Heartbeat(), 0)
+    stream = (
+        delivery(1, 1, b"one")
+        + other
+        + delivery(2, 7, b"", headers=HEADERS, redelivered=True)
+        + beat
+        + delivery(1, 2, b"x" * 300_000)  # three body frames
+    )
+    deliveries, frames = amqp.FrameReader().feed(stream)
+    assert deliveries == [
+        expected(1, 1, b"one"),
+        expected(2, 7, b"", HEADERS, True),
+        expected(1, 2, b"x" * 300_000),
+    ]
+    assert frames == [(1, 5, other), (8, 0, beat)]
+    assert frame.unmarshal(frames[0][2])[2].consumer_tag == "ctag-2"
+
+
+def test_any_split_gives_the_same(amqp):
+    rng = random.Random(7)
+    messages = [(1 + i % 3, i + 1, rng.randbytes(rng.randrange(0, 400))) for i in range(40)]
+    stream = b"".join(
+        delivery(ch, tag, p, frame_max=256, headers={"n": tag}) for ch, tag, p in messages
+    )
+    want = [expected(ch, tag, p, {"n": tag}) for ch, tag, p in messages]
+    for size in (1, 2, 7, 13, 64, 1000):
+        reader = amqp.FrameReader(frame_max=256)
+        got = []
+        for i in range(0, len(stream), size):
+            got += reader.feed(stream[i : i + size])[0]
+        assert got == want
+        assert reader.buffered == 0 and reader.delivered == len(messages)
+
+
+def test_field_tables_decode_as_pamqp_does(amqp):
+    encoded = pamqp_encode.field_table(HEADERS)
+    assert amqp.decode_table(encoded) == HEADERS
+    from pamqp import decode
+
+    assert amqp.decode_table(encoded) == decode.field_table(encoded)[1]
+
+
+@pytest.mark.parametrize(
+    ("garbage", "words"),
+    [
+        (b"\x01\x00\x01\x00\x00\x00\x04abcdX", "ends with 0x58, expected 0xce"),
+        (b"\x03\x00\x01\x00\x00\x00\x01a\xce", "body frame on channel 1 without a content header"),
+        (
+            b"\x02\x00\x01\x00\x00\x00\x01a\xce",
+            "content header on channel 1 without a basic.deliver",
+        ),
+        (b"\x01\x00\x01\x00\x10\x00\x00", "exceeds the negotiated frame_max of 131072"),
+    ],
+)
+def test_garbage_is_refused_with_what_was_seen(amqp, garbage, words):
+    with pytest.raises(FrameError, match=words.replace("(", r"\(")):
+        amqp.FrameReader().feed(garbage)
+
+
+def test_a_truncated_header_is_refused_not_read_past(amqp):
+    good = delivery(1, 1, b"abc", headers={"k": "v"})
+    deliver_len = len(frame.marshal(commands.Basic.Deliver("ctag-1", 1, False, "ex", "rk"), 1))
+    head = bytearray(good[deliver_len:])
+    size = int.from_bytes(head[3:7], "big")
+    cut = (
+        bytes(head[:3]) + (size - 20).to_bytes(4, "big") + bytes(head[7 : 7 + size - 20]) + b"\xce"
+    )
+    with pytest.raises(FrameError, match="cut short"):
+        amqp.FrameReader().feed(good[:deliver_len] + cut)
+
+
+def test_an_unknown_field_type_says_which(amqp):
+    table = b"\x00\x00\x00\x03\x01kZ"
+    with pytest.raises(FrameError, match=r"unknown type b'Z'"):
+        amqp.decode_table(table)
+
+
+def test_random_garbage_is_a_frame_error_or_reads(amqp):
+    rng = random.Random(11)
+    good = delivery(1, 1, b"payload", headers=HEADERS)
+    for _ in range(2000):
+        data = bytearray(good)
+        for _ in range(rng.randrange(1, 4)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        try:
+            amqp.FrameReader().feed(bytes(data))
+        except FrameError:
+            pass
+
+
+def test_a_read_of_several_channels_reaches_each_channel_alone():
+    from fastq.broker.amqp.stream import Stream, StreamChannel
+
+    stream = Stream()
+    got: dict[int, list[int]] = {}
+    for number in (1, 2):
+        channel = stream.channels[number] = StreamChannel(stream, number)
+        channel.on_deliveries = lambda run, n=number: got.setdefault(n, []).extend(
+            d[1] for d in run
+        )
+    stream.data_received(delivery(1, 1, b"a") + delivery(2, 1, b"b") + delivery(1, 2, b"c"))
+    assert got == {1: [1, 2], 2: [1]}
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def test_garbage_on_the_consuming_connection_closes_it_and_says_why():
+    from fastq.broker.amqp.stream import Stream, StreamChannel
+
+    lost: list[str] = []
+    stream = Stream(on_lost=lambda: lost.append(stream.closed_because))
+    stream.connection_made(_Transport())  # type: ignore[arg-type]
+    channel = stream.channels[1] = StreamChannel(stream, 1)
+    got: list[int] = []
+    channel.on_deliveries = lambda run: got.extend(d[1] for d in run)
+    stream.data_received(delivery(1, 1, b"fine") + b"\x01\x00\x01\x00\x00\x00\x04abcdX")
+    assert got == []  # nothing of a read that is out of step is handed on
+    assert stream.is_closed and channel.is_closed
+    assert stream.transport.aborted  # type: ignore[union-attr]
+    assert lost == [
+        "AMQP frame on channel 1 ends with 0x58, expected 0xce: the stream is out of step"
+    ]
+    with pytest.raises(ConnectionError, match="consuming connection is closed"):
+        channel.basic_ack(1)
