@@ -204,6 +204,13 @@ def main(argv: list[str] | None = None) -> int:
         help="engine suite through this broker instead: amqp://user:pass@host:port/vhost "
         "(RabbitMQ)",
     )
+    bench.add_argument(
+        "--peers",
+        action="store_true",
+        help="with --broker amqp://: the noop, I/O and CPU scenarios through fastq's defaults "
+        "beside Dramatiq, taskiq, FastStream, Celery and hand-written aio-pika and aiormq "
+        "consumers, in the same run",
+    )
     send = commands.add_parser(
         "send", help="enqueue one task call from a shell; prints its message id"
     )
@@ -269,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
                     "default); "
                     f"got {args.broker.partition('://')[0]}://..."
                 )
+            if args.peers:
+                from fastq._bench import workers
+
+                return workers.main(url=args.broker, runs=args.runs, json_path=args.json)
             from fastq._bench import amqp
 
             return amqp.main(url=args.broker, runs=args.runs, json_path=args.json)

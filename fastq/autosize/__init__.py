@@ -17,7 +17,6 @@ from fastq.autosize.controller import (
     IO_PREFETCH_FACTOR_MAX,
     MEMORY_HEADROOM_MIN,
     PROBE_AFTER,
-    RAMP_MAX,
     RAMP_TARGET,
     SATURATED,
     STRONG_GAIN,
@@ -27,6 +26,7 @@ from fastq.autosize.controller import (
 )
 from fastq.autosize.look import (
     CONTROL_INTERVAL,
+    FIRST_LOOK,
     LOOK_TICK,
     PRESS_MEMORY,
     RAMP_INTERVAL,
@@ -54,6 +54,7 @@ __all__ = [
     "COOLDOWN",
     "CPU_PREFETCH_FACTOR",
     "CPU_PREFETCH_FACTOR_MAX",
+    "FIRST_LOOK",
     "GAIN",
     "IO_CONCURRENCY_MAX",
     "IO_PREFETCH_FACTOR",
@@ -64,7 +65,6 @@ __all__ = [
     "PRESS_MEMORY",
     "PROBE_AFTER",
     "RAMP_INTERVAL",
-    "RAMP_MAX",
     "RAMP_SETTLE",
     "RAMP_TARGET",
     "SATURATED",

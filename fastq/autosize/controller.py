@@ -24,9 +24,9 @@ from fastq.autosize.plan import (
 _Change = tuple[int, int, str]
 
 #: share of the cores an increase of I/O concurrency aims at, from how busy they are now:
-#: with idle cores it grows by up to RAMP_MAX at once, never by less than x2
+#: with idle cores it grows at once by as much as should fill them to this, as far as the
+#: backlog can feed (``ramp``), never by less than x2
 RAMP_TARGET = 0.75
-RAMP_MAX = 8
 #: an increase that raised throughput by this share or more is followed by x4 on busy cores
 STRONG_GAIN = 0.20
 IO_PREFETCH_FACTOR_MAX = 10
@@ -209,6 +209,28 @@ class Controller:
         prefetch = max(concurrency, min(concurrency * self.factor, cap))
         return min(max(prefetch, self.min_prefetch), self.max_prefetch)  # the user's bounds win
 
+    def start(self, backlog: int) -> Decision:
+        """Before the first look: a backlog that the formula's prefetch cannot hold met an I/O
+        queue on cores that do nothing yet. Its concurrency goes at once as far as the backlog
+        can feed (``ramp`` of idle cores: up to its maximum, IO_CONCURRENCY_MAX by default), so
+        that a burst is not over before the first look. No rate came before it, so no look
+        can say it did not pay: it stands as a setting the steps reached would, under the
+        rules that follow (saturated cores halve it, memory pressure lowers it). Nothing moves
+        without a backlog: a steady load starts where the formula says."""
+        if self.kind != "io" or self.fixed_concurrency or backlog <= self.prefetch:
+            return Decision(concurrency=self.concurrency, prefetch=self.prefetch)
+        c = self.concurrency
+        new = min(self.max_concurrency, max(c + 1, int(c * ramp(0.0, backlog / max(c, 1)))))
+        if new <= c:
+            return Decision(concurrency=c, prefetch=self.prefetch)
+        self.concurrency, self.prefetch = new, self._prefetch_for(new)
+        self.before = (new, self.factor)
+        return Decision(
+            concurrency=new,
+            prefetch=self.prefetch,
+            reason=f"{backlog} messages wait at the start: concurrency +{new - c}",
+        )
+
     def step(self, s: Sample) -> Decision:
         """The concurrency and prefetch for the next interval, given what this one looked like:
         the first of ``RULES`` that applies decides (``None`` from a rule: not its case)."""
@@ -388,9 +410,10 @@ class Controller:
 
     def backlog_waits(self, s: Sample, look: _Look) -> _Change | None:
         """7. A backlog waits: each step is tried and kept only if it pays. With idle cores more
-        at once should: I/O concurrency grows by ``ramp(busy)`` (x2 on busy cores; x4 after a
-        step that paid STRONG_GAIN, never in a probe). Past its ceiling, larger batches (less
-        overhead per message) may: the prefetch factor goes straight to its largest."""
+        at once should: I/O concurrency grows by ``ramp`` (sized by the idle cores and the
+        backlog; x2 on busy cores; x4 after a step that paid STRONG_GAIN, never in a probe).
+        Past its ceiling, larger batches (less overhead per message) may: the prefetch factor
+        goes straight to its largest."""
         if not (s.backlog > 0 and not self.cooldown):
             return None
         probing, self.probing = self.probing, False  # a probe is this one step
@@ -401,7 +424,7 @@ class Controller:
             and c < self.max_concurrency
             and not self.capped["concurrency"]
         ):
-            jump = 2.0 if probing else ramp(s.busy)
+            jump = 2.0 if probing else ramp(s.busy, s.backlog / max(c, 1))
             self.sized_by_idle = jump > 2.0
             if jump == 2.0 and look.strong and not probing:  # busy cores, but each step paid well
                 jump = 4.0
@@ -452,8 +475,9 @@ class _Look:
         self.last, self.raised, self.lowered, self.strong = last, raised, lowered, False
 
 
-def ramp(busy: float) -> float:
-    """How many times I/O concurrency grows in one increase with the cores ``busy`` (0..1):
-    enough to take them to RAMP_TARGET if each handler keeps its share of the CPU, at least x2
-    and at most x RAMP_MAX."""
-    return min(float(RAMP_MAX), max(2.0, RAMP_TARGET / max(busy, 1e-3)))
+def ramp(busy: float, fed: float = 2.0) -> float:
+    """How many times I/O concurrency grows in one increase with the cores ``busy`` (0..1) and
+    a backlog of ``fed`` times the handlers there are: enough to take the cores to RAMP_TARGET
+    if each handler keeps its share of the CPU, but no more handlers than the backlog can keep
+    busy; at least x2 (a jump that pays less than half of itself is trimmed at the next look)."""
+    return max(2.0, min(RAMP_TARGET / max(busy, 1e-3), fed))

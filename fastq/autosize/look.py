@@ -12,9 +12,11 @@ import msgspec
 
 #: seconds between two looks at the load
 CONTROL_INTERVAL = 2.0
-#: seconds until the next look after an increase, or at the start: a climb is judged sooner
-#: (only while messages spend well under a quarter of it in flight, so that it can show)
+#: seconds until the next look after an increase: a climb is judged sooner (only while
+#: messages spend well under a quarter of it in flight, so that it can show)
 RAMP_INTERVAL = 1.0
+#: seconds until a queue's first look: a backlog met at the start is sized within a second
+FIRST_LOOK = 0.375
 #: of which the first RAMP_SETTLE seconds are not judged (a change takes hold); a look of
 #: CONTROL_INTERVAL judges its second half (settle_for)
 RAMP_SETTLE = 0.25
@@ -58,4 +60,6 @@ def steady_rate(times: Sequence[float], counts: Sequence[int]) -> float:
 
 def settle_for(interval: float) -> float:
     """Seconds at the start of a look of ``interval`` that are not judged: a change takes hold."""
+    if interval < RAMP_INTERVAL:  # the first look: one tick for the start to take hold
+        return LOOK_TICK
     return RAMP_SETTLE if interval <= RAMP_INTERVAL else interval / 2

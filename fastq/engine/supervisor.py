@@ -375,6 +375,10 @@ class Supervisor:
         elif status == Report.READY:
             self.fleet.became_ready(m)
             self.place_queues()
+            # it started with the plan's slots: tell it what tuning decided meanwhile (a backlog
+            # met at the start is sized before the workers are up)
+            self.placement.told.pop(m.index, None)
+            self.retell()
             self.ready_event.set()
             if self.fleet.recycling.back(m.index):  # its replacement is up: the next may go
                 logger.info("worker %d is back", m.index)

@@ -16,14 +16,14 @@ import collections
 import itertools
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from typing import Any, Protocol
 
 from fastq.autosize import (
     CONTROL_INTERVAL,
+    FIRST_LOOK,
     LOOK_TICK,
     PRESS_MEMORY,
-    RAMP_INTERVAL,
     Controller,
     Decision,
     LoadMeter,
@@ -119,6 +119,7 @@ class Tuning:
         ready_before: dict[str, int] = {}
         history: collections.deque[tuple[float, collections.Counter[str], tuple[float, float]]]
         history = collections.deque()
+        await self.start(controllers)
         while not e.stopping:
             await asyncio.sleep(LOOK_TICK)
             now = loop.time()
@@ -126,17 +127,14 @@ class Tuning:
             while history[0][0] < now - 2 * CONTROL_INTERVAL:
                 history.popleft()
             for name in controllers:  # the start is a change of load: the first look comes soon
-                due.setdefault(name, (now, RAMP_INTERVAL))
+                due.setdefault(name, (now, FIRST_LOOK))
             looking = [n for n, (at, wait) in due.items() if now - at >= wait - LOOK_TICK / 2]
             if not looking:
                 continue
             headroom = meter.memory_headroom()
-            backlogs: dict[str, int] = {}
+            backlogs = await self.backlogs(controllers)
             for name in controllers:
-                try:
-                    backlogs[name] = (await e.broker.queue_depth(name)).ready
-                except Exception as exc:  # noqa: BLE001 - the broker is down: decide next time
-                    logger.warning("autosize: no queue depth for %r (%s); holding", name, exc)
+                if name not in backlogs:  # the broker is down: decide next time
                     due[name] = (now, CONTROL_INTERVAL)
                 if backlogs.get(name, 0) > 0 and ready_before.get(name, 0) > 0:
                     waited[name] = now
@@ -194,6 +192,42 @@ class Tuning:
             for name in decided:
                 due[name] = (stamp, due[name][1])
             e.retell()
+
+    async def backlogs(self, names: Iterable[str]) -> dict[str, int]:
+        """Messages ready at the broker, per queue; a queue whose depth could not be read (the
+        broker is down) is left out, and said so."""
+        backlogs: dict[str, int] = {}
+        for name in names:
+            try:
+                backlogs[name] = (await self.engine.broker.queue_depth(name)).ready
+            except Exception as exc:  # noqa: BLE001 - whatever it was: decide next time
+                logger.warning("autosize: no queue depth for %r (%s); holding", name, exc)
+        return backlogs
+
+    async def start(self, controllers: dict[str, Controller]) -> None:
+        """Before the first look, while the workers start: an I/O queue whose backlog the
+        formula's prefetch cannot hold is sized by it at once (``Controller.start``), within
+        its share of the host's handlers among the I/O queues with a backlog."""
+        e = self.engine
+        backlogs = await self.backlogs(controllers)
+        io = {
+            n: c
+            for n, c in controllers.items()
+            if c.kind == "io" and not c.user_fixed and n in backlogs
+        }  # CPU queues share the cores by the looks' readings (who presses for them)
+        caps = share_slots(
+            {n: self.plans[n].options.weight for n in io},
+            {n: backlogs[n] > 0 for n in io},
+            floors={n: c.min_concurrency for n, c in io.items()},
+        )
+        for name, controller in io.items():
+            d = controller.cap(caps[name])
+            if d.reason:
+                await self.apply(name, controller, d)
+            d = controller.start(backlogs[name])
+            if d.reason:
+                await self.apply(name, controller, d)
+        e.retell()
 
     async def apply(self, name: str, controller: Controller, d: Decision) -> None:
         """A decision: the queue's concurrency (before any await: ``classified`` may run

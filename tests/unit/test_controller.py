@@ -10,9 +10,9 @@ import time
 from fastq.autosize import (
     CONTROL_INTERVAL,
     COOLDOWN,
+    IO_CONCURRENCY_MAX,
     PROBE_AFTER,
     RAMP_INTERVAL,
-    RAMP_MAX,
     Controller,
     Sample,
     Topology,
@@ -59,28 +59,28 @@ def test_io_work_with_idle_cores_climbs_to_the_ceiling_then_holds():
     ctl = Controller(queue("io"))
     assert (ctl.concurrency, ctl.prefetch) == (4, 20)
     trace = run(ctl, 14, cpu_s=50e-6, wait_s=5e-3)
-    # Then concurrency grows by what the idle cores allow (x8 at most) and reaches 100 per
-    # host in two intervals and stays there; one try at the largest prefetch (which buys
+    # Then concurrency grows at once by what the idle cores allow and the backlog feeds: 100
+    # per host in one look, and stays there; one try at the largest prefetch (which buys
     # nothing here) is taken back
     concurrency = [c for c, _, _ in trace]
-    assert concurrency[:3] == [32, 100, 100]
+    assert concurrency[:2] == [100, 100]
     assert concurrency == sorted(concurrency)
-    assert trace[0][2] == "cores 2% busy while 10000 messages wait: concurrency +28"
-    assert trace[1][2] == "cores 16% busy while 10000 messages wait: concurrency +68"
-    assert trace[2] == (
+    assert trace[0][2] == "cores 2% busy while 10000 messages wait: concurrency +96"
+    assert trace[1] == (
         100,
         1000,
         "cores 50% busy while 10000 messages wait: prefetch to concurrency x 10",
     )
-    assert trace[3] == (
+    assert trace[2] == (
         100,
         500,
         "throughput 19,802/s did not grow (latency 50.5 ms): prefetch back to concurrency x 5",
     )
-    assert all(t == (100, 500, "") for t in trace[4:])
+    assert all(t == (100, 500, "") for t in trace[3:])
     # and each climbing step asks to be judged after RAMP_INTERVAL, a hold after CONTROL_INTERVAL
     ramping = Controller(queue("io"))
-    assert ramping.next_look(latency=0.01) == RAMP_INTERVAL  # the first look
+    assert ramping.next_look(latency=0.01) == RAMP_INTERVAL  # a first look (the tuning loop
+    # makes the very first one after FIRST_LOOK)
     ramping.step(model(4, 20, cpu_s=50e-6, wait_s=5e-3))
     assert ramping.next_look(latency=0.01) == RAMP_INTERVAL
     # slow handlers: a change needs time to show
@@ -89,7 +89,17 @@ def test_io_work_with_idle_cores_climbs_to_the_ceiling_then_holds():
 
 
 def test_with_busy_cores_an_increase_is_a_doubling():
-    assert ramp(0.0) == RAMP_MAX and ramp(0.5) == ramp(1.0) == 2.0 and ramp(0.15) == 5.0
+    assert ramp(0.5, 1000) == ramp(1.0, 1000) == 2.0 and ramp(0.15, 1000) == 5.0
+
+
+def test_with_idle_cores_and_a_backlog_the_jump_is_sized_by_both_not_by_doubling():
+    assert ramp(0.01, 1000) == 75.0  # idle cores, a deep backlog: one jump fills them
+    assert ramp(0.01, 12.5) == 12.5  # no more handlers than the backlog keeps busy
+    assert ramp(0.01, 0.5) == 2.0  # at least x2
+    # Given 4 handlers on idle cores and 5,000 messages waiting: one look takes it to the top
+    ctl = Controller(queue("io"))
+    d = ctl.step(Sample(busy=0.02, backlog=5_000, throughput=800, latency=0.005))
+    assert d.concurrency == IO_CONCURRENCY_MAX and "concurrency +96" in d.reason
 
 
 def test_when_the_cores_fill_up_it_stops_climbing_and_does_not_swing():
@@ -114,13 +124,13 @@ def test_a_downstream_bottleneck_backs_off_once_and_settles():
     ctl = Controller(queue("io"))
     trace = run(ctl, 80, cpu_s=50e-6, wait_s=5e-3, cap=1_000)
     concurrency = [c for c, _, _ in trace]
-    # Then its first jump (x8: the cores are idle) pays far less than x8, so it is trimmed to
+    # Then its first jump (x25: the cores are idle) pays far less than x25, so it is trimmed to
     # twice the concurrency that carried the gain; from then on it holds, but for a probe one
     # doubling up every PROBE_AFTER intervals, taken back at once
-    assert concurrency[0] == 32
+    assert concurrency[0] == 100
     assert (
         trace[1][2]
-        == "concurrency x8.0 raised throughput only x1.26 (to 1,000/s): concurrency trimmed to 11"
+        == "concurrency x25.0 raised throughput only x1.26 (to 1,000/s): concurrency trimmed to 11"
     )
     settled = concurrency[1]
     assert settled == 11  # 4 carried 792/s: 5.05 carry 1,000/s, twice that for headroom
@@ -322,7 +332,7 @@ def test_a_throughput_dip_on_cores_still_saturated_does_not_undo_a_decrease():
 
 def test_a_cap_and_the_next_step_never_leave_the_share_and_cpu_reclassification_ignores_it():
     ctl = Controller(queue("io"))
-    run(ctl, 1, cpu_s=50e-6, wait_s=5e-3)  # 4 -> 32, the last step a raise
+    ctl.step(model(4, 20, cpu_s=50e-6, wait_s=5e-3, backlog=32))  # 4 -> 32: a raise
     assert ctl.concurrency == 32 and ctl.raised
     ctl.cap(10)
     for c, p, _ in run(ctl, 10, cpu_s=5e-3, wait_s=0.0) + run(ctl, 10, cpu_s=50e-6, wait_s=5e-3):
@@ -463,7 +473,7 @@ def test_the_load_meter_reads_how_busy_the_cores_were_between_two_snapshots():
 
 def test_a_larger_prefetch_is_judged_on_a_full_look_and_a_larger_concurrency_sooner():
     ctl = Controller(queue("io"))
-    run(ctl, 2, cpu_s=50e-6, wait_s=5e-3)  # 4 -> 32 -> 100
+    run(ctl, 1, cpu_s=50e-6, wait_s=5e-3)  # 4 -> 100
     assert ctl.next_look(latency=0.01) == RAMP_INTERVAL  # a concurrency step: judged after 1 s
     d = ctl.step(model(ctl.concurrency, ctl.prefetch, cpu_s=50e-6, wait_s=5e-3))
     assert d.reason.endswith("prefetch to concurrency x 10")
@@ -484,3 +494,26 @@ def test_a_lone_io_queue_that_drained_keeps_its_handlers_for_the_next_burst():
     assert (d.concurrency, d.reason) == (climbed, "")
     # while beside another I/O queue that is busy, an idle one gives its share up to its floor
     assert share_slots({"idle": 1.0, "busy": 1.0}, {"busy": True}) == {"idle": 1, "busy": 100}
+
+
+def test_a_backlog_met_at_the_start_is_sized_at_once_and_a_steady_start_is_not():
+    # Given an I/O queue at the formula's 4 / 20 and 5,000 messages waiting at the start
+    ctl = Controller(queue("io"))
+    d = ctl.start(5_000)
+    assert (d.concurrency, d.prefetch) == (IO_CONCURRENCY_MAX, 500)
+    assert d.reason == "5000 messages wait at the start: concurrency +96"
+    # as far as the backlog feeds, no further
+    assert Controller(queue("io")).start(40).concurrency == 40
+    # Then a backlog the prefetch holds, a CPU queue, or one the user fixed does not move
+    for ctl, backlog in (
+        (Controller(queue("io")), 20),
+        (Controller(queue("cpu")), 5_000),
+        (Controller(queue("io"), user_concurrency=True), 5_000),
+    ):
+        before = (ctl.concurrency, ctl.prefetch)
+        d = ctl.start(backlog)
+        assert (d.concurrency, d.prefetch, d.reason) == (*before, "")
+    # and the start is within the queue's share of the host
+    shared = Controller(queue("io"))
+    shared.cap(50)
+    assert shared.start(5_000).concurrency == 50

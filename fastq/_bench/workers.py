@@ -1,0 +1,589 @@
+"""``python -m fastq bench --broker amqp://... --peers``: the work-queue scenarios through fastq
+with its defaults (``fastq worker app:app``, autosize on, nothing set by hand) and, in the same
+run, through Dramatiq, taskiq, FastStream and Celery, each with its own worker and defaults, and
+through two hand-written consumers in as many processes as there are cores: aio-pika (prefetch
+100, one ack per message) and aiormq (prefetch 1,000, ``basic.ack multiple`` every 100
+deliveries or 5 ms).
+
+Each system gets the same handler (noop; ``asyncio.sleep(0.005)``, or ``time.sleep`` where the
+peer runs handlers in threads or processes; ~1 ms of pure Python), the same count of messages,
+queued before its worker starts (each by the system's own producer; the raw consumers read raw
+bodies), and the same counting: every handler appends one byte to a file. A rate runs from the
+first completion to the last (start-up is nobody's); CPU per message is the whole process tree's
+user + system time over the same span (psutil; RabbitMQ's own is left out: it is everyone's).
+Systems are interleaved within each round; medians of ``runs``. Peers that are not installed
+(``pip install 'fastq-engine[bench]'``) are skipped with a line that says so.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+#: scenario label -> (handler, messages)
+SCENARIOS: dict[str, tuple[str, int]] = {
+    "noop, 40,000": ("noop", 40_000),
+    "I/O 5 ms, 5,000": ("io", 5_000),
+    "I/O 5 ms, 40,000": ("io", 40_000),
+    "CPU ~1 ms, 5,000": ("cpu", 5_000),
+}
+#: what every app has: the count of completions, ~1 ms of CPU
+COMMON = """
+import asyncio
+import os
+_fd = os.open({out!r}, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+
+def done():
+    os.write(_fd, b"x")
+
+
+def burn():
+    x = 0
+    for i in range({burn}):
+        x += i * i
+    return x
+
+
+async def work(scenario):  # the raw consumers' handler
+    if scenario == "io":
+        await asyncio.sleep(0.005)
+    elif scenario == "cpu":
+        burn()
+    done()
+"""
+
+FASTQ = """
+import asyncio
+import fastq
+
+app = fastq.App("peers", broker={url!r})
+
+
+@app.task(queue={queue!r} + "noop", kind="io")
+async def noop(n: int) -> None:
+    done()
+
+
+@app.task(queue={queue!r} + "io", kind="io")
+async def io(n: int) -> None:
+    await asyncio.sleep(0.005)
+    done()
+
+
+@app.task(queue={queue!r} + "cpu", kind="cpu")
+def cpu(n: int) -> None:
+    burn()
+    done()
+
+
+def fill(scenario, n):
+    task = globals()[scenario]
+    for start in range(0, n, 1000):
+        task.send_many((i,) for i in range(start, min(n, start + 1000)))
+"""
+
+DRAMATIQ = """
+import time
+import dramatiq
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+dramatiq.set_broker(RabbitmqBroker(url={url!r}))
+
+
+@dramatiq.actor(queue_name={queue!r} + "noop")
+def noop(n):
+    done()
+
+
+@dramatiq.actor(queue_name={queue!r} + "io")
+def io(n):
+    time.sleep(0.005)
+    done()
+
+
+@dramatiq.actor(queue_name={queue!r} + "cpu")
+def cpu(n):
+    burn()
+    done()
+
+
+def fill(scenario, n):
+    actor = globals()[scenario]
+    for i in range(n):
+        actor.send(i)
+"""
+
+CELERY = """
+import time
+from celery import Celery
+
+app = Celery("peers", broker={url!r})
+app.conf.update(broker_connection_retry_on_startup=True, worker_hijack_root_logger=False)
+
+
+@app.task(ignore_result=True, queue={queue!r} + "noop")
+def noop(n):
+    done()
+
+
+@app.task(ignore_result=True, queue={queue!r} + "io")
+def io(n):
+    time.sleep(0.005)
+    done()
+
+
+@app.task(ignore_result=True, queue={queue!r} + "cpu")
+def cpu(n):
+    burn()
+    done()
+
+
+def fill(scenario, n):
+    task = globals()[scenario]
+    with app.producer_or_acquire() as producer:
+        for i in range(n):
+            task.apply_async((i,), producer=producer)
+"""
+
+TASKIQ = """
+import asyncio
+import os
+from taskiq_aio_pika import AioPikaBroker
+
+SCENARIO = os.environ.get("PEER_SCENARIO", "noop")
+broker = AioPikaBroker({url!r}, queue_name={queue!r} + SCENARIO)
+
+
+@broker.task(task_name="noop")
+async def noop(n: int) -> None:
+    done()
+
+
+@broker.task(task_name="io")
+async def io(n: int) -> None:
+    await asyncio.sleep(0.005)
+    done()
+
+
+@broker.task(task_name="cpu")
+def cpu(n: int) -> None:
+    burn()
+    done()
+
+
+def fill(scenario, n):
+    async def run():
+        await broker.startup()
+        task = globals()[scenario]
+        for i in range(n):
+            await task.kiq(i)
+        await broker.shutdown()
+
+    asyncio.run(run())
+"""
+
+FASTSTREAM = """
+import asyncio
+import os
+import time
+from faststream import FastStream
+from faststream.rabbit import RabbitBroker, RabbitQueue
+
+SCENARIO = os.environ.get("PEER_SCENARIO", "noop")
+broker = RabbitBroker({url!r})
+app = FastStream(broker)
+
+
+@broker.subscriber(RabbitQueue({queue!r} + SCENARIO, durable=True))
+async def handle(body: int) -> None:
+    await work(SCENARIO)
+
+
+def fill(scenario, n):
+    raw_fill({url!r}, {queue!r} + scenario, n)
+"""
+
+#: the hand-written consumers: one process each, started once per core
+AIO_PIKA = """
+import asyncio
+import os
+import aio_pika
+
+SCENARIO = os.environ.get("PEER_SCENARIO", "noop")
+
+
+async def main():
+    connection = await aio_pika.connect({url!r})
+    channel = await connection.channel()
+    await channel.set_qos(prefetch_count=100)
+    queue = await channel.declare_queue({queue!r} + SCENARIO, durable=True)
+
+    async def on_message(message):
+        await work(SCENARIO)
+        await message.ack()
+
+    await queue.consume(on_message)
+    await asyncio.Future()
+
+
+def fill(scenario, n):
+    raw_fill({url!r}, {queue!r} + scenario, n)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+AIORMQ = """
+import asyncio
+import os
+import aiormq
+
+SCENARIO = os.environ.get("PEER_SCENARIO", "noop")
+
+
+async def main():
+    connection = await aiormq.connect({url!r})
+    channel = await connection.channel()
+    await channel.basic_qos(prefetch_count=1000)
+    last = [0, 0]  # the newest tag, the newest acked
+
+    async def ack_now():
+        if last[0] > last[1]:
+            last[1] = last[0]
+            await channel.basic_ack(last[0], multiple=True)
+
+    async def acker():
+        while True:
+            await asyncio.sleep(0.005)
+            await ack_now()
+
+    async def on_message(message):
+        await work(SCENARIO)
+        last[0] = max(last[0], message.delivery.delivery_tag)
+        if last[0] - last[1] >= 100:
+            await ack_now()
+
+    asyncio.get_running_loop().create_task(acker())
+    await channel.basic_consume({queue!r} + SCENARIO, on_message)
+    await asyncio.Future()
+
+
+def fill(scenario, n):
+    raw_fill({url!r}, {queue!r} + scenario, n)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+#: raw bodies for the consumers that read them, pipelined with confirms
+RAW_FILL = """
+def raw_fill(url, queue, n):
+    import asyncio
+    import aiormq
+
+    async def run():
+        connection = await aiormq.connect(url)
+        channel = await connection.channel()
+        await channel.queue_declare(queue, durable=True)
+        for start in range(0, n, 1000):
+            await asyncio.gather(*[
+                channel.basic_publish(b"%d" % i, routing_key=queue,
+                                      properties=aiormq.spec.Basic.Properties(delivery_mode=2))
+                for i in range(start, min(n, start + 1000))
+            ])
+        await connection.close()
+
+    asyncio.run(run())
+"""
+
+
+class System:
+    """One system's app module, how its worker starts, and what it needs installed."""
+
+    def __init__(
+        self, name: str, source: str, command: list[str], needs: tuple[str, ...], procs: int = 1
+    ) -> None:
+        self.name, self.source, self.command, self.needs, self.procs = (
+            name,
+            source,
+            command,
+            needs,
+            procs,
+        )
+
+    def installed(self) -> bool:
+        return all(importlib.util.find_spec(m) is not None for m in self.needs)
+
+
+def systems(cores: int) -> list[System]:
+    py = sys.executable
+    return [
+        System(
+            "fastq", FASTQ, [py, "-m", "fastq", "worker", "peer_fastq:app", "--queue", "{q}"], ()
+        ),
+        System(
+            "Dramatiq",
+            DRAMATIQ,
+            [py, "-m", "dramatiq", "peer_dramatiq", "--processes", str(cores), "--queues", "{q}"],
+            ("dramatiq", "pika"),
+        ),
+        System(
+            "taskiq",
+            TASKIQ,
+            [py, "-m", "taskiq", "worker", "peer_taskiq:broker", "--workers", str(cores)],
+            ("taskiq", "taskiq_aio_pika"),
+        ),
+        System(
+            "FastStream",
+            FASTSTREAM,
+            [
+                py,
+                "-m",
+                "faststream",
+                "run",
+                "peer_faststream:app",
+                "--workers",
+                str(cores),
+                "--log-level",
+                "warning",
+            ],
+            ("faststream", "aio_pika"),
+        ),
+        System(
+            "Celery",
+            CELERY,
+            [
+                py,
+                "-m",
+                "celery",
+                "-A",
+                "peer_celery",
+                "worker",
+                "-c",
+                str(cores),
+                "-Q",
+                "{q}",
+                "--loglevel",
+                "WARNING",
+            ],
+            ("celery",),
+        ),
+        System(
+            f"aio-pika, {cores} procs",
+            AIO_PIKA,
+            [py, "peer_aio_pika.py"],
+            ("aio_pika",),
+            procs=cores,
+        ),
+        System(
+            f"aiormq, batched acks, {cores} procs",
+            AIORMQ,
+            [py, "peer_aiormq.py"],
+            ("aiormq",),
+            procs=cores,
+        ),
+    ]
+
+
+def _module_name(system: System) -> str:
+    return "peer_" + system.name.split(",")[0].lower().replace("-", "_")
+
+
+def _tree_cpu(procs: list[Any]) -> float:
+    import psutil
+
+    total = 0.0
+    for root in procs:
+        try:
+            tree = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for p in tree:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+    return total
+
+
+class Run:
+    """One system through one scenario: its queue filled, its worker started, every completion
+    waited for, its worker stopped."""
+
+    def __init__(self, work: Path, url: str, queue: str, burn: int) -> None:
+        self.work, self.url, self.queue, self.burn = work, url, queue, burn
+
+    def queue_of(self, system: System) -> str:
+        """The system's own queue prefix: each declares its queues its own way."""
+        return f"{self.queue}{_module_name(system)}-"
+
+    def delete(self, system: System) -> None:
+        """Delete the system's queues, whatever their arguments (and Dramatiq's .DQ, .XQ)."""
+        import asyncio
+
+        import aiormq
+
+        async def run() -> None:
+            connection = await aiormq.connect(self.url)
+            for handler in ("noop", "io", "cpu"):
+                for suffix in ("", ".dlq", ".DQ", ".XQ"):
+                    channel = await connection.channel()
+                    try:
+                        await channel.queue_delete(self.queue_of(system) + handler + suffix)
+                    except Exception:  # noqa: BLE001, S110 - not there
+                        pass
+            await connection.close()
+
+        asyncio.run(run())
+
+    def module(self, system: System) -> Any:
+        name = _module_name(system)
+        out = self.work / f"{name}.out"
+        source = textwrap.dedent(COMMON.format(out=str(out), burn=self.burn)) + RAW_FILL
+        queue = self.queue_of(system)
+        source += textwrap.dedent(system.source.format(url=self.url, queue=queue))
+        (self.work / f"{name}.py").write_text(source)
+        if str(self.work) not in sys.path:
+            sys.path.insert(0, str(self.work))
+        sys.modules.pop(name, None)
+        return importlib.import_module(name), out
+
+    def measure(self, system: System, scenario: str, n: int) -> tuple[float, float]:
+        """Messages per second (first completion to last) and CPU µs per message."""
+        import psutil
+
+        module, out = self.module(system)
+        out.write_bytes(b"")
+        env = {**os.environ, "PEER_SCENARIO": scenario}
+        module.fill(scenario, n)
+        command = [c.replace("{q}", self.queue_of(system) + scenario) for c in system.command]
+        log = open(self.work / f"{_module_name(system)}.log", "ab")  # noqa: SIM115
+        procs = [
+            subprocess.Popen(command, cwd=self.work, env=env, stdout=log, stderr=subprocess.STDOUT)
+            for _ in range(system.procs)
+        ]
+        ps = [psutil.Process(p.pid) for p in procs]
+        try:
+            deadline = time.monotonic() + 600
+            while not out.stat().st_size:
+                if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                    raise RuntimeError(
+                        f"{system.name} processed nothing; see its log in {log.name}"
+                    )
+                time.sleep(0.002)
+            first, cpu0, done0 = time.perf_counter(), _tree_cpu(ps), out.stat().st_size
+            while (count := out.stat().st_size) < n:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{system.name}: {count} of {n} in 600 s")
+                time.sleep(0.002)
+            last, cpu1 = time.perf_counter(), _tree_cpu(ps)
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+            log.close()
+        handled = n - done0
+        return handled / max(last - first, 1e-9), 1e6 * (cpu1 - cpu0) / max(handled, 1)
+
+
+def measure(url: str, runs: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    from fastq._bench.engine import _burn_iterations
+
+    cores = len(os.sched_getaffinity(0))
+    burn = _burn_iterations()
+    queue = f"fq-peers-{int(time.time())}-"
+    present = []
+    for s in systems(cores):
+        if s.installed():
+            present.append(s)
+        else:
+            log(f"{s.name} is not installed (pip install 'fastq-engine[bench]'): skipped")
+    figures: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="fastq-peers-") as tmp:
+        run = Run(Path(tmp), url, queue, burn)
+        try:
+            for r in range(runs):
+                for label, (handler, n) in SCENARIOS.items():
+                    for system in present:  # interleaved: a noisy minute hits everyone
+                        run.delete(system)
+                        rate, cpu = run.measure(system, handler, n)
+                        figures.setdefault((label, system.name), []).append((rate, cpu))
+                        log(
+                            f"round {r + 1}/{runs} {label}: {system.name} {rate:,.0f} msgs/s, "
+                            f"{cpu:.0f} µs CPU/msg"
+                        )
+        finally:
+            for system in present:
+                run.delete(system)
+            sys.path[:] = [p for p in sys.path if p != tmp]
+    results = []
+    for label in SCENARIOS:
+        row: dict[str, Any] = {"scenario": label, "systems": {}}
+        for system in present:
+            got = figures.get((label, system.name), [])
+            row["systems"][system.name] = {
+                "msgs_per_s": statistics.median(g[0] for g in got),
+                "cpu_us_per_msg": statistics.median(g[1] for g in got),
+                "runs_msgs_per_s": [g[0] for g in got],
+            }
+        results.append(row)
+    return results
+
+
+def render(results: list[dict[str, Any]]) -> str:
+    names = list(results[0]["systems"]) if results else []
+    head = f"  {'scenario':<18}" + "".join(f" {n[:22]:>22}" for n in names)
+    lines = [head]
+    for row in results:
+        fq = row["systems"].get("fastq", {}).get("msgs_per_s", 0.0)
+        cells = []
+        for n in names:
+            rate = row["systems"][n]["msgs_per_s"]
+            ratio = "" if n == "fastq" or not rate else f" ({fq / rate:.2f}x)"
+            cells.append(f" {f'{rate:,.0f}/s{ratio}':>22}")
+        lines.append(f"  {row['scenario']:<18}" + "".join(cells))
+    if results:
+        noop = results[0]["systems"]
+        lines.append(
+            f"  {'CPU µs/msg, noop':<18}"
+            + "".join(f" {noop[n]['cpu_us_per_msg']:>22.0f}" for n in names)
+        )
+    lines.append("  (fastq's ratio to each in brackets; CPU: the whole process tree, per message)")
+    return "\n".join(lines)
+
+
+def main(*, url: str, runs: int, json_path: str | None) -> int:
+    from fastq._bench import log, write_json
+    from fastq._bench.ring import machine
+    from fastq.broker.base import mask_url
+
+    info = machine()
+    log(f"fastq bench --peers on {mask_url(url)}: {info['cpu']}, {info['usable_cores']} cores")
+    results = measure(url, runs, log)
+    print(
+        f"fastq bench --peers (RabbitMQ at {mask_url(url)}) on {info['cpu']} "
+        f"({info['usable_cores']} cores), Python {info['python']}; medians of {runs} rounds, "
+        "systems interleaved; RabbitMQ shares the cores"
+    )
+    print(render(results))
+    write_json(json_path, "peers", info, results)
+    return 0
