@@ -10,7 +10,8 @@ FRAME_METHOD: int
 FRAME_HEARTBEAT: int
 
 #: (channel, delivery_tag, redelivered, consumer_tag, message_id, reply_to, correlation_id,
-#: content_type, headers, body)
+#: content_type, headers, body); a returned message (basic.return) has delivery_tag 0 and its
+#: reply code and text in place of the consumer tag
 Delivered: TypeAlias = tuple[int, int, bool, str, str, str, str, str, dict[str, Any] | None, bytes]
 
 class FrameReader:

@@ -27,6 +27,7 @@ cdef enum:
     _BODY = 3
     _END = 0xCE
     _DELIVER = (60 << 16) | 60
+    _RETURN = (60 << 16) | 50
     _MAX_DEPTH = 32
 
 cdef object _UTC = datetime.UTC
@@ -252,6 +253,8 @@ cdef class FrameReader:
         cdef Cursor c
         cdef _Content content = self._content.get(channel)
         cdef Py_ssize_t n
+        cdef uint32_t method
+        cdef uint16_t code
         c.base = base
         c.p = base + start
         c.end = base + stop
@@ -262,11 +265,20 @@ cdef class FrameReader:
                     f"{'body' if content.size >= 0 else 'content header'} was due"
                 )
             what = "method frame"
-            if _u32(_take(&c, 4, what)) == _DELIVER:
+            method = _u32(_take(&c, 4, what))
+            if method == _DELIVER:
                 content = _Content.__new__(_Content)
                 content.consumer_tag = _short_str(&c, what)
                 content.delivery_tag = _u64(_take(&c, 8, what))
                 content.redelivered = _take(&c, 1, what)[0] & 1
+                content.size = -1
+                self._content[channel] = content
+            elif method == _RETURN:  # a mandatory publish no queue took: delivery_tag 0
+                content = _Content.__new__(_Content)
+                code = _u16(_take(&c, 2, what))
+                content.consumer_tag = f"{code} {_short_str(&c, what)}"
+                content.delivery_tag = 0
+                content.redelivered = False
                 content.size = -1
                 self._content[channel] = content
             else:

@@ -20,10 +20,11 @@ __all__ = ["FRAME_HEARTBEAT", "FRAME_METHOD", "FrameReader", "decode_table"]
 
 FRAME_METHOD, FRAME_HEADER, FRAME_BODY, FRAME_HEARTBEAT = 1, 2, 3, 8
 FRAME_END = 0xCE
-#: basic.deliver: class 60, method 60
-BASIC_DELIVER = (60 << 16) | 60
+#: basic.deliver and basic.return (class 60, methods 60 and 50): each carries content
+BASIC_DELIVER, BASIC_RETURN = (60 << 16) | 60, (60 << 16) | 50
 #: (channel, delivery_tag, redelivered, consumer_tag, message_id, reply_to, correlation_id,
-#: content_type, headers, body)
+#: content_type, headers, body); a message RabbitMQ returned (basic.return, a mandatory publish
+#: no queue took) has delivery_tag 0 and its reply code and text where the consumer tag goes
 Delivered = tuple[int, int, bool, str, str, str, str, str, "dict[str, Any] | None", bytes]
 
 
@@ -236,10 +237,14 @@ class FrameReader:
                     f"{'body' if content.size >= 0 else 'content header'} was due"
                 )
             c = _Cursor(buf, start, end, "method frame")
-            if c.unpack(_U32) == BASIC_DELIVER:
+            method = c.unpack(_U32)
+            if method == BASIC_DELIVER:
                 tag = c.short_str()
                 delivery_tag = c.unpack(_U64)
                 self._content[channel] = _Content(tag, delivery_tag, bool(c.unpack(_U8) & 1))
+            elif method == BASIC_RETURN:
+                code = c.unpack(_U16)
+                self._content[channel] = _Content(f"{code} {c.short_str()}", 0, False)
             else:
                 frames.append((kind, channel, buf[start - 7 : end + 1]))
         elif kind == FRAME_HEADER:

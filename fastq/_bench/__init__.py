@@ -61,3 +61,27 @@ def write_json(
     else:
         with open(path, "w") as f:
             f.write(doc + "\n")
+
+
+def _burn_iterations() -> int:
+    """Loop iterations of ``x += i * i`` that take about 1 ms of pure Python here, timed at the
+    machine's best of five tries (a try slowed by a neighbour would make every task shorter)."""
+    n, took = 20_000, 0.0
+    while took < 0.05:
+        t = time.perf_counter()
+        _burn(n)
+        took = time.perf_counter() - t
+        if took < 0.05:
+            n *= 2
+    for _ in range(4):
+        t = time.perf_counter()
+        _burn(n)
+        took = min(took, time.perf_counter() - t)
+    return max(1, int(n * 0.001 / took))
+
+
+def _burn(n: int) -> int:
+    x = 0
+    for i in range(n):
+        x += i * i
+    return x

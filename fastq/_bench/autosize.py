@@ -28,7 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fastq._bench.engine import Bench, _burn_iterations
+from fastq._bench import _burn_iterations
+from fastq._bench.engine import Bench
 
 #: per scenario, the (concurrency, prefetch) pairs held by hand; "cores" is the usable cores,
 #: "x2"/"x3" that many times the cores

@@ -6,10 +6,12 @@ is acked. Rates are messages per second over that run, timed from the moment eve
 for SQLite noop the time to enqueue is added (that figure includes the enqueue, the broker's whole
 round trip), while SQLite I/O and CPU rates are the processing rate, which is what their baselines
 measure too, with the enqueue rate beside them. A second, paced pass (producer at a quarter of the
-measured rate) gives latency from enqueue to handler done, p50 and p99. Each scenario runs beside
-its baseline in the same run: a plain loop for noop, one asyncio process with the same concurrency
-for I/O, one process and ``multiprocessing.Pool.imap_unordered`` for CPU. Medians of ``runs``
-rounds.
+measured rate) gives latency from enqueue to handler done, p50 and p99. On SQLite each round
+runs, in turn with fastq's, the embedded queue users would pick instead: huey with its SQLite
+storage and its process consumer (a worker per core), the same handlers and count, each
+handler appending a byte to a file; huey's rate runs from its first completion to its last
+(enqueue and start-up not charged), fastq's from its workers' start (and for noop from the
+first enqueue). Medians of ``runs`` rounds.
 
 Caveats: two cores are shared by producer, supervisor and workers; concurrency and prefetch are
 set per scenario (printed in the table), not grown by load, which is the autosize issue's work.
@@ -18,7 +20,6 @@ set per scenario (printed in the table), not grown by load, which is the autosiz
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import os
 import statistics
 import struct
@@ -30,6 +31,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from fastq._bench import _burn_iterations
 
 #: per scenario: its handler (and queue), messages, concurrency (host), prefetch (host). None is
 #: the plan's formula (cpu: one handler per core, prefetch = cores x 2); "x3", the cpu formula's
@@ -76,30 +79,6 @@ def cpu(t: float) -> None:
     burn()
     _record(t)
 """
-
-
-def _burn_iterations() -> int:
-    """Loop iterations of ``x += i * i`` that take about 1 ms of pure Python here, timed at the
-    machine's best of five tries (a try slowed by a neighbour would make every task shorter)."""
-    n, took = 20_000, 0.0
-    while took < 0.05:
-        t = time.perf_counter()
-        _burn(n)
-        took = time.perf_counter() - t
-        if took < 0.05:
-            n *= 2
-    for _ in range(4):
-        t = time.perf_counter()
-        _burn(n)
-        took = min(took, time.perf_counter() - t)
-    return max(1, int(n * 0.001 / took))
-
-
-def _burn(n: int) -> int:
-    x = 0
-    for i in range(n):
-        x += i * i
-    return x
 
 
 class Bench:
@@ -205,52 +184,33 @@ class Bench:
         sys.path.remove(str(self.dir))
 
 
-async def _io_baseline(n: int, concurrency: int) -> None:
-    slots = asyncio.Semaphore(concurrency)
+def _huey(work: Path, burn: int, log: Callable[[str], None]) -> Any:
+    """A callable giving huey's msgs/s for (handler, n) in this run, or None if absent."""
+    from fastq._bench.workers import Run, huey_system
 
-    async def one() -> None:
-        async with slots:
-            await asyncio.sleep(0.005)
+    cores = len(os.sched_getaffinity(0))
+    system = huey_system(cores)
+    if not system.installed():
+        log("huey is not installed (pip install 'fastq-engine[bench]'): its column is skipped")
+        return None
+    db = work / "huey.db"
+    run = Run(work, str(db), "", burn)
 
-    await asyncio.gather(*(one() for _ in range(n)))
+    def rate(handler: str, n: int) -> float:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{db}{suffix}").unlink(missing_ok=True)
+        return run.measure(system, handler, n)[0]
 
-
-def _baseline(scenario: str, n: int, concurrency: int, burn: int) -> dict[str, float]:
-    """Messages per second of what a user would write instead, in this run."""
-    out = {}
-    if scenario == "noop":
-
-        def noop(t: float) -> None:
-            pass
-
-        t = time.perf_counter()
-        for _ in range(n):
-            noop(time.time())
-        out["plain loop, one process"] = n / (time.perf_counter() - t)
-    elif scenario == "io":
-        from fastq._aio import run_loop
-
-        t = time.perf_counter()
-        run_loop(_io_baseline(n, concurrency))
-        out[f"one asyncio process, {concurrency} at once"] = n / (time.perf_counter() - t)
-    else:
-        t = time.perf_counter()
-        for _ in range(n):
-            _burn(burn)
-        out["one process"] = n / (time.perf_counter() - t)
-        cores = len(os.sched_getaffinity(0))
-        with multiprocessing.get_context("spawn").Pool(cores) as pool:
-            list(pool.imap_unordered(_burn, [burn] * 64, chunksize=8))  # started and warm
-            t = time.perf_counter()
-            list(pool.imap_unordered(_burn, [burn] * n, chunksize=max(1, n // (cores * 16))))
-            out[f"multiprocessing.Pool({cores}).imap_unordered"] = n / (time.perf_counter() - t)
-    return out
+    return rate
 
 
 def measure(brokers: list[str], runs: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
     burn = _burn_iterations()
     results = []
+    cores = len(os.sched_getaffinity(0))
+    peer = f"huey (SQLite storage, process consumer, {cores} workers)"
     with tempfile.TemporaryDirectory(prefix="fastq-bench-") as tmp:
+        huey = _huey(Path(tmp), burn, log)
         for broker in brokers:
             bench = Bench(broker, Path(tmp), burn)
             try:
@@ -262,11 +222,11 @@ def measure(brokers: list[str], runs: int, log: Callable[[str], None]) -> list[d
                         took, enq = bench.run(scenario, n, concurrency, prefetch)
                         rates.append(n / took)
                         enqueues.append(enq)
-                        for name, rate in _baseline(
-                            scenario, n, concurrency or len(os.sched_getaffinity(0)), burn
-                        ).items():
-                            base.setdefault(name, []).append(rate)
-                        log(f"{broker} {label} round {r + 1}/{runs}: {n / took:,.0f} msgs/s")
+                        line = f"{broker} {label} round {r + 1}/{runs}: {n / took:,.0f} msgs/s"
+                        if broker == "sqlite" and huey is not None:  # the embedded peer, in turn
+                            base.setdefault(peer, []).append(huey(scenario, n))
+                            line += f"; huey {base[peer][-1]:,.0f} msgs/s"
+                        log(line)
                     rate = statistics.median(rates)
                     # ~1 s
                     bench.run(

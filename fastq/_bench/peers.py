@@ -219,8 +219,7 @@ class Peer:
 def measure(
     url: str, runs: int, chains: dict[str, int], calls: int, log: Callable[[str], None]
 ) -> list[dict[str, Any]]:
-    from fastq._bench import call_figures, chain_figures, timed_calls
-    from fastq._bench.engine import _burn_iterations
+    from fastq._bench import _burn_iterations, call_figures, chain_figures, timed_calls
 
     burn = _burn_iterations()
     cores = str(len(os.sched_getaffinity(0)))

@@ -155,8 +155,7 @@ class Pipeline:
 def measure_fastq(
     label: str, url: str, runs: int, log: Callable[[str], None], prefix: str = ""
 ) -> dict[str, Any]:
-    from fastq._bench import call_figures, chain_figures
-    from fastq._bench.engine import _burn_iterations
+    from fastq._bench import _burn_iterations, call_figures, chain_figures
 
     burn = _burn_iterations()
     out: dict[str, Any] = {"system": f"fastq {label}"}

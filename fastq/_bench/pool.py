@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 import fastq
-from fastq._bench.engine import _burn, _burn_iterations
+from fastq._bench import _burn, _burn_iterations
 
 CHUNK = 256
 #: the one-process loop of the 1 ms scenario runs this many items (a second), not all 4,000

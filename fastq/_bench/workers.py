@@ -288,6 +288,39 @@ if __name__ == "__main__":
     asyncio.run(main())
 """
 
+#: the embedded default's peer: huey with its SQLite storage and its process consumer ({url} is
+#: the SQLite file)
+HUEY = """
+import time
+from huey import SqliteHuey
+
+huey = SqliteHuey(filename={url!r})
+
+
+@huey.task()
+def noop(n):
+    done()
+
+
+@huey.task()
+def io(n):
+    time.sleep(0.005)
+    done()
+
+
+@huey.task()
+def cpu(n):
+    burn()
+    done()
+
+
+def fill(scenario, n):
+    task = globals()[scenario]
+    for i in range(n):
+        task(i)
+"""
+
+
 #: raw bodies for the consumers that read them, pipelined with confirms
 RAW_FILL = """
 def raw_fill(url, queue, n):
@@ -398,6 +431,24 @@ def systems(cores: int) -> list[System]:
     ]
 
 
+def huey_system(cores: int) -> System:
+    return System(
+        "huey",
+        HUEY,
+        [
+            sys.executable,
+            "-m",
+            "huey.bin.huey_consumer",
+            "peer_huey.huey",
+            "-k",
+            "process",
+            "-w",
+            str(cores),
+        ],
+        ("huey",),
+    )
+
+
 def _module_name(system: System) -> str:
     return "peer_" + system.name.split(",")[0].lower().replace("-", "_")
 
@@ -506,7 +557,7 @@ class Run:
 
 
 def measure(url: str, runs: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    from fastq._bench.engine import _burn_iterations
+    from fastq._bench import _burn_iterations
 
     cores = len(os.sched_getaffinity(0))
     burn = _burn_iterations()

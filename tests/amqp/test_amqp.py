@@ -25,6 +25,7 @@ import pytest
 from fastq.testing import rabbitmq_stopped, wait_until
 
 APP = """
+import asyncio
 import os
 import fastq
 
@@ -42,7 +43,14 @@ async def record(n: int) -> None:
 
 @app.task(queue={q!r} + ".pair", kind="io")
 async def tagged(n: int) -> None:
+    await asyncio.sleep(0.02)  # so that a host that starts later still finds work
     _record(b"%d %d\\n" % (n, os.getppid()))  # the supervisor that ran it
+
+# 20 at once x 10 ms: 2,000/s, so that a fault injected after the first thousands lands mid-run
+@app.task(queue={q!r} + ".slow", kind="io", concurrency=20)
+async def slow(n: int) -> None:
+    await asyncio.sleep(0.01)
+    _record(b"%d\\n" % n)
 
 @app.task(queue={q!r} + ".poison", max_retries=2, retry_backoff=0.02)
 def flaky(n: int) -> None:
@@ -177,7 +185,7 @@ class Rabbit:
         sys.modules.pop(self.module, None)
         connection, channel = _channel(self.url)
         try:
-            for name in [self.q, f"{self.q}.poison", f"{self.q}.raw", f"{self.q}.pair"]:
+            for name in [self.q, *(f"{self.q}.{s}" for s in ("poison", "raw", "pair", "slow"))]:
                 for suffix in ("", ".dlq"):
                     channel.queue_delete(name + suffix)
             for ms in _retry_queues(self.q):
@@ -205,9 +213,12 @@ def rabbit(tmp_path, amqp_url):
     r.close()
 
 
-def _enqueue(r: Rabbit, n: int) -> None:
+def _enqueue(r: Rabbit, n: int, task: str = "record") -> str:
+    """``n`` messages for ``task``; its queue."""
+    t = getattr(r.app, task)
     for start in range(0, n, 1000):
-        r.app.record.send_many((i,) for i in range(start, min(n, start + 1000)))
+        t.send_many((i,) for i in range(start, min(n, start + 1000)))
+    return str(t.queue)
 
 
 def test_every_message_is_processed_and_acked(rabbit):
@@ -264,17 +275,25 @@ def test_retries_and_dead_letters_are_counted_exactly(rabbit):
 
 
 def test_a_plain_pika_producer_feeds_a_fastq_consumer_fairly(rabbit):
-    """The work-queues tutorial's producer: durable queue, delivery_mode 2, raw bodies."""
+    """The work-queues tutorial's producer: durable queue, delivery_mode 2, raw bodies, sent
+    while fastq's two workers are up (a backlog queued before they start may go to whichever
+    worker is up first: fastq drains 2,000 noop messages in a few milliseconds)."""
+    rabbit.start("--processes", "2", "--queue", f"{rabbit.q}.raw")
+    rabbit.wait_for_consumers([f"{rabbit.q}.raw"])
+    wait_until(
+        lambda: "worker 0 pinned" in rabbit.logtext() and "worker 1 pinned" in rabbit.logtext(),
+        60,
+        rabbit.logtext,
+    )
+    time.sleep(1.0)  # both have reported ready
     connection, channel = _channel(rabbit.url)
     try:
-        channel.queue_declare(f"{rabbit.q}.raw", durable=True)
         for i in range(2000):
             channel.basic_publish(
                 "", f"{rabbit.q}.raw", b"task %d" % i, pika.BasicProperties(delivery_mode=2)
             )
     finally:
         connection.close()
-    rabbit.start("--processes", "2", "--queue", f"{rabbit.q}.raw")
     rabbit.wait_for_lines(2000)
     assert rabbit.stop() == 0
     lines = rabbit.lines()
@@ -301,62 +320,62 @@ def test_what_fastq_publishes_is_a_standard_amqp_message(rabbit):
 
 
 def test_rabbitmq_restarted_mid_run_loses_nothing(rabbit):
-    _enqueue(rabbit, 20_000)
-    rabbit.start("--processes", "2", "--queue", rabbit.q)
+    q = _enqueue(rabbit, 20_000, "slow")
+    rabbit.start("--processes", "2", "--queue", q)
     rabbit.wait_for_lines(3000)
     with rabbitmq_stopped():  # started again however the block ends
         time.sleep(2)
     rabbit.wait_for_distinct(20_000, timeout=180)
     assert rabbit.stop() == 0
     assert set(rabbit.lines()) == {str(i) for i in range(20_000)}  # at least once: some twice
-    assert rabbit.depth(rabbit.q) == 0
+    assert rabbit.depth(q) == 0
     assert "reconnected to RabbitMQ" in rabbit.logtext()
 
 
-def _close_consuming_connections(reason: str) -> int:
-    """``rabbitmqctl close_connection`` for every fastq consuming connection; how many."""
+def _close_consuming_connections(pid: int, reason: str) -> int:
+    """``rabbitmqctl close_connection`` for the consuming connections of process ``pid``."""
     out = subprocess.run(
         ["rabbitmqctl", "list_connections", "pid", "client_properties", "--quiet"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    pids = [line.split()[0] for line in out.splitlines() if "fastq consumer" in line]
-    for pid in pids:
-        subprocess.run(["rabbitmqctl", "close_connection", pid, reason], check=True)
+    pids = [line.split()[0] for line in out.splitlines() if f'"fastq stream {pid}"' in line]
+    for connection in pids:
+        subprocess.run(["rabbitmqctl", "close_connection", connection, reason], check=True)
     return len(pids)
 
 
 def test_the_consuming_connection_closed_by_rabbitmq_loses_nothing(rabbit):
     """RabbitMQ closes only the consuming connection (aiormq's lives on): both are made again,
     what the closed one held comes back, and every message is processed."""
-    _enqueue(rabbit, 20_000)
-    rabbit.start("--processes", "2", "--queue", rabbit.q)
+    q = _enqueue(rabbit, 20_000, "slow")
+    proc = rabbit.start("--processes", "2", "--queue", q)
     rabbit.wait_for_lines(3000)
-    assert _close_consuming_connections("fastq test: consuming connection closed") == 1
+    assert _close_consuming_connections(proc.pid, "fastq test: consuming connection closed") == 1
     rabbit.wait_for_distinct(20_000, timeout=180)
     assert rabbit.stop() == 0
     assert set(rabbit.lines()) == {str(i) for i in range(20_000)}  # at least once: some twice
-    assert rabbit.depth(rabbit.q) == 0
+    assert rabbit.depth(q) == 0
     log = rabbit.logtext()
     assert "CONNECTION_FORCED - fastq test: consuming connection closed" in log
     assert "reconnected to RabbitMQ" in log
 
 
 def test_a_supervisor_killed_mid_run_costs_nothing_after_a_restart(rabbit):
-    _enqueue(rabbit, 10_000)
-    first = rabbit.start("--processes", "2", "--queue", rabbit.q)
+    q = _enqueue(rabbit, 10_000, "slow")
+    first = rabbit.start("--processes", "2", "--queue", q)
     rabbit.wait_for_lines(2000)
     for p in rabbit.workers(first):
         p.kill()
     first.kill()  # SIGKILL: nothing acked for what it held; RabbitMQ gives it back
     first.wait()
     rabbit.procs.remove(first)
-    rabbit.start("--processes", "2", "--queue", rabbit.q)
+    rabbit.start("--processes", "2", "--queue", q)
     rabbit.wait_for_distinct(10_000)
     assert rabbit.stop() == 0
     assert set(rabbit.lines()) == {str(i) for i in range(10_000)}
-    assert rabbit.depth(rabbit.q) == 0
+    assert rabbit.depth(q) == 0
 
 
 def test_two_supervisors_split_the_work_and_do_nothing_twice(rabbit):
@@ -374,8 +393,8 @@ def test_two_supervisors_split_the_work_and_do_nothing_twice(rabbit):
 
 
 def test_a_killed_worker_hands_its_messages_on(rabbit):
-    _enqueue(rabbit, 10_000)
-    proc = rabbit.start("--processes", "2", "--queue", rabbit.q)
+    q = _enqueue(rabbit, 10_000, "slow")
+    proc = rabbit.start("--processes", "2", "--queue", q)
     rabbit.wait_for_lines(2000)
     rabbit.workers(proc)[0].kill()
     rabbit.wait_for_distinct(10_000)
@@ -556,6 +575,8 @@ def test_quorum_and_single_active_consumer_queues(topology):
     sac = [line.split() for line in r.lines() if line.startswith("sac ")]
     assert sorted(int(n) for _, n, _ in sac) == list(range(2000))
     assert len({pid for _, _, pid in sac}) == 1  # one consumer had them all
+    # autosize's larger prefetch did not make a new consumer (that would hand the queue over)
+    assert "has a single active consumer: its prefetch stays" in r.logtext()
     assert sorted(line for line in r.lines() if line.startswith("quorum")) == sorted(
         f"quorum {i}" for i in range(50)
     )

@@ -216,3 +216,51 @@ def test_garbage_on_the_consuming_connection_closes_it_and_says_why():
     ]
     with pytest.raises(ConnectionError, match="consuming connection is closed"):
         channel.basic_ack(1)
+
+
+def test_a_returned_message_reads_as_delivery_tag_0_with_the_reply(amqp):
+    props = commands.Basic.Properties(message_id="m-1", delivery_mode=2)
+    stream = (
+        frame.marshal(commands.Basic.Return(312, "NO_ROUTE", "", "nowhere"), 1)
+        + frame.marshal(header.ContentHeader(0, 4, props), 1)
+        + frame.marshal(body.ContentBody(b"body"), 1)
+        + frame.marshal(commands.Basic.Ack(7, False), 1)
+    )
+    deliveries, frames = amqp.FrameReader().feed(stream)
+    assert deliveries == [(1, 0, False, "312 NO_ROUTE", "m-1", "", "", "", None, b"body")]
+    assert [f[:2] for f in frames] == [(1, 1)]
+
+
+def test_publish_frames_are_what_pamqp_reads():
+    from fastq.broker.amqp.outbox import publish_frames
+
+    payload = b"y" * 300
+    data = publish_frames(
+        3,
+        "ex",
+        "rk",
+        payload,
+        frame_max=128,
+        message_id="m-9",
+        content_type="application/msgpack",
+        headers={"x-fastq-retries": 2, "k": "v"},
+        reply_to="amq.rabbitmq.reply-to",
+        correlation_id="m-9",
+    )
+    values = []
+    while data:
+        used, channel, value = frame.unmarshal(data)
+        assert channel == 3
+        values.append(value)
+        data = data[used:]
+    publish, head, *bodies = values
+    assert (publish.exchange, publish.routing_key, publish.mandatory) == ("ex", "rk", True)
+    props = head.properties
+    assert (head.body_size, props.delivery_mode, props.message_id) == (300, 2, "m-9")
+    assert (props.content_type, props.reply_to, props.correlation_id) == (
+        "application/msgpack",
+        "amq.rabbitmq.reply-to",
+        "m-9",
+    )
+    assert props.headers == {"x-fastq-retries": 2, "k": "v"}
+    assert b"".join(b.value for b in bodies) == payload and len(bodies) == 3  # 120 a frame

@@ -20,9 +20,9 @@ _RUNTIME = {"wire", "codec", "ring", "message", "middleware", "config", "errors"
 _ENGINE = {"worker", "wire", "ring", "autosize", "broker.base", "config", "errors", "_aio",
            "_notify"}
 _AMQP = {"broker.base", "message", "errors", "config", "ring"}
-_AMQP_ROOMS = {"broker.amqp.stream", "broker.amqp.connection", "broker.amqp.publish",
-               "broker.amqp.consumer", "broker.amqp.settle", "broker.amqp.management",
-               "broker.amqp.replies"}
+_AMQP_ROOMS = {"broker.amqp.stream", "broker.amqp.outbox", "broker.amqp.connection",
+               "broker.amqp.publish", "broker.amqp.consumer", "broker.amqp.settle",
+               "broker.amqp.management", "broker.amqp.replies"}
 
 #: module -> the fastq modules it may import (STYLE.md §2). A row may name a package: then its
 #: modules may be imported too.
@@ -71,8 +71,10 @@ ALLOWED: dict[str, set[str]] = {
     "broker.amqp.broker": _AMQP | _AMQP_ROOMS,
     # the consuming connection: its frames read by _amqp (or its twin), the rare ones by pamqp
     "broker.amqp.stream": {"_amqp", "_amqp_py", "errors"},
-    "broker.amqp.connection": _AMQP | {"broker.amqp.stream"},
-    "broker.amqp.publish": _AMQP | {"broker.amqp.connection"},
+    # confirmed publishes on that connection: frames encoded here (field tables by pamqp)
+    "broker.amqp.outbox": {"broker.amqp.stream"},
+    "broker.amqp.connection": _AMQP | {"broker.amqp.stream", "broker.amqp.outbox"},
+    "broker.amqp.publish": _AMQP | {"broker.amqp.connection", "broker.amqp.outbox"},
     "broker.amqp.consumer": _AMQP | {"broker.amqp.connection", "broker.amqp.stream"},
     "broker.amqp.settle": _AMQP | {"broker.amqp.connection", "broker.amqp.publish",
                                    "broker.amqp.consumer"},
@@ -118,8 +120,8 @@ ALLOWED: dict[str, set[str]] = {
 HEAVY = {
     "aiormq": {"broker.amqp.connection", "broker.amqp.publish", "broker.amqp.consumer",
                "broker.amqp.settle", "broker.amqp.broker", "broker.amqp.replies", "_bench"},
-    "pamqp": {"broker.amqp.stream", "broker.amqp.publish", "broker.amqp.settle",
-              "broker.amqp.replies", "_bench"},
+    "pamqp": {"broker.amqp.stream", "broker.amqp.outbox", "broker.amqp.publish",
+              "broker.amqp.settle", "broker.amqp.replies", "_bench"},
     "uvloop": {"_aio"},
     # (``_bench`` reads the process trees it measures)
     "psutil": {"autosize.topology", "_bench"},

@@ -1,8 +1,9 @@
 """The connections to RabbitMQ: the URL's options, connecting with backoff, the watcher that
 reconnects, aiormq's connection with the publishing channel in confirm mode and the topology
 (queues, dead-letter queues, exchanges, bindings, retry TTL queues) declared on it, again after
-each reconnect, and beside it the consuming connection (fastq.broker.amqp.stream). The two come
-and go together: when either is lost, both are made again and the consumers consume again.
+each reconnect, and beside it fastq's own connection (fastq.broker.amqp.stream) for the
+consumers and for confirmed publishes (fastq.broker.amqp.outbox). The two come and go together:
+when either is lost, both are made again and the consumers consume again.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Awaitable, Callable
 import aiormq
 import aiormq.abc
 
+from fastq.broker.amqp.outbox import Outbox
 from fastq.broker.amqp.stream import Stream
 from fastq.broker.base import QueueOptions, mask_url, query_float
 from fastq.errors import BrokerConnectionError, ConfigError
@@ -116,6 +118,8 @@ class Connection:
         self.connection: aiormq.abc.AbstractConnection | None = None
         #: the consumers' connection (made only once a consumer needs it: a producer has none)
         self.stream: Stream | None = None
+        #: its confirm-mode channel, for publishing (made at the first publish)
+        self._outbox: Outbox | None = None
         self.publisher: aiormq.abc.AbstractChannel | None = None
         self.window: asyncio.Semaphore | None = None
         #: queues and dead-letter queues declared on this connection
@@ -313,7 +317,20 @@ class Connection:
             raise ConnectionError(f"the consuming connection is gone ({stream.closed_because})")
         return stream
 
+    async def outbox(self) -> Outbox:
+        """The confirm-mode channel on the consuming connection (made with it if need be).
+
+        Raises:
+            ConnectionError, OSError, TimeoutError: as ``consuming`` does.
+        """
+        stream = await self.consuming()
+        outbox = self._outbox
+        if outbox is None or outbox.channel.is_closed or outbox.channel.stream is not stream:
+            outbox = self._outbox = await Outbox.open(stream)
+        return outbox
+
     def drop_stream(self) -> None:
+        self._outbox = None
         if self.stream is not None:
             self.stream.abort()
             self.stream = None

@@ -56,6 +56,8 @@ class Consumer:
         self.arrived = Signal()
         self.alive = True
         self.callback: Any = None
+        #: a prefetch change was not made (single active consumer): said once
+        self.kept_prefetch = False
         self.last_arrival = self.last_check = time.monotonic()
 
     async def flush_stragglers(self, *, force: bool) -> None:
@@ -122,7 +124,10 @@ class Consumers:
         reaches a running consumer by a new one: ``basic.qos`` applies only to consumers made
         after it. On the same channel (its delivery tags and acks go on), the new consumer
         starts, then the old one is cancelled; what RabbitMQ sent the old one before its
-        cancel-ok still arrives here, in order: nothing lost, nothing twice."""
+        cancel-ok still arrives here, in order: nothing lost, nothing twice. Not on a single
+        active consumer queue: cancelling the active consumer would hand the queue to another
+        host's; there the prefetch of the first consumer stays (the supervisor's budget still
+        bounds what it holds), and a reconnect consumes with the newest."""
         self.prefetch_of[queue] = prefetch
         consumer = self.by_queue.get(queue)
         if consumer is None:
@@ -130,6 +135,17 @@ class Consumers:
                 await self.consume(queue, prefetch)
             return
         if prefetch == consumer.prefetch or not consumer.alive:
+            return
+        route = self.connection.routes.get(queue)
+        if route is not None and route.single_active_consumer:
+            if not consumer.kept_prefetch:
+                consumer.kept_prefetch = True
+                logger.info(
+                    "%r has a single active consumer: its prefetch stays %d at RabbitMQ (a new "
+                    "consumer would hand the queue to another host)",
+                    queue,
+                    consumer.prefetch,
+                )
             return
         try:
             await consumer.channel.basic_qos(prefetch_count=prefetch)

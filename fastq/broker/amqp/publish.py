@@ -1,5 +1,7 @@
 """Publishing with confirms: ``publish`` returns when RabbitMQ confirmed every message (a bounded
 window of them in flight at once); messages are persistent (delivery_mode 2) on durable queues.
+Sends and outputs go through the outbox (fastq.broker.amqp.outbox: a batch encoded by fastq and
+written at once); retry and dead-letter copies and calls (direct reply-to) through aiormq.
 A connection lost meanwhile publishes the unconfirmed ones again once it is back (so a message
 may arrive twice, never not). ``SyncPublisher`` is ``publish_sync``: a connection of its own on a
 thread of its own, for code without an event loop.
@@ -19,6 +21,7 @@ import aiormq.abc
 from pamqp.commands import Basic
 
 from fastq.broker.amqp.connection import CONNECTION_ERRORS, Connection
+from fastq.broker.amqp.outbox import Nacked, Outbox, Unroutable, publish_frames
 from fastq.broker.base import Message
 from fastq.errors import BrokerConnectionError
 
@@ -30,16 +33,10 @@ MSGPACK = "application/msgpack"
 PAUSE_MIN, PAUSE_MAX = 0.02, 0.5
 
 
-class Nacked(Exception):
-    """RabbitMQ answered a publish with basic.nack."""
-
-
-class Unroutable(Exception):
-    """RabbitMQ returned a mandatory publish: declared again, it is published again."""
-
-
 def _transient(e: BaseException) -> bool:
-    return isinstance(e, (*CONNECTION_ERRORS, asyncio.CancelledError, TimeoutError, Unroutable))
+    return isinstance(
+        e, (*CONNECTION_ERRORS, OSError, asyncio.CancelledError, TimeoutError, Unroutable)
+    )
 
 
 class Publisher:
@@ -64,11 +61,12 @@ class Publisher:
             channel = await conn.ready(deadline)
             try:
                 await conn.declare(queue)
-                results = await asyncio.gather(
-                    *[self.publish_one(channel, queue, m) for m in pending], return_exceptions=True
-                )
-            except CONNECTION_ERRORS as e:
+                results = await self.batch(await conn.outbox(), channel, queue, pending, deadline)
+            except (*CONNECTION_ERRORS, OSError, TimeoutError) as e:
                 results = [e] * len(pending)
+            if any(isinstance(r, Unroutable) for r in results):  # its topology went: again
+                conn.declared.discard(queue)
+                conn.retry_declared.clear()
             failed = [
                 m for m, r in zip(pending, results, strict=True) if isinstance(r, BaseException)
             ]
@@ -112,31 +110,69 @@ class Publisher:
             ConfigError: the exchange exists as another kind.
         """
         conn = self.connection
-        channel = await conn.ready()
+        await conn.ready()
         await conn.declare_exchange(exchange, kind)
-        channel = await conn.ready()
-        assert conn.window is not None
+        outbox = await conn.outbox()
+        frames = [
+            _frames(outbox, m, exchange, routing_key, dict(m.headers or {}), mandatory=False)
+            for m in messages
+        ]
+        for r in await self.confirm(outbox, frames, conn.deadline()):
+            if r is not None:
+                raise r
 
-        async def one(m: Message) -> None:
-            headers: dict[str, Any] = dict(m.headers or {})
-            properties = Basic.Properties(
-                delivery_mode=2,
-                message_id=m.message_id or None,
-                content_type=headers.pop("content-type", MSGPACK),
-                headers=headers or None,
-            )
-            async with conn.window:  # type: ignore[union-attr]
-                confirm = await channel.basic_publish(
-                    m.body,
-                    exchange=exchange,
-                    routing_key=routing_key,
-                    properties=properties,
-                    timeout=conn.options.publish_timeout,
-                )
-            if not isinstance(confirm, Basic.Ack):
-                raise Nacked(f"RabbitMQ did not confirm message {m.message_id!r} to {exchange!r}")
+    async def batch(
+        self,
+        outbox: Outbox,
+        channel: aiormq.abc.AbstractChannel,
+        queue: str,
+        messages: Sequence[Message],
+        deadline: float,
+    ) -> list[BaseException | None]:
+        """Publish ``messages`` to ``queue`` through the outbox, ``confirm_window`` in flight at
+        a time; what became of each (None: confirmed)."""
+        frames = []
+        for m in messages:
+            exchange, routing_key, headers = await self.route(channel, queue, m)
+            frames.append(_frames(outbox, m, exchange, routing_key, headers))
+        return await self.confirm(outbox, frames, deadline)
 
-        await asyncio.gather(*(one(m) for m in messages))
+    async def route(
+        self, channel: aiormq.abc.AbstractChannel, queue: str, m: Message
+    ) -> tuple[str, str, dict[str, Any]]:
+        """Where ``m`` for ``queue`` is published (exchange, routing key) and its headers: a
+        delay through the TTL queue, which dead-letters straight into the queue; a queue bound
+        to an exchange through it, with its binding's headers."""
+        conn = self.connection
+        exchange, routing_key = "", queue
+        headers: dict[str, Any] = dict(m.headers or {})
+        route = conn.routes.get(queue)
+        if m.delay > 0:
+            routing_key = await conn.declare_retry(channel, queue, m.delay)
+        elif route is not None and route.exchange:
+            exchange, routing_key = route.exchange, route.routing_key or queue
+            for k, v in (route.binding_arguments or {}).items():
+                if not k.startswith("x-"):
+                    headers.setdefault(k, v)
+        return exchange, routing_key, headers
+
+    async def confirm(
+        self, outbox: Outbox, frames: Sequence[tuple[bytes, str]], deadline: float
+    ) -> list[BaseException | None]:
+        """Write ``frames`` (a publish each), ``confirm_window`` in flight at a time, and wait
+        for their confirms until ``deadline``."""
+        window = self.connection.options.confirm_window
+        results: list[BaseException | None] = []
+        for at in range(0, len(frames), window):
+            futures = outbox.publish(frames[at : at + window])
+            await asyncio.wait(futures, timeout=max(0.0, deadline - time.monotonic()))
+            for f in futures:
+                if not f.done():
+                    f.cancel()
+                    results.append(TimeoutError("no confirm within publish_timeout"))
+                else:
+                    results.append(f.exception())
+        return results
 
     async def publish_one(
         self,
@@ -146,18 +182,7 @@ class Publisher:
         *,
         reply_to: str | None = None,
     ) -> None:
-        conn = self.connection
-        exchange = ""
-        headers: dict[str, Any] = dict(m.headers or {})
-        route = conn.routes.get(queue)
-        routing_key = queue
-        if m.delay > 0:  # through the TTL queue, which dead-letters straight into the queue
-            routing_key = await conn.declare_retry(channel, queue, m.delay)
-        elif route is not None and route.exchange:
-            exchange, routing_key = route.exchange, route.routing_key or queue
-            for k, v in (route.binding_arguments or {}).items():
-                if not k.startswith("x-"):
-                    headers.setdefault(k, v)
+        exchange, routing_key, headers = await self.route(channel, queue, m)
         properties = Basic.Properties(
             delivery_mode=2,
             message_id=m.message_id or None,
@@ -203,6 +228,31 @@ class Publisher:
                 f"RabbitMQ did not confirm message {properties.message_id!r} to "
                 f"{routing_key!r}: {confirm!r}"
             )
+
+
+def _frames(
+    outbox: Outbox,
+    m: Message,
+    exchange: str,
+    routing_key: str,
+    headers: dict[str, Any],
+    *,
+    mandatory: bool = True,
+) -> tuple[bytes, str]:
+    """``m``'s publish frames for ``outbox``, and its message id."""
+    content_type = headers.pop("content-type", MSGPACK)
+    frames = publish_frames(
+        outbox.channel.number,
+        exchange,
+        routing_key,
+        m.body,
+        frame_max=outbox.frame_max,
+        mandatory=mandatory,
+        message_id=m.message_id,
+        content_type=content_type,
+        headers=headers,
+    )
+    return frames, m.message_id
 
 
 class Publishing(Protocol):

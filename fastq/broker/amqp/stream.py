@@ -56,6 +56,9 @@ HANDSHAKE_SECONDS = 10.0
 HEARTBEAT = 60
 _ACK = struct.Struct(">BHIHHQBB")  # method frame: basic.ack / basic.nack, then the frame end
 _HEARTBEAT = b"\x08\x00\x00\x00\x00\x00\x00\xce"
+#: class and method of basic.ack and basic.nack, and what follows them (delivery tag, bits)
+_CONFIRMS = (b"\x00\x3c\x00\x50", b"\x00\x3c\x00\x78")
+_CONFIRM = struct.Struct(">QB")
 #: what a client says it can do; consumer_cancel_notify makes RabbitMQ tell us of a queue deleted
 CAPABILITIES: dict[str, bool] = {
     "consumer_cancel_notify": True,
@@ -83,6 +86,12 @@ class StreamChannel:
         #: the consumer tags RabbitMQ knows on this channel (a server's basic.cancel removes one)
         self.consumers: set[str] = set()
         self.on_deliveries: Callable[[list[Delivered]], None] | None = None
+        #: in confirm mode (fastq.broker.amqp.outbox): basic.ack / basic.nack (tag, multiple,
+        #: ack), and a returned message (basic.return with its content)
+        self.on_confirm: Callable[[int, bool, bool], None] | None = None
+        self.on_return: Callable[[Delivered], None] | None = None
+        #: told why, once, when it closes
+        self.on_closed: list[Callable[[str], None]] = []
         self._waiters: collections.deque[tuple[type[Frame], asyncio.Future[Any]]] = (
             collections.deque()
         )
@@ -164,6 +173,8 @@ class StreamChannel:
             _, waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(ChannelClosed(f"channel {self.number}: {because}"))
+        for tell in self.on_closed:
+            tell(because)
 
 
 class Stream(asyncio.Protocol):
@@ -233,7 +244,7 @@ class Stream(asyncio.Protocol):
                         "product": "fastq",
                         "platform": "Python",
                         "capabilities": dict(CAPABILITIES),
-                        "connection_name": f"fastq consumer {os.getpid()}",
+                        "connection_name": f"fastq stream {os.getpid()}",
                     },
                     mechanism="PLAIN",
                     response=f"\0{user}\0{password}",
@@ -296,12 +307,27 @@ class Stream(asyncio.Protocol):
         if deliveries:
             self._deliver(deliveries)
         for kind, number, raw in frames:
-            if kind == 1:
-                self._method(number, frame.unmarshal(raw)[2])
+            if kind != 1:
+                continue
+            if raw[7:11] in _CONFIRMS:  # basic.ack / basic.nack of a publish: many, cheap
+                channel = self.channels.get(number)
+                if channel is not None and channel.on_confirm is not None:
+                    tag, bits = _CONFIRM.unpack_from(raw, 11)
+                    channel.on_confirm(tag, bool(bits & 1), raw[10] == 80)
+                continue
+            self._method(number, frame.unmarshal(raw)[2])
 
     def _deliver(self, deliveries: list[Delivered]) -> None:
         """Each channel's run of deliveries to its callback, as one list."""
         channels = self.channels
+        if any(d[1] == 0 for d in deliveries):  # returned publishes (delivery tag 0)
+            for d in deliveries:
+                channel = channels.get(d[0]) if d[1] == 0 else None
+                if channel is not None and channel.on_return is not None:
+                    channel.on_return(d)
+            deliveries = [d for d in deliveries if d[1] != 0]
+            if not deliveries:
+                return
         number = deliveries[0][0]
         runs: dict[int, list[Delivered]] = {number: deliveries}
         for i, d in enumerate(deliveries):
