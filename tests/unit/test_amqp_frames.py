@@ -264,3 +264,38 @@ def test_publish_frames_are_what_pamqp_reads():
     )
     assert props.headers == {"x-fastq-retries": 2, "k": "v"}
     assert b"".join(b.value for b in bodies) == payload and len(bodies) == 3  # 120 a frame
+
+
+def test_the_outbox_resolves_each_publish_by_its_confirm():
+    import asyncio
+
+    from fastq.broker.amqp.outbox import Nacked, Outbox, Unroutable
+    from fastq.broker.amqp.stream import ChannelClosed, Stream, StreamChannel
+
+    async def run() -> None:
+        stream = Stream()
+        transport = _Transport()
+        stream.connection_made(transport)  # type: ignore[arg-type]
+        channel = stream.channels[1] = StreamChannel(stream, 1)
+        outbox = Outbox(channel)
+        futures = outbox.publish([(b"f%d" % i, f"m{i}") for i in range(1, 6)])
+        assert transport.written == [b"f1f2f3f4f5"]  # one write for the batch
+        props = commands.Basic.Properties(message_id="m4")
+        stream.data_received(  # m4 came back (no queue took it), then the confirms
+            frame.marshal(commands.Basic.Return(312, "NO_ROUTE", "", "q"), 1)
+            + frame.marshal(header.ContentHeader(0, 0, props), 1)
+            + frame.marshal(commands.Basic.Ack(2, True), 1)
+            + frame.marshal(commands.Basic.Nack(3, False, False), 1)
+            + frame.marshal(commands.Basic.Ack(4, False), 1)
+        )
+        assert [f.done() for f in futures] == [True, True, True, True, False]
+        assert futures[0].result() is None and futures[1].result() is None
+        with pytest.raises(Nacked):
+            futures[2].result()
+        with pytest.raises(Unroutable, match="312 NO_ROUTE"):
+            futures[3].result()
+        stream.lose("test: gone")  # what still waits fails, to be published again
+        with pytest.raises(ChannelClosed, match="m5.*test: gone"):
+            futures[4].result()
+
+    asyncio.run(run())

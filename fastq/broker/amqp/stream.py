@@ -1,12 +1,14 @@
-"""The consuming connection: an AMQP 0-9-1 connection of fastq's own, beside aiormq's, that
-carries only the consumers' channels, their deliveries and their acks.
+"""fastq's own AMQP 0-9-1 connection, beside aiormq's: it carries the consumers' channels, their
+deliveries and their acks, and the confirm-mode channel that sends and outputs are published on
+(fastq.broker.amqp.outbox).
 
 Every read off its socket goes through ``FrameReader`` (fastq._amqp, in C, or its twin): a
 ``basic.deliver`` with its content header and body frames comes out as one tuple, and all the
 deliveries of one read reach their channel's callback as one list, so that the pump takes them as
-one batch. Acks and nacks are written as ready-made frames. Everything rare (the handshake,
-``basic.qos``, ``basic.consume``, ``basic.cancel``, a channel or connection closed by RabbitMQ) is
-encoded and decoded by pamqp. Publishing, declares and direct reply-to stay on aiormq's
+one batch. Acks and nacks are written as ready-made frames, and publish confirms (``basic.ack``,
+``basic.nack``) are read without pamqp. Everything rare (the handshake, ``basic.qos``,
+``basic.consume``, ``basic.cancel``, a channel or connection closed by RabbitMQ) is encoded and
+decoded by pamqp. Declares, retry and dead-letter copies and direct reply-to stay on aiormq's
 connection (fastq.broker.amqp.connection).
 """
 
@@ -178,7 +180,7 @@ class StreamChannel:
 
 
 class Stream(asyncio.Protocol):
-    """The consuming connection (see the module docstring). ``open`` connects and shakes hands;
+    """The connection (see the module docstring). ``open`` connects and shakes hands;
     ``is_closed`` tells whether it still carries anything; ``on_lost`` runs once when it goes."""
 
     def __init__(self, on_lost: Callable[[], None] | None = None) -> None:
