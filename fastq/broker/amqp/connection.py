@@ -116,7 +116,7 @@ class Connection:
         self.on_stream_lost = stream_lost or lost
         self.url = options.masked
         self.connection: aiormq.abc.AbstractConnection | None = None
-        #: the consumers' connection (made only once a consumer needs it: a producer has none)
+        #: fastq's own connection, for the consumers and the outbox (made at the first use)
         self.stream: Stream | None = None
         #: its confirm-mode channel, for publishing (made at the first publish)
         self._outbox: Outbox | None = None
