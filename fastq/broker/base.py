@@ -45,6 +45,11 @@ class Message(msgspec.Struct, frozen=True, gc=False):
     headers: dict[str, str] | None = None
     #: seconds before it may be delivered
     delay: float = 0.0
+    #: a unique send (``unique=True`` / ``unique_key=``): while a message with this key is queued
+    #: or running, another one with it is not enqueued (``Broker.publish_unique``)
+    unique_key: str | None = None
+    #: seconds the key holds at most (None: until the message is acked or dead-lettered)
+    unique_for: float | None = None
 
 
 class Delivery(msgspec.Struct, gc=False):
@@ -295,6 +300,49 @@ class Broker(abc.ABC):
         """The host's budget of unsettled deliveries of ``queue`` (the supervisor's, whole):
         a broker that pushes (RabbitMQ's ``basic.qos``) holds no more than this. Brokers that
         are asked (``fetch``) need not do anything."""
+
+    # -- scheduling: unique sends, periodic ticks, the caller's transaction ------------------
+
+    async def publish_unique(self, queue: str, message: Message) -> str:
+        """Publish ``message`` (its ``unique_key`` set) unless a message with that key is queued
+        or running (and its ``unique_for`` has not passed); the id of the message that holds the
+        key: ``message.message_id`` when this call enqueued it, else the earlier one's. The key
+        frees when its message is acked or dead-lettered (not when it is retried).
+
+        Raises:
+            ConfigError: this broker cannot keep keys (the message says what to configure).
+        """
+        raise ConfigError(f"{self.url} cannot keep unique keys")
+
+    def publish_unique_sync(self, queue: str, message: Message) -> str:
+        """``publish_unique`` for code without an event loop (any thread)."""
+        raise ConfigError(f"{self.url} cannot keep unique keys")
+
+    async def publish_tick(self, schedule: str, tick: float, queue: str, message: Message) -> bool:
+        """Enqueue ``message`` for tick ``tick`` (epoch seconds) of periodic ``schedule``, once
+        across every supervisor that shares this broker: True when this call enqueued it, False
+        when another had. SQL brokers: a unique row per (schedule, tick) in the enqueue's own
+        transaction."""
+        raise ConfigError(f"{self.url} keeps no schedule ticks")
+
+    async def last_tick(self, schedule: str) -> float | None:
+        """The latest tick of ``schedule`` enqueued so far (epoch seconds), None if none."""
+        raise ConfigError(f"{self.url} keeps no schedule ticks")
+
+    async def publish_in(self, connection: object, queue: str, messages: Sequence[Message]) -> None:
+        """Enqueue ``messages`` inside the caller's open transaction on ``connection`` (an
+        asyncpg connection): they exist only if that transaction commits."""
+        raise ConfigError(
+            f"send(..., connection=...) enqueues in the caller's transaction, which needs the "
+            f"PostgreSQL broker (postgresql://); {self.url} is not it: drop connection="
+        )
+
+    def publish_in_sync(self, connection: object, queue: str, messages: Sequence[Message]) -> None:
+        """``publish_in`` for code without an event loop, on a psycopg (3) connection."""
+        raise ConfigError(
+            f"send(..., connection=...) enqueues in the caller's transaction, which needs the "
+            f"PostgreSQL broker (postgresql://); {self.url} is not it: drop connection="
+        )
 
     @abc.abstractmethod
     async def queue_depth(self, queue: str) -> QueueDepth:
