@@ -21,10 +21,21 @@ from collections.abc import Awaitable, Callable, Iterator
 from fastq.app import App
 from fastq.errors import ConfigError
 
-__all__ = ["AMQP_URL", "memory_app", "require_amqp", "wait_until", "wait_until_async"]
+__all__ = [
+    "AMQP_URL",
+    "POSTGRES_URL",
+    "memory_app",
+    "postgres_restarted",
+    "require_amqp",
+    "require_postgres",
+    "wait_until",
+    "wait_until_async",
+]
 
 #: where the RabbitMQ tests find their broker
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+#: where the PostgreSQL tests find their database (each test makes a schema of its own in it)
+POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 #: seconds between two looks at the condition, by default
 INTERVAL = 0.02
 
@@ -93,27 +104,58 @@ def memory_app(name: str = "test") -> App:
     return App(name, broker=f"memory://{name}-{os.getpid()}-{next(_apps)}")
 
 
-def require_amqp(url: str | None = None) -> str:
-    """RabbitMQ's URL (``url``, else ``FASTQ_AMQP_URL``, else ``AMQP_URL``) once something answers
-    on its port; when nothing does, the test is skipped, unless ``CI`` is set: there that is a
-    failure (dramatiq's rule: a suite that skips its broker tests in CI proves nothing)."""
+def _require(what: str, url: str, default_port: int, how: str) -> None:
+    """Skip (or, with ``CI`` set, fail) unless something answers on ``url``'s port."""
     import pytest
 
-    url = url or os.environ.get("FASTQ_AMQP_URL") or AMQP_URL
     parts = urllib.parse.urlsplit(url)
-    host, port = (
-        parts.hostname or "127.0.0.1",
-        parts.port or (5671 if parts.scheme == "amqps" else 5672),
-    )
+    host, port = parts.hostname or "127.0.0.1", parts.port or default_port
     try:
         socket.create_connection((host, port), timeout=1).close()
     except OSError as e:
         if os.environ.get("CI"):
             raise ConnectionError(
-                f"RabbitMQ unreachable at {host}:{port} ({e}) and CI is set: "
-                "start it (rabbitmq-server -detached)"
+                f"{what} unreachable at {host}:{port} ({e}) and CI is set: start it ({how})"
             ) from e
-        pytest.skip(f"RabbitMQ unreachable at {host}:{port} ({e})")
+        pytest.skip(f"{what} unreachable at {host}:{port} ({e})")
+
+
+def require_postgres(url: str | None = None) -> str:
+    """PostgreSQL's URL (``url``, else ``FASTQ_POSTGRES_URL``, else ``POSTGRES_URL``) once
+    something answers on its port; skipped when nothing does, a failure when ``CI`` is set."""
+    url = url or os.environ.get("FASTQ_POSTGRES_URL") or POSTGRES_URL
+    _require("PostgreSQL", url, 5432, "pg_ctlcluster 15 main start")
+    return url
+
+
+@contextlib.contextmanager
+def postgres_restarted(version: str = "15", timeout: float = 120) -> Iterator[None]:
+    """PostgreSQL on this host stopped (``pg_ctlcluster VERSION main stop``) for the ``with``
+    block, and started again however the block ends: other tests and CI share it."""
+    subprocess.run(
+        ["pg_ctlcluster", version, "main", "stop", "-m", "fast"],
+        check=True,
+        capture_output=True,
+        timeout=timeout,
+    )
+    try:
+        yield
+    finally:
+        subprocess.run(
+            ["pg_ctlcluster", version, "main", "start"],
+            check=True,
+            capture_output=True,
+            timeout=timeout,
+        )
+
+
+def require_amqp(url: str | None = None) -> str:
+    """RabbitMQ's URL (``url``, else ``FASTQ_AMQP_URL``, else ``AMQP_URL``) once something answers
+    on its port; when nothing does, the test is skipped, unless ``CI`` is set: there that is a
+    failure (dramatiq's rule: a suite that skips its broker tests in CI proves nothing)."""
+    url = url or os.environ.get("FASTQ_AMQP_URL") or AMQP_URL
+    port = 5671 if urllib.parse.urlsplit(url).scheme == "amqps" else 5672
+    _require("RabbitMQ", url, port, "rabbitmq-server -detached")
     return url
 
 

@@ -30,11 +30,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.parent.name == "amqp":
             item.add_marker(pytest.mark.amqp)
-        if item.path.parent.name in ("integration", "faults"):
+        if item.path.parent.name == "postgres":
+            item.add_marker(pytest.mark.postgres)
+        if item.path.parent.name in ("integration", "faults", "postgres"):
             item.add_marker(pytest.mark.multiprocess)
-    # The RabbitMQ tests go last: some restart RabbitMQ, whose start-up burns CPU for a while on
-    # the cores that the engine's timing-sensitive tests (autosize reactions) measure.
-    items.sort(key=lambda item: item.get_closest_marker("amqp") is not None)
+    # The RabbitMQ tests go last, the PostgreSQL ones just before them: some restart their
+    # server, whose start-up burns CPU for a while on the cores that the engine's
+    # timing-sensitive tests (autosize reactions) measure.
+    items.sort(
+        key=lambda item: (
+            item.get_closest_marker("amqp") is not None,
+            item.get_closest_marker("postgres") is not None,
+        )
+    )
 
 
 def _fastq_segments() -> set[str]:

@@ -1,4 +1,5 @@
-"""Brokers by URL: ``sqlite:///path`` (the embedded default), ``memory://``, ``amqp://`` (RabbitMQ).
+"""Brokers by URL: ``sqlite:///path`` (the embedded default), ``memory://``, ``postgresql://``,
+``amqp://`` (RabbitMQ).
 
 Each backend is imported only when its URL is opened, so ``import fastq`` loads none of them.
 """
@@ -30,10 +31,15 @@ def open_broker(url: str) -> Broker:
         if url not in _memory:  # one per name and process, so producer and supervisor share it
             _memory[url] = MemoryBroker(url)
         return _memory[url]
+    if scheme in ("postgresql", "postgres"):
+        from fastq.broker.postgres import PostgresBroker
+
+        return PostgresBroker(url)
     if scheme in ("amqp", "amqps"):
         from fastq.broker.amqp import AMQPBroker
 
         return AMQPBroker(url)
     raise ConfigError(
-        f"unknown broker URL {mask_url(url)!r}; expected sqlite:///path, memory:// or amqp://user:pass@host:port/vhost"
+        f"unknown broker URL {mask_url(url)!r}; expected sqlite:///path, memory://, "
+        "postgresql://user:pass@host:port/db or amqp://user:pass@host:port/vhost"
     )

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import logging
 from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 
@@ -19,11 +21,14 @@ from fastq.config import EXCHANGE_KINDS, QueueOptions
 from fastq.errors import ConfigError
 from fastq.url import mask_url
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "EXCHANGE_KINDS",
     "Broker",
     "DeadLetter",
     "Delivery",
+    "ExchangeBroker",
     "Message",
     "Output",
     "QueueDepth",
@@ -32,7 +37,9 @@ __all__ = [
     "Signal",
     "StoredResult",
     "mask_url",
+    "pack_headers",
     "query_float",
+    "unpack_headers",
     "wait_either",
 ]
 
@@ -68,6 +75,27 @@ class Delivery(msgspec.Struct, gc=False):
     reply_to: str = ""
 
 
+_headers_encoder = msgspec.msgpack.Encoder()
+_headers_decoder = msgspec.msgpack.Decoder(dict[str, str])
+
+
+def pack_headers(headers: dict[str, str] | None) -> bytes | None:
+    """Headers as the SQL brokers store them (msgpack; None when there are none)."""
+    return None if not headers else _headers_encoder.encode(headers)
+
+
+def unpack_headers(raw: bytes | None) -> dict[str, str] | None:
+    """Headers as stored; ones that do not decode (another writer's) are dropped with a warning,
+    so that a claimed message is still delivered instead of staying leased."""
+    if raw is None:
+        return None
+    try:
+        return _headers_decoder.decode(raw)
+    except msgspec.DecodeError as e:
+        logger.warning("dropping stored headers that are not a msgpack map of strings: %s", e)
+        return None
+
+
 class Retry(msgspec.Struct, frozen=True, gc=False):
     tag: int
     delay: float
@@ -86,6 +114,12 @@ class DeadLetter(msgspec.Struct, frozen=True, gc=False):
     reason: str
     failed_at: float
     headers: dict[str, str] | None = None
+
+    @classmethod
+    def from_row(cls, r: Sequence[Any]) -> DeadLetter:
+        """From a SQL row: id, queue, message_id, body, attempts, retries, reason, failed_at,
+        headers (packed)."""
+        return cls(r[0], r[1], r[2], bytes(r[3]), r[4], r[5], r[6], r[7], unpack_headers(r[8]))
 
 
 class StoredResult(msgspec.Struct, frozen=True, gc=False):
@@ -351,6 +385,32 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Release connections; unsettled deliveries come back to some consumer later."""
+
+
+class ExchangeBroker(Broker):
+    """A broker whose ``exchange`` does it all in one round trip (SQLite, PostgreSQL): ``fetch``
+    and ``settle`` are its two halves, and it overrides ``exchange``."""
+
+    async def fetch(
+        self,
+        queue: str,
+        max_messages: int,
+        *,
+        timeout: float,
+        wake: asyncio.Event | Signal | None = None,
+    ) -> list[Delivery]:
+        return await self.exchange(queue, fetch=max_messages, timeout=timeout, wake=wake)
+
+    async def settle(
+        self,
+        queue: str,
+        *,
+        ack: Sequence[int] = (),
+        retry: Sequence[Retry] = (),
+        dead: Sequence[tuple[int, str]] = (),
+        release: Sequence[int] = (),
+    ) -> None:
+        await self.exchange(queue, ack=ack, retry=retry, dead=dead, release=release)
 
 
 def query_float(

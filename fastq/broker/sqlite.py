@@ -29,15 +29,13 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-import msgspec
-
 from fastq import results
 from fastq.broker import sqlite_sql as sql
 from fastq.broker import sqlite_storage as storage
 from fastq.broker.base import (
-    Broker,
     DeadLetter,
     Delivery,
+    ExchangeBroker,
     Message,
     Output,
     QueueDepth,
@@ -45,7 +43,9 @@ from fastq.broker.base import (
     Signal,
     StoredResult,
     mask_url,
+    pack_headers,
     query_float,
+    unpack_headers,
     wait_either,
 )
 from fastq.errors import BrokerStorageError, ConfigError, FastqError
@@ -60,25 +60,6 @@ CHECKPOINT_WAL_BYTES = 16 << 20
 WAL_LIMIT_BYTES = 16 << 20
 
 logger = logging.getLogger(__name__)
-
-_headers_encoder = msgspec.msgpack.Encoder()
-_headers_decoder = msgspec.msgpack.Decoder(dict[str, str])
-
-
-def _pack(headers: dict[str, str] | None) -> bytes | None:
-    return None if not headers else _headers_encoder.encode(headers)
-
-
-def _unpack(raw: bytes | None) -> dict[str, str] | None:
-    """Headers as stored; ones that do not decode (another writer's) are dropped with a warning,
-    so that a claimed message is still delivered instead of staying leased."""
-    if raw is None:
-        return None
-    try:
-        return _headers_decoder.decode(raw)
-    except msgspec.DecodeError as e:
-        logger.warning("dropping stored headers that are not a msgpack map of strings: %s", e)
-        return None
 
 
 def parse_url(url: str) -> tuple[str, dict[str, list[str]]]:
@@ -97,7 +78,7 @@ def parse_url(url: str) -> tuple[str, dict[str, list[str]]]:
     return parts.path[1:], urllib.parse.parse_qs(parts.query)
 
 
-class SqliteBroker(Broker):
+class SqliteBroker(ExchangeBroker):
     """See the module docstring. Async methods run on one thread of its own, with its own
     connection; ``publish_sync`` and the dead-letter methods use a connection per calling thread."""
 
@@ -238,7 +219,9 @@ class SqliteBroker(Broker):
             BrokerConnectionError: the file cannot be opened (its directory does not exist...).
         """
         now = time.time()
-        rows = [(queue, m.message_id, m.body, _pack(m.headers), now + m.delay) for m in messages]
+        rows = [
+            (queue, m.message_id, m.body, pack_headers(m.headers), now + m.delay) for m in messages
+        ]
         self._write(
             lambda db: db.executemany(sql.INSERT, rows),
             outcome=f"{len(rows)} message(s) to {queue!r} were not enqueued",
@@ -257,28 +240,7 @@ class SqliteBroker(Broker):
 
     @staticmethod
     def _deliveries(queue: str, rows: list[Any]) -> list[Delivery]:
-        return [Delivery(r[0], queue, r[2], r[1], r[4], r[5], _unpack(r[3])) for r in rows]
-
-    async def fetch(
-        self,
-        queue: str,
-        max_messages: int,
-        *,
-        timeout: float,
-        wake: asyncio.Event | Signal | None = None,
-    ) -> list[Delivery]:
-        return await self.exchange(queue, fetch=max_messages, timeout=timeout, wake=wake)
-
-    async def settle(
-        self,
-        queue: str,
-        *,
-        ack: Sequence[int] = (),
-        retry: Sequence[Retry] = (),
-        dead: Sequence[tuple[int, str]] = (),
-        release: Sequence[int] = (),
-    ) -> None:
-        await self.exchange(queue, ack=ack, retry=retry, dead=dead, release=release)
+        return [Delivery(r[0], queue, r[2], r[1], r[4], r[5], unpack_headers(r[3])) for r in rows]
 
     async def exchange(
         self,
@@ -380,7 +342,7 @@ class SqliteBroker(Broker):
                                 o.queue,
                                 o.message.message_id,
                                 o.message.body,
-                                _pack(o.message.headers),
+                                pack_headers(o.message.headers),
                                 now + o.message.delay,
                             )
                             for o in outputs
@@ -510,20 +472,7 @@ class SqliteBroker(Broker):
             )
             .fetchall()
         )
-        return [
-            DeadLetter(
-                id=r[0],
-                queue=r[1],
-                message_id=r[2],
-                body=r[3],
-                attempts=r[4],
-                retries=r[5],
-                reason=r[6],
-                failed_at=r[7],
-                headers=_unpack(r[8]),
-            )
-            for r in rows
-        ]
+        return [DeadLetter.from_row(r) for r in rows]
 
     def requeue_dead_letters(
         self, ids: Sequence[int] | None = None, *, queue: str | None = None

@@ -48,12 +48,14 @@ async def crawl(n: int) -> None:
 class Tree:
     """One app (module ``faults_<id>`` in ``directory``) and the `fastq worker` trees run on it."""
 
-    def __init__(self, directory: Path, url: str) -> None:
+    def __init__(self, directory: Path, url: str, extra: str = "") -> None:
+        """``extra``: more of the app module (tasks of a test's own), appended to ``APP``."""
         self.dir, self.url, self.out = directory, url, directory / "out.txt"
         self.q = f"fq-fault-{uuid.uuid4().hex[:8]}"
         self.module = f"faults_{uuid.uuid4().hex[:8]}"
         (directory / f"{self.module}.py").write_text(
             textwrap.dedent(APP.format(url=url, out=str(self.out), q=self.q))
+            + textwrap.dedent(extra)
         )
         sys.path.insert(0, str(directory))
         self.app = __import__(self.module)

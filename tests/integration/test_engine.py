@@ -363,7 +363,7 @@ def test_a_bad_broker_url_is_one_line_and_exit_2(engine):
     log = (engine.dir / "worker.log").read_text().strip()
     assert log == (
         "fastq worker: unknown broker URL 'redis://user:***@host/0'; expected sqlite:///path, "
-        "memory:// or amqp://user:pass@host:port/vhost"
+        "memory://, postgresql://user:pass@host:port/db or amqp://user:pass@host:port/vhost"
     )
 
 

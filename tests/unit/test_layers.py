@@ -68,6 +68,9 @@ ALLOWED: dict[str, set[str]] = {
     # what the SQLite file's storage errors mean, in words
     "broker.sqlite_storage": {"errors"},
     "broker.amqp": {"broker.amqp.broker"},
+    # the PostgreSQL broker (the only asyncpg importer) and its SQL text
+    "broker.postgres": {"broker.base", "broker.postgres_sql", "message", "errors", "results"},
+    "broker.postgres_sql": set(),
     "broker.amqp.broker": _AMQP | _AMQP_ROOMS,
     # the consuming connection: its frames read by _amqp (or its twin), the rare ones by pamqp
     "broker.amqp.stream": {"_amqp", "_amqp_py", "errors"},
@@ -81,7 +84,8 @@ ALLOWED: dict[str, set[str]] = {
     "broker.amqp.management": set(),
     # direct reply-to: the caller's side of task.call, and the supervisor's replies
     "broker.amqp.replies": _AMQP | {"broker.amqp.connection", "broker.amqp.publish"},
-    "broker": {"broker.base", "broker.memory", "broker.sqlite", "broker.amqp", "errors"},
+    "broker": {"broker.base", "broker.memory", "broker.sqlite", "broker.amqp", "broker.postgres",
+               "errors"},
     "middleware": {"message", "errors"},
     "worker": _RUNTIME,
     "executors": set(),
@@ -123,6 +127,7 @@ HEAVY = {
     "pamqp": {"broker.amqp.stream", "broker.amqp.outbox", "broker.amqp.publish",
               "broker.amqp.settle", "broker.amqp.replies", "_bench"},
     "uvloop": {"_aio"},
+    "asyncpg": {"broker.postgres", "_bench"},
     # (``_bench`` reads the process trees it measures)
     "psutil": {"autosize.topology", "_bench"},
 }
@@ -235,6 +240,9 @@ def test_no_import_circle():
 
 
 def test_import_fastq_loads_no_heavy_dependency():
-    code = "import fastq, sys; print(sorted({'aiormq', 'uvloop', 'psutil'} & set(sys.modules)))"
+    code = (
+        "import fastq, sys; "
+        "print(sorted({'aiormq', 'asyncpg', 'uvloop', 'psutil'} & set(sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

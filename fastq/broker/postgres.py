@@ -1,0 +1,591 @@
+"""``postgresql://user:pass@host:port/db?schema=fastq``: many hosts on one PostgreSQL database.
+
+Tables in a schema of their own, made on first use (``fastq.broker.postgres_sql``). The supervisor
+claims a batch at a time with ``FOR UPDATE SKIP LOCKED``, each claim a lease (the row's
+``visible_at`` pushed one lease ahead and renewed every lease/3 while its broker lives, so a dead
+host's messages come back when its leases lapse), and settles the last batch and claims the next
+in one round trip (a server-side function). Acks are batched deletes; retries set the available-at
+time; dead letters move to their own table with the reason. An idle supervisor sleeps on
+``LISTEN``: an insert's ``NOTIFY`` (a trigger, whoever inserts) wakes it when the inserting
+transaction commits; a look every ``poll`` seconds (default 2) covers a lost notification, and a
+queue whose next message is delayed is looked at when it becomes visible.
+
+``task.send_async(..., connection=conn)`` enqueues with the caller's asyncpg connection, inside
+its transaction: the message exists only if that transaction commits (``send`` takes a psycopg 3
+connection the same way).
+
+URL query (removed before the URL reaches asyncpg): ``schema`` (a plain identifier, default
+``fastq``), ``lease`` seconds (default 30), ``poll`` seconds (default 2), ``pool`` connections
+of the supervisor (default 8). Everything else in the URL is asyncpg's (``sslmode``...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import logging
+import os
+import re
+import socket
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import asyncpg
+
+from fastq import results
+from fastq.broker import postgres_sql as sql
+from fastq.broker.base import (
+    DeadLetter,
+    Delivery,
+    ExchangeBroker,
+    Message,
+    Output,
+    QueueDepth,
+    Retry,
+    Signal,
+    StoredResult,
+    mask_url,
+    pack_headers,
+    query_float,
+    unpack_headers,
+    wait_either,
+)
+from fastq.errors import BrokerConnectionError, BrokerStorageError, ConfigError
+
+__all__ = ["PostgresBroker", "parse_url"]
+
+T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
+
+#: the query parameters that are the broker's own; the rest of the URL goes to asyncpg
+OWN_PARAMS = ("schema", "lease", "poll", "pool")
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+#: what asyncpg raises when the server is gone or refuses us for now
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+)
+#: what asyncpg raises when the server's storage refuses a write
+_STORAGE_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.DiskFullError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
+)
+
+
+def parse_url(url: str) -> tuple[str, dict[str, list[str]]]:
+    """The URL asyncpg gets (without fastq's own parameters), and fastq's parameters."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres") or not parts.path.strip("/"):
+        raise ConfigError(
+            f"{mask_url(url)!r} is not a PostgreSQL broker URL; use "
+            "postgresql://user:password@host:port/database?schema=fastq"
+        )
+    pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    own = urllib.parse.parse_qs(
+        urllib.parse.urlencode([(k, v) for k, v in pairs if k in OWN_PARAMS])
+    )
+    rest = urllib.parse.urlencode([(k, v) for k, v in pairs if k not in OWN_PARAMS])
+    return urllib.parse.urlunsplit(parts._replace(query=rest)), own
+
+
+class PostgresBroker(ExchangeBroker):
+    """See the module docstring. Async methods run on the loop that opened it, over a pool of
+    connections; ``publish_sync``, ``get_result`` and the dead-letter methods run on a thread of
+    the broker's own with its own small pool (any calling thread)."""
+
+    keeps_results = True
+    atomic_outputs = True
+
+    def __init__(self, url: str) -> None:
+        self.url = mask_url(url)
+        self._dsn, params = parse_url(url)
+        schema = params.get("schema", ["fastq"])[-1]
+        if not _IDENTIFIER.match(schema):
+            raise ConfigError(
+                f"schema={schema!r} in {self.url} must be a plain lowercase identifier "
+                "(letters, digits, _; at most 63): fastq names its tables after it"
+            )
+        self.schema = schema
+        self.lease = query_float(url, params, "lease", 30.0, 1.0)
+        self.poll = query_float(url, params, "poll", 2.0, 0.01)
+        self.pool_size = int(query_float(url, params, "pool", 8, 2))
+        self.channel = f"fastq_{schema}"
+        self.sql = _Statements(schema, self.channel)
+        #: the lease owner this broker writes on what it claims
+        self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self._pool: asyncpg.Pool | None = None
+        #: the tags this broker claimed and has not settled: the leases it renews
+        self._held: set[int] = set()
+        self._events: dict[str, asyncio.Event] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._bridge: _Bridge | None = None
+        self._bridge_lock = threading.Lock()
+
+    # -- errors -----------------------------------------------------------------------------
+
+    def translate(self, e: BaseException, doing: str) -> BaseException:
+        """An asyncpg or socket error as fastq's (the URL masked; the cause kept by the caller)."""
+        if isinstance(e, _STORAGE_ERRORS):
+            return BrokerStorageError(
+                f"PostgreSQL at {self.url} refused to write ({type(e).__name__}: {e}); {doing}"
+            )
+        if isinstance(e, _CONNECTION_ERRORS):
+            return BrokerConnectionError(
+                f"PostgreSQL at {self.url} is unreachable ({type(e).__name__}: {e}); {doing}"
+            )
+        return e
+
+    async def _call(self, work: Callable[[asyncpg.Connection], Awaitable[T]], doing: str) -> T:
+        """Run ``work`` on a pooled connection; connection and storage errors translated."""
+        pool = self._pool
+        assert pool is not None, "open() the broker first"
+        try:
+            conn = await pool.acquire()
+        except (*_CONNECTION_ERRORS, *_STORAGE_ERRORS) as e:
+            raise self.translate(e, doing) from e
+        try:
+            return await work(conn)
+        except (*_CONNECTION_ERRORS, *_STORAGE_ERRORS) as e:
+            raise self.translate(e, doing) from e
+        finally:
+            try:
+                await pool.release(conn)
+            except Exception as e:  # noqa: BLE001 - the work is done; the pool replaces it
+                logger.debug("a connection to %s broke on its way back: %r", self.url, e)
+                conn.terminate()
+
+    # -- Broker -----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        try:
+            pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=self.pool_size)
+        except (*_CONNECTION_ERRORS, asyncpg.exceptions.PostgresError) as e:
+            raise BrokerConnectionError(
+                f"cannot connect to PostgreSQL at {self.url} ({type(e).__name__}: {e}); check the "
+                "URL, that the server runs and that it accepts this user"
+            ) from e
+        assert pool is not None
+        self._pool = pool
+        try:
+            await self._call(self.sql.prepare, "the schema was not made")
+        except BaseException:
+            await pool.close()
+            self._pool = None
+            raise
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="fastq-pg-listen"),
+            asyncio.create_task(self._renew(), name="fastq-pg-renew"),
+        ]
+
+    async def declare(self, queue: str) -> None:
+        pass  # a queue is the set of rows that name it
+
+    async def publish(self, queue: str, messages: Sequence[Message]) -> None:
+        if messages:
+            await self._call(
+                lambda c: _insert(c, self.sql.insert, queue, messages),
+                f"{len(messages)} message(s) to {queue!r} were not enqueued",
+            )
+
+    def publish_sync(self, queue: str, messages: Sequence[Message]) -> None:
+        """Enqueue ``messages`` in one transaction (any thread).
+
+        Raises:
+            BrokerConnectionError: the database is unreachable: none of them was enqueued.
+        """
+        if messages:
+            self.bridge().run(
+                lambda c: _insert(c, self.sql.insert, queue, messages),
+                f"{len(messages)} message(s) to {queue!r} were not enqueued",
+            )
+
+    async def publish_in(self, connection: object, queue: str, messages: Sequence[Message]) -> None:
+        if not isinstance(connection, asyncpg.Connection):
+            raise ConfigError(
+                f"send_async(..., connection=...) takes an asyncpg connection, got "
+                f"{type(connection).__name__}; for a psycopg connection use send(..., connection=)"
+            )
+        if messages:
+            await _insert(connection, self.sql.insert, queue, messages)
+
+    def publish_in_sync(self, connection: object, queue: str, messages: Sequence[Message]) -> None:
+        cursor = getattr(connection, "cursor", None)
+        if isinstance(connection, asyncpg.Connection) or cursor is None:
+            raise ConfigError(
+                f"send(..., connection=...) takes a psycopg 3 connection, got "
+                f"{type(connection).__name__}; for an asyncpg connection use "
+                "await send_async(..., connection=conn)"
+            )
+        if messages:
+            with cursor() as cur:
+                cur.execute(self.sql.insert_psycopg, _insert_args(queue, messages))
+
+    async def publish_unique(self, queue: str, message: Message) -> str:
+        return await self._call(
+            lambda c: self._unique(c, queue, message), "the unique message was not enqueued"
+        )
+
+    def publish_unique_sync(self, queue: str, message: Message) -> str:
+        return self.bridge().run(
+            lambda c: self._unique(c, queue, message), "the unique message was not enqueued"
+        )
+
+    async def _unique(self, conn: asyncpg.Connection, queue: str, m: Message) -> str:
+        holder: str = await conn.fetchval(
+            self.sql.publish_unique,
+            queue,
+            m.message_id,
+            m.body,
+            pack_headers(m.headers),
+            m.delay,
+            m.unique_key,
+            m.unique_for,
+        )
+        return holder
+
+    async def publish_tick(self, schedule: str, tick: float, queue: str, message: Message) -> bool:
+        done: bool = await self._call(
+            lambda c: c.fetchval(
+                self.sql.publish_tick,
+                schedule,
+                tick,
+                queue,
+                message.message_id,
+                message.body,
+                pack_headers(message.headers),
+            ),
+            f"tick {tick} of {schedule!r} was not enqueued",
+        )
+        return done
+
+    async def last_tick(self, schedule: str) -> float | None:
+        tick: float | None = await self._call(
+            lambda c: c.fetchval(self.sql.last_tick, schedule), "the last tick was not read"
+        )
+        return tick
+
+    async def exchange(
+        self,
+        queue: str,
+        *,
+        ack: Sequence[int] = (),
+        retry: Sequence[Retry] = (),
+        dead: Sequence[tuple[int, str]] = (),
+        release: Sequence[int] = (),
+        results: Sequence[StoredResult] = (),
+        outputs: Sequence[Output] = (),
+        replies: Sequence[StoredResult] = (),
+        fetch: int = 0,
+        timeout: float = 0.0,
+        wake: asyncio.Event | Signal | None = None,
+    ) -> list[Delivery]:
+        """Publish the outputs, store the results, settle and claim in one round trip; then,
+        while nothing was claimed, sleep until a NOTIFY for ``queue``, its next message's time,
+        ``poll`` seconds, ``timeout`` or ``wake``, and claim again."""
+        deadline = time.monotonic() + timeout
+        args: list[Any] | None = _settle_args(ack, retry, dead, release, results, outputs)
+        if args is None and fetch <= 0:
+            return []
+        event = self._events.setdefault(queue, asyncio.Event())
+        while True:
+            event.clear()
+            params = args or _NOTHING
+            rows = await self._call(
+                lambda c, p=params: c.fetch(  # type: ignore[misc]
+                    self.sql.exchange, self.owner, queue, self.lease, *p, max(fetch, 0)
+                ),
+                f"settling and claiming on {queue!r} did not happen (it is retried)",
+            )
+            if args is not None:
+                self._held.difference_update(ack, [r.tag for r in retry], [t for t, _ in dead])
+                self._held.difference_update(release)
+                args = None
+            self._held.update(r[0] for r in rows)
+            remaining = deadline - time.monotonic()
+            if rows or fetch <= 0 or remaining <= 0 or (wake is not None and wake.is_set()):
+                return sorted(
+                    (
+                        Delivery(r[0], queue, r[2], r[1], r[4], r[5], unpack_headers(r[3]))
+                        for r in rows
+                    ),
+                    key=lambda d: d.tag,
+                )
+            if not event.is_set():
+                pause = min(remaining, self.poll)
+                due = await self._call(
+                    lambda c: c.fetchval(self.sql.next_visible, queue), "looking ahead failed"
+                )
+                if due is not None:
+                    pause = min(pause, max(due, 0.0) + 0.001)
+                await wait_either(event, wake, pause)
+
+    async def put_results(self, results: Sequence[StoredResult]) -> None:
+        await self.exchange("", results=results)
+
+    def get_result(self, message_id: str) -> bytes | None:
+        row = self.bridge().run(
+            lambda c: c.fetchrow(self.sql.get_result, message_id), "the result was not read"
+        )
+        if row is None:
+            return None
+        outcome, expires_at = row
+        if outcome is None or expires_at < time.time():  # expiry on read
+            raise results.expired(message_id, expires_at)
+        return bytes(outcome)
+
+    async def queue_depth(self, queue: str) -> QueueDepth:
+        row = await self._call(
+            lambda c: c.fetchrow(self.sql.depth, queue), "the depth was not read"
+        )
+        return QueueDepth(ready=row[0], unacked=row[1], delayed=row[2], dead=row[3])
+
+    async def close(self) -> None:
+        """Stop listening and renewing; release what this broker still holds (visible at once,
+        and the other supervisors told)."""
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                async with pool.acquire() as conn:
+                    queues = await conn.fetch(self.sql.release_all, self.owner)
+                    if queues:
+                        await conn.execute(self.sql.notify, sorted({r[0] for r in queues}))
+            except (*_CONNECTION_ERRORS, asyncpg.exceptions.PostgresError) as e:
+                logger.warning("releasing the leases of %s failed (%s): they lapse", self.url, e)
+            await pool.close()
+        bridge, self._bridge = self._bridge, None
+        if bridge is not None:
+            bridge.close()
+
+    # -- background: wake-ups and leases -----------------------------------------------------
+
+    async def _listen(self) -> None:
+        """Hold a LISTEN connection; after it is lost, make it again with backoff, and wake
+        every waiting queue (notifications may have been missed)."""
+        pause = 0.05
+        while True:
+            lost = asyncio.Event()
+            try:
+                conn = await asyncpg.connect(self._dsn)
+            except (*_CONNECTION_ERRORS, asyncpg.exceptions.PostgresError) as e:
+                logger.debug("LISTEN on %s failed (%s); again in %.2f s", self.url, e, pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, self.poll)
+                continue
+            try:
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await conn.add_listener(self.channel, self._notified)
+                pause = 0.05
+                for event in self._events.values():
+                    event.set()
+                await lost.wait()
+            except _CONNECTION_ERRORS as e:
+                logger.debug("LISTEN on %s lost (%s)", self.url, e)
+            finally:
+                conn.terminate()
+
+    def _notified(self, _conn: object, _pid: int, _channel: str, queue: object) -> None:
+        event = self._events.get(str(queue))
+        if event is not None:
+            event.set()
+
+    async def _renew(self) -> None:
+        """Push this owner's leases ahead every lease/3, and purge expired results."""
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            try:
+                await self._call(
+                    lambda c: c.execute(self.sql.renew, self.owner, self.lease, list(self._held)),
+                    "leases lapse",
+                )
+                await self._call(lambda c: c.execute(self.sql.purge_results), "no purge")
+            except (BrokerConnectionError, BrokerStorageError) as e:
+                logger.warning("renewing the leases on %s failed: %s", self.url, e)
+
+    # -- any thread ---------------------------------------------------------------------------
+
+    def bridge(self) -> _Bridge:
+        with self._bridge_lock:
+            if self._bridge is None:
+                self._bridge = _Bridge(self)
+            return self._bridge
+
+    def dead_letters(self, queue: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        """Dead letters, oldest first, with the reason each one failed."""
+        rows = self.bridge().run(
+            lambda c: c.fetch(self.sql.dead_letters, queue, limit), "dead letters were not read"
+        )
+        return [DeadLetter.from_row(r) for r in rows]
+
+    def requeue_dead_letters(
+        self, ids: Sequence[int] | None = None, *, queue: str | None = None
+    ) -> int:
+        """Put dead letters (all, those of ``queue``, or those ``ids``) back, with fresh counts."""
+        wanted = None if ids is None else [int(i) for i in ids]
+        moved: int = self.bridge().run(
+            lambda c: c.fetchval(self.sql.requeue, queue, wanted), "nothing was requeued"
+        )
+        return moved
+
+
+class _Statements:
+    """The SQL of one schema, formatted once."""
+
+    def __init__(self, schema: str, channel: str) -> None:
+        def f(text: str) -> str:
+            return text.format(s=schema, channel=channel)
+
+        self.schema_text = f(sql.SCHEMA)
+        self.exists, self.version, self.stamp = f(sql.EXISTS), f(sql.VERSION), f(sql.STAMP)
+        self.insert, self.insert_psycopg = f(sql.INSERT), f(sql.INSERT_PSYCOPG)
+        self.exchange, self.next_visible = f(sql.EXCHANGE), f(sql.NEXT_VISIBLE)
+        self.publish_unique, self.publish_tick = f(sql.PUBLISH_UNIQUE), f(sql.PUBLISH_TICK)
+        self.last_tick = f(sql.LAST_TICK)
+        self.renew, self.release_all, self.notify = f(sql.RENEW), f(sql.RELEASE_ALL), f(sql.NOTIFY)
+        self.depth, self.get_result = f(sql.DEPTH), f(sql.GET_RESULT)
+        self.purge_results = f(sql.PURGE_RESULTS)
+        self.dead_letters, self.requeue = f(sql.DEAD_LETTERS), f(sql.REQUEUE)
+        self.schema = schema
+
+    async def prepare(self, conn: asyncpg.Connection) -> None:
+        """Make the schema if there is none (under an advisory lock: many processes start at
+        once); a newer schema than this code's is an error, and nothing is touched."""
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", sql.SCHEMA_LOCK)
+            version = (
+                await conn.fetchval(self.version) if await conn.fetchval(self.exists) else None
+            )
+            if version is None:
+                await conn.execute(self.schema_text)
+                await conn.execute(self.stamp, str(sql.SCHEMA_VERSION))
+            elif version > sql.SCHEMA_VERSION:
+                raise ConfigError(
+                    f"schema {self.schema!r} holds fastq tables of version {version}, newer than "
+                    f"this fastq's {sql.SCHEMA_VERSION}; upgrade fastq on this host, or use "
+                    "another ?schema="
+                )
+
+
+_NOTHING: list[Any] = [[], [], [], [], [], [], [], [], [], [], [], [], [], [], [], []]
+
+
+def _settle_args(
+    ack: Sequence[int],
+    retry: Sequence[Retry],
+    dead: Sequence[tuple[int, str]],
+    release: Sequence[int],
+    results: Sequence[StoredResult],
+    outputs: Sequence[Output],
+) -> list[Any] | None:
+    """The exchange function's settle arrays, in its parameter order (None: nothing to do)."""
+    if not (ack or retry or dead or release or results or outputs):
+        return None
+    for o in outputs:
+        if o.exchange:
+            raise ConfigError(
+                f"publish_to=Route(exchange={o.exchange!r}) needs a broker with exchanges "
+                "(amqp://); PostgreSQL has queues only: publish_to a queue name"
+            )
+    return [
+        list(ack),
+        [r.tag for r in retry],
+        [r.delay for r in retry],
+        [r.reason for r in retry],
+        [t for t, _ in dead],
+        [reason for _, reason in dead],
+        list(release),
+        [o.queue for o in outputs],
+        [o.message.message_id for o in outputs],
+        [o.message.body for o in outputs],
+        [pack_headers(o.message.headers) for o in outputs],
+        [o.message.delay for o in outputs],
+        [r.message_id for r in results],
+        [r.handler for r in results],
+        [r.outcome for r in results],
+        [r.ttl for r in results],
+    ]
+
+
+def _insert_args(queue: str, messages: Sequence[Message]) -> tuple[Any, ...]:
+    return (
+        queue,
+        [m.message_id for m in messages],
+        [m.body for m in messages],
+        [pack_headers(m.headers) for m in messages],
+        [m.delay for m in messages],
+    )
+
+
+async def _insert(
+    conn: asyncpg.Connection, statement: str, queue: str, messages: Sequence[Message]
+) -> None:
+    await conn.execute(statement, *_insert_args(queue, messages))
+
+
+class _Bridge:
+    """A thread with an event loop and a small pool of its own, for callers without a loop
+    (``task.send()``, ``task.result()``, the CLI): any thread may call ``run``."""
+
+    def __init__(self, broker: PostgresBroker) -> None:
+        self.broker = broker
+        self.loop = asyncio.new_event_loop()
+        self.pool: asyncpg.Pool | None = None
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="fastq-pg-bridge", daemon=True
+        )
+        self.thread.start()
+        atexit.register(self.close)
+
+    def run(self, work: Callable[[asyncpg.Connection], Awaitable[T]], doing: str) -> T:
+        future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(
+            self._run(work, doing), self.loop
+        )
+        return future.result()
+
+    async def _run(self, work: Callable[[asyncpg.Connection], Awaitable[T]], doing: str) -> T:
+        b = self.broker
+        try:
+            if self.pool is None:
+                self.pool = await asyncpg.create_pool(b._dsn, min_size=1, max_size=4)
+                async with self.pool.acquire() as conn:
+                    await b.sql.prepare(conn)
+            async with self.pool.acquire() as conn:
+                return await work(conn)
+        except (*_CONNECTION_ERRORS, *_STORAGE_ERRORS) as e:
+            raise b.translate(e, doing) from e
+
+    def close(self) -> None:
+        if self.loop.is_closed() or not self.thread.is_alive():
+            return
+        if self.pool is not None:
+            done = asyncio.run_coroutine_threadsafe(_close_pool(self.pool), self.loop)
+            try:
+                done.result(timeout=5)
+            except Exception as e:  # noqa: BLE001 - at exit, a pool that will not close is left
+                logger.debug("closing the PostgreSQL bridge's pool: %s", e)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+        if not self.thread.is_alive():
+            self.loop.close()
+        atexit.unregister(self.close)
+
+
+async def _close_pool(pool: asyncpg.Pool) -> None:
+    await asyncio.wait_for(pool.close(), 3)
