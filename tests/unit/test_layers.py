@@ -48,6 +48,8 @@ ALLOWED: dict[str, set[str]] = {
     "_notify": set(),
     # what a handler returned, as it is kept and read
     "results": {"errors", "_notify"},
+    # periodic schedules and delays: values and next-fire math (cronsim imported lazily)
+    "schedule": {"errors"},
     # module:attribute -> object, for the cli and for a worker loading its app and executor
     "_load": {"errors"},
     "autosize": {"autosize.topology", "autosize.plan", "autosize.share", "autosize.look",
@@ -94,8 +96,10 @@ ALLOWED: dict[str, set[str]] = {
     "engine.pump": _ENGINE | {"engine.fleet"},
     "engine.tuning": _ENGINE | {"engine.placement", "engine.pump"},
     "engine.statistics": set(),
+    # the periodic scheduler: each tick of the App's schedules, once, through the broker
+    "engine.scheduler": _ENGINE | {"schedule"},
     "engine.supervisor": _ENGINE | {"engine.fleet", "engine.placement", "engine.pump",
-                                    "engine.tuning", "engine.statistics"},
+                                    "engine.tuning", "engine.statistics", "engine.scheduler"},
     "pool": {"engine.fleet", "wire", "codec", "ring", "autosize", "config", "errors",
              "pool.driver", "pool.job", "pool.results"},
     "pool.job": {"codec", "autosize", "config", "errors"},
@@ -104,8 +108,9 @@ ALLOWED: dict[str, set[str]] = {
     "pool.driver": {"engine.fleet", "wire", "codec", "ring", "autosize", "config", "errors",
                     "pool.job", "pool.batches"},
     "task": {"config", "message", "middleware", "broker", "broker.base", "errors", "results",
-             "_notify"},
-    "app": {"config", "message", "middleware", "broker", "task", "engine.supervisor", "errors"},
+             "_notify", "schedule"},
+    "app": {"config", "message", "middleware", "broker", "task", "engine.supervisor", "errors",
+            "schedule"},
     "testing": {"app", "broker", "broker.base", "config", "errors"},
     "cli": {"app", "task", "config", "autosize", "engine.supervisor", "testing", "_load", "_bench",
             "broker", "errors"},
@@ -125,6 +130,8 @@ HEAVY = {
     "uvloop": {"_aio"},
     # (``_bench`` reads the process trees it measures)
     "psutil": {"autosize.topology", "_bench"},
+    # cron expressions, imported when a cron schedule is made
+    "cronsim": {"schedule"},
 }
 # fmt: on
 
@@ -235,6 +242,7 @@ def test_no_import_circle():
 
 
 def test_import_fastq_loads_no_heavy_dependency():
-    code = "import fastq, sys; print(sorted({'aiormq', 'uvloop', 'psutil'} & set(sys.modules)))"
+    heavy = "{'aiormq', 'uvloop', 'psutil', 'cronsim'}"
+    code = f"import fastq, sys; print(sorted({heavy} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
