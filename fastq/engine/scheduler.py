@@ -50,6 +50,9 @@ class Scheduler:
         for q in sorted({self.app.tasks[s.name].queue for s in self.schedules}):
             await self.broker.declare(q)
         await self.broker.lead(self.group)
+        logger.info(
+            "scheduler: started at %.3f with %d schedule(s)", self.started, len(self.schedules)
+        )
         while not stop.is_set():
             try:
                 wait = await self.look(time.time())
