@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, get_type_hints
 import msgspec
 
 from fastq import _notify, message, results, schedule
-from fastq.broker.base import Message
+from fastq.broker.base import UNIQUE_HEADER, Message
 from fastq.config import HandlerOptions, Route
 from fastq.errors import ConfigError, MessageError
 
@@ -46,8 +46,6 @@ def importable_name(module: str) -> str:
 
 #: send's own options: a task parameter may not take one of these names
 RESERVED = ("delay", "eta", "unique_key", "connection")
-#: the header of a unique message: its key (the supervisor frees it in a result store)
-UNIQUE_HEADER = "fastq-unique"
 
 #: seconds a ``call``'s result is kept when its task keeps none (``result_ttl`` unset)
 CALL_KEEP = 60.0

@@ -21,6 +21,7 @@ from fastq.url import mask_url
 
 __all__ = [
     "EXCHANGE_KINDS",
+    "UNIQUE_HEADER",
     "Broker",
     "DeadLetter",
     "Delivery",
@@ -35,6 +36,11 @@ __all__ = [
     "query_float",
     "wait_either",
 ]
+
+
+#: the header of a unique message: its key (where a result store holds the keys, the supervisor
+#: frees it there when the message is acked or dead-lettered)
+UNIQUE_HEADER = "fastq-unique"
 
 
 class Message(msgspec.Struct, frozen=True, gc=False):

@@ -22,7 +22,7 @@ _ENGINE = {"worker", "wire", "ring", "autosize", "broker.base", "config", "error
 _AMQP = {"broker.base", "message", "errors", "config", "ring"}
 _AMQP_ROOMS = {"broker.amqp.stream", "broker.amqp.outbox", "broker.amqp.connection",
                "broker.amqp.publish", "broker.amqp.consumer", "broker.amqp.settle",
-               "broker.amqp.management", "broker.amqp.replies"}
+               "broker.amqp.management", "broker.amqp.replies", "broker.amqp.leader"}
 
 #: module -> the fastq modules it may import (STYLE.md §2). A row may name a package: then its
 #: modules may be imported too.
@@ -81,6 +81,9 @@ ALLOWED: dict[str, set[str]] = {
     "broker.amqp.settle": _AMQP | {"broker.amqp.connection", "broker.amqp.publish",
                                    "broker.amqp.consumer"},
     "broker.amqp.management": set(),
+    # the periodic scheduler's leader: a single-active-consumer queue's token, and the record
+    # of the last ticks in a queue of length 1
+    "broker.amqp.leader": _AMQP | {"broker.amqp.connection"},
     # direct reply-to: the caller's side of task.call, and the supervisor's replies
     "broker.amqp.replies": _AMQP | {"broker.amqp.connection", "broker.amqp.publish"},
     "broker": {"broker.base", "broker.memory", "broker.sqlite", "broker.amqp", "errors"},
@@ -124,7 +127,8 @@ ALLOWED: dict[str, set[str]] = {
 #: raw aiormq consumer as the broker's ceiling: that baseline is aiormq's).
 HEAVY = {
     "aiormq": {"broker.amqp.connection", "broker.amqp.publish", "broker.amqp.consumer",
-               "broker.amqp.settle", "broker.amqp.broker", "broker.amqp.replies", "_bench"},
+               "broker.amqp.settle", "broker.amqp.broker", "broker.amqp.replies",
+               "broker.amqp.leader", "_bench"},
     "pamqp": {"broker.amqp.stream", "broker.amqp.outbox", "broker.amqp.publish",
               "broker.amqp.settle", "broker.amqp.replies", "_bench"},
     "uvloop": {"_aio"},
