@@ -487,7 +487,10 @@ class Task(_Produces):
         self, calls: Iterable[tuple[Any, ...]], connection: object | None = None
     ) -> list[str]:
         """Publish many calls (each a tuple of positional arguments) in one batch; their ids.
-        ``connection``: inside the caller's transaction, as ``send``'s."""
+        ``connection``: inside the caller's transaction, as ``send``'s. A unique task's calls
+        are sent one by one (each returns its key's holder)."""
+        if self.unique:
+            return [self.send(*args, connection=connection) for args in calls]
         messages = [self.message(*args) for args in calls]
         if connection is not None:
             self.app.broker.publish_in_sync(connection, self.queue, messages)
@@ -499,6 +502,8 @@ class Task(_Produces):
         self, calls: Iterable[tuple[Any, ...]], connection: object | None = None
     ) -> list[str]:
         """``send_many`` for coroutines (``connection``: an asyncpg connection)."""
+        if self.unique:
+            return [await self.send_async(*args, connection=connection) for args in calls]
         messages = [self.message(*args) for args in calls]
         if connection is not None:
             await self.app.broker.publish_in(connection, self.queue, messages)
