@@ -47,9 +47,12 @@ class Scheduler:
         """Until ``stop`` is set; a broker error is logged and tried again."""
         if not self.schedules:
             return
-        for q in sorted({self.app.tasks[s.name].queue for s in self.schedules}):
-            await self.broker.declare(q)
-        await self.broker.lead(self.group)
+        while not await self.join():
+            try:
+                await asyncio.wait_for(stop.wait(), RETRY_AFTER)
+                return
+            except TimeoutError:
+                pass
         logger.info(
             "scheduler: started at %.3f with %d schedule(s)", self.started, len(self.schedules)
         )
@@ -64,6 +67,18 @@ class Scheduler:
                 await asyncio.wait_for(stop.wait(), max(wait, 0.001))
             except TimeoutError:
                 pass
+
+    async def join(self) -> bool:
+        """Declare the periodic tasks' queues and join the election; False while the broker
+        is unreachable (the caller tries again)."""
+        try:
+            for q in sorted({self.app.tasks[s.name].queue for s in self.schedules}):
+                await self.broker.declare(q)
+            await self.broker.lead(self.group)
+        except Exception as e:  # noqa: BLE001 - the broker is down: try again, never stop
+            logger.warning("scheduler: joining %s failed (%s); trying again", self.group, e)
+            return False
+        return True
 
     async def look(self, now: float) -> float:
         """Enqueue what is due at ``now``; the seconds until the next look."""

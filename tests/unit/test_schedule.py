@@ -206,3 +206,12 @@ def test_unique_without_a_place_for_keys_says_what_to_configure():
         r"App\(\.\.\., result_store='sqlite:///results\.db'\)$",
     ):
         u.send(1)
+
+
+def test_a_sends_delay_on_rabbitmq_is_rounded_up_never_down():
+    from fastq.broker.amqp.connection import retry_queue
+
+    assert retry_queue("q", 1.5, send=True) == ("q.retry.1500", 1500)
+    assert retry_queue("q", 1.2345, send=True) == ("q.retry.1240", 1240)  # up: never early
+    assert retry_queue("q", 3599.01, send=True) == ("q.retry.3600000", 3600000)
+    assert retry_queue("q", 1.2345) == ("q.retry.1200", 1200)  # a retry's: two digits, nearest

@@ -65,7 +65,8 @@ class Election:
         assert conn.connection is not None
         generation = conn.generation
         self.holds = -1
-        channel = self.channel = await conn.connection.channel(publisher_confirms=True)
+        self.channel = None  # set once it consumes: a join that failed half-way is made again
+        channel = await conn.connection.channel(publisher_confirms=True)
         await channel.basic_qos(prefetch_count=1)
         limited: dict[str, Any] = {"x-max-length": 1}
         ok = await channel.queue_declare(
@@ -81,6 +82,7 @@ class Election:
                 logger.info("scheduler: this supervisor leads %s", self.group)
 
         await channel.basic_consume(self.group, token, no_ack=False)
+        self.channel = channel
 
     async def last(self) -> dict[str, float]:
         """The record of the last ticks (read afresh: this process may just have become
@@ -123,9 +125,10 @@ class Elections:
         self.by_group: dict[str, Election] = {}
 
     async def lead(self, group: str) -> None:
-        if group not in self.by_group:
+        election = self.by_group.get(group)
+        if election is None or election.channel is None or election.channel.is_closed:
             await self.connection.ready()
-            election = self.by_group[group] = Election(self.connection, group)
+            election = self.by_group[group] = election or Election(self.connection, group)
             await election.join()
 
     async def restore(self) -> None:
