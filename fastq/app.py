@@ -12,6 +12,7 @@ Run its workers with ``fastq worker module:app``, or ``app.run()`` from the modu
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ from fastq.broker import Broker, QueueDepth, mask_url, open_broker
 from fastq.config import Config, HandlerOptions, Route
 from fastq.errors import ConfigError
 from fastq.middleware import Middleware
+from fastq.schedule import Schedule, build
 from fastq.task import Consumer, Task, importable_name, module_name
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -63,6 +65,8 @@ class App:
         self.middleware = list(middleware)
         self.tasks: dict[str, Task] = {}
         self.consumers: dict[str, Consumer] = {}
+        #: periodic tasks by task name (``@app.periodic``)
+        self.schedules: dict[str, Schedule] = {}
         self._broker: Broker | None = None
         self._broker_url: str | None = None  # the URL self._broker was made for
         self.result_store_url = result_store
@@ -152,10 +156,15 @@ class App:
                 ``exchange=``, ``exchange_kind=`` (direct, topic, fanout, headers),
                 ``routing_key=``, ``binding_arguments=``, ``quorum=``, ``delivery_limit=``,
                 ``single_active_consumer=``.
+            unique: a send whose arguments equal those of a message still queued or running
+                enqueues nothing and returns that message's id (the key: the task's name and
+                its encoded arguments); ``unique_for`` seconds cap how long a key holds.
 
         Raises:
             ConfigError: an option is unknown or out of range, or the name is taken.
         """
+        unique = bool(options.pop("unique", False))
+        unique_for = options.pop("unique_for", None)
         handler = HandlerOptions.build(options.pop("queue", None) or DEFAULT_QUEUE, options)
 
         def register(fn: Callable[..., Any]) -> Task:
@@ -168,13 +177,73 @@ class App:
                     f"{self.consumers[handler.queue].name}; give the task another queue"
                 )
             self._check_topology(handler)
-            task = Task(self, fn, task_name, handler, publish_to)
+            task = Task(
+                self, fn, task_name, handler, publish_to, unique=unique, unique_for=unique_for
+            )
             self.tasks[task_name] = task
             if self._broker is not None:
                 self._broker.configure(handler.queue, handler.amqp)
             return task
 
         return register(fn) if fn is not None else register
+
+    def periodic(
+        self,
+        *,
+        cron: str | None = None,
+        every: float | dt.timedelta | None = None,
+        timezone: str = "UTC",
+        catch_up: str = "latest",
+        args: Sequence[Any] = (),
+    ) -> Callable[[Task], Task]:
+        """Send a task on a schedule; stack it above ``@app.task``::
+
+            @app.periodic(cron="*/5 * * * *", timezone="Europe/Paris")
+            @app.task(queue="reports")
+            def hourly_report() -> None: ...
+
+        Every supervisor runs the scheduler, and each tick is enqueued once whatever their
+        number (see the README's "Scheduling").
+
+        Parameters:
+            cron: a five-field cron expression, read in ``timezone`` (an IANA name).
+            every: a period (seconds or a timedelta, at least 1 s), counted from the Unix
+                epoch: ``every=timedelta(minutes=5)`` fires at :00, :05, ...
+            catch_up: the ticks missed while every supervisor was down: ``"skip"`` none,
+                ``"latest"`` the last one, ``"all"`` each one.
+            args: the fixed arguments each tick sends (the task's parameters without them).
+
+        Raises:
+            ConfigError: neither or both of cron and every, a bad expression or time zone,
+                ``args`` that do not fit the task, the task scheduled twice, or not a Task.
+        """
+
+        def register(task: Task) -> Task:
+            if not isinstance(task, Task):
+                raise ConfigError(
+                    f"@app.periodic goes above @app.task, got {type(task).__name__}; stack "
+                    "@app.periodic(...) over @app.task(...)"
+                )
+            if task.name in self.schedules:
+                raise ConfigError(f"task {task.name} is periodic already; one schedule a task")
+            try:
+                task.message(*args)
+            except (TypeError, msgspec.ValidationError) as e:
+                raise ConfigError(
+                    f"@app.periodic on {task.name}: args={tuple(args)!r} do not fit its "
+                    f"parameters ({e}); give every argument in args="
+                ) from None
+            self.schedules[task.name] = build(
+                task.name,
+                cron=cron,
+                every=every,
+                timezone=timezone,
+                catch_up=catch_up,
+                args=tuple(args),
+            )
+            return task
+
+        return register
 
     def consumer(
         self, queue: str, /, *, publish_to: str | Route | Task | None = None, **options: Any

@@ -161,7 +161,28 @@ def _plan(args: argparse.Namespace) -> int:
     else:
         print(f"fastq plan for {args.app} on this machine (nothing started):")
         print(the_plan.explain())
+        for line in _schedules(app):
+            print(line)
     return RET_OK
+
+
+def _schedules(app: Any) -> list[str]:
+    """Each periodic task and its next three fire times, in its own time zone."""
+    import datetime as dt
+    import time
+    from zoneinfo import ZoneInfo
+
+    if not app.schedules:
+        return []
+    lines = ["periodic (each tick enqueued once across every supervisor):"]
+    now = time.time()
+    for s in app.schedules.values():
+        zone = ZoneInfo(s.timezone)
+        fires = ", ".join(
+            dt.datetime.fromtimestamp(t, zone).isoformat(timespec="seconds") for t in s.fires(now)
+        )
+        lines.append(f"  {s.name}: {s.describe()}, catch_up={s.catch_up}; next {fires}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

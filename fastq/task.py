@@ -8,6 +8,8 @@ queue may hold messages from producers that are not this code. No pickle anywher
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import hashlib
 import inspect
 import os
 import sys
@@ -16,8 +18,8 @@ from typing import TYPE_CHECKING, Any, get_type_hints
 
 import msgspec
 
-from fastq import _notify, message, results
-from fastq.broker.base import Message
+from fastq import _notify, message, results, schedule
+from fastq.broker.base import UNIQUE_HEADER, Message
 from fastq.config import HandlerOptions, Route
 from fastq.errors import ConfigError, MessageError
 
@@ -41,6 +43,9 @@ def importable_name(module: str) -> str:
         return str(spec.name).removesuffix(".__main__")
     return os.path.splitext(os.path.basename(getattr(main, "__file__", "__main__")))[0]
 
+
+#: send's own options: a task parameter may not take one of these names
+RESERVED = ("delay", "eta", "unique_key", "connection")
 
 #: seconds a ``call``'s result is kept when its task keeps none (``result_ttl`` unset)
 CALL_KEEP = 60.0
@@ -175,8 +180,17 @@ class Task(_Produces):
         name: str,
         options: HandlerOptions,
         publish_to: str | Route | Task | None = None,
+        *,
+        unique: bool = False,
+        unique_for: float | None = None,
     ) -> None:
         self.app, self.fn, self.name, self.options = app, fn, name, options
+        #: ``unique=True``: a send whose arguments equal a queued or running one's enqueues nothing
+        self.unique = unique
+        #: seconds a unique key holds at most (None: until its message is acked or dead-lettered)
+        self.unique_for = unique_for
+        if unique_for is not None and not (isinstance(unique_for, (int, float)) and unique_for > 0):
+            raise ConfigError(f"task {name}: unique_for must be seconds > 0, got {unique_for!r}")
         self.is_async = inspect.iscoroutinefunction(fn)
         self.signature = inspect.signature(fn)
         #: a call with exactly this many positional arguments needs no binding (-1: always bind,
@@ -188,6 +202,11 @@ class Task(_Produces):
             else -1
         )
         for p in self.signature.parameters.values():
+            if p.name in RESERVED:
+                raise ConfigError(
+                    f"task {name}: parameter {p.name!r} has the name of one of send()'s own "
+                    f"options {RESERVED}; rename the parameter (e.g. {p.name}_)"
+                )
             if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 raise ConfigError(
                     f"task {name}: *args and **kwargs cannot be typed for the wire; "
@@ -221,6 +240,12 @@ class Task(_Produces):
             TypeError: the arguments do not fit the signature.
             msgspec.ValidationError: an argument has the wrong type (the path says which).
         """
+        return self._message(args, kwargs, _headers)[0]
+
+    def _message(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], headers: dict[str, str] | None
+    ) -> tuple[Message, msgspec.Raw]:
+        """``message``, and the encoded arguments (a unique task's key is made from them)."""
         if kwargs or len(args) != self.arity:
             bound = self.signature.bind(*args, **kwargs)
             bound.apply_defaults()
@@ -235,10 +260,19 @@ class Task(_Produces):
             raise msgspec.ValidationError(
                 f"task {self.name}: {e} (arguments in parameter order)"
             ) from e
-        if _headers is None and self.options.result_ttl is not None:
-            _headers = self._notify_headers()
-        message_id, body = message.encode(self.name, args, headers=_headers)
-        return Message(body, message_id, _headers)
+        if headers is None and self.options.result_ttl is not None:
+            headers = self._notify_headers()
+        message_id, body = message.encode(self.name, args, headers=headers)
+        return Message(body, message_id, headers), raw
+
+    def tick_message(self, sched: schedule.Schedule, tick: float) -> Message:
+        """The message of one tick of this periodic task: its fixed arguments, the tick in a
+        header (``schedule.TICK_HEADER``) and in its id (``Schedule.message_id``)."""
+        headers = {schedule.TICK_HEADER: repr(tick)}
+        message_id, body = message.encode(
+            self.name, sched.args, message_id=sched.message_id(tick), headers=headers
+        )
+        return Message(body, message_id, headers)
 
     def _notify_headers(self, keep: float | None = None) -> dict[str, str]:
         """The headers of a message whose result this process may wait for: its supervisor
@@ -248,18 +282,115 @@ class Task(_Produces):
             headers[results.KEEP] = repr(keep)
         return headers
 
-    def send(self, *args: Any, **kwargs: Any) -> str:
-        """Publish one call; returns its message id once the broker holds it."""
-        m = self.message(*args, **kwargs)
+    def send(
+        self,
+        *args: Any,
+        delay: float | None = None,
+        eta: dt.datetime | None = None,
+        unique_key: str | None = None,
+        connection: object | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Publish one call; returns its message id once the broker holds it.
+
+        Parameters:
+            delay: seconds before it may run (it waits in the broker, not in a worker).
+            eta: the time from which it may run (timezone-aware).
+            unique_key: enqueue nothing while a message with this key is queued or running
+                (then the id returned is that message's); ``unique=True`` on the task makes
+                the key from its name and arguments.
+            connection: the caller's open database connection: enqueue inside its transaction
+                (PostgreSQL broker).
+
+        Raises:
+            ConfigError: a naive ``eta``, a negative ``delay``, both; ``connection`` on a broker
+                without it; a unique send on a broker that keeps no keys (RabbitMQ without
+                ``App(result_store=...)``).
+        """
+        m = self._sending(args, kwargs, delay, eta, unique_key)
+        if connection is not None:
+            self._no_unique_in(m)
+            self.app.broker.publish_in_sync(connection, self.queue, [m])
+            return m.message_id
+        if m.unique_key is not None:
+            return self._publish_unique(m)
         self.app.broker.publish_sync(self.queue, [m])
         return m.message_id
 
-    async def send_async(self, *args: Any, **kwargs: Any) -> str:
-        """``send`` for coroutines: the publish runs off the event loop."""
-        m = self.message(*args, **kwargs)
-        await asyncio.get_running_loop().run_in_executor(
-            None, self.app.broker.publish_sync, self.queue, [m]
+    async def send_async(
+        self,
+        *args: Any,
+        delay: float | None = None,
+        eta: dt.datetime | None = None,
+        unique_key: str | None = None,
+        connection: object | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """``send`` for coroutines: the publish runs off the event loop (``connection``: an
+        asyncpg connection, awaited on it)."""
+        m = self._sending(args, kwargs, delay, eta, unique_key)
+        if connection is not None:
+            self._no_unique_in(m)
+            await self.app.broker.publish_in(connection, self.queue, [m])
+            return m.message_id
+        loop = asyncio.get_running_loop()
+        if m.unique_key is not None:
+            return await loop.run_in_executor(None, self._publish_unique, m)
+        await loop.run_in_executor(None, self.app.broker.publish_sync, self.queue, [m])
+        return m.message_id
+
+    def _sending(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        delay: float | None,
+        eta: dt.datetime | None,
+        unique_key: str | None,
+    ) -> Message:
+        seconds = schedule.delay_of(self.name, delay, eta)
+        m, raw = self._message(args, kwargs, None)
+        key = unique_key
+        if key is None and self.unique:
+            key = f"{self.name}:{hashlib.blake2b(raw, digest_size=16).hexdigest()}"
+        if key is None:
+            return msgspec.structs.replace(m, delay=seconds) if seconds else m
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"task {self.name}: unique_key must be a non-empty str, got {key!r}")
+        headers = {**(m.headers or {}), UNIQUE_HEADER: key}
+        return msgspec.structs.replace(
+            m, delay=seconds, headers=headers, unique_key=key, unique_for=self.unique_for
         )
+
+    def _no_unique_in(self, m: Message) -> None:
+        if m.unique_key is not None:
+            raise ConfigError(
+                f"task {self.name}: a unique send cannot enqueue in the caller's transaction "
+                "(the key would be held by a message that may roll back); drop connection= or "
+                "the unique key"
+            )
+
+    def _publish_unique(self, m: Message) -> str:
+        """A unique send: the broker's own keys, else the App's result store holds them (the
+        supervisor frees a key when its message is acked or dead-lettered)."""
+        broker = self.app.broker
+        if broker.keeps_unique_keys:
+            return broker.publish_unique_sync(self.queue, m)
+        if self.app.result_store_url is None:
+            raise ConfigError(
+                f"task {self.name}: a unique send needs a place that keeps the keys; "
+                f"{broker.url} keeps none: give the App a result store, "
+                "App(..., result_store='sqlite:///results.db')"
+            )
+        store = self.app.result_store
+        assert m.unique_key is not None
+        holder = store.claim_unique(m.unique_key, m.message_id, m.unique_for)
+        if holder != m.message_id:
+            return holder
+        try:
+            broker.publish_sync(self.queue, [m])
+        except BaseException:
+            store.free_unique_sync([(m.unique_key, m.message_id)])
+            raise
         return m.message_id
 
     # -- results ----------------------------------------------------------------------------
@@ -352,11 +483,34 @@ class Task(_Produces):
     def _call_keep(self, timeout: float | None) -> float:
         return self.options.result_ttl or max(CALL_KEEP, timeout or 0.0)
 
-    def send_many(self, calls: Iterable[tuple[Any, ...]]) -> list[str]:
-        """Publish many calls (each a tuple of positional arguments) in one batch; their ids."""
+    def send_many(
+        self, calls: Iterable[tuple[Any, ...]], connection: object | None = None
+    ) -> list[str]:
+        """Publish many calls (each a tuple of positional arguments) in one batch; their ids.
+        ``connection``: inside the caller's transaction, as ``send``'s. A unique task's calls
+        are sent one by one (each returns its key's holder)."""
+        if self.unique:
+            return [self.send(*args, connection=connection) for args in calls]
         messages = [self.message(*args) for args in calls]
-        if messages:
+        if connection is not None:
+            self.app.broker.publish_in_sync(connection, self.queue, messages)
+        elif messages:
             self.app.broker.publish_sync(self.queue, messages)
+        return [m.message_id for m in messages]
+
+    async def send_many_async(
+        self, calls: Iterable[tuple[Any, ...]], connection: object | None = None
+    ) -> list[str]:
+        """``send_many`` for coroutines (``connection``: an asyncpg connection)."""
+        if self.unique:
+            return [await self.send_async(*args, connection=connection) for args in calls]
+        messages = [self.message(*args) for args in calls]
+        if connection is not None:
+            await self.app.broker.publish_in(connection, self.queue, messages)
+        elif messages:
+            await asyncio.get_running_loop().run_in_executor(
+                None, self.app.broker.publish_sync, self.queue, messages
+            )
         return [m.message_id for m in messages]
 
     # -- consuming --------------------------------------------------------------------------

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "EXCHANGE_KINDS",
+    "UNIQUE_HEADER",
     "Broker",
     "DeadLetter",
     "Delivery",
@@ -42,6 +43,11 @@ __all__ = [
     "unpack_headers",
     "wait_either",
 ]
+
+
+#: the header of a unique message: its key (where a result store holds the keys, the supervisor
+#: frees it there when the message is acked or dead-lettered)
+UNIQUE_HEADER = "fastq-unique"
 
 
 class Message(msgspec.Struct, frozen=True, gc=False):
@@ -351,6 +357,36 @@ class Broker(abc.ABC):
     def publish_unique_sync(self, queue: str, message: Message) -> str:
         """``publish_unique`` for code without an event loop (any thread)."""
         raise ConfigError(f"{self.url} cannot keep unique keys")
+
+    @property
+    def keeps_unique_keys(self) -> bool:
+        """It keeps unique keys itself (it implements ``publish_unique_sync``); else a unique
+        send needs the App's result store (``claim_unique``)."""
+        return type(self).publish_unique_sync is not Broker.publish_unique_sync
+
+    def claim_unique(self, key: str, message_id: str, unique_for: float | None) -> str:
+        """As a result store (``App(result_store=...)``) for a broker that keeps no keys: take
+        ``key`` for ``message_id`` unless another message holds it (and its ``unique_for`` has
+        not passed); the holder's id. Any thread."""
+        raise ConfigError(f"{self.url} cannot keep unique keys")
+
+    def free_unique_sync(self, keys: Sequence[tuple[str, str]]) -> None:
+        """Free each ``(key, message_id)`` that message still holds (``claim_unique``)."""
+        raise ConfigError(f"{self.url} cannot keep unique keys")
+
+    async def free_unique(self, keys: Sequence[tuple[str, str]]) -> None:
+        """``free_unique_sync`` on the loop: the supervisor's, when those messages were acked or
+        dead-lettered."""
+        raise ConfigError(f"{self.url} cannot keep unique keys")
+
+    async def lead(self, group: str) -> None:
+        """Join the election of the one process that publishes ``group``'s periodic ticks
+        (``leading``). The default does nothing: ``publish_tick`` is exactly-once by itself
+        (the SQL brokers), so every supervisor publishes."""
+
+    def leading(self, group: str) -> bool:
+        """This process publishes ``group``'s ticks now (see ``lead``); the default: always."""
+        return True
 
     async def publish_tick(self, schedule: str, tick: float, queue: str, message: Message) -> bool:
         """Enqueue ``message`` for tick ``tick`` (epoch seconds) of periodic ``schedule``, once

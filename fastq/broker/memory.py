@@ -33,10 +33,11 @@ from fastq.broker.base import (
 
 
 class _Entry:
-    __slots__ = ("attempts", "body", "headers", "message_id", "retries")
+    __slots__ = ("attempts", "body", "headers", "message_id", "retries", "unique_key")
 
     def __init__(self, m: Message) -> None:
         self.body, self.message_id, self.headers = m.body, m.message_id, m.headers
+        self.unique_key = m.unique_key
         self.attempts = self.retries = 0
 
 
@@ -65,6 +66,10 @@ class MemoryBroker(Broker):
         #: message id -> (outcome, None for a tombstone; expires_at, wall clock)
         self._results: dict[str, tuple[bytes | None, float]] = {}
         self._purges: list[tuple[float, str, float]] = []  # heap of (purge_at, id, ttl)
+        #: unique key -> (the message id that holds it, until when: wall clock, inf for ever)
+        self._keys: dict[str, tuple[str, float]] = {}
+        #: periodic schedule -> its latest tick enqueued
+        self._ticks: dict[str, float] = {}
 
     def _queue(self, name: str) -> _Queue:
         q = self._queues.get(name)
@@ -83,16 +88,74 @@ class MemoryBroker(Broker):
         self.publish_sync(queue, messages)
 
     def publish_sync(self, queue: str, messages: Sequence[Message]) -> None:
-        now = time.monotonic()
         with self._lock:
-            q = self._queue(queue)
-            for m in messages:
-                if m.delay > 0:
-                    heapq.heappush(q.delayed, (now + m.delay, next(self._seq), _Entry(m)))
-                else:
-                    q.ready.append(_Entry(m))
+            self._put(queue, messages)
             waiters = list(self._waiters)
         self._notify(waiters)
+
+    def _put(self, queue: str, messages: Sequence[Message]) -> None:
+        now = time.monotonic()
+        q = self._queue(queue)
+        for m in messages:
+            if m.delay > 0:
+                heapq.heappush(q.delayed, (now + m.delay, next(self._seq), _Entry(m)))
+            else:
+                q.ready.append(_Entry(m))
+
+    # -- unique keys and periodic ticks -------------------------------------------------------
+
+    def _claim(self, key: str, message_id: str, unique_for: float | None) -> str:
+        now = time.time()
+        held = self._keys.get(key)
+        if held is not None and held[1] > now:
+            return held[0]
+        until = now + unique_for if unique_for is not None else float("inf")
+        self._keys[key] = (message_id, until)
+        return message_id
+
+    def _free(self, key: str | None, message_id: str) -> None:
+        if key is not None and self._keys.get(key, ("",))[0] == message_id:
+            del self._keys[key]
+
+    async def publish_unique(self, queue: str, message: Message) -> str:
+        return self.publish_unique_sync(queue, message)
+
+    def publish_unique_sync(self, queue: str, message: Message) -> str:
+        assert message.unique_key is not None, "a unique send has a unique_key"
+        with self._lock:
+            holder = self._claim(message.unique_key, message.message_id, message.unique_for)
+            if holder != message.message_id:
+                return holder
+            self._put(queue, [message])
+            waiters = list(self._waiters)
+        self._notify(waiters)
+        return holder
+
+    def claim_unique(self, key: str, message_id: str, unique_for: float | None) -> str:
+        with self._lock:
+            return self._claim(key, message_id, unique_for)
+
+    def free_unique_sync(self, keys: Sequence[tuple[str, str]]) -> None:
+        with self._lock:
+            for key, message_id in keys:
+                self._free(key, message_id)
+
+    async def free_unique(self, keys: Sequence[tuple[str, str]]) -> None:
+        self.free_unique_sync(keys)
+
+    async def publish_tick(self, schedule: str, tick: float, queue: str, message: Message) -> bool:
+        with self._lock:
+            if self._ticks.get(schedule, float("-inf")) >= tick:
+                return False
+            self._ticks[schedule] = tick
+            self._put(queue, [message])
+            waiters = list(self._waiters)
+        self._notify(waiters)
+        return True
+
+    async def last_tick(self, schedule: str) -> float | None:
+        with self._lock:
+            return self._ticks.get(schedule)
 
     @staticmethod
     def _notify(waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]) -> None:
@@ -161,7 +224,9 @@ class MemoryBroker(Broker):
         with self._lock:
             q = self._queue(queue)
             for tag in ack:
-                q.unacked.pop(tag, None)
+                e = q.unacked.pop(tag, None)
+                if e is not None and e.unique_key is not None:
+                    self._free(e.unique_key, e.message_id)
             for r in retry:
                 e = q.unacked.pop(r.tag, None)
                 if e is not None:
@@ -170,6 +235,7 @@ class MemoryBroker(Broker):
             for tag, reason in dead:
                 e = q.unacked.pop(tag, None)
                 if e is not None:
+                    self._free(e.unique_key, e.message_id)
                     q.dead.append(
                         DeadLetter(
                             next(self._dead_ids),

@@ -62,11 +62,9 @@ CREATE TABLE {s}.results (
     purge_at float8 NOT NULL
 );
 CREATE INDEX results_purge ON {s}.results (purge_at);
-CREATE TABLE {s}.ticks (
-    schedule text NOT NULL,
-    tick float8 NOT NULL,
-    enqueued_at float8 NOT NULL,
-    PRIMARY KEY (schedule, tick)
+CREATE TABLE {s}.schedules (
+    schedule text PRIMARY KEY,
+    last_tick float8 NOT NULL            -- only moves forward: an older tick is never enqueued
 );
 
 CREATE FUNCTION {s}.notify_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -170,23 +168,21 @@ BEGIN
     END LOOP;
 END $$;
 
--- One periodic tick, enqueued once across every supervisor: the tick's row and its message in
--- one transaction; ticks older than a week are forgotten.
+-- One periodic tick, enqueued once across every supervisor: the schedule's row moves forward to
+-- it and its message goes in, in one transaction; a tick not after the row's is refused.
 CREATE FUNCTION {s}.publish_tick(
     p_schedule text, p_tick float8, p_queue text, p_id text, p_body bytea, p_headers bytea)
 RETURNS boolean
 LANGUAGE plpgsql AS $$
-DECLARE
-    t float8 := extract(epoch FROM clock_timestamp());
 BEGIN
-    INSERT INTO {s}.ticks (schedule, tick, enqueued_at) VALUES (p_schedule, p_tick, t)
-    ON CONFLICT DO NOTHING;
+    INSERT INTO {s}.schedules AS r (schedule, last_tick) VALUES (p_schedule, p_tick)
+    ON CONFLICT (schedule) DO UPDATE SET last_tick = excluded.last_tick
+    WHERE r.last_tick < excluded.last_tick;
     IF NOT FOUND THEN
         RETURN false;
     END IF;
     INSERT INTO {s}.messages (queue, message_id, body, headers, visible_at)
-    VALUES (p_queue, p_id, p_body, p_headers, t);
-    DELETE FROM {s}.ticks WHERE schedule = p_schedule AND tick < p_tick - 604800;
+    VALUES (p_queue, p_id, p_body, p_headers, extract(epoch FROM clock_timestamp()));
     RETURN true;
 END $$;
 """
@@ -212,7 +208,7 @@ EXCHANGE = (
 )
 PUBLISH_UNIQUE = "SELECT {s}.publish_unique($1, $2, $3, $4, $5, $6, $7)"
 PUBLISH_TICK = "SELECT {s}.publish_tick($1, $2, $3, $4, $5, $6)"
-LAST_TICK = "SELECT max(tick) FROM {s}.ticks WHERE schedule = $1"
+LAST_TICK = "SELECT last_tick FROM {s}.schedules WHERE schedule = $1"
 #: when the next message of a queue becomes visible (a retry, a delayed send, a lapsing lease)
 NEXT_VISIBLE = f"SELECT min(visible_at) - {NOW} FROM {{s}}.messages WHERE queue = $1"
 #: only the rows this broker knows it holds: a claim whose answer was lost (the connection broke

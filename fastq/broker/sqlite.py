@@ -119,10 +119,24 @@ class SqliteBroker(ExchangeBroker):
                 db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
                 db.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
                 db.executescript(sql.SCHEMA)
+                self._add_columns(db)
             except sqlite3.Error as e:
                 raise self._open_error(e) from e
             self._local.db = db
         return db
+
+    @staticmethod
+    def _add_columns(db: sqlite3.Connection) -> None:
+        """Bring a file made by an older fastq up to this schema (columns added since)."""
+        have = {row[1] for row in db.execute("PRAGMA table_info(fastq_messages)")}
+        for name, kind in sql.ADDED_COLUMNS:
+            if name not in have:
+                try:
+                    db.execute(f"ALTER TABLE fastq_messages ADD COLUMN {name} {kind}")
+                except sqlite3.OperationalError as e:  # another process added it meanwhile
+                    if "duplicate column" not in str(e):
+                        raise
+        db.executescript(sql.SCHEMA_AFTER_COLUMNS)
 
     def _loop_connection(self) -> sqlite3.Connection:
         """The event loop's own connection: it never waits for the write lock (BUSY at once,
@@ -226,6 +240,89 @@ class SqliteBroker(ExchangeBroker):
             lambda db: db.executemany(sql.INSERT, rows),
             outcome=f"{len(rows)} message(s) to {queue!r} were not enqueued",
         )
+        loop, published = self._loop, self._published
+        if loop is not None and published is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(published.set)  # wake a fetch in this process at once
+
+    # -- unique keys and periodic ticks -------------------------------------------------------
+
+    async def publish_unique(self, queue: str, message: Message) -> str:
+        return await self._run(self.publish_unique_sync, queue, message)
+
+    def publish_unique_sync(self, queue: str, message: Message) -> str:
+        """One transaction: a lapsed key (``unique_for`` passed) is let go, the message is
+        inserted unless its key is held (the partial unique index on ``unique_key``), and the
+        holder's id is read. Ack and dead-lettering delete the row: that frees the key."""
+        key = message.unique_key
+        assert key is not None, "a unique send has a unique_key"
+
+        def work(db: sqlite3.Connection) -> str:
+            now = time.time()
+            until = None if message.unique_for is None else now + message.unique_for
+            db.execute(sql.UNIQUE_LAPSE, (key, now))
+            row = (queue, message.message_id, message.body, pack_headers(message.headers))
+            db.execute(sql.INSERT_UNIQUE, (*row, now + message.delay, key, until))
+            holder: str = db.execute(sql.UNIQUE_HOLDER, (key,)).fetchone()[0]
+            return holder
+
+        holder = self._write(work, outcome=f"the unique message to {queue!r} was not enqueued")
+        if holder == message.message_id:
+            self._wake()
+        return holder
+
+    def claim_unique(self, key: str, message_id: str, unique_for: float | None) -> str:
+        def work(db: sqlite3.Connection) -> str:
+            now = time.time()
+            db.execute(sql.KEY_LAPSE, (key, now))
+            until = None if unique_for is None else now + unique_for
+            db.execute(sql.KEY_CLAIM, (key, message_id, until))
+            holder: str = db.execute(sql.KEY_HOLDER, (key,)).fetchone()[0]
+            return holder
+
+        return self._write(work, outcome=f"unique key {key!r} was not taken")
+
+    def free_unique_sync(self, keys: Sequence[tuple[str, str]]) -> None:
+        self._write(lambda db: db.executemany(sql.KEY_FREE, keys))
+
+    async def free_unique(self, keys: Sequence[tuple[str, str]]) -> None:
+        await self._run(self.free_unique_sync, keys)
+
+    async def publish_tick(self, schedule: str, tick: float, queue: str, message: Message) -> bool:
+        """One transaction: the schedule's row moves forward to ``tick`` (it never moves back,
+        so a late supervisor cannot enqueue an older tick again), and only if it moved, the
+        message is inserted."""
+
+        def work(db: sqlite3.Connection) -> bool:
+            if db.execute(sql.ADVANCE_TICK, (schedule, tick)).rowcount != 1:
+                return False
+            now = time.time()
+            db.execute(
+                sql.INSERT,
+                (
+                    queue,
+                    message.message_id,
+                    message.body,
+                    pack_headers(message.headers),
+                    now + message.delay,
+                ),
+            )
+            return True
+
+        done = await self._run(
+            lambda: self._write(work, outcome=f"tick {tick} of {schedule} was not enqueued")
+        )
+        if done:
+            self._wake()
+        return done
+
+    async def last_tick(self, schedule: str) -> float | None:
+        def read() -> float | None:
+            row = self._db().execute(sql.LAST_TICK, (schedule,)).fetchone()
+            return None if row is None else float(row[0])
+
+        return await self._run(read)
+
+    def _wake(self) -> None:
         loop, published = self._loop, self._published
         if loop is not None and published is not None and not loop.is_closed():
             loop.call_soon_threadsafe(published.set)  # wake a fetch in this process at once

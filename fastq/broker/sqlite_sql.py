@@ -5,6 +5,12 @@ writes the lease owner; the failed for good move to ``fastq_dead_letters`` with 
 Kept results are rows of ``fastq_results`` until their ``purge_at``: then the outcome is dropped
 and the row stays as a tombstone for one more ttl (a late reader learns "expired", not
 "unknown"), then it goes.
+
+A unique send's key is a column of its message row (a partial unique index): it is held while
+the row exists, so an ack or a dead letter (both delete the row) frees it, a retry does not.
+A periodic schedule has one row in ``fastq_schedules`` with the latest tick enqueued: a tick is
+enqueued in the transaction that moves that row forward to it, so once whatever the number of
+supervisors (and never a tick older than the latest).
 """
 
 SCHEMA = """
@@ -18,7 +24,9 @@ CREATE TABLE IF NOT EXISTS fastq_messages (
     retries INTEGER NOT NULL DEFAULT 0,
     visible_at REAL NOT NULL,
     lease_owner TEXT,
-    last_error TEXT
+    last_error TEXT,
+    unique_key TEXT,             -- a unique send's key: held while this row exists
+    unique_until REAL            -- ... or until then (NULL: as long as the row exists)
 );
 CREATE INDEX IF NOT EXISTS fastq_messages_visible ON fastq_messages (queue, visible_at, id);
 CREATE TABLE IF NOT EXISTS fastq_dead_letters (
@@ -41,11 +49,51 @@ CREATE TABLE IF NOT EXISTS fastq_results (
     purge_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS fastq_results_purge ON fastq_results (purge_at);
+CREATE TABLE IF NOT EXISTS fastq_schedules (
+    schedule TEXT PRIMARY KEY,   -- a periodic task's name
+    last_tick REAL NOT NULL      -- the latest tick enqueued (epoch seconds); only moves forward
+);
+CREATE TABLE IF NOT EXISTS fastq_unique_keys (  -- as another broker's result store (RabbitMQ)
+    key TEXT PRIMARY KEY,
+    message_id TEXT NOT NULL,
+    until REAL                   -- NULL: until the supervisor frees it (ack, dead letter)
+);
+"""
+#: columns added after the first release: (name, type), added to an older file at open
+ADDED_COLUMNS = (("unique_key", "TEXT"), ("unique_until", "REAL"))
+#: what needs the added columns: made once they are there
+SCHEMA_AFTER_COLUMNS = """
+CREATE UNIQUE INDEX IF NOT EXISTS fastq_messages_unique ON fastq_messages (unique_key)
+WHERE unique_key IS NOT NULL;
 """
 INSERT = (
     "INSERT INTO fastq_messages (queue, message_id, body, headers, visible_at) "
     "VALUES (?, ?, ?, ?, ?)"
 )
+#: a unique send, in one transaction: a lapsed key is let go, the insert is ignored while the
+#: key is held, and the holder's id is read
+UNIQUE_LAPSE = (
+    "UPDATE fastq_messages SET unique_key = NULL, unique_until = NULL "
+    "WHERE unique_key = ?1 AND unique_until < ?2"
+)
+INSERT_UNIQUE = (
+    "INSERT OR IGNORE INTO fastq_messages "
+    "(queue, message_id, body, headers, visible_at, unique_key, unique_until) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+UNIQUE_HOLDER = "SELECT message_id FROM fastq_messages WHERE unique_key = ?"
+#: a periodic tick, once: the schedule's row moves forward to it, or nothing changes (0 rows)
+ADVANCE_TICK = (
+    "INSERT INTO fastq_schedules (schedule, last_tick) VALUES (?1, ?2) "
+    "ON CONFLICT (schedule) DO UPDATE SET last_tick = excluded.last_tick "
+    "WHERE fastq_schedules.last_tick < excluded.last_tick"
+)
+LAST_TICK = "SELECT last_tick FROM fastq_schedules WHERE schedule = ?"
+#: unique keys kept for a broker that keeps none (the result store's role)
+KEY_LAPSE = "DELETE FROM fastq_unique_keys WHERE key = ?1 AND until < ?2"
+KEY_CLAIM = "INSERT OR IGNORE INTO fastq_unique_keys (key, message_id, until) VALUES (?, ?, ?)"
+KEY_HOLDER = "SELECT message_id FROM fastq_unique_keys WHERE key = ?"
+KEY_FREE = "DELETE FROM fastq_unique_keys WHERE key = ? AND message_id = ?"
 CLAIM = """
 UPDATE fastq_messages SET lease_owner = ?1, visible_at = ?2, attempts = attempts + 1
 WHERE id IN (SELECT id FROM fastq_messages WHERE queue = ?3 AND visible_at <= ?4

@@ -20,7 +20,15 @@ from typing import TYPE_CHECKING, Any
 
 from fastq._aio import Signal
 from fastq._notify import Poker
-from fastq.broker.base import Broker, Delivery, Message, Output, Retry, StoredResult
+from fastq.broker.base import (
+    UNIQUE_HEADER,
+    Broker,
+    Delivery,
+    Message,
+    Output,
+    Retry,
+    StoredResult,
+)
 from fastq.config import Config
 from fastq.engine.fleet import DeathPolicy, Fate
 from fastq.errors import FastqError
@@ -124,6 +132,10 @@ class Pumps:
         self.carrying: dict[str, dict[str, list[Any]]] = {q: _parts() for q in queues}
         self.publishing: dict[str, list[dict[str, list[Any]]]] = {q: [] for q in queues}
         self.publishers: set[asyncio.Task[None]] = set()
+        #: unique keys held in the result store (a broker that keeps none: RabbitMQ), freed
+        #: once their messages are acked or dead-lettered: (queue, tag) -> (key, message id)
+        self.frees_keys = store is not None and not getattr(broker, "keeps_unique_keys", True)
+        self.keys: dict[tuple[str, int], tuple[str, str]] = {}
 
     def stop(self) -> None:
         """Claim no more; a pump waiting for new messages stops waiting now."""
@@ -236,6 +248,8 @@ class Pumps:
         return _outcomes(self.carrying[queue]) + sum(map(_outcomes, self.publishing[queue]))
 
     def count_settled(self, queue: str, parts: dict[str, list[Any]]) -> None:
+        if self.keys:
+            self.free_keys(queue, parts)
         settled = _outcomes(parts)
         self.in_flight[queue] -= settled
         self.settled_by_queue[queue] += settled
@@ -315,6 +329,7 @@ class Pumps:
                     )
                     for o in r.outputs
                 )
+            self.hold_key(p)
             if r.reason:
                 logger.warning("dead letter %s on %r: %s", p.delivery.message_id, p.queue, r.reason)
                 parts["dead"].append((p.delivery.tag, r.reason))
@@ -323,17 +338,39 @@ class Pumps:
             self.wake[p.queue].set()
         for tag in ack:
             p = pending.pop(tag)
+            if self.frees_keys:
+                self.hold_key(p)
             self._outcome(p, "ack", p.delivery.tag)
         for tag, delay, reason in retry:
             p = pending.pop(tag)
             self._outcome(p, "retry", Retry(p.delivery.tag, delay, reason))
         for tag, reason in dead:
             p = pending.pop(tag)
+            self.hold_key(p)
             logger.warning("dead letter %s on %r: %s", p.delivery.message_id, p.queue, reason)
             self._outcome(p, "dead", (p.delivery.tag, reason))
         for tag in release:
             p = pending.pop(tag)
             self._outcome(p, "release", p.delivery.tag)
+
+    def hold_key(self, p: Pending) -> None:
+        """``p`` is done for good: its unique key is to be freed once that is settled."""
+        headers = p.delivery.headers
+        if self.frees_keys and headers and UNIQUE_HEADER in headers:
+            self.keys[(p.queue, p.delivery.tag)] = (headers[UNIQUE_HEADER], p.delivery.message_id)
+
+    def free_keys(self, queue: str, parts: dict[str, list[Any]]) -> None:
+        tags = [*parts["ack"], *(tag for tag, _ in parts["dead"])]
+        freed = [k for k in (self.keys.pop((queue, t), None) for t in tags) if k is not None]
+        if freed and self.store is not None:
+            t = asyncio.get_running_loop().create_task(self.store.free_unique(freed))
+            self.publishers.add(t)
+            t.add_done_callback(self._freed)
+
+    def _freed(self, t: asyncio.Task[None]) -> None:
+        self.publishers.discard(t)
+        if not t.cancelled() and t.exception() is not None:
+            logger.warning("freeing unique keys in the result store failed: %s", t.exception())
 
     def wake_waiters(self, results: Sequence[StoredResult]) -> None:
         """Poke the processes waiting for ``results``, now stored (``fastq._notify``)."""

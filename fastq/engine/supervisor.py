@@ -34,6 +34,7 @@ from fastq.config import Config, Route
 from fastq.engine.fleet import MAX_WORKER_DEATHS, DeathPolicy, Fleet, Member
 from fastq.engine.placement import Placement
 from fastq.engine.pump import Item, Pumps
+from fastq.engine.scheduler import Scheduler
 from fastq.engine.statistics import SupervisorStatistics, snapshot
 from fastq.engine.tuning import Tuning
 from fastq.errors import ConfigError, RingClosed, RingFull
@@ -142,6 +143,7 @@ class Supervisor:
         self.exits: set[asyncio.Task[None]] = set()  # workers being replaced
         self.cores = CoreClaim()
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.scheduler: Scheduler | None = None
 
     @property
     def settled_by_queue(self) -> collections.Counter[str]:
@@ -508,6 +510,9 @@ class Supervisor:
                 self.start_worker(m)
             self.pump_tasks = [self.spawn(self.pumps.run(q)) for q in self.queues]
             self.spawn(self.watchdog())
+            if getattr(self.app, "schedules", None):
+                self.scheduler = Scheduler(self.app, self.broker)
+                self.spawn(self.scheduler.run(self.stopped))
             if self.config.autosize:
                 self.spawn(self.tuning.run())
             await self.stopped.wait()  # they stop fetching once stopping, and settle on

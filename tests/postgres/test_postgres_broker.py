@@ -240,7 +240,7 @@ def test_the_wrong_connection_kind_says_which_send_takes_which(pg_url):
         run(b.publish_in(object(), "q", _messages(1)))
 
 
-def test_each_tick_is_enqueued_once_by_many_brokers(pg_url):
+def test_each_tick_is_enqueued_once_by_many_brokers_and_never_an_older_one(pg_url):
     async def go() -> None:
         brokers = [PostgresBroker(pg_url) for _ in range(3)]
         for b in brokers:
@@ -256,6 +256,8 @@ def test_each_tick_is_enqueued_once_by_many_brokers(pg_url):
             )
             assert sum(won) == 3
             assert await brokers[1].last_tick("every-second") == 102.0
+            # a late supervisor never enqueues a tick older than the latest
+            assert not await brokers[0].publish_tick("every-second", 101.5, "q", Message(b"", "x"))
             depth = await brokers[2].queue_depth("q")
             assert depth.ready == 3
         finally:

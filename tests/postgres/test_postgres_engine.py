@@ -194,3 +194,45 @@ def test_a_bad_password_at_start_is_one_line_and_exit_2(tmp_path, postgres_url):
             "fastq worker: cannot connect to PostgreSQL at postgresql://nobody:***@127.0.0.1:1/"
         )
     )
+
+
+def test_sends_in_the_callers_transaction_run_once_if_it_commits_and_never_if_not(
+    tree, postgres_url, pg_schema
+):
+    import asyncio
+
+    import asyncpg
+    import psycopg
+
+    record = tree.app.record
+    tree.app.app.broker.bridge().run(tree.app.app.broker.sql.prepare, "")  # the schema exists
+
+    async def through_asyncpg() -> None:
+        conn = await asyncpg.connect(postgres_url)
+        try:
+            with pytest.raises(RuntimeError):
+                async with conn.transaction():
+                    await record.send_async(1, connection=conn)
+                    raise RuntimeError("the caller's own write failed")
+            async with conn.transaction():
+                await record.send_async(2, connection=conn)
+                await record.send_many_async([(3,), (4,)], connection=conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(through_asyncpg())
+    with psycopg.connect(postgres_url) as conn:
+        with pytest.raises(RuntimeError), conn.transaction():
+            record.send(5, connection=conn)
+            raise RuntimeError("rolled back")
+        with conn.transaction():
+            record.send(6, connection=conn)
+    proc = tree.start("--processes", "2", "--queue", tree.q)
+    tree.wait_for_distinct(4)
+    assert tree.stop(proc) == 0
+    # the committed four ran once each; the rolled-back two were never in the table
+    assert sorted(tree.lines()) == ["2", "3", "4", "6"]
+    left = tree.app.app.broker.bridge().run(
+        lambda c: c.fetchval(f"SELECT count(*) FROM {pg_schema}.messages"), ""
+    )
+    assert left == 0

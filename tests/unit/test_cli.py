@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import textwrap
 
 import msgspec
@@ -128,3 +129,22 @@ def test_stats_counts_ready_and_dead_messages_per_queue(shop, capsys, tmp_path):
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ["queue", "ready", "unacked", "delayed", "dead", "consumers"]
     assert table[1].split() == ["orders", "7", "0", "0", "0", "-"]
+
+
+def test_plan_shows_the_next_three_fire_times_of_each_schedule(shop, capsys):
+    app = shop.app
+
+    @app.periodic(cron="0 9 * * 1", timezone="Europe/Paris")  # Mondays 9:00 in Paris
+    @app.task(name="weekly")
+    def weekly() -> None: ...
+
+    try:
+        assert main(["plan", "clishop:app"]) == 0
+        out = capsys.readouterr().out
+    finally:
+        del app.schedules["weekly"], app.tasks["weekly"]
+    line = next(x for x in out.splitlines() if x.strip().startswith("weekly:"))
+    assert line.startswith("  weekly: cron '0 9 * * 1' (Europe/Paris), catch_up=latest; next ")
+    fires = line.split("; next ")[1].split(", ")
+    assert len(fires) == 3
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT09:00:00\+0[12]:00", f) for f in fires)

@@ -22,7 +22,7 @@ _ENGINE = {"worker", "wire", "ring", "autosize", "broker.base", "config", "error
 _AMQP = {"broker.base", "message", "errors", "config", "ring"}
 _AMQP_ROOMS = {"broker.amqp.stream", "broker.amqp.outbox", "broker.amqp.connection",
                "broker.amqp.publish", "broker.amqp.consumer", "broker.amqp.settle",
-               "broker.amqp.management", "broker.amqp.replies"}
+               "broker.amqp.management", "broker.amqp.replies", "broker.amqp.leader"}
 
 #: module -> the fastq modules it may import (STYLE.md §2). A row may name a package: then its
 #: modules may be imported too.
@@ -48,6 +48,8 @@ ALLOWED: dict[str, set[str]] = {
     "_notify": set(),
     # what a handler returned, as it is kept and read
     "results": {"errors", "_notify"},
+    # periodic schedules and delays: values and next-fire math (cronsim imported lazily)
+    "schedule": {"errors"},
     # module:attribute -> object, for the cli and for a worker loading its app and executor
     "_load": {"errors"},
     "autosize": {"autosize.topology", "autosize.plan", "autosize.share", "autosize.look",
@@ -82,6 +84,9 @@ ALLOWED: dict[str, set[str]] = {
     "broker.amqp.settle": _AMQP | {"broker.amqp.connection", "broker.amqp.publish",
                                    "broker.amqp.consumer"},
     "broker.amqp.management": set(),
+    # the periodic scheduler's leader: a single-active-consumer queue's token, and the record
+    # of the last ticks in a queue of length 1
+    "broker.amqp.leader": _AMQP | {"broker.amqp.connection"},
     # direct reply-to: the caller's side of task.call, and the supervisor's replies
     "broker.amqp.replies": _AMQP | {"broker.amqp.connection", "broker.amqp.publish"},
     "broker": {"broker.base", "broker.memory", "broker.sqlite", "broker.amqp", "broker.postgres",
@@ -98,8 +103,10 @@ ALLOWED: dict[str, set[str]] = {
     "engine.pump": _ENGINE | {"engine.fleet"},
     "engine.tuning": _ENGINE | {"engine.placement", "engine.pump"},
     "engine.statistics": set(),
+    # the periodic scheduler: each tick of the App's schedules, once, through the broker
+    "engine.scheduler": _ENGINE | {"schedule"},
     "engine.supervisor": _ENGINE | {"engine.fleet", "engine.placement", "engine.pump",
-                                    "engine.tuning", "engine.statistics"},
+                                    "engine.tuning", "engine.statistics", "engine.scheduler"},
     "pool": {"engine.fleet", "wire", "codec", "ring", "autosize", "config", "errors",
              "pool.driver", "pool.job", "pool.results"},
     "pool.job": {"codec", "autosize", "config", "errors"},
@@ -108,8 +115,9 @@ ALLOWED: dict[str, set[str]] = {
     "pool.driver": {"engine.fleet", "wire", "codec", "ring", "autosize", "config", "errors",
                     "pool.job", "pool.batches"},
     "task": {"config", "message", "middleware", "broker", "broker.base", "errors", "results",
-             "_notify"},
-    "app": {"config", "message", "middleware", "broker", "task", "engine.supervisor", "errors"},
+             "_notify", "schedule"},
+    "app": {"config", "message", "middleware", "broker", "task", "engine.supervisor", "errors",
+            "schedule"},
     "testing": {"app", "broker", "broker.base", "config", "errors"},
     "cli": {"app", "task", "config", "autosize", "engine.supervisor", "testing", "_load", "_bench",
             "broker", "errors"},
@@ -123,13 +131,16 @@ ALLOWED: dict[str, set[str]] = {
 #: raw aiormq consumer as the broker's ceiling: that baseline is aiormq's).
 HEAVY = {
     "aiormq": {"broker.amqp.connection", "broker.amqp.publish", "broker.amqp.consumer",
-               "broker.amqp.settle", "broker.amqp.broker", "broker.amqp.replies", "_bench"},
+               "broker.amqp.settle", "broker.amqp.broker", "broker.amqp.replies",
+               "broker.amqp.leader", "_bench"},
     "pamqp": {"broker.amqp.stream", "broker.amqp.outbox", "broker.amqp.publish",
               "broker.amqp.settle", "broker.amqp.replies", "_bench"},
     "uvloop": {"_aio"},
     "asyncpg": {"broker.postgres", "_bench"},
     # (``_bench`` reads the process trees it measures)
     "psutil": {"autosize.topology", "_bench"},
+    # cron expressions, imported when a cron schedule is made
+    "cronsim": {"schedule"},
 }
 # fmt: on
 
@@ -240,9 +251,7 @@ def test_no_import_circle():
 
 
 def test_import_fastq_loads_no_heavy_dependency():
-    code = (
-        "import fastq, sys; "
-        "print(sorted({'aiormq', 'asyncpg', 'uvloop', 'psutil'} & set(sys.modules)))"
-    )
+    heavy = "{'aiormq', 'asyncpg', 'uvloop', 'psutil', 'cronsim'}"
+    code = f"import fastq, sys; print(sorted({heavy} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

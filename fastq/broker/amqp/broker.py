@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from fastq.broker.amqp import management
 from fastq.broker.amqp.connection import Connection, Options
 from fastq.broker.amqp.consumer import Consumers
+from fastq.broker.amqp.leader import Elections
 from fastq.broker.amqp.publish import Publisher, SyncPublisher
 from fastq.broker.amqp.replies import Replies
 from fastq.broker.amqp.settle import Settler
@@ -55,11 +56,13 @@ class AMQPBroker(Broker):
         self.publisher = Publisher(self.connection)
         self.settler = Settler(self.connection, self.consumers, self.publisher)
         self.replies = Replies(self.connection, self.publisher)
+        self.elections = Elections(self.connection)
         self._sync: SyncPublisher | None = None
         self._sync_lock = threading.Lock()
 
     async def _restore(self, first: bool) -> None:
         await self.consumers.restore(first)
+        await self.elections.restore()
 
     def _consumers_lost(self) -> None:
         self.consumers.lost()
@@ -67,6 +70,7 @@ class AMQPBroker(Broker):
     def _lost(self) -> None:
         self.consumers.lost()
         self.replies.lost()
+        self.elections.lost()
 
     async def open(self) -> None:
         await self.connection.open()
@@ -94,6 +98,27 @@ class AMQPBroker(Broker):
                     lambda: AMQPBroker(self.options.given, routes=self.routes)
                 )
             return self._sync
+
+    # -- periodic ticks: a leader per App (fastq.broker.amqp.leader) --------------------------
+
+    async def lead(self, group: str) -> None:
+        await self.elections.lead(group)
+
+    def leading(self, group: str) -> bool:
+        return self.elections.leading(group)
+
+    async def publish_tick(self, schedule: str, tick: float, queue: str, message: Message) -> bool:
+        """The leader's: publish the tick (confirmed), then record it; False when this process
+        does not lead (any more)."""
+        election = self.elections.of(schedule)
+        if not election.leading:
+            return False
+        await self.publisher.publish(queue, [message])
+        await election.record(schedule, tick)
+        return True
+
+    async def last_tick(self, schedule: str) -> float | None:
+        return (await self.elections.of(schedule).last()).get(schedule)
 
     # -- calls: direct reply-to (fastq.broker.amqp.replies) ---------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 import urllib.parse
@@ -48,13 +49,16 @@ RETRY_EXPIRES_MS = 3_600_000
 OWN_OPTIONS = ("confirm_window", "publish_timeout", "management_port")
 
 
-def retry_queue(queue: str, delay: float) -> tuple[str, int]:
-    """The TTL queue for ``delay`` seconds (two significant digits of milliseconds, >= 1)."""
-    ms = max(1, round(delay * 1000))
+def retry_queue(queue: str, delay: float, *, send: bool = False) -> tuple[str, int]:
+    """The TTL queue for ``delay`` seconds: a retry's rounded to two significant digits of
+    milliseconds (>= 1), a send's (``send(delay=...)``, ``eta=``) rounded up to three, so that
+    it never runs early and at most 1% late."""
+    ms = max(1, round(delay * 1000)) if not send else max(1, math.ceil(delay * 1000))
+    keep = 3 if send else 2
     digits = len(str(ms))
-    if digits > 2:
-        step = 10 ** (digits - 2)
-        ms = round(ms / step) * step
+    if digits > keep:
+        step = 10 ** (digits - keep)
+        ms = (-(-ms // step) if send else round(ms / step)) * step
     return f"{queue}.retry.{ms}", ms
 
 
@@ -392,12 +396,12 @@ class Connection:
         self.declared.add(key)
 
     async def declare_retry(
-        self, channel: aiormq.abc.AbstractChannel, queue: str, delay: float
+        self, channel: aiormq.abc.AbstractChannel, queue: str, delay: float, *, send: bool = False
     ) -> str:
         """The TTL queue for ``delay``. It expires when unused for ``RETRY_EXPIRES`` (or twice
         its TTL): a declare counts as a use, and RabbitMQ counts from the last one, not from
         the last publish, so it is declared again whenever a quarter of that time passed."""
-        name, ms = retry_queue(queue, delay)
+        name, ms = retry_queue(queue, delay, send=send)
         expires = max(RETRY_EXPIRES_MS, 2 * ms + 60_000)
         now = time.monotonic()
         if now - self.retry_declared.get(name, -1e18) > expires / 4000:

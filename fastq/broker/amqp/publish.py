@@ -148,7 +148,7 @@ class Publisher:
         headers: dict[str, Any] = dict(m.headers or {})
         route = conn.routes.get(queue)
         if m.delay > 0:
-            routing_key = await conn.declare_retry(channel, queue, m.delay)
+            routing_key = await conn.declare_retry(channel, queue, m.delay, send=True)
         elif route is not None and route.exchange:
             exchange, routing_key = route.exchange, route.routing_key or queue
             for k, v in (route.binding_arguments or {}).items():
