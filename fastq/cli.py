@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         "--broker",
         metavar="URL",
         help="engine suite through this broker instead: amqp://user:pass@host:port/vhost "
-        "(RabbitMQ)",
+        "(RabbitMQ), or postgresql://user:pass@host:port/db (beside procrastinate and SQLite)",
     )
     bench.add_argument(
         "--peers",
@@ -291,10 +291,14 @@ def main(argv: list[str] | None = None) -> int:
                 )
             return pipeline.main(runs=args.runs, url=args.broker, json_path=args.json)
         if args.suite == "engine" and args.broker:
+            if args.broker.lower().startswith(("postgresql://", "postgres://")) and not args.peers:
+                from fastq._bench import postgres
+
+                return postgres.main(url=args.broker, runs=args.runs, json_path=args.json)
             if not args.broker.lower().startswith(("amqp://", "amqps://")):
                 raise UsageError(
-                    f"--broker takes an amqp:// URL (the embedded brokers are measured by "
-                    "default); "
+                    f"--broker takes an amqp:// or postgresql:// URL (the embedded brokers are "
+                    "measured by default); "
                     f"got {args.broker.partition('://')[0]}://..."
                 )
             if args.peers:

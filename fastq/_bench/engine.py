@@ -132,12 +132,14 @@ class Bench:
         concurrency: int | None,
         prefetch: int | None,
         pace: float | None = None,
+        autosize: bool = False,
     ) -> tuple[float, float]:
-        """Seconds to process ``n`` messages (enqueue included for sqlite noop), and enqueue
-        seconds."""
+        """Seconds to process ``n`` messages (enqueue included for noop on the SQL brokers),
+        and enqueue seconds."""
         task = getattr(self.module, scenario)
-        # The settings in the table, held: the controller (autosize) is measured on its own.
-        sup = self.supervisor(scenario, concurrency, prefetch)
+        # The settings in the table, held unless asked: the controller (autosize) is measured on
+        # its own.
+        sup = self.supervisor(scenario, concurrency, prefetch, autosize=autosize)
         enqueue = 0.0
         if pace is None:  # fill the queue first
             t = time.perf_counter()
@@ -163,7 +165,8 @@ class Bench:
         from fastq._aio import run_loop
 
         took = run_loop(main())
-        return took + (enqueue if self.broker == "sqlite" and scenario == "noop" else 0.0), enqueue
+        charged = self.broker in ("sqlite", "postgres") and scenario == "noop"
+        return took + (enqueue if charged else 0.0), enqueue
 
     @staticmethod
     def _paced(task: Any, n: int, rate: float) -> None:

@@ -172,7 +172,9 @@ class PostgresBroker(ExchangeBroker):
         if self._pool is not None:
             return
         try:
-            pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=self.pool_size)
+            pool = await asyncpg.create_pool(
+                self._dsn, min_size=1, max_size=self.pool_size, reset=_keep_session
+            )
         except (*_CONNECTION_ERRORS, asyncpg.exceptions.PostgresError) as e:
             raise BrokerConnectionError(
                 f"cannot connect to PostgreSQL at {self.url} ({type(e).__name__}: {e}); check the "
@@ -563,7 +565,9 @@ class _Bridge:
         b = self.broker
         try:
             if self.pool is None:
-                self.pool = await asyncpg.create_pool(b._dsn, min_size=1, max_size=4)
+                self.pool = await asyncpg.create_pool(
+                    b._dsn, min_size=1, max_size=4, reset=_keep_session
+                )
                 async with self.pool.acquire() as conn:
                     await b.sql.prepare(conn)
             async with self.pool.acquire() as conn:
@@ -585,6 +589,12 @@ class _Bridge:
         if not self.thread.is_alive():
             self.loop.close()
         atexit.unregister(self.close)
+
+
+async def _keep_session(_conn: asyncpg.Connection) -> None:
+    """A pooled connection goes back as it is: fastq changes no session state on it (its
+    settings are SET LOCAL, its LISTEN is on a connection of its own), so the reset asyncpg would
+    run (a round trip per use) buys nothing."""
 
 
 async def _close_pool(pool: asyncpg.Pool) -> None:
