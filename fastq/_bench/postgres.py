@@ -246,7 +246,7 @@ def measure(url: str, runs: int) -> dict[str, Any]:
 def main(*, url: str, runs: int, json_path: str | None) -> int:
     from fastq._bench import write_json
     from fastq._bench.ring import machine
-    from fastq.url import mask_url
+    from fastq.broker.base import mask_url
 
     info = machine()
     log(f"fastq bench on {mask_url(url)}: {info['cpu']}, {info['usable_cores']} usable cores")

@@ -362,6 +362,8 @@ class PostgresBroker(ExchangeBroker):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        self._events = {}  # bound to this loop; the next open() may run on another
+        self._held = set()  # released below, or left to lapse
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
