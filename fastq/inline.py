@@ -23,6 +23,7 @@ import msgspec
 
 from fastq import message as _message
 from fastq import wire
+from fastq.broker import open_broker
 from fastq.broker.base import Broker, Message, Output, Retry, StoredResult
 from fastq.broker.memory import MemoryBroker
 from fastq.errors import ConfigError, MessageError, TaskFailed
@@ -86,6 +87,21 @@ async def drain_async(
 ) -> Drained:
     """``drain`` for a coroutine (on the caller's loop)."""
     broker: Broker = app.broker
+    # memory:// serves any loop; another broker is bound to the loop that opened it: a drain
+    # (a loop of its own, each time) opens one of its own
+    own = not isinstance(broker, MemoryBroker)
+    if own:
+        broker = open_broker(app.config.broker_url)
+        for queue, options in app.queues().items():
+            broker.configure(queue, options.amqp)
+    try:
+        return await _drain(app, broker, timeout, queues)
+    finally:
+        if own:
+            await broker.close()
+
+
+async def _drain(app: Any, broker: Broker, timeout: float, queues: Sequence[str] | None) -> Drained:
     await broker.open()
     names = list(queues) if queues is not None else sorted(app.queues())
     unknown = sorted(set(names) - set(app.queues()))
@@ -111,24 +127,28 @@ async def drain_async(
     executor = AppExecutor(_Runtime(spec, asyncio.get_running_loop()))  # type: ignore[arg-type]
     counts = {"ok": 0, "retried": 0, "dead": 0}
     deadline = time.monotonic() + timeout
+    wait = 0.0
     try:
         while True:
             ran = 0
             for index, queue in enumerate(names):
-                for d in await broker.fetch(queue, BATCH, timeout=0.0):
+                for d in await broker.fetch(queue, BATCH, timeout=wait):
                     ran += 1
                     await _run_one(executor, broker, store, queue, index, d, counts)
             if ran:
+                wait = 0.0
                 continue
-            waiting = [q for q in names if (await broker.queue_depth(q)).delayed]
+            # none came: done unless some are delayed, or on their way (a broker that pushes)
+            depths = {q: await broker.queue_depth(q) for q in names}
+            waiting = [q for q, d in depths.items() if d.delayed or d.ready]
             if not waiting:
                 return Drained(**counts)
             if time.monotonic() >= deadline:
                 raise TimeoutError(
-                    f"drain: messages of {waiting} still wait for their delay after "
+                    f"drain: messages of {waiting} still wait (a delay, or the broker) after "
                     f"{timeout:g} s; raise timeout, or send without delay in tests"
                 )
-            await asyncio.sleep(0.01)
+            wait = 0.05
     finally:
         executor.close()
 

@@ -129,7 +129,8 @@ ALLOWED: dict[str, set[str]] = {
             "schedule", "inline"},
     # an app's messages run in this process through the workers' handler path: drain() and
     # the eager sends of App.testing(eager=True)
-    "inline": {"executors.app", "wire", "broker.base", "broker.memory", "message", "errors"},
+    "inline": {"executors.app", "wire", "broker", "broker.base", "broker.memory", "message",
+               "errors"},
     "testing": {"app", "broker", "broker.base", "config", "errors", "inline"},
     # the pytest plugin (entry point pytest11): fixtures over testing and App.testing
     "pytest_plugin": {"testing", "app", "_load", "errors"},
