@@ -151,7 +151,12 @@ def _stats(args: argparse.Namespace) -> int:
 
 def _admin(args: argparse.Namespace) -> int:
     """``fastq dlq``, ``fastq purge`` and ``fastq inspect`` (fastq.admin)."""
+    import logging
+
     import msgspec
+
+    # a broker that cannot be reached is one line (fastq's); aiormq's own would say it again
+    logging.getLogger("aiormq").setLevel(logging.CRITICAL)
 
     from fastq import admin
     from fastq.app import App

@@ -325,6 +325,8 @@ class MemoryBroker(Broker):
         with self._lock:
             q = self._queue(queue)
             gone = len(q.ready)
+            for e in q.ready:  # a purged message frees its unique key, as an ack does
+                self._free(e.unique_key, e.message_id)
             q.ready.clear()
         return gone
 

@@ -27,6 +27,9 @@ def charge(order_id: int) -> None:
     ran.append(order_id)
     if order_id < 0:
         raise ValueError(f"no order {{order_id}}")
+
+@app.task(queue={queue!r} + "-never")  # never declared on RabbitMQ
+def unused(n: int) -> None: ...
 """
 
 
@@ -126,6 +129,20 @@ def test_bad_input_on_rabbitmq_is_one_line_and_exit_2(shop, capsys):
             "fastq dlq: 1 of the ids given name no dead letter",
         ),
         (["purge", shop.spec, "nope", "--yes"], "fastq purge: unknown queue 'nope'"),
+        (
+            ["dlq", shop.spec, "list", f"{shop.queue}-never"],
+            (
+                f"fastq dlq: RabbitMQ at {shop.app.broker.url} has no queue "
+                f"'{shop.queue}-never' (NOT_FOUND - no queue '{shop.queue}-never.dlq' in vhost"
+            ),
+        ),
+        (
+            ["purge", shop.spec, f"{shop.queue}-never", "--yes"],
+            (
+                f"fastq purge: RabbitMQ at {shop.app.broker.url} has no queue "
+                f"'{shop.queue}-never' (NOT_FOUND"
+            ),
+        ),
     ]:
         code, _, err = run(capsys, *argv)
         assert code == RET_USAGE, argv

@@ -120,9 +120,12 @@ class DeadLetters:
 
     async def find(self, message_id: str, queues: Sequence[str]) -> DeadLetter | None:
         for queue in queues:
-            found, _ = await self._walk(
-                queue, SCAN_LIMIT, lambda d: d.message_id == message_id, None
-            )
+            try:
+                found, _ = await self._walk(
+                    queue, SCAN_LIMIT, lambda d: d.message_id == message_id, None
+                )
+            except ConfigError:  # never declared: it holds no dead letters
+                continue
             if found:
                 return found[0]
         return None
