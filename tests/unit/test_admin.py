@@ -188,3 +188,17 @@ def test_bad_input_is_one_line_and_exit_2(shop, capsys, argv, error):
     assert err.count("\n") == 1
     assert err.rstrip("\n") == err.strip()
     assert re.match(error, err.rstrip("\n")), err
+
+
+def test_inspect_with_no_supervisor_running_is_one_line_and_exit_2(
+    shop, capsys, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    code, out, err = run(capsys, "inspect", shop.spec)
+    assert (code, out) == (RET_USAGE, "")
+    assert err == (
+        f"fastq inspect: no running supervisor of {shop.spec} on this host (none answers in "
+        f"{tmp_path}/fastq-inspect); start one with fastq worker {shop.spec}\n"
+    )
+    code, _, err = run(capsys, "inspect", shop.spec, "--timeout", "0")
+    assert (code, err) == (RET_USAGE, "fastq inspect: --timeout must be > 0 seconds, got 0\n")

@@ -114,3 +114,34 @@ def _no_threads_left():
     before = threading.active_count()
     yield
     assert threading.active_count() <= before
+
+
+def test_a_report_carries_workers_queues_and_the_latest_autosize_decisions():
+    from fastq.engine.statistics import QueueStatistics, SupervisorStatistics, WorkerStatistics
+
+    class Supervisor:
+        def statistics(self):
+            return SupervisorStatistics(
+                queues={
+                    "orders": QueueStatistics(concurrency=8, prefetch=40, in_flight=3, settled=90)
+                },
+                handler_slots_per_worker=4,
+                workers=(
+                    WorkerStatistics(
+                        index=0, pid=os.getpid(), cpu=1, ready=True, in_flight=3, starts=2
+                    ),
+                ),
+                decisions=tuple((1e9 + i, "orders", f"reason {i}") for i in range(12)),
+            )
+
+    r = inspect.report(Supervisor(), "shop:app", started=0.0, done={0: 90})
+    (w,) = r.workers
+    assert (w.pid, w.cpu, w.in_flight, w.tasks_done, w.restarts) == (os.getpid(), 1, 3, 90, 1)
+    assert w.rss_bytes is not None and w.rss_bytes > 0
+    assert r.queues == [
+        inspect.QueueReport(name="orders", concurrency=8, prefetch=40, in_flight=3, settled=90)
+    ]
+    assert [d.reason for d in r.decisions] == [f"reason {i}" for i in range(2, 12)]  # the last 10
+    text = inspect.describe(r)
+    assert text.startswith(f"supervisor pid {os.getpid()} of shop:app, up ")
+    assert "  autosize 2001-09-09T01:46:51+00:00 orders: reason 11\n" in text
