@@ -233,15 +233,25 @@ class EagerBroker(MemoryBroker):
 
     def publish_sync(self, queue: str, messages: Sequence[Message]) -> None:
         super().publish_sync(queue, messages)
+        self._run_now(queue, {m.message_id for m in messages})
+
+    def publish_unique_sync(self, queue: str, message: Message) -> str:
+        holder = super().publish_unique_sync(queue, message)
+        if holder == message.message_id:  # enqueued by this call (else another holds the key)
+            self._run_now(queue, {holder})
+        return holder
+
+    def _run_now(self, queue: str, wanted: set[str]) -> None:
+        """Drain the app (every queue: what a handler sends elsewhere runs too); TaskFailed
+        when one of ``wanted`` became a dead letter."""
         if self.draining:
             return  # sent by a handler that runs now: the drain under way runs it too
         dead_before = {d.id for d in self.dead_letters(queue, limit=sys.maxsize)}
         self.draining = True
         try:
-            drain(self.app, queues=[queue] if queue in self.app.queues() else [])
+            drain(self.app)
         finally:
             self.draining = False
-        wanted = {m.message_id for m in messages}
         for d in self.dead_letters(queue, limit=sys.maxsize):
             if d.id not in dead_before and d.message_id in wanted:
                 try:

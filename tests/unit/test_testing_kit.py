@@ -146,6 +146,19 @@ def test_eager_send_runs_the_handler_at_once_and_validates_its_arguments():
         ):
             charge.send(Order(3, -1.0))
         assert done == [1]
+        # what a handler sends runs too, before the outer send returns
+        chained = []
+
+        @app.task(queue="totals")
+        def record(total: float) -> None:
+            chained.append(total)
+
+        @app.task(queue="orders")
+        def price(order: Order) -> None:
+            record.send(order.total)
+
+        price.send(Order(4, 2.5))
+        assert chained == [2.5]
     # the app's own broker is back; nothing reached it
     assert app.config.broker_url == "sqlite:///never-made.db"
 
