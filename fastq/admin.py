@@ -1,21 +1,25 @@
-"""What ``fastq dlq``, ``fastq purge`` and ``fastq inspect`` do, apart from parsing their
-arguments (``fastq.cli``): dead letters listed, shown, requeued and purged, ready messages purged,
-and the running supervisors of this host asked about themselves.
+"""``fastq dlq``, ``fastq purge`` and ``fastq inspect``, their arguments and what they do (the
+``fastq`` command, ``fastq.cli``, hands them over whole): dead letters listed, shown, requeued and
+purged, ready messages purged, and the running supervisors of this host asked about themselves.
 
-Every function prints to ``out`` and returns the exit code; bad input (a queue the app does not
-consume, an id that names nothing, no supervisor running) raises ``ConfigError`` with one line
-that says what was expected, what was seen and what to do.
+Every command prints to ``out`` and returns the exit code; bad input (a queue the app does not
+consume, an id that names nothing, no supervisor running, an app that does not load) raises a
+``FastqError`` (``ConfigError``, ``LoadError``) with one line that says what was expected, what
+was seen and what to do: ``fastq.cli`` prints it and exits 2.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
+import logging
 import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
 import msgspec
 
+from fastq import _load
 from fastq import message as _message
 from fastq.app import App
 from fastq.broker.base import DeadLetter
@@ -23,13 +27,80 @@ from fastq.engine import inspect as _inspect
 from fastq.errors import ConfigError, MessageError
 
 __all__ = [
+    "COMMANDS",
+    "add_commands",
     "dlq_list",
     "dlq_purge",
     "dlq_requeue",
     "dlq_show",
     "inspect",
     "purge",
+    "run",
 ]
+
+#: the commands of this module
+COMMANDS = ("dlq", "purge", "inspect")
+
+
+def add_commands(commands: Any) -> None:
+    """Their parsers, on the ``fastq`` command's subparsers."""
+    dlq = commands.add_parser("dlq", help="list, show, requeue or purge the dead letters")
+    dlq.add_argument("app", help="module:app, e.g. shop.tasks:app")
+    dlq.add_argument("--broker", help="broker URL (default: the app's)")
+    actions = dlq.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="a queue's dead letters, oldest first")
+    listing.add_argument("queue")
+    listing.add_argument("--limit", type=int, default=100, help="at most this many (100)")
+    listing.add_argument("--json", action="store_true", help="a JSON list of objects")
+    show = actions.add_parser("show", help="one dead letter whole, its envelope decoded")
+    show.add_argument("id", help="as the id column of `list` shows it")
+    requeue = actions.add_parser("requeue", help="dead letters back to their queue")
+    requeue.add_argument("queue")
+    requeue.add_argument("ids", nargs="*", help="these (as `list` shows them)")
+    requeue.add_argument("--all", action="store_true", help="every dead letter of the queue")
+    purge_dlq = actions.add_parser("purge", help="delete a queue's dead letters")
+    purge_dlq.add_argument("queue")
+    purging = commands.add_parser("purge", help="delete a queue's ready messages (needs --yes)")
+    purging.add_argument("app", help="module:app, e.g. shop.tasks:app")
+    purging.add_argument("queue")
+    purging.add_argument("--yes", action="store_true", help="yes, delete them for good")
+    purging.add_argument("--broker", help="broker URL (default: the app's)")
+    asking = commands.add_parser(
+        "inspect", help="ask the running supervisors of an app on this host about themselves"
+    )
+    asking.add_argument("app", help="module:app, e.g. shop.tasks:app")
+    asking.add_argument("--json", action="store_true", help="a JSON list, one per supervisor")
+    asking.add_argument(
+        "--timeout",
+        type=float,
+        default=_inspect.TIMEOUT,
+        help=f"seconds to wait for each supervisor ({_inspect.TIMEOUT:g})",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the command ``args`` names (one of ``COMMANDS``); its exit code."""
+    # a broker that cannot be reached is one line (fastq's); aiormq's own would say it again
+    logging.getLogger("aiormq").setLevel(logging.CRITICAL)
+    if args.command == "inspect":
+        if not args.timeout > 0:
+            raise ConfigError(f"--timeout must be > 0 seconds, got {args.timeout:g}")
+        _load.load(args.app)  # an app that does not load is named before anything is asked
+        return inspect(args.app, timeout=args.timeout, as_json=args.json)
+    app = _load.load(args.app)
+    if not isinstance(app, App):
+        raise ConfigError(f"{args.app} is a {type(app).__name__}, not a fastq.App")
+    if args.broker:
+        app.config = msgspec.structs.replace(app.config, broker_url=args.broker)
+    if args.command == "purge":
+        return purge(app, args.queue, yes=args.yes)
+    if args.action == "list":
+        return dlq_list(app, args.queue, args.limit, as_json=args.json)
+    if args.action == "show":
+        return dlq_show(app, args.id)
+    if args.action == "requeue":
+        return dlq_requeue(app, args.queue, args.ids, every=args.all)
+    return dlq_purge(app, args.queue)
 
 
 def check_queue(app: App, queue: str) -> None:

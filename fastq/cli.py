@@ -149,71 +149,6 @@ def _stats(args: argparse.Namespace) -> int:
     return RET_OK
 
 
-def _admin(args: argparse.Namespace) -> int:
-    """``fastq dlq``, ``fastq purge`` and ``fastq inspect`` (fastq.admin)."""
-    import logging
-
-    import msgspec
-
-    # a broker that cannot be reached is one line (fastq's); aiormq's own would say it again
-    logging.getLogger("aiormq").setLevel(logging.CRITICAL)
-
-    from fastq import admin
-    from fastq.app import App
-
-    if args.command == "inspect":
-        if not args.timeout > 0:
-            raise UsageError(f"--timeout must be > 0 seconds, got {args.timeout:g}")
-        load(args.app)  # an app that does not load is named before anything is asked
-        return admin.inspect(args.app, timeout=args.timeout, as_json=args.json)
-    app = load(args.app)
-    if not isinstance(app, App):
-        raise UsageError(f"{args.app} is a {type(app).__name__}, not a fastq.App")
-    if args.broker:
-        app.config = msgspec.structs.replace(app.config, broker_url=args.broker)
-    if args.command == "purge":
-        return admin.purge(app, args.queue, yes=args.yes)
-    if args.action == "list":
-        return admin.dlq_list(app, args.queue, args.limit, as_json=args.json)
-    if args.action == "show":
-        return admin.dlq_show(app, args.id)
-    if args.action == "requeue":
-        return admin.dlq_requeue(app, args.queue, args.ids, every=args.all)
-    return admin.dlq_purge(app, args.queue)
-
-
-def _admin_parsers(commands: Any) -> None:
-    dlq = commands.add_parser("dlq", help="list, show, requeue or purge the dead letters")
-    dlq.add_argument("app", help="module:app, e.g. shop.tasks:app")
-    dlq.add_argument("--broker", help="broker URL (default: the app's)")
-    actions = dlq.add_subparsers(dest="action", required=True)
-    listing = actions.add_parser("list", help="a queue's dead letters, oldest first")
-    listing.add_argument("queue")
-    listing.add_argument("--limit", type=int, default=100, help="at most this many (100)")
-    listing.add_argument("--json", action="store_true", help="a JSON list of objects")
-    show = actions.add_parser("show", help="one dead letter whole, its envelope decoded")
-    show.add_argument("id", help="as the id column of `list` shows it")
-    requeue = actions.add_parser("requeue", help="dead letters back to their queue")
-    requeue.add_argument("queue")
-    requeue.add_argument("ids", nargs="*", help="these (as `list` shows them)")
-    requeue.add_argument("--all", action="store_true", help="every dead letter of the queue")
-    purge_dlq = actions.add_parser("purge", help="delete a queue's dead letters")
-    purge_dlq.add_argument("queue")
-    purge = commands.add_parser("purge", help="delete a queue's ready messages (needs --yes)")
-    purge.add_argument("app", help="module:app, e.g. shop.tasks:app")
-    purge.add_argument("queue")
-    purge.add_argument("--yes", action="store_true", help="yes, delete them for good")
-    purge.add_argument("--broker", help="broker URL (default: the app's)")
-    inspect = commands.add_parser(
-        "inspect", help="ask the running supervisors of an app on this host about themselves"
-    )
-    inspect.add_argument("app", help="module:app, e.g. shop.tasks:app")
-    inspect.add_argument("--json", action="store_true", help="a JSON list, one per supervisor")
-    inspect.add_argument(
-        "--timeout", type=float, default=2.0, help="seconds to wait for each supervisor (2)"
-    )
-
-
 def _plan(args: argparse.Namespace) -> int:
     import msgspec
 
@@ -315,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     stats.add_argument("--queue", action="append", help="only this queue (repeatable)")
     stats.add_argument("--broker", help="broker URL (default: the app's)")
     stats.add_argument("--json", action="store_true", help="one JSON object: queue -> counts")
-    _admin_parsers(commands)
+    from fastq import admin
+
+    admin.add_commands(commands)
     work = commands.add_parser("worker", help="run the workers of an app: fastq worker module:app")
     show = commands.add_parser(
         "plan", help="print the sizing plan for this machine, and why, without starting anything"
@@ -355,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
             return _stats(args)
         if args.command == "send":
             return _send(args.task, args.arguments)
-        if args.command in ("dlq", "purge", "inspect"):
-            return _admin(args)
+        if args.command in admin.COMMANDS:
+            return admin.run(args)
         if args.runs < 1:
             raise UsageError(f"--runs must be >= 1, got {args.runs}")
         if args.suite == "pipeline":

@@ -135,7 +135,7 @@ ALLOWED: dict[str, set[str]] = {
     # the pytest plugin (entry point pytest11): fixtures over testing and App.testing
     "pytest_plugin": {"testing", "app", "_load", "errors"},
     # fastq dlq / purge / inspect: what they do, beside cli (which only parses)
-    "admin": {"app", "broker", "broker.base", "message", "engine.inspect", "errors"},
+    "admin": {"app", "broker", "broker.base", "message", "engine.inspect", "errors", "_load"},
     "cli": {"app", "task", "config", "autosize", "engine.supervisor", "testing", "_load", "_bench",
             "broker", "errors", "admin", "logs"},
     # the `fastq bench` suites sit beside cli and drive what they measure
