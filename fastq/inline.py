@@ -5,6 +5,10 @@ results, ``publish_to``): ``drain`` for tests, and the eager sends of ``app.test
 What differs from a worker, on purpose: one message at a time, in the caller's process; a retry
 is due at once (its backoff is not waited for, so a test never sleeps); an ``auto`` handler's
 measured kind is told to nobody. A message sent with a delay is waited for (until ``timeout``).
+
+Made for ``memory://`` (``App.testing``), it runs on the other brokers too (the admin tests use
+it on SQLite, PostgreSQL and RabbitMQ), with one limit: on RabbitMQ a retry waits in its TTL queue,
+which ``queue_depth`` does not count, so a drain may end before a retry comes back.
 """
 
 from __future__ import annotations

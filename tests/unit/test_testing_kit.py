@@ -122,6 +122,21 @@ def test_drain_async_runs_on_the_callers_loop_and_refuses_an_unknown_queue():
         drain(app, queues=["nope"])
 
 
+def test_drain_waits_for_a_delayed_message_only_until_its_timeout():
+    app = memory_app("kit")
+
+    @app.task(queue="orders")
+    def charge(n: int) -> None: ...
+
+    charge.send(1, delay=60)
+    with pytest.raises(
+        TimeoutError,
+        match=r"^drain: messages of \['orders'\] still wait \(a delay, or the broker\) after "
+        r"0\.05 s; raise timeout, or send without delay in tests$",
+    ):
+        drain(app, timeout=0.05)
+
+
 def test_eager_send_runs_the_handler_at_once_and_validates_its_arguments():
     app = fastq.App("eager", broker="sqlite:///never-made.db")
     done = []
