@@ -12,10 +12,12 @@ Run its workers with ``fastq worker module:app``, or ``app.run()`` from the modu
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import itertools
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar, overload
 
 import msgspec
@@ -30,6 +32,8 @@ from fastq.task import Consumer, Task, importable_name, module_name
 F = TypeVar("F", bound=Callable[..., Any])
 
 logger = logging.getLogger(__name__)
+#: numbers the memory:// brokers of ``App.testing``
+_testing = itertools.count()
 
 #: The queue of a task that names none.
 DEFAULT_QUEUE = "default"
@@ -290,6 +294,26 @@ class App:
         broker = self.broker
         await broker.open()
         return await broker.queue_depth(queue)
+
+    @contextlib.contextmanager
+    def testing(self, *, eager: bool = False) -> Iterator[App]:
+        """This app on a ``memory://`` broker of its own for the ``with`` block (its broker is
+        back after it): nothing reaches a real broker. ``fastq.testing.drain(app)`` runs what
+        was sent; with ``eager=True`` each ``send()`` runs its message at once, in this
+        process, through the workers' handler path (the same validation), and raises
+        ``TaskFailed`` when it failed for good.
+        """
+        from fastq import inline
+
+        saved = self.config, self._broker, self._broker_url
+        broker = inline.EagerBroker(self) if eager else None
+        url = broker.url if broker is not None else f"memory://testing-{id(self)}-{next(_testing)}"
+        self.config = msgspec.structs.replace(self.config, broker_url=url)
+        self._broker, self._broker_url = broker, (url if broker is not None else None)
+        try:
+            yield self
+        finally:
+            self.config, self._broker, self._broker_url = saved
 
     def import_spec(self) -> str:
         """``module:attribute`` by which worker processes import this App."""

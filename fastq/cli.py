@@ -1,4 +1,6 @@
-"""The ``fastq`` command (also ``python -m fastq``): ``worker``, ``plan``, ``send`` and ``bench``.
+"""The ``fastq`` command (also ``python -m fastq``): ``worker``, ``plan``, ``send``, ``stats``,
+``dlq``, ``purge``, ``inspect`` and ``bench`` (what ``dlq``, ``purge`` and ``inspect`` do is
+``fastq.admin``'s).
 
 Bad arguments exit with RET_USAGE and one line that says what to change, never a traceback.
 """
@@ -93,11 +95,13 @@ def _app_with_overrides(args: argparse.Namespace) -> Any:
 def _worker(args: argparse.Namespace) -> int:
     import logging
 
+    from fastq import logs
     from fastq.errors import ConfigError
 
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
+    logs.install(
+        args.log_level.upper(),
+        args.log_format,
+        "%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
     )
     if args.log_level != "debug":  # fastq says what failed and what to check; aiormq's own
         logging.getLogger("aiormq").setLevel(logging.CRITICAL)  # lines would say it twice
@@ -246,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     stats.add_argument("--queue", action="append", help="only this queue (repeatable)")
     stats.add_argument("--broker", help="broker URL (default: the app's)")
     stats.add_argument("--json", action="store_true", help="one JSON object: queue -> counts")
+    from fastq import admin
+
+    admin.add_commands(commands)
     work = commands.add_parser("worker", help="run the workers of an app: fastq worker module:app")
     show = commands.add_parser(
         "plan", help="print the sizing plan for this machine, and why, without starting anything"
@@ -266,6 +273,12 @@ def main(argv: list[str] | None = None) -> int:
         help="follow the load, moving what you did not set (default: on, or FASTQ_AUTOSIZE)",
     )
     work.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    work.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="json: one object per line (time, level, pid, logger, message, queue, task, ...)",
+    )
     show.add_argument(
         "--json", action="store_true", help="the plan as JSON, every number with its rule"
     )
@@ -279,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
             return _stats(args)
         if args.command == "send":
             return _send(args.task, args.arguments)
+        if args.command in admin.COMMANDS:
+            return admin.run(args)
         if args.runs < 1:
             raise UsageError(f"--runs must be >= 1, got {args.runs}")
         if args.suite == "pipeline":

@@ -1,9 +1,16 @@
 """For tests, users' and ours: waiting for a condition without sleeping blind, an App on an
-in-process broker, and the RabbitMQ check that skips locally and fails in CI.
+in-process broker, running what it was sent in this process (``drain``), and the RabbitMQ check
+that skips locally and fails in CI.
 
-    from fastq.testing import wait_until
+    from fastq.testing import drain, wait_until
+
+    with app.testing():              # memory:// for the block; app.testing(eager=True): at once
+        charge.send(7)
+        assert drain(app).ok == 1    # through the workers' handler path, retries and all
 
     wait_until(lambda: len(done) == 100, timeout=30, message=lambda: f"{len(done)} of 100 done")
+
+The pytest plugin (``fastq.pytest_plugin``, loaded by entry point) wraps these in fixtures.
 """
 
 from __future__ import annotations
@@ -20,10 +27,14 @@ from collections.abc import Awaitable, Callable, Iterator
 
 from fastq.app import App
 from fastq.errors import ConfigError
+from fastq.inline import Drained, drain, drain_async
 
 __all__ = [
     "AMQP_URL",
     "POSTGRES_URL",
+    "Drained",
+    "drain",
+    "drain_async",
     "memory_app",
     "postgres_restarted",
     "require_amqp",

@@ -188,6 +188,8 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     #: worker's runtime and returns an executor (fastq.worker.Executor)
     executor: str
     log_level: str = "WARNING"
+    #: "text" or "json" (``fastq worker --log-format``, fastq.logs)
+    log_format: str = "text"
     #: ask to leave after this many messages; the supervisor lets one worker go at a time
     max_tasks: int | None = None
     #: ask to leave once the resident set grows past this (checked after each batch)

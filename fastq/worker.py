@@ -19,7 +19,7 @@ from typing import Protocol
 
 import msgspec
 
-from fastq import _load, wire
+from fastq import _load, logs, wire
 from fastq._aio import run_loop
 from fastq.autosize.topology import pin, resident_bytes
 from fastq.ring import Ring, RingReader
@@ -70,9 +70,10 @@ def main(spec_bytes: bytes) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     die_with_parent(spec.parent)
-    logging.basicConfig(
-        level=spec.log_level,
-        format=f"%(asctime)s %(process)d worker-{spec.index} %(levelname)s %(message)s",
+    logs.install(
+        spec.log_level,
+        spec.log_format,
+        f"%(asctime)s %(process)d worker-{spec.index} %(levelname)s %(message)s",
     )
     pin_to(spec.cpu, spec.index)
     runtime = Runtime(spec, _load.load(spec.executor))

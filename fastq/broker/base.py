@@ -414,6 +414,43 @@ class Broker(abc.ABC):
             f"PostgreSQL broker (postgresql://); {self.url} is not it: drop connection="
         )
 
+    # -- operating: dead letters and purges (``fastq dlq``, ``fastq purge``); any thread ------
+
+    #: how ``fastq dlq`` names one dead letter: "id" (``DeadLetter.id``, a row number) or
+    #: "message_id" (RabbitMQ, which numbers nothing)
+    dead_letter_key = "id"
+
+    def _cannot(self, what: str) -> ConfigError:
+        return ConfigError(
+            f"{self.url} cannot {what}; the memory://, sqlite://, postgresql:// and amqp:// "
+            "brokers can"
+        )
+
+    def dead_letters(self, queue: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        """Dead letters (of ``queue``, or of every queue), oldest first, with their reasons."""
+        raise self._cannot("list dead letters")
+
+    def dead_letter(self, id: int | str, *, queues: Sequence[str] = ()) -> DeadLetter | None:
+        """The dead letter ``id`` names (see ``dead_letter_key``), None when there is none;
+        ``queues``: where to look, for a broker without one table of them (RabbitMQ)."""
+        raise self._cannot("show a dead letter")
+
+    def requeue_dead_letters(
+        self, ids: Sequence[Any] | None = None, *, queue: str | None = None
+    ) -> int:
+        """Put dead letters (all, those of ``queue``, or those ``ids``) back, with fresh counts;
+        how many went back."""
+        raise self._cannot("requeue dead letters")
+
+    def purge(self, queue: str) -> int:
+        """Delete the ready messages of ``queue`` (never one a consumer holds, nor a delayed
+        one); how many went."""
+        raise self._cannot("purge a queue")
+
+    def purge_dead_letters(self, queue: str) -> int:
+        """Delete the dead letters of ``queue``; how many went."""
+        raise self._cannot("purge dead letters")
+
     @abc.abstractmethod
     async def queue_depth(self, queue: str) -> QueueDepth:
         """How many messages are ready, unacked and delayed."""

@@ -316,6 +316,27 @@ class MemoryBroker(Broker):
         self._notify(waiters)
         return moved
 
+    def dead_letter(self, id: int | str, *, queues: Sequence[str] = ()) -> DeadLetter | None:
+        with self._lock:
+            found = [d for q in self._queues.values() for d in q.dead if d.id == int(id)]
+        return found[0] if found else None
+
+    def purge(self, queue: str) -> int:
+        with self._lock:
+            q = self._queue(queue)
+            gone = len(q.ready)
+            for e in q.ready:  # a purged message frees its unique key, as an ack does
+                self._free(e.unique_key, e.message_id)
+            q.ready.clear()
+        return gone
+
+    def purge_dead_letters(self, queue: str) -> int:
+        with self._lock:
+            q = self._queue(queue)
+            gone = len(q.dead)
+            q.dead = []
+        return gone
+
     async def close(self) -> None:
         """Release every unsettled delivery (back to the front of its queue)."""
         with self._lock:

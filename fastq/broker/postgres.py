@@ -448,6 +448,24 @@ class PostgresBroker(ExchangeBroker):
         )
         return moved
 
+    def dead_letter(self, id: int | str, *, queues: Sequence[str] = ()) -> DeadLetter | None:
+        row = self.bridge().run(
+            lambda c: c.fetchrow(self.sql.dead_letter, int(id)), "the dead letter was not read"
+        )
+        return None if row is None else DeadLetter.from_row(row)
+
+    def purge(self, queue: str) -> int:
+        status: str = self.bridge().run(
+            lambda c: c.execute(self.sql.purge, queue), "nothing was purged"
+        )
+        return int(status.rpartition(" ")[2])
+
+    def purge_dead_letters(self, queue: str) -> int:
+        status: str = self.bridge().run(
+            lambda c: c.execute(self.sql.purge_dead, queue), "nothing was purged"
+        )
+        return int(status.rpartition(" ")[2])
+
 
 class _Statements:
     """The SQL of one schema, formatted once."""
@@ -466,6 +484,11 @@ class _Statements:
         self.depth, self.get_result = f(sql.DEPTH), f(sql.GET_RESULT)
         self.purge_results = f(sql.PURGE_RESULTS)
         self.dead_letters, self.requeue = f(sql.DEAD_LETTERS), f(sql.REQUEUE)
+        self.dead_letter, self.purge, self.purge_dead = (
+            f(sql.DEAD_LETTER),
+            f(sql.PURGE),
+            f(sql.PURGE_DEAD),
+        )
         self.schema = schema
 
     async def prepare(self, conn: asyncpg.Connection) -> None:

@@ -257,3 +257,10 @@ WITH moved AS (
 )
 SELECT count(*) FROM inserted
 """
+DEAD_LETTER = (
+    "SELECT id, queue, message_id, body, attempts, retries, reason, failed_at, headers "
+    "FROM {s}.dead_letters WHERE id = $1"
+)
+#: ready messages only: a leased row's visible_at is its lease's end, a delayed one's its time
+PURGE = f"DELETE FROM {{s}}.messages WHERE queue = $1 AND visible_at <= {NOW}"
+PURGE_DEAD = "DELETE FROM {s}.dead_letters WHERE queue = $1"

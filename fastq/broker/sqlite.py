@@ -590,3 +590,32 @@ class SqliteBroker(ExchangeBroker):
             return db.execute(f"DELETE FROM fastq_dead_letters WHERE {where}", (queue,)).rowcount
 
         return self._write(work)
+
+    def dead_letter(self, id: int | str, *, queues: Sequence[str] = ()) -> DeadLetter | None:
+        row = (
+            self._db()
+            .execute(
+                "SELECT id, queue, message_id, body, attempts, retries, reason, failed_at, headers "
+                "FROM fastq_dead_letters WHERE id = ?",
+                (int(id),),
+            )
+            .fetchone()
+        )
+        return None if row is None else DeadLetter.from_row(row)
+
+    def purge(self, queue: str) -> int:
+        return self._write(
+            lambda db: (
+                db.execute(
+                    "DELETE FROM fastq_messages WHERE queue = ? AND visible_at <= ?",
+                    (queue, time.time()),
+                ).rowcount
+            )
+        )
+
+    def purge_dead_letters(self, queue: str) -> int:
+        return self._write(
+            lambda db: (
+                db.execute("DELETE FROM fastq_dead_letters WHERE queue = ?", (queue,)).rowcount
+            )
+        )

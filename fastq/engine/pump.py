@@ -331,7 +331,13 @@ class Pumps:
                 )
             self.hold_key(p)
             if r.reason:
-                logger.warning("dead letter %s on %r: %s", p.delivery.message_id, p.queue, r.reason)
+                logger.warning(
+                    "dead letter %s on %r: %s",
+                    p.delivery.message_id,
+                    p.queue,
+                    r.reason,
+                    extra={"queue": p.queue, "message_id": p.delivery.message_id},
+                )
                 parts["dead"].append((p.delivery.tag, r.reason))
             else:
                 parts["ack"].append(p.delivery.tag)
@@ -347,7 +353,13 @@ class Pumps:
         for tag, reason in dead:
             p = pending.pop(tag)
             self.hold_key(p)
-            logger.warning("dead letter %s on %r: %s", p.delivery.message_id, p.queue, reason)
+            logger.warning(
+                "dead letter %s on %r: %s",
+                p.delivery.message_id,
+                p.queue,
+                reason,
+                extra={"queue": p.queue, "message_id": p.delivery.message_id},
+            )
             self._outcome(p, "dead", (p.delivery.tag, reason))
         for tag in release:
             p = pending.pop(tag)

@@ -20,17 +20,19 @@ import functools
 import logging
 import os
 import signal
+import time
 from collections.abc import Coroutine
 from typing import Any
 
 import msgspec
 
-from fastq import wire
+from fastq import logs, wire
 from fastq._aio import Signal, run_loop
 from fastq.autosize import IO_CONCURRENCY_MAX, Plan, plan_app
 from fastq.autosize.claims import CoreClaim
 from fastq.broker.base import Broker
 from fastq.config import Config, Route
+from fastq.engine import inspect
 from fastq.engine.fleet import MAX_WORKER_DEATHS, DeathPolicy, Fleet, Member
 from fastq.engine.placement import Placement
 from fastq.engine.pump import Item, Pumps
@@ -144,6 +146,10 @@ class Supervisor:
         self.cores = CoreClaim()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.scheduler: Scheduler | None = None
+        #: messages each worker finished, and fastq inspect's socket (fastq.engine.inspect)
+        self.done = collections.Counter[int]()
+        started = time.monotonic()
+        self.inspector = inspect.Server(lambda: inspect.report(self, app_spec, started, self.done))
 
     @property
     def settled_by_queue(self) -> collections.Counter[str]:
@@ -165,6 +171,7 @@ class Supervisor:
             concurrency=slots,
             executor="fastq.executors.app:AppExecutor",
             log_level=self.log_level,
+            log_format=logs.root_format(),
             max_tasks=self.config.max_tasks_per_child,
             max_memory_bytes=self.config.max_memory_per_child_bytes,
             queue_slots=per_queue,
@@ -357,6 +364,7 @@ class Supervisor:
             else:
                 dead.append((tag, payload.decode(errors="replace")))
         self.fleet.passed(m)
+        self.done[m.index] += len(ack) + len(retry) + len(dead) + len(returned)
         self.pumps.settle(ack, retry, dead, returned=returned)
         if self.fleet.recycling.asked and self.fleet.recycling.leaving is None:
             self.let_one_go()  # a go-ahead refused earlier (its ring was full) is tried again
@@ -503,6 +511,7 @@ class Supervisor:
             await self.broker.declare_exchange(route.exchange, route.exchange_kind)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.on_signal, sig)
+        await self.inspector.start()
         try:
             self.claim_cores()
             self.fleet.sweep()
@@ -556,6 +565,7 @@ class Supervisor:
             t.cancel()
         fleet.release_all()
         self.cores.release()
+        await self.inspector.close()
         await self.broker.close()
         if self.store is not None:
             await self.store.close()

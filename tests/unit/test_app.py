@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 
 import msgspec
@@ -12,8 +11,7 @@ import pytest
 import fastq
 from fastq import message
 from fastq.errors import ConfigError
-
-_names = itertools.count()
+from fastq.testing import Drained, drain, memory_app
 
 
 class Order(msgspec.Struct):
@@ -23,7 +21,7 @@ class Order(msgspec.Struct):
 
 @pytest.fixture
 def app():
-    return fastq.App("shop", broker=f"memory://app-{next(_names)}")
+    return memory_app("shop")
 
 
 def published(app, queue):
@@ -66,6 +64,7 @@ def test_send_validates_encodes_and_returns_the_message_id(app):
     with pytest.raises(TypeError, match=r"missing a required argument: 'order'"):
         charge.send()
     assert published(app, "orders") == []
+    assert drain(app) == Drained()
 
 
 def test_send_many_publishes_one_batch_in_order_and_send_async_works_in_a_loop(app):
@@ -139,16 +138,25 @@ def test_the_broker_url_comes_from_the_argument_else_the_environment(monkeypatch
 
 
 def test_timing_middleware_logs_failures_with_the_handler(caplog):
-    class M:
-        handler, message_id = "shop.charge", "m1"
+    # Given: an app with TimingMiddleware and a task that fails once, then works (test kit)
+    app = memory_app("shop")
+    app.middleware.append(fastq.TimingMiddleware())
+    failures = []
 
-    mw, m = fastq.TimingMiddleware(), M()
-    mw.before_process(m)
+    @app.task(queue="orders", max_retries=1)
+    def charge(n: int) -> None:
+        if not failures:
+            failures.append(n)
+            raise ValueError("card declined")
+
+    mid = charge.send(1)
+    # When: it runs through the workers' handler path, in this process
     with caplog.at_level(logging.WARNING, logger="fastq.middleware"):
-        mw.after_process(m, ValueError("card declined"))
-    assert (
-        "shop.charge m1 failed after" in caplog.text and "ValueError: card declined" in caplog.text
-    )
+        assert drain(app) == Drained(ok=1, retried=1)
+    # Then: the failure is logged once, with the handler and message id
+    (record,) = caplog.records
+    assert record.getMessage().startswith(f"{charge.name} {mid} failed after ")
+    assert record.getMessage().endswith(" s: ValueError: card declined")
 
 
 def test_tasks_of_a_script_run_as_main_get_the_name_workers_import(tmp_path):

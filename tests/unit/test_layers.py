@@ -22,7 +22,8 @@ _ENGINE = {"worker", "wire", "ring", "autosize", "broker.base", "config", "error
 _AMQP = {"broker.base", "message", "errors", "config", "ring"}
 _AMQP_ROOMS = {"broker.amqp.stream", "broker.amqp.outbox", "broker.amqp.connection",
                "broker.amqp.publish", "broker.amqp.consumer", "broker.amqp.settle",
-               "broker.amqp.management", "broker.amqp.replies", "broker.amqp.leader"}
+               "broker.amqp.management", "broker.amqp.replies", "broker.amqp.leader",
+               "broker.amqp.dlq"}
 
 #: module -> the fastq modules it may import (STYLE.md §2). A row may name a package: then its
 #: modules may be imported too.
@@ -89,10 +90,15 @@ ALLOWED: dict[str, set[str]] = {
     "broker.amqp.leader": _AMQP | {"broker.amqp.connection"},
     # direct reply-to: the caller's side of task.call, and the supervisor's replies
     "broker.amqp.replies": _AMQP | {"broker.amqp.connection", "broker.amqp.publish"},
+    # dead letters read, requeued and purged in <queue>.dlq (fastq dlq, fastq purge)
+    "broker.amqp.dlq": _AMQP | {"broker.amqp.connection", "broker.amqp.publish",
+                                "broker.amqp.consumer", "broker.amqp.settle"},
     "broker": {"broker.base", "broker.memory", "broker.sqlite", "broker.amqp", "broker.postgres",
                "errors"},
     "middleware": {"message", "errors"},
-    "worker": _RUNTIME,
+    # the JSON log lines of --log-format json (installed by cli, and by a worker told so)
+    "logs": set(),
+    "worker": _RUNTIME | {"logs"},
     "executors": set(),
     "executors.app": _RUNTIME,
     "executors.pool": _RUNTIME,
@@ -105,8 +111,11 @@ ALLOWED: dict[str, set[str]] = {
     "engine.statistics": set(),
     # the periodic scheduler: each tick of the App's schedules, once, through the broker
     "engine.scheduler": _ENGINE | {"schedule"},
+    # fastq inspect's socket: the supervisor's server and the command's client
+    "engine.inspect": set(),
     "engine.supervisor": _ENGINE | {"engine.fleet", "engine.placement", "engine.pump",
-                                    "engine.tuning", "engine.statistics", "engine.scheduler"},
+                                    "engine.tuning", "engine.statistics", "engine.scheduler",
+                                    "engine.inspect", "logs"},
     "pool": {"engine.fleet", "wire", "codec", "ring", "autosize", "config", "errors",
              "pool.driver", "pool.job", "pool.results"},
     "pool.job": {"codec", "autosize", "config", "errors"},
@@ -117,13 +126,21 @@ ALLOWED: dict[str, set[str]] = {
     "task": {"config", "message", "middleware", "broker", "broker.base", "errors", "results",
              "_notify", "schedule"},
     "app": {"config", "message", "middleware", "broker", "task", "engine.supervisor", "errors",
-            "schedule"},
-    "testing": {"app", "broker", "broker.base", "config", "errors"},
+            "schedule", "inline"},
+    # an app's messages run in this process through the workers' handler path: drain() and
+    # the eager sends of App.testing(eager=True)
+    "inline": {"executors.app", "wire", "broker", "broker.base", "broker.memory", "message",
+               "errors"},
+    "testing": {"app", "broker", "broker.base", "config", "errors", "inline"},
+    # the pytest plugin (entry point pytest11): fixtures over testing and App.testing
+    "pytest_plugin": {"testing", "app", "_load", "errors"},
+    # fastq dlq / purge / inspect: what they do, beside cli (which only parses)
+    "admin": {"app", "broker", "broker.base", "message", "engine.inspect", "errors", "_load"},
     "cli": {"app", "task", "config", "autosize", "engine.supervisor", "testing", "_load", "_bench",
-            "broker", "errors"},
+            "broker", "errors", "admin", "logs"},
     # the `fastq bench` suites sit beside cli and drive what they measure
     "_bench": {"app", "config", "autosize", "engine.supervisor", "testing", "ring", "_aio",
-               "broker.base", "errors", "__init__", "_bench"},
+               "broker.base", "errors", "__init__", "_bench", "url"},
     "__main__": {"cli"},
     "__init__": {"errors", "app", "task", "pool", "config", "middleware"},
 }
@@ -132,8 +149,8 @@ ALLOWED: dict[str, set[str]] = {
 HEAVY = {
     "aiormq": {"broker.amqp.connection", "broker.amqp.publish", "broker.amqp.consumer",
                "broker.amqp.settle", "broker.amqp.broker", "broker.amqp.replies",
-               "broker.amqp.leader", "_bench"},
-    "pamqp": {"broker.amqp.stream", "broker.amqp.outbox", "broker.amqp.publish",
+               "broker.amqp.leader", "broker.amqp.dlq", "_bench"},
+    "pamqp": {"broker.amqp.stream", "broker.amqp.outbox", "broker.amqp.publish", "broker.amqp.dlq",
               "broker.amqp.settle", "broker.amqp.replies", "_bench"},
     "uvloop": {"_aio"},
     "asyncpg": {"broker.postgres", "_bench"},

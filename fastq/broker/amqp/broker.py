@@ -14,17 +14,20 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 from fastq.broker.amqp import management
 from fastq.broker.amqp.connection import Connection, Options
 from fastq.broker.amqp.consumer import Consumers
+from fastq.broker.amqp.dlq import DeadLetters
 from fastq.broker.amqp.leader import Elections
 from fastq.broker.amqp.publish import Publisher, SyncPublisher
 from fastq.broker.amqp.replies import Replies
 from fastq.broker.amqp.settle import Settler
 from fastq.broker.base import (
     Broker,
+    DeadLetter,
     Delivery,
     Message,
     QueueDepth,
@@ -33,6 +36,9 @@ from fastq.broker.base import (
     Signal,
     StoredResult,
 )
+from fastq.errors import ConfigError
+
+T = TypeVar("T")
 
 
 class AMQPBroker(Broker):
@@ -57,6 +63,7 @@ class AMQPBroker(Broker):
         self.settler = Settler(self.connection, self.consumers, self.publisher)
         self.replies = Replies(self.connection, self.publisher)
         self.elections = Elections(self.connection)
+        self.dlq = DeadLetters(self.connection, self.publisher)
         self._sync: SyncPublisher | None = None
         self._sync_lock = threading.Lock()
 
@@ -209,6 +216,40 @@ class AMQPBroker(Broker):
             consumers=ok.consumer_count,
             dead=dead_count,
         )
+
+    # -- operating: dead letters (<queue>.dlq) and purges (fastq.broker.amqp.dlq) -----------
+
+    dead_letter_key = "message_id"
+
+    def _blocking(self, work: Callable[[AMQPBroker], Coroutine[Any, Any, T]]) -> T:
+        """``work`` on the publishing thread's broker (its own connection), from any thread."""
+        sync = self._sync_publisher()
+        broker = sync.broker
+        assert isinstance(broker, AMQPBroker)
+        return sync.run(work(broker))
+
+    def dead_letters(self, queue: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        if queue is None:
+            raise ConfigError("RabbitMQ keeps dead letters per queue (<queue>.dlq): name one")
+        return self._blocking(lambda b: b.dlq.list(queue, limit))
+
+    def dead_letter(self, id: int | str, *, queues: Sequence[str] = ()) -> DeadLetter | None:
+        return self._blocking(lambda b: b.dlq.find(str(id), queues))
+
+    def requeue_dead_letters(
+        self, ids: Sequence[Any] | None = None, *, queue: str | None = None
+    ) -> int:
+        """``ids``: message ids (RabbitMQ numbers nothing); ``queue`` is needed."""
+        if queue is None:
+            raise ConfigError("RabbitMQ keeps dead letters per queue (<queue>.dlq): name one")
+        wanted = None if ids is None else [str(i) for i in ids]
+        return self._blocking(lambda b: b.dlq.requeue(queue, wanted))
+
+    def purge(self, queue: str) -> int:
+        return self._blocking(lambda b: b.dlq.purge(queue))
+
+    def purge_dead_letters(self, queue: str) -> int:
+        return self._blocking(lambda b: b.dlq.purge(f"{queue}.dlq"))
 
     async def close(self) -> None:
         for consumer in list(self.consumers.by_queue.values()):

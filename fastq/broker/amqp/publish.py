@@ -13,8 +13,8 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Protocol, TypeVar
 
 import aiormq
 import aiormq.abc
@@ -24,6 +24,8 @@ from fastq.broker.amqp.connection import CONNECTION_ERRORS, Connection
 from fastq.broker.amqp.outbox import Nacked, Outbox, Unroutable, publish_frames
 from fastq.broker.base import Message
 from fastq.errors import BrokerConnectionError
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -297,6 +299,10 @@ class SyncPublisher:
             raise BrokerConnectionError(
                 f"publishing to {queue!r} on {self.broker.url} took over {self.timeout:g} s"
             ) from e
+
+    def run(self, work: Coroutine[Any, Any, T]) -> T:
+        """Any coroutine on this publisher's loop (its broker's), from another thread."""
+        return asyncio.run_coroutine_threadsafe(work, self.loop).result(self.timeout)
 
     def request(self, queue: str, m: Message, timeout: float | None) -> bytes:
         """A call (``Replies.request``) on this publisher's loop; its outcome."""

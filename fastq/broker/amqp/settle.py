@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +33,8 @@ logger = logging.getLogger(__name__)
 HEADER_REASON = "x-fastq-reason"
 HEADER_EXCEPTION = "x-fastq-exception"
 HEADER_ATTEMPTS = "x-fastq-attempts"
+#: when it was dead-lettered (epoch seconds), for ``fastq dlq list``
+HEADER_FAILED_AT = "x-fastq-failed-at"
 #: a reason is cut to this many characters in a header
 REASON_CHARS = 1000
 
@@ -137,6 +140,7 @@ class Settler:
                 HEADER_REASON: reason[:REASON_CHARS],
                 HEADER_EXCEPTION: exception_type(reason),
                 HEADER_ATTEMPTS: retries + 1,
+                HEADER_FAILED_AT: round(time.time(), 3),
             }
         )
         return held, f"{held.consumer.queue}.dlq", 0.0, headers
