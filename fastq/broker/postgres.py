@@ -22,8 +22,6 @@ of the supervisor (default 8). Everything else in the URL is asyncpg's (``sslmod
 from __future__ import annotations
 
 import asyncio
-import atexit
-import concurrent.futures
 import logging
 import os
 import re
@@ -37,10 +35,8 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from fastq import results
 from fastq.broker import postgres_sql as sql
 from fastq.broker.base import (
-    DeadLetter,
     Delivery,
     ExchangeBroker,
     Message,
@@ -55,6 +51,7 @@ from fastq.broker.base import (
     unpack_headers,
     wait_either,
 )
+from fastq.broker.postgres_sync import AnyThread, Bridge
 from fastq.errors import BrokerConnectionError, BrokerStorageError, ConfigError
 
 __all__ = ["PostgresBroker", "parse_url"]
@@ -82,6 +79,7 @@ _STORAGE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InsufficientResourcesError,
     asyncpg.exceptions.ReadOnlySQLTransactionError,
 )
+_ERRORS = (*_CONNECTION_ERRORS, *_STORAGE_ERRORS)
 
 
 def parse_url(url: str) -> tuple[str, dict[str, list[str]]]:
@@ -100,7 +98,7 @@ def parse_url(url: str) -> tuple[str, dict[str, list[str]]]:
     return urllib.parse.urlunsplit(parts._replace(query=rest)), own
 
 
-class PostgresBroker(ExchangeBroker):
+class PostgresBroker(AnyThread, ExchangeBroker):
     """See the module docstring. Async methods run on the loop that opened it, over a pool of
     connections; ``publish_sync``, ``get_result`` and the dead-letter methods run on a thread of
     the broker's own with its own small pool (any calling thread)."""
@@ -122,7 +120,7 @@ class PostgresBroker(ExchangeBroker):
         self.poll = query_float(url, params, "poll", 2.0, 0.01)
         self.pool_size = int(query_float(url, params, "pool", 8, 2))
         self.channel = f"fastq_{schema}"
-        self.sql = _Statements(schema, self.channel)
+        self.sql = sql.Statements(schema, self.channel)
         #: the lease owner this broker writes on what it claims
         self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._pool: asyncpg.Pool | None = None
@@ -130,7 +128,7 @@ class PostgresBroker(ExchangeBroker):
         self._held: set[int] = set()
         self._events: dict[str, asyncio.Event] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._bridge: _Bridge | None = None
+        self._bridge: Bridge | None = None
         self._bridge_lock = threading.Lock()
 
     # -- errors -----------------------------------------------------------------------------
@@ -234,7 +232,7 @@ class PostgresBroker(ExchangeBroker):
             )
         if messages:
             with cursor() as cur:
-                cur.execute(self.sql.insert_psycopg, _insert_args(queue, messages))
+                cur.execute(self.sql.insert_psycopg, sql.insert_args(queue, messages))
 
     async def publish_unique(self, queue: str, message: Message) -> str:
         return await self._call(
@@ -299,13 +297,13 @@ class PostgresBroker(ExchangeBroker):
         while nothing was claimed, sleep until a NOTIFY for ``queue``, its next message's time,
         ``poll`` seconds, ``timeout`` or ``wake``, and claim again."""
         deadline = time.monotonic() + timeout
-        args: list[Any] | None = _settle_args(ack, retry, dead, release, results, outputs)
+        args: list[Any] | None = sql.settle_args(ack, retry, dead, release, results, outputs)
         if args is None and fetch <= 0:
             return []
         event = self._events.setdefault(queue, asyncio.Event())
         while True:
             event.clear()
-            params = args or _NOTHING
+            params = args or sql.NOTHING
             rows = await self._call(
                 lambda c, p=params: c.fetch(  # type: ignore[misc]
                     self.sql.exchange, self.owner, queue, self.lease, *p, max(fetch, 0)
@@ -337,17 +335,6 @@ class PostgresBroker(ExchangeBroker):
 
     async def put_results(self, results: Sequence[StoredResult]) -> None:
         await self.exchange("", results=results)
-
-    def get_result(self, message_id: str) -> bytes | None:
-        row = self.bridge().run(
-            lambda c: c.fetchrow(self.sql.get_result, message_id), "the result was not read"
-        )
-        if row is None:
-            return None
-        outcome, expires_at = row
-        if outcome is None or expires_at < time.time():  # expiry on read
-            raise results.expired(message_id, expires_at)
-        return bytes(outcome)
 
     async def queue_depth(self, queue: str) -> QueueDepth:
         row = await self._call(
@@ -425,202 +412,27 @@ class PostgresBroker(ExchangeBroker):
 
     # -- any thread ---------------------------------------------------------------------------
 
-    def bridge(self) -> _Bridge:
+    def bridge(self) -> Bridge:
+        """The thread that serves callers without a loop, started on first use."""
         with self._bridge_lock:
             if self._bridge is None:
-                self._bridge = _Bridge(self)
+                self._bridge = Bridge(self._bridge_pool, self.translate, _ERRORS)
             return self._bridge
 
-    def dead_letters(self, queue: str | None = None, limit: int = 100) -> list[DeadLetter]:
-        """Dead letters, oldest first, with the reason each one failed."""
-        rows = self.bridge().run(
-            lambda c: c.fetch(self.sql.dead_letters, queue, limit), "dead letters were not read"
-        )
-        return [DeadLetter.from_row(r) for r in rows]
-
-    def requeue_dead_letters(
-        self, ids: Sequence[int] | None = None, *, queue: str | None = None
-    ) -> int:
-        """Put dead letters (all, those of ``queue``, or those ``ids``) back, with fresh counts."""
-        wanted = None if ids is None else [int(i) for i in ids]
-        moved: int = self.bridge().run(
-            lambda c: c.fetchval(self.sql.requeue, queue, wanted), "nothing was requeued"
-        )
-        return moved
-
-    def dead_letter(self, id: int | str, *, queues: Sequence[str] = ()) -> DeadLetter | None:
-        row = self.bridge().run(
-            lambda c: c.fetchrow(self.sql.dead_letter, int(id)), "the dead letter was not read"
-        )
-        return None if row is None else DeadLetter.from_row(row)
-
-    def purge(self, queue: str) -> int:
-        status: str = self.bridge().run(
-            lambda c: c.execute(self.sql.purge, queue), "nothing was purged"
-        )
-        return int(status.rpartition(" ")[2])
-
-    def purge_dead_letters(self, queue: str) -> int:
-        status: str = self.bridge().run(
-            lambda c: c.execute(self.sql.purge_dead, queue), "nothing was purged"
-        )
-        return int(status.rpartition(" ")[2])
-
-
-class _Statements:
-    """The SQL of one schema, formatted once."""
-
-    def __init__(self, schema: str, channel: str) -> None:
-        def f(text: str) -> str:
-            return text.format(s=schema, channel=channel)
-
-        self.schema_text = f(sql.SCHEMA)
-        self.exists, self.version, self.stamp = f(sql.EXISTS), f(sql.VERSION), f(sql.STAMP)
-        self.insert, self.insert_psycopg = f(sql.INSERT), f(sql.INSERT_PSYCOPG)
-        self.exchange, self.next_visible = f(sql.EXCHANGE), f(sql.NEXT_VISIBLE)
-        self.publish_unique, self.publish_tick = f(sql.PUBLISH_UNIQUE), f(sql.PUBLISH_TICK)
-        self.last_tick = f(sql.LAST_TICK)
-        self.renew, self.release_all, self.notify = f(sql.RENEW), f(sql.RELEASE_ALL), f(sql.NOTIFY)
-        self.depth, self.get_result = f(sql.DEPTH), f(sql.GET_RESULT)
-        self.purge_results = f(sql.PURGE_RESULTS)
-        self.dead_letters, self.requeue = f(sql.DEAD_LETTERS), f(sql.REQUEUE)
-        self.dead_letter, self.purge, self.purge_dead = (
-            f(sql.DEAD_LETTER),
-            f(sql.PURGE),
-            f(sql.PURGE_DEAD),
-        )
-        self.schema = schema
-
-    async def prepare(self, conn: asyncpg.Connection) -> None:
-        """Make the schema if there is none (under an advisory lock: many processes start at
-        once); a newer schema than this code's is an error, and nothing is touched."""
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", sql.SCHEMA_LOCK)
-            version = (
-                await conn.fetchval(self.version) if await conn.fetchval(self.exists) else None
-            )
-            if version is None:
-                await conn.execute(self.schema_text)
-                await conn.execute(self.stamp, str(sql.SCHEMA_VERSION))
-            elif version > sql.SCHEMA_VERSION:
-                raise ConfigError(
-                    f"schema {self.schema!r} holds fastq tables of version {version}, newer than "
-                    f"this fastq's {sql.SCHEMA_VERSION}; upgrade fastq on this host, or use "
-                    "another ?schema="
-                )
-
-
-_NOTHING: list[Any] = [[], [], [], [], [], [], [], [], [], [], [], [], [], [], [], []]
-
-
-def _settle_args(
-    ack: Sequence[int],
-    retry: Sequence[Retry],
-    dead: Sequence[tuple[int, str]],
-    release: Sequence[int],
-    results: Sequence[StoredResult],
-    outputs: Sequence[Output],
-) -> list[Any] | None:
-    """The exchange function's settle arrays, in its parameter order (None: nothing to do)."""
-    if not (ack or retry or dead or release or results or outputs):
-        return None
-    for o in outputs:
-        if o.exchange:
-            raise ConfigError(
-                f"publish_to=Route(exchange={o.exchange!r}) needs a broker with exchanges "
-                "(amqp://); PostgreSQL has queues only: publish_to a queue name"
-            )
-    return [
-        list(ack),
-        [r.tag for r in retry],
-        [r.delay for r in retry],
-        [r.reason for r in retry],
-        [t for t, _ in dead],
-        [reason for _, reason in dead],
-        list(release),
-        [o.queue for o in outputs],
-        [o.message.message_id for o in outputs],
-        [o.message.body for o in outputs],
-        [pack_headers(o.message.headers) for o in outputs],
-        [o.message.delay for o in outputs],
-        [r.message_id for r in results],
-        [r.handler for r in results],
-        [r.outcome for r in results],
-        [r.ttl for r in results],
-    ]
-
-
-def _insert_args(queue: str, messages: Sequence[Message]) -> tuple[Any, ...]:
-    return (
-        queue,
-        [m.message_id for m in messages],
-        [m.body for m in messages],
-        [pack_headers(m.headers) for m in messages],
-        [m.delay for m in messages],
-    )
+    async def _bridge_pool(self) -> Any:
+        pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=4, reset=_keep_session)
+        async with pool.acquire() as conn:
+            await self.sql.prepare(conn)
+        return pool
 
 
 async def _insert(
     conn: asyncpg.Connection, statement: str, queue: str, messages: Sequence[Message]
 ) -> None:
-    await conn.execute(statement, *_insert_args(queue, messages))
-
-
-class _Bridge:
-    """A thread with an event loop and a small pool of its own, for callers without a loop
-    (``task.send()``, ``task.result()``, the CLI): any thread may call ``run``."""
-
-    def __init__(self, broker: PostgresBroker) -> None:
-        self.broker = broker
-        self.loop = asyncio.new_event_loop()
-        self.pool: asyncpg.Pool | None = None
-        self.thread = threading.Thread(
-            target=self.loop.run_forever, name="fastq-pg-bridge", daemon=True
-        )
-        self.thread.start()
-        atexit.register(self.close)
-
-    def run(self, work: Callable[[asyncpg.Connection], Awaitable[T]], doing: str) -> T:
-        future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(
-            self._run(work, doing), self.loop
-        )
-        return future.result()
-
-    async def _run(self, work: Callable[[asyncpg.Connection], Awaitable[T]], doing: str) -> T:
-        b = self.broker
-        try:
-            if self.pool is None:
-                self.pool = await asyncpg.create_pool(
-                    b._dsn, min_size=1, max_size=4, reset=_keep_session
-                )
-                async with self.pool.acquire() as conn:
-                    await b.sql.prepare(conn)
-            async with self.pool.acquire() as conn:
-                return await work(conn)
-        except (*_CONNECTION_ERRORS, *_STORAGE_ERRORS) as e:
-            raise b.translate(e, doing) from e
-
-    def close(self) -> None:
-        if self.loop.is_closed() or not self.thread.is_alive():
-            return
-        if self.pool is not None:
-            done = asyncio.run_coroutine_threadsafe(_close_pool(self.pool), self.loop)
-            try:
-                done.result(timeout=5)
-            except Exception as e:  # noqa: BLE001 - at exit, a pool that will not close is left
-                logger.debug("closing the PostgreSQL bridge's pool: %s", e)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=5)
-        if not self.thread.is_alive():
-            self.loop.close()
-        atexit.unregister(self.close)
+    await conn.execute(statement, *sql.insert_args(queue, messages))
 
 
 async def _keep_session(_conn: asyncpg.Connection) -> None:
     """A pooled connection goes back as it is: fastq changes no session state on it (its
     settings are SET LOCAL, its LISTEN is on a connection of its own), so the reset asyncpg would
     run (a round trip per use) buys nothing."""
-
-
-async def _close_pool(pool: asyncpg.Pool) -> None:
-    await asyncio.wait_for(pool.close(), 3)

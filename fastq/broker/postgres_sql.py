@@ -1,4 +1,5 @@
-"""The PostgreSQL broker's tables, functions and statements (fastq.broker.postgres).
+"""The PostgreSQL broker's tables, functions and statements, and the arguments they take
+(fastq.broker.postgres).
 
 Everything lives in one schema of its own (``?schema=``, default ``fastq``), made on first use
 under an advisory lock and stamped with ``SCHEMA_VERSION`` in ``meta``. One row per message in
@@ -13,6 +14,12 @@ Every text is a template of ``{s}`` (the schema, already checked to be a plain i
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from fastq.broker.base import Message, Output, Retry, StoredResult, pack_headers
+from fastq.errors import ConfigError
 
 #: the version of the tables below; a database stamped with a newer one is left untouched
 SCHEMA_VERSION = 1
@@ -264,3 +271,98 @@ DEAD_LETTER = (
 #: ready messages only: a leased row's visible_at is its lease's end, a delayed one's its time
 PURGE = f"DELETE FROM {{s}}.messages WHERE queue = $1 AND visible_at <= {NOW}"
 PURGE_DEAD = "DELETE FROM {s}.dead_letters WHERE queue = $1"
+
+
+class Statements:
+    """The SQL of one schema, formatted once."""
+
+    def __init__(self, schema: str, channel: str) -> None:
+        def f(text: str) -> str:
+            return text.format(s=schema, channel=channel)
+
+        self.schema_text = f(SCHEMA)
+        self.exists, self.version, self.stamp = f(EXISTS), f(VERSION), f(STAMP)
+        self.insert, self.insert_psycopg = f(INSERT), f(INSERT_PSYCOPG)
+        self.exchange, self.next_visible = f(EXCHANGE), f(NEXT_VISIBLE)
+        self.publish_unique, self.publish_tick = f(PUBLISH_UNIQUE), f(PUBLISH_TICK)
+        self.last_tick = f(LAST_TICK)
+        self.renew, self.release_all, self.notify = f(RENEW), f(RELEASE_ALL), f(NOTIFY)
+        self.depth, self.get_result = f(DEPTH), f(GET_RESULT)
+        self.purge_results = f(PURGE_RESULTS)
+        self.dead_letters, self.requeue = f(DEAD_LETTERS), f(REQUEUE)
+        self.dead_letter, self.purge, self.purge_dead = (
+            f(DEAD_LETTER),
+            f(PURGE),
+            f(PURGE_DEAD),
+        )
+        self.schema = schema
+
+    async def prepare(self, conn: Any) -> None:
+        """Make the schema if there is none (under an advisory lock: many processes start at
+        once); a newer schema than this code's is an error, and nothing is touched."""
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
+            version = (
+                await conn.fetchval(self.version) if await conn.fetchval(self.exists) else None
+            )
+            if version is None:
+                await conn.execute(self.schema_text)
+                await conn.execute(self.stamp, str(SCHEMA_VERSION))
+            elif version > SCHEMA_VERSION:
+                raise ConfigError(
+                    f"schema {self.schema!r} holds fastq tables of version {version}, newer than "
+                    f"this fastq's {SCHEMA_VERSION}; upgrade fastq on this host, or use "
+                    "another ?schema="
+                )
+
+
+#: the exchange function's settle arrays when there is nothing to settle
+NOTHING: list[Any] = [[], [], [], [], [], [], [], [], [], [], [], [], [], [], [], []]
+
+
+def settle_args(
+    ack: Sequence[int],
+    retry: Sequence[Retry],
+    dead: Sequence[tuple[int, str]],
+    release: Sequence[int],
+    results: Sequence[StoredResult],
+    outputs: Sequence[Output],
+) -> list[Any] | None:
+    """The exchange function's settle arrays, in its parameter order (None: nothing to do)."""
+    if not (ack or retry or dead or release or results or outputs):
+        return None
+    for o in outputs:
+        if o.exchange:
+            raise ConfigError(
+                f"publish_to=Route(exchange={o.exchange!r}) needs a broker with exchanges "
+                "(amqp://); PostgreSQL has queues only: publish_to a queue name"
+            )
+    return [
+        list(ack),
+        [r.tag for r in retry],
+        [r.delay for r in retry],
+        [r.reason for r in retry],
+        [t for t, _ in dead],
+        [reason for _, reason in dead],
+        list(release),
+        [o.queue for o in outputs],
+        [o.message.message_id for o in outputs],
+        [o.message.body for o in outputs],
+        [pack_headers(o.message.headers) for o in outputs],
+        [o.message.delay for o in outputs],
+        [r.message_id for r in results],
+        [r.handler for r in results],
+        [r.outcome for r in results],
+        [r.ttl for r in results],
+    ]
+
+
+def insert_args(queue: str, messages: Sequence[Message]) -> tuple[Any, ...]:
+    """INSERT's (and INSERT_PSYCOPG's) arguments: the queue, then one array per column."""
+    return (
+        queue,
+        [m.message_id for m in messages],
+        [m.body for m in messages],
+        [pack_headers(m.headers) for m in messages],
+        [m.delay for m in messages],
+    )

@@ -72,8 +72,10 @@ ALLOWED: dict[str, set[str]] = {
     "broker.sqlite_storage": {"errors"},
     "broker.amqp": {"broker.amqp.broker"},
     # the PostgreSQL broker (the only asyncpg importer) and its SQL text
-    "broker.postgres": {"broker.base", "broker.postgres_sql", "message", "errors", "results"},
-    "broker.postgres_sql": set(),
+    "broker.postgres": {"broker.base", "broker.postgres_sql", "broker.postgres_sync", "message",
+                        "errors", "results"},
+    "broker.postgres_sync": {"broker.base", "broker.postgres_sql", "results"},
+    "broker.postgres_sql": {"broker.base", "errors"},
     "broker.amqp.broker": _AMQP | _AMQP_ROOMS,
     # the consuming connection: its frames read by _amqp (or its twin), the rare ones by pamqp
     "broker.amqp.stream": {"_amqp", "_amqp_py", "errors"},
