@@ -23,7 +23,7 @@ import msgspec
 from fastq.broker import Broker, QueueDepth, mask_url, open_broker
 from fastq.config import Config, HandlerOptions, Route
 from fastq.errors import ConfigError
-from fastq.middleware import Middleware
+from fastq.middleware import Hooks, Middleware
 from fastq.schedule import Schedule, build
 from fastq.task import Consumer, Task, importable_name, module_name
 
@@ -63,6 +63,8 @@ class App:
             config = msgspec.structs.replace(config, broker_url=broker)
         self.config = config
         self.middleware = list(middleware)
+        self._hooks = Hooks(self.middleware)  # an async before_send is refused here
+        self._hooks_of = list(self.middleware)
         self.tasks: dict[str, Task] = {}
         self.consumers: dict[str, Consumer] = {}
         #: periodic tasks by task name (``@app.periodic``)
@@ -73,6 +75,17 @@ class App:
         self._result_store: Broker | None = None
         #: the module that made this App: workers import it from there (see ``run``)
         self._module = sys._getframe(1).f_globals.get("__name__", "__main__")
+
+    @property
+    def hooks(self) -> Hooks:
+        """The hooks of ``middleware`` that do something (found again when the list changed).
+
+        Raises:
+            ConfigError: a ``before_send`` is ``async def``.
+        """
+        if self._hooks_of != self.middleware:
+            self._hooks, self._hooks_of = Hooks(self.middleware), list(self.middleware)
+        return self._hooks
 
     @property
     def broker(self) -> Broker:

@@ -19,7 +19,9 @@ Worker -> supervisor (the output ring):
   a ``Returned`` (msgpack) for VALUE and FAILED: what the handler returned or how it failed for
   good, to keep (``fastq.results``) and to publish (``publish_to``).
 - a **report**: ``COMPLETION`` header of tag 0 whose status byte is a ``Report``, delay 0;
-  ``Report.CLASSIFIED`` carries ``Classified`` (msgpack), the others nothing.
+  ``Report.CLASSIFIED`` carries ``Classified`` (msgpack), ``Report.TALLY`` a list of ``Counts``
+  (what the worker counted for /metrics since its last report, written in the same batch as the
+  completions it counts), the others nothing.
 
 ``WorkerSpec`` is everything a worker is started with; the exit codes say how it left.
 """
@@ -43,6 +45,7 @@ __all__ = [
     "NO_TAG",
     "Classified",
     "Control",
+    "Counts",
     "Produced",
     "ProtocolError",
     "Report",
@@ -59,10 +62,12 @@ __all__ = [
     "parse_control",
     "parse_returned",
     "parse_slots",
+    "parse_tally",
     "ready_report",
     "recycle_frame",
     "retire_report",
     "slots_frame",
+    "tally_report",
 ]
 
 
@@ -92,6 +97,8 @@ class Report(enum.IntEnum):
     RETIRE = 4
     #: it measured the "auto" handlers of a queue (body: ``Classified``)
     CLASSIFIED = 6
+    #: what it counted for /metrics since its last report (body: a list of ``Counts``)
+    TALLY = 9
 
 
 class Control(enum.IntEnum):
@@ -171,6 +178,40 @@ class Classified(msgspec.Struct, array_like=True, frozen=True):
     share: float
 
 
+#: the upper bounds (seconds) of the handler-duration histogram's buckets (then +Inf)
+HANDLER_BUCKETS = (
+    0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0, 60.0,
+)  # fmt: skip
+#: the upper bounds (seconds) of the enqueue-to-start histogram's buckets (then +Inf)
+LATENCY_BUCKETS = (
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+    1800.0, 3600.0,
+)  # fmt: skip
+
+
+class Counts(msgspec.Struct, array_like=True, gc=False):
+    """What a worker counted of one queue's handler since its last report (deltas). A
+    histogram's buckets are not cumulative here: one count per bound of its ``*_BUCKETS``, then
+    one for +Inf."""
+
+    queue: str
+    #: the task's or consumer's name ("" for a body that is not an envelope)
+    task: str
+    #: handler runs that finished (succeeded or raised)
+    processed: int
+    #: of those, the ones that raised
+    failed: int
+    #: failures that will run again
+    retried: int
+    #: failures for good, and messages that never reached a handler: dead-lettered
+    dead: int
+    handler_buckets: list[int]
+    handler_sum: float
+    latency_buckets: list[int]
+    latency_sum: float
+
+
 class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     """Everything a worker needs, sent to it as msgpack (workers never read the environment)."""
 
@@ -199,12 +240,15 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     io_threads: int = 100
     #: the most a return value kept or published may take, encoded (Config.max_message_bytes)
     max_message_bytes: int = 1 << 20
+    #: count for /metrics (Report.TALLY): the supervisor serves them
+    metrics: bool = False
 
 
 _encoder = msgspec.msgpack.Encoder()
 _slots = msgspec.msgpack.Decoder(Slots)
 _classified = msgspec.msgpack.Decoder(Classified)
 _returned = msgspec.msgpack.Decoder(Returned)
+_tally = msgspec.msgpack.Decoder(list[Counts])
 
 
 # -- supervisor -> worker -------------------------------------------------------------------------
@@ -299,3 +343,15 @@ def parse_returned(payload: bytes) -> Returned:
         return _returned.decode(payload)
     except msgspec.DecodeError as e:
         raise ProtocolError(f"a returned value that does not decode ({e})") from e
+
+
+def tally_report(counts: list[Counts]) -> bytes:
+    return COMPLETION.pack(0, Report.TALLY, 0.0) + _encoder.encode(counts)
+
+
+def parse_tally(payload: bytes) -> list[Counts]:
+    """Raises ProtocolError when the payload is not a list of ``Counts``."""
+    try:
+        return _tally.decode(payload)
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"a tally that does not decode ({e})") from e

@@ -51,6 +51,10 @@ class Executor(Protocol):
 
     def close(self) -> None: ...
 
+    def reports(self) -> list[bytes]:
+        """Report frames to send with the next batch of completions (Report.TALLY)."""
+        ...
+
 
 def pin_to(cpu: int | None, index: int) -> None:
     why = pin(cpu)
@@ -382,4 +386,5 @@ class Runtime:
             self.flush_timer = None
         if self.done:
             done, self.done = self.done, []
+            done.extend(self.executor.reports())  # what they count, in the same batch
             self.outbox.put_many(done, timeout=60)

@@ -92,9 +92,11 @@ ALLOWED: dict[str, set[str]] = {
     "broker": {"broker.base", "broker.memory", "broker.sqlite", "broker.amqp", "broker.postgres",
                "errors"},
     "middleware": {"message", "errors"},
+    # what a worker counts for /metrics, on the middleware hooks (Report.TALLY)
+    "tally": {"wire", "middleware"},
     "worker": _RUNTIME,
     "executors": set(),
-    "executors.app": _RUNTIME,
+    "executors.app": _RUNTIME | {"tally"},
     "executors.pool": _RUNTIME,
     # worker only as the target a fleet member is spawned with
     "engine": set(),
@@ -123,7 +125,7 @@ ALLOWED: dict[str, set[str]] = {
             "broker", "errors"},
     # the `fastq bench` suites sit beside cli and drive what they measure
     "_bench": {"app", "config", "autosize", "engine.supervisor", "testing", "ring", "_aio",
-               "broker.base", "errors", "__init__", "_bench"},
+               "broker.base", "errors", "__init__", "_bench", "url"},
     "__main__": {"cli"},
     "__init__": {"errors", "app", "task", "pool", "config", "middleware"},
 }
