@@ -278,7 +278,13 @@ class App:
 
         return register
 
-    def run(self, queues: Sequence[str] | None = None, *, log_level: str = "WARNING") -> int:
+    def run(
+        self,
+        queues: Sequence[str] | None = None,
+        *,
+        log_level: str = "WARNING",
+        metrics: str | None = None,
+    ) -> int:
         """Run this app's workers, with this process as their supervisor, until SIGTERM or
         SIGINT; return the exit code (0 after a clean drain). The same as
         ``fastq worker module:app``, from Python: ``if __name__ == "__main__": app.run()``.
@@ -286,13 +292,18 @@ class App:
         Parameters:
             queues: consume only these (default: every queue with a task or consumer).
             log_level: the workers' log level; this process logs through the handlers you set up.
+            metrics: serve Prometheus ``/metrics`` at this ``host:port`` (a port alone: on
+                127.0.0.1), as ``Config.metrics``; needs the metrics extra.
 
         Raises:
             ConfigError: a queue has no handler, the broker URL is bad, or the App is not a
-                module-level global (workers import it by ``module:attribute``).
+                module-level global (workers import it by ``module:attribute``); metrics without
+                the metrics extra.
         """
         from fastq.engine.supervisor import run_app
 
+        if metrics is not None:
+            self.config = msgspec.structs.replace(self.config, metrics=metrics)
         return run_app(
             self, self.import_spec(), list(queues) if queues else None, log_level=log_level
         )

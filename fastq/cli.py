@@ -79,6 +79,7 @@ def _app_with_overrides(args: argparse.Namespace) -> Any:
             ("prefetch", args.prefetch),
             ("broker_url", args.broker),
             ("autosize", getattr(args, "autosize", None)),
+            ("metrics", getattr(args, "metrics", None)),
         )
         if v is not None
     }
@@ -266,6 +267,12 @@ def main(argv: list[str] | None = None) -> int:
         help="follow the load, moving what you did not set (default: on, or FASTQ_AUTOSIZE)",
     )
     work.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    work.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics there (a port alone: on 127.0.0.1; needs the metrics "
+        "extra; default: FASTQ_METRICS, else off)",
+    )
     show.add_argument(
         "--json", action="store_true", help="the plan as JSON, every number with its rule"
     )

@@ -88,6 +88,15 @@ def run_app(
     ).run_forever()
 
 
+def _cause(gone: Any) -> str:
+    """Why a worker is started again: the label of fastq_worker_restarts_total."""
+    if gone.before_ready:
+        return "failed_start"
+    if gone.stopped:
+        return "stopped"
+    return "recycled" if gone.recycled else "died"
+
+
 class Supervisor:
     """One host's supervisor of ``queues`` of ``app`` (imported by workers as ``app_spec``)."""
 
@@ -144,6 +153,14 @@ class Supervisor:
         self.cores = CoreClaim()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.scheduler: Scheduler | None = None
+        #: workers started again, by (index, cause): fastq_worker_restarts_total
+        self.restarts = collections.Counter[tuple[int, str]]()
+        #: /metrics (config.metrics): a missing extra or a bad address is said before any start
+        self.metrics: Any = None
+        if config.metrics:
+            from fastq.metrics import Metrics
+
+            self.metrics = Metrics(config.metrics)
 
     @property
     def settled_by_queue(self) -> collections.Counter[str]:
@@ -170,6 +187,7 @@ class Supervisor:
             queue_slots=per_queue,
             io_threads=IO_CONCURRENCY_MAX,
             max_message_bytes=self.config.max_message_bytes,
+            metrics=self.metrics is not None,
         )
 
     def start_worker(self, m: Member) -> None:
@@ -214,6 +232,7 @@ class Supervisor:
         """Apply what the worker finished, hand on what it did not, start another in its place."""
         self.end_completions(m)
         gone = self.fleet.reap(m)
+        self.restarts[(m.index, _cause(gone))] += 1
         if gone.before_ready:
             logger.error(
                 "worker %d (pid %s) exited with %s before it was ready (its log says why); "
@@ -364,8 +383,11 @@ class Supervisor:
             self.dispatch_backlog()
 
     def worker_says(self, m: Member, status: int, payload: bytes = b"") -> None:
-        """A report (tag 0): the worker speaks for itself (READY, RETIRE, CLASSIFIED)."""
-        if status == Report.CLASSIFIED:
+        """A report (tag 0): the worker speaks for itself (READY, RETIRE, CLASSIFIED, TALLY)."""
+        if status == Report.TALLY:
+            if self.metrics is not None:
+                self.metrics.tally(m.index, payload)
+        elif status == Report.CLASSIFIED:
             try:
                 measured = wire.parse_classified(payload)
             except wire.ProtocolError as e:
@@ -503,6 +525,9 @@ class Supervisor:
             await self.broker.declare_exchange(route.exchange, route.exchange_kind)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.on_signal, sig)
+        if self.metrics is not None:
+            self.metrics.start()
+            self.spawn(self.metrics.run(self))
         try:
             self.claim_cores()
             self.fleet.sweep()
@@ -559,3 +584,5 @@ class Supervisor:
         await self.broker.close()
         if self.store is not None:
             await self.store.close()
+        if self.metrics is not None:
+            self.metrics.stop()

@@ -108,7 +108,11 @@ ALLOWED: dict[str, set[str]] = {
     # the periodic scheduler: each tick of the App's schedules, once, through the broker
     "engine.scheduler": _ENGINE | {"schedule"},
     "engine.supervisor": _ENGINE | {"engine.fleet", "engine.placement", "engine.pump",
-                                    "engine.tuning", "engine.statistics", "engine.scheduler"},
+                                    "engine.tuning", "engine.statistics", "engine.scheduler",
+                                    "metrics"},
+    # the supervisor's Prometheus /metrics (the only prometheus_client importer): the workers'
+    # tallies (wire) and the engine's statistics, passed in by the supervisor
+    "metrics": {"wire", "config", "errors", "autosize.topology"},
     "pool": {"engine.fleet", "wire", "codec", "ring", "autosize", "config", "errors",
              "pool.driver", "pool.job", "pool.results"},
     "pool.job": {"codec", "autosize", "config", "errors"},
@@ -143,6 +147,8 @@ HEAVY = {
     "psutil": {"autosize.topology", "_bench"},
     # cron expressions, imported when a cron schedule is made
     "cronsim": {"schedule"},
+    # the metrics extra, imported when a supervisor serves /metrics
+    "prometheus_client": {"metrics"},
 }
 # fmt: on
 
@@ -253,7 +259,7 @@ def test_no_import_circle():
 
 
 def test_import_fastq_loads_no_heavy_dependency():
-    heavy = "{'aiormq', 'asyncpg', 'uvloop', 'psutil', 'cronsim'}"
+    heavy = "{'aiormq', 'asyncpg', 'uvloop', 'psutil', 'cronsim', 'prometheus_client'}"
     code = f"import fastq, sys; print(sorted({heavy} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
