@@ -2,7 +2,7 @@
 
 ``Tally`` is the middleware a worker puts first in its app's chain when its supervisor serves
 metrics (``WorkerSpec.metrics``): per queue and handler it counts the runs by outcome, bins each
-handler's duration (``time.perf_counter`` around the hooks and the handler) and each message's
+handler's duration (the wall clock around the other hooks and the handler) and each message's
 enqueue-to-start latency (the envelope's ``enqueued_at`` against this host's clock) into the
 buckets of ``fastq.wire``. Nothing leaves the process per message: the executor hands the counts
 to the runtime as one report frame that goes in the same ``put_many`` as the completions they
@@ -12,7 +12,7 @@ count (``AppExecutor.reports``), and they start again from zero.
 from __future__ import annotations
 
 from bisect import bisect_left
-from time import perf_counter, time
+from time import time
 
 from fastq import wire
 from fastq.middleware import Middleware, Processing
@@ -23,41 +23,81 @@ _HANDLER_BUCKETS = wire.HANDLER_BUCKETS
 _LATENCY_BUCKETS = wire.LATENCY_BUCKETS
 
 
+class _Acc:
+    """One handler's counts (a plain object: its attributes cost less to bump than a Struct's)."""
+
+    __slots__ = (
+        "dead",
+        "failed",
+        "handler_buckets",
+        "handler_sum",
+        "latency_buckets",
+        "latency_sum",
+        "processed",
+        "queue",
+        "retried",
+        "task",
+    )
+
+    def __init__(self, queue: str, task: str) -> None:
+        self.queue, self.task = queue, task
+        self.processed = self.failed = self.retried = self.dead = 0
+        self.handler_buckets = [0] * (len(_HANDLER_BUCKETS) + 1)
+        self.latency_buckets = [0] * (len(_LATENCY_BUCKETS) + 1)
+        self.handler_sum = self.latency_sum = 0.0
+
+    def counts(self) -> wire.Counts:
+        return wire.Counts(
+            self.queue,
+            self.task,
+            self.processed,
+            self.failed,
+            self.retried,
+            self.dead,
+            self.handler_buckets,
+            self.handler_sum,
+            self.latency_buckets,
+            self.latency_sum,
+        )
+
+
 class Tally(Middleware):
     """Counts what the worker's handlers did, for the next report to the supervisor."""
 
     def __init__(self) -> None:
-        #: (queue, handler) -> counts since the last report
-        self.counts: dict[tuple[str, str], wire.Counts] = {}
+        #: handler -> counts since the last report (of the handler's queue: nearly always one)
+        self.counts: dict[str, _Acc] = {}
+        #: (queue, handler) -> counts, for a handler name met on a second queue
+        self.others: dict[tuple[str, str], _Acc] = {}
 
-    def _new(self, queue: str, task: str) -> wire.Counts:
-        c = self.counts[(queue, task)] = wire.Counts(
-            queue,
-            task,
-            0,
-            0,
-            0,
-            0,
-            [0] * (len(_HANDLER_BUCKETS) + 1),
-            0.0,
-            [0] * (len(_LATENCY_BUCKETS) + 1),
-            0.0,
-        )
+    def _of(self, queue: str, task: str) -> _Acc:
+        c = self.counts.get(task)
+        if c is None:
+            c = self.counts[task] = _Acc(queue, task)
+        elif c.queue != queue:
+            c = self.others.get((queue, task)) or self.others.setdefault(
+                (queue, task), _Acc(queue, task)
+            )
         return c
 
     def before_process(self, message: Processing) -> None:
-        message.clock = perf_counter()
+        message.clock = time()
 
     def after_process(self, message: Processing, exc: BaseException | None) -> None:
-        took = perf_counter() - message.clock
-        c = self.counts.get((message.queue, message.handler))
-        if c is None:
-            c = self._new(message.queue, message.handler)
+        # One wall clock for both: the start against the enqueue time, the end against the start
+        # (two clock reads a message, not three). A negative span (a clock stepped back, another
+        # host's clock ahead of ours) falls in the first bucket.
+        started = message.clock
+        took = time() - started
+        c = self.counts.get(message.handler)
+        if c is None or c.queue != message.queue:
+            c = self._of(message.queue, message.handler)
         c.processed += 1
         c.handler_buckets[bisect_left(_HANDLER_BUCKETS, took)] += 1
         c.handler_sum += took
-        if message.enqueued_at:  # started took seconds ago; never below 0 (clocks differ)
-            waited = max(0.0, time() - took - message.enqueued_at)
+        enqueued = message.enqueued_at
+        if enqueued:
+            waited = started - enqueued
             c.latency_buckets[bisect_left(_LATENCY_BUCKETS, waited)] += 1
             c.latency_sum += waited
         if exc is not None:
@@ -68,12 +108,10 @@ class Tally(Middleware):
                 c.dead += 1
 
     def after_reject(self, message: Processing, reason: str) -> None:
-        c = self.counts.get((message.queue, message.handler))
-        if c is None:
-            c = self._new(message.queue, message.handler)
-        c.dead += 1
+        self._of(message.queue, message.handler).dead += 1
 
     def report(self) -> bytes:
         """The report frame of everything counted since the last one; the counts restart."""
-        counts, self.counts = list(self.counts.values()), {}
+        counts = [c.counts() for c in (*self.counts.values(), *self.others.values())]
+        self.counts, self.others = {}, {}
         return wire.tally_report(counts)
