@@ -94,6 +94,8 @@ ALLOWED: dict[str, set[str]] = {
     "middleware": {"message", "errors"},
     # what a worker counts for /metrics, on the middleware hooks (Report.TALLY)
     "tally": {"wire", "middleware"},
+    # OpenTelemetry spans on the middleware hooks (the only opentelemetry importer)
+    "tracing": {"middleware", "errors"},
     "worker": _RUNTIME,
     "executors": set(),
     "executors.app": _RUNTIME | {"tally"},
@@ -149,6 +151,8 @@ HEAVY = {
     "cronsim": {"schedule"},
     # the metrics extra, imported when a supervisor serves /metrics
     "prometheus_client": {"metrics"},
+    # the otel extra, imported with fastq.tracing
+    "opentelemetry": {"tracing"},
 }
 # fmt: on
 
@@ -259,7 +263,9 @@ def test_no_import_circle():
 
 
 def test_import_fastq_loads_no_heavy_dependency():
-    heavy = "{'aiormq', 'asyncpg', 'uvloop', 'psutil', 'cronsim', 'prometheus_client'}"
+    heavy = "{'aiormq', 'asyncpg', 'uvloop', 'psutil', 'cronsim', 'prometheus_client', " + (
+        "'opentelemetry'}"
+    )
     code = f"import fastq, sys; print(sorted({heavy} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
