@@ -43,6 +43,8 @@ __all__ = [
     "EXIT_FAILED",
     "EXIT_RECYCLED",
     "NO_TAG",
+    "RETRIES_MASK",
+    "WITH_HEADERS",
     "Classified",
     "Control",
     "Counts",
@@ -67,7 +69,9 @@ __all__ = [
     "recycle_frame",
     "retire_report",
     "slots_frame",
+    "split_headers",
     "tally_report",
+    "with_headers",
 ]
 
 
@@ -118,6 +122,13 @@ NO_TAG = bytes(8)
 _QUEUE = struct.Struct("<H")
 _QUEUE_OFFSET = DELIVERY.size - _QUEUE.size
 assert DELIVERY.format.endswith("H"), "the queue index is the DELIVERY header's last field"
+
+#: a delivery whose body starts with its broker message's headers (a consumer's queue, when the
+#: app has middleware that processes messages): this bit of the DELIVERY header's retries field
+WITH_HEADERS = 1 << 31
+#: the retries themselves
+RETRIES_MASK = WITH_HEADERS - 1
+_HEADERS_SIZE = struct.Struct("<I")
 
 #: the exit code of a worker that left on purpose (recycled): EX_TEMPFAIL
 EXIT_RECYCLED = 75
@@ -249,6 +260,7 @@ _slots = msgspec.msgpack.Decoder(Slots)
 _classified = msgspec.msgpack.Decoder(Classified)
 _returned = msgspec.msgpack.Decoder(Returned)
 _tally = msgspec.msgpack.Decoder(list[Counts])
+_headers = msgspec.msgpack.Decoder(dict[str, str])
 
 
 # -- supervisor -> worker -------------------------------------------------------------------------
@@ -295,6 +307,27 @@ def parse_slots(body: bytes | memoryview) -> Slots:
         return _slots.decode(body)
     except msgspec.DecodeError as e:
         raise ProtocolError(f"a slots frame whose body does not decode ({e})") from e
+
+
+def with_headers(headers: dict[str, str], body: bytes) -> bytes:
+    """A delivery's body with its broker message's headers in front (set WITH_HEADERS)."""
+    encoded = _encoder.encode(headers)
+    return _HEADERS_SIZE.pack(len(encoded)) + encoded + body
+
+
+def split_headers(body: memoryview) -> tuple[dict[str, str], memoryview]:
+    """The headers and the body of a delivery sent ``with_headers``.
+
+    Raises:
+        ProtocolError: the headers do not decode.
+    """
+    (size,) = _HEADERS_SIZE.unpack_from(body)
+    end = _HEADERS_SIZE.size + size
+    try:
+        headers = _headers.decode(body[_HEADERS_SIZE.size : end])
+    except (msgspec.DecodeError, struct.error) as e:
+        raise ProtocolError(f"a delivery's headers that do not decode ({e})") from e
+    return headers, body[end:]
 
 
 def delivery_queue(frame: bytes) -> int:

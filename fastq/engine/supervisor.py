@@ -126,6 +126,7 @@ class Supervisor:
             self.deliver,
             self.store,
             publishing=self.publishing_queues(),
+            with_headers=self.consumer_queues_with_headers(),
         )
         self.tuning = Tuning(self)
         pinned = plan.pinned or (None,) * plan.processes
@@ -489,6 +490,15 @@ class Supervisor:
             for h in handlers
             if h.queue in self.queues and (target := getattr(h, "publish_to", None)) is not None
         ]
+
+    def consumer_queues_with_headers(self) -> set[str]:
+        """This supervisor's consumer queues whose deliveries reach the workers with their
+        broker headers: where the app has middleware that sees messages (a foreign producer's
+        trace context, say); otherwise nothing is paid for them."""
+        hooks = getattr(self.app, "hooks", None)
+        if hooks is None or not (hooks.before or hooks.after):
+            return set()
+        return {q for q in self.queues if q in getattr(self.app, "consumers", {})}
 
     def publishing_queues(self) -> set[str]:
         """This supervisor's queues whose handlers publish what they return (publish_to)."""

@@ -99,6 +99,9 @@ class AppExecutor:
         headers: dict[str, str] | None = None
         enqueued_at = 0.0
         if consumer is not None:
+            if retries & wire.WITH_HEADERS:  # the broker message's own (a foreign producer's)
+                retries &= wire.RETRIES_MASK
+                headers, body = wire.split_headers(body)
             handler: Task | Consumer = consumer
             args: tuple[Any, ...] = (bytes(body),)
             name, message_id = consumer.name, ""

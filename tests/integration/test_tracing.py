@@ -71,6 +71,12 @@ async def charge(n: int) -> int:
         open(mark, "w").close()
         raise RuntimeError("card network down")
     return n * 10
+
+
+@app.consumer("t.raw", kind="io")
+async def raw(body: bytes) -> None:
+    if body != b"from another program":
+        raise ValueError(body)
 """
 
 
@@ -150,3 +156,26 @@ def test_one_trace_links_the_producer_the_retried_handler_and_its_output(traced)
     assert out["parent"] == out_send["span"] and out["attributes"]["fastq.outcome"] == "ok"
     # and the handler spans ran in the worker processes, not here
     assert all(s["pid"] != os.getpid() for s in spans)
+
+
+@pytest.mark.multiprocess
+def test_a_consumer_span_continues_the_trace_of_a_foreign_producers_headers(traced):
+    app, read, logtext = traced
+    from fastq.broker.base import Message
+
+    # Given a message from another program, with a W3C traceparent in its broker headers
+    trace_id, span_id = 0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331
+    traceparent = f"00-{trace_id:032x}-{span_id:016x}-01"
+    app.app.broker.publish_sync(
+        "t.raw", [Message(b"from another program", "foreign-1", {"traceparent": traceparent})]
+    )
+
+    # When the consumer runs it
+    def done() -> bool:
+        return any(s["name"] == "process t.raw" for s in read())
+
+    wait_until(done, 60, logtext)
+    (span,) = [s for s in read() if s["name"] == "process t.raw"]
+    # Then its span is the foreign span's child, in the foreign trace, and the body is intact
+    assert (span["trace"], span["parent"]) == (trace_id, span_id)
+    assert span["attributes"]["fastq.outcome"] == "ok"

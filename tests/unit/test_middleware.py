@@ -83,6 +83,11 @@ async def add(a: int, b: int) -> int:
     return a + b
 
 
+@APP.consumer("mw.raw", kind="io")
+async def raw(body: bytes) -> bytes:
+    return body
+
+
 OLD = fastq.App("old", broker="memory://middleware-old", middleware=[OldStyle()])
 
 
@@ -242,3 +247,26 @@ def test_the_tally_counts_runs_by_outcome_and_bins_durations():
     assert (c.queue, c.processed, c.failed, c.retried, c.dead) == ("mw", 5, 2, 1, 1)
     assert sum(c.handler_buckets) == 5 and sum(c.latency_buckets) == 5
     assert msgspec.structs.astuple(counts["nope"])[2:6] == (0, 0, 0, 1)
+
+
+def test_a_consumer_s_middleware_sees_the_broker_headers_that_came_with_the_delivery():
+    EVENTS.clear()
+    SEEN.clear()
+    e = AppExecutor(_Runtime("test_middleware:APP", "mw.raw"))  # type: ignore[arg-type]
+    try:
+        # Given a delivery whose broker headers the supervisor put in front of the body
+        body = wire.with_headers({"traceparent": "00-ab-cd-01"}, b"raw bytes")
+        status, _, _ = _run(e, body, retries=1 | wire.WITH_HEADERS)
+    finally:
+        e.close()
+    # Then the handler got the body alone, and the middleware the headers and the attempt
+    assert status == Status.OK
+    ((_, task, queue, attempt, headers, outcome, result),) = SEEN
+    assert (queue, attempt, headers, outcome, result) == (
+        "mw.raw",
+        2,
+        {"traceparent": "00-ab-cd-01"},
+        "ok",
+        b"raw bytes",
+    )
+    assert task.endswith("raw")
