@@ -87,3 +87,25 @@ def test_tallies_of_two_workers_add_up_to_cumulative_buckets():
     # a worker's tasks: its handler runs, and its messages dead before a handler (3 - (2 - 0) = 1)
     assert samples[("fastq_worker_tasks_total", (("worker", "0"),))] == 3
     assert samples[("fastq_worker_tasks_total", (("worker", "1"),))] == 2 + 1
+
+
+def test_the_worker_flag_sets_the_apps_metrics_address_and_a_bad_one_is_a_usage_error():
+    import argparse
+
+    import fastq
+    from fastq import cli
+
+    app = fastq.App("flag", broker="memory://metrics-flag")
+    module = type(sys)("metrics_flag_app")
+    module.app = app  # type: ignore[attr-defined]
+    sys.modules["metrics_flag_app"] = module
+    try:
+        args = argparse.Namespace(app="metrics_flag_app:app", metrics="9464")
+        for unset in ("processes", "concurrency", "prefetch", "broker", "autosize"):
+            setattr(args, unset, None)
+        assert cli._app_with_overrides(args).config.metrics == "9464"
+        args.metrics = "nine"
+        with pytest.raises(cli.UsageError, match=r"^metrics must be host:port or a port"):
+            cli._app_with_overrides(args)
+    finally:
+        del sys.modules["metrics_flag_app"]
