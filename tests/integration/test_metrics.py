@@ -166,5 +166,19 @@ def test_counters_equal_the_exact_counts_of_a_run_with_retries_and_dead_letters(
         return depth.get((("queue", "m.doomed"), ("state", "dead"))) == 4
 
     wait_until(depth_read, 15, logtext)
+
+    # When a worker is SIGKILLed, its restart is counted by cause
+    import psutil
+
+    victim = next(
+        c for c in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(c.cmdline())
+    )
+    victim.kill()
+
+    def restarted() -> bool:
+        restarts = _scrape(port).get("fastq_worker_restarts_total", {})
+        return {dict(k)["cause"]: v for k, v in restarts.items()} == {"died": 1}
+
+    wait_until(restarted, 15, logtext)
     proc.terminate()
     assert proc.wait(30) == 0
