@@ -25,7 +25,7 @@ import msgspec
 from fastq.broker import Broker, QueueDepth, mask_url, open_broker
 from fastq.config import Config, HandlerOptions, Route
 from fastq.errors import ConfigError
-from fastq.middleware import Middleware
+from fastq.middleware import Hooks, Middleware
 from fastq.schedule import Schedule, build
 from fastq.task import Consumer, Task, importable_name, module_name
 
@@ -67,6 +67,8 @@ class App:
             config = msgspec.structs.replace(config, broker_url=broker)
         self.config = config
         self.middleware = list(middleware)
+        self._hooks = Hooks(self.middleware)  # an async before_send is refused here
+        self._hooks_of = list(self.middleware)
         self.tasks: dict[str, Task] = {}
         self.consumers: dict[str, Consumer] = {}
         #: periodic tasks by task name (``@app.periodic``)
@@ -77,6 +79,17 @@ class App:
         self._result_store: Broker | None = None
         #: the module that made this App: workers import it from there (see ``run``)
         self._module = sys._getframe(1).f_globals.get("__name__", "__main__")
+
+    @property
+    def hooks(self) -> Hooks:
+        """The hooks of ``middleware`` that do something (found again when the list changed).
+
+        Raises:
+            ConfigError: a ``before_send`` is ``async def``.
+        """
+        if self._hooks_of != self.middleware:
+            self._hooks, self._hooks_of = Hooks(self.middleware), list(self.middleware)
+        return self._hooks
 
     @property
     def broker(self) -> Broker:
@@ -269,7 +282,13 @@ class App:
 
         return register
 
-    def run(self, queues: Sequence[str] | None = None, *, log_level: str = "WARNING") -> int:
+    def run(
+        self,
+        queues: Sequence[str] | None = None,
+        *,
+        log_level: str = "WARNING",
+        metrics: str | None = None,
+    ) -> int:
         """Run this app's workers, with this process as their supervisor, until SIGTERM or
         SIGINT; return the exit code (0 after a clean drain). The same as
         ``fastq worker module:app``, from Python: ``if __name__ == "__main__": app.run()``.
@@ -277,13 +296,18 @@ class App:
         Parameters:
             queues: consume only these (default: every queue with a task or consumer).
             log_level: the workers' log level; this process logs through the handlers you set up.
+            metrics: serve Prometheus ``/metrics`` at this ``host:port`` (a port alone: on
+                127.0.0.1), as ``Config.metrics``; needs the metrics extra.
 
         Raises:
             ConfigError: a queue has no handler, the broker URL is bad, or the App is not a
-                module-level global (workers import it by ``module:attribute``).
+                module-level global (workers import it by ``module:attribute``); metrics without
+                the metrics extra.
         """
         from fastq.engine.supervisor import run_app
 
+        if metrics is not None:
+            self.config = msgspec.structs.replace(self.config, metrics=metrics)
         return run_app(
             self, self.import_spec(), list(queues) if queues else None, log_level=log_level
         )

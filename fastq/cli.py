@@ -81,6 +81,7 @@ def _app_with_overrides(args: argparse.Namespace) -> Any:
             ("prefetch", args.prefetch),
             ("broker_url", args.broker),
             ("autosize", getattr(args, "autosize", None)),
+            ("metrics", getattr(args, "metrics", None)),
         )
         if v is not None
     }
@@ -278,6 +279,12 @@ def main(argv: list[str] | None = None) -> int:
         default="text",
         choices=["text", "json"],
         help="json: one object per line (time, level, pid, logger, message, queue, task, ...)",
+    )
+    work.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics there (a port alone: on 127.0.0.1; needs the metrics "
+        "extra; default: FASTQ_METRICS, else off)",
     )
     show.add_argument(
         "--json", action="store_true", help="the plan as JSON, every number with its rule"

@@ -50,6 +50,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     worker_stopped_timeout: float = 10.0
     max_tasks_per_child: int | None = None
     max_memory_per_child_bytes: int | None = None
+    #: serve Prometheus /metrics at this ``host:port`` (a bare port: on 127.0.0.1); None: off.
+    #: Needs the metrics extra (prometheus_client).
+    metrics: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("processes", "concurrency", "prefetch", "max_tasks_per_child"):
@@ -71,6 +74,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
             raise ConfigError(
                 f"shutdown_timeout must be >= 0 seconds, got {self.shutdown_timeout!r}"
             )
+        if self.metrics is not None:
+            metrics_address(self.metrics)
         if "://" not in self.broker_url:
             raise ConfigError(
                 f"broker_url must look like sqlite:///path, memory:// or amqp://host, got "
@@ -112,6 +117,24 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
                     f"{str(e).partition(' - at ')[0]}"
                 ) from e
             raise ConfigError(str(e)) from e
+
+
+def metrics_address(value: str) -> tuple[str, int]:
+    """``(host, port)`` of a metrics address: ``host:port``, ``[v6]:port``, or a port alone
+    (loopback: metrics are served to another host only when its address is given).
+
+    Raises:
+        ConfigError: not of that form, or the port is not 0..65535.
+    """
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", value
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or int(port) > 65535:
+        raise ConfigError(
+            f"metrics must be host:port or a port (e.g. 127.0.0.1:9464), got {value!r}"
+        )
+    return host, int(port)
 
 
 def _parse(cls: type[Config], field: str, raw: str) -> Any:

@@ -69,12 +69,14 @@ def encode(
     *,
     message_id: str | None = None,
     headers: dict[str, str] | None = None,
+    enqueued_at: float | None = None,
 ) -> tuple[str, bytes]:
     """Encode one task call (arguments as values, or already raw); returns ``(message_id,
-    body)``."""
+    body)``. ``enqueued_at``: the unix time it was made (default: now)."""
     message_id = message_id or new_id()
     raw = args if isinstance(args, msgspec.Raw) else encode_args(args)
-    envelope = Envelope(message_id, task, raw, time.time(), 0, headers)
+    when = time.time() if enqueued_at is None else enqueued_at
+    envelope = Envelope(message_id, task, raw, when, 0, headers)
     return message_id, _encoder.encode(envelope)
 
 

@@ -1,53 +1,181 @@
-"""Middleware: hooks around every message a worker processes (dramatiq's middleware/).
+"""Middleware: hooks around every message a worker processes and every message a task sends
+(dramatiq's middleware/).
 
-Middleware runs in the worker processes, in the order the App was given it: ``before_process``
-before the handler, ``after_process`` after it (in reverse order) with the exception it raised or
-None, and the handler's return value in ``message.result``. A hook that raises fails the message
-as its handler would. What a hook sees of the message is a ``Processing``.
+In the worker, middleware runs in the order the App was given it: ``before_process`` before the
+handler, ``after_process`` after it (in reverse order) with the exception it raised or None; the
+message's ``outcome`` ("ok", "retried", "dead") and the handler's return value (``result``) are
+set by then. ``after_reject`` sees a message that never reached a handler (a body that is not an
+envelope, an unknown task, arguments that do not validate), which is dead-lettered. A hook that
+raises fails the message as its handler would. Any of these hooks may be ``async def``: it is
+awaited on the worker's loop, inside the handler's own task (so a context variable it sets is
+seen by the handler and by what the handler sends).
+
+On the producing side, ``before_send`` sees each message a task makes (``send``, ``send_many``,
+``call``, and the ``publish_to`` outputs a worker makes from a return value) before it is encoded,
+and may add headers; it is a plain function (sends are synchronous).
+
+Only the hooks a middleware overrides are called: a chain of middleware that override nothing
+costs nothing per message.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
+
+from fastq.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Middleware", "Processing", "TimingMiddleware"]
+__all__ = ["Hooks", "Middleware", "Processing", "Sending", "TimingMiddleware"]
 
 
 class Processing:
-    """What middleware sees of one message: the handler's name, the message id (empty for a
-    consumer's raw body), the queue and how many times it was retried before; in
-    ``after_process``, ``result`` is what the handler returned (None when it raised). Hooks may
-    set attributes of their own on it (``started_at`` is TimingMiddleware's)."""
+    """What middleware sees of one message in a worker.
 
-    __slots__ = ("handler", "message_id", "queue", "result", "retries", "started_at")
+    ``handler`` is the task's or consumer's name, ``message_id`` the envelope's id (empty for a
+    consumer's raw body), ``queue`` where it came from, ``retries`` how many times it failed
+    before (``attempt`` = retries + 1), ``headers`` the envelope's headers (empty for a raw
+    body), ``enqueued_at`` the unix time ``send`` made it (0.0: unknown). In ``after_process``,
+    ``outcome`` is "ok", "retried" or "dead" and ``result`` what the handler returned (None
+    when it raised). ``started_at``, ``clock`` and ``span`` are for hooks (TimingMiddleware's,
+    the metrics' and the traces' own).
+    """
 
-    def __init__(self, handler: str, message_id: str, queue: str, retries: int) -> None:
+    __slots__ = (
+        "clock",
+        "enqueued_at",
+        "handler",
+        "headers",
+        "message_id",
+        "outcome",
+        "queue",
+        "result",
+        "retries",
+        "span",
+        "started_at",
+    )
+
+    def __init__(
+        self,
+        handler: str,
+        message_id: str,
+        queue: str,
+        retries: int,
+        headers: dict[str, str] | None = None,
+        enqueued_at: float = 0.0,
+    ) -> None:
         self.handler, self.message_id, self.queue, self.retries = (
             handler,
             message_id,
             queue,
             retries,
         )
-        self.started_at = 0.0
+        self.headers: dict[str, str] = headers if headers is not None else {}
+        self.enqueued_at = enqueued_at
+        self.started_at = self.clock = 0.0
         self.result: object = None
+        self.outcome = ""
+        self.span: Any = None
+
+    @property
+    def id(self) -> str:
+        return self.message_id
+
+    @property
+    def task(self) -> str:
+        return self.handler
+
+    @property
+    def attempt(self) -> int:
+        """1 on the first delivery, 2 on the first retry..."""
+        return self.retries + 1
+
+    def __repr__(self) -> str:
+        return (
+            f"<Processing {self.handler} id={self.message_id!r} queue={self.queue!r} "
+            f"attempt={self.attempt} outcome={self.outcome!r}>"
+        )
+
+
+class Sending:
+    """What ``before_send`` sees of a message a task makes: its id, task, queue, the unix time
+    it is made (``enqueued_at``), and its ``headers``, which the hook may add to (they travel in
+    the envelope to the worker's ``Processing.headers``)."""
+
+    __slots__ = ("enqueued_at", "headers", "message_id", "queue", "task")
+
+    def __init__(
+        self, task: str, message_id: str, queue: str, headers: dict[str, str], enqueued_at: float
+    ) -> None:
+        self.task, self.message_id, self.queue, self.headers = task, message_id, queue, headers
+        self.enqueued_at = enqueued_at
+
+    @property
+    def id(self) -> str:
+        return self.message_id
+
+    def __repr__(self) -> str:
+        return f"<Sending {self.task} id={self.message_id!r} queue={self.queue!r}>"
 
 
 class Middleware:
-    """Hooks around every message a worker processes, called in the order they were given.
-
-    ``before_process`` runs before the handler; ``after_process`` after it, with the exception it
-    raised or None (and its return value in ``message.result``). A hook that raises fails the
-    message like its handler would.
+    """Hooks around every message, called in the order they were given (after_process in
+    reverse). Override the ones you need; any of the processing hooks may be ``async def``.
     """
 
-    def before_process(self, message: Processing) -> None:
+    def before_process(self, message: Processing) -> Awaitable[None] | None:
         pass
 
-    def after_process(self, message: Processing, exc: BaseException | None) -> None:
+    def after_process(
+        self, message: Processing, exc: BaseException | None
+    ) -> Awaitable[None] | None:
         pass
+
+    def after_reject(self, message: Processing, reason: str) -> Awaitable[None] | None:
+        """A message that never reached its handler; it is dead-lettered with ``reason``."""
+
+    def before_send(self, message: Sending) -> None:
+        """A message a task makes, before it is encoded: add to ``message.headers`` here."""
+
+
+#: a hook to call, and whether what it returns must be awaited
+Hook = tuple[Callable[..., Any], bool]
+
+
+def _overridden(middleware: Iterable[object], name: str) -> list[Hook]:
+    hooks = []
+    for mw in middleware:
+        fn = getattr(mw, name, None)
+        if fn is None or getattr(type(mw), name, None) is getattr(Middleware, name):
+            continue  # the base class's no-op: not called at all
+        hooks.append((fn, inspect.iscoroutinefunction(fn)))
+    return hooks
+
+
+class Hooks:
+    """The hooks of a middleware chain that do something, in the order they run, each with
+    whether it is awaited (found once: a worker calls them for every message).
+
+    Raises:
+        ConfigError: a ``before_send`` is ``async def``.
+    """
+
+    def __init__(self, middleware: Sequence[object]) -> None:
+        self.before = _overridden(middleware, "before_process")
+        self.after = _overridden(reversed(middleware), "after_process")
+        self.reject = _overridden(reversed(middleware), "after_reject")
+        send = _overridden(middleware, "before_send")
+        for fn, is_async in send:
+            if is_async:
+                raise ConfigError(
+                    f"{fn.__qualname__} is async def; before_send runs inside send(), which is "
+                    "synchronous: make it a plain function"
+                )
+        self.send = [fn for fn, _ in send]
 
 
 class TimingMiddleware(Middleware):

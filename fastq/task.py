@@ -13,6 +13,7 @@ import hashlib
 import inspect
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, get_type_hints
 
@@ -22,6 +23,7 @@ from fastq import _notify, message, results, schedule
 from fastq.broker.base import UNIQUE_HEADER, Message
 from fastq.config import HandlerOptions, Route
 from fastq.errors import ConfigError, MessageError
+from fastq.middleware import Sending
 
 if TYPE_CHECKING:
     from fastq.app import App
@@ -262,6 +264,20 @@ class Task(_Produces):
             ) from e
         if headers is None and self.options.result_ttl is not None:
             headers = self._notify_headers()
+        send_hooks = self.app.hooks.send
+        if send_hooks:  # they may add headers: before the envelope is encoded
+            headers = dict(headers) if headers else {}
+            sending = Sending(self.name, message.new_id(), self.queue, headers, time.time())
+            for hook in send_hooks:
+                hook(sending)
+            message_id, body = message.encode(
+                self.name,
+                args,
+                message_id=sending.message_id,
+                headers=headers or None,
+                enqueued_at=sending.enqueued_at,
+            )
+            return Message(body, message_id, headers or None), raw
         message_id, body = message.encode(self.name, args, headers=headers)
         return Message(body, message_id, headers), raw
 

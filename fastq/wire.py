@@ -19,7 +19,9 @@ Worker -> supervisor (the output ring):
   a ``Returned`` (msgpack) for VALUE and FAILED: what the handler returned or how it failed for
   good, to keep (``fastq.results``) and to publish (``publish_to``).
 - a **report**: ``COMPLETION`` header of tag 0 whose status byte is a ``Report``, delay 0;
-  ``Report.CLASSIFIED`` carries ``Classified`` (msgpack), the others nothing.
+  ``Report.CLASSIFIED`` carries ``Classified`` (msgpack), ``Report.TALLY`` a list of ``Counts``
+  (what the worker counted for /metrics since its last report, written in the same batch as the
+  completions it counts), the others nothing.
 
 ``WorkerSpec`` is everything a worker is started with; the exit codes say how it left.
 """
@@ -41,8 +43,11 @@ __all__ = [
     "EXIT_FAILED",
     "EXIT_RECYCLED",
     "NO_TAG",
+    "RETRIES_MASK",
+    "WITH_HEADERS",
     "Classified",
     "Control",
+    "Counts",
     "Produced",
     "ProtocolError",
     "Report",
@@ -59,10 +64,14 @@ __all__ = [
     "parse_control",
     "parse_returned",
     "parse_slots",
+    "parse_tally",
     "ready_report",
     "recycle_frame",
     "retire_report",
     "slots_frame",
+    "split_headers",
+    "tally_report",
+    "with_headers",
 ]
 
 
@@ -92,6 +101,8 @@ class Report(enum.IntEnum):
     RETIRE = 4
     #: it measured the "auto" handlers of a queue (body: ``Classified``)
     CLASSIFIED = 6
+    #: what it counted for /metrics since its last report (body: a list of ``Counts``)
+    TALLY = 9
 
 
 class Control(enum.IntEnum):
@@ -111,6 +122,13 @@ NO_TAG = bytes(8)
 _QUEUE = struct.Struct("<H")
 _QUEUE_OFFSET = DELIVERY.size - _QUEUE.size
 assert DELIVERY.format.endswith("H"), "the queue index is the DELIVERY header's last field"
+
+#: a delivery whose body starts with its broker message's headers (a consumer's queue, when the
+#: app has middleware that processes messages): this bit of the DELIVERY header's retries field
+WITH_HEADERS = 1 << 31
+#: the retries themselves
+RETRIES_MASK = WITH_HEADERS - 1
+_HEADERS_SIZE = struct.Struct("<I")
 
 #: the exit code of a worker that left on purpose (recycled): EX_TEMPFAIL
 EXIT_RECYCLED = 75
@@ -171,6 +189,40 @@ class Classified(msgspec.Struct, array_like=True, frozen=True):
     share: float
 
 
+#: the upper bounds (seconds) of the handler-duration histogram's buckets (then +Inf)
+HANDLER_BUCKETS = (
+    0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0, 60.0,
+)  # fmt: skip
+#: the upper bounds (seconds) of the enqueue-to-start histogram's buckets (then +Inf)
+LATENCY_BUCKETS = (
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+    1800.0, 3600.0,
+)  # fmt: skip
+
+
+class Counts(msgspec.Struct, array_like=True, gc=False):
+    """What a worker counted of one queue's handler since its last report (deltas). A
+    histogram's buckets are not cumulative here: one count per bound of its ``*_BUCKETS``, then
+    one for +Inf."""
+
+    queue: str
+    #: the task's or consumer's name ("" for a body that is not an envelope)
+    task: str
+    #: handler runs that finished (succeeded or raised)
+    processed: int
+    #: of those, the ones that raised
+    failed: int
+    #: failures that will run again
+    retried: int
+    #: failures for good, and messages that never reached a handler: dead-lettered
+    dead: int
+    handler_buckets: list[int]
+    handler_sum: float
+    latency_buckets: list[int]
+    latency_sum: float
+
+
 class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     """Everything a worker needs, sent to it as msgpack (workers never read the environment)."""
 
@@ -201,12 +253,16 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     io_threads: int = 100
     #: the most a return value kept or published may take, encoded (Config.max_message_bytes)
     max_message_bytes: int = 1 << 20
+    #: count for /metrics (Report.TALLY): the supervisor serves them
+    metrics: bool = False
 
 
 _encoder = msgspec.msgpack.Encoder()
 _slots = msgspec.msgpack.Decoder(Slots)
 _classified = msgspec.msgpack.Decoder(Classified)
 _returned = msgspec.msgpack.Decoder(Returned)
+_tally = msgspec.msgpack.Decoder(list[Counts])
+_headers = msgspec.msgpack.Decoder(dict[str, str])
 
 
 # -- supervisor -> worker -------------------------------------------------------------------------
@@ -255,6 +311,27 @@ def parse_slots(body: bytes | memoryview) -> Slots:
         raise ProtocolError(f"a slots frame whose body does not decode ({e})") from e
 
 
+def with_headers(headers: dict[str, str], body: bytes) -> bytes:
+    """A delivery's body with its broker message's headers in front (set WITH_HEADERS)."""
+    encoded = _encoder.encode(headers)
+    return _HEADERS_SIZE.pack(len(encoded)) + encoded + body
+
+
+def split_headers(body: memoryview) -> tuple[dict[str, str], memoryview]:
+    """The headers and the body of a delivery sent ``with_headers``.
+
+    Raises:
+        ProtocolError: the headers do not decode.
+    """
+    (size,) = _HEADERS_SIZE.unpack_from(body)
+    end = _HEADERS_SIZE.size + size
+    try:
+        headers = _headers.decode(body[_HEADERS_SIZE.size : end])
+    except (msgspec.DecodeError, struct.error) as e:
+        raise ProtocolError(f"a delivery's headers that do not decode ({e})") from e
+    return headers, body[end:]
+
+
 def delivery_queue(frame: bytes) -> int:
     """The queue index of a delivery frame."""
     return int(_QUEUE.unpack_from(frame, _QUEUE_OFFSET)[0])
@@ -301,3 +378,15 @@ def parse_returned(payload: bytes) -> Returned:
         return _returned.decode(payload)
     except msgspec.DecodeError as e:
         raise ProtocolError(f"a returned value that does not decode ({e})") from e
+
+
+def tally_report(counts: list[Counts]) -> bytes:
+    return COMPLETION.pack(0, Report.TALLY, 0.0) + _encoder.encode(counts)
+
+
+def parse_tally(payload: bytes) -> list[Counts]:
+    """Raises ProtocolError when the payload is not a list of ``Counts``."""
+    try:
+        return _tally.decode(payload)
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"a tally that does not decode ({e})") from e

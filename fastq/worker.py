@@ -51,6 +51,10 @@ class Executor(Protocol):
 
     def close(self) -> None: ...
 
+    def reports(self) -> list[bytes]:
+        """Report frames to send with the next batch of completions (Report.TALLY)."""
+        ...
+
 
 def pin_to(cpu: int | None, index: int) -> None:
     why = pin(cpu)
@@ -324,11 +328,15 @@ class Runtime:
             # a handler let the CancelledError of something it awaited out: its slot and its
             # message must not be lost with it
             logger.exception("worker %d: delivery %d raised CancelledError", self.spec.index, tag)
-            status, delay = (_RETRY, 1.0) if retries < INTERNAL_RETRIES else (_DEAD, 0.0)
+            status, delay = (
+                (_RETRY, 1.0) if retries & wire.RETRIES_MASK < INTERNAL_RETRIES else (_DEAD, 0.0)
+            )
             payload = f"the handler raised CancelledError: {e}".encode("utf-8", "backslashreplace")
         except Exception as e:
             logger.exception("worker %d: internal error on delivery %d", self.spec.index, tag)
-            status, delay = (_RETRY, 1.0) if retries < INTERNAL_RETRIES else (_DEAD, 0.0)
+            status, delay = (
+                (_RETRY, 1.0) if retries & wire.RETRIES_MASK < INTERNAL_RETRIES else (_DEAD, 0.0)
+            )
             payload = f"fastq internal error: {type(e).__name__}: {e}".encode(
                 "utf-8", "backslashreplace"
             )
@@ -383,4 +391,5 @@ class Runtime:
             self.flush_timer = None
         if self.done:
             done, self.done = self.done, []
+            done.extend(self.executor.reports())  # what they count, in the same batch
             self.outbox.put_many(done, timeout=60)

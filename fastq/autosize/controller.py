@@ -48,6 +48,8 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     prefetch: int
     #: why it changed, in words; empty when nothing did
     reason: str = ""
+    #: which rule decided it: a method of ``RULES``, or "cap", "reclassify", "start"
+    rule: str = ""
 
 
 class Controller:
@@ -153,6 +155,7 @@ class Controller:
                 reason=f"its share of the host's {self.cpu_cores} cores beside the other busy "
                 "queues is "
                 f"{ceiling}: concurrency {'down' if new < old else 'up'} to {new}",
+                rule="cap",
             )
         user_max = self.user_max_concurrency or IO_CONCURRENCY_MAX
         self.max_concurrency = max(self.min_concurrency, min(user_max, ceiling))
@@ -166,6 +169,7 @@ class Controller:
             prefetch=self.prefetch,
             reason=f"its share of the host's handlers is {ceiling}: concurrency down to "
             f"{self.concurrency}",
+            rule="cap",
         )
 
     def _forget_step(self) -> None:
@@ -198,6 +202,7 @@ class Controller:
             concurrency=self.concurrency,
             prefetch=self.prefetch,
             reason=f"measured {kind}-bound" if kind == self.kind else "",
+            rule="reclassify",
         )
 
     def _prefetch_for(self, concurrency: int) -> int:
@@ -229,20 +234,25 @@ class Controller:
             concurrency=new,
             prefetch=self.prefetch,
             reason=f"{backlog} messages wait at the start: concurrency +{new - c}",
+            rule="start",
         )
 
     def step(self, s: Sample) -> Decision:
         """The concurrency and prefetch for the next interval, given what this one looked like:
         the first of ``RULES`` that applies decides (``None`` from a rule: not its case)."""
         look = self._observe(s)
+        name = ""
         for rule in self.RULES:
             change = rule(self, s, look)
             if change is not None:
+                name = rule.__name__
                 break
         else:
             change = (self.concurrency, self.prefetch, "")
         self.concurrency, self.prefetch, reason = change
-        return Decision(concurrency=self.concurrency, prefetch=self.prefetch, reason=reason)
+        return Decision(
+            concurrency=self.concurrency, prefetch=self.prefetch, reason=reason, rule=name
+        )
 
     def _observe(self, s: Sample) -> _Look:
         """Book-keeping before the rules: what the last step was, the cooldown, the memory cap,

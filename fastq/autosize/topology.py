@@ -172,3 +172,16 @@ def resident_bytes() -> int:
     import psutil
 
     return int(psutil.Process().memory_info().rss)
+
+
+def resident_bytes_of(pids: list[int]) -> dict[int, int]:
+    """The resident set size of each of ``pids`` that is still there."""
+    import psutil
+
+    found = {}
+    for pid in pids:
+        try:
+            found[pid] = int(psutil.Process(pid).memory_info().rss)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found

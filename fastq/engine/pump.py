@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from fastq import wire
 from fastq._aio import Signal
 from fastq._notify import Poker
 from fastq.broker.base import (
@@ -100,6 +101,7 @@ class Pumps:
         store: Broker | None = None,
         *,
         publishing: set[str] | frozenset[str] = frozenset(),
+        with_headers: set[str] | frozenset[str] = frozenset(),
     ) -> None:
         self.broker, self.config, self.queues, self.deliver = broker, config, list(queues), deliver
         self.store = store
@@ -107,6 +109,8 @@ class Pumps:
         self.keeps_results = store is not None or getattr(broker, "keeps_results", False)
         self.poker: Poker | None = None  # made at the first result that someone waits for
         self.queue_index = {q: i for i, q in enumerate(queues)}
+        #: queues whose deliveries reach the workers with their broker headers (wire.WITH_HEADERS)
+        self.with_headers = with_headers
         #: each queue's budget of unsettled deliveries on this host
         self.prefetch = prefetch
         self.pending: dict[int, Pending] = {}
@@ -212,9 +216,15 @@ class Pumps:
             if settling:
                 self.count_settled(queue, parts)
             items, too_large = [], []
+            carry = queue in self.with_headers
             for d in deliveries:
                 tag = next(self.tags)
-                p = self.pending[tag] = Pending(queue, d, (tag, d.retries, index, d.body))
+                if carry and d.headers:
+                    body = wire.with_headers(d.headers, d.body)
+                    item: Item = (tag, d.retries | wire.WITH_HEADERS, index, body)
+                else:
+                    item = (tag, d.retries, index, d.body)
+                p = self.pending[tag] = Pending(queue, d, item)
                 self.in_flight[queue] += 1
                 if len(d.body) > limit:
                     too_large.append(

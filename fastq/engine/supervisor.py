@@ -90,6 +90,15 @@ def run_app(
     ).run_forever()
 
 
+def _cause(gone: Any) -> str:
+    """Why a worker is started again: the label of fastq_worker_restarts_total."""
+    if gone.before_ready:
+        return "failed_start"
+    if gone.stopped:
+        return "stopped"
+    return "recycled" if gone.recycled else "died"
+
+
 class Supervisor:
     """One host's supervisor of ``queues`` of ``app`` (imported by workers as ``app_spec``)."""
 
@@ -119,6 +128,7 @@ class Supervisor:
             self.deliver,
             self.store,
             publishing=self.publishing_queues(),
+            with_headers=self.consumer_queues_with_headers(),
         )
         self.tuning = Tuning(self)
         pinned = plan.pinned or (None,) * plan.processes
@@ -150,6 +160,14 @@ class Supervisor:
         self.done = collections.Counter[int]()
         started = time.monotonic()
         self.inspector = inspect.Server(lambda: inspect.report(self, app_spec, started, self.done))
+        #: workers started again, by (index, cause): fastq_worker_restarts_total
+        self.restarts = collections.Counter[tuple[int, str]]()
+        #: /metrics (config.metrics): a missing extra or a bad address is said before any start
+        self.metrics: Any = None
+        if config.metrics:
+            from fastq.metrics import Metrics
+
+            self.metrics = Metrics(config.metrics)
 
     @property
     def settled_by_queue(self) -> collections.Counter[str]:
@@ -177,6 +195,7 @@ class Supervisor:
             queue_slots=per_queue,
             io_threads=IO_CONCURRENCY_MAX,
             max_message_bytes=self.config.max_message_bytes,
+            metrics=self.metrics is not None,
         )
 
     def start_worker(self, m: Member) -> None:
@@ -221,6 +240,7 @@ class Supervisor:
         """Apply what the worker finished, hand on what it did not, start another in its place."""
         self.end_completions(m)
         gone = self.fleet.reap(m)
+        self.restarts[(m.index, _cause(gone))] += 1
         if gone.before_ready:
             logger.error(
                 "worker %d (pid %s) exited with %s before it was ready (its log says why); "
@@ -372,8 +392,11 @@ class Supervisor:
             self.dispatch_backlog()
 
     def worker_says(self, m: Member, status: int, payload: bytes = b"") -> None:
-        """A report (tag 0): the worker speaks for itself (READY, RETIRE, CLASSIFIED)."""
-        if status == Report.CLASSIFIED:
+        """A report (tag 0): the worker speaks for itself (READY, RETIRE, CLASSIFIED, TALLY)."""
+        if status == Report.TALLY:
+            if self.metrics is not None:
+                self.metrics.tally(m.index, payload)
+        elif status == Report.CLASSIFIED:
             try:
                 measured = wire.parse_classified(payload)
             except wire.ProtocolError as e:
@@ -476,6 +499,15 @@ class Supervisor:
             if h.queue in self.queues and (target := getattr(h, "publish_to", None)) is not None
         ]
 
+    def consumer_queues_with_headers(self) -> set[str]:
+        """This supervisor's consumer queues whose deliveries reach the workers with their
+        broker headers: where the app has middleware that sees messages (a foreign producer's
+        trace context, say); otherwise nothing is paid for them."""
+        hooks = getattr(self.app, "hooks", None)
+        if hooks is None or not (hooks.before or hooks.after):
+            return set()
+        return {q for q in self.queues if q in getattr(self.app, "consumers", {})}
+
     def publishing_queues(self) -> set[str]:
         """This supervisor's queues whose handlers publish what they return (publish_to)."""
         return {queue for queue, _ in self.publish_targets()}
@@ -512,6 +544,9 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.on_signal, sig)
         await self.inspector.start()
+        if self.metrics is not None:
+            self.metrics.start()
+            self.spawn(self.metrics.run(self))
         try:
             self.claim_cores()
             self.fleet.sweep()
@@ -569,3 +604,5 @@ class Supervisor:
         await self.broker.close()
         if self.store is not None:
             await self.store.close()
+        if self.metrics is not None:
+            self.metrics.stop()

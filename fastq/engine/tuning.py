@@ -77,6 +77,8 @@ class Tuning:
         self.decisions: collections.deque[tuple[float, str, str]] = collections.deque(
             maxlen=DECISIONS_KEPT
         )
+        #: every change since the start, by (queue, rule): fastq_autosize_decisions_total
+        self.rules = collections.Counter[tuple[str, str]]()
 
     def kind(self, queue: str) -> str:
         """The kind a queue's numbers follow now: its controller's, else its plan's."""
@@ -100,6 +102,7 @@ class Tuning:
             d.prefetch,
         )
         self.decisions.append((time.time(), queue, reason))
+        self.rules[(queue, d.rule or "other")] += 1
 
     async def run(self) -> None:
         """The loop (see the module docstring), until the engine stops."""

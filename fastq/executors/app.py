@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import logging
 import random
 import time
@@ -24,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 from fastq import _load, message, results, wire
 from fastq.config import HandlerOptions, Route
 from fastq.errors import RingClosed, RingFull
-from fastq.middleware import Processing
+from fastq.middleware import Hooks, Processing
+from fastq.tally import Tally
 from fastq.wire import Status
 
 if TYPE_CHECKING:
@@ -68,6 +70,13 @@ class AppExecutor:
         self.pool = concurrent.futures.ThreadPoolExecutor(max(4, spec.concurrency, spec.io_threads))
         self.measured: dict[str, list[float]] = {}  # handler -> on-CPU shares of its calls
         self.consumers = [self.app.consumers.get(q) for q in spec.queues]
+        middleware = list(self.app.middleware)
+        #: what this worker counts for the supervisor's /metrics (None: not asked to)
+        self.tally: Tally | None = None
+        if spec.metrics:
+            self.tally = Tally()
+            middleware.insert(0, self.tally)  # outermost: it times the others' hooks too
+        self.hooks = Hooks(middleware)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -86,8 +95,13 @@ class AppExecutor:
         self, body: memoryview, retries: int, queue_index: int
     ) -> tuple[int, float, str | bytes]:
         consumer = self.consumers[queue_index]
+        queue = self.runtime.spec.queues[queue_index]
         headers: dict[str, str] | None = None
+        enqueued_at = 0.0
         if consumer is not None:
+            if retries & wire.WITH_HEADERS:  # the broker message's own (a foreign producer's)
+                retries &= wire.RETRIES_MASK
+                headers, body = wire.split_headers(body)
             handler: Task | Consumer = consumer
             args: tuple[Any, ...] = (bytes(body),)
             name, message_id = consumer.name, ""
@@ -95,31 +109,39 @@ class AppExecutor:
             try:
                 envelope = message.decode(body)
             except Exception as e:  # noqa: BLE001 - whatever the bytes do, they are not a message
-                return Status.DEAD, 0.0, f"undecodable: {e}"
-            headers = envelope.headers
+                return await self.rejected(Processing("", "", queue, retries), f"undecodable: {e}")
+            headers, enqueued_at = envelope.headers, envelope.enqueued_at
             task = self.app.tasks.get(envelope.task)
             if task is None:
                 reason = (
                     f"unknown task {envelope.task!r}: this app registers "
                     f"{sorted(self.app.tasks)[:5]}; deploy the task or fix the producer"
                 )
+                seen = Processing(envelope.task, envelope.id, queue, retries, headers, enqueued_at)
+                await self.rejected(seen, reason)
                 return self.failed_for_good(envelope.task, reason, None, _keep(headers), headers)
             handler = task
             try:
                 args = task.decode_args(envelope.args)
             except Exception as e:  # noqa: BLE001 - ValidationError, bad UTF-8, nesting too deep...
                 reason = f"invalid arguments for {envelope.task}: {e}"
+                seen = Processing(envelope.task, envelope.id, queue, retries, headers, enqueued_at)
+                await self.rejected(seen, reason)
                 keep = task.options.result_ttl or _keep(headers)
                 return self.failed_for_good(envelope.task, reason, e, keep, headers)
             name, message_id = envelope.task, envelope.id
         options: HandlerOptions = handler.options
         keep = options.result_ttl or _keep(headers)
-        processing = Processing(name, message_id, self.runtime.spec.queues[queue_index], retries)
+        processing = Processing(name, message_id, queue, retries, headers, enqueued_at)
+        hooks = self.hooks
         exc: BaseException | None = None
         payload = b""
         try:
-            for mw in self.app.middleware:
-                mw.before_process(processing)
+            for hook, is_async in hooks.before:
+                if is_async:
+                    await hook(processing)
+                else:
+                    hook(processing)
             processing.result = value = await self.call(handler, args, name, options)
             if keep or handler.publish_to is not None:
                 payload = self.returned(handler, value, keep, headers)
@@ -130,21 +152,49 @@ class AppExecutor:
             if current is not None and current.cancelling():
                 raise
             exc = e
-        for mw in reversed(self.app.middleware):
-            try:
-                mw.after_process(processing, exc)
-            except Exception as e:  # noqa: BLE001
-                exc = exc or e
+        retry = retries < options.max_retries
+        if hooks.after:
+            processing.outcome = "ok" if exc is None else "retried" if retry else "dead"
+            for hook, is_async in hooks.after:
+                try:
+                    if is_async:
+                        await hook(processing, exc)
+                    else:
+                        hook(processing, exc)
+                except Exception as e:  # noqa: BLE001 - a hook's failure is the message's
+                    if exc is None:
+                        exc = e
+                        processing.outcome = "retried" if retry else "dead"
         if exc is None:
             return (Status.VALUE, 0.0, payload) if payload else (Status.OK, 0.0, "")
         reason = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, TimeoutError):
             reason = f"timed out after {options.timeout} s ({reason})"
-        if retries < options.max_retries:
+        if retry:
             delay = options.retry_backoff * (2**retries) * random.uniform(0.5, 1.5)
             return Status.RETRY, delay, reason
         reason = f"{reason} (after {retries + 1} attempts)"
         return self.failed_for_good(name, reason, exc, keep, headers)
+
+    async def rejected(self, seen: Processing, reason: str) -> tuple[int, float, str]:
+        """A message that never reached a handler: the ``after_reject`` hooks see it; DEAD."""
+        seen.outcome = "dead"
+        for hook, is_async in self.hooks.reject:
+            try:
+                if is_async:
+                    await hook(seen, reason)
+                else:
+                    hook(seen, reason)
+            except Exception:  # it is dead already; the hook's bug is logged
+                logger.exception("after_reject of %s failed", seen.handler or "a message")
+        return Status.DEAD, 0.0, reason
+
+    def reports(self) -> list[bytes]:
+        """What this worker counted since its last report, as report frames for the supervisor
+        (sent with the completions they count, in the same batch)."""
+        if self.tally is None or not self.tally.counts:
+            return []
+        return [self.tally.report()]
 
     def returned(
         self, handler: Task | Consumer, value: Any, keep: float, headers: dict[str, str] | None
@@ -233,5 +283,7 @@ class AppExecutor:
                         self.report(options.queue, sum(shares) / len(shares))
         if kind == "cpu":
             return handler.fn(*args)  # inline: this process owns its core
-        fut = self.runtime.loop.run_in_executor(self.pool, lambda: handler.fn(*args))
+        # the thread runs in this task's context: what the handler sends keeps its trace
+        ctx = contextvars.copy_context()
+        fut = self.runtime.loop.run_in_executor(self.pool, lambda: ctx.run(handler.fn, *args))
         return await asyncio.wait_for(fut, options.timeout)

@@ -55,6 +55,9 @@ class PoolExecutor:
             )
         return self.pool
 
+    def reports(self) -> list[bytes]:
+        return []
+
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)

@@ -100,9 +100,13 @@ ALLOWED: dict[str, set[str]] = {
     "middleware": {"message", "errors"},
     # the JSON log lines of --log-format json (installed by cli, and by a worker told so)
     "logs": set(),
+    # what a worker counts for /metrics, on the middleware hooks (Report.TALLY)
+    "tally": {"wire", "middleware"},
+    # OpenTelemetry spans on the middleware hooks (the only opentelemetry importer)
+    "tracing": {"middleware", "errors"},
     "worker": _RUNTIME | {"logs"},
     "executors": set(),
-    "executors.app": _RUNTIME,
+    "executors.app": _RUNTIME | {"tally"},
     "executors.pool": _RUNTIME,
     # worker only as the target a fleet member is spawned with
     "engine": set(),
@@ -117,7 +121,10 @@ ALLOWED: dict[str, set[str]] = {
     "engine.inspect": set(),
     "engine.supervisor": _ENGINE | {"engine.fleet", "engine.placement", "engine.pump",
                                     "engine.tuning", "engine.statistics", "engine.scheduler",
-                                    "engine.inspect", "logs"},
+                                    "engine.inspect", "logs", "metrics"},
+    # the supervisor's Prometheus /metrics (the only prometheus_client importer): the workers'
+    # tallies (wire) and the engine's statistics, passed in by the supervisor
+    "metrics": {"wire", "config", "errors", "autosize.topology"},
     "pool": {"engine.fleet", "wire", "codec", "ring", "autosize", "config", "errors",
              "pool.driver", "pool.job", "pool.results"},
     "pool.job": {"codec", "autosize", "config", "errors"},
@@ -142,7 +149,7 @@ ALLOWED: dict[str, set[str]] = {
             "broker", "errors", "admin", "logs"},
     # the `fastq bench` suites sit beside cli and drive what they measure
     "_bench": {"app", "config", "autosize", "engine.supervisor", "testing", "ring", "_aio",
-               "broker.base", "errors", "__init__", "_bench"},
+               "broker.base", "errors", "__init__", "_bench", "url"},
     "__main__": {"cli"},
     "__init__": {"errors", "app", "task", "pool", "config", "middleware"},
 }
@@ -160,6 +167,10 @@ HEAVY = {
     "psutil": {"autosize.topology", "_bench"},
     # cron expressions, imported when a cron schedule is made
     "cronsim": {"schedule"},
+    # the metrics extra, imported when a supervisor serves /metrics
+    "prometheus_client": {"metrics"},
+    # the otel extra, imported with fastq.tracing
+    "opentelemetry": {"tracing"},
 }
 # fmt: on
 
@@ -270,7 +281,9 @@ def test_no_import_circle():
 
 
 def test_import_fastq_loads_no_heavy_dependency():
-    heavy = "{'aiormq', 'asyncpg', 'uvloop', 'psutil', 'cronsim'}"
+    heavy = "{'aiormq', 'asyncpg', 'uvloop', 'psutil', 'cronsim', 'prometheus_client', " + (
+        "'opentelemetry'}"
+    )
     code = f"import fastq, sys; print(sorted({heavy} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -1,0 +1,110 @@
+"""A/B of the metrics' cost: the engine bench's memory:// noop with ``--metrics`` off and on,
+alternating in one process, the same messages and settings (fastq._bench.engine.Bench).
+
+    python bench/ab_metrics.py [rounds] [messages]
+
+Caveats: two cores shared by producer, supervisor and workers (and by whatever else runs on the
+machine); the rounds alternate so that drift hits both sides alike; medians are reported.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from fastq._bench.engine import SCENARIOS, Bench
+
+
+def worker_cpu(bench: Bench, metrics: bool, bodies: list[bytes]) -> float:
+    """On-CPU seconds per message of a worker's executor (decode, middleware, handler), run
+    in this process without rings; with ``metrics``, one tally report per 256 messages (a
+    completion batch)."""
+    import asyncio
+    import time
+
+    from fastq import wire
+    from fastq.executors.app import AppExecutor
+
+    class Runtime:
+        spec = wire.WorkerSpec(
+            index=0,
+            parent=0,
+            cpu=None,
+            app=bench.spec,
+            queues=(bench.module.noop.queue,),
+            input_ring="",
+            output_ring="",
+            concurrency=1,
+            executor="",
+            metrics=metrics,
+        )
+
+    ex = AppExecutor(Runtime())  # type: ignore[arg-type]
+
+    async def go() -> float:
+        cpu = time.thread_time()
+        for i, body in enumerate(bodies):
+            await ex.run(memoryview(body), 0, 0)
+            if i % 256 == 255:
+                ex.reports()
+        ex.reports()
+        return (time.thread_time() - cpu) / len(bodies)
+
+    try:
+        return asyncio.run(go())
+    finally:
+        ex.close()
+
+
+def main(rounds: int = 5, n: int = 60_000) -> None:
+    _, _, concurrency, prefetch = SCENARIOS["noop"]
+    with tempfile.TemporaryDirectory() as d:
+        bench = Bench("memory", Path(d), burn=0)
+        plain = bench.supervisor
+        rates: dict[str, list[float]] = {"off": [], "on": []}
+        for r in range(rounds * 2):
+            side = "off" if r % 2 == 0 else "on"
+            made: list[Any] = []
+
+            def supervisor(*args: Any, side: str = side, made: list[Any] = made, **kw: Any) -> Any:
+                sup = plain(*args, **kw)
+                if side == "on":  # as --metrics 127.0.0.1:0 would make it
+                    from fastq.metrics import Metrics
+
+                    sup.config = msgspec.structs.replace(sup.config, metrics="127.0.0.1:0")
+                    sup.metrics = Metrics("127.0.0.1:0")
+                made.append(sup)
+                return sup
+
+            bench.supervisor = supervisor  # type: ignore[method-assign]
+            took, _ = bench.run("noop", n, concurrency, prefetch)
+            rates[side].append(n / took)
+            metrics = made[0].metrics
+            counted = sum(metrics.messages.values()) if metrics is not None else 0
+            print(
+                f"round {r // 2 + 1} metrics {side}: {n / took:,.0f} msgs/s "
+                f"(messages counted: {counted:,})",
+                flush=True,
+            )
+        off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
+        change = 100 * (on - off) / off
+        print(f"engine, median off {off:,.0f} msgs/s, on {on:,.0f} msgs/s: {change:+.1f}%")
+        bodies = [bench.module.noop.message(0.0).body for _ in range(n)]
+        cpu: dict[bool, list[float]] = {False: [], True: []}
+        for r in range(rounds * 2):
+            cpu[r % 2 == 1].append(worker_cpu(bench, r % 2 == 1, bodies))
+        bench.close()
+    off_us, on_us = (statistics.median(cpu[k]) * 1e6 for k in (False, True))
+    print(
+        f"worker executor CPU per message, median off {off_us:.2f} us, on {on_us:.2f} us: "
+        f"+{on_us - off_us:.2f} us ({100 * (on_us - off_us) / off_us:+.1f}%)"
+    )
+
+
+if __name__ == "__main__":
+    main(*(int(a) for a in sys.argv[1:3]))
