@@ -17,6 +17,7 @@ Systems are interleaved within each round; medians of ``runs``. Peers that are n
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -394,14 +395,13 @@ class System:
 
 
 def _celery_io_pool() -> list[str]:
-    """Celery's pool for the I/O scenarios, as its docs tell a user with I/O-bound tasks to run
-    it: ``-P gevent -c 1000`` (docs, "Concurrency with gevent"; the worker monkey-patches, so
-    the handler's ``time.sleep`` yields) when gevent is installed, else the built-in threads
-    pool with 100 threads (``time.sleep`` releases the GIL). The default prefork pool with one
-    process per core runs two 5 ms sleeps at a time: at most 400/s, and 100 s for 40,000
-    messages, which measures a misconfiguration, not Celery."""
-    if importlib.util.find_spec("gevent") is not None:
-        return ["-P", "gevent", "-c", "1000"]
+    """Celery's pool for the I/O scenarios, as a user with I/O-bound tasks runs it: not the
+    prefork default (a process per core runs two 5 ms sleeps at a time here: ~300/s, 130 s for
+    40,000 messages, which measures a misconfiguration, not Celery), but the built-in threads
+    pool with 100 threads (``time.sleep`` releases the GIL; 100 is fastq's own formula's
+    ceiling for I/O handlers). Celery's docs show ``-P gevent -c 1000`` for I/O; on this
+    machine (gevent 26.9, greenlet 3.5, Celery 5.7, Python 3.11) that worker ran 16-47 msgs/s
+    on the 5 ms sleep and stalled on noop, so it would not be a fair row either."""
     return ["-P", "threads", "-c", "100"]
 
 
@@ -477,8 +477,8 @@ def systems(cores: int) -> list[System]:
                 "WARNING",
             ],
             ("celery",),
-            # noop and CPU: Celery's default, the prefork pool with a process per core (the
-            # one Celery recommends for CPU-bound work); I/O: see _celery_io_pool
+            # noop and CPU: Celery's default, the prefork pool with a process per core (what
+            # Celery gives CPU-bound work); I/O: see _celery_io_pool
             per_handler={
                 "noop": ["-c", str(cores)],
                 "cpu": ["-c", str(cores)],
@@ -522,6 +522,62 @@ def huey_system(cores: int) -> System:
 
 def _module_name(system: System) -> str:
     return "peer_" + system.name.split(",")[0].lower().replace("-", "_")
+
+
+def _tail(path: str, lines: int = 5) -> str:
+    """The last lines of a worker's log, on one line."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read()[-4000:].decode(errors="replace")
+    except OSError as e:
+        return f"(unreadable: {e})"
+    return " | ".join(line.strip() for line in text.splitlines()[-lines:] if line.strip())
+
+
+class _Sentinel:
+    """A connection to RabbitMQ without heartbeats, open across one measurement: if it is gone
+    at the end, RabbitMQ restarted (or dropped its connections) meanwhile and the figure is
+    void. This machine is shared, and some tests restart RabbitMQ."""
+
+    def __init__(self, url: str) -> None:
+        self.connection: Any = None
+        try:
+            pika = importlib.import_module("pika")  # Dramatiq's client, in the bench extra
+            params = pika.URLParameters(url)
+            params.heartbeat = 0
+            self.connection = pika.BlockingConnection(params)
+        except ImportError:  # no pika: no check
+            pass
+
+    def intact(self) -> bool:
+        if self.connection is None:
+            return True
+        try:
+            self.connection.process_data_events(0)
+            return bool(self.connection.is_open)
+        except Exception:  # noqa: BLE001 - any error here means the connection went
+            return False
+
+    def close(self) -> None:
+        if self.connection is not None:
+            with contextlib.suppress(Exception):
+                self.connection.close()
+
+
+def _wait_for_rabbitmq(url: str, timeout: float = 300) -> None:
+    """Return once RabbitMQ takes connections again (or ``timeout`` seconds passed)."""
+    import socket
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((parts.hostname, parts.port or 5672), timeout=1).close()
+            time.sleep(5)  # its queues and vhosts come up a little after the port
+            return
+        except OSError:
+            time.sleep(1)
 
 
 def _tree_cpu(procs: list[Any]) -> tuple[float, float]:
@@ -604,6 +660,7 @@ class Run:
             for _ in range(system.procs)
         ]
         ps = [psutil.Process(p.pid) for p in procs]
+        kids: list[Any] = []
         try:
             deadline = time.monotonic() + 600
             while not out.stat().st_size:
@@ -612,20 +669,25 @@ class Run:
                 ) is not None:
                     raise RuntimeError(
                         f"{system.name}'s worker exited with code {code} before its first "
-                        f"message; see its log in {log.name}"
+                        f"message; its log ends: {_tail(log.name)}"
                     )
                 if time.monotonic() > deadline:
                     raise RuntimeError(
-                        f"{system.name} processed nothing in 600 s; see its log in {log.name}"
+                        f"{system.name} processed nothing in 600 s; its log ends: {_tail(log.name)}"
                     )
                 time.sleep(0.002)
             first, (cpu0, root0), done0 = time.perf_counter(), _tree_cpu(ps), out.stat().st_size
             while (count := out.stat().st_size) < n:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{system.name}: {count} of {n} in 600 s")
+                    raise TimeoutError(
+                        f"{system.name}: {count} of {n} in 600 s; its log ends: {_tail(log.name)}"
+                    )
                 time.sleep(0.002)
             last, (cpu1, root1) = time.perf_counter(), _tree_cpu(ps)
         finally:
+            for root in ps:
+                with contextlib.suppress(psutil.Error):
+                    kids += root.children(recursive=True)
             for p in procs:
                 p.terminate()
             for p in procs:
@@ -634,6 +696,11 @@ class Run:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
+            # a child its parent left behind (a pool's process) must not run into the next
+            # system's time
+            for kid in kids:
+                with contextlib.suppress(psutil.Error):
+                    kid.kill()
             log.close()
         handled = max(n - done0, 1)
         return (
@@ -641,6 +708,30 @@ class Run:
             1e6 * (cpu1 - cpu0) / handled,
             1e6 * (root1 - root0) / handled,
         )
+
+
+def _attempts(
+    run: Run, system: System, handler: str, n: int, where: str, log: Callable[[str], None]
+) -> tuple[float, float, float] | None:
+    """One system's figures in one scenario, tried up to three times: a failure (its worker
+    exited, or processed nothing, or RabbitMQ went away mid-run) is logged, and the next try
+    waits for RabbitMQ. None when every try failed."""
+    for attempt in range(1, 4):
+        sentinel = None
+        try:
+            run.delete(system)
+            sentinel = _Sentinel(run.url)
+            got = run.measure(system, handler, n)
+            if not sentinel.intact():
+                raise RuntimeError("RabbitMQ dropped its connections during the run")
+            return got
+        except Exception as e:  # noqa: BLE001 - a peer's or RabbitMQ's, logged; the rest run
+            log(f"{where}: {system.name} failed (try {attempt} of 3): {type(e).__name__}: {e}")
+            _wait_for_rabbitmq(run.url)
+        finally:
+            if sentinel is not None:
+                sentinel.close()
+    return None
 
 
 def measure(
@@ -663,6 +754,11 @@ def measure(
             continue
         if s.installed():
             present.append(s)
+            if s.per_handler:
+                log(
+                    f"{s.name}'s worker: "
+                    + "; ".join(f"{h}: {' '.join(a)}" for h, a in s.per_handler.items())
+                )
         else:
             log(f"{s.name} is not installed (pip install 'fastq-engine[bench]'): skipped")
     labels = [SCENARIO_KEYS[k] for k in only_scenarios] if only_scenarios else list(SCENARIOS)
@@ -676,11 +772,10 @@ def measure(
                     for system in present:  # interleaved: a noisy minute hits everyone
                         if system.only and label not in system.only:
                             continue
-                        run.delete(system)
-                        try:
-                            got = run.measure(system, handler, n)
-                        except (RuntimeError, TimeoutError) as e:  # the others still run
-                            log(f"round {r + 1}/{runs} {label}: {system.name} failed: {e}")
+                        got = _attempts(
+                            run, system, handler, n, f"round {r + 1}/{runs} {label}", log
+                        )
+                        if got is None:  # the others still run
                             continue
                         figures.setdefault((label, system.name), []).append(got)
                         log(
