@@ -644,10 +644,26 @@ class Run:
         sys.modules.pop(name, None)
         return importlib.import_module(name), out
 
-    def measure(self, system: System, scenario: str, n: int) -> tuple[float, float, float]:
+    def measure(
+        self,
+        system: System,
+        scenario: str,
+        n: int,
+        intact: Callable[[], bool] = lambda: True,
+    ) -> tuple[float, float, float]:
         """Messages per second (first completion to last), and CPU µs per message of the whole
-        process tree and of its root alone (fastq's supervisor)."""
+        process tree and of its root alone (fastq's supervisor). ``intact`` is asked twice a
+        second while waiting; when it says no (RabbitMQ restarted: a restart can take the
+        queue's messages with it), the run ends at once with a RuntimeError."""
         import psutil
+
+        looked = [time.monotonic()]
+
+        def check() -> None:
+            if time.monotonic() - looked[0] >= 0.5:
+                looked[0] = time.monotonic()
+                if not intact():
+                    raise RuntimeError("RabbitMQ dropped its connections during the run")
 
         module, out = self.module(system)
         out.write_bytes(b"")
@@ -675,6 +691,7 @@ class Run:
                     raise RuntimeError(
                         f"{system.name} processed nothing in 600 s; its log ends: {_tail(log.name)}"
                     )
+                check()
                 time.sleep(0.002)
             first, (cpu0, root0), done0 = time.perf_counter(), _tree_cpu(ps), out.stat().st_size
             while (count := out.stat().st_size) < n:
@@ -682,6 +699,7 @@ class Run:
                     raise TimeoutError(
                         f"{system.name}: {count} of {n} in 600 s; its log ends: {_tail(log.name)}"
                     )
+                check()
                 time.sleep(0.002)
             last, (cpu1, root1) = time.perf_counter(), _tree_cpu(ps)
         finally:
@@ -713,20 +731,20 @@ class Run:
 def _attempts(
     run: Run, system: System, handler: str, n: int, where: str, log: Callable[[str], None]
 ) -> tuple[float, float, float] | None:
-    """One system's figures in one scenario, tried up to three times: a failure (its worker
+    """One system's figures in one scenario, tried up to five times: a failure (its worker
     exited, or processed nothing, or RabbitMQ went away mid-run) is logged, and the next try
     waits for RabbitMQ. None when every try failed."""
-    for attempt in range(1, 4):
+    for attempt in range(1, 6):
         sentinel = None
         try:
             run.delete(system)
             sentinel = _Sentinel(run.url)
-            got = run.measure(system, handler, n)
+            got = run.measure(system, handler, n, sentinel.intact)
             if not sentinel.intact():
                 raise RuntimeError("RabbitMQ dropped its connections during the run")
             return got
         except Exception as e:  # noqa: BLE001 - a peer's or RabbitMQ's, logged; the rest run
-            log(f"{where}: {system.name} failed (try {attempt} of 3): {type(e).__name__}: {e}")
+            log(f"{where}: {system.name} failed (try {attempt} of 5): {type(e).__name__}: {e}")
             _wait_for_rabbitmq(run.url)
         finally:
             if sentinel is not None:
