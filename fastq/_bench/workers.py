@@ -836,7 +836,8 @@ def render(results: list[dict[str, Any]]) -> str:
             cells.append(f" {f'{rate:,.0f}/s{ratio}' if rate else '-':>22}")
         lines.append(f"  {row['scenario']:<18}" + "".join(cells))
     for row in results:
-        label = "CPU µs/msg, " + row["scenario"].split(",")[0]
+        key = next((k for k, v in SCENARIO_KEYS.items() if v == row["scenario"]), "")
+        label = "CPU µs, " + key
         got = row["systems"]
         lines.append(
             f"  {label[:18]:<18}"
