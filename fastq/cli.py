@@ -16,6 +16,8 @@ from fastq import _load
 from fastq.errors import FastqError, LoadError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from fastq.broker import QueueDepth
 
 RET_OK = 0
@@ -190,6 +192,16 @@ def _schedules(app: Any) -> list[str]:
     return lines
 
 
+def _keys(flag: str, value: str | None, known: Iterable[str]) -> tuple[str, ...]:
+    """The comma-separated keys of a bench flag, each checked against ``known``."""
+    if not value:
+        return ()
+    keys = tuple(k.strip() for k in value.split(",") if k.strip())
+    if unknown := [k for k in keys if k not in known]:
+        raise UsageError(f"{flag} takes {', '.join(known)}; got {', '.join(unknown)}")
+    return keys
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fastq", description="fastq: queued messages and tasks on every core"
@@ -236,6 +248,18 @@ def main(argv: list[str] | None = None) -> int:
         help="with --broker amqp://: the noop, I/O and CPU scenarios through fastq's defaults "
         "beside Dramatiq, taskiq, FastStream, Celery and hand-written aio-pika and aiormq "
         "consumers, in the same run",
+    )
+    bench.add_argument(
+        "--systems",
+        metavar="KEYS",
+        help="with --peers: only these systems, comma-separated (fastq, fastq-held, dramatiq, "
+        "taskiq, faststream, celery, aio-pika, aiormq; default all)",
+    )
+    bench.add_argument(
+        "--scenarios",
+        metavar="KEYS",
+        help="with --peers: only these scenarios, comma-separated (noop40k, io5k, io40k, cpu5k; "
+        "default all)",
     )
     send = commands.add_parser(
         "send", help="enqueue one task call from a shell; prints its message id"
@@ -303,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
             return admin.run(args)
         if args.runs < 1:
             raise UsageError(f"--runs must be >= 1, got {args.runs}")
+        if (args.systems or args.scenarios) and not args.peers:
+            raise UsageError("--systems and --scenarios go with --broker amqp://... --peers")
         if args.suite == "pipeline":
             from fastq._bench import pipeline
 
@@ -326,7 +352,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.peers:
                 from fastq._bench import workers
 
-                return workers.main(url=args.broker, runs=args.runs, json_path=args.json)
+                return workers.main(
+                    url=args.broker,
+                    runs=args.runs,
+                    json_path=args.json,
+                    only_systems=_keys("--systems", args.systems, workers.SYSTEM_KEYS),
+                    only_scenarios=_keys("--scenarios", args.scenarios, workers.SCENARIO_KEYS),
+                )
             from fastq._bench import amqp
 
             return amqp.main(url=args.broker, runs=args.runs, json_path=args.json)

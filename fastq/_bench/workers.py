@@ -17,6 +17,7 @@ Systems are interleaved within each round; medians of ``runs``. Peers that are n
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -37,7 +38,20 @@ SCENARIOS: dict[str, tuple[str, int]] = {
     "I/O 5 ms, 40,000": ("io", 40_000),
     "CPU ~1 ms, 5,000": ("cpu", 5_000),
 }
+#: the short names ``--scenarios`` takes
+SCENARIO_KEYS: dict[str, str] = dict(zip(("noop40k", "io5k", "io40k", "cpu5k"), SCENARIOS))
 HELD = "fastq, held 100/1,000"
+#: the short names ``--systems`` takes, in the order the systems run
+SYSTEM_KEYS = (
+    "fastq",
+    "fastq-held",
+    "dramatiq",
+    "taskiq",
+    "faststream",
+    "celery",
+    "aio-pika",
+    "aiormq",
+)
 #: what every app has: the count of completions, ~1 ms of CPU
 COMMON = """
 import asyncio
@@ -355,6 +369,8 @@ class System:
         needs: tuple[str, ...],
         procs: int = 1,
         only: tuple[str, ...] = (),
+        key: str = "",
+        per_handler: dict[str, list[str]] | None = None,
     ) -> None:
         self.name, self.source, self.command, self.needs, self.procs = (
             name,
@@ -365,9 +381,28 @@ class System:
         )
         #: the scenarios it runs in (empty: all)
         self.only = only
+        #: the short name ``--systems`` takes
+        self.key = key or _module_name(self)[len("peer_") :].replace("_", "-")
+        #: arguments appended to the command for one handler (noop, io, cpu) only
+        self.per_handler = per_handler or {}
 
     def installed(self) -> bool:
         return all(importlib.util.find_spec(m) is not None for m in self.needs)
+
+    def command_for(self, handler: str, queue: str) -> list[str]:
+        """The worker's command line for ``handler``'s scenario, reading ``queue``."""
+        return [c.replace("{q}", queue) for c in self.command] + self.per_handler.get(handler, [])
+
+
+def _celery_io_pool() -> list[str]:
+    """Celery's pool for the I/O scenarios, as a user with I/O-bound tasks runs it: not the
+    prefork default (a process per core runs two 5 ms sleeps at a time here: ~300/s, 130 s for
+    40,000 messages, which measures a misconfiguration, not Celery), but the built-in threads
+    pool with 100 threads (``time.sleep`` releases the GIL; 100 is fastq's own formula's
+    ceiling for I/O handlers). Celery's docs show ``-P gevent -c 1000`` for I/O; on this
+    machine (gevent 26.9, greenlet 3.5, Celery 5.7, Python 3.11) that worker ran 16-47 msgs/s
+    on the 5 ms sleep and stalled on noop, so it would not be a fair row either."""
+    return ["-P", "threads", "-c", "100"]
 
 
 def systems(cores: int) -> list[System]:
@@ -396,6 +431,7 @@ def systems(cores: int) -> list[System]:
             ],
             (),
             only=("I/O 5 ms, 5,000",),
+            key="fastq-held",
         ),
         System(
             "Dramatiq",
@@ -435,14 +471,19 @@ def systems(cores: int) -> list[System]:
                 "-A",
                 "peer_celery",
                 "worker",
-                "-c",
-                str(cores),
                 "-Q",
                 "{q}",
                 "--loglevel",
                 "WARNING",
             ],
             ("celery",),
+            # noop and CPU: Celery's default, the prefork pool with a process per core (what
+            # Celery gives CPU-bound work); I/O: see _celery_io_pool
+            per_handler={
+                "noop": ["-c", str(cores)],
+                "cpu": ["-c", str(cores)],
+                "io": _celery_io_pool(),
+            },
         ),
         System(
             f"aio-pika, {cores} procs",
@@ -483,10 +524,68 @@ def _module_name(system: System) -> str:
     return "peer_" + system.name.split(",")[0].lower().replace("-", "_")
 
 
-def _tree_cpu(procs: list[Any]) -> float:
+def _tail(path: str, lines: int = 5) -> str:
+    """The last lines of a worker's log, on one line."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read()[-4000:].decode(errors="replace")
+    except OSError as e:
+        return f"(unreadable: {e})"
+    return " | ".join(line.strip() for line in text.splitlines()[-lines:] if line.strip())
+
+
+class _Sentinel:
+    """A connection to RabbitMQ without heartbeats, open across one measurement: if it is gone
+    at the end, RabbitMQ restarted (or dropped its connections) meanwhile and the figure is
+    void. This machine is shared, and some tests restart RabbitMQ."""
+
+    def __init__(self, url: str) -> None:
+        self.connection: Any = None
+        try:
+            pika = importlib.import_module("pika")  # Dramatiq's client, in the bench extra
+            params = pika.URLParameters(url)
+            params.heartbeat = 0
+            self.connection = pika.BlockingConnection(params)
+        except ImportError:  # no pika: no check
+            pass
+
+    def intact(self) -> bool:
+        if self.connection is None:
+            return True
+        try:
+            self.connection.process_data_events(0)
+            return bool(self.connection.is_open)
+        except Exception:  # noqa: BLE001 - any error here means the connection went
+            return False
+
+    def close(self) -> None:
+        if self.connection is not None:
+            with contextlib.suppress(Exception):
+                self.connection.close()
+
+
+def _wait_for_rabbitmq(url: str, timeout: float = 300) -> None:
+    """Return once RabbitMQ takes connections again (or ``timeout`` seconds passed)."""
+    import socket
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((parts.hostname, parts.port or 5672), timeout=1).close()
+            time.sleep(5)  # its queues and vhosts come up a little after the port
+            return
+        except OSError:
+            time.sleep(1)
+
+
+def _tree_cpu(procs: list[Any]) -> tuple[float, float]:
+    """User + system seconds of the whole trees under ``procs``, and of the roots alone (for
+    fastq, the supervisor)."""
     import psutil
 
-    total = 0.0
+    total = roots = 0.0
     for root in procs:
         try:
             tree = [root, *root.children(recursive=True)]
@@ -495,10 +594,12 @@ def _tree_cpu(procs: list[Any]) -> float:
         for p in tree:
             try:
                 t = p.cpu_times()
-                total += t.user + t.system
             except psutil.Error:
-                pass
-    return total
+                continue
+            total += t.user + t.system
+            if p is root:
+                roots += t.user + t.system
+    return total, roots
 
 
 class Run:
@@ -543,36 +644,68 @@ class Run:
         sys.modules.pop(name, None)
         return importlib.import_module(name), out
 
-    def measure(self, system: System, scenario: str, n: int) -> tuple[float, float]:
-        """Messages per second (first completion to last) and CPU µs per message."""
+    def measure(
+        self,
+        system: System,
+        scenario: str,
+        n: int,
+        intact: Callable[[], bool] = lambda: True,
+    ) -> tuple[float, float, float]:
+        """Messages per second (first completion to last), and CPU µs per message of the whole
+        process tree and of its root alone (fastq's supervisor). ``intact`` is asked twice a
+        second while waiting; when it says no (RabbitMQ restarted: a restart can take the
+        queue's messages with it), the run ends at once with a RuntimeError."""
         import psutil
+
+        looked = [time.monotonic()]
+
+        def check() -> None:
+            if time.monotonic() - looked[0] >= 0.5:
+                looked[0] = time.monotonic()
+                if not intact():
+                    raise RuntimeError("RabbitMQ dropped its connections during the run")
 
         module, out = self.module(system)
         out.write_bytes(b"")
         env = {**os.environ, "PEER_SCENARIO": scenario}
         module.fill(scenario, n)
-        command = [c.replace("{q}", self.queue_of(system) + scenario) for c in system.command]
+        command = system.command_for(scenario, self.queue_of(system) + scenario)
         log = open(self.work / f"{_module_name(system)}.log", "ab")  # noqa: SIM115
         procs = [
             subprocess.Popen(command, cwd=self.work, env=env, stdout=log, stderr=subprocess.STDOUT)
             for _ in range(system.procs)
         ]
         ps = [psutil.Process(p.pid) for p in procs]
+        kids: list[Any] = []
         try:
             deadline = time.monotonic() + 600
             while not out.stat().st_size:
-                if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                if (
+                    code := next((c for p in procs if (c := p.poll()) is not None), None)
+                ) is not None:
                     raise RuntimeError(
-                        f"{system.name} processed nothing; see its log in {log.name}"
+                        f"{system.name}'s worker exited with code {code} before its first "
+                        f"message; its log ends: {_tail(log.name)}"
                     )
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"{system.name} processed nothing in 600 s; its log ends: {_tail(log.name)}"
+                    )
+                check()
                 time.sleep(0.002)
-            first, cpu0, done0 = time.perf_counter(), _tree_cpu(ps), out.stat().st_size
+            first, (cpu0, root0), done0 = time.perf_counter(), _tree_cpu(ps), out.stat().st_size
             while (count := out.stat().st_size) < n:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{system.name}: {count} of {n} in 600 s")
+                    raise TimeoutError(
+                        f"{system.name}: {count} of {n} in 600 s; its log ends: {_tail(log.name)}"
+                    )
+                check()
                 time.sleep(0.002)
-            last, cpu1 = time.perf_counter(), _tree_cpu(ps)
+            last, (cpu1, root1) = time.perf_counter(), _tree_cpu(ps)
         finally:
+            for root in ps:
+                with contextlib.suppress(psutil.Error):
+                    kids += root.children(recursive=True)
             for p in procs:
                 p.terminate()
             for p in procs:
@@ -581,12 +714,53 @@ class Run:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
+            # a child its parent left behind (a pool's process) must not run into the next
+            # system's time
+            for kid in kids:
+                with contextlib.suppress(psutil.Error):
+                    kid.kill()
             log.close()
-        handled = n - done0
-        return handled / max(last - first, 1e-9), 1e6 * (cpu1 - cpu0) / max(handled, 1)
+        handled = max(n - done0, 1)
+        return (
+            handled / max(last - first, 1e-9),
+            1e6 * (cpu1 - cpu0) / handled,
+            1e6 * (root1 - root0) / handled,
+        )
 
 
-def measure(url: str, runs: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
+def _attempts(
+    run: Run, system: System, handler: str, n: int, where: str, log: Callable[[str], None]
+) -> tuple[float, float, float] | None:
+    """One system's figures in one scenario, tried up to five times: a failure (its worker
+    exited, or processed nothing, or RabbitMQ went away mid-run) is logged, and the next try
+    waits for RabbitMQ. None when every try failed."""
+    for attempt in range(1, 6):
+        sentinel = None
+        try:
+            run.delete(system)
+            sentinel = _Sentinel(run.url)
+            got = run.measure(system, handler, n, sentinel.intact)
+            if not sentinel.intact():
+                raise RuntimeError("RabbitMQ dropped its connections during the run")
+            return got
+        except Exception as e:  # noqa: BLE001 - a peer's or RabbitMQ's, logged; the rest run
+            log(f"{where}: {system.name} failed (try {attempt} of 5): {type(e).__name__}: {e}")
+            _wait_for_rabbitmq(run.url)
+        finally:
+            if sentinel is not None:
+                sentinel.close()
+    return None
+
+
+def measure(
+    url: str,
+    runs: int,
+    log: Callable[[str], None],
+    only_systems: tuple[str, ...] = (),
+    only_scenarios: tuple[str, ...] = (),
+) -> list[dict[str, Any]]:
+    """Every present system (or those keyed in ``only_systems``) through every scenario (or
+    those keyed in ``only_scenarios``), ``runs`` rounds, systems interleaved in each."""
     from fastq._bench import _burn_iterations
 
     cores = len(os.sched_getaffinity(0))
@@ -594,45 +768,56 @@ def measure(url: str, runs: int, log: Callable[[str], None]) -> list[dict[str, A
     queue = f"fq-peers-{int(time.time())}-"
     present = []
     for s in systems(cores):
+        if only_systems and s.key not in only_systems:
+            continue
         if s.installed():
             present.append(s)
+            if s.per_handler:
+                log(
+                    f"{s.name}'s worker: "
+                    + "; ".join(f"{h}: {' '.join(a)}" for h, a in s.per_handler.items())
+                )
         else:
             log(f"{s.name} is not installed (pip install 'fastq-engine[bench]'): skipped")
-    figures: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    labels = [SCENARIO_KEYS[k] for k in only_scenarios] if only_scenarios else list(SCENARIOS)
+    figures: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="fastq-peers-") as tmp:
         run = Run(Path(tmp), url, queue, burn)
         try:
             for r in range(runs):
-                for label, (handler, n) in SCENARIOS.items():
+                for label in labels:
+                    handler, n = SCENARIOS[label]
                     for system in present:  # interleaved: a noisy minute hits everyone
                         if system.only and label not in system.only:
                             continue
-                        run.delete(system)
-                        try:
-                            rate, cpu = run.measure(system, handler, n)
-                        except (RuntimeError, TimeoutError) as e:  # the others still run
-                            log(f"round {r + 1}/{runs} {label}: {system.name} failed: {e}")
+                        got = _attempts(
+                            run, system, handler, n, f"round {r + 1}/{runs} {label}", log
+                        )
+                        if got is None:  # the others still run
                             continue
-                        figures.setdefault((label, system.name), []).append((rate, cpu))
+                        figures.setdefault((label, system.name), []).append(got)
                         log(
-                            f"round {r + 1}/{runs} {label}: {system.name} {rate:,.0f} msgs/s, "
-                            f"{cpu:.0f} µs CPU/msg"
+                            f"round {r + 1}/{runs} {label}: {system.name} {got[0]:,.0f} msgs/s, "
+                            f"{got[1]:.0f} µs CPU/msg (tree), {got[2]:.0f} (root process)"
                         )
         finally:
             for system in present:
                 run.delete(system)
             sys.path[:] = [p for p in sys.path if p != tmp]
     results = []
-    for label in SCENARIOS:
+    for label in labels:
         row: dict[str, Any] = {"scenario": label, "systems": {}}
         for system in present:
-            got = figures.get((label, system.name), [])
-            if not got:
+            rounds = figures.get((label, system.name), [])
+            if not rounds:
                 continue
             row["systems"][system.name] = {
-                "msgs_per_s": statistics.median(g[0] for g in got),
-                "cpu_us_per_msg": statistics.median(g[1] for g in got),
-                "runs_msgs_per_s": [g[0] for g in got],
+                "msgs_per_s": statistics.median(g[0] for g in rounds),
+                "cpu_us_per_msg": statistics.median(g[1] for g in rounds),
+                "root_cpu_us_per_msg": statistics.median(g[2] for g in rounds),
+                "runs_msgs_per_s": [g[0] for g in rounds],
+                "runs_cpu_us_per_msg": [g[1] for g in rounds],
+                "runs_root_cpu_us_per_msg": [g[2] for g in rounds],
             }
         results.append(row)
     return results
@@ -647,30 +832,44 @@ def render(results: list[dict[str, Any]]) -> str:
         cells = []
         for n in names:
             rate = row["systems"].get(n, {}).get("msgs_per_s", 0.0)
-            ratio = "" if n == "fastq" or not rate else f" ({fq / rate:.2f}x)"
+            ratio = "" if n == "fastq" or not rate or not fq else f" ({fq / rate:.2f}x)"
             cells.append(f" {f'{rate:,.0f}/s{ratio}' if rate else '-':>22}")
         lines.append(f"  {row['scenario']:<18}" + "".join(cells))
-    if results:
-        noop = results[0]["systems"]
+    for row in results:
+        key = next((k for k, v in SCENARIO_KEYS.items() if v == row["scenario"]), "")
+        label = "CPU µs, " + key
+        got = row["systems"]
         lines.append(
-            f"  {'CPU µs/msg, noop':<18}"
+            f"  {label[:18]:<18}"
             + "".join(
-                f" {noop[n]['cpu_us_per_msg']:>22.0f}" if n in noop else f" {'-':>22}"
-                for n in names
+                f" {got[n]['cpu_us_per_msg']:>22.0f}" if n in got else f" {'-':>22}" for n in names
             )
         )
     lines.append("  (fastq's ratio to each in brackets; CPU: the whole process tree, per message)")
+    for row in results:
+        if "fastq" in row["systems"]:
+            lines.append(
+                f"  fastq's supervisor alone, {row['scenario']}: "
+                f"{row['systems']['fastq']['root_cpu_us_per_msg']:.1f} µs CPU per message"
+            )
     return "\n".join(lines)
 
 
-def main(*, url: str, runs: int, json_path: str | None) -> int:
+def main(
+    *,
+    url: str,
+    runs: int,
+    json_path: str | None,
+    only_systems: tuple[str, ...] = (),
+    only_scenarios: tuple[str, ...] = (),
+) -> int:
     from fastq._bench import log, write_json
     from fastq._bench.ring import machine
     from fastq.broker.base import mask_url
 
     info = machine()
     log(f"fastq bench --peers on {mask_url(url)}: {info['cpu']}, {info['usable_cores']} cores")
-    results = measure(url, runs, log)
+    results = measure(url, runs, log, only_systems, only_scenarios)
     print(
         f"fastq bench --peers (RabbitMQ at {mask_url(url)}) on {info['cpu']} "
         f"({info['usable_cores']} cores), Python {info['python']}; medians of {runs} rounds, "
