@@ -60,6 +60,8 @@ T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
+#: rows a broker deletes (acks, dead letters) between two VACUUMs of the messages table
+VACUUM_EVERY = 20_000
 #: the query parameters that are the broker's own; the rest of the URL goes to asyncpg
 OWN_PARAMS = ("schema", "lease", "poll", "pool")
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -126,6 +128,9 @@ class PostgresBroker(AnyThread, ExchangeBroker):
         self._pool: asyncpg.Pool | None = None
         #: the tags this broker claimed and has not settled: the leases it renews
         self._held: set[int] = set()
+        #: rows this broker deleted (acks, dead letters) since its last VACUUM, and that VACUUM
+        self._deleted = 0
+        self._vacuum: asyncio.Task[None] | None = None
         self._events: dict[str, asyncio.Event] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._bridge: Bridge | None = None
@@ -313,6 +318,10 @@ class PostgresBroker(AnyThread, ExchangeBroker):
             if args is not None:
                 self._held.difference_update(ack, [r.tag for r in retry], [t for t, _ in dead])
                 self._held.difference_update(release)
+                self._deleted += len(ack) + len(dead)
+                if self._deleted >= VACUUM_EVERY and self._vacuum is None:
+                    self._deleted = 0
+                    self._vacuum = asyncio.create_task(self._vacuum_messages())
                 args = None
             self._held.update(r[0] for r in rows)
             remaining = deadline - time.monotonic()
@@ -345,6 +354,8 @@ class PostgresBroker(AnyThread, ExchangeBroker):
     async def close(self) -> None:
         """Stop listening and renewing; release what this broker still holds (visible at once,
         and the other supervisors told)."""
+        if self._vacuum is not None:
+            self._tasks.append(self._vacuum)
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -396,6 +407,25 @@ class PostgresBroker(AnyThread, ExchangeBroker):
         event = self._events.get(str(queue))
         if event is not None:
             event.set()
+
+    async def _vacuum_messages(self) -> None:
+        """VACUUM the messages table (one supervisor at a time; the others skip): a queue table
+        deletes every row it holds, and a claim scans the dead index entries until a vacuum
+        clears them (autovacuum looks once a minute at most)."""
+
+        async def work(conn: asyncpg.Connection) -> None:
+            if await conn.fetchval(sql.TRY_VACUUM_LOCK):
+                try:
+                    await conn.execute(self.sql.vacuum)
+                finally:
+                    await conn.fetchval(sql.VACUUM_UNLOCK)
+
+        try:
+            await self._call(work, "the messages table was not vacuumed")
+        except (BrokerConnectionError, BrokerStorageError, asyncpg.exceptions.PostgresError) as e:
+            logger.warning("vacuuming the messages of %s failed: %s", self.url, e)
+        finally:
+            self._vacuum = None
 
     async def _renew(self) -> None:
         """Push this owner's leases ahead every lease/3, and purge expired results."""

@@ -45,6 +45,10 @@ CREATE TABLE {s}.messages (
     unique_key text,                     -- a unique send holds it while queued or running
     unique_until float8                  -- NULL: until acked or dead-lettered
 );
+-- a queue table deletes every row it holds: vacuum it by count, not by a share of its size
+ALTER TABLE {s}.messages SET (autovacuum_vacuum_scale_factor = 0,
+    autovacuum_vacuum_threshold = 10000, autovacuum_vacuum_cost_delay = 0,
+    autovacuum_analyze_scale_factor = 0, autovacuum_analyze_threshold = 10000);
 CREATE INDEX messages_ready ON {s}.messages (queue, visible_at, id);
 CREATE INDEX messages_owner ON {s}.messages (lease_owner) WHERE lease_owner IS NOT NULL;
 CREATE UNIQUE INDEX messages_unique ON {s}.messages (unique_key) WHERE unique_key IS NOT NULL;
@@ -241,6 +245,11 @@ SELECT count(*) FILTER (WHERE visible_at <= t),
 FROM {{s}}.messages, (SELECT {NOW} AS t) AS now WHERE queue = $1
 """
 GET_RESULT = "SELECT outcome, expires_at FROM {s}.results WHERE message_id = $1"
+#: a session lock that one supervisor at a time takes to vacuum the messages table
+VACUUM_LOCK = 0x66617374_71000002
+TRY_VACUUM_LOCK = f"SELECT pg_try_advisory_lock({VACUUM_LOCK})"
+VACUUM = "VACUUM {s}.messages"
+VACUUM_UNLOCK = f"SELECT pg_advisory_unlock({VACUUM_LOCK})"
 #: expiry on write, run by the lease renewer: tombstones due go, then outcomes due become
 #: tombstones for one more ttl (a late reader learns "expired", not "unknown")
 PURGE_RESULTS = f"""
@@ -289,6 +298,7 @@ class Statements:
         self.renew, self.release_all, self.notify = f(RENEW), f(RELEASE_ALL), f(NOTIFY)
         self.depth, self.get_result = f(DEPTH), f(GET_RESULT)
         self.purge_results = f(PURGE_RESULTS)
+        self.vacuum = f(VACUUM)
         self.dead_letters, self.requeue = f(DEAD_LETTERS), f(REQUEUE)
         self.dead_letter, self.purge, self.purge_dead = (
             f(DEAD_LETTER),
