@@ -11,8 +11,8 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -20,6 +20,9 @@ from fastq._aio import Signal, wait_either
 from fastq.config import EXCHANGE_KINDS, QueueOptions
 from fastq.errors import ConfigError
 from fastq.url import mask_url
+from fastq.workflow.state import RunTx, StepRef
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +146,9 @@ class StoredResult(msgspec.Struct, frozen=True, gc=False):
     notify: str = ""
     #: where to send it as a reply instead (the delivery's reply_to: RabbitMQ direct reply-to)
     reply_to: str = ""
+    #: the workflow step it is the outcome of: a broker that ``keeps_runs`` records it in its
+    #: run (``fastq.workflow.run.complete``) and enqueues what follows, instead of keeping it
+    step: StepRef | None = None
 
 
 class Output(msgspec.Struct, frozen=True, gc=False):
@@ -340,6 +346,26 @@ class Broker(abc.ABC):
         """The host's budget of unsettled deliveries of ``queue`` (the supervisor's, whole):
         a broker that pushes (RabbitMQ's ``basic.qos``) holds no more than this. Brokers that
         are asked (``fetch``) need not do anything."""
+
+    # -- workflows: run state (``fastq.workflow``) ----------------------------------------------
+
+    @property
+    def keeps_runs(self) -> bool:
+        """It keeps workflow runs in its own store (it implements ``run_transaction``)."""
+        return type(self).run_transaction is not Broker.run_transaction
+
+    def run_transaction(self, work: Callable[[RunTx], T]) -> T:
+        """Run ``work`` on this broker's workflow run state in one transaction (any thread):
+        what it reads is consistent, what it writes and enqueues is committed together or not
+        at all. Its step outcomes (``StoredResult.step``) go through ``exchange(results=...)``,
+        in the transaction of their ack.
+
+        Raises:
+            ConfigError: this broker keeps no runs (the message names those that do).
+        """
+        raise ConfigError(
+            f"{self.url} keeps no workflow runs; the memory:// and sqlite:// brokers do"
+        )
 
     # -- scheduling: unique sends, periodic ticks, the caller's transaction ------------------
 

@@ -15,7 +15,8 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from fastq import results as _results
 from fastq.broker.base import (
@@ -30,6 +31,10 @@ from fastq.broker.base import (
     mask_url,
     wait_either,
 )
+from fastq.workflow import run
+from fastq.workflow.state import MemoryRuns, RunTx
+
+T = TypeVar("T")
 
 
 class _Entry:
@@ -70,6 +75,9 @@ class MemoryBroker(Broker):
         self._keys: dict[str, tuple[str, float]] = {}
         #: periodic schedule -> its latest tick enqueued
         self._ticks: dict[str, float] = {}
+        #: workflow runs (fastq.workflow), and the step messages they enqueued so far
+        self._runs = MemoryRuns(self._enqueue_step)
+        self._enqueued = 0
 
     def _queue(self, name: str) -> _Queue:
         q = self._queues.get(name)
@@ -256,10 +264,28 @@ class MemoryBroker(Broker):
             waiters = list(self._waiters) if released or retry else []
         self._notify(waiters)
 
+    def run_transaction(self, work: Callable[[RunTx], T]) -> T:
+        with self._lock:
+            before = self._enqueued
+            out = work(self._runs)
+            waiters = list(self._waiters) if self._enqueued != before else []
+        self._notify(waiters)
+        return out
+
+    def _enqueue_step(
+        self, queue: str, message_id: str, body: bytes, headers: dict[str, str]
+    ) -> None:
+        self._put(queue, [Message(body, message_id, headers)])
+        self._enqueued += 1
+
     async def put_results(self, results: Sequence[StoredResult]) -> None:
         now = time.time()
         with self._lock:
+            before = self._enqueued
             for r in results:
+                if r.step is not None:  # a workflow step's: recorded in its run, not kept
+                    run.complete(self._runs, r.step, r.outcome, now)
+                    continue
                 self._results[r.message_id] = (r.outcome, now + r.ttl)
                 heapq.heappush(self._purges, (now + r.ttl, r.message_id, r.ttl))
             while self._purges and self._purges[0][0] < now:
@@ -272,6 +298,8 @@ class MemoryBroker(Broker):
                 elif kept[1] < now:  # (a later put of the same id has a later expiry)
                     self._results[message_id] = (None, kept[1])
                     heapq.heappush(self._purges, (kept[1] + ttl, message_id, ttl))
+            waiters = list(self._waiters) if self._enqueued != before else []
+        self._notify(waiters)
 
     def get_result(self, message_id: str) -> bytes | None:
         with self._lock:

@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from fastq import results
+from fastq.broker import sqlite_runs as runs_sql
 from fastq.broker import sqlite_sql as sql
 from fastq.broker import sqlite_storage as storage
 from fastq.broker.base import (
@@ -49,6 +50,8 @@ from fastq.broker.base import (
     wait_either,
 )
 from fastq.errors import BrokerStorageError, ConfigError, FastqError
+from fastq.workflow import run
+from fastq.workflow.state import RunTx
 
 T = TypeVar("T")
 
@@ -119,6 +122,7 @@ class SqliteBroker(ExchangeBroker):
                 db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
                 db.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
                 db.executescript(sql.SCHEMA)
+                db.executescript(runs_sql.SCHEMA)
                 self._add_columns(db)
             except sqlite3.Error as e:
                 raise self._open_error(e) from e
@@ -463,7 +467,7 @@ class SqliteBroker(ExchangeBroker):
         )
         if (
             settle is not None
-            and (settle[1] or settle[3] or settle[5])
+            and (settle[1] or settle[3] or settle[4] or settle[5])
             and self._loop is not None
             and self._published is not None
         ):
@@ -476,7 +480,14 @@ class SqliteBroker(ExchangeBroker):
         self, db: sqlite3.Connection, results: Sequence[StoredResult], now: float
     ) -> None:
         """Write ``results`` in the caller's transaction; expired ones are purged at most once a
-        second (expiry on write)."""
+        second (expiry on write). A workflow step's outcome is recorded in its run instead, and
+        what it makes ready enqueued, in that same transaction."""
+        if any(r.step is not None for r in results):
+            tx = self._runs(db, now)
+            for r in results:
+                if r.step is not None:
+                    run.complete(tx, r.step, r.outcome, now)
+            results = [r for r in results if r.step is None]
         db.executemany(
             sql.PUT_RESULT,
             [(r.message_id, r.handler, r.outcome, r.ttl, now + r.ttl) for r in results],
@@ -485,6 +496,21 @@ class SqliteBroker(ExchangeBroker):
             self._purge_after = now + 1.0
             db.execute(sql.PURGE_TOMBSTONES, (now,))
             db.execute(sql.PURGE_OUTCOMES, (now,))
+
+    def _runs(self, db: sqlite3.Connection, now: float) -> runs_sql.SqliteRuns:
+        def enqueue(queue: str, message_id: str, body: bytes, headers: dict[str, str]) -> None:
+            db.execute(sql.INSERT, (queue, message_id, body, pack_headers(headers), now))
+
+        return runs_sql.SqliteRuns(db, enqueue)
+
+    def run_transaction(self, work: Callable[[RunTx], T]) -> T:
+        """One write transaction on this thread's connection (any thread)."""
+        out = self._write(
+            lambda db: work(self._runs(db, time.time())),
+            outcome="the workflow run was not changed",
+        )
+        self._wake()
+        return out
 
     async def put_results(self, results: Sequence[StoredResult]) -> None:
         now = time.time()

@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from fastq import results as _results
 from fastq._aio import Signal
 from fastq._notify import Poker
 from fastq.broker.base import (
@@ -33,6 +34,7 @@ from fastq.config import Config
 from fastq.engine.fleet import DeathPolicy, Fate
 from fastq.errors import FastqError
 from fastq.wire import Returned
+from fastq.workflow.state import ref_of
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -307,8 +309,9 @@ class Pumps:
             parts = (self.carrying if self.defer and carries else self.outcomes)[p.queue]
             if r.keep:
                 d = p.delivery
+                step = ref_of(d.headers, d.retries + 1)  # a workflow step's: its run moves on
                 kept = StoredResult(
-                    d.message_id, r.handler, r.outcome, r.keep, r.notify, d.reply_to
+                    d.message_id, r.handler, r.outcome, r.keep, r.notify, d.reply_to, step
                 )
                 if d.reply_to:
                     parts["replies"].append(kept)
@@ -353,6 +356,11 @@ class Pumps:
         for tag, reason in dead:
             p = pending.pop(tag)
             self.hold_key(p)
+            step = ref_of(p.delivery.headers, p.delivery.retries + 1)
+            if step is not None:  # dead with no outcome (its workers died): its step failed
+                failed = _results.failure("", "", "", reason)
+                kept = StoredResult(p.delivery.message_id, "", failed, 1.0, step=step)
+                self.outcomes[p.queue]["results"].append(kept)
             logger.warning(
                 "dead letter %s on %r: %s",
                 p.delivery.message_id,

@@ -63,10 +63,23 @@ ALLOWED: dict[str, set[str]] = {
     "autosize.look": set(),
     "autosize.controller": {"autosize.plan", "autosize.look", "config", "errors"},
     # QueueOptions is a setting (config); the broker interface re-exports it
-    "broker.base": {"message", "errors", "_aio", "config", "url"},
-    "broker.memory": {"broker.base", "message", "errors", "results"},
+    # workflows (issue 16): the package imports nothing; state is the run's values and the
+    # storage protocol, run the pure state machine the brokers drive in the ack's transaction,
+    # context what a step's handler sees, api and graph the user's side
+    "workflow": set(),
+    "workflow.state": set(),
+    "workflow.run": {"workflow.state", "message", "results"},
+    "workflow.context": set(),
+    "workflow.api": {"workflow.run", "workflow.state", "workflow.context", "message",
+                     "broker.base", "errors"},
+    "workflow.graph": {"workflow.api", "workflow.context", "workflow.state", "errors"},
+    "broker.base": {"message", "errors", "_aio", "config", "url", "workflow.state"},
+    "broker.memory": {"broker.base", "message", "errors", "results", "workflow.run",
+                      "workflow.state"},
     "broker.sqlite": {"broker.base", "broker.sqlite_sql", "broker.sqlite_storage", "message",
-                      "errors", "results"},
+                      "errors", "results", "broker.sqlite_runs", "workflow.run", "workflow.state"},
+    # the SQLite broker's workflow tables and its RunTx
+    "broker.sqlite_runs": {"workflow.state"},
     "broker.sqlite_sql": set(),
     # what the SQLite file's storage errors mean, in words
     "broker.sqlite_storage": {"errors"},
@@ -106,7 +119,7 @@ ALLOWED: dict[str, set[str]] = {
     "engine": set(),
     "engine.fleet": _ENGINE,
     "engine.placement": _ENGINE | {"engine.fleet"},
-    "engine.pump": _ENGINE | {"engine.fleet"},
+    "engine.pump": _ENGINE | {"engine.fleet", "results", "workflow.state"},
     "engine.tuning": _ENGINE | {"engine.placement", "engine.pump"},
     "engine.statistics": set(),
     # the periodic scheduler: each tick of the App's schedules, once, through the broker
@@ -126,11 +139,11 @@ ALLOWED: dict[str, set[str]] = {
     "task": {"config", "message", "middleware", "broker", "broker.base", "errors", "results",
              "_notify", "schedule"},
     "app": {"config", "message", "middleware", "broker", "task", "engine.supervisor", "errors",
-            "schedule", "inline"},
+            "schedule", "inline", "workflow.graph"},
     # an app's messages run in this process through the workers' handler path: drain() and
     # the eager sends of App.testing(eager=True)
     "inline": {"executors.app", "wire", "broker", "broker.base", "broker.memory", "message",
-               "errors"},
+               "errors", "workflow.state"},
     "testing": {"app", "broker", "broker.base", "config", "errors", "inline"},
     # the pytest plugin (entry point pytest11): fixtures over testing and App.testing
     "pytest_plugin": {"testing", "app", "_load", "errors"},
@@ -142,7 +155,7 @@ ALLOWED: dict[str, set[str]] = {
     "_bench": {"app", "config", "autosize", "engine.supervisor", "testing", "ring", "_aio",
                "broker.base", "errors", "__init__", "_bench"},
     "__main__": {"cli"},
-    "__init__": {"errors", "app", "task", "pool", "config", "middleware"},
+    "__init__": {"errors", "app", "task", "pool", "config", "middleware", "workflow.context"},
 }
 #: Third-party modules and the one fastq module allowed to import each (``_bench`` measures a
 #: raw aiormq consumer as the broker's ceiling: that baseline is aiormq's).

@@ -1,0 +1,248 @@
+"""Starting, reading and resuming a workflow's runs: the methods ``Workflow`` inherits, and the
+status values they return. Run state is written by the broker (``Broker.run_transaction``), in
+one transaction each."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from fastq import message
+from fastq.broker.base import Broker
+from fastq.errors import ConfigError, WorkflowFailed
+from fastq.workflow import run
+from fastq.workflow.context import StepRun
+from fastq.workflow.state import FAILED, RUN_DONE, RUN_FAILED, SKIPPED, RunRow, StepRow
+
+if TYPE_CHECKING:
+    from fastq.app import App
+    from fastq.workflow.graph import Step
+    from fastq.workflow.state import Graph
+
+#: seconds between looks at a run that ``result`` waits for
+POLL = 0.05
+_args = msgspec.msgpack.Decoder(list[msgspec.Raw])
+_encoder = msgspec.msgpack.Encoder()
+
+
+class StepStatus(msgspec.Struct, frozen=True):
+    """One step of a run (or one element of a fanned-out step): ``state`` is pending (waiting
+    for its parents), running (enqueued or being handled), done, failed or skipped; times are
+    wall-clock seconds (0: not yet); ``attempts`` counts its handler's runs, known once it
+    ended."""
+
+    name: str
+    index: int
+    state: str
+    attempts: int
+    queued_at: float
+    started_at: float
+    finished_at: float
+    error: str
+    #: the elements of a fanned-out step, in order
+    elements: list[StepStatus] = []
+
+
+class RunStatus(msgspec.Struct, frozen=True):
+    run_id: str
+    workflow: str
+    #: running, done or failed
+    state: str
+    created_at: float
+    finished_at: float
+    #: by name, in definition order
+    steps: dict[str, StepStatus]
+    #: the run's context (``fastq.RunContext``), as stored
+    context: dict[str, Any]
+
+    @property
+    def failed(self) -> dict[str, str]:
+        """Failed steps and why."""
+        return {n: s.error for n, s in self.steps.items() if s.state == FAILED}
+
+    @property
+    def skipped(self) -> list[str]:
+        return [n for n, s in self.steps.items() if s.state == SKIPPED]
+
+
+def _status(row: StepRow, elements: list[StepStatus]) -> StepStatus:
+    return StepStatus(
+        row.step,
+        row.index,
+        row.state,
+        row.attempts,
+        row.queued_at,
+        row.started_at,
+        row.finished_at,
+        row.error,
+        elements,
+    )
+
+
+def run_status(run_row: RunRow, rows: list[StepRow], context: dict[str, bytes]) -> RunStatus:
+    graph = run.graph_of(run_row.graph)
+    by_step: dict[str, list[StepRow]] = {}
+    for r in rows:
+        by_step.setdefault(r.step, []).append(r)
+    steps = {}
+    for spec in graph.steps:
+        own = by_step.get(spec.name, [])
+        head = next((r for r in own if r.index < 0), StepRow(run_row.run_id, spec.name, -1))
+        elements = [_status(r, []) for r in own if r.index >= 0]
+        steps[spec.name] = _status(head, elements)
+    ctx = {k: msgspec.msgpack.decode(v) for k, v in context.items()}
+    return RunStatus(
+        run_row.run_id,
+        run_row.workflow,
+        run_row.state,
+        run_row.created_at,
+        run_row.finished_at,
+        steps,
+        ctx,
+    )
+
+
+def list_runs(
+    broker: Broker, workflow: str | None = None, state: str | None = None, limit: int = 100
+) -> list[RunRow]:
+    """Runs, newest first (of ``workflow``, in ``state``)."""
+    return broker.run_transaction(lambda tx: tx.runs(workflow, state, limit))
+
+
+def read_status(broker: Broker, run_id: str) -> RunStatus | None:
+    found = broker.run_transaction(lambda tx: run.status(tx, run_id))
+    return None if found is None else run_status(*found)
+
+
+def resume_run(broker: Broker, run_id: str) -> list[str]:
+    """Resume run ``run_id`` (see ``Workflow.resume``)."""
+    try:
+        return broker.run_transaction(lambda tx: run.resume(tx, run_id, time.time()))
+    except KeyError:
+        raise _no_run(broker, run_id) from None
+
+
+def _no_run(broker: Broker, run_id: str) -> ConfigError:
+    return ConfigError(
+        f"no run {run_id!r} in {broker.url}; list the runs with `fastq runs module:app`"
+    )
+
+
+class RunAPI:
+    """``start``, ``status``, ``result``, ``resume`` of a ``Workflow``."""
+
+    app: App
+    name: str
+    steps: dict[str, Step]
+
+    def graph(self) -> Graph:
+        raise NotImplementedError
+
+    def roots(self) -> list[Step]:
+        raise NotImplementedError
+
+    def sinks(self) -> list[Step]:
+        raise NotImplementedError
+
+    def _encode_start(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+        """The start arguments as a msgpack array, checked against every root step's
+        parameters (each root takes them all)."""
+        encoded = b""
+        for root in self.roots():
+            m = root.task.message(StepRun("", root.name, -1), *args, **kwargs)
+            raw = _args.decode(message.decode(m.body).args)[1:]
+            encoded = _encoder.encode(raw)
+        return encoded
+
+    def start(self, *args: Any, **kwargs: Any) -> str:
+        """Start a run: its root steps are enqueued with these arguments; its id.
+
+        Raises:
+            ConfigError: the broker keeps no runs (memory:// and sqlite:// do).
+            TypeError, msgspec.ValidationError: the arguments do not fit a root step.
+        """
+        graph, raw = self.graph(), self._encode_start(args, kwargs)
+        run_id = message.new_id()
+        self.app.broker.run_transaction(
+            lambda tx: run.start(tx, run_id, self.name, graph, raw, time.time())
+        )
+        return run_id
+
+    async def start_async(self, *args: Any, **kwargs: Any) -> str:
+        """``start`` for coroutines (the transaction runs off the event loop)."""
+        graph, raw = self.graph(), self._encode_start(args, kwargs)
+        run_id = message.new_id()
+        broker = self.app.broker
+        await asyncio.get_running_loop().run_in_executor(
+            None,
+            broker.run_transaction,
+            lambda tx: run.start(tx, run_id, self.name, graph, raw, time.time()),
+        )
+        return run_id
+
+    def status(self, run_id: str) -> RunStatus:
+        """Where run ``run_id`` is: its state, each step's state, attempts, times and error.
+
+        Raises:
+            ConfigError: no such run in this App's broker.
+        """
+        found = read_status(self.app.broker, run_id)
+        if found is None:
+            raise _no_run(self.app.broker, run_id)
+        return found
+
+    def runs(self, state: str | None = None, limit: int = 100) -> list[RunRow]:
+        """This workflow's runs, newest first (in ``state``: running, done, failed)."""
+        return list_runs(self.app.broker, self.name, state, limit)
+
+    def result(self, run_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """Wait for run ``run_id`` to end; the values of its sink steps (those no step depends
+        on), by name, decoded as their return annotations say.
+
+        Raises:
+            WorkflowFailed: a step failed (after its retries); it names them, and why.
+            TimeoutError: the run did not end within ``timeout`` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            st = self.status(run_id)
+            if st.state in (RUN_DONE, RUN_FAILED):
+                return self._ended(run_id, st)
+            if deadline is not None and time.monotonic() >= deadline:
+                running = [n for n, s in st.steps.items() if s.state not in ("done", "skipped")]
+                raise TimeoutError(
+                    f"run {run_id} of workflow {self.name} did not end within {timeout:g} s; "
+                    f"not ended: {', '.join(running)}; wait longer, or check that a worker "
+                    "consumes the steps' queues"
+                )
+            time.sleep(POLL)
+
+    def _ended(self, run_id: str, st: RunStatus) -> dict[str, Any]:
+        if st.state == RUN_FAILED:
+            raise WorkflowFailed(self.name, run_id, st.failed, st.skipped)
+
+        def values(tx: Any) -> dict[str, bytes | None]:
+            out = {}
+            for sink in self.sinks():
+                row = tx.step(run_id, sink.name, -1)
+                out[sink.name] = None if row is None else row.result
+            return out
+
+        raw = self.app.broker.run_transaction(values)
+        return {
+            name: run.decode_value(value, msgspec.msgpack.Decoder(self.steps[name].produces))
+            for name, value in raw.items()
+        }
+
+    def resume(self, run_id: str) -> list[str]:
+        """Run again the steps of an ended run that did not end done (failed, and those skipped
+        because of them); done steps keep their results and do not run again. The names of the
+        steps that will run (empty: the run is still running, or every step is done).
+
+        Raises:
+            ConfigError: no such run in this App's broker.
+        """
+        return resume_run(self.app.broker, run_id)
