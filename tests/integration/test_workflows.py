@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 
+import msgspec
 import pytest
 
 import fastq
@@ -224,12 +225,8 @@ def test_the_cloacina_tutorial_runs_three_partitions_at_once_and_sums_exactly(ho
     assert {n: s.state for n, s in st.steps.items()} == dict.fromkeys(wf.steps, "done")
     assert st.context == {"partitions": 3, "notified": 2}
     # and the summary is exact
-    summary = host.app.app.result_store.run_transaction(
-        lambda tx: tx.step(run_id, "combine_results", -1)
-    )
-    decoded = fastq.workflow.run.decode_value(  # type: ignore[attr-defined]
-        summary.result, __import__("msgspec").msgpack.Decoder(host.app.Summary)
-    )
+    summary = host.app.app.broker.run_transaction(lambda tx: tx.step(run_id, "combine_results", -1))
+    decoded = msgspec.msgpack.decode(summary.result, type=host.app.Summary)
     value = {c: 0 for c in host.app.CATEGORIES}
     for i in range(10_000):
         value[host.app.CATEGORIES[i % 5]] += 100 + i % 997
@@ -295,7 +292,6 @@ def test_a_failing_step_fails_the_run_and_resume_finishes_it_without_rerunning_d
     assert sorted(host.lines("runs.txt")) == sorted(
         ["fetch", "parse", "parse", "parse", "audit", "cleanup"]
     )
-    assert wf.result.__self__ is wf
     assert [r.run_id for r in wf.runs(state="failed")] == [run_id]
     # When the cause is fixed and the run resumed
     (host.dir / "fixed").touch()

@@ -1,0 +1,166 @@
+"""The run state machine (fastq.workflow.run) on MemoryRuns, no processes: what each outcome
+records and enqueues, counted exactly; and whole runs through memory:// with drain."""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+import pytest
+
+import fastq
+from fastq import message, results
+from fastq.testing import drain
+from fastq.workflow import run
+from fastq.workflow.state import MemoryRuns, StepRef
+
+_enc = msgspec.msgpack.Encoder()
+
+
+def ok(value, changes=None) -> bytes:
+    return results.success(_enc.encode((value, changes or {}, time.time())))
+
+
+def failed(reason: str) -> bytes:
+    return results.failure("ValueError", "bad", "", reason)
+
+
+@pytest.fixture
+def wf():
+    app = fastq.App("runs", broker="memory://unit-runs")
+    w = app.workflow("fan")
+
+    @w.step()
+    def source(n: int) -> list[int]:
+        return list(range(n))
+
+    @w.step(depends_on=[source], fan_out=True)
+    def square(source: int) -> int:
+        return source * source
+
+    @w.step(depends_on=[square])
+    def total(square: list[int]) -> int:
+        return sum(square)
+
+    @w.step(depends_on=[source])
+    def side(source: list[int]) -> int:
+        return len(source)
+
+    @w.step(depends_on=[total, side], trigger="all_done")
+    def cleanup(total: int | None, side: int | None) -> str:
+        return "clean"
+
+    return w
+
+
+class Queue:
+    """What the state machine enqueued: (queue, step/index, args)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str, list[object]]] = []
+
+    def __call__(self, queue: str, message_id: str, body: bytes, headers: dict[str, str]) -> None:
+        env = message.decode(body)
+        args = msgspec.msgpack.decode(env.args)
+        self.sent.append((queue, headers["fastq-run"].split("/", 1)[1], args[1:]))
+
+    def steps(self) -> list[str]:
+        return [s for _, s, _ in self.sent]
+
+
+def started(wf, n=3):
+    q = Queue()
+    tx = MemoryRuns(q)
+    run.start(tx, "r1", "fan", wf.graph(), _enc.encode([n]), 1.0)
+    return tx, q
+
+
+def test_start_enqueues_the_roots_with_the_start_arguments(wf):
+    tx, q = started(wf)
+    assert q.sent == [("default", "source/-1", [3])]
+    assert tx.counters[("r1", "open")] == 5
+    assert tx.counters[("r1", "wait:cleanup")] == 2
+
+
+def test_fan_out_enqueues_each_element_and_the_join_exactly_once_whatever_the_order(wf):
+    tx, q = started(wf)
+    assert run.complete(tx, StepRef("r1", "source", -1), ok([0, 1, 2]), 2.0)
+    assert q.steps()[1:] == ["square/0", "square/1", "square/2", "side/-1"]
+    assert [args for _, s, args in q.sent if s.startswith("square")] == [[0], [1], [2]]
+    # elements end out of order; one of them twice (a redelivery): the first completion wins
+    assert run.complete(tx, StepRef("r1", "square", 2), ok(4), 3.0)
+    assert run.complete(tx, StepRef("r1", "square", 0), ok(0), 3.0)
+    assert not run.complete(tx, StepRef("r1", "square", 0), ok(99), 3.0)
+    assert "total/-1" not in q.steps()
+    assert run.complete(tx, StepRef("r1", "square", 1), ok(1), 3.0)
+    assert q.steps().count("total/-1") == 1
+    assert q.sent[-1][2] == [[0, 1, 4]]  # in element order
+    assert not run.complete(tx, StepRef("r1", "square", 1), ok(1), 3.0)
+    assert q.steps().count("total/-1") == 1
+    run.complete(tx, StepRef("r1", "total", -1), ok(5), 4.0)
+    assert "cleanup/-1" not in q.steps()  # side still open
+    run.complete(tx, StepRef("r1", "side", -1), ok(3), 4.0)
+    assert q.sent[-1][1:] == ("cleanup/-1", [5, 3])
+    run.complete(tx, StepRef("r1", "cleanup", -1), ok("clean"), 5.0)
+    assert tx.run("r1").state == "done"
+    assert len(q.sent) == 7  # source, 3 elements, side, total, cleanup: each once
+
+
+def test_a_failed_element_fails_its_step_skips_dependents_and_all_done_still_runs(wf):
+    tx, q = started(wf, 2)
+    run.complete(tx, StepRef("r1", "source", -1), ok([0, 1]), 2.0)
+    run.complete(tx, StepRef("r1", "square", 0), ok(0), 3.0)
+    run.complete(
+        tx, StepRef("r1", "square", 1, attempts=4), failed("ValueError: bad (after 4)"), 3.0
+    )
+    row = tx.step("r1", "square", -1)
+    assert (row.state, row.attempts) == ("failed", 4)
+    assert row.error == "1 of 2 elements failed; element 1: ValueError: bad (after 4)"
+    assert tx.step("r1", "total", -1).state == "skipped"
+    assert tx.step("r1", "total", -1).error == "skipped: square failed"
+    run.complete(tx, StepRef("r1", "side", -1), ok(2), 4.0)
+    assert q.sent[-1][1:] == ("cleanup/-1", [None, 2])  # None for the parent that did not end done
+    run.complete(tx, StepRef("r1", "cleanup", -1), ok("clean"), 5.0)
+    assert tx.run("r1").state == "failed"
+    # resume: only the failed element and what it skipped run again
+    sent = len(q.sent)
+    assert run.resume(tx, "r1", 6.0) == ["square", "total"]
+    assert q.steps()[sent:] == ["square/1"]
+    run.complete(tx, StepRef("r1", "square", 1), ok(1), 7.0)
+    assert q.steps()[sent:] == ["square/1", "total/-1"]
+    assert q.sent[-1][2] == [[0, 1]]
+    run.complete(tx, StepRef("r1", "total", -1), ok(1), 8.0)
+    assert tx.run("r1").state == "done"
+    assert run.resume(tx, "r1", 9.0) == []
+
+
+def test_an_empty_fan_out_joins_at_once_with_an_empty_list(wf):
+    tx, q = started(wf, 0)
+    run.complete(tx, StepRef("r1", "source", -1), ok([]), 2.0)
+    assert q.steps()[1:] == ["total/-1", "side/-1"]
+    assert q.sent[1][2] == [[]]
+
+
+def test_a_whole_run_through_memory_with_drain_keeps_context_and_result():
+    app = fastq.App("drained", broker="memory://unit-drained")
+    wf = app.workflow("ctx")
+
+    @wf.step()
+    def first(ctx: fastq.RunContext) -> int:
+        ctx.set("seen", [ctx.run_id])
+        return 1
+
+    @wf.step(depends_on=[first], retry_attempts=1, retry_delay=0.0)
+    def second(first: int, ctx: fastq.RunContext) -> str:
+        return f"{first} {ctx.get('seen') == [ctx.run_id]} {ctx.get('missing', 'dflt')}"
+
+    run_id = wf.start()
+    assert drain(app) == fastq.testing.Drained(ok=2, retried=0, dead=0)
+    assert wf.result(run_id, timeout=1) == {"second": "1 True dflt"}
+    assert wf.status(run_id).context == {"seen": [run_id]}
+    with pytest.raises(
+        fastq.ConfigError,
+        match=r"^no run 'nope' in memory://unit-drained; list the runs with "
+        r"`fastq runs module:app`$",
+    ):
+        wf.status("nope")
