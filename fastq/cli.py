@@ -250,9 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     stats.add_argument("--queue", action="append", help="only this queue (repeatable)")
     stats.add_argument("--broker", help="broker URL (default: the app's)")
     stats.add_argument("--json", action="store_true", help="one JSON object: queue -> counts")
-    from fastq import admin
+    from fastq import admin, runs
 
     admin.add_commands(commands)
+    runs.add_command(commands)
     work = commands.add_parser("worker", help="run the workers of an app: fastq worker module:app")
     show = commands.add_parser(
         "plan", help="print the sizing plan for this machine, and why, without starting anything"
@@ -294,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
             return _send(args.task, args.arguments)
         if args.command in admin.COMMANDS:
             return admin.run(args)
+        if args.command == "runs":
+            return runs.run(args)
         if args.runs < 1:
             raise UsageError(f"--runs must be >= 1, got {args.runs}")
         if args.suite == "pipeline":

@@ -15,12 +15,11 @@ from fastq.broker.base import Broker
 from fastq.errors import ConfigError, WorkflowFailed
 from fastq.workflow import run
 from fastq.workflow.context import StepRun
-from fastq.workflow.state import FAILED, RUN_DONE, RUN_FAILED, SKIPPED, RunRow, StepRow
+from fastq.workflow.state import FAILED, RUN_DONE, RUN_FAILED, SKIPPED, Graph, RunRow, StepRow
 
 if TYPE_CHECKING:
     from fastq.app import App
     from fastq.workflow.graph import Step
-    from fastq.workflow.state import Graph
 
 #: seconds between looks at a run that ``result`` waits for
 POLL = 0.05
@@ -115,6 +114,12 @@ def list_runs(
 def read_status(broker: Broker, run_id: str) -> RunStatus | None:
     found = broker.run_transaction(lambda tx: run.status(tx, run_id))
     return None if found is None else run_status(*found)
+
+
+def read_graph(broker: Broker, run_id: str) -> Graph | None:
+    """The steps of run ``run_id`` as it was started (None: no such run)."""
+    row = broker.run_transaction(lambda tx: tx.run(run_id))
+    return None if row is None else run.graph_of(row.graph)
 
 
 def resume_run(broker: Broker, run_id: str) -> list[str]:

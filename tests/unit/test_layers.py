@@ -150,7 +150,9 @@ ALLOWED: dict[str, set[str]] = {
     # fastq dlq / purge / inspect: what they do, beside cli (which only parses)
     "admin": {"app", "broker", "broker.base", "message", "engine.inspect", "errors", "_load"},
     "cli": {"app", "task", "config", "autosize", "engine.supervisor", "testing", "_load", "_bench",
-            "broker", "errors", "admin", "logs"},
+            "broker", "errors", "admin", "logs", "runs"},
+    # fastq runs: a workflow app's runs listed, shown, resumed
+    "runs": {"app", "_load", "errors", "workflow.api"},
     # the `fastq bench` suites sit beside cli and drive what they measure
     "_bench": {"app", "config", "autosize", "engine.supervisor", "testing", "ring", "_aio",
                "broker.base", "errors", "__init__", "_bench"},
