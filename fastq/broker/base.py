@@ -354,11 +354,12 @@ class Broker(abc.ABC):
         """It keeps workflow runs in its own store (it implements ``run_transaction``)."""
         return type(self).run_transaction is not Broker.run_transaction
 
-    def run_transaction(self, work: Callable[[RunTx], T]) -> T:
+    def run_transaction(self, work: Callable[[RunTx], T], *, write: bool = True) -> T:
         """Run ``work`` on this broker's workflow run state in one transaction (any thread):
         what it reads is consistent, what it writes and enqueues is committed together or not
-        at all. Its step outcomes (``StoredResult.step``) go through ``exchange(results=...)``,
-        in the transaction of their ack.
+        at all (``write=False``: it only reads, and takes no write lock). Step outcomes
+        (``StoredResult.step``) go through ``exchange(results=...)``, in their ack's
+        transaction.
 
         Raises:
             ConfigError: this broker keeps no runs (the message names those that do).

@@ -264,7 +264,7 @@ class MemoryBroker(Broker):
             waiters = list(self._waiters) if released or retry else []
         self._notify(waiters)
 
-    def run_transaction(self, work: Callable[[RunTx], T]) -> T:
+    def run_transaction(self, work: Callable[[RunTx], T], *, write: bool = True) -> T:
         with self._lock:
             before = self._enqueued
             out = work(self._runs)

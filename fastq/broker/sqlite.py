@@ -503,8 +503,16 @@ class SqliteBroker(ExchangeBroker):
 
         return runs_sql.SqliteRuns(db, enqueue)
 
-    def run_transaction(self, work: Callable[[RunTx], T]) -> T:
-        """One write transaction on this thread's connection (any thread)."""
+    def run_transaction(self, work: Callable[[RunTx], T], *, write: bool = True) -> T:
+        """One transaction on this thread's connection (any thread); a read-only one
+        (``write=False``) reads one snapshot of the file without the write lock."""
+        if not write:
+            db = self._db()
+            db.execute("BEGIN")
+            try:
+                return work(self._runs(db, time.time()))
+            finally:
+                db.execute("COMMIT")
         out = self._write(
             lambda db: work(self._runs(db, time.time())),
             outcome="the workflow run was not changed",

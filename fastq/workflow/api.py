@@ -108,17 +108,17 @@ def list_runs(
     broker: Broker, workflow: str | None = None, state: str | None = None, limit: int = 100
 ) -> list[RunRow]:
     """Runs, newest first (of ``workflow``, in ``state``)."""
-    return broker.run_transaction(lambda tx: tx.runs(workflow, state, limit))
+    return broker.run_transaction(lambda tx: tx.runs(workflow, state, limit), write=False)
 
 
 def read_status(broker: Broker, run_id: str) -> RunStatus | None:
-    found = broker.run_transaction(lambda tx: run.status(tx, run_id))
+    found = broker.run_transaction(lambda tx: run.status(tx, run_id), write=False)
     return None if found is None else run_status(*found)
 
 
 def read_graph(broker: Broker, run_id: str) -> Graph | None:
     """The steps of run ``run_id`` as it was started (None: no such run)."""
-    row = broker.run_transaction(lambda tx: tx.run(run_id))
+    row = broker.run_transaction(lambda tx: tx.run(run_id), write=False)
     return None if row is None else run.graph_of(row.graph)
 
 
@@ -236,7 +236,7 @@ class RunAPI:
                 out[sink.name] = None if row is None else row.result
             return out
 
-        raw = self.app.broker.run_transaction(values)
+        raw = self.app.broker.run_transaction(values, write=False)
         return {
             name: run.decode_value(value, msgspec.msgpack.Decoder(self.steps[name].produces))
             for name, value in raw.items()

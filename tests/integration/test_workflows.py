@@ -262,6 +262,28 @@ def test_a_fan_out_of_1000_fans_in_exactly_once_with_a_worker_sigkilled_twice(ho
     assert {e.state for e in elements} == {"done"}
 
 
+@pytest.mark.parametrize("host", [("wf_fanout", FANOUT)], indirect=True)
+def test_a_fan_out_survives_its_supervisor_sigkilled_and_restarted(host):
+    # Given a fan-out of 1,000 elements under way
+    run_id = host.app.wf.start(1000)
+    wait_until(lambda: len(host.lines("work.txt")) >= 300, 60, host.logtext)
+    # When the supervisor is SIGKILLed (its workers follow it) and another one started
+    assert host.proc is not None
+    workers = host.workers()
+    host.proc.send_signal(signal.SIGKILL)
+    host.proc.wait(10)
+    wait_until(lambda: not any(w.is_running() and w.status() != "zombie" for w in workers), 30)
+    host.start()
+    # Then the run completes (what the dead one leased comes back when its lease lapses):
+    # the exact sum, the join once, every element done
+    out = host.app.wf.result(run_id, timeout=120)
+    assert out == {"join": sum(2 * i for i in range(1000))}
+    assert host.lines("join.txt") == ["join"]
+    assert set(map(int, host.lines("work.txt"))) == set(range(1000))
+    elements = host.app.wf.status(run_id).steps["work"].elements
+    assert [(e.index, e.state) for e in elements] == [(i, "done") for i in range(1000)]
+
+
 @pytest.mark.parametrize("host", [("wf_flaky", FLAKY)], indirect=True)
 def test_a_failing_step_fails_the_run_and_resume_finishes_it_without_rerunning_done_steps(host):
     wf = host.app.wf
