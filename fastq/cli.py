@@ -199,11 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         "suite",
         nargs="?",
         default="engine",
-        choices=["engine", "ring", "autosize", "pool", "soak", "pipeline"],
+        choices=["engine", "ring", "autosize", "pool", "soak", "pipeline", "workflow"],
         help="engine: noop/io/cpu handlers on memory:// and sqlite:// (default); ring: the rings "
         "alone; soak: mixed load with a worker SIGKILLed every minute (--minutes, default 20); "
         "pipeline: 3-stage publish_to chains and call latency (with --broker amqp://: beside "
-        "Celery and Dramatiq)",
+        "Celery and Dramatiq); workflow: a fan-out of 1,000 and 1,000 4-step chains",
     )
     bench.add_argument(
         "--minutes", type=float, default=20.0, help="length of the soak suite (default 20)"
@@ -299,6 +299,12 @@ def main(argv: list[str] | None = None) -> int:
             return runs.run(args)
         if args.runs < 1:
             raise UsageError(f"--runs must be >= 1, got {args.runs}")
+        if args.suite == "workflow":
+            from fastq._bench import workflow
+
+            if args.broker:
+                raise UsageError("workflow takes no --broker (memory:// and sqlite:// only, yet)")
+            return workflow.main(runs=args.runs, json_path=args.json)
         if args.suite == "pipeline":
             from fastq._bench import pipeline
 
