@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import msgspec
@@ -354,8 +354,11 @@ class Broker(abc.ABC):
         """It keeps workflow runs in its own store (it implements ``run_transaction``)."""
         return type(self).run_transaction is not Broker.run_transaction
 
-    def run_transaction(self, work: Callable[[RunTx], T], *, write: bool = True) -> T:
-        """Run ``work`` on this broker's workflow run state in one transaction (any thread):
+    def run_transaction(
+        self, work: Callable[[RunTx], Coroutine[Any, Any, T]], *, write: bool = True
+    ) -> T:
+        """Run ``work`` (a coroutine function: ``fastq.workflow.run``'s) on this broker's
+        workflow run state in one transaction (any thread, not a running event loop's):
         what it reads is consistent, what it writes and enqueues is committed together or not
         at all (``write=False``: it only reads, and takes no write lock). Step outcomes
         (``StoredResult.step``) go through ``exchange(results=...)``, in their ack's

@@ -15,8 +15,8 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import TypeVar
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 from fastq import results as _results
 from fastq.broker.base import (
@@ -32,7 +32,7 @@ from fastq.broker.base import (
     wait_either,
 )
 from fastq.workflow import run
-from fastq.workflow.state import MemoryRuns, RunTx
+from fastq.workflow.state import MemoryRuns, RunTx, drive
 
 T = TypeVar("T")
 
@@ -264,10 +264,12 @@ class MemoryBroker(Broker):
             waiters = list(self._waiters) if released or retry else []
         self._notify(waiters)
 
-    def run_transaction(self, work: Callable[[RunTx], T], *, write: bool = True) -> T:
+    def run_transaction(
+        self, work: Callable[[RunTx], Coroutine[Any, Any, T]], *, write: bool = True
+    ) -> T:
         with self._lock:
             before = self._enqueued
-            out = work(self._runs)
+            out = drive(work(self._runs))
             waiters = list(self._waiters) if self._enqueued != before else []
         self._notify(waiters)
         return out
@@ -284,7 +286,7 @@ class MemoryBroker(Broker):
             before = self._enqueued
             for r in results:
                 if r.step is not None:  # a workflow step's: recorded in its run, not kept
-                    run.complete(self._runs, r.step, r.outcome, now)
+                    drive(run.complete(self._runs, r.step, r.outcome, now))
                     continue
                 self._results[r.message_id] = (r.outcome, now + r.ttl)
                 heapq.heappush(self._purges, (now + r.ttl, r.message_id, r.ttl))

@@ -26,7 +26,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from fastq import results
@@ -51,7 +51,7 @@ from fastq.broker.base import (
 )
 from fastq.errors import BrokerStorageError, ConfigError, FastqError
 from fastq.workflow import run
-from fastq.workflow.state import RunTx
+from fastq.workflow.state import RunTx, drive
 
 T = TypeVar("T")
 
@@ -486,7 +486,7 @@ class SqliteBroker(ExchangeBroker):
             tx = self._runs(db, now)
             for r in results:
                 if r.step is not None:
-                    run.complete(tx, r.step, r.outcome, now)
+                    drive(run.complete(tx, r.step, r.outcome, now))
             results = [r for r in results if r.step is None]
         db.executemany(
             sql.PUT_RESULT,
@@ -503,18 +503,20 @@ class SqliteBroker(ExchangeBroker):
 
         return runs_sql.SqliteRuns(db, enqueue)
 
-    def run_transaction(self, work: Callable[[RunTx], T], *, write: bool = True) -> T:
+    def run_transaction(
+        self, work: Callable[[RunTx], Coroutine[Any, Any, T]], *, write: bool = True
+    ) -> T:
         """One transaction on this thread's connection (any thread); a read-only one
         (``write=False``) reads one snapshot of the file without the write lock."""
         if not write:
             db = self._db()
             db.execute("BEGIN")
             try:
-                return work(self._runs(db, time.time()))
+                return drive(work(self._runs(db, time.time())))
             finally:
                 db.execute("COMMIT")
         out = self._write(
-            lambda db: work(self._runs(db, time.time())),
+            lambda db: drive(work(self._runs(db, time.time()))),
             outcome="the workflow run was not changed",
         )
         self._wake()

@@ -64,25 +64,26 @@ def _step(r: tuple[Any, ...]) -> StepRow:
 
 
 class SqliteRuns:
-    """A ``RunTx`` on ``db``, inside the transaction the caller opened."""
+    """A ``RunTx`` on ``db``, inside the transaction the caller opened (its coroutines never
+    suspend: ``drive`` them)."""
 
     def __init__(
         self, db: sqlite3.Connection, enqueue: Callable[[str, str, bytes, dict[str, str]], None]
     ) -> None:
-        self.db, self.enqueue = db, enqueue
+        self.db, self._enqueue = db, enqueue
 
-    def run(self, run_id: str) -> RunRow | None:
+    async def run(self, run_id: str) -> RunRow | None:
         r = self.db.execute(f"SELECT {_RUN} FROM fastq_runs WHERE run_id = ?", (run_id,)).fetchone()
         return None if r is None else _run(r)
 
-    def put_run(self, row: RunRow) -> None:
+    async def put_run(self, row: RunRow) -> None:
         self.db.execute(
             f"INSERT OR REPLACE INTO fastq_runs ({_RUN}) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (row.run_id, row.workflow, row.graph, row.args, row.state, row.created_at,
              row.finished_at),
         )  # fmt: skip
 
-    def runs(self, workflow: str | None, state: str | None, limit: int) -> list[RunRow]:
+    async def runs(self, workflow: str | None, state: str | None, limit: int) -> list[RunRow]:
         rows = self.db.execute(
             f"SELECT {_RUN} FROM fastq_runs WHERE (?1 IS NULL OR workflow = ?1) AND "
             "(?2 IS NULL OR state = ?2) ORDER BY created_at DESC LIMIT ?3",
@@ -90,14 +91,14 @@ class SqliteRuns:
         ).fetchall()
         return [_run(r) for r in rows]
 
-    def step(self, run_id: str, step: str, index: int) -> StepRow | None:
+    async def step(self, run_id: str, step: str, index: int) -> StepRow | None:
         r = self.db.execute(
             f"SELECT {_STEP} FROM fastq_run_steps WHERE run_id = ? AND step = ? AND idx = ?",
             (run_id, step, index),
         ).fetchone()
         return None if r is None else _step(r)
 
-    def steps(self, run_id: str, step: str | None = None) -> list[StepRow]:
+    async def steps(self, run_id: str, step: str | None = None) -> list[StepRow]:
         if step is None:
             rows = self.db.execute(
                 f"SELECT {_STEP} FROM fastq_run_steps WHERE run_id = ? ORDER BY step, idx",
@@ -111,7 +112,7 @@ class SqliteRuns:
             ).fetchall()
         return [_step(r) for r in rows]
 
-    def put_step(self, row: StepRow) -> None:
+    async def put_step(self, row: StepRow) -> None:
         self.db.execute(
             f"INSERT OR REPLACE INTO fastq_run_steps ({_STEP}) VALUES "
             "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -119,13 +120,13 @@ class SqliteRuns:
              row.started_at, row.finished_at, row.result, row.error, row.message_id),
         )  # fmt: skip
 
-    def drop_elements(self, run_id: str, step: str) -> None:
+    async def drop_elements(self, run_id: str, step: str) -> None:
         self.db.execute(
             "DELETE FROM fastq_run_steps WHERE run_id = ? AND step = ? AND idx >= 0",
             (run_id, step),
         )
 
-    def add(self, run_id: str, counter: str, delta: int) -> int:
+    async def add(self, run_id: str, counter: str, delta: int) -> int:
         row = self.db.execute(
             "INSERT INTO fastq_run_counters (run_id, name, value) VALUES (?, ?, ?) "
             "ON CONFLICT (run_id, name) DO UPDATE SET value = value + excluded.value "
@@ -134,19 +135,24 @@ class SqliteRuns:
         ).fetchone()
         return int(row[0])
 
-    def set(self, run_id: str, counter: str, value: int) -> None:
+    async def set(self, run_id: str, counter: str, value: int) -> None:
         self.db.execute(
             "INSERT OR REPLACE INTO fastq_run_counters (run_id, name, value) VALUES (?, ?, ?)",
             (run_id, counter, value),
         )
 
-    def context(self, run_id: str) -> dict[str, bytes]:
+    async def context(self, run_id: str) -> dict[str, bytes]:
         rows = self.db.execute(
             "SELECT key, value FROM fastq_run_context WHERE run_id = ?", (run_id,)
         ).fetchall()
         return {k: bytes(v) for k, v in rows}
 
-    def set_context(self, run_id: str, items: dict[str, bytes]) -> None:
+    async def enqueue(
+        self, queue: str, message_id: str, body: bytes, headers: dict[str, str]
+    ) -> None:
+        self._enqueue(queue, message_id, body, headers)
+
+    async def set_context(self, run_id: str, items: dict[str, bytes]) -> None:
         self.db.executemany(
             "INSERT OR REPLACE INTO fastq_run_context (run_id, key, value) VALUES (?, ?, ?)",
             [(run_id, k, v) for k, v in items.items()],

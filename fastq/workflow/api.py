@@ -15,7 +15,16 @@ from fastq.broker.base import Broker
 from fastq.errors import ConfigError, WorkflowFailed
 from fastq.workflow import run
 from fastq.workflow.context import StepRun
-from fastq.workflow.state import FAILED, RUN_DONE, RUN_FAILED, SKIPPED, Graph, RunRow, StepRow
+from fastq.workflow.state import (
+    FAILED,
+    RUN_DONE,
+    RUN_FAILED,
+    SKIPPED,
+    Graph,
+    RunRow,
+    RunTx,
+    StepRow,
+)
 
 if TYPE_CHECKING:
     from fastq.app import App
@@ -229,10 +238,10 @@ class RunAPI:
         if st.state == RUN_FAILED:
             raise WorkflowFailed(self.name, run_id, st.failed, st.skipped)
 
-        def values(tx: Any) -> dict[str, bytes | None]:
+        async def values(tx: RunTx) -> dict[str, bytes | None]:
             out = {}
             for sink in self.sinks():
-                row = tx.step(run_id, sink.name, -1)
+                row = await tx.step(run_id, sink.name, -1)
                 out[sink.name] = None if row is None else row.result
             return out
 

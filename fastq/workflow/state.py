@@ -9,10 +9,12 @@ own store; ``MemoryRuns`` is the in-process one (memory:// and the unit tests).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol, TypeVar
 
 import msgspec
+
+T = TypeVar("T")
 
 #: the header of a step's message: ``run_id/step/index``; the supervisor records its outcome
 RUN_HEADER = "fastq-run"
@@ -103,39 +105,53 @@ class StepRow(msgspec.Struct):
 class RunTx(Protocol):
     """A run's storage inside one transaction (the broker's); every write is part of it."""
 
-    def run(self, run_id: str) -> RunRow | None: ...
+    async def run(self, run_id: str) -> RunRow | None: ...
 
-    def put_run(self, row: RunRow) -> None: ...
+    async def put_run(self, row: RunRow) -> None: ...
 
-    def runs(self, workflow: str | None, state: str | None, limit: int) -> list[RunRow]: ...
+    async def runs(self, workflow: str | None, state: str | None, limit: int) -> list[RunRow]: ...
 
-    def step(self, run_id: str, step: str, index: int) -> StepRow | None: ...
+    async def step(self, run_id: str, step: str, index: int) -> StepRow | None: ...
 
-    def steps(self, run_id: str, step: str | None = None) -> list[StepRow]:
+    async def steps(self, run_id: str, step: str | None = None) -> list[StepRow]:
         """Rows of the run (of ``step`` only: its elements, index >= 0), by step then index."""
         ...
 
-    def put_step(self, row: StepRow) -> None: ...
+    async def put_step(self, row: StepRow) -> None: ...
 
-    def drop_elements(self, run_id: str, step: str) -> None: ...
+    async def drop_elements(self, run_id: str, step: str) -> None: ...
 
-    def add(self, run_id: str, counter: str, delta: int) -> int:
+    async def add(self, run_id: str, counter: str, delta: int) -> int:
         """Add ``delta`` to a counter (created at 0); its new value."""
         ...
 
-    def set(self, run_id: str, counter: str, value: int) -> None: ...
+    async def set(self, run_id: str, counter: str, value: int) -> None: ...
 
-    def context(self, run_id: str) -> dict[str, bytes]: ...
+    async def context(self, run_id: str) -> dict[str, bytes]: ...
 
-    def set_context(self, run_id: str, items: dict[str, bytes]) -> None: ...
+    async def set_context(self, run_id: str, items: dict[str, bytes]) -> None: ...
 
-    def enqueue(self, queue: str, message_id: str, body: bytes, headers: dict[str, str]) -> None:
+    async def enqueue(
+        self, queue: str, message_id: str, body: bytes, headers: dict[str, str]
+    ) -> None:
         """Publish a step's message in this transaction."""
         ...
 
 
+def drive(coro: Coroutine[Any, Any, T]) -> T:
+    """The value of a coroutine that never suspends (the state machine over a synchronous
+    store's RunTx), run here and now, without an event loop."""
+    try:
+        coro.send(None)
+    except StopIteration as e:
+        return e.value  # type: ignore[no-any-return]
+    coro.close()
+    raise RuntimeError("a RunTx over a synchronous store suspended; it must not await anything")
+
+
 class MemoryRuns:
-    """Run state in dicts: a ``RunTx`` whose transaction is the caller's lock."""
+    """Run state in dicts: a ``RunTx`` whose transaction is the caller's lock (its coroutines
+    never suspend: ``drive`` them)."""
 
     def __init__(self, enqueue: Callable[[str, str, bytes, dict[str, str]], None]) -> None:
         self._enqueue = enqueue
@@ -144,13 +160,13 @@ class MemoryRuns:
         self.counters: dict[tuple[str, str], int] = {}
         self.contexts: dict[str, dict[str, bytes]] = {}
 
-    def run(self, run_id: str) -> RunRow | None:
+    async def run(self, run_id: str) -> RunRow | None:
         return self.run_rows.get(run_id)
 
-    def put_run(self, row: RunRow) -> None:
+    async def put_run(self, row: RunRow) -> None:
         self.run_rows[row.run_id] = row
 
-    def runs(self, workflow: str | None, state: str | None, limit: int) -> list[RunRow]:
+    async def runs(self, workflow: str | None, state: str | None, limit: int) -> list[RunRow]:
         rows = [
             r
             for r in self.run_rows.values()
@@ -158,11 +174,11 @@ class MemoryRuns:
         ]
         return sorted(rows, key=lambda r: r.created_at, reverse=True)[:limit]
 
-    def step(self, run_id: str, step: str, index: int) -> StepRow | None:
+    async def step(self, run_id: str, step: str, index: int) -> StepRow | None:
         row = self.step_rows.get((run_id, step, index))
         return None if row is None else msgspec.structs.replace(row)
 
-    def steps(self, run_id: str, step: str | None = None) -> list[StepRow]:
+    async def steps(self, run_id: str, step: str | None = None) -> list[StepRow]:
         rows = [
             msgspec.structs.replace(r)
             for (rid, name, index), r in self.step_rows.items()
@@ -170,26 +186,28 @@ class MemoryRuns:
         ]
         return sorted(rows, key=lambda r: (r.step, r.index))
 
-    def put_step(self, row: StepRow) -> None:
+    async def put_step(self, row: StepRow) -> None:
         self.step_rows[(row.run_id, row.step, row.index)] = msgspec.structs.replace(row)
 
-    def drop_elements(self, run_id: str, step: str) -> None:
+    async def drop_elements(self, run_id: str, step: str) -> None:
         for key in [k for k in self.step_rows if k[0] == run_id and k[1] == step and k[2] >= 0]:
             del self.step_rows[key]
 
-    def add(self, run_id: str, counter: str, delta: int) -> int:
+    async def add(self, run_id: str, counter: str, delta: int) -> int:
         value = self.counters.get((run_id, counter), 0) + delta
         self.counters[(run_id, counter)] = value
         return value
 
-    def set(self, run_id: str, counter: str, value: int) -> None:
+    async def set(self, run_id: str, counter: str, value: int) -> None:
         self.counters[(run_id, counter)] = value
 
-    def context(self, run_id: str) -> dict[str, bytes]:
+    async def context(self, run_id: str) -> dict[str, bytes]:
         return dict(self.contexts.get(run_id, {}))
 
-    def set_context(self, run_id: str, items: dict[str, bytes]) -> None:
+    async def set_context(self, run_id: str, items: dict[str, bytes]) -> None:
         self.contexts.setdefault(run_id, {}).update(items)
 
-    def enqueue(self, queue: str, message_id: str, body: bytes, headers: dict[str, str]) -> None:
+    async def enqueue(
+        self, queue: str, message_id: str, body: bytes, headers: dict[str, str]
+    ) -> None:
         self._enqueue(queue, message_id, body, headers)

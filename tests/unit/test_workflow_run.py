@@ -12,9 +12,21 @@ import fastq
 from fastq import message, results
 from fastq.testing import drain
 from fastq.workflow import run
-from fastq.workflow.state import MemoryRuns, StepRef
+from fastq.workflow.state import MemoryRuns, StepRef, drive
 
 _enc = msgspec.msgpack.Encoder()
+
+
+def complete(tx, ref, outcome, now):
+    return drive(run.complete(tx, ref, outcome, now))
+
+
+def resume(tx, run_id, now):
+    return drive(run.resume(tx, run_id, now))
+
+
+def step(tx, *key):
+    return drive(tx.step(*key))
 
 
 def ok(value, changes=None) -> bytes:
@@ -71,7 +83,7 @@ class Queue:
 def started(wf, n=3):
     q = Queue()
     tx = MemoryRuns(q)
-    run.start(tx, "r1", "fan", wf.graph(), _enc.encode([n]), 1.0)
+    drive(run.start(tx, "r1", "fan", wf.graph(), _enc.encode([n]), 1.0))
     return tx, q
 
 
@@ -84,59 +96,57 @@ def test_start_enqueues_the_roots_with_the_start_arguments(wf):
 
 def test_fan_out_enqueues_each_element_and_the_join_exactly_once_whatever_the_order(wf):
     tx, q = started(wf)
-    assert run.complete(tx, StepRef("r1", "source", -1), ok([0, 1, 2]), 2.0)
+    assert complete(tx, StepRef("r1", "source", -1), ok([0, 1, 2]), 2.0)
     assert q.steps()[1:] == ["square/0", "square/1", "square/2", "side/-1"]
     assert [args for _, s, args in q.sent if s.startswith("square")] == [[0], [1], [2]]
     # elements end out of order; one of them twice (a redelivery): the first completion wins
-    assert run.complete(tx, StepRef("r1", "square", 2), ok(4), 3.0)
-    assert run.complete(tx, StepRef("r1", "square", 0), ok(0), 3.0)
-    assert not run.complete(tx, StepRef("r1", "square", 0), ok(99), 3.0)
+    assert complete(tx, StepRef("r1", "square", 2), ok(4), 3.0)
+    assert complete(tx, StepRef("r1", "square", 0), ok(0), 3.0)
+    assert not complete(tx, StepRef("r1", "square", 0), ok(99), 3.0)
     assert "total/-1" not in q.steps()
-    assert run.complete(tx, StepRef("r1", "square", 1), ok(1), 3.0)
+    assert complete(tx, StepRef("r1", "square", 1), ok(1), 3.0)
     assert q.steps().count("total/-1") == 1
     assert q.sent[-1][2] == [[0, 1, 4]]  # in element order
-    assert not run.complete(tx, StepRef("r1", "square", 1), ok(1), 3.0)
+    assert not complete(tx, StepRef("r1", "square", 1), ok(1), 3.0)
     assert q.steps().count("total/-1") == 1
-    run.complete(tx, StepRef("r1", "total", -1), ok(5), 4.0)
+    complete(tx, StepRef("r1", "total", -1), ok(5), 4.0)
     assert "cleanup/-1" not in q.steps()  # side still open
-    run.complete(tx, StepRef("r1", "side", -1), ok(3), 4.0)
+    complete(tx, StepRef("r1", "side", -1), ok(3), 4.0)
     assert q.sent[-1][1:] == ("cleanup/-1", [5, 3])
-    run.complete(tx, StepRef("r1", "cleanup", -1), ok("clean"), 5.0)
-    assert tx.run("r1").state == "done"
+    complete(tx, StepRef("r1", "cleanup", -1), ok("clean"), 5.0)
+    assert drive(tx.run("r1")).state == "done"
     assert len(q.sent) == 7  # source, 3 elements, side, total, cleanup: each once
 
 
 def test_a_failed_element_fails_its_step_skips_dependents_and_all_done_still_runs(wf):
     tx, q = started(wf, 2)
-    run.complete(tx, StepRef("r1", "source", -1), ok([0, 1]), 2.0)
-    run.complete(tx, StepRef("r1", "square", 0), ok(0), 3.0)
-    run.complete(
-        tx, StepRef("r1", "square", 1, attempts=4), failed("ValueError: bad (after 4)"), 3.0
-    )
-    row = tx.step("r1", "square", -1)
+    complete(tx, StepRef("r1", "source", -1), ok([0, 1]), 2.0)
+    complete(tx, StepRef("r1", "square", 0), ok(0), 3.0)
+    complete(tx, StepRef("r1", "square", 1, attempts=4), failed("ValueError: bad (after 4)"), 3.0)
+    row = step(tx, "r1", "square", -1)
     assert (row.state, row.attempts) == ("failed", 4)
     assert row.error == "1 of 2 elements failed; element 1: ValueError: bad (after 4)"
-    assert tx.step("r1", "total", -1).state == "skipped"
-    assert tx.step("r1", "total", -1).error == "skipped: square failed"
-    run.complete(tx, StepRef("r1", "side", -1), ok(2), 4.0)
+    assert step(tx, "r1", "total", -1).state == "skipped"
+    assert step(tx, "r1", "total", -1).error == "skipped: square failed"
+    complete(tx, StepRef("r1", "side", -1), ok(2), 4.0)
     assert q.sent[-1][1:] == ("cleanup/-1", [None, 2])  # None for the parent that did not end done
-    run.complete(tx, StepRef("r1", "cleanup", -1), ok("clean"), 5.0)
-    assert tx.run("r1").state == "failed"
+    complete(tx, StepRef("r1", "cleanup", -1), ok("clean"), 5.0)
+    assert drive(tx.run("r1")).state == "failed"
     # resume: only the failed element and what it skipped run again
     sent = len(q.sent)
-    assert run.resume(tx, "r1", 6.0) == ["square", "total"]
+    assert resume(tx, "r1", 6.0) == ["square", "total"]
     assert q.steps()[sent:] == ["square/1"]
-    run.complete(tx, StepRef("r1", "square", 1), ok(1), 7.0)
+    complete(tx, StepRef("r1", "square", 1), ok(1), 7.0)
     assert q.steps()[sent:] == ["square/1", "total/-1"]
     assert q.sent[-1][2] == [[0, 1]]
-    run.complete(tx, StepRef("r1", "total", -1), ok(1), 8.0)
-    assert tx.run("r1").state == "done"
-    assert run.resume(tx, "r1", 9.0) == []
+    complete(tx, StepRef("r1", "total", -1), ok(1), 8.0)
+    assert drive(tx.run("r1")).state == "done"
+    assert resume(tx, "r1", 9.0) == []
 
 
 def test_an_empty_fan_out_joins_at_once_with_an_empty_list(wf):
     tx, q = started(wf, 0)
-    run.complete(tx, StepRef("r1", "source", -1), ok([]), 2.0)
+    complete(tx, StepRef("r1", "source", -1), ok([]), 2.0)
     assert q.steps()[1:] == ["total/-1", "side/-1"]
     assert q.sent[1][2] == [[]]
 
