@@ -368,7 +368,8 @@ class Broker(abc.ABC):
             ConfigError: this broker keeps no runs (the message names those that do).
         """
         raise ConfigError(
-            f"{self.url} keeps no workflow runs; the memory:// and sqlite:// brokers do"
+            f"{self.url} keeps no workflow runs; the memory://, sqlite:// and postgresql:// "
+            "brokers do"
         )
 
     # -- scheduling: unique sends, periodic ticks, the caller's transaction ------------------

@@ -32,12 +32,13 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
 
 from fastq import results
+from fastq.broker import postgres_runs as runs_sql
 from fastq.broker import postgres_sql as sql
 from fastq.broker.base import (
     DeadLetter,
@@ -56,6 +57,8 @@ from fastq.broker.base import (
     wait_either,
 )
 from fastq.errors import BrokerConnectionError, BrokerStorageError, ConfigError
+from fastq.workflow import run
+from fastq.workflow.state import RunTx
 
 __all__ = ["PostgresBroker", "parse_url"]
 
@@ -299,7 +302,12 @@ class PostgresBroker(ExchangeBroker):
         while nothing was claimed, sleep until a NOTIFY for ``queue``, its next message's time,
         ``poll`` seconds, ``timeout`` or ``wake``, and claim again."""
         deadline = time.monotonic() + timeout
+        steps = [r for r in results if r.step is not None]  # workflow steps': recorded in runs
+        if steps:
+            results = [r for r in results if r.step is None]
         args: list[Any] | None = _settle_args(ack, retry, dead, release, results, outputs)
+        if steps and args is None:
+            args = list(_NOTHING)
         if args is None and fetch <= 0:
             return []
         event = self._events.setdefault(queue, asyncio.Event())
@@ -307,11 +315,10 @@ class PostgresBroker(ExchangeBroker):
             event.clear()
             params = args or _NOTHING
             rows = await self._call(
-                lambda c, p=params: c.fetch(  # type: ignore[misc]
-                    self.sql.exchange, self.owner, queue, self.lease, *p, max(fetch, 0)
-                ),
+                lambda c, p=params, st=steps: self._exchange(c, queue, p, st, max(fetch, 0)),  # type: ignore[misc]
                 f"settling and claiming on {queue!r} did not happen (it is retried)",
             )
+            steps = []
             if args is not None:
                 self._held.difference_update(ack, [r.tag for r in retry], [t for t, _ in dead])
                 self._held.difference_update(release)
@@ -334,6 +341,40 @@ class PostgresBroker(ExchangeBroker):
                 if due is not None:
                     pause = min(pause, max(due, 0.0) + 0.001)
                 await wait_either(event, wake, pause)
+
+    async def _exchange(
+        self,
+        c: asyncpg.Connection,
+        queue: str,
+        params: list[Any],
+        steps: list[StoredResult],
+        fetch: int,
+    ) -> list[Any]:
+        """The exchange function's call; with workflow steps' outcomes, in one transaction
+        after they are recorded and what they made ready enqueued."""
+        call = (self.sql.exchange, self.owner, queue, self.lease, *params, fetch)
+        if not steps:
+            return list(await c.fetch(*call))
+        async with c.transaction():
+            tx = runs_sql.PostgresRuns(c, self.schema, self.sql.insert)
+            now = time.time()
+            for r in steps:
+                assert r.step is not None
+                await run.complete(tx, r.step, r.outcome, now)
+            return list(await c.fetch(*call))
+
+    def run_transaction(
+        self, work: Callable[[RunTx], Coroutine[Any, Any, T]], *, write: bool = True
+    ) -> T:
+        """One transaction on the broker's own thread (any calling thread); a read-only one
+        (``write=False``) locks no row."""
+
+        async def go(c: asyncpg.Connection) -> T:
+            async with c.transaction(readonly=not write):
+                tx = runs_sql.PostgresRuns(c, self.schema, self.sql.insert, lock=write)
+                return await work(tx)
+
+        return self.bridge().run(go, "the workflow run was not changed")
 
     async def put_results(self, results: Sequence[StoredResult]) -> None:
         await self.exchange("", results=results)
@@ -475,6 +516,7 @@ class _Statements:
             return text.format(s=schema, channel=channel)
 
         self.schema_text = f(sql.SCHEMA)
+        self.runs_schema = f(runs_sql.SCHEMA)
         self.exists, self.version, self.stamp = f(sql.EXISTS), f(sql.VERSION), f(sql.STAMP)
         self.insert, self.insert_psycopg = f(sql.INSERT), f(sql.INSERT_PSYCOPG)
         self.exchange, self.next_visible = f(sql.EXCHANGE), f(sql.NEXT_VISIBLE)
@@ -508,6 +550,7 @@ class _Statements:
                     f"this fastq's {sql.SCHEMA_VERSION}; upgrade fastq on this host, or use "
                     "another ?schema="
                 )
+            await conn.execute(self.runs_schema)  # workflow runs: made where missing
 
 
 _NOTHING: list[Any] = [[], [], [], [], [], [], [], [], [], [], [], [], [], [], [], []]

@@ -175,7 +175,7 @@ class RunAPI:
         """Start a run: its root steps are enqueued with these arguments; its id.
 
         Raises:
-            ConfigError: the broker keeps no runs (memory:// and sqlite:// do).
+            ConfigError: the broker keeps no runs (memory://, sqlite:// and postgresql:// do).
             TypeError, msgspec.ValidationError: the arguments do not fit a root step.
         """
         graph, raw = self.graph(), self._encode_start(args, kwargs)

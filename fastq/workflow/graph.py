@@ -109,8 +109,9 @@ class Step:
 
 class Workflow(RunAPI):
     """A named DAG of steps on an App (``app.workflow(name)``). Its runs live in the broker's
-    own store (memory://, sqlite://). Runs are started, read and resumed by the methods it has
-    from ``fastq.workflow.api.RunAPI``: ``start``, ``status``, ``result``, ``resume``."""
+    own store (memory://, sqlite://, postgresql://). Runs are started, read and resumed by the
+    methods it has from ``fastq.workflow.api.RunAPI``: ``start``, ``status``, ``result``,
+    ``resume``."""
 
     def __init__(self, app: App, name: str) -> None:
         self.app, self.name = app, name

@@ -85,7 +85,10 @@ ALLOWED: dict[str, set[str]] = {
     "broker.sqlite_storage": {"errors"},
     "broker.amqp": {"broker.amqp.broker"},
     # the PostgreSQL broker (the only asyncpg importer) and its SQL text
-    "broker.postgres": {"broker.base", "broker.postgres_sql", "message", "errors", "results"},
+    "broker.postgres": {"broker.base", "broker.postgres_sql", "message", "errors", "results",
+                        "broker.postgres_runs", "workflow.run", "workflow.state"},
+    # the PostgreSQL broker's workflow tables and its RunTx (on the connection it is given)
+    "broker.postgres_runs": {"broker.base", "workflow.state"},
     "broker.postgres_sql": set(),
     "broker.amqp.broker": _AMQP | _AMQP_ROOMS,
     # the consuming connection: its frames read by _amqp (or its twin), the rare ones by pamqp

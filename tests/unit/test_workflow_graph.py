@@ -175,7 +175,8 @@ def test_a_broker_without_runs_says_which_brokers_keep_them():
 
     with pytest.raises(
         fastq.ConfigError,
-        match=r"^bare:// keeps no workflow runs; the memory:// and sqlite:// brokers do$",
+        match=r"^bare:// keeps no workflow runs; the memory://, sqlite:// and postgresql:// "
+        r"brokers do$",
     ):
         Broker.run_transaction(types.SimpleNamespace(url="bare://"), lambda tx: None)  # type: ignore[arg-type]
 
