@@ -67,7 +67,7 @@ def runs_list(app: App, workflow: str | None, state: str | None, limit: int, out
     if workflow is not None and workflow not in app.workflows:
         have = ", ".join(sorted(app.workflows)) or "none"
         raise ConfigError(f"{app.name} defines no workflow {workflow!r}; it defines: {have}")
-    rows = api.list_runs(app.broker, workflow, state, limit)
+    rows = api.list_runs(app, workflow, state, limit)
     print(f"{'run':<34} {'workflow':<16} {'state':<8} {'started (UTC)':<19}  ended", file=out)
     for r in rows:
         print(
@@ -81,10 +81,11 @@ def runs_list(app: App, workflow: str | None, state: str | None, limit: int, out
 def show(app: App, run_id: str, out: TextIO) -> int:
     """The run's graph, a step a line in definition order with its parents, state, attempts,
     duration and error; a fanned-out step with its elements counted by state."""
-    st, graph = api.read_status(app.broker, run_id), api.read_graph(app.broker, run_id)
+    st, graph = api.read_status(app, run_id), api.read_graph(app, run_id)
     if st is None or graph is None:
         raise ConfigError(
-            f"no run {run_id!r} in {app.broker.url}; list the runs with `fastq runs module:app`"
+            f"no run {run_id!r} in {api.store_of(app).url}; list the runs with "
+            "`fastq runs module:app`"
         )
     print(f"run {st.run_id} of {st.workflow}: {st.state}", file=out)
     print(f"  started {_when(st.created_at)} UTC, ended {_when(st.finished_at)} UTC", file=out)
@@ -111,7 +112,7 @@ def show(app: App, run_id: str, out: TextIO) -> int:
 
 def resume(app: App, run_id: str, out: TextIO) -> int:
     """Resume the run (``Workflow.resume``): prints the steps that run again."""
-    again = api.resume_run(app.broker, run_id)
+    again = api.resume_run(app, run_id)
     if again:
         print(f"resumed run {run_id}: {', '.join(again)} will run again", file=out)
     else:

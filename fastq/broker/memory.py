@@ -24,6 +24,7 @@ from fastq.broker.base import (
     DeadLetter,
     Delivery,
     Message,
+    Output,
     QueueDepth,
     Retry,
     Signal,
@@ -265,7 +266,11 @@ class MemoryBroker(Broker):
         self._notify(waiters)
 
     def run_transaction(
-        self, work: Callable[[RunTx], Coroutine[Any, Any, T]], *, write: bool = True
+        self,
+        work: Callable[[RunTx], Coroutine[Any, Any, T]],
+        *,
+        write: bool = True,
+        outbox: list[tuple[int, Output]] | None = None,
     ) -> T:
         with self._lock:
             before = self._enqueued

@@ -364,7 +364,11 @@ class PostgresBroker(ExchangeBroker):
             return list(await c.fetch(*call))
 
     def run_transaction(
-        self, work: Callable[[RunTx], Coroutine[Any, Any, T]], *, write: bool = True
+        self,
+        work: Callable[[RunTx], Coroutine[Any, Any, T]],
+        *,
+        write: bool = True,
+        outbox: list[tuple[int, Output]] | None = None,
     ) -> T:
         """One transaction on the broker's own thread (any calling thread); a read-only one
         (``write=False``) locks no row."""

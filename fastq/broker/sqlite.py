@@ -503,11 +503,57 @@ class SqliteBroker(ExchangeBroker):
 
         return runs_sql.SqliteRuns(db, enqueue)
 
+    def _outboxed(
+        self, db: sqlite3.Connection, into: list[tuple[int, Output]]
+    ) -> runs_sql.SqliteRuns:
+        """A RunTx whose enqueued messages go to the outbox (as a result store) and ``into``."""
+
+        def enqueue(queue: str, message_id: str, body: bytes, headers: dict[str, str]) -> None:
+            cur = db.execute(runs_sql.OUTBOX_PUT, (queue, message_id, body, pack_headers(headers)))
+            assert cur.lastrowid is not None
+            into.append((cur.lastrowid, Output(queue, Message(body, message_id, headers))))
+
+        return runs_sql.SqliteRuns(db, enqueue)
+
+    async def record_steps(self, steps: Sequence[StoredResult]) -> list[tuple[int, Output]]:
+        def work(db: sqlite3.Connection) -> list[tuple[int, Output]]:
+            made: list[tuple[int, Output]] = []
+            tx, now = self._outboxed(db, made), time.time()
+            for r in steps:
+                assert r.step is not None
+                drive(run.complete(tx, r.step, r.outcome, now))
+            return made
+
+        return await self._run(
+            lambda: self._write(work, outcome=f"{len(steps)} workflow step(s) were not recorded")
+        )
+
+    def outbox_done_sync(self, ids: Sequence[int]) -> None:
+        self._write(lambda db: db.executemany(runs_sql.OUTBOX_DONE, [(i,) for i in ids]))
+
+    async def outbox_done(self, ids: Sequence[int]) -> None:
+        await self._run(self.outbox_done_sync, ids)
+
+    async def pending_outbox(self) -> list[tuple[int, Output]]:
+        def read() -> list[tuple[int, Output]]:
+            rows = self._db().execute(runs_sql.OUTBOX, (0,)).fetchall()
+            return [
+                (r[0], Output(r[1], Message(bytes(r[3]), r[2], unpack_headers(r[4])))) for r in rows
+            ]
+
+        return await self._run(read)
+
     def run_transaction(
-        self, work: Callable[[RunTx], Coroutine[Any, Any, T]], *, write: bool = True
+        self,
+        work: Callable[[RunTx], Coroutine[Any, Any, T]],
+        *,
+        write: bool = True,
+        outbox: list[tuple[int, Output]] | None = None,
     ) -> T:
         """One transaction on this thread's connection (any thread); a read-only one
         (``write=False``) reads one snapshot of the file without the write lock."""
+        if outbox is not None:
+            return self._write(lambda db: drive(work(self._outboxed(db, outbox))))
         if not write:
             db = self._db()
             db.execute("BEGIN")

@@ -40,6 +40,13 @@ CREATE TABLE IF NOT EXISTS fastq_run_counters (  -- wait:<step>, left:<step>, op
     value INTEGER NOT NULL,
     PRIMARY KEY (run_id, name)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS fastq_run_outbox (  -- as another broker's result store (RabbitMQ):
+    id INTEGER PRIMARY KEY AUTOINCREMENT,        -- the steps made ready, until published there
+    queue TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    body BLOB NOT NULL,
+    headers BLOB
+);
 CREATE TABLE IF NOT EXISTS fastq_run_context (
     run_id TEXT NOT NULL,
     key TEXT NOT NULL,
@@ -47,6 +54,11 @@ CREATE TABLE IF NOT EXISTS fastq_run_context (
     PRIMARY KEY (run_id, key)
 ) WITHOUT ROWID;
 """
+OUTBOX_PUT = "INSERT INTO fastq_run_outbox (queue, message_id, body, headers) VALUES (?, ?, ?, ?)"
+OUTBOX = (
+    "SELECT id, queue, message_id, body, headers FROM fastq_run_outbox WHERE id > ? ORDER BY id"
+)
+OUTBOX_DONE = "DELETE FROM fastq_run_outbox WHERE id = ?"
 _RUN = "run_id, workflow, graph, args, state, created_at, finished_at"
 _STEP = (
     "run_id, step, idx, state, attempts, queued_at, started_at, finished_at, result, error, "

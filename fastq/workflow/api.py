@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
 from fastq import message
-from fastq.broker.base import Broker
+from fastq.broker.base import Broker, Message, Output
 from fastq.errors import ConfigError, WorkflowFailed
 from fastq.workflow import run
 from fastq.workflow.context import StepRun
@@ -29,6 +30,8 @@ from fastq.workflow.state import (
 if TYPE_CHECKING:
     from fastq.app import App
     from fastq.workflow.graph import Step
+
+T = TypeVar("T")
 
 #: seconds between looks at a run that ``result`` waits for
 POLL = 0.05
@@ -113,35 +116,77 @@ def run_status(run_row: RunRow, rows: list[StepRow], context: dict[str, bytes]) 
     )
 
 
+def store_of(app: App) -> Broker:
+    """Where ``app``'s runs live: its broker, or (a broker that keeps none: RabbitMQ) its
+    result store.
+
+    Raises:
+        ConfigError: neither keeps runs (the message says what to configure).
+    """
+    broker = app.broker
+    if broker.keeps_runs:
+        return broker
+    if app.result_store_url is None:
+        raise ConfigError(
+            f"{broker.url} keeps no workflow runs; give the App a result store that keeps them: "
+            "App(..., result_store='sqlite:///runs.db')"
+        )
+    store = app.result_store
+    if not store.keeps_runs_for_others:
+        raise ConfigError(
+            f"result_store={store.url} keeps no workflow runs for {broker.url}; give a "
+            "sqlite:/// result store"
+        )
+    return store
+
+
+def transaction(app: App, work: Callable[[RunTx], Coroutine[Any, Any, T]], write: bool) -> T:
+    """``work`` in one transaction where ``app``'s runs live; what it enqueued there for
+    another broker (the store's outbox) published to that broker, then let go."""
+    store = store_of(app)
+    if store is app.broker or not write:
+        return store.run_transaction(work, write=write)
+    made: list[tuple[int, Output]] = []
+    out = store.run_transaction(work, outbox=made)
+    if made:
+        by_queue: dict[str, list[Message]] = {}
+        for _, o in made:
+            by_queue.setdefault(o.queue, []).append(o.message)
+        for queue, messages in by_queue.items():
+            app.broker.publish_sync(queue, messages)
+        store.outbox_done_sync([i for i, _ in made])
+    return out
+
+
 def list_runs(
-    broker: Broker, workflow: str | None = None, state: str | None = None, limit: int = 100
+    app: App, workflow: str | None = None, state: str | None = None, limit: int = 100
 ) -> list[RunRow]:
     """Runs, newest first (of ``workflow``, in ``state``)."""
-    return broker.run_transaction(lambda tx: tx.runs(workflow, state, limit), write=False)
+    return transaction(app, lambda tx: tx.runs(workflow, state, limit), write=False)
 
 
-def read_status(broker: Broker, run_id: str) -> RunStatus | None:
-    found = broker.run_transaction(lambda tx: run.status(tx, run_id), write=False)
+def read_status(app: App, run_id: str) -> RunStatus | None:
+    found = transaction(app, lambda tx: run.status(tx, run_id), write=False)
     return None if found is None else run_status(*found)
 
 
-def read_graph(broker: Broker, run_id: str) -> Graph | None:
+def read_graph(app: App, run_id: str) -> Graph | None:
     """The steps of run ``run_id`` as it was started (None: no such run)."""
-    row = broker.run_transaction(lambda tx: tx.run(run_id), write=False)
+    row = transaction(app, lambda tx: tx.run(run_id), write=False)
     return None if row is None else run.graph_of(row.graph)
 
 
-def resume_run(broker: Broker, run_id: str) -> list[str]:
+def resume_run(app: App, run_id: str) -> list[str]:
     """Resume run ``run_id`` (see ``Workflow.resume``)."""
     try:
-        return broker.run_transaction(lambda tx: run.resume(tx, run_id, time.time()))
+        return transaction(app, lambda tx: run.resume(tx, run_id, time.time()), write=True)
     except KeyError:
-        raise _no_run(broker, run_id) from None
+        raise _no_run(app, run_id) from None
 
 
-def _no_run(broker: Broker, run_id: str) -> ConfigError:
+def _no_run(app: App, run_id: str) -> ConfigError:
     return ConfigError(
-        f"no run {run_id!r} in {broker.url}; list the runs with `fastq runs module:app`"
+        f"no run {run_id!r} in {store_of(app).url}; list the runs with `fastq runs module:app`"
     )
 
 
@@ -180,8 +225,8 @@ class RunAPI:
         """
         graph, raw = self.graph(), self._encode_start(args, kwargs)
         run_id = message.new_id()
-        self.app.broker.run_transaction(
-            lambda tx: run.start(tx, run_id, self.name, graph, raw, time.time())
+        transaction(
+            self.app, lambda tx: run.start(tx, run_id, self.name, graph, raw, time.time()), True
         )
         return run_id
 
@@ -189,11 +234,12 @@ class RunAPI:
         """``start`` for coroutines (the transaction runs off the event loop)."""
         graph, raw = self.graph(), self._encode_start(args, kwargs)
         run_id = message.new_id()
-        broker = self.app.broker
         await asyncio.get_running_loop().run_in_executor(
             None,
-            broker.run_transaction,
+            transaction,
+            self.app,
             lambda tx: run.start(tx, run_id, self.name, graph, raw, time.time()),
+            True,
         )
         return run_id
 
@@ -203,14 +249,14 @@ class RunAPI:
         Raises:
             ConfigError: no such run in this App's broker.
         """
-        found = read_status(self.app.broker, run_id)
+        found = read_status(self.app, run_id)
         if found is None:
-            raise _no_run(self.app.broker, run_id)
+            raise _no_run(self.app, run_id)
         return found
 
     def runs(self, state: str | None = None, limit: int = 100) -> list[RunRow]:
         """This workflow's runs, newest first (in ``state``: running, done, failed)."""
-        return list_runs(self.app.broker, self.name, state, limit)
+        return list_runs(self.app, self.name, state, limit)
 
     def result(self, run_id: str, timeout: float | None = None) -> dict[str, Any]:
         """Wait for run ``run_id`` to end; the values of its sink steps (those no step depends
@@ -245,7 +291,7 @@ class RunAPI:
                 out[sink.name] = None if row is None else row.result
             return out
 
-        raw = self.app.broker.run_transaction(values, write=False)
+        raw = transaction(self.app, values, write=False)
         return {
             name: run.decode_value(value, msgspec.msgpack.Decoder(self.steps[name].produces))
             for name, value in raw.items()
@@ -259,4 +305,4 @@ class RunAPI:
         Raises:
             ConfigError: no such run in this App's broker.
         """
-        return resume_run(self.app.broker, run_id)
+        return resume_run(self.app, run_id)

@@ -21,6 +21,7 @@ import fastq, msgspec
 
 app = fastq.App("catalog", broker="sqlite:///{db}")
 DIR = {dir!r}
+Q = {q!r}
 CATEGORIES = ["books", "games", "garden", "music", "tools"]
 
 
@@ -53,19 +54,21 @@ class Summary(msgspec.Struct):
 wf = app.workflow("catalog")
 
 
-@wf.step(retry_attempts=2)
+@wf.step(queue=Q, retry_attempts=2)
 async def generate_data(n: int) -> list[Product]:
     return [Product(i, f"product-{{i}}", CATEGORIES[i % 5], 100 + i % 997) for i in range(n)]
 
 
-@wf.step(depends_on=[generate_data])
+@wf.step(queue=Q, depends_on=[generate_data])
 def partition_data(generate_data: list[Product], ctx: fastq.RunContext) -> list[list[Product]]:
     size = -(-len(generate_data) // 3)
     ctx.set("partitions", 3)
     return [generate_data[i : i + size] for i in range(0, len(generate_data), size)]
 
 
-@wf.step(depends_on=[partition_data], fan_out=True, retry_attempts=3, retry_delay=0.1, kind="io")
+@wf.step(
+    queue=Q, depends_on=[partition_data], fan_out=True, retry_attempts=3, retry_delay=0.1, kind="io"
+)
 def process_partition(partition_data: list[Product]) -> CategoryStats:
     count: dict[str, int] = {{}}
     value: dict[str, int] = {{}}
@@ -76,7 +79,7 @@ def process_partition(partition_data: list[Product]) -> CategoryStats:
     return CategoryStats(count, value)
 
 
-@wf.step(depends_on=[process_partition])
+@wf.step(queue=Q, depends_on=[process_partition])
 def combine_results(process_partition: list[CategoryStats], ctx: fastq.RunContext) -> Summary:
     count: dict[str, int] = {{}}
     value: dict[str, int] = {{}}
@@ -89,19 +92,19 @@ def combine_results(process_partition: list[CategoryStats], ctx: fastq.RunContex
     return Summary(sum(count.values()), count, value)
 
 
-@wf.step(depends_on=[combine_results])
+@wf.step(queue=Q, depends_on=[combine_results])
 async def generate_report(combine_results: Summary) -> str:
     return "; ".join(f"{{k}}={{v}}" for k, v in sorted(combine_results.count.items()))
 
 
-@wf.step(depends_on=[combine_results])
+@wf.step(queue=Q, depends_on=[combine_results])
 def send_notifications(combine_results: Summary, ctx: fastq.RunContext) -> int:
     note("notified.txt", ctx.run_id)
     ctx.set("notified", 2)
     return 2
 
 
-@wf.step(depends_on=[generate_report, send_notifications], trigger="all_done")
+@wf.step(queue=Q, depends_on=[generate_report, send_notifications], trigger="all_done")
 def cleanup(
     generate_report: str | None, send_notifications: int | None, ctx: fastq.RunContext
 ) -> str:
@@ -115,6 +118,7 @@ import fastq
 
 app = fastq.App("fanout", broker="sqlite:///{db}?lease=5")
 DIR = {dir!r}
+Q = {q!r}
 
 
 def note(name: str, text: str) -> None:
@@ -128,12 +132,12 @@ def note(name: str, text: str) -> None:
 wf = app.workflow("fan")
 
 
-@wf.step()
+@wf.step(queue=Q)
 def source(n: int) -> list[int]:
     return list(range(n))
 
 
-@wf.step(depends_on=[source], fan_out=True, kind="cpu")
+@wf.step(queue=Q, depends_on=[source], fan_out=True, kind="cpu")
 def work(source: int) -> int:
     x = 0
     for i in range(20_000):  # about a millisecond of pure Python
@@ -142,7 +146,7 @@ def work(source: int) -> int:
     return source * 2
 
 
-@wf.step(depends_on=[work])
+@wf.step(queue=Q, depends_on=[work])
 def join(work: list[int]) -> int:
     note("join.txt", "join")
     return sum(work)
@@ -154,6 +158,7 @@ import fastq
 
 app = fastq.App("flaky", broker="sqlite:///{db}")
 DIR = {dir!r}
+Q = {q!r}
 
 
 def note(name: str) -> None:
@@ -167,13 +172,13 @@ def note(name: str) -> None:
 wf = app.workflow("flaky")
 
 
-@wf.step()
+@wf.step(queue=Q)
 def fetch() -> int:
     note("fetch")
     return 20
 
 
-@wf.step(depends_on=[fetch], retry_attempts=2, retry_delay=0.05)
+@wf.step(queue=Q, depends_on=[fetch], retry_attempts=2, retry_delay=0.05)
 def parse(fetch: int) -> int:
     note("parse")
     if not os.path.exists(os.path.join(DIR, "fixed")):
@@ -181,19 +186,19 @@ def parse(fetch: int) -> int:
     return fetch + 1
 
 
-@wf.step(depends_on=[parse])
+@wf.step(queue=Q, depends_on=[parse])
 def load(parse: int) -> int:
     note("load")
     return parse * 2
 
 
-@wf.step(depends_on=[fetch])
+@wf.step(queue=Q, depends_on=[fetch])
 def audit(fetch: int) -> str:
     note("audit")
     return "audited"
 
 
-@wf.step(depends_on=[load, audit], trigger="all_done")
+@wf.step(queue=Q, depends_on=[load, audit], trigger="all_done")
 def cleanup(load: int | None, audit: str | None) -> str:
     note("cleanup")
     return f"{{load}} {{audit}}"

@@ -14,12 +14,15 @@ import psutil
 
 class Host:
     """``fastq worker module:app`` on ``tmp_path/<module>.py`` (``source`` formatted with
-    ``db`` and ``dir``); ``self.app`` is the module, imported here too (the producer)."""
+    ``db``, ``dir`` and ``q``, the steps' queue); ``self.app`` is the module, imported here too
+    (the producer)."""
 
-    def __init__(self, tmp_path: Path, module: str, source: str, *, processes: int = 2) -> None:
+    def __init__(
+        self, tmp_path: Path, module: str, source: str, *, processes: int = 2, q: str = "default"
+    ) -> None:
         self.dir, self.module = tmp_path, module
         (tmp_path / f"{module}.py").write_text(
-            textwrap.dedent(source).format(db=tmp_path / "q.db", dir=str(tmp_path))
+            textwrap.dedent(source).format(db=tmp_path / "q.db", dir=str(tmp_path), q=q)
         )
         sys.path.insert(0, str(tmp_path))
         self.app = __import__(module)
