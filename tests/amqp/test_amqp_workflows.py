@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 import uuid
 
+import msgspec
 import pika
 import pytest
 
@@ -94,3 +95,38 @@ def test_a_failing_step_on_rabbitmq_is_resumed(host):
     assert sorted(host.lines("runs.txt")) == sorted(
         ["fetch", "parse", "parse", "parse", "audit", "cleanup", "parse", "load"]
     )
+
+
+@pytest.mark.parametrize("host", [("wf_fanout", FANOUT)], indirect=True)
+def test_on_rabbitmq_a_sigkilled_supervisor_and_an_unpublished_outbox_lose_no_step(host):
+    import time
+
+    from fastq.workflow import run
+
+    wf, store = host.app.wf, host.app.app.result_store
+    # Given a fan-out under way whose supervisor is SIGKILLed, and another started
+    first = wf.start(1000)
+    wait_until(lambda: len(host.lines("work.txt")) >= 300, 60, host.logtext)
+    assert host.proc is not None
+    host.proc.send_signal(signal.SIGKILL)
+    host.proc.wait(10)
+    # and a run recorded in the store whose root step was never published (a producer that
+    # died between its transaction and its publish): it waits in the outbox
+    second, made = "r-outboxed", []
+    args = msgspec.msgpack.encode([10])
+    store.run_transaction(
+        lambda tx: run.start(tx, second, "fan", wf.graph(), args, time.time()), outbox=made
+    )
+    assert [o.queue for _, o in made] == [host.app.Q]
+    assert _pending(store) == [i for i, _ in made]
+    host.start()
+    # Then both runs complete exactly: RabbitMQ redelivers what the dead one held unacked,
+    # and the new supervisor publishes the outbox at its start
+    assert wf.result(first, timeout=120) == {"join": sum(2 * i for i in range(1000))}
+    assert wf.result(second, timeout=60) == {"join": sum(2 * i for i in range(10))}
+    assert host.lines("join.txt") == ["join", "join"]
+    assert _pending(store) == []
+
+
+def _pending(store) -> list[int]:
+    return [r[0] for r in store._db().execute("SELECT id FROM fastq_run_outbox ORDER BY id")]
