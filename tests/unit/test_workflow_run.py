@@ -174,3 +174,31 @@ def test_a_whole_run_through_memory_with_drain_keeps_context_and_result():
         r"`fastq runs module:app`$",
     ):
         wf.status("nope")
+
+
+def test_a_handler_starts_a_run_and_a_step_reads_typed_context():
+    import msgspec as ms
+
+    class Point(ms.Struct):
+        x: int
+
+    app = fastq.App("kicked", broker="memory://unit-kicked")
+    wf = app.workflow("kick")
+    started: list[str] = []
+
+    @wf.step()
+    def mark(ctx: fastq.RunContext) -> int:
+        ctx.set("point", Point(3))
+        return 1
+
+    @wf.step(depends_on=[mark])
+    def read(mark: int, ctx: fastq.RunContext) -> int:
+        return mark + ctx.get("point", type=Point).x
+
+    @app.task()
+    def kick() -> None:
+        started.append(wf.start())
+
+    kick.send()
+    assert drain(app) == fastq.testing.Drained(ok=3, retried=0, dead=0)
+    assert wf.result(started[0], timeout=1) == {"read": 4}
