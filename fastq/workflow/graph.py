@@ -155,6 +155,12 @@ class Workflow(RunAPI):
                 none of the parents, a type that does not match, a fan-out over something
                 that is not a list, or an option out of range.
         """
+        taken = sorted({"name", "max_retries", "retry_backoff"} & set(options))
+        if taken:
+            raise self._error(
+                f"{', '.join(taken)} cannot be given to a step: its task is named "
+                "wf.<workflow>.<step>, and retries are retry_attempts= and retry_delay="
+            )
         if trigger not in TRIGGERS:
             raise self._error(f"trigger={trigger!r} is none of {TRIGGERS}")
         if not isinstance(retry_attempts, int) or retry_attempts < 0:

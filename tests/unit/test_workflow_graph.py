@@ -163,6 +163,12 @@ def test_fan_out_over_two_parents_and_bad_options_are_config_errors(wf):
         wf.step(retry_attempts=-1)
     with pytest.raises(
         fastq.ConfigError,
+        match=r"^workflow catalog: max_retries, name cannot be given to a step: its task is "
+        r"named wf.<workflow>.<step>, and retries are retry_attempts= and retry_delay=$",
+    ):
+        wf.step(max_retries=3, name="x")
+    with pytest.raises(
+        fastq.ConfigError,
         match=r"^a workflow named 'catalog' is defined already; one per name$",
     ):
         wf.app.workflow("catalog")
