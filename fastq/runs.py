@@ -4,6 +4,7 @@ one resumed (the ``fastq`` command, ``fastq.cli``, hands the arguments over whol
     fastq runs shop.flows:app [--workflow catalog] [--state failed]
     fastq runs shop.flows:app show RUN
     fastq runs shop.flows:app resume RUN
+    fastq runs shop.flows:app forget RUN
 
 Every command prints to ``out`` and returns the exit code; bad input (an app that does not
 load, a workflow it does not define, a run that does not exist) raises a ``FastqError`` with one
@@ -24,15 +25,17 @@ from fastq.app import App
 from fastq.errors import ConfigError
 from fastq.workflow import api
 
-__all__ = ["add_command", "resume", "run", "runs_list", "show"]
+__all__ = ["add_command", "forget", "resume", "run", "runs_list", "show"]
 
 
 def add_command(commands: Any) -> None:
     """Its parser, on the ``fastq`` command's subparsers."""
     p = commands.add_parser("runs", help="list, show or resume an app's workflow runs")
     p.add_argument("app", help="module:app, e.g. shop.flows:app")
-    p.add_argument("action", nargs="?", default="list", choices=["list", "show", "resume"])
-    p.add_argument("run", nargs="?", help="the run id (show, resume)")
+    p.add_argument(
+        "action", nargs="?", default="list", choices=["list", "show", "resume", "forget"]
+    )
+    p.add_argument("run", nargs="?", help="the run id (show, resume, forget)")
     p.add_argument("--workflow", help="only this workflow's runs (list)")
     p.add_argument("--state", choices=["running", "done", "failed"], help="only runs in it")
     p.add_argument("--limit", type=int, default=50, help="at most this many, newest first (50)")
@@ -55,6 +58,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         raise ConfigError(f"{args.action} needs a run id: fastq runs {args.app} {args.action} RUN")
     if args.action == "show":
         return show(app, args.run, out)
+    if args.action == "forget":
+        return forget(app, args.run, out)
     return resume(app, args.run, out)
 
 
@@ -118,3 +123,12 @@ def resume(app: App, run_id: str, out: TextIO) -> int:
     else:
         print(f"run {run_id} has nothing to resume (it is running, or done)", file=out)
     return 0
+
+
+def forget(app: App, run_id: str, out: TextIO) -> int:
+    """Delete an ended run (``Workflow.forget``); exit 1 when it is running or unknown."""
+    if api.forget_run(app, run_id):
+        print(f"forgot run {run_id}", file=out)
+        return 0
+    print(f"run {run_id} is running, or there is no such run: nothing forgotten", file=out)
+    return 1

@@ -147,6 +147,10 @@ class PostgresRuns:
             run_id, step,
         )  # fmt: skip
 
+    async def delete_run(self, run_id: str) -> None:
+        for table in ("runs", "run_steps", "run_counters", "run_context"):
+            await self.c.execute(f"DELETE FROM {self.s}.{table} WHERE run_id = $1", run_id)
+
     async def add(self, run_id: str, counter: str, delta: int) -> int:
         value: int = await self.c.fetchval(
             f"INSERT INTO {self.s}.run_counters AS c (run_id, name, value) VALUES ($1, $2, $3) "

@@ -138,6 +138,10 @@ class SqliteRuns:
             (run_id, step),
         )
 
+    async def delete_run(self, run_id: str) -> None:
+        for table in ("fastq_runs", "fastq_run_steps", "fastq_run_counters", "fastq_run_context"):
+            self.db.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
+
     async def add(self, run_id: str, counter: str, delta: int) -> int:
         row = self.db.execute(
             "INSERT INTO fastq_run_counters (run_id, name, value) VALUES (?, ?, ?) "

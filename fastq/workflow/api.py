@@ -184,6 +184,11 @@ def resume_run(app: App, run_id: str) -> list[str]:
         raise _no_run(app, run_id) from None
 
 
+def forget_run(app: App, run_id: str) -> bool:
+    """Delete run ``run_id`` if it ended (see ``Workflow.forget``)."""
+    return transaction(app, lambda tx: run.forget(tx, run_id), write=True)
+
+
 def _no_run(app: App, run_id: str) -> ConfigError:
     return ConfigError(
         f"no run {run_id!r} in {store_of(app).url}; list the runs with `fastq runs module:app`"
@@ -296,6 +301,11 @@ class RunAPI:
             name: run.decode_value(value, msgspec.msgpack.Decoder(self.steps[name].produces))
             for name, value in raw.items()
         }
+
+    def forget(self, run_id: str) -> bool:
+        """Delete run ``run_id`` and everything it holds (results, context), if it ended:
+        runs are kept until forgotten. False: it is running (kept), or there is no such run."""
+        return forget_run(self.app, run_id)
 
     def resume(self, run_id: str) -> list[str]:
         """Run again the steps of an ended run that did not end done (failed, and those skipped

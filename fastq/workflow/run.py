@@ -37,7 +37,7 @@ from fastq.workflow.state import (
     StepSpec,
 )
 
-__all__ = ["complete", "resume", "start", "status"]
+__all__ = ["complete", "forget", "resume", "start", "status"]
 
 # Every function here is a coroutine over an async RunTx: a store with a synchronous transaction
 # (SQLite, memory) never suspends and drives it with ``state.drive``; PostgreSQL awaits it on
@@ -227,6 +227,15 @@ async def resume(tx: RunTx, run_id: str, now: float) -> list[str]:
     for spec in ready:
         await _ready(tx, run, graph, spec, now)
     return [s.name for s in again]
+
+
+async def forget(tx: RunTx, run_id: str) -> bool:
+    """Delete an ended run and all it holds; False when it is running (kept) or unknown."""
+    run = await tx.run(run_id)
+    if run is None or run.state == RUN_RUNNING:
+        return False
+    await tx.delete_run(run_id)
+    return True
 
 
 async def status(tx: RunTx, run_id: str) -> tuple[RunRow, list[StepRow], dict[str, bytes]] | None:

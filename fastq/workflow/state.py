@@ -121,6 +121,10 @@ class RunTx(Protocol):
 
     async def drop_elements(self, run_id: str, step: str) -> None: ...
 
+    async def delete_run(self, run_id: str) -> None:
+        """The run and every row of it (steps, counters, context) go."""
+        ...
+
     async def add(self, run_id: str, counter: str, delta: int) -> int:
         """Add ``delta`` to a counter (created at 0); its new value."""
         ...
@@ -192,6 +196,14 @@ class MemoryRuns:
     async def drop_elements(self, run_id: str, step: str) -> None:
         for key in [k for k in self.step_rows if k[0] == run_id and k[1] == step and k[2] >= 0]:
             del self.step_rows[key]
+
+    async def delete_run(self, run_id: str) -> None:
+        self.run_rows.pop(run_id, None)
+        self.contexts.pop(run_id, None)
+        for key in [k for k in self.step_rows if k[0] == run_id]:
+            del self.step_rows[key]
+        for ckey in [k for k in self.counters if k[0] == run_id]:
+            del self.counters[ckey]
 
     async def add(self, run_id: str, counter: str, delta: int) -> int:
         value = self.counters.get((run_id, counter), 0) + delta

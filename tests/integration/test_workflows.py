@@ -332,3 +332,9 @@ def test_a_failing_step_fails_the_run_and_resume_finishes_it_without_rerunning_d
         ["fetch", "parse", "parse", "parse", "audit", "cleanup", "parse", "load"]
     )
     assert wf.resume(run_id) == []
+    assert wf.forget(run_id) is True
+    assert wf.runs() == []
+    counted = host.app.app.broker._db().execute(
+        "SELECT (SELECT count(*) FROM fastq_run_steps), (SELECT count(*) FROM fastq_run_counters)"
+    )
+    assert counted.fetchone() == (0, 0)

@@ -86,3 +86,6 @@ def test_a_failing_step_on_postgres_is_resumed_by_the_command(host):
     assert sorted(host.lines("runs.txt")) == sorted(
         ["fetch", "parse", "parse", "parse", "audit", "cleanup", "parse", "load"]
     )
+    assert wf.forget(run_id) is True
+    assert wf.runs() == []
+    assert wf.forget(run_id) is False

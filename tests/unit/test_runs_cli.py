@@ -86,6 +86,14 @@ def test_runs_lists_shows_and_resumes_a_failed_run(mod, tmp_path, capsys):
     assert (
         capsys.readouterr().out == f"run {run_id} has nothing to resume (it is running, or done)\n"
     )
+    # When it is forgotten, it is gone, with everything it held
+    assert cli.main(["runs", "cliruns_app:app", "forget", run_id]) == 0
+    assert capsys.readouterr().out == f"forgot run {run_id}\n"
+    assert mod.app.broker._runs.step_rows == {} and mod.app.broker._runs.counters == {}
+    assert cli.main(["runs", "cliruns_app:app", "forget", run_id]) == 1
+    assert capsys.readouterr().out == (
+        f"run {run_id} is running, or there is no such run: nothing forgotten\n"
+    )
 
 
 def test_runs_errors_are_one_line_with_exit_2(mod, capsys):
