@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -36,6 +37,8 @@ from fastq.workflow import run
 from fastq.workflow.state import MemoryRuns, RunTx, drive
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 
 class _Entry:
@@ -291,7 +294,12 @@ class MemoryBroker(Broker):
             before = self._enqueued
             for r in results:
                 if r.step is not None:  # a workflow step's: recorded in its run, not kept
-                    drive(run.complete(self._runs, r.step, r.outcome, now))
+                    try:
+                        drive(run.complete(self._runs, r.step, r.outcome, now))
+                    except Exception:
+                        logger.exception(
+                            "recording step %s of run %s failed", r.step.step, r.step.run_id
+                        )
                     continue
                 self._results[r.message_id] = (r.outcome, now + r.ttl)
                 heapq.heappush(self._purges, (now + r.ttl, r.message_id, r.ttl))

@@ -360,7 +360,17 @@ class PostgresBroker(ExchangeBroker):
             now = time.time()
             for r in steps:
                 assert r.step is not None
-                await run.complete(tx, r.step, r.outcome, now)
+                try:
+                    async with c.transaction():  # a savepoint: see sqlite_runs.record
+                        await run.complete(tx, r.step, r.outcome, now)
+                except (asyncpg.PostgresError, *_CONNECTION_ERRORS):
+                    raise
+                except Exception:
+                    logger.exception(
+                        "recording step %s of run %s failed; that run does not move on",
+                        r.step.step,
+                        r.step.run_id,
+                    )
             return list(await c.fetch(*call))
 
     def run_transaction(

@@ -50,7 +50,6 @@ from fastq.broker.base import (
     wait_either,
 )
 from fastq.errors import BrokerStorageError, ConfigError, FastqError
-from fastq.workflow import run
 from fastq.workflow.state import RunTx, drive
 
 T = TypeVar("T")
@@ -483,10 +482,8 @@ class SqliteBroker(ExchangeBroker):
         second (expiry on write). A workflow step's outcome is recorded in its run instead, and
         what it makes ready enqueued, in that same transaction."""
         if any(r.step is not None for r in results):
-            tx = self._runs(db, now)
-            for r in results:
-                if r.step is not None:
-                    drive(run.complete(tx, r.step, r.outcome, now))
+            steps = [(r.step, r.outcome) for r in results if r.step is not None]
+            runs_sql.record(db, self._runs(db, now), steps, now)
             results = [r for r in results if r.step is None]
         db.executemany(
             sql.PUT_RESULT,
@@ -518,11 +515,11 @@ class SqliteBroker(ExchangeBroker):
     async def record_steps(self, steps: Sequence[StoredResult]) -> list[tuple[int, Output]]:
         def work(db: sqlite3.Connection) -> list[tuple[int, Output]]:
             made: list[tuple[int, Output]] = []
-            tx, now = self._outboxed(db, made), time.time()
-            for r in steps:
-                assert r.step is not None
-                drive(run.complete(tx, r.step, r.outcome, now))
-            return made
+            done = [(r.step, r.outcome) for r in steps if r.step is not None]
+            runs_sql.record(db, self._outboxed(db, made), done, time.time())
+            # what a rolled-back step enqueued is in the list, not in the outbox: only what is
+            kept = {i for (i,) in db.execute("SELECT id FROM fastq_run_outbox")}
+            return [m for m in made if m[0] in kept]
 
         return await self._run(
             lambda: self._write(work, outcome=f"{len(steps)} workflow step(s) were not recorded")

@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from fastq.workflow.state import RunRow, StepRow
+from fastq.workflow import run
+from fastq.workflow.state import RunRow, StepRef, StepRow, drive
+
+logger = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS fastq_runs (
@@ -173,3 +177,26 @@ class SqliteRuns:
             "INSERT OR REPLACE INTO fastq_run_context (run_id, key, value) VALUES (?, ?, ?)",
             [(run_id, k, v) for k, v in items.items()],
         )
+
+
+def record(
+    db: sqlite3.Connection, tx: SqliteRuns, steps: Sequence[tuple[StepRef, bytes]], now: float
+) -> None:
+    """Record each step's outcome in the caller's transaction, each under a savepoint: one that
+    breaks the state machine (a bug, data of another version) is rolled back and logged, never
+    retried with the batch for ever; a storage error rolls the whole transaction back."""
+    for ref, outcome in steps:
+        db.execute("SAVEPOINT fastq_step")
+        try:
+            drive(run.complete(tx, ref, outcome, now))
+        except sqlite3.Error:
+            raise
+        except Exception:
+            db.execute("ROLLBACK TO fastq_step")
+            logger.exception(
+                "recording step %s (element %d) of run %s failed; that run does not move on",
+                ref.step,
+                ref.index,
+                ref.run_id,
+            )
+        db.execute("RELEASE fastq_step")

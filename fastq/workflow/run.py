@@ -83,6 +83,10 @@ async def complete(tx: RunTx, ref: StepRef, outcome: bytes, now: float) -> bool:
     if row is None or run is None or row.state not in OPEN:
         return False
     graph = graph_of(run.graph)
+    try:
+        spec = graph.spec(ref.step)
+    except KeyError:  # a step this run was not started with (another version of the app)
+        return False
     row.attempts, row.finished_at = ref.attempts, now
     try:
         o = _outcome.decode(outcome)
@@ -98,7 +102,6 @@ async def complete(tx: RunTx, ref: StepRef, outcome: bytes, now: float) -> bool:
     except msgspec.DecodeError as e:
         row.state, row.error = FAILED, f"its outcome does not decode: {e}"
     await tx.put_step(row)
-    spec = graph.spec(ref.step)
     if ref.index < 0:
         await _ended(tx, run, graph, spec, now)
     elif await tx.add(ref.run_id, "left:" + ref.step, -1) <= 0:
@@ -128,7 +131,13 @@ async def _ready(tx: RunTx, run: RunRow, graph: Graph, spec: StepSpec, now: floa
         await tx.put_step(row)
         return
     source = values[0] if values else NIL
-    elements = [] if source == NIL else [bytes(v) for v in _elements.decode(source)]
+    try:
+        elements = [] if source == NIL else [bytes(v) for v in _elements.decode(source)]
+    except msgspec.DecodeError as e:  # checked at definition; a value from another version
+        row.state, row.finished_at, row.error = FAILED, now, f"cannot fan out: {e}"
+        await tx.put_step(row)
+        await _ended(tx, run, graph, spec, now)
+        return
     done = {e.index for e in await tx.steps(run.run_id, spec.name) if e.state == DONE}
     todo = [i for i in range(len(elements)) if i not in done]
     await tx.put_step(row)

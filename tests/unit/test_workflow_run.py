@@ -12,7 +12,7 @@ import fastq
 from fastq import message, results
 from fastq.testing import drain
 from fastq.workflow import run
-from fastq.workflow.state import MemoryRuns, StepRef, drive
+from fastq.workflow.state import MemoryRuns, RunRow, StepRef, StepRow, drive
 
 _enc = msgspec.msgpack.Encoder()
 
@@ -202,3 +202,30 @@ def test_a_handler_starts_a_run_and_a_step_reads_typed_context():
     kick.send()
     assert drain(app) == fastq.testing.Drained(ok=3, retried=0, dead=0)
     assert wf.result(started[0], timeout=1) == {"read": 4}
+
+
+def test_outcomes_of_another_version_change_nothing_or_fail_the_step_never_raise(wf):
+    tx, _ = started(wf)
+    # a step this run was not started with: ignored
+    assert not complete(tx, StepRef("r1", "renamed", -1), ok(1), 2.0)
+    # a fan-out over a value that is not a list (a parent of another version): the step fails
+    complete(tx, StepRef("r1", "source", -1), ok({"not": "a list"}), 2.0)
+    row = step(tx, "r1", "square", -1)
+    assert row.state == "failed" and row.error.startswith("cannot fan out: ")
+    assert step(tx, "r1", "total", -1).state == "skipped"
+
+
+def test_sqlite_records_each_step_under_a_savepoint_and_logs_what_breaks(tmp_path, caplog):
+    from fastq.broker import sqlite_runs
+    from fastq.broker.sqlite import SqliteBroker
+
+    broker = SqliteBroker(f"sqlite:///{tmp_path / 'q.db'}")
+    db = broker._db()
+    db.execute("BEGIN IMMEDIATE")
+    tx = sqlite_runs.SqliteRuns(db, lambda *a: None)
+    drive(tx.put_run(RunRow("r1", "fan", b"\xc1", b"\x90", "running", 1.0)))  # bad graph
+    drive(tx.put_step(StepRow("r1", "source", -1, "running")))
+    sqlite_runs.record(db, tx, [(StepRef("r1", "source", -1), ok([1]))], 2.0)
+    db.execute("COMMIT")
+    assert "recording step source (element -1) of run r1 failed" in caplog.text
+    assert drive(tx.step("r1", "source", -1)).state == "running"  # rolled back to the savepoint
