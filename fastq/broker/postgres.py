@@ -356,22 +356,60 @@ class PostgresBroker(ExchangeBroker):
         if not steps:
             return list(await c.fetch(*call))
         async with c.transaction():
-            tx = runs_sql.PostgresRuns(c, self.schema, self.sql.insert)
-            now = time.time()
-            for r in steps:
-                assert r.step is not None
-                try:
-                    async with c.transaction():  # a savepoint: see sqlite_runs.record
-                        await run.complete(tx, r.step, r.outcome, now)
-                except (asyncpg.PostgresError, *_CONNECTION_ERRORS):
-                    raise
-                except Exception:
-                    logger.exception(
-                        "recording step %s of run %s failed; that run does not move on",
-                        r.step.step,
-                        r.step.run_id,
-                    )
+            await self._record(c, runs_sql.PostgresRuns(c, self.schema, self.sql.insert), steps)
             return list(await c.fetch(*call))
+
+    async def _record(
+        self,
+        c: asyncpg.Connection,
+        tx: runs_sql.PostgresRuns,
+        steps: Sequence[StoredResult],
+    ) -> None:
+        """Record each step's outcome under a savepoint (see ``sqlite_runs.record``)."""
+        now = time.time()
+        for r in steps:
+            assert r.step is not None
+            made = len(tx.outbox) if tx.outbox is not None else 0
+            try:
+                async with c.transaction():
+                    await run.complete(tx, r.step, r.outcome, now)
+            except (asyncpg.PostgresError, *_CONNECTION_ERRORS):
+                raise
+            except Exception:
+                if tx.outbox is not None:
+                    del tx.outbox[made:]
+                logger.exception(
+                    "recording step %s of run %s failed; that run does not move on",
+                    r.step.step,
+                    r.step.run_id,
+                )
+
+    async def record_steps(self, steps: Sequence[StoredResult]) -> list[tuple[int, Output]]:
+        made: list[tuple[int, Output]] = []
+
+        async def work(c: asyncpg.Connection) -> None:
+            del made[:]  # a retried call starts over
+            async with c.transaction():
+                tx = runs_sql.PostgresRuns(c, self.schema, self.sql.insert, outbox=made)
+                await self._record(c, tx, steps)
+
+        await self._call(work, f"{len(steps)} workflow step(s) were not recorded")
+        return made
+
+    async def outbox_done(self, ids: Sequence[int]) -> None:
+        await self._call(
+            lambda c: runs_sql.outbox_done(c, self.schema, list(ids)), "the outbox kept them"
+        )
+
+    def outbox_done_sync(self, ids: Sequence[int]) -> None:
+        self.bridge().run(
+            lambda c: runs_sql.outbox_done(c, self.schema, list(ids)), "the outbox kept them"
+        )
+
+    async def pending_outbox(self) -> list[tuple[int, Output]]:
+        return await self._call(
+            lambda c: runs_sql.pending_outbox(c, self.schema), "the outbox was not read"
+        )
 
     def run_transaction(
         self,
@@ -385,7 +423,9 @@ class PostgresBroker(ExchangeBroker):
 
         async def go(c: asyncpg.Connection) -> T:
             async with c.transaction(readonly=not write):
-                tx = runs_sql.PostgresRuns(c, self.schema, self.sql.insert, lock=write)
+                tx = runs_sql.PostgresRuns(
+                    c, self.schema, self.sql.insert, lock=write, outbox=outbox
+                )
                 return await work(tx)
 
         return self.bridge().run(go, "the workflow run was not changed")

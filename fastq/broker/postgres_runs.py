@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastq.broker.base import Message, pack_headers
+from fastq.broker.base import Message, Output, pack_headers, unpack_headers
 from fastq.workflow.state import RunRow, StepRow
 
 #: made if missing by every broker that opens the schema (IF NOT EXISTS: older schemas gain them)
@@ -47,6 +47,13 @@ CREATE TABLE IF NOT EXISTS {s}.run_counters (
     value integer NOT NULL,
     PRIMARY KEY (run_id, name)
 );
+CREATE TABLE IF NOT EXISTS {s}.run_outbox (  -- as another broker's result store (RabbitMQ)
+    id bigserial PRIMARY KEY,
+    queue text NOT NULL,
+    message_id text NOT NULL,
+    body bytea NOT NULL,
+    headers bytea
+);
 CREATE TABLE IF NOT EXISTS {s}.run_context (
     run_id text NOT NULL,
     key text NOT NULL,
@@ -78,10 +85,20 @@ class PostgresRuns:
         schema: the broker's schema (a checked identifier).
         insert: the broker's message insert (``postgres_sql.INSERT`` formatted).
         lock: read rows ``FOR UPDATE`` (a completion); False for reads only.
+        outbox: as another broker's result store: what is enqueued goes to the outbox table,
+            and to this list with its id, for the caller to publish to that broker.
     """
 
-    def __init__(self, conn: Any, schema: str, insert: str, *, lock: bool = True) -> None:
-        self.c, self.s, self.insert = conn, schema, insert
+    def __init__(
+        self,
+        conn: Any,
+        schema: str,
+        insert: str,
+        *,
+        lock: bool = True,
+        outbox: list[tuple[int, Output]] | None = None,
+    ) -> None:
+        self.c, self.s, self.insert, self.outbox = conn, schema, insert, outbox
         self.lock = " FOR UPDATE" if lock else ""
 
     async def run(self, run_id: str) -> RunRow | None:
@@ -184,6 +201,25 @@ class PostgresRuns:
         self, queue: str, message_id: str, body: bytes, headers: dict[str, str]
     ) -> None:
         m = Message(body, message_id, headers)
+        if self.outbox is not None:
+            outbox_id: int = await self.c.fetchval(
+                f"INSERT INTO {self.s}.run_outbox (queue, message_id, body, headers) "
+                "VALUES ($1, $2, $3, $4) RETURNING id",
+                queue, message_id, body, pack_headers(headers),
+            )  # fmt: skip
+            self.outbox.append((outbox_id, Output(queue, m)))
+            return
         await self.c.execute(
             self.insert, queue, [m.message_id], [m.body], [pack_headers(m.headers)], [0.0]
         )
+
+
+async def pending_outbox(conn: Any, schema: str) -> list[tuple[int, Output]]:
+    rows = await conn.fetch(
+        f"SELECT id, queue, message_id, body, headers FROM {schema}.run_outbox ORDER BY id"
+    )
+    return [(r[0], Output(r[1], Message(bytes(r[3]), r[2], unpack_headers(r[4])))) for r in rows]
+
+
+async def outbox_done(conn: Any, schema: str, ids: list[int]) -> None:
+    await conn.execute(f"DELETE FROM {schema}.run_outbox WHERE id = ANY($1::bigint[])", ids)

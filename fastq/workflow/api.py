@@ -135,7 +135,7 @@ def store_of(app: App) -> Broker:
     if not store.keeps_runs_for_others:
         raise ConfigError(
             f"result_store={store.url} keeps no workflow runs for {broker.url}; give a "
-            "sqlite:/// result store"
+            "sqlite:/// or postgresql:// result store"
         )
     return store
 

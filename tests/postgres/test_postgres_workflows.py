@@ -1,14 +1,18 @@
 """Workflows through real processes on PostgreSQL: the SQLite tests' apps
 (tests/integration/test_workflows.py) on a schema of each test's own: Cloacina's tutorial (exact
 summary, partitions overlapping), a fan-out of 1,000 with a worker SIGKILLed twice (the join
-once), a failing step resumed; and `fastq runs` against that schema."""
+once), a failing step resumed by `fastq runs`; and RabbitMQ with a PostgreSQL result store
+(a fan-out of 1,000 with a worker SIGKILLed twice, the outbox empty at the end)."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
+import uuid
 
+import pika
 import pytest
 
 import fastq
@@ -89,3 +93,49 @@ def test_a_failing_step_on_postgres_is_resumed_by_the_command(host):
     assert wf.forget(run_id) is True
     assert wf.runs() == []
     assert wf.forget(run_id) is False
+
+
+@pytest.fixture
+def amqp_host(tmp_path, pg_url, amqp_url):
+    q = f"fq-wfpg-{uuid.uuid4().hex[:8]}"
+    broker = f"{amqp_url!r}, result_store={pg_url!r}"
+    h = Host(tmp_path, "pg_amqp_fanout", FANOUT.replace('"sqlite:///{db}?lease=5"', broker), q=q)
+    h.start()
+    yield h
+    try:
+        h.close()
+    finally:
+        connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+        try:
+            channel = connection.channel()
+            for name in (q, f"{q}.dlq"):
+                channel.queue_delete(name)
+        finally:
+            connection.close()
+
+
+def test_on_rabbitmq_with_a_postgres_result_store_a_fan_out_fans_in_once(amqp_host):
+    host = amqp_host
+    # Given RabbitMQ for the messages and PostgreSQL for the runs: a fan-out of 1,000
+    run_id = host.app.wf.start(1000)
+    # When a worker is SIGKILLed twice
+    for ran in (250, 500):
+        wait_until(lambda r=ran: len(host.lines("work.txt")) >= r, 60, host.logtext)
+        victims = host.workers()
+        assert victims, host.logtext()
+        victims[0].send_signal(signal.SIGKILL)
+    # Then the sum is exact, the join ran once, every element done, the outbox empty
+    assert host.app.wf.result(run_id, timeout=120) == {"join": sum(2 * i for i in range(1000))}
+    assert host.lines("join.txt") == ["join"]
+    elements = host.app.wf.status(run_id).steps["work"].elements
+    assert [(e.index, e.state) for e in elements] == [(i, "done") for i in range(1000)]
+
+    async def pending() -> list:
+        store = fastq.App("peek", broker=host.app.app.result_store_url).broker
+        await store.open()
+        try:
+            return await store.pending_outbox()
+        finally:
+            await store.close()
+
+    assert asyncio.run(pending()) == []
