@@ -90,9 +90,10 @@ def wrap(
         wrapper = step_sync
     functools.update_wrapper(wrapper, fn, assigned=("__module__", "__name__", "__qualname__"))
     P = inspect.Parameter
+    own = inspect.signature(fn).parameters  # their defaults: what start() may leave out
     wrapper.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [P("run", P.POSITIONAL_OR_KEYWORD)]
-        + [P(name, P.POSITIONAL_OR_KEYWORD) for name, _ in params]
+        + [P(name, P.POSITIONAL_OR_KEYWORD, default=own[name].default) for name, _ in params]
     )
     wrapper.__annotations__ = {
         "run": StepRun,

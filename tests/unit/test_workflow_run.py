@@ -229,3 +229,20 @@ def test_sqlite_records_each_step_under_a_savepoint_and_logs_what_breaks(tmp_pat
     db.execute("COMMIT")
     assert "recording step source (element -1) of run r1 failed" in caplog.text
     assert drive(tx.step("r1", "source", -1)).state == "running"  # rolled back to the savepoint
+
+
+def test_start_arguments_are_checked_against_the_roots_and_their_defaults_apply():
+    app = fastq.App("defaults", broker="memory://unit-defaults")
+    wf = app.workflow("d")
+
+    @wf.step()
+    def gen(n: int, scale: int = 10) -> int:
+        return n * scale
+
+    run_id = wf.start(4)
+    drain(app)
+    assert wf.result(run_id, timeout=1) == {"gen": 40}
+    with pytest.raises(msgspec.ValidationError, match=r"Expected `int`, got `str`"):
+        wf.start("four")
+    with pytest.raises(TypeError, match=r"missing a required argument: 'n'"):
+        wf.start()
