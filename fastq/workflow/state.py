@@ -39,8 +39,11 @@ def ref_of(headers: dict[str, str] | None, attempts: int) -> StepRef | None:
     """The step a message with ``headers`` is (None: no step)."""
     if not headers or RUN_HEADER not in headers:
         return None
-    run_id, step, index = headers[RUN_HEADER].rsplit("/", 2)
-    return StepRef(run_id, step, int(index), attempts)
+    try:
+        run_id, step, index = headers[RUN_HEADER].rsplit("/", 2)
+        return StepRef(run_id, step, int(index), attempts)
+    except ValueError:  # not one of ours: an ordinary message
+        return None
 
 
 class StepSpec(msgspec.Struct, array_like=True, frozen=True):

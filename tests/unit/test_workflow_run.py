@@ -246,3 +246,12 @@ def test_start_arguments_are_checked_against_the_roots_and_their_defaults_apply(
         wf.start("four")
     with pytest.raises(TypeError, match=r"missing a required argument: 'n'"):
         wf.start()
+
+
+def test_a_run_header_that_is_not_ours_makes_an_ordinary_message():
+    from fastq.workflow.state import ref_of
+
+    assert ref_of({"fastq-run": "r/s/2"}, 3) == StepRef("r", "s", 2, 3)
+    assert ref_of({"fastq-run": "garbage"}, 1) is None
+    assert ref_of({"fastq-run": "a/b/c"}, 1) is None
+    assert ref_of(None, 1) is None
