@@ -265,7 +265,8 @@ class RunAPI:
 
     def result(self, run_id: str, timeout: float | None = None) -> dict[str, Any]:
         """Wait for run ``run_id`` to end; the values of its sink steps (those no step depends
-        on), by name, decoded as their return annotations say.
+        on), by name, decoded as their return annotations say. The run is looked at every
+        ``POLL`` seconds.
 
         Raises:
             WorkflowFailed: a step failed (after its retries); it names them, and why.
@@ -277,13 +278,28 @@ class RunAPI:
             if st.state in (RUN_DONE, RUN_FAILED):
                 return self._ended(run_id, st)
             if deadline is not None and time.monotonic() >= deadline:
-                running = [n for n, s in st.steps.items() if s.state not in ("done", "skipped")]
-                raise TimeoutError(
-                    f"run {run_id} of workflow {self.name} did not end within {timeout:g} s; "
-                    f"not ended: {', '.join(running)}; wait longer, or check that a worker "
-                    "consumes the steps' queues"
-                )
+                raise self._timed_out(run_id, st, timeout)
             time.sleep(POLL)
+
+    async def result_async(self, run_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """``result`` for coroutines: each look runs off the event loop, free in between."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            st = await loop.run_in_executor(None, self.status, run_id)
+            if st.state in (RUN_DONE, RUN_FAILED):
+                return await loop.run_in_executor(None, self._ended, run_id, st)
+            if deadline is not None and loop.time() >= deadline:
+                raise self._timed_out(run_id, st, timeout)
+            await asyncio.sleep(POLL)
+
+    def _timed_out(self, run_id: str, st: RunStatus, timeout: float | None) -> TimeoutError:
+        running = [n for n, s in st.steps.items() if s.state not in ("done", "skipped")]
+        return TimeoutError(
+            f"run {run_id} of workflow {self.name} did not end within {timeout or 0:g} s; "
+            f"not ended: {', '.join(running)}; wait longer, or check that a worker consumes "
+            "the steps' queues"
+        )
 
     def _ended(self, run_id: str, st: RunStatus) -> dict[str, Any]:
         if st.state == RUN_FAILED:

@@ -255,3 +255,28 @@ def test_a_run_header_that_is_not_ours_makes_an_ordinary_message():
     assert ref_of({"fastq-run": "garbage"}, 1) is None
     assert ref_of({"fastq-run": "a/b/c"}, 1) is None
     assert ref_of(None, 1) is None
+
+
+def test_result_async_waits_off_the_loop_and_times_out_saying_what_did_not_end():
+    import asyncio
+
+    app = fastq.App("asyncres", broker="memory://unit-asyncres")
+    wf = app.workflow("a")
+
+    @wf.step()
+    async def one() -> int:
+        return 1
+
+    @wf.step(depends_on=[one])
+    async def two(one: int) -> int:
+        return one + 1
+
+    run_id = wf.start()
+    with pytest.raises(
+        TimeoutError,
+        match=rf"^run {run_id} of workflow a did not end within 0.1 s; not ended: one, two; "
+        r"wait longer, or check that a worker consumes the steps' queues$",
+    ):
+        asyncio.run(wf.result_async(run_id, timeout=0.1))
+    drain(app)
+    assert asyncio.run(wf.result_async(run_id, timeout=5)) == {"two": 2}
