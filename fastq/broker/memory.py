@@ -33,6 +33,7 @@ from fastq.broker.base import (
     mask_url,
     wait_either,
 )
+from fastq.errors import ConfigError
 from fastq.workflow import run
 from fastq.workflow.state import MemoryRuns, RunTx, drive
 
@@ -275,6 +276,8 @@ class MemoryBroker(Broker):
         write: bool = True,
         outbox: list[tuple[int, Output]] | None = None,
     ) -> T:
+        if outbox is not None:
+            raise ConfigError(f"{self.url} keeps no workflow runs for another broker")
         with self._lock:
             before = self._enqueued
             out = drive(work(self._runs))
