@@ -25,10 +25,12 @@ from fastq.errors import (
     RingNotFound,
     TaskFailed,
     WorkerLost,
+    WorkflowFailed,
 )
 from fastq.middleware import Middleware, TimingMiddleware
 from fastq.pool import Pool
 from fastq.task import Consumer, Task
+from fastq.workflow.context import RunContext
 
 __version__ = "0.1.0.dev0"
 
@@ -58,9 +60,11 @@ __all__ = [
     "RingFull",
     "RingNotFound",
     "Route",
+    "RunContext",
     "Task",
     "TaskFailed",
     "TimingMiddleware",
     "WorkerLost",
+    "WorkflowFailed",
     "__version__",
 ]

@@ -18,7 +18,7 @@ import itertools
 import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import msgspec
 
@@ -28,6 +28,9 @@ from fastq.errors import ConfigError
 from fastq.middleware import Hooks, Middleware
 from fastq.schedule import Schedule, build
 from fastq.task import Consumer, Task, importable_name, module_name
+
+if TYPE_CHECKING:
+    from fastq.workflow.graph import Workflow
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -73,6 +76,8 @@ class App:
         self.consumers: dict[str, Consumer] = {}
         #: periodic tasks by task name (``@app.periodic``)
         self.schedules: dict[str, Schedule] = {}
+        #: workflows by name (``app.workflow``)
+        self.workflows: dict[str, Workflow] = {}
         self._broker: Broker | None = None
         self._broker_url: str | None = None  # the URL self._broker was made for
         self.result_store_url = result_store
@@ -261,6 +266,22 @@ class App:
             return task
 
         return register
+
+    def workflow(self, name: str) -> Workflow:
+        """A new workflow of this App: a typed DAG of steps, each a task (see the README's
+        "Workflows"); ``@wf.step(...)`` defines them.
+
+        Raises:
+            ConfigError: the name is taken, or is not a word (it is part of the steps' names).
+        """
+        from fastq.workflow.graph import Workflow
+
+        if not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"workflow name {name!r} must be letters, digits, - and _")
+        if name in self.workflows:
+            raise ConfigError(f"a workflow named {name!r} is defined already; one per name")
+        wf = self.workflows[name] = Workflow(self, name)
+        return wf
 
     def consumer(
         self, queue: str, /, *, publish_to: str | Route | Task | None = None, **options: Any

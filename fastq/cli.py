@@ -212,11 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         "suite",
         nargs="?",
         default="engine",
-        choices=["engine", "ring", "autosize", "pool", "soak", "pipeline"],
+        choices=["engine", "ring", "autosize", "pool", "soak", "pipeline", "workflow"],
         help="engine: noop/io/cpu handlers on memory:// and sqlite:// (default); ring: the rings "
         "alone; soak: mixed load with a worker SIGKILLed every minute (--minutes, default 20); "
         "pipeline: 3-stage publish_to chains and call latency (with --broker amqp://: beside "
-        "Celery and Dramatiq)",
+        "Celery and Dramatiq); workflow: a fan-out of 1,000 and 1,000 4-step chains",
     )
     bench.add_argument(
         "--minutes", type=float, default=20.0, help="length of the soak suite (default 20)"
@@ -275,9 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     stats.add_argument("--queue", action="append", help="only this queue (repeatable)")
     stats.add_argument("--broker", help="broker URL (default: the app's)")
     stats.add_argument("--json", action="store_true", help="one JSON object: queue -> counts")
-    from fastq import admin
+    from fastq import admin, runs
 
     admin.add_commands(commands)
+    runs.add_command(commands)
     work = commands.add_parser("worker", help="run the workers of an app: fastq worker module:app")
     show = commands.add_parser(
         "plan", help="print the sizing plan for this machine, and why, without starting anything"
@@ -325,10 +326,18 @@ def main(argv: list[str] | None = None) -> int:
             return _send(args.task, args.arguments)
         if args.command in admin.COMMANDS:
             return admin.run(args)
+        if args.command == "runs":
+            return runs.run(args)
         if args.runs < 1:
             raise UsageError(f"--runs must be >= 1, got {args.runs}")
         if (args.systems or args.scenarios) and not args.peers:
             raise UsageError("--systems and --scenarios go with --broker amqp://... --peers")
+        if args.suite == "workflow":
+            from fastq._bench import workflow
+
+            if args.broker:
+                raise UsageError("workflow takes no --broker (memory:// and sqlite:// only, yet)")
+            return workflow.main(runs=args.runs, json_path=args.json)
         if args.suite == "pipeline":
             from fastq._bench import pipeline
 

@@ -122,3 +122,19 @@ class TaskFailed(FastqError):
 
 class ResultExpired(FastqError, LookupError):
     """A result was kept and its ``result_ttl`` passed: it is gone."""
+
+
+class WorkflowFailed(FastqError):
+    """A workflow run ended failed: ``failed`` maps each failed step to why (its error, after
+    how many attempts); ``skipped`` names the steps that did not run because of it."""
+
+    def __init__(
+        self, workflow: str, run_id: str, failed: dict[str, str], skipped: list[str]
+    ) -> None:
+        why = "; ".join(f"{name}: {error}" for name, error in failed.items())
+        super().__init__(
+            f"workflow {workflow} run {run_id} failed at {', '.join(failed)} ({why})"
+            + (f"; skipped {', '.join(skipped)}" if skipped else "")
+            + f"; fix the cause and resume it: wf.resume({run_id!r})"
+        )
+        self.workflow, self.run_id, self.failed, self.skipped = workflow, run_id, failed, skipped

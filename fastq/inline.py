@@ -33,6 +33,7 @@ from fastq.broker.memory import MemoryBroker
 from fastq.errors import ConfigError, MessageError, TaskFailed
 from fastq.executors.app import AppExecutor
 from fastq.wire import Status, WorkerSpec
+from fastq.workflow.state import ref_of
 
 __all__ = ["Drained", "EagerBroker", "drain", "drain_async"]
 
@@ -190,7 +191,12 @@ async def _run_one(
             for o in r.outputs
         ]
         await broker.publish_outputs(outputs)
-        if r.keep and store is not None:
+        step = ref_of(d.headers, d.retries + 1)
+        if step is not None:  # a workflow step's outcome: recorded in its run, in the broker
+            await broker.put_results(
+                [StoredResult(d.message_id, r.handler, r.outcome, r.keep, step=step)]
+            )
+        elif r.keep and store is not None:
             await store.put_results(
                 [StoredResult(d.message_id, r.handler, r.outcome, r.keep, r.notify)]
             )

@@ -11,8 +11,8 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -20,6 +20,9 @@ from fastq._aio import Signal, wait_either
 from fastq.config import EXCHANGE_KINDS, QueueOptions
 from fastq.errors import ConfigError
 from fastq.url import mask_url
+from fastq.workflow.state import RunTx, StepRef
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +146,9 @@ class StoredResult(msgspec.Struct, frozen=True, gc=False):
     notify: str = ""
     #: where to send it as a reply instead (the delivery's reply_to: RabbitMQ direct reply-to)
     reply_to: str = ""
+    #: the workflow step it is the outcome of: a broker that ``keeps_runs`` records it in its
+    #: run (``fastq.workflow.run.complete``) and enqueues what follows, instead of keeping it
+    step: StepRef | None = None
 
 
 class Output(msgspec.Struct, frozen=True, gc=False):
@@ -340,6 +346,60 @@ class Broker(abc.ABC):
         """The host's budget of unsettled deliveries of ``queue`` (the supervisor's, whole):
         a broker that pushes (RabbitMQ's ``basic.qos``) holds no more than this. Brokers that
         are asked (``fetch``) need not do anything."""
+
+    # -- workflows: run state (``fastq.workflow``) ----------------------------------------------
+
+    @property
+    def keeps_runs(self) -> bool:
+        """It keeps workflow runs in its own store (it implements ``run_transaction``)."""
+        return type(self).run_transaction is not Broker.run_transaction
+
+    def run_transaction(
+        self,
+        work: Callable[[RunTx], Coroutine[Any, Any, T]],
+        *,
+        write: bool = True,
+        outbox: list[tuple[int, Output]] | None = None,
+    ) -> T:
+        """Run ``work`` (a coroutine function: ``fastq.workflow.run``'s) on this broker's
+        workflow run state in one transaction (any thread, not a running event loop's):
+        what it reads is consistent, what it writes and enqueues is committed together or not
+        at all (``write=False``: it only reads, and takes no write lock). Step outcomes
+        (``StoredResult.step``) go through ``exchange(results=...)``, in their ack's
+        transaction. ``outbox``: as another broker's result store, what ``work`` enqueues goes
+        to the outbox (and to this list, with the ids) for the caller to publish elsewhere.
+
+        Raises:
+            ConfigError: this broker keeps no runs (the message names those that do).
+        """
+        raise ConfigError(
+            f"{self.url} keeps no workflow runs; the memory://, sqlite:// and postgresql:// "
+            "brokers do"
+        )
+
+    @property
+    def keeps_runs_for_others(self) -> bool:
+        """As a result store, it keeps the runs of a broker that keeps none (``record_steps``)."""
+        return type(self).record_steps is not Broker.record_steps
+
+    async def record_steps(self, steps: Sequence[StoredResult]) -> list[tuple[int, Output]]:
+        """As a result store (``App(result_store=...)``) for a broker that keeps no runs
+        (RabbitMQ): record these workflow steps' outcomes in one transaction and keep the
+        messages they made ready in an outbox; those messages, with their outbox ids. The
+        supervisor publishes them (confirmed) before it acks the steps, then ``outbox_done``."""
+        raise ConfigError(f"{self.url} keeps no workflow runs for another broker")
+
+    async def outbox_done(self, ids: Sequence[int]) -> None:
+        """These outbox messages were published: forget them."""
+        raise ConfigError(f"{self.url} keeps no workflow runs for another broker")
+
+    def outbox_done_sync(self, ids: Sequence[int]) -> None:
+        """``outbox_done`` for code without an event loop (any thread)."""
+        raise ConfigError(f"{self.url} keeps no workflow runs for another broker")
+
+    async def pending_outbox(self) -> list[tuple[int, Output]]:
+        """Outbox messages never published (a supervisor died between record and publish)."""
+        raise ConfigError(f"{self.url} keeps no workflow runs for another broker")
 
     # -- scheduling: unique sends, periodic ticks, the caller's transaction ------------------
 

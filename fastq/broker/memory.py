@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 from fastq import results as _results
 from fastq.broker.base import (
@@ -23,6 +25,7 @@ from fastq.broker.base import (
     DeadLetter,
     Delivery,
     Message,
+    Output,
     QueueDepth,
     Retry,
     Signal,
@@ -30,6 +33,13 @@ from fastq.broker.base import (
     mask_url,
     wait_either,
 )
+from fastq.errors import ConfigError
+from fastq.workflow import run
+from fastq.workflow.state import MemoryRuns, RunTx, drive
+
+T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 
 class _Entry:
@@ -70,6 +80,9 @@ class MemoryBroker(Broker):
         self._keys: dict[str, tuple[str, float]] = {}
         #: periodic schedule -> its latest tick enqueued
         self._ticks: dict[str, float] = {}
+        #: workflow runs (fastq.workflow), and the step messages they enqueued so far
+        self._runs = MemoryRuns(self._enqueue_step)
+        self._enqueued = 0
 
     def _queue(self, name: str) -> _Queue:
         q = self._queues.get(name)
@@ -256,10 +269,41 @@ class MemoryBroker(Broker):
             waiters = list(self._waiters) if released or retry else []
         self._notify(waiters)
 
+    def run_transaction(
+        self,
+        work: Callable[[RunTx], Coroutine[Any, Any, T]],
+        *,
+        write: bool = True,
+        outbox: list[tuple[int, Output]] | None = None,
+    ) -> T:
+        if outbox is not None:
+            raise ConfigError(f"{self.url} keeps no workflow runs for another broker")
+        with self._lock:
+            before = self._enqueued
+            out = drive(work(self._runs))
+            waiters = list(self._waiters) if self._enqueued != before else []
+        self._notify(waiters)
+        return out
+
+    def _enqueue_step(
+        self, queue: str, message_id: str, body: bytes, headers: dict[str, str]
+    ) -> None:
+        self._put(queue, [Message(body, message_id, headers)])
+        self._enqueued += 1
+
     async def put_results(self, results: Sequence[StoredResult]) -> None:
         now = time.time()
         with self._lock:
+            before = self._enqueued
             for r in results:
+                if r.step is not None:  # a workflow step's: recorded in its run, not kept
+                    try:
+                        drive(run.complete(self._runs, r.step, r.outcome, now))
+                    except Exception:
+                        logger.exception(
+                            "recording step %s of run %s failed", r.step.step, r.step.run_id
+                        )
+                    continue
                 self._results[r.message_id] = (r.outcome, now + r.ttl)
                 heapq.heappush(self._purges, (now + r.ttl, r.message_id, r.ttl))
             while self._purges and self._purges[0][0] < now:
@@ -272,6 +316,8 @@ class MemoryBroker(Broker):
                 elif kept[1] < now:  # (a later put of the same id has a later expiry)
                     self._results[message_id] = (None, kept[1])
                     heapq.heappush(self._purges, (kept[1] + ttl, message_id, ttl))
+            waiters = list(self._waiters) if self._enqueued != before else []
+        self._notify(waiters)
 
     def get_result(self, message_id: str) -> bytes | None:
         with self._lock:

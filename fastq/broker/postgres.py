@@ -30,11 +30,12 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
 
+from fastq.broker import postgres_runs as runs_sql
 from fastq.broker import postgres_sql as sql
 from fastq.broker.base import (
     Delivery,
@@ -53,6 +54,8 @@ from fastq.broker.base import (
 )
 from fastq.broker.postgres_sync import AnyThread, Bridge
 from fastq.errors import BrokerConnectionError, BrokerStorageError, ConfigError
+from fastq.workflow import run
+from fastq.workflow.state import RunTx
 
 __all__ = ["PostgresBroker", "parse_url"]
 
@@ -122,7 +125,7 @@ class PostgresBroker(AnyThread, ExchangeBroker):
         self.poll = query_float(url, params, "poll", 2.0, 0.01)
         self.pool_size = int(query_float(url, params, "pool", 8, 2))
         self.channel = f"fastq_{schema}"
-        self.sql = sql.Statements(schema, self.channel)
+        self.sql = sql.Statements(schema, self.channel, runs_sql.SCHEMA)
         #: the lease owner this broker writes on what it claims
         self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._pool: asyncpg.Pool | None = None
@@ -302,7 +305,12 @@ class PostgresBroker(AnyThread, ExchangeBroker):
         while nothing was claimed, sleep until a NOTIFY for ``queue``, its next message's time,
         ``poll`` seconds, ``timeout`` or ``wake``, and claim again."""
         deadline = time.monotonic() + timeout
+        steps = [r for r in results if r.step is not None]  # workflow steps': recorded in runs
+        if steps:
+            results = [r for r in results if r.step is None]
         args: list[Any] | None = sql.settle_args(ack, retry, dead, release, results, outputs)
+        if steps and args is None:
+            args = list(sql.NOTHING)
         if args is None and fetch <= 0:
             return []
         event = self._events.setdefault(queue, asyncio.Event())
@@ -310,11 +318,10 @@ class PostgresBroker(AnyThread, ExchangeBroker):
             event.clear()
             params = args or sql.NOTHING
             rows = await self._call(
-                lambda c, p=params: c.fetch(  # type: ignore[misc]
-                    self.sql.exchange, self.owner, queue, self.lease, *p, max(fetch, 0)
-                ),
+                lambda c, p=params, st=steps: self._exchange(c, queue, p, st, max(fetch, 0)),  # type: ignore[misc]
                 f"settling and claiming on {queue!r} did not happen (it is retried)",
             )
+            steps = []
             if args is not None:
                 self._held.difference_update(ack, [r.tag for r in retry], [t for t, _ in dead])
                 self._held.difference_update(release)
@@ -341,6 +348,94 @@ class PostgresBroker(AnyThread, ExchangeBroker):
                 if due is not None:
                     pause = min(pause, max(due, 0.0) + 0.001)
                 await wait_either(event, wake, pause)
+
+    async def _exchange(
+        self,
+        c: asyncpg.Connection,
+        queue: str,
+        params: list[Any],
+        steps: list[StoredResult],
+        fetch: int,
+    ) -> list[Any]:
+        """The exchange function's call; with workflow steps' outcomes, in one transaction
+        after they are recorded and what they made ready enqueued."""
+        call = (self.sql.exchange, self.owner, queue, self.lease, *params, fetch)
+        if not steps:
+            return list(await c.fetch(*call))
+        async with c.transaction():
+            await self._record(c, runs_sql.PostgresRuns(c, self.schema, self.sql.insert), steps)
+            return list(await c.fetch(*call))
+
+    async def _record(
+        self,
+        c: asyncpg.Connection,
+        tx: runs_sql.PostgresRuns,
+        steps: Sequence[StoredResult],
+    ) -> None:
+        """Record each step's outcome under a savepoint (see ``sqlite_runs.record``)."""
+        now = time.time()
+        for r in steps:
+            assert r.step is not None
+            made = len(tx.outbox) if tx.outbox is not None else 0
+            try:
+                async with c.transaction():
+                    await run.complete(tx, r.step, r.outcome, now)
+            except (asyncpg.PostgresError, *_CONNECTION_ERRORS):
+                raise
+            except Exception:
+                if tx.outbox is not None:
+                    del tx.outbox[made:]
+                logger.exception(
+                    "recording step %s of run %s failed; that run does not move on",
+                    r.step.step,
+                    r.step.run_id,
+                )
+
+    async def record_steps(self, steps: Sequence[StoredResult]) -> list[tuple[int, Output]]:
+        made: list[tuple[int, Output]] = []
+
+        async def work(c: asyncpg.Connection) -> None:
+            del made[:]  # a retried call starts over
+            async with c.transaction():
+                tx = runs_sql.PostgresRuns(c, self.schema, self.sql.insert, outbox=made)
+                await self._record(c, tx, steps)
+
+        await self._call(work, f"{len(steps)} workflow step(s) were not recorded")
+        return made
+
+    async def outbox_done(self, ids: Sequence[int]) -> None:
+        await self._call(
+            lambda c: runs_sql.outbox_done(c, self.schema, list(ids)), "the outbox kept them"
+        )
+
+    def outbox_done_sync(self, ids: Sequence[int]) -> None:
+        self.bridge().run(
+            lambda c: runs_sql.outbox_done(c, self.schema, list(ids)), "the outbox kept them"
+        )
+
+    async def pending_outbox(self) -> list[tuple[int, Output]]:
+        return await self._call(
+            lambda c: runs_sql.pending_outbox(c, self.schema), "the outbox was not read"
+        )
+
+    def run_transaction(
+        self,
+        work: Callable[[RunTx], Coroutine[Any, Any, T]],
+        *,
+        write: bool = True,
+        outbox: list[tuple[int, Output]] | None = None,
+    ) -> T:
+        """One transaction on the broker's own thread (any calling thread); a read-only one
+        (``write=False``) locks no row."""
+
+        async def go(c: asyncpg.Connection) -> T:
+            async with c.transaction(readonly=not write):
+                tx = runs_sql.PostgresRuns(
+                    c, self.schema, self.sql.insert, lock=write, outbox=outbox
+                )
+                return await work(tx)
+
+        return self.bridge().run(go, "the workflow run was not changed")
 
     async def put_results(self, results: Sequence[StoredResult]) -> None:
         await self.exchange("", results=results)

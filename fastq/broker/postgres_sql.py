@@ -285,11 +285,13 @@ PURGE_DEAD = "DELETE FROM {s}.dead_letters WHERE queue = $1"
 class Statements:
     """The SQL of one schema, formatted once."""
 
-    def __init__(self, schema: str, channel: str) -> None:
+    def __init__(self, schema: str, channel: str, more_schema: str = "") -> None:
         def f(text: str) -> str:
             return text.format(s=schema, channel=channel)
 
         self.schema_text = f(SCHEMA)
+        #: tables of other rooms (workflow runs: postgres_runs.SCHEMA), made where missing
+        self.more_schema = f(more_schema) if more_schema else ""
         self.exists, self.version, self.stamp = f(EXISTS), f(VERSION), f(STAMP)
         self.insert, self.insert_psycopg = f(INSERT), f(INSERT_PSYCOPG)
         self.exchange, self.next_visible = f(EXCHANGE), f(NEXT_VISIBLE)
@@ -324,6 +326,8 @@ class Statements:
                     f"this fastq's {SCHEMA_VERSION}; upgrade fastq on this host, or use "
                     "another ?schema="
                 )
+            if self.more_schema:
+                await conn.execute(self.more_schema)
 
 
 #: the exchange function's settle arrays when there is nothing to settle

@@ -26,10 +26,11 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from fastq import results
+from fastq.broker import sqlite_runs as runs_sql
 from fastq.broker import sqlite_sql as sql
 from fastq.broker import sqlite_storage as storage
 from fastq.broker.base import (
@@ -49,6 +50,7 @@ from fastq.broker.base import (
     wait_either,
 )
 from fastq.errors import BrokerStorageError, ConfigError, FastqError
+from fastq.workflow.state import RunTx, drive
 
 T = TypeVar("T")
 
@@ -119,6 +121,7 @@ class SqliteBroker(ExchangeBroker):
                 db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
                 db.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
                 db.executescript(sql.SCHEMA)
+                db.executescript(runs_sql.SCHEMA)
                 self._add_columns(db)
             except sqlite3.Error as e:
                 raise self._open_error(e) from e
@@ -463,7 +466,7 @@ class SqliteBroker(ExchangeBroker):
         )
         if (
             settle is not None
-            and (settle[1] or settle[3] or settle[5])
+            and (settle[1] or settle[3] or settle[4] or settle[5])
             and self._loop is not None
             and self._published is not None
         ):
@@ -476,7 +479,12 @@ class SqliteBroker(ExchangeBroker):
         self, db: sqlite3.Connection, results: Sequence[StoredResult], now: float
     ) -> None:
         """Write ``results`` in the caller's transaction; expired ones are purged at most once a
-        second (expiry on write)."""
+        second (expiry on write). A workflow step's outcome is recorded in its run instead, and
+        what it makes ready enqueued, in that same transaction."""
+        if any(r.step is not None for r in results):
+            steps = [(r.step, r.outcome) for r in results if r.step is not None]
+            runs_sql.record(db, self._runs(db, now), steps, now)
+            results = [r for r in results if r.step is None]
         db.executemany(
             sql.PUT_RESULT,
             [(r.message_id, r.handler, r.outcome, r.ttl, now + r.ttl) for r in results],
@@ -485,6 +493,77 @@ class SqliteBroker(ExchangeBroker):
             self._purge_after = now + 1.0
             db.execute(sql.PURGE_TOMBSTONES, (now,))
             db.execute(sql.PURGE_OUTCOMES, (now,))
+
+    def _runs(self, db: sqlite3.Connection, now: float) -> runs_sql.SqliteRuns:
+        def enqueue(queue: str, message_id: str, body: bytes, headers: dict[str, str]) -> None:
+            db.execute(sql.INSERT, (queue, message_id, body, pack_headers(headers), now))
+
+        return runs_sql.SqliteRuns(db, enqueue)
+
+    def _outboxed(
+        self, db: sqlite3.Connection, into: list[tuple[int, Output]]
+    ) -> runs_sql.SqliteRuns:
+        """A RunTx whose enqueued messages go to the outbox (as a result store) and ``into``."""
+
+        def enqueue(queue: str, message_id: str, body: bytes, headers: dict[str, str]) -> None:
+            cur = db.execute(runs_sql.OUTBOX_PUT, (queue, message_id, body, pack_headers(headers)))
+            assert cur.lastrowid is not None
+            into.append((cur.lastrowid, Output(queue, Message(body, message_id, headers))))
+
+        return runs_sql.SqliteRuns(db, enqueue)
+
+    async def record_steps(self, steps: Sequence[StoredResult]) -> list[tuple[int, Output]]:
+        def work(db: sqlite3.Connection) -> list[tuple[int, Output]]:
+            made: list[tuple[int, Output]] = []
+            done = [(r.step, r.outcome) for r in steps if r.step is not None]
+            runs_sql.record(db, self._outboxed(db, made), done, time.time())
+            # what a rolled-back step enqueued is in the list, not in the outbox: only what is
+            kept = {i for (i,) in db.execute("SELECT id FROM fastq_run_outbox")}
+            return [m for m in made if m[0] in kept]
+
+        return await self._run(
+            lambda: self._write(work, outcome=f"{len(steps)} workflow step(s) were not recorded")
+        )
+
+    def outbox_done_sync(self, ids: Sequence[int]) -> None:
+        self._write(lambda db: db.executemany(runs_sql.OUTBOX_DONE, [(i,) for i in ids]))
+
+    async def outbox_done(self, ids: Sequence[int]) -> None:
+        await self._run(self.outbox_done_sync, ids)
+
+    async def pending_outbox(self) -> list[tuple[int, Output]]:
+        def read() -> list[tuple[int, Output]]:
+            rows = self._db().execute(runs_sql.OUTBOX, (0,)).fetchall()
+            return [
+                (r[0], Output(r[1], Message(bytes(r[3]), r[2], unpack_headers(r[4])))) for r in rows
+            ]
+
+        return await self._run(read)
+
+    def run_transaction(
+        self,
+        work: Callable[[RunTx], Coroutine[Any, Any, T]],
+        *,
+        write: bool = True,
+        outbox: list[tuple[int, Output]] | None = None,
+    ) -> T:
+        """One transaction on this thread's connection (any thread); a read-only one
+        (``write=False``) reads one snapshot of the file without the write lock."""
+        if outbox is not None:
+            return self._write(lambda db: drive(work(self._outboxed(db, outbox))))
+        if not write:
+            db = self._db()
+            db.execute("BEGIN")
+            try:
+                return drive(work(self._runs(db, time.time())))
+            finally:
+                db.execute("COMMIT")
+        out = self._write(
+            lambda db: drive(work(self._runs(db, time.time()))),
+            outcome="the workflow run was not changed",
+        )
+        self._wake()
+        return out
 
     async def put_results(self, results: Sequence[StoredResult]) -> None:
         now = time.time()

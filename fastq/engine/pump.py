@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from fastq import results as _results
 from fastq import wire
 from fastq._aio import Signal
 from fastq._notify import Poker
@@ -34,6 +35,7 @@ from fastq.config import Config
 from fastq.engine.fleet import DeathPolicy, Fate
 from fastq.errors import FastqError
 from fastq.wire import Returned
+from fastq.workflow.state import ref_of
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -140,6 +142,9 @@ class Pumps:
         #: once their messages are acked or dead-lettered: (queue, tag) -> (key, message id)
         self.frees_keys = store is not None and not getattr(broker, "keeps_unique_keys", True)
         self.keys: dict[tuple[str, int], tuple[str, str]] = {}
+        #: workflow messages published from the store's outbox: message id -> outbox id
+        self.outbox: dict[str, int] = {}
+        self.flushed = False
 
     def stop(self) -> None:
         """Claim no more; a pump waiting for new messages stops waiting now."""
@@ -155,6 +160,7 @@ class Pumps:
             self.queue_index[queue],
         )
         pause, failures = RETRY_MIN, 0
+        await self.flush_outbox()
         while True:
             wake.clear()
             carrying = self.carrying[queue]
@@ -188,6 +194,8 @@ class Pumps:
                     timeout=0.0 if settling else IDLE_WAIT,
                     wake=wake,
                 )
+                if self.outbox:
+                    await self.published(parts)
             except Exception as e:
                 if not isinstance(e, FastqError):
                     logger.exception(
@@ -239,11 +247,53 @@ class Pumps:
 
     async def stored(self, parts: dict[str, list[Any]]) -> dict[str, list[Any]]:
         """``parts`` with their results written to ``store`` first, where results are kept
-        apart from the broker (then the broker's round trip has none left to write)."""
+        apart from the broker (then the broker's round trip has none left to write). Workflow
+        steps' outcomes too, where the broker keeps no runs (RabbitMQ): the store records them
+        and keeps the messages they made ready in its outbox, which go out with the outputs,
+        confirmed before the ack (``published`` then empties the outbox)."""
         if self.store is None or not parts["results"]:
             return parts
-        await self.store.put_results(parts["results"])
-        return {**parts, "results": []}
+        results = parts["results"]
+        apart = not self.broker.keeps_runs and self.store.keeps_runs_for_others
+        steps = [r for r in results if r.step is not None] if apart else []
+        if steps:
+            results = [r for r in results if r.step is None]
+        if results:
+            await self.store.put_results(results)
+        if not steps:
+            return {**parts, "results": []}
+        made = await self.store.record_steps(steps)
+        for outbox_id, o in made:
+            self.outbox[o.message.message_id] = outbox_id
+        return {**parts, "results": [], "outputs": [*parts["outputs"], *(o for _, o in made)]}
+
+    async def published(self, parts: dict[str, list[Any]]) -> None:
+        """The outputs of ``parts`` were published: those from the store's outbox leave it (a
+        failure here is logged: they go again at the next start, as duplicates)."""
+        assert self.store is not None
+        done = [self.outbox.pop(o.message.message_id, 0) for o in parts["outputs"]]
+        if any(done):
+            try:
+                await self.store.outbox_done([i for i in done if i])
+            except Exception as e:  # noqa: BLE001 - they are published; only the outbox keeps them
+                logger.warning("emptying the workflow outbox failed: %s", e)
+
+    async def flush_outbox(self) -> None:
+        """At start: publish what a supervisor before this one recorded in the store's outbox
+        and died before publishing (once per supervisor; a failure is logged)."""
+        if self.flushed or self.store is None or self.broker.keeps_runs:
+            return
+        self.flushed = True
+        if not self.store.keeps_runs_for_others:
+            return
+        try:
+            pending = await self.store.pending_outbox()
+            if pending:
+                logger.warning("publishing %d workflow steps left in the outbox", len(pending))
+                await self.broker.publish_outputs([o for _, o in pending])
+                await self.store.outbox_done([i for i, _ in pending])
+        except Exception as e:  # noqa: BLE001 - the next start tries again
+            logger.error("publishing the workflow outbox failed: %s", e)
 
     def allowance(self, queue: str) -> int:
         return CONFIRM_ALLOWANCE if queue in self.publishing_queues else 0
@@ -278,6 +328,8 @@ class Pumps:
                 try:
                     parts = await self.stored(parts)
                     await self.broker.exchange(queue, **parts, fetch=0, timeout=0.0, wake=None)
+                    if self.outbox:
+                        await self.published(parts)
                     break
                 except Exception as e:  # noqa: BLE001 - whatever it was, the batch is tried again
                     if failures % 60 == 0:
@@ -317,8 +369,9 @@ class Pumps:
             parts = (self.carrying if self.defer and carries else self.outcomes)[p.queue]
             if r.keep:
                 d = p.delivery
+                step = ref_of(d.headers, d.retries + 1)  # a workflow step's: its run moves on
                 kept = StoredResult(
-                    d.message_id, r.handler, r.outcome, r.keep, r.notify, d.reply_to
+                    d.message_id, r.handler, r.outcome, r.keep, r.notify, d.reply_to, step
                 )
                 if d.reply_to:
                     parts["replies"].append(kept)
@@ -363,6 +416,11 @@ class Pumps:
         for tag, reason in dead:
             p = pending.pop(tag)
             self.hold_key(p)
+            step = ref_of(p.delivery.headers, p.delivery.retries + 1)
+            if step is not None:  # dead with no outcome (its workers died): its step failed
+                failed = _results.failure("", "", "", reason)
+                kept = StoredResult(p.delivery.message_id, "", failed, 1.0, step=step)
+                self.outcomes[p.queue]["results"].append(kept)
             logger.warning(
                 "dead letter %s on %r: %s",
                 p.delivery.message_id,

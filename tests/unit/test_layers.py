@@ -63,19 +63,35 @@ ALLOWED: dict[str, set[str]] = {
     "autosize.look": set(),
     "autosize.controller": {"autosize.plan", "autosize.look", "config", "errors"},
     # QueueOptions is a setting (config); the broker interface re-exports it
-    "broker.base": {"message", "errors", "_aio", "config", "url"},
-    "broker.memory": {"broker.base", "message", "errors", "results"},
+    # workflows (issue 16): the package imports nothing; state is the run's values and the
+    # storage protocol, run the pure state machine the brokers drive in the ack's transaction,
+    # context what a step's handler sees, api and graph the user's side
+    "workflow": set(),
+    "workflow.state": set(),
+    "workflow.run": {"workflow.state", "message", "results"},
+    "workflow.context": set(),
+    "workflow.api": {"workflow.run", "workflow.state", "workflow.context", "message",
+                     "broker.base", "errors"},
+    "workflow.graph": {"workflow.api", "workflow.context", "workflow.state", "errors"},
+    "broker.base": {"message", "errors", "_aio", "config", "url", "workflow.state"},
+    "broker.memory": {"broker.base", "message", "errors", "results", "workflow.run",
+                      "workflow.state"},
     "broker.sqlite": {"broker.base", "broker.sqlite_sql", "broker.sqlite_storage", "message",
-                      "errors", "results"},
+                      "errors", "results", "broker.sqlite_runs", "workflow.run", "workflow.state"},
+    # the SQLite broker's workflow tables and its RunTx
+    "broker.sqlite_runs": {"workflow.state", "workflow.run"},
     "broker.sqlite_sql": set(),
     # what the SQLite file's storage errors mean, in words
     "broker.sqlite_storage": {"errors"},
     "broker.amqp": {"broker.amqp.broker"},
     # the PostgreSQL broker (the only asyncpg importer) and its SQL text
     "broker.postgres": {"broker.base", "broker.postgres_sql", "broker.postgres_sync", "message",
-                        "errors", "results"},
+                        "errors", "results", "broker.postgres_runs", "workflow.run",
+                        "workflow.state"},
     "broker.postgres_sync": {"broker.base", "broker.postgres_sql", "results"},
     "broker.postgres_sql": {"broker.base", "errors"},
+    # the PostgreSQL broker's workflow tables and its RunTx (on the connection it is given)
+    "broker.postgres_runs": {"broker.base", "workflow.state"},
     "broker.amqp.broker": _AMQP | _AMQP_ROOMS,
     # the consuming connection: its frames read by _amqp (or its twin), the rare ones by pamqp
     "broker.amqp.stream": {"_amqp", "_amqp_py", "errors"},
@@ -112,7 +128,7 @@ ALLOWED: dict[str, set[str]] = {
     "engine": set(),
     "engine.fleet": _ENGINE,
     "engine.placement": _ENGINE | {"engine.fleet"},
-    "engine.pump": _ENGINE | {"engine.fleet"},
+    "engine.pump": _ENGINE | {"engine.fleet", "results", "workflow.state"},
     "engine.tuning": _ENGINE | {"engine.placement", "engine.pump"},
     "engine.statistics": set(),
     # the periodic scheduler: each tick of the App's schedules, once, through the broker
@@ -135,23 +151,25 @@ ALLOWED: dict[str, set[str]] = {
     "task": {"config", "message", "middleware", "broker", "broker.base", "errors", "results",
              "_notify", "schedule"},
     "app": {"config", "message", "middleware", "broker", "task", "engine.supervisor", "errors",
-            "schedule", "inline"},
+            "schedule", "inline", "workflow.graph"},
     # an app's messages run in this process through the workers' handler path: drain() and
     # the eager sends of App.testing(eager=True)
     "inline": {"executors.app", "wire", "broker", "broker.base", "broker.memory", "message",
-               "errors"},
+               "errors", "workflow.state"},
     "testing": {"app", "broker", "broker.base", "config", "errors", "inline"},
     # the pytest plugin (entry point pytest11): fixtures over testing and App.testing
     "pytest_plugin": {"testing", "app", "_load", "errors"},
     # fastq dlq / purge / inspect: what they do, beside cli (which only parses)
     "admin": {"app", "broker", "broker.base", "message", "engine.inspect", "errors", "_load"},
     "cli": {"app", "task", "config", "autosize", "engine.supervisor", "testing", "_load", "_bench",
-            "broker", "errors", "admin", "logs"},
+            "broker", "errors", "admin", "logs", "runs"},
+    # fastq runs: a workflow app's runs listed, shown, resumed
+    "runs": {"app", "_load", "errors", "workflow.api"},
     # the `fastq bench` suites sit beside cli and drive what they measure
     "_bench": {"app", "config", "autosize", "engine.supervisor", "testing", "ring", "_aio",
                "broker.base", "errors", "__init__", "_bench", "url"},
     "__main__": {"cli"},
-    "__init__": {"errors", "app", "task", "pool", "config", "middleware"},
+    "__init__": {"errors", "app", "task", "pool", "config", "middleware", "workflow.context"},
 }
 #: Third-party modules and the one fastq module allowed to import each (``_bench`` measures a
 #: raw aiormq consumer as the broker's ceiling: that baseline is aiormq's).

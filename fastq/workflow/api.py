@@ -1,0 +1,334 @@
+"""Starting, reading and resuming a workflow's runs: the methods ``Workflow`` inherits, and the
+status values they return. Run state is written by the broker (``Broker.run_transaction``), in
+one transaction each."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import msgspec
+
+from fastq import message
+from fastq.broker.base import Broker, Message, Output
+from fastq.errors import ConfigError, WorkflowFailed
+from fastq.workflow import run
+from fastq.workflow.context import StepRun
+from fastq.workflow.state import (
+    FAILED,
+    RUN_DONE,
+    RUN_FAILED,
+    SKIPPED,
+    Graph,
+    RunRow,
+    RunTx,
+    StepRow,
+)
+
+if TYPE_CHECKING:
+    from fastq.app import App
+    from fastq.workflow.graph import Step
+
+T = TypeVar("T")
+
+#: seconds between looks at a run that ``result`` waits for
+POLL = 0.05
+_args = msgspec.msgpack.Decoder(list[msgspec.Raw])
+_encoder = msgspec.msgpack.Encoder()
+
+
+class StepStatus(msgspec.Struct, frozen=True):
+    """One step of a run (or one element of a fanned-out step): ``state`` is pending (waiting
+    for its parents), running (enqueued or being handled), done, failed or skipped; times are
+    wall-clock seconds (0: not yet); ``attempts`` counts its handler's runs, known once it
+    ended."""
+
+    name: str
+    index: int
+    state: str
+    attempts: int
+    queued_at: float
+    started_at: float
+    finished_at: float
+    error: str
+    #: the elements of a fanned-out step, in order
+    elements: list[StepStatus] = []
+
+
+class RunStatus(msgspec.Struct, frozen=True):
+    run_id: str
+    workflow: str
+    #: running, done or failed
+    state: str
+    created_at: float
+    finished_at: float
+    #: by name, in definition order
+    steps: dict[str, StepStatus]
+    #: the run's context (``fastq.RunContext``), as stored
+    context: dict[str, Any]
+
+    @property
+    def failed(self) -> dict[str, str]:
+        """Failed steps and why."""
+        return {n: s.error for n, s in self.steps.items() if s.state == FAILED}
+
+    @property
+    def skipped(self) -> list[str]:
+        return [n for n, s in self.steps.items() if s.state == SKIPPED]
+
+
+def _status(row: StepRow, elements: list[StepStatus]) -> StepStatus:
+    return StepStatus(
+        row.step,
+        row.index,
+        row.state,
+        row.attempts,
+        row.queued_at,
+        row.started_at,
+        row.finished_at,
+        row.error,
+        elements,
+    )
+
+
+def run_status(run_row: RunRow, rows: list[StepRow], context: dict[str, bytes]) -> RunStatus:
+    graph = run.graph_of(run_row.graph)
+    by_step: dict[str, list[StepRow]] = {}
+    for r in rows:
+        by_step.setdefault(r.step, []).append(r)
+    steps = {}
+    for spec in graph.steps:
+        own = by_step.get(spec.name, [])
+        head = next((r for r in own if r.index < 0), StepRow(run_row.run_id, spec.name, -1))
+        elements = [_status(r, []) for r in own if r.index >= 0]
+        steps[spec.name] = _status(head, elements)
+    ctx = {k: msgspec.msgpack.decode(v) for k, v in context.items()}
+    return RunStatus(
+        run_row.run_id,
+        run_row.workflow,
+        run_row.state,
+        run_row.created_at,
+        run_row.finished_at,
+        steps,
+        ctx,
+    )
+
+
+def store_of(app: App) -> Broker:
+    """Where ``app``'s runs live: its broker, or (a broker that keeps none: RabbitMQ) its
+    result store.
+
+    Raises:
+        ConfigError: neither keeps runs (the message says what to configure).
+    """
+    broker = app.broker
+    if broker.keeps_runs:
+        return broker
+    if app.result_store_url is None:
+        raise ConfigError(
+            f"{broker.url} keeps no workflow runs; give the App a result store that keeps them: "
+            "App(..., result_store='sqlite:///runs.db')"
+        )
+    store = app.result_store
+    if not store.keeps_runs_for_others:
+        raise ConfigError(
+            f"result_store={store.url} keeps no workflow runs for {broker.url}; give a "
+            "sqlite:/// or postgresql:// result store"
+        )
+    return store
+
+
+def transaction(app: App, work: Callable[[RunTx], Coroutine[Any, Any, T]], write: bool) -> T:
+    """``work`` in one transaction where ``app``'s runs live; what it enqueued there for
+    another broker (the store's outbox) published to that broker, then let go."""
+    store = store_of(app)
+    if store is app.broker or not write:
+        return store.run_transaction(work, write=write)
+    made: list[tuple[int, Output]] = []
+    out = store.run_transaction(work, outbox=made)
+    if made:
+        by_queue: dict[str, list[Message]] = {}
+        for _, o in made:
+            by_queue.setdefault(o.queue, []).append(o.message)
+        for queue, messages in by_queue.items():
+            app.broker.publish_sync(queue, messages)
+        store.outbox_done_sync([i for i, _ in made])
+    return out
+
+
+def list_runs(
+    app: App, workflow: str | None = None, state: str | None = None, limit: int = 100
+) -> list[RunRow]:
+    """Runs, newest first (of ``workflow``, in ``state``)."""
+    return transaction(app, lambda tx: tx.runs(workflow, state, limit), write=False)
+
+
+def read_status(app: App, run_id: str) -> RunStatus | None:
+    found = transaction(app, lambda tx: run.status(tx, run_id), write=False)
+    return None if found is None else run_status(*found)
+
+
+def read_graph(app: App, run_id: str) -> Graph | None:
+    """The steps of run ``run_id`` as it was started (None: no such run)."""
+    row = transaction(app, lambda tx: tx.run(run_id), write=False)
+    return None if row is None else run.graph_of(row.graph)
+
+
+def resume_run(app: App, run_id: str) -> list[str]:
+    """Resume run ``run_id`` (see ``Workflow.resume``)."""
+    try:
+        return transaction(app, lambda tx: run.resume(tx, run_id, time.time()), write=True)
+    except KeyError:
+        raise _no_run(app, run_id) from None
+
+
+def forget_run(app: App, run_id: str) -> bool:
+    """Delete run ``run_id`` if it ended (see ``Workflow.forget``)."""
+    return transaction(app, lambda tx: run.forget(tx, run_id), write=True)
+
+
+def _no_run(app: App, run_id: str) -> ConfigError:
+    return ConfigError(
+        f"no run {run_id!r} in {store_of(app).url}; list the runs with `fastq runs module:app`"
+    )
+
+
+class RunAPI:
+    """``start``, ``status``, ``result``, ``resume`` of a ``Workflow``."""
+
+    app: App
+    name: str
+    steps: dict[str, Step]
+
+    def graph(self) -> Graph:
+        raise NotImplementedError
+
+    def roots(self) -> list[Step]:
+        raise NotImplementedError
+
+    def sinks(self) -> list[Step]:
+        raise NotImplementedError
+
+    def _encode_start(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+        """The start arguments as a msgpack array, checked against every root step's
+        parameters (each root takes them all)."""
+        encoded = b""
+        for root in self.roots():
+            m = root.task.message(StepRun("", root.name, -1), *args, **kwargs)
+            raw = _args.decode(message.decode(m.body).args)[1:]
+            encoded = _encoder.encode(raw)
+        return encoded
+
+    def start(self, *args: Any, **kwargs: Any) -> str:
+        """Start a run: its root steps are enqueued with these arguments; its id.
+
+        Raises:
+            ConfigError: the broker keeps no runs (memory://, sqlite:// and postgresql:// do).
+            TypeError, msgspec.ValidationError: the arguments do not fit a root step.
+        """
+        graph, raw = self.graph(), self._encode_start(args, kwargs)
+        run_id = message.new_id()
+        transaction(
+            self.app, lambda tx: run.start(tx, run_id, self.name, graph, raw, time.time()), True
+        )
+        return run_id
+
+    async def start_async(self, *args: Any, **kwargs: Any) -> str:
+        """``start`` for coroutines (the transaction runs off the event loop)."""
+        graph, raw = self.graph(), self._encode_start(args, kwargs)
+        run_id = message.new_id()
+        await asyncio.get_running_loop().run_in_executor(
+            None,
+            transaction,
+            self.app,
+            lambda tx: run.start(tx, run_id, self.name, graph, raw, time.time()),
+            True,
+        )
+        return run_id
+
+    def status(self, run_id: str) -> RunStatus:
+        """Where run ``run_id`` is: its state, each step's state, attempts, times and error.
+
+        Raises:
+            ConfigError: no such run in this App's broker.
+        """
+        found = read_status(self.app, run_id)
+        if found is None:
+            raise _no_run(self.app, run_id)
+        return found
+
+    def runs(self, state: str | None = None, limit: int = 100) -> list[RunRow]:
+        """This workflow's runs, newest first (in ``state``: running, done, failed)."""
+        return list_runs(self.app, self.name, state, limit)
+
+    def result(self, run_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """Wait for run ``run_id`` to end; the values of its sink steps (those no step depends
+        on), by name, decoded as their return annotations say. The run is looked at every
+        ``POLL`` seconds.
+
+        Raises:
+            WorkflowFailed: a step failed (after its retries); it names them, and why.
+            TimeoutError: the run did not end within ``timeout`` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            st = self.status(run_id)
+            if st.state in (RUN_DONE, RUN_FAILED):
+                return self._ended(run_id, st)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise self._timed_out(run_id, st, timeout)
+            time.sleep(POLL)
+
+    async def result_async(self, run_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """``result`` for coroutines: each look runs off the event loop, free in between."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            st = await loop.run_in_executor(None, self.status, run_id)
+            if st.state in (RUN_DONE, RUN_FAILED):
+                return await loop.run_in_executor(None, self._ended, run_id, st)
+            if deadline is not None and loop.time() >= deadline:
+                raise self._timed_out(run_id, st, timeout)
+            await asyncio.sleep(POLL)
+
+    def _timed_out(self, run_id: str, st: RunStatus, timeout: float | None) -> TimeoutError:
+        running = [n for n, s in st.steps.items() if s.state not in ("done", "skipped")]
+        return TimeoutError(
+            f"run {run_id} of workflow {self.name} did not end within {timeout or 0:g} s; "
+            f"not ended: {', '.join(running)}; wait longer, or check that a worker consumes "
+            "the steps' queues"
+        )
+
+    def _ended(self, run_id: str, st: RunStatus) -> dict[str, Any]:
+        if st.state == RUN_FAILED:
+            raise WorkflowFailed(self.name, run_id, st.failed, st.skipped)
+
+        async def values(tx: RunTx) -> dict[str, bytes | None]:
+            out = {}
+            for sink in self.sinks():
+                row = await tx.step(run_id, sink.name, -1)
+                out[sink.name] = None if row is None else row.result
+            return out
+
+        raw = transaction(self.app, values, write=False)
+        return {
+            name: run.decode_value(value, msgspec.msgpack.Decoder(self.steps[name].produces))
+            for name, value in raw.items()
+        }
+
+    def forget(self, run_id: str) -> bool:
+        """Delete run ``run_id`` and everything it holds (results, context), if it ended:
+        runs are kept until forgotten. False: it is running (kept), or there is no such run."""
+        return forget_run(self.app, run_id)
+
+    def resume(self, run_id: str) -> list[str]:
+        """Run again the steps of an ended run that did not end done (failed, and those skipped
+        because of them); done steps keep their results and do not run again. The names of the
+        steps that will run (empty: the run is still running, or every step is done).
+
+        Raises:
+            ConfigError: no such run in this App's broker.
+        """
+        return resume_run(self.app, run_id)

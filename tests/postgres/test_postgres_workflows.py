@@ -1,0 +1,141 @@
+"""Workflows through real processes on PostgreSQL: the SQLite tests' apps
+(tests/integration/test_workflows.py) on a schema of each test's own: Cloacina's tutorial (exact
+summary, partitions overlapping), a fan-out of 1,000 with a worker SIGKILLed twice (the join
+once), a failing step resumed by `fastq runs`; and RabbitMQ with a PostgreSQL result store
+(a fan-out of 1,000 with a worker SIGKILLed twice, the outbox empty at the end)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import uuid
+
+import pika
+import pytest
+
+import fastq
+from fastq.testing import wait_until
+from tests.integration.test_workflows import CATALOG, FANOUT, FLAKY
+from tests.integration.wfhost import Host
+
+
+@pytest.fixture
+def host(tmp_path, request, pg_url):
+    module, source, query = request.param
+    source = source.replace('"sqlite:///{db}"', repr(pg_url)).replace(
+        '"sqlite:///{db}?lease=5"', repr(pg_url + query)
+    )
+    h = Host(tmp_path, f"pg_{module}", source)
+    h.start()
+    yield h
+    h.close()
+
+
+@pytest.mark.parametrize("host", [("wf_catalog", CATALOG, "")], indirect=True)
+def test_the_cloacina_tutorial_on_postgres(host):
+    wf = host.app.wf
+    run_id = wf.start(10_000)
+    out = wf.result(run_id, timeout=60)
+    report = "; ".join(f"{c}=2000" for c in sorted(host.app.CATEGORIES))
+    assert out == {"cleanup": f"cleaned after {report} and 2 notifications"}
+    st = wf.status(run_id)
+    assert {n: s.state for n, s in st.steps.items()} == dict.fromkeys(wf.steps, "done")
+    assert st.context == {"partitions": 3, "notified": 2}
+    parts = st.steps["process_partition"].elements
+    wall = max(p.finished_at for p in parts) - min(p.started_at for p in parts)
+    assert wall < sum(p.finished_at - p.started_at for p in parts) * 0.8
+    assert host.lines("cleanup.txt") == [run_id]
+
+
+@pytest.mark.parametrize("host", [("wf_fanout", FANOUT, "&lease=5")], indirect=True)
+def test_a_fan_out_of_1000_on_postgres_with_a_worker_sigkilled_twice(host):
+    run_id = host.app.wf.start(1000)
+    for ran in (250, 500):
+        wait_until(lambda r=ran: len(host.lines("work.txt")) >= r, 60, host.logtext)
+        victims = host.workers()
+        assert victims, host.logtext()
+        victims[0].send_signal(signal.SIGKILL)
+    out = host.app.wf.result(run_id, timeout=120)
+    assert out == {"join": sum(2 * i for i in range(1000))}
+    assert host.lines("join.txt") == ["join"]
+    assert set(map(int, host.lines("work.txt"))) == set(range(1000))
+    elements = host.app.wf.status(run_id).steps["work"].elements
+    assert [(e.index, e.state) for e in elements] == [(i, "done") for i in range(1000)]
+
+
+@pytest.mark.parametrize("host", [("wf_flaky", FLAKY, "")], indirect=True)
+def test_a_failing_step_on_postgres_is_resumed_by_the_command(host):
+    wf = host.app.wf
+    run_id = wf.start()
+    with pytest.raises(fastq.WorkflowFailed) as failed:
+        wf.result(run_id, timeout=60)
+    assert list(failed.value.failed) == ["parse"]
+    assert failed.value.skipped == ["load"]
+    (host.dir / "fixed").touch()
+    done = subprocess.run(
+        [sys.executable, "-m", "fastq", "runs", f"{host.module}:app", "resume", run_id],
+        cwd=host.dir,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (done.returncode, done.stdout) == (
+        0,
+        f"resumed run {run_id}: parse, load will run again\n",
+    ), done.stderr
+    assert wf.result(run_id, timeout=60) == {"cleanup": "None audited"}
+    assert sorted(host.lines("runs.txt")) == sorted(
+        ["fetch", "parse", "parse", "parse", "audit", "cleanup", "parse", "load"]
+    )
+    assert wf.forget(run_id) is True
+    assert wf.runs() == []
+    assert wf.forget(run_id) is False
+
+
+@pytest.fixture
+def amqp_host(tmp_path, pg_url, amqp_url):
+    q = f"fq-wfpg-{uuid.uuid4().hex[:8]}"
+    broker = f"{amqp_url!r}, result_store={pg_url!r}"
+    h = Host(tmp_path, "pg_amqp_fanout", FANOUT.replace('"sqlite:///{db}?lease=5"', broker), q=q)
+    h.start()
+    yield h
+    try:
+        h.close()
+    finally:
+        connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+        try:
+            channel = connection.channel()
+            for name in (q, f"{q}.dlq"):
+                channel.queue_delete(name)
+        finally:
+            connection.close()
+
+
+def test_on_rabbitmq_with_a_postgres_result_store_a_fan_out_fans_in_once(amqp_host):
+    host = amqp_host
+    # Given RabbitMQ for the messages and PostgreSQL for the runs: a fan-out of 1,000
+    run_id = host.app.wf.start(1000)
+    # When a worker is SIGKILLed twice
+    for ran in (250, 500):
+        wait_until(lambda r=ran: len(host.lines("work.txt")) >= r, 60, host.logtext)
+        victims = host.workers()
+        assert victims, host.logtext()
+        victims[0].send_signal(signal.SIGKILL)
+    # Then the sum is exact, the join ran once, every element done, the outbox empty
+    assert host.app.wf.result(run_id, timeout=120) == {"join": sum(2 * i for i in range(1000))}
+    assert host.lines("join.txt") == ["join"]
+    elements = host.app.wf.status(run_id).steps["work"].elements
+    assert [(e.index, e.state) for e in elements] == [(i, "done") for i in range(1000)]
+
+    async def pending() -> list:
+        store = fastq.App("peek", broker=host.app.app.result_store_url).broker
+        await store.open()
+        try:
+            return await store.pending_outbox()
+        finally:
+            await store.close()
+
+    assert asyncio.run(pending()) == []

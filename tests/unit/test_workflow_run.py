@@ -1,0 +1,282 @@
+"""The run state machine (fastq.workflow.run) on MemoryRuns, no processes: what each outcome
+records and enqueues, counted exactly; and whole runs through memory:// with drain."""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+import pytest
+
+import fastq
+from fastq import message, results
+from fastq.testing import drain
+from fastq.workflow import run
+from fastq.workflow.state import MemoryRuns, RunRow, StepRef, StepRow, drive
+
+_enc = msgspec.msgpack.Encoder()
+
+
+def complete(tx, ref, outcome, now):
+    return drive(run.complete(tx, ref, outcome, now))
+
+
+def resume(tx, run_id, now):
+    return drive(run.resume(tx, run_id, now))
+
+
+def step(tx, *key):
+    return drive(tx.step(*key))
+
+
+def ok(value, changes=None) -> bytes:
+    return results.success(_enc.encode((value, changes or {}, time.time())))
+
+
+def failed(reason: str) -> bytes:
+    return results.failure("ValueError", "bad", "", reason)
+
+
+@pytest.fixture
+def wf():
+    app = fastq.App("runs", broker="memory://unit-runs")
+    w = app.workflow("fan")
+
+    @w.step()
+    def source(n: int) -> list[int]:
+        return list(range(n))
+
+    @w.step(depends_on=[source], fan_out=True)
+    def square(source: int) -> int:
+        return source * source
+
+    @w.step(depends_on=[square])
+    def total(square: list[int]) -> int:
+        return sum(square)
+
+    @w.step(depends_on=[source])
+    def side(source: list[int]) -> int:
+        return len(source)
+
+    @w.step(depends_on=[total, side], trigger="all_done")
+    def cleanup(total: int | None, side: int | None) -> str:
+        return "clean"
+
+    return w
+
+
+class Queue:
+    """What the state machine enqueued: (queue, step/index, args)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str, list[object]]] = []
+
+    def __call__(self, queue: str, message_id: str, body: bytes, headers: dict[str, str]) -> None:
+        env = message.decode(body)
+        args = msgspec.msgpack.decode(env.args)
+        self.sent.append((queue, headers["fastq-run"].split("/", 1)[1], args[1:]))
+
+    def steps(self) -> list[str]:
+        return [s for _, s, _ in self.sent]
+
+
+def started(wf, n=3):
+    q = Queue()
+    tx = MemoryRuns(q)
+    drive(run.start(tx, "r1", "fan", wf.graph(), _enc.encode([n]), 1.0))
+    return tx, q
+
+
+def test_start_enqueues_the_roots_with_the_start_arguments(wf):
+    tx, q = started(wf)
+    assert q.sent == [("default", "source/-1", [3])]
+    assert tx.counters[("r1", "open")] == 5
+    assert tx.counters[("r1", "wait:cleanup")] == 2
+
+
+def test_fan_out_enqueues_each_element_and_the_join_exactly_once_whatever_the_order(wf):
+    tx, q = started(wf)
+    assert complete(tx, StepRef("r1", "source", -1), ok([0, 1, 2]), 2.0)
+    assert q.steps()[1:] == ["square/0", "square/1", "square/2", "side/-1"]
+    assert [args for _, s, args in q.sent if s.startswith("square")] == [[0], [1], [2]]
+    # elements end out of order; one of them twice (a redelivery): the first completion wins
+    assert complete(tx, StepRef("r1", "square", 2), ok(4), 3.0)
+    assert complete(tx, StepRef("r1", "square", 0), ok(0), 3.0)
+    assert not complete(tx, StepRef("r1", "square", 0), ok(99), 3.0)
+    assert "total/-1" not in q.steps()
+    assert complete(tx, StepRef("r1", "square", 1), ok(1), 3.0)
+    assert q.steps().count("total/-1") == 1
+    assert q.sent[-1][2] == [[0, 1, 4]]  # in element order
+    assert not complete(tx, StepRef("r1", "square", 1), ok(1), 3.0)
+    assert q.steps().count("total/-1") == 1
+    complete(tx, StepRef("r1", "total", -1), ok(5), 4.0)
+    assert "cleanup/-1" not in q.steps()  # side still open
+    complete(tx, StepRef("r1", "side", -1), ok(3), 4.0)
+    assert q.sent[-1][1:] == ("cleanup/-1", [5, 3])
+    complete(tx, StepRef("r1", "cleanup", -1), ok("clean"), 5.0)
+    assert drive(tx.run("r1")).state == "done"
+    assert len(q.sent) == 7  # source, 3 elements, side, total, cleanup: each once
+
+
+def test_a_failed_element_fails_its_step_skips_dependents_and_all_done_still_runs(wf):
+    tx, q = started(wf, 2)
+    complete(tx, StepRef("r1", "source", -1), ok([0, 1]), 2.0)
+    complete(tx, StepRef("r1", "square", 0), ok(0), 3.0)
+    complete(tx, StepRef("r1", "square", 1, attempts=4), failed("ValueError: bad (after 4)"), 3.0)
+    row = step(tx, "r1", "square", -1)
+    assert (row.state, row.attempts) == ("failed", 4)
+    assert row.error == "1 of 2 elements failed; element 1: ValueError: bad (after 4)"
+    assert step(tx, "r1", "total", -1).state == "skipped"
+    assert step(tx, "r1", "total", -1).error == "skipped: square failed"
+    complete(tx, StepRef("r1", "side", -1), ok(2), 4.0)
+    assert q.sent[-1][1:] == ("cleanup/-1", [None, 2])  # None for the parent that did not end done
+    complete(tx, StepRef("r1", "cleanup", -1), ok("clean"), 5.0)
+    assert drive(tx.run("r1")).state == "failed"
+    # resume: only the failed element and what it skipped run again
+    sent = len(q.sent)
+    assert resume(tx, "r1", 6.0) == ["square", "total"]
+    assert q.steps()[sent:] == ["square/1"]
+    complete(tx, StepRef("r1", "square", 1), ok(1), 7.0)
+    assert q.steps()[sent:] == ["square/1", "total/-1"]
+    assert q.sent[-1][2] == [[0, 1]]
+    complete(tx, StepRef("r1", "total", -1), ok(1), 8.0)
+    assert drive(tx.run("r1")).state == "done"
+    assert resume(tx, "r1", 9.0) == []
+
+
+def test_an_empty_fan_out_joins_at_once_with_an_empty_list(wf):
+    tx, q = started(wf, 0)
+    complete(tx, StepRef("r1", "source", -1), ok([]), 2.0)
+    assert q.steps()[1:] == ["total/-1", "side/-1"]
+    assert q.sent[1][2] == [[]]
+
+
+def test_a_whole_run_through_memory_with_drain_keeps_context_and_result():
+    app = fastq.App("drained", broker="memory://unit-drained")
+    wf = app.workflow("ctx")
+
+    @wf.step()
+    def first(ctx: fastq.RunContext) -> int:
+        ctx.set("seen", [ctx.run_id])
+        return 1
+
+    @wf.step(depends_on=[first], retry_attempts=1, retry_delay=0.0)
+    def second(first: int, ctx: fastq.RunContext) -> str:
+        return f"{first} {ctx.get('seen') == [ctx.run_id]} {ctx.get('missing', 'dflt')}"
+
+    run_id = wf.start()
+    assert drain(app) == fastq.testing.Drained(ok=2, retried=0, dead=0)
+    assert wf.result(run_id, timeout=1) == {"second": "1 True dflt"}
+    assert wf.status(run_id).context == {"seen": [run_id]}
+    with pytest.raises(
+        fastq.ConfigError,
+        match=r"^no run 'nope' in memory://unit-drained; list the runs with "
+        r"`fastq runs module:app`$",
+    ):
+        wf.status("nope")
+
+
+def test_a_handler_starts_a_run_and_a_step_reads_typed_context():
+    import msgspec as ms
+
+    class Point(ms.Struct):
+        x: int
+
+    app = fastq.App("kicked", broker="memory://unit-kicked")
+    wf = app.workflow("kick")
+    started: list[str] = []
+
+    @wf.step()
+    def mark(ctx: fastq.RunContext) -> int:
+        ctx.set("point", Point(3))
+        return 1
+
+    @wf.step(depends_on=[mark])
+    def read(mark: int, ctx: fastq.RunContext) -> int:
+        return mark + ctx.get("point", type=Point).x
+
+    @app.task()
+    def kick() -> None:
+        started.append(wf.start())
+
+    kick.send()
+    assert drain(app) == fastq.testing.Drained(ok=3, retried=0, dead=0)
+    assert wf.result(started[0], timeout=1) == {"read": 4}
+
+
+def test_outcomes_of_another_version_change_nothing_or_fail_the_step_never_raise(wf):
+    tx, _ = started(wf)
+    # a step this run was not started with: ignored
+    assert not complete(tx, StepRef("r1", "renamed", -1), ok(1), 2.0)
+    # a fan-out over a value that is not a list (a parent of another version): the step fails
+    complete(tx, StepRef("r1", "source", -1), ok({"not": "a list"}), 2.0)
+    row = step(tx, "r1", "square", -1)
+    assert row.state == "failed" and row.error.startswith("cannot fan out: ")
+    assert step(tx, "r1", "total", -1).state == "skipped"
+
+
+def test_sqlite_records_each_step_under_a_savepoint_and_logs_what_breaks(tmp_path, caplog):
+    from fastq.broker import sqlite_runs
+    from fastq.broker.sqlite import SqliteBroker
+
+    broker = SqliteBroker(f"sqlite:///{tmp_path / 'q.db'}")
+    db = broker._db()
+    db.execute("BEGIN IMMEDIATE")
+    tx = sqlite_runs.SqliteRuns(db, lambda *a: None)
+    drive(tx.put_run(RunRow("r1", "fan", b"\xc1", b"\x90", "running", 1.0)))  # bad graph
+    drive(tx.put_step(StepRow("r1", "source", -1, "running")))
+    sqlite_runs.record(db, tx, [(StepRef("r1", "source", -1), ok([1]))], 2.0)
+    db.execute("COMMIT")
+    assert "recording step source (element -1) of run r1 failed" in caplog.text
+    assert drive(tx.step("r1", "source", -1)).state == "running"  # rolled back to the savepoint
+
+
+def test_start_arguments_are_checked_against_the_roots_and_their_defaults_apply():
+    app = fastq.App("defaults", broker="memory://unit-defaults")
+    wf = app.workflow("d")
+
+    @wf.step()
+    def gen(n: int, scale: int = 10) -> int:
+        return n * scale
+
+    run_id = wf.start(4)
+    drain(app)
+    assert wf.result(run_id, timeout=1) == {"gen": 40}
+    with pytest.raises(msgspec.ValidationError, match=r"Expected `int`, got `str`"):
+        wf.start("four")
+    with pytest.raises(TypeError, match=r"missing a required argument: 'n'"):
+        wf.start()
+
+
+def test_a_run_header_that_is_not_ours_makes_an_ordinary_message():
+    from fastq.workflow.state import ref_of
+
+    assert ref_of({"fastq-run": "r/s/2"}, 3) == StepRef("r", "s", 2, 3)
+    assert ref_of({"fastq-run": "garbage"}, 1) is None
+    assert ref_of({"fastq-run": "a/b/c"}, 1) is None
+    assert ref_of(None, 1) is None
+
+
+def test_result_async_waits_off_the_loop_and_times_out_saying_what_did_not_end():
+    import asyncio
+
+    app = fastq.App("asyncres", broker="memory://unit-asyncres")
+    wf = app.workflow("a")
+
+    @wf.step()
+    async def one() -> int:
+        return 1
+
+    @wf.step(depends_on=[one])
+    async def two(one: int) -> int:
+        return one + 1
+
+    run_id = wf.start()
+    with pytest.raises(
+        TimeoutError,
+        match=rf"^run {run_id} of workflow a did not end within 0.1 s; not ended: one, two; "
+        r"wait longer, or check that a worker consumes the steps' queues$",
+    ):
+        asyncio.run(wf.result_async(run_id, timeout=0.1))
+    drain(app)
+    assert asyncio.run(wf.result_async(run_id, timeout=5)) == {"two": 2}
