@@ -102,6 +102,17 @@ def read(
         ) from e
 
 
+def unexpired(message_id: str, outcome: bytes | None, expires_at: float) -> bytes:
+    """A kept outcome as a store read it (``None``: a tombstone), checked for expiry on read.
+
+    Raises:
+        ResultExpired: its ttl passed.
+    """
+    if outcome is None or expires_at < time.time():
+        raise expired(message_id, expires_at)
+    return bytes(outcome)
+
+
 def expired(message_id: str, expired_at: float) -> ResultExpired:
     ago = max(0.0, time.time() - expired_at)
     return ResultExpired(

@@ -324,9 +324,7 @@ class MemoryBroker(Broker):
             kept = self._results.get(message_id)
         if kept is None:
             return None
-        if kept[0] is None or kept[1] < time.time():
-            raise _results.expired(message_id, kept[1])
-        return kept[0]
+        return _results.unexpired(message_id, *kept)
 
     async def queue_depth(self, queue: str) -> QueueDepth:
         with self._lock:

@@ -9,7 +9,6 @@ import atexit
 import concurrent.futures
 import logging
 import threading
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -36,10 +35,7 @@ class AnyThread:
         )
         if row is None:
             return None
-        outcome, expires_at = row
-        if outcome is None or expires_at < time.time():  # expiry on read
-            raise results.expired(message_id, expires_at)
-        return bytes(outcome)
+        return results.unexpired(message_id, *row)
 
     def dead_letters(self, queue: str | None = None, limit: int = 100) -> list[DeadLetter]:
         """Dead letters, oldest first, with the reason each one failed."""

@@ -578,10 +578,7 @@ class SqliteBroker(ExchangeBroker):
         row = self._db().execute(sql.GET_RESULT, (message_id,)).fetchone()
         if row is None:
             return None
-        outcome, expires_at = row
-        if outcome is None or expires_at < time.time():  # expiry on read
-            raise results.expired(message_id, expires_at)
-        return bytes(outcome)
+        return results.unexpired(message_id, *row)
 
     async def _renew_leases(self) -> None:
         while True:

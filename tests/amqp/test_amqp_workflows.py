@@ -16,7 +16,7 @@ import pytest
 import fastq
 from fastq.testing import wait_until
 from tests.integration.test_workflows import CATALOG, FANOUT, FLAKY
-from tests.integration.wfhost import Host
+from tests.integration.wfhost import Host, check_fan_in, check_tutorial, kill_a_worker_twice
 
 
 @pytest.fixture
@@ -47,16 +47,7 @@ def host(tmp_path, request, amqp_url):
 def test_the_cloacina_tutorial_on_rabbitmq(host):
     wf = host.app.wf
     run_id = wf.start(10_000)
-    out = wf.result(run_id, timeout=60)
-    report = "; ".join(f"{c}=2000" for c in sorted(host.app.CATEGORIES))
-    assert out == {"cleanup": f"cleaned after {report} and 2 notifications"}
-    st = wf.status(run_id)
-    assert {n: s.state for n, s in st.steps.items()} == dict.fromkeys(wf.steps, "done")
-    assert st.context == {"partitions": 3, "notified": 2}
-    parts = st.steps["process_partition"].elements
-    wall = max(p.finished_at for p in parts) - min(p.started_at for p in parts)
-    assert wall < sum(p.finished_at - p.started_at for p in parts) * 0.8
-    assert host.lines("cleanup.txt") == [run_id]
+    check_tutorial(host, run_id)
     # nothing is left in the store's outbox: every ready step was published, then let go
     assert host.app.app.result_store._db().execute(
         "SELECT count(*) FROM fastq_run_outbox"
@@ -66,17 +57,8 @@ def test_the_cloacina_tutorial_on_rabbitmq(host):
 @pytest.mark.parametrize("host", [("wf_fanout", FANOUT)], indirect=True)
 def test_a_fan_out_of_1000_on_rabbitmq_with_a_worker_sigkilled_twice(host):
     run_id = host.app.wf.start(1000)
-    for ran in (250, 500):
-        wait_until(lambda r=ran: len(host.lines("work.txt")) >= r, 60, host.logtext)
-        victims = host.workers()
-        assert victims, host.logtext()
-        victims[0].send_signal(signal.SIGKILL)
-    out = host.app.wf.result(run_id, timeout=120)
-    assert out == {"join": sum(2 * i for i in range(1000))}
-    assert host.lines("join.txt") == ["join"]
-    assert set(map(int, host.lines("work.txt"))) == set(range(1000))
-    elements = host.app.wf.status(run_id).steps["work"].elements
-    assert [(e.index, e.state) for e in elements] == [(i, "done") for i in range(1000)]
+    kill_a_worker_twice(host)
+    check_fan_in(host, run_id)
 
 
 @pytest.mark.parametrize("host", [("wf_flaky", FLAKY)], indirect=True)

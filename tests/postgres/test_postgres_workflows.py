@@ -7,7 +7,6 @@ once), a failing step resumed by `fastq runs`; and RabbitMQ with a PostgreSQL re
 from __future__ import annotations
 
 import asyncio
-import signal
 import subprocess
 import sys
 import uuid
@@ -16,9 +15,8 @@ import pika
 import pytest
 
 import fastq
-from fastq.testing import wait_until
 from tests.integration.test_workflows import CATALOG, FANOUT, FLAKY
-from tests.integration.wfhost import Host
+from tests.integration.wfhost import Host, check_fan_in, check_tutorial, kill_a_worker_twice
 
 
 @pytest.fixture
@@ -37,32 +35,14 @@ def host(tmp_path, request, pg_url):
 def test_the_cloacina_tutorial_on_postgres(host):
     wf = host.app.wf
     run_id = wf.start(10_000)
-    out = wf.result(run_id, timeout=60)
-    report = "; ".join(f"{c}=2000" for c in sorted(host.app.CATEGORIES))
-    assert out == {"cleanup": f"cleaned after {report} and 2 notifications"}
-    st = wf.status(run_id)
-    assert {n: s.state for n, s in st.steps.items()} == dict.fromkeys(wf.steps, "done")
-    assert st.context == {"partitions": 3, "notified": 2}
-    parts = st.steps["process_partition"].elements
-    wall = max(p.finished_at for p in parts) - min(p.started_at for p in parts)
-    assert wall < sum(p.finished_at - p.started_at for p in parts) * 0.8
-    assert host.lines("cleanup.txt") == [run_id]
+    check_tutorial(host, run_id)
 
 
 @pytest.mark.parametrize("host", [("wf_fanout", FANOUT, "&lease=5")], indirect=True)
 def test_a_fan_out_of_1000_on_postgres_with_a_worker_sigkilled_twice(host):
     run_id = host.app.wf.start(1000)
-    for ran in (250, 500):
-        wait_until(lambda r=ran: len(host.lines("work.txt")) >= r, 60, host.logtext)
-        victims = host.workers()
-        assert victims, host.logtext()
-        victims[0].send_signal(signal.SIGKILL)
-    out = host.app.wf.result(run_id, timeout=120)
-    assert out == {"join": sum(2 * i for i in range(1000))}
-    assert host.lines("join.txt") == ["join"]
-    assert set(map(int, host.lines("work.txt"))) == set(range(1000))
-    elements = host.app.wf.status(run_id).steps["work"].elements
-    assert [(e.index, e.state) for e in elements] == [(i, "done") for i in range(1000)]
+    kill_a_worker_twice(host)
+    check_fan_in(host, run_id)
 
 
 @pytest.mark.parametrize("host", [("wf_flaky", FLAKY, "")], indirect=True)
@@ -119,11 +99,7 @@ def test_on_rabbitmq_with_a_postgres_result_store_a_fan_out_fans_in_once(amqp_ho
     # Given RabbitMQ for the messages and PostgreSQL for the runs: a fan-out of 1,000
     run_id = host.app.wf.start(1000)
     # When a worker is SIGKILLed twice
-    for ran in (250, 500):
-        wait_until(lambda r=ran: len(host.lines("work.txt")) >= r, 60, host.logtext)
-        victims = host.workers()
-        assert victims, host.logtext()
-        victims[0].send_signal(signal.SIGKILL)
+    kill_a_worker_twice(host)
     # Then the sum is exact, the join ran once, every element done, the outbox empty
     assert host.app.wf.result(run_id, timeout=120) == {"join": sum(2 * i for i in range(1000))}
     assert host.lines("join.txt") == ["join"]
