@@ -1,4 +1,5 @@
-"""Builds the two extensions, fastq._core (rings) and fastq._amqp (AMQP frames off a socket);
+"""Builds the three extensions, fastq._core (rings), fastq._amqp (AMQP frames off a socket) and
+fastq._tally (the metrics' per-message counting);
 everything else is in pyproject.toml.
 
 FASTQ_DEBUG=1 builds with -O0 -g and Cython line tracing; FASTQ_ANNOTATE=1 writes the HTML
@@ -20,7 +21,7 @@ extensions = [
         extra_compile_args=["-O0", "-g"] if DEBUG else ["-O3"],
         define_macros=[("CYTHON_TRACE_NOGIL", "1")] if DEBUG else [],
     )
-    for name in ("fastq._core", "fastq._amqp")
+    for name in ("fastq._core", "fastq._amqp", "fastq._tally")
 ]
 
 setup(

@@ -22,11 +22,10 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
-from fastq import _load, message, results, wire
+from fastq import _load, message, results, tally, wire
 from fastq.config import HandlerOptions, Route
 from fastq.errors import RingClosed, RingFull
 from fastq.middleware import Hooks, Processing
-from fastq.tally import Tally
 from fastq.wire import Status
 
 if TYPE_CHECKING:
@@ -72,9 +71,9 @@ class AppExecutor:
         self.consumers = [self.app.consumers.get(q) for q in spec.queues]
         middleware = list(self.app.middleware)
         #: what this worker counts for the supervisor's /metrics (None: not asked to)
-        self.tally: Tally | None = None
+        self.tally: tally.Tally | None = None
         if spec.metrics:
-            self.tally = Tally()
+            self.tally = tally.new()
             middleware.insert(0, self.tally)  # outermost: it times the others' hooks too
         self.hooks = Hooks(middleware)
 
@@ -192,9 +191,8 @@ class AppExecutor:
     def reports(self) -> list[bytes]:
         """What this worker counted since its last report, as report frames for the supervisor
         (sent with the completions they count, in the same batch)."""
-        if self.tally is None or not self.tally.counts:
-            return []
-        return [self.tally.report()]
+        frame = tally.report(self.tally) if self.tally is not None else None
+        return [] if frame is None else [frame]
 
     def returned(
         self, handler: Task | Consumer, value: Any, keep: float, headers: dict[str, str] | None

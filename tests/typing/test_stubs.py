@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 from pathlib import Path
 
@@ -62,23 +63,37 @@ def test_stub_signatures_match_the_twin():
             ], fn.name
 
 
-@pytest.mark.cython
-@pytest.mark.parametrize("module", ["fastq._amqp", "fastq._amqp_py"], ids=["cython", "python"])
-def test_the_amqp_stub_and_both_implementations_name_the_same_things(module):
-    import importlib
-
-    tree = ast.parse(STUB.with_name("_amqp.pyi").read_text())
+def _stub_of(pyi: str, cls: str) -> tuple[set[str], set[str]]:
+    """A second extension's stub: its ``__all__``, and the members ``cls`` declares."""
+    tree = ast.parse(STUB.with_name(pyi).read_text())
     stub_all = next(
         ast.literal_eval(n.value)
         for n in tree.body
         if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "__all__"
     )
-    reader = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "FrameReader")
+    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)
     members = {
         n.name if isinstance(n, ast.FunctionDef) else n.target.id  # type: ignore[union-attr]
-        for n in reader.body
+        for n in node.body
         if isinstance(n, ast.FunctionDef | ast.AnnAssign)
     } - {"__init__"}
+    return set(stub_all), members
+
+
+@pytest.mark.cython
+@pytest.mark.parametrize(
+    ("module", "cls", "args"),
+    [
+        ("fastq._amqp", "FrameReader", ()),
+        ("fastq._amqp_py", "FrameReader", ()),
+        ("fastq._tally", "Tally", ((), ())),
+        ("fastq._tally_py", "Tally", ((), ())),
+    ],
+)
+def test_the_other_extensions_stubs_and_both_implementations_name_the_same_things(
+    module, cls, args
+):
+    stub_all, members = _stub_of(module.removesuffix("_py").split(".")[1] + ".pyi", cls)
     implementation = importlib.import_module(module)
-    assert set(implementation.__all__) == set(stub_all)
-    assert _public(implementation.FrameReader()) == members  # type: ignore[arg-type]
+    assert set(implementation.__all__) == stub_all
+    assert _public(getattr(implementation, cls)(*args)) == members

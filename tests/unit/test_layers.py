@@ -117,7 +117,10 @@ ALLOWED: dict[str, set[str]] = {
     # the JSON log lines of --log-format json (installed by cli, and by a worker told so)
     "logs": set(),
     # what a worker counts for /metrics, on the middleware hooks (Report.TALLY)
-    "tally": {"wire", "middleware"},
+    # the metrics' per-message counting, compiled (and its twin): they import nothing of fastq
+    "_tally": set(),
+    "_tally_py": set(),
+    "tally": {"wire", "_tally", "_tally_py"},
     # OpenTelemetry spans on the middleware hooks (the only opentelemetry importer)
     "tracing": {"middleware", "errors"},
     "worker": _RUNTIME | {"logs"},
