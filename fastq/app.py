@@ -249,7 +249,7 @@ class App:
             if task.name in self.schedules:
                 raise ConfigError(f"task {task.name} is periodic already; one schedule a task")
             try:
-                task.message(*args)
+                task.checked(tuple(args), {})
             except (TypeError, msgspec.ValidationError) as e:
                 raise ConfigError(
                     f"@app.periodic on {task.name}: args={tuple(args)!r} do not fit its "

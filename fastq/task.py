@@ -248,6 +248,21 @@ class Task(_Produces):
         self, args: tuple[Any, ...], kwargs: dict[str, Any], headers: dict[str, str] | None
     ) -> tuple[Message, msgspec.Raw]:
         """``message``, and the encoded arguments (a unique task's key is made from them)."""
+        args, raw = self.checked(args, kwargs)
+        if headers is None and self.options.result_ttl is not None:
+            headers = self._notify_headers()
+        return self._encoded(args, headers), raw
+
+    def checked(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], msgspec.Raw]:
+        """The arguments of one call in parameter order, and encoded, validated against the
+        parameter types as the worker will decode them (no hook sees them here).
+
+        Raises:
+            TypeError: the arguments do not fit the signature.
+            msgspec.ValidationError: an argument has the wrong type (the path says which).
+        """
         if kwargs or len(args) != self.arity:
             bound = self.signature.bind(*args, **kwargs)
             bound.apply_defaults()
@@ -262,33 +277,42 @@ class Task(_Produces):
             raise msgspec.ValidationError(
                 f"task {self.name}: {e} (arguments in parameter order)"
             ) from e
-        if headers is None and self.options.result_ttl is not None:
-            headers = self._notify_headers()
+        return args, raw
+
+    def _encoded(
+        self, args: tuple[Any, ...], headers: dict[str, str] | None, message_id: str | None = None
+    ) -> Message:
+        """The envelope of one call, after the ``before_send`` hooks saw it (they may add
+        headers). A ``message_id`` given here is kept whatever a hook does (a tick's id is what
+        makes it once)."""
         send_hooks = self.app.hooks.send
-        if send_hooks:  # they may add headers: before the envelope is encoded
-            headers = dict(headers) if headers else {}
-            sending = Sending(self.name, message.new_id(), self.queue, headers, time.time())
-            for hook in send_hooks:
-                hook(sending)
+        if not send_hooks:
             message_id, body = message.encode(
-                self.name,
-                args,
-                message_id=sending.message_id,
-                headers=headers or None,
-                enqueued_at=sending.enqueued_at,
+                self.name, args, message_id=message_id, headers=headers
             )
-            return Message(body, message_id, headers or None), raw
-        message_id, body = message.encode(self.name, args, headers=headers)
-        return Message(body, message_id, headers), raw
+            return Message(body, message_id, headers)
+        headers = dict(headers) if headers else {}  # they may add headers: before the encoding
+        sending = Sending(
+            self.name, message_id or message.new_id(), self.queue, headers, time.time()
+        )
+        for hook in send_hooks:
+            hook(sending)
+        message_id, body = message.encode(
+            self.name,
+            args,
+            message_id=message_id or sending.message_id,
+            headers=headers or None,
+            enqueued_at=sending.enqueued_at,
+        )
+        return Message(body, message_id, headers or None)
 
     def tick_message(self, sched: schedule.Schedule, tick: float) -> Message:
         """The message of one tick of this periodic task: its fixed arguments, the tick in a
-        header (``schedule.TICK_HEADER``) and in its id (``Schedule.message_id``)."""
-        headers = {schedule.TICK_HEADER: repr(tick)}
-        message_id, body = message.encode(
-            self.name, sched.args, message_id=sched.message_id(tick), headers=headers
+        header (``schedule.TICK_HEADER``) and in its id (``Schedule.message_id``); the
+        ``before_send`` hooks see it as they see a send."""
+        return self._encoded(
+            sched.args, {schedule.TICK_HEADER: repr(tick)}, message_id=sched.message_id(tick)
         )
-        return Message(body, message_id, headers)
 
     def _notify_headers(self, keep: float | None = None) -> dict[str, str]:
         """The headers of a message whose result this process may wait for: its supervisor

@@ -215,3 +215,29 @@ def test_a_sends_delay_on_rabbitmq_is_rounded_up_never_down():
     assert retry_queue("q", 1.2345, send=True) == ("q.retry.1240", 1240)  # up: never early
     assert retry_queue("q", 3599.01, send=True) == ("q.retry.3600000", 3600000)
     assert retry_queue("q", 1.2345) == ("q.retry.1200", 1200)  # a retry's: two digits, nearest
+
+
+def test_a_tick_passes_the_before_send_hooks_and_keeps_its_own_id():
+    from fastq import message
+    from fastq.middleware import Middleware, Sending
+
+    seen: list[tuple[str, str, dict[str, str]]] = []
+
+    class Stamp(Middleware):
+        def before_send(self, sending: Sending) -> None:
+            seen.append((sending.task, sending.message_id, dict(sending.headers)))
+            sending.headers["x-stamp"] = "1"
+            sending.message_id = "a hook's own id"  # a tick's id is what makes it once: kept
+
+    app = fastq.App("ticks", broker="memory://ticks-hooks", middleware=[Stamp()])
+
+    @app.periodic(every=60.0)
+    @app.task(name="report")
+    def report() -> None: ...
+
+    sched = app.schedules["report"]
+    made = report.tick_message(sched, 1765000000.0)
+    envelope = message.decode(made.body)
+    assert seen == [("report", sched.message_id(1765000000.0), {"fastq-tick": "1765000000.0"})]
+    assert made.message_id == envelope.id == sched.message_id(1765000000.0)
+    assert envelope.headers == {"fastq-tick": "1765000000.0", "x-stamp": "1"}
