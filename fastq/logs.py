@@ -1,15 +1,17 @@
 """``fastq worker --log-format json``: one JSON object per log line, for log shippers.
 
 Each object has ``time`` (UTC, ISO 8601), ``level``, ``pid``, ``logger`` and ``message``, then
-``queue``, ``task`` and ``message_id`` when the call passed them (``extra={"queue": ...}``), and
-``exception`` with the traceback when there was one. Only ``fastq.cli`` (and a worker process,
-told by its spec) installs it.
+``queue``, ``task`` and ``message_id`` where known: passed by the call (``extra={"queue": ...}``),
+or, in a worker, the message whose handler is running (``current``: what the handler itself logs,
+and the hooks around it, carry its message), and ``exception`` with the traceback when there was
+one. Only ``fastq.cli`` (and a worker process, told by its spec) installs it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+from contextvars import ContextVar
 
 import msgspec
 
@@ -19,6 +21,10 @@ FIELDS = ("queue", "task", "message_id")
 FORMATS = ("text", "json")
 
 _encoder = msgspec.json.Encoder()
+
+#: (queue, task, message_id) of the message whose handler runs in this context: set by a worker
+#: that logs JSON lines, in each message's own task (its threads get a copy)
+current: ContextVar[tuple[str, str, str] | None] = ContextVar("fastq_message", default=None)
 
 
 class JsonFormatter(logging.Formatter):
@@ -34,8 +40,11 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for name in FIELDS:
+        running = current.get()
+        for i, name in enumerate(FIELDS):
             value = getattr(record, name, None)
+            if value is None and running is not None:
+                value = running[i] or None
             if value is not None:
                 out[name] = str(value)
         if record.exc_info:

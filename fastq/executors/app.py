@@ -22,7 +22,7 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
-from fastq import _load, message, results, tally, wire
+from fastq import _load, logs, message, results, tally, wire
 from fastq.config import HandlerOptions, Route
 from fastq.errors import RingClosed, RingFull
 from fastq.middleware import Hooks, Processing
@@ -76,6 +76,8 @@ class AppExecutor:
             self.tally = tally.new()
             middleware.insert(0, self.tally)  # outermost: it times the others' hooks too
         self.hooks = Hooks(middleware)
+        #: JSON log lines name the message their handler runs for (logs.current)
+        self.log_context = logs.root_format() == "json"
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -129,6 +131,8 @@ class AppExecutor:
                 keep = task.options.result_ttl or _keep(headers)
                 return self.failed_for_good(envelope.task, reason, e, keep, headers)
             name, message_id = envelope.task, envelope.id
+        if self.log_context:  # this message's own task: its context ends with it
+            logs.current.set((queue, name, message_id))
         options: HandlerOptions = handler.options
         keep = options.result_ttl or _keep(headers)
         processing = Processing(name, message_id, queue, retries, headers, enqueued_at)

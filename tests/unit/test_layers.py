@@ -125,7 +125,7 @@ ALLOWED: dict[str, set[str]] = {
     "tracing": {"middleware", "errors"},
     "worker": _RUNTIME | {"logs"},
     "executors": set(),
-    "executors.app": _RUNTIME | {"tally"},
+    "executors.app": _RUNTIME | {"tally", "logs"},
     "executors.pool": _RUNTIME,
     # worker only as the target a fleet member is spawned with
     "engine": set(),

@@ -6,12 +6,15 @@ process, on a loop of its own, with no rings and no processes."""
 from __future__ import annotations
 
 import asyncio
+import io
+import json
+import logging
 
 import msgspec
 import pytest
 
 import fastq
-from fastq import message, wire
+from fastq import logs, message, wire
 from fastq.errors import ConfigError
 from fastq.executors.app import AppExecutor
 from fastq.middleware import Processing, Sending
@@ -86,6 +89,11 @@ async def add(a: int, b: int) -> int:
 @APP.consumer("mw.raw", kind="io")
 async def raw(body: bytes) -> bytes:
     return body
+
+
+@APP.task(name="loud", queue="mw", kind="io")
+def loud(n: int) -> None:  # a plain function of kind io: it runs in the worker's thread pool
+    logging.getLogger("shop").warning("working on %d", n)
 
 
 OLD = fastq.App("old", broker="memory://middleware-old", middleware=[OldStyle()])
@@ -270,3 +278,32 @@ def test_a_consumer_s_middleware_sees_the_broker_headers_that_came_with_the_deli
         b"raw bytes",
     )
     assert task.endswith("raw")
+
+
+def test_json_log_lines_name_the_message_whose_handler_logged():
+    # Given a worker whose logs are JSON lines
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.JsonFormatter())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        e = AppExecutor(_Runtime("test_middleware:APP", "mw"))  # type: ignore[arg-type]
+        try:
+            made = loud.message(7)
+            status, _, _ = _run(e, made.body)
+        finally:
+            e.close()
+        logging.getLogger("shop").warning("outside any handler")
+    finally:
+        root.removeHandler(handler)
+    # Then what the handler logged (in a thread of the pool) names its message; the rest not
+    inside, outside = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert status == Status.OK
+    assert (inside["message"], inside["queue"], inside["task"], inside["message_id"]) == (
+        "working on 7",
+        "mw",
+        "loud",
+        made.message_id,
+    )
+    assert outside["message"] == "outside any handler" and "task" not in outside
