@@ -9,13 +9,16 @@ extracts that context and runs the handler inside a CONSUMER span ("process <que
 parent it is, with the queue, task, message id and attempt as attributes, and the outcome set in
 ``after_process``. The span is the current one while the handler runs, so what the handler sends,
 and what it returns to ``publish_to``, is sent from inside it: outputs keep the trace. A retry is
-the same envelope delivered again: its span has the same parent, in the same trace.
+the same envelope delivered again: its span has the same parent, in the same trace. A message
+that never reaches a handler (``after_reject``: not an envelope, an unknown task, arguments that
+do not validate) gets a span too, ended at once with an error status, outcome "dead" and the
+reason, under its producer's span where its envelope could be read.
+
+For ``@app.consumer`` queues the context comes from the broker message's own headers (AMQP
+headers set by a foreign producer), which reach the worker with the body.
 
 The spans go wherever the process's tracer provider sends them: configure the OpenTelemetry SDK
 in the module that defines the App, so that the worker processes, which import it, do too.
-
-Limits: a consumer's (``@app.consumer``) raw body carries no envelope headers, and the broker's
-own message headers (AMQP) do not reach the worker yet: its spans start a trace of their own.
 
 Without this middleware nothing is traced and nothing is paid. opentelemetry-api is the otel extra
 (``pip install 'fastq-engine[otel]'``) and this module is its only importer.
@@ -79,9 +82,11 @@ class TracingMiddleware(Middleware):
         ):
             propagate.inject(message.headers)
 
-    def before_process(self, message: Processing) -> None:
+    def _span(self, message: Processing) -> Any:
+        """The CONSUMER span of one delivery, under its producer's context when it came with
+        one."""
         parent = propagate.extract(message.headers) if message.headers else None
-        span = self.tracer.start_span(
+        return self.tracer.start_span(
             f"process {message.queue}",
             context=parent,
             kind=SpanKind.CONSUMER,
@@ -94,8 +99,18 @@ class TracingMiddleware(Middleware):
                 "fastq.attempt": message.attempt,
             },
         )
+
+    def before_process(self, message: Processing) -> None:
+        span = self._span(message)
         # current while the handler runs: what it sends is sent from inside this span
         message.span = (span, context.attach(trace.set_span_in_context(span)))
+
+    def after_reject(self, message: Processing, reason: str) -> None:
+        span = self._span(message)
+        span.set_attribute("fastq.outcome", "dead")
+        span.set_attribute("fastq.reason", reason)
+        span.set_status(StatusCode.ERROR, reason)
+        span.end()
 
     def after_process(self, message: Processing, exc: BaseException | None) -> None:
         if message.span is None:  # an earlier before_process failed before ours ran
