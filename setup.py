@@ -1,5 +1,5 @@
 """Builds the three extensions, fastq._core (rings), fastq._amqp (AMQP frames off a socket) and
-fastq._tally (the metrics' per-message counting);
+fastq._hooks (the record middleware sees, and the metrics' per-message counting);
 everything else is in pyproject.toml.
 
 FASTQ_DEBUG=1 builds with -O0 -g and Cython line tracing; FASTQ_ANNOTATE=1 writes the HTML
@@ -21,7 +21,7 @@ extensions = [
         extra_compile_args=["-O0", "-g"] if DEBUG else ["-O3"],
         define_macros=[("CYTHON_TRACE_NOGIL", "1")] if DEBUG else [],
     )
-    for name in ("fastq._core", "fastq._amqp", "fastq._tally")
+    for name in ("fastq._core", "fastq._amqp", "fastq._hooks")
 ]
 
 setup(

@@ -9,6 +9,7 @@ machine); the rounds alternate so that drift hits both sides alike; medians are 
 
 from __future__ import annotations
 
+import resource
 import statistics
 import sys
 import tempfile
@@ -46,10 +47,10 @@ def worker_cpu(bench: Bench, variant: str, bodies: list[bytes]) -> float:
 
     ex = AppExecutor(Runtime())  # type: ignore[arg-type]
     if variant == "twin":  # the same chain, with the twin in the compiled tally's place
-        from fastq import _tally_py, wire
+        from fastq import _hooks_py, wire
         from fastq.middleware import Hooks
 
-        ex.tally = _tally_py.Tally(wire.HANDLER_BUCKETS, wire.LATENCY_BUCKETS)  # type: ignore[assignment]
+        ex.tally = _hooks_py.Tally(wire.HANDLER_BUCKETS, wire.LATENCY_BUCKETS)  # type: ignore[assignment]
         ex.hooks = Hooks([ex.tally, *ex.app.middleware])
 
     async def go() -> float:
@@ -67,12 +68,20 @@ def worker_cpu(bench: Bench, variant: str, bodies: list[bytes]) -> float:
         ex.close()
 
 
+def _cpu() -> tuple[float, float]:
+    """On-CPU seconds so far: this process's, and its reaped children's (the workers)."""
+    me, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
+
 def main(rounds: int = 5, n: int = 60_000) -> None:
     _, _, concurrency, prefetch = SCENARIOS["noop"]
     with tempfile.TemporaryDirectory() as d:
         bench = Bench("memory", Path(d), burn=0)
         plain = bench.supervisor
         rates: dict[str, list[float]] = {"off": [], "on": []}
+        #: on-CPU microseconds per message: (this process: producer and supervisor, workers)
+        spent: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
         for r in range(rounds * 2):
             side = "off" if r % 2 == 0 else "on"
             made: list[Any] = []
@@ -88,16 +97,27 @@ def main(rounds: int = 5, n: int = 60_000) -> None:
                 return sup
 
             bench.supervisor = supervisor  # type: ignore[method-assign]
+            before = _cpu()
             took, _ = bench.run("noop", n, concurrency, prefetch)
+            after = _cpu()
             rates[side].append(n / took)
+            spent[side].append(((after[0] - before[0]) * 1e6 / n, (after[1] - before[1]) * 1e6 / n))
             metrics = made[0].metrics
             counted = sum(metrics.messages.values()) if metrics is not None else 0
             print(
                 f"round {r // 2 + 1} metrics {side}: {n / took:,.0f} msgs/s "
-                f"(messages counted: {counted:,})",
+                f"(messages counted: {counted:,}); CPU per message: supervisor and producer "
+                f"{spent[side][-1][0]:.2f} us, workers {spent[side][-1][1]:.2f} us",
                 flush=True,
             )
         off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
+        pairs = [100 * (b - a) / a for a, b in zip(rates["off"], rates["on"], strict=True)]
+        tree = {k: statistics.median(sum(x) for x in v) for k, v in spent.items()}
+        print(
+            f"engine, median of the rounds' on/off change {statistics.median(pairs):+.1f}%; "
+            f"whole-tree CPU per message, median off {tree['off']:.2f} us, on {tree['on']:.2f} "
+            f"us: {100 * (tree['on'] - tree['off']) / tree['off']:+.1f}%"
+        )
         change = 100 * (on - off) / off
         print(f"engine, median off {off:,.0f} msgs/s, on {on:,.0f} msgs/s: {change:+.1f}%")
         bodies = [bench.module.noop.message(0.0).body for _ in range(n)]

@@ -22,83 +22,25 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastq.errors import ConfigError
+
+# The record a hook sees is a C struct in fastq._hooks (its hooks read it without Python's
+# attribute lookups); fastq._hooks_py has the slow, obvious twin.
+if TYPE_CHECKING:
+    from fastq._hooks import Processing
+elif os.environ.get("FASTQ_NO_EXTENSIONS"):
+    from fastq._hooks_py import Processing
+else:
+    from fastq._hooks import Processing  # an ImportError here means a broken build
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Hooks", "Middleware", "Processing", "Sending", "TimingMiddleware"]
-
-
-class Processing:
-    """What middleware sees of one message in a worker.
-
-    ``handler`` is the task's or consumer's name, ``message_id`` the envelope's id (empty for a
-    consumer's raw body), ``queue`` where it came from, ``retries`` how many times it failed
-    before (``attempt`` = retries + 1), ``headers`` the envelope's headers (empty for a raw
-    body), ``enqueued_at`` the unix time ``send`` made it (0.0: unknown). In ``after_process``,
-    ``outcome`` is "ok", "retried" or "dead" and ``result`` what the handler returned (None
-    when it raised). ``started_at``, ``clock`` and ``span`` are for hooks (TimingMiddleware's,
-    the metrics' and the traces' own).
-    """
-
-    __slots__ = (
-        "clock",
-        "enqueued_at",
-        "handler",
-        "headers",
-        "message_id",
-        "outcome",
-        "queue",
-        "result",
-        "retries",
-        "span",
-        "started_at",
-    )
-
-    def __init__(
-        self,
-        handler: str,
-        message_id: str,
-        queue: str,
-        retries: int,
-        headers: dict[str, str] | None = None,
-        enqueued_at: float = 0.0,
-    ) -> None:
-        self.handler, self.message_id, self.queue, self.retries = (
-            handler,
-            message_id,
-            queue,
-            retries,
-        )
-        self.headers: dict[str, str] = headers if headers is not None else {}
-        self.enqueued_at = enqueued_at
-        self.started_at = self.clock = 0.0
-        self.result: object = None
-        self.outcome = ""
-        self.span: Any = None
-
-    @property
-    def id(self) -> str:
-        return self.message_id
-
-    @property
-    def task(self) -> str:
-        return self.handler
-
-    @property
-    def attempt(self) -> int:
-        """1 on the first delivery, 2 on the first retry..."""
-        return self.retries + 1
-
-    def __repr__(self) -> str:
-        return (
-            f"<Processing {self.handler} id={self.message_id!r} queue={self.queue!r} "
-            f"attempt={self.attempt} outcome={self.outcome!r}>"
-        )
 
 
 class Sending:

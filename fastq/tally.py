@@ -5,8 +5,8 @@ app's middleware chain: an ordinary middleware (``before_process``, ``after_proc
 ``after_reject``), called by the executor like any other. Per queue and handler it counts the
 runs by outcome, bins each handler's duration (the wall clock around the other hooks and the
 handler) and each message's enqueue-to-start latency (the envelope's ``enqueued_at`` against
-this host's clock) into the buckets of ``fastq.wire``. Its hooks are compiled (fastq._tally, with
-its twin fastq._tally_py): written in Python they cost a noop message ~0.55 us of the worker's
+this host's clock) into the buckets of ``fastq.wire``. Its hooks are compiled (fastq._hooks, with
+its twin fastq._hooks_py): written in Python they cost a noop message ~0.55 us of the worker's
 CPU, several percent of its throughput. Nothing leaves the process per message: the executor
 hands the counts to the runtime as one report frame that goes in the same ``put_many`` as the
 completions they count (``report``), and they start again from zero.
@@ -20,15 +20,15 @@ from typing import TYPE_CHECKING
 from fastq import wire
 
 if TYPE_CHECKING:
-    from fastq._tally import Tally
+    from fastq._hooks import Tally
 
     IMPLEMENTATION: str
 elif os.environ.get("FASTQ_NO_EXTENSIONS"):
-    from fastq._tally_py import Tally
+    from fastq._hooks_py import Tally
 
     IMPLEMENTATION = "python"
 else:
-    from fastq._tally import Tally  # an ImportError here means a broken build
+    from fastq._hooks import Tally  # an ImportError here means a broken build
 
     IMPLEMENTATION = "cython"
 

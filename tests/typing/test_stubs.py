@@ -86,8 +86,10 @@ def _stub_of(pyi: str, cls: str) -> tuple[set[str], set[str]]:
     [
         ("fastq._amqp", "FrameReader", ()),
         ("fastq._amqp_py", "FrameReader", ()),
-        ("fastq._tally", "Tally", ((), ())),
-        ("fastq._tally_py", "Tally", ((), ())),
+        ("fastq._hooks", "Tally", ((), ())),
+        ("fastq._hooks_py", "Tally", ((), ())),
+        ("fastq._hooks", "Processing", ("task", "id", "queue", 0)),
+        ("fastq._hooks_py", "Processing", ("task", "id", "queue", 0)),
     ],
 )
 def test_the_other_extensions_stubs_and_both_implementations_name_the_same_things(

@@ -113,14 +113,14 @@ ALLOWED: dict[str, set[str]] = {
                                 "broker.amqp.consumer", "broker.amqp.settle"},
     "broker": {"broker.base", "broker.memory", "broker.sqlite", "broker.amqp", "broker.postgres",
                "errors"},
-    "middleware": {"message", "errors"},
+    "middleware": {"message", "errors", "_hooks", "_hooks_py"},
     # the JSON log lines of --log-format json (installed by cli, and by a worker told so)
     "logs": set(),
-    # what a worker counts for /metrics, on the middleware hooks (Report.TALLY)
-    # the metrics' per-message counting, compiled (and its twin): they import nothing of fastq
-    "_tally": set(),
-    "_tally_py": set(),
-    "tally": {"wire", "_tally", "_tally_py"},
+    # the record a hook sees, and what a worker counts for /metrics on the hooks (Report.TALLY),
+    # compiled, and their twin: they import nothing of fastq
+    "_hooks": set(),
+    "_hooks_py": set(),
+    "tally": {"wire", "_hooks", "_hooks_py"},
     # OpenTelemetry spans on the middleware hooks (the only opentelemetry importer)
     "tracing": {"middleware", "errors"},
     "worker": _RUNTIME | {"logs"},

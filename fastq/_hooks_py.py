@@ -1,5 +1,5 @@
-"""Reference implementation of fastq._tally: slow and obvious on purpose.
-Any behavioural difference from this module is a bug in _tally.pyx."""
+"""Reference implementation of fastq._hooks: slow and obvious on purpose.
+Any behavioural difference from this module is a bug in _hooks.pyx."""
 
 from __future__ import annotations
 
@@ -8,13 +8,81 @@ from collections.abc import Sequence
 from time import time
 from typing import Any
 
-__all__ = ["MAX_BOUNDS", "Tally"]
+__all__ = ["MAX_BOUNDS", "Processing", "Tally"]
 
 #: the most bucket bounds a histogram may have
 MAX_BOUNDS = 32
 
 #: one (queue, handler)'s counts: wire.Counts's fields, in its order
 Counted = tuple[str, str, int, int, int, int, list[int], float, list[int], float]
+
+
+class Processing:
+    """What middleware sees of one message in a worker.
+
+    ``handler`` is the task's or consumer's name, ``message_id`` the envelope's id (empty for a
+    consumer's raw body), ``queue`` where it came from, ``retries`` how many times it failed
+    before (``attempt`` = retries + 1), ``headers`` the envelope's headers (empty for a raw
+    body), ``enqueued_at`` the unix time ``send`` made it (0.0: unknown). In ``after_process``,
+    ``outcome`` is "ok", "retried" or "dead" and ``result`` what the handler returned (None
+    when it raised). ``started_at``, ``clock`` and ``span`` are for hooks (TimingMiddleware's,
+    the metrics' and the traces' own).
+    """
+
+    __slots__ = (
+        "clock",
+        "enqueued_at",
+        "handler",
+        "headers",
+        "message_id",
+        "outcome",
+        "queue",
+        "result",
+        "retries",
+        "span",
+        "started_at",
+    )
+
+    def __init__(
+        self,
+        handler: str,
+        message_id: str,
+        queue: str,
+        retries: int,
+        headers: dict[str, str] | None = None,
+        enqueued_at: float = 0.0,
+    ) -> None:
+        self.handler, self.message_id, self.queue, self.retries = (
+            handler,
+            message_id,
+            queue,
+            retries,
+        )
+        self.headers: dict[str, str] = headers if headers is not None else {}
+        self.enqueued_at = enqueued_at
+        self.started_at = self.clock = 0.0
+        self.result: object = None
+        self.outcome = ""
+        self.span: Any = None
+
+    @property
+    def id(self) -> str:
+        return self.message_id
+
+    @property
+    def task(self) -> str:
+        return self.handler
+
+    @property
+    def attempt(self) -> int:
+        """1 on the first delivery, 2 on the first retry..."""
+        return self.retries + 1
+
+    def __repr__(self) -> str:
+        return (
+            f"<Processing {self.handler} id={self.message_id!r} queue={self.queue!r} "
+            f"attempt={self.attempt} outcome={self.outcome!r}>"
+        )
 
 
 class _Acc:
@@ -82,10 +150,10 @@ class Tally:
     def _new(self, queue: str, task: str) -> _Acc:
         return _Acc(queue, task, len(self._handler_bounds), len(self._latency_bounds))
 
-    def before_process(self, message: Any) -> None:
+    def before_process(self, message: Processing) -> None:
         message.clock = time()
 
-    def after_process(self, message: Any, exc: BaseException | None) -> None:
+    def after_process(self, message: Processing, exc: BaseException | None) -> None:
         started = message.clock
         took = time() - started
         c = self._of(message.queue, message.handler)
@@ -104,7 +172,7 @@ class Tally:
             else:
                 c.dead += 1
 
-    def after_reject(self, message: Any, reason: str) -> None:
+    def after_reject(self, message: Processing, reason: str) -> None:
         self._of(message.queue, message.handler).dead += 1
 
     @property

@@ -1,11 +1,13 @@
 # cython: boundscheck=False, wraparound=False, cdivision=True
-"""The metrics' per-message counting, in C: a worker's middleware hooks that count and bin.
+"""A worker's per-message hook path, in C: the record middleware sees, and the metrics' counting.
 
-``Tally`` is what a worker puts first in its middleware chain when its supervisor serves
+``Processing`` is what middleware sees of one message in a worker (fastq.middleware documents
+it); here its fields are C fields, so that the hooks below read them without Python's attribute
+lookups, and making one costs less. ``Tally`` is what a worker puts first in its middleware chain when its supervisor serves
 /metrics: ``before_process`` stamps the message's wall clock, ``after_process`` counts the run by
 outcome and bins its handler duration and its enqueue-to-start latency, ``after_reject`` counts a
 message that never reached a handler. It counts and bins and decides nothing: which buckets, when
-to report and how a report is framed is fastq.tally's business. fastq/_tally_py.py is the slow,
+to report and how a report is framed is fastq.tally's business. fastq/_hooks_py.py is the slow,
 obvious twin; any difference between them is a bug here.
 """
 
@@ -17,7 +19,7 @@ cdef extern from "<time.h>" nogil:
     int clock_gettime(int clk_id, timespec *tp)
     enum: CLOCK_REALTIME
 
-__all__ = ["MAX_BOUNDS", "Tally"]
+__all__ = ["MAX_BOUNDS", "Processing", "Tally"]
 
 cdef enum:
     _MAX = 32
@@ -39,6 +41,51 @@ cdef inline int _bin(const double *bounds, int n, double x) noexcept nogil:
     while i < n and bounds[i] < x:
         i += 1
     return i
+
+
+cdef class Processing:
+    """What middleware sees of one message in a worker (see fastq.middleware)."""
+
+    cdef public str handler, message_id, queue, outcome
+    cdef public long retries
+    cdef public object headers, result, span
+    cdef public double enqueued_at, started_at, clock
+
+    def __init__(
+        self,
+        str handler,
+        str message_id,
+        str queue,
+        long retries,
+        headers=None,
+        double enqueued_at=0.0,
+    ):
+        self.handler, self.message_id, self.queue, self.retries = handler, message_id, queue, retries
+        self.headers = headers if headers is not None else {}
+        self.enqueued_at = enqueued_at
+        self.started_at = self.clock = 0.0
+        self.result = None
+        self.outcome = ""
+        self.span = None
+
+    @property
+    def id(self):
+        return self.message_id
+
+    @property
+    def task(self):
+        return self.handler
+
+    @property
+    def attempt(self):
+        """1 on the first delivery, 2 on the first retry..."""
+        return self.retries + 1
+
+    def __repr__(self):
+        return (
+            f"<Processing {self.handler} id={self.message_id!r} queue={self.queue!r} "
+            f"attempt={self.attempt} outcome={self.outcome!r}>"
+        )
 
 
 cdef class _Acc:
@@ -104,26 +151,24 @@ cdef class Tally:
                 self._others[(queue, task)] = c
         return c
 
-    def before_process(self, message):
+    def before_process(self, Processing message):
         message.clock = _now()
 
-    def after_process(self, message, exc):
+    def after_process(self, Processing message, exc):
         # One wall clock for both: the start against the enqueue time, the end against the start.
         # A negative span (a clock stepped back, another host's clock ahead) falls in the first
         # bucket.
         cdef double started = message.clock
         cdef double took = _now() - started
-        cdef double enqueued = message.enqueued_at
         cdef double waited
-        cdef str task = message.handler
-        cdef _Acc c = self._counts.get(task)
+        cdef _Acc c = self._counts.get(message.handler)
         if c is None or c.queue != message.queue:
-            c = self._of(message.queue, task)
+            c = self._of(message.queue, message.handler)
         c.processed += 1
         c.handler_buckets[_bin(self.handler_bounds, self.n_handler, took)] += 1
         c.handler_sum += took
-        if enqueued != 0.0:
-            waited = started - enqueued
+        if message.enqueued_at != 0.0:
+            waited = started - message.enqueued_at
             c.latency_buckets[_bin(self.latency_bounds, self.n_latency, waited)] += 1
             c.latency_sum += waited
         if exc is not None:
@@ -133,7 +178,7 @@ cdef class Tally:
             else:
                 c.dead += 1
 
-    def after_reject(self, message, reason):
+    def after_reject(self, Processing message, reason):
         cdef _Acc c = self._of(message.queue, message.handler)
         c.dead += 1
 
