@@ -98,6 +98,10 @@ def _overridden(middleware: Iterable[object], name: str) -> list[Hook]:
     return hooks
 
 
+def _all_sync(hooks: list[Hook]) -> tuple[Callable[..., Any], ...] | None:
+    return None if any(is_async for _, is_async in hooks) else tuple(fn for fn, _ in hooks)
+
+
 class Hooks:
     """The hooks of a middleware chain that do something, in the order they run, each with
     whether it is awaited (found once: a worker calls them for every message).
@@ -109,6 +113,9 @@ class Hooks:
     def __init__(self, middleware: Sequence[object]) -> None:
         self.before = _overridden(middleware, "before_process")
         self.after = _overridden(reversed(middleware), "after_process")
+        #: the before hooks as plain callables when none of them is async (None otherwise): a
+        #: loop without the awaitable test, for every message
+        self.before_sync = _all_sync(self.before)
         self.reject = _overridden(reversed(middleware), "after_reject")
         send = _overridden(middleware, "before_send")
         for fn, is_async in send:

@@ -140,11 +140,15 @@ class AppExecutor:
         exc: BaseException | None = None
         payload = b""
         try:
-            for hook, is_async in hooks.before:
-                if is_async:
-                    await hook(processing)
-                else:
-                    hook(processing)
+            if hooks.before_sync is not None:
+                for sync in hooks.before_sync:
+                    sync(processing)
+            else:
+                for hook, is_async in hooks.before:
+                    if is_async:
+                        await hook(processing)
+                    else:
+                        hook(processing)
             processing.result = value = await self.call(handler, args, name, options)
             if keep or handler.publish_to is not None:
                 payload = self.returned(handler, value, keep, headers)
