@@ -33,6 +33,7 @@ from fastq import results
 from fastq.broker import sqlite_runs as runs_sql
 from fastq.broker import sqlite_sql as sql
 from fastq.broker import sqlite_storage as storage
+from fastq.broker import sqlite_wake
 from fastq.broker.base import (
     DeadLetter,
     Delivery,
@@ -109,6 +110,9 @@ class SqliteBroker(ExchangeBroker):
         self._inline_after = 0.0  # perf_counter time before which exchanges go through the thread
         self._checkpointing = False
         self._purge_after = 0.0
+        #: wake-ups across processes: what a send rings, and what a consuming broker listens on
+        self._bell = sqlite_wake.Bell(self.path)
+        self._door: sqlite_wake.Door | None = None
 
     # -- connections ------------------------------------------------------------------------
 
@@ -243,9 +247,7 @@ class SqliteBroker(ExchangeBroker):
             lambda db: db.executemany(sql.INSERT, rows),
             outcome=f"{len(rows)} message(s) to {queue!r} were not enqueued",
         )
-        loop, published = self._loop, self._published
-        if loop is not None and published is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(published.set)  # wake a fetch in this process at once
+        self._wake()
 
     # -- unique keys and periodic ticks -------------------------------------------------------
 
@@ -326,9 +328,12 @@ class SqliteBroker(ExchangeBroker):
         return await self._run(read)
 
     def _wake(self) -> None:
+        """After a commit that made messages: wake a fetch in this process at once, and the
+        consuming brokers of this file in other processes (sqlite_wake)."""
         loop, published = self._loop, self._published
         if loop is not None and published is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(published.set)  # wake a fetch in this process at once
+            loop.call_soon_threadsafe(published.set)
+        self._bell.ring()
 
     def _claim_rows(self, db: sqlite3.Connection, queue: str, max_messages: int) -> list[Any]:
         now = time.time()
@@ -361,6 +366,8 @@ class SqliteBroker(ExchangeBroker):
         then, while nothing was claimed, look again (woken by a publish in this process, else
         less often each time) until ``timeout`` or ``wake``."""
         assert self._published is not None, "open() the broker first"
+        if fetch > 0 and self._door is None and self._loop is not None:  # a consumer: listen
+            self._door = sqlite_wake.Door(self.path, self._loop, self._published.set)
         deadline = time.monotonic() + timeout
         settle = (
             (ack, retry, dead, release, results, outputs)
@@ -602,6 +609,9 @@ class SqliteBroker(ExchangeBroker):
 
     async def close(self) -> None:
         """Stop renewing leases and release what this broker still holds: it is visible at once."""
+        if self._door is not None:
+            self._door.close()
+            self._door = None
         if self._executor is None:
             return
         if self._renewer is not None:

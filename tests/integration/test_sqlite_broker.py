@@ -145,6 +145,7 @@ def test_a_lease_that_lapses_makes_the_message_visible_to_another_consumer(tmp_p
         await b.settle("q", ack=[taken.tag])
         assert await b.queue_depth("q") == QueueDepth(0, 0, 0)
         await b.close()
+        await a.close()  # it holds nothing any more: its close releases nothing
 
     asyncio.run(main())
 
@@ -161,5 +162,42 @@ def test_a_live_consumer_keeps_its_leases(tmp_path):
         assert await b.fetch("q", 1, timeout=2.5) == []  # two and a half leases: renewed
         await a.close()
         await b.close()
+
+    asyncio.run(main())
+
+
+def test_a_send_by_another_broker_of_the_file_wakes_its_waiting_consumers(tmp_path):
+    from fastq.broker import sqlite_wake
+
+    url = f"sqlite:///{tmp_path}/wake.db?poll=60"
+
+    async def main():
+        first, second = open_broker(url), open_broker(url)
+        await first.open()
+        await second.open()
+        # Given two consumers of one file, each listening on a slot of its own once it fetched
+        assert await first.fetch("q", 1, timeout=0.01) == []
+        assert await second.fetch("other", 1, timeout=0.01) == []
+        assert (first._door.slot, second._door.slot) == (0, 1)
+        waiting = [
+            asyncio.create_task(first.fetch("q", 10, timeout=30)),
+            asyncio.create_task(second.fetch("other", 10, timeout=30)),
+        ]
+        await asyncio.sleep(0.2)  # both wait between looks now
+        # When a producer that never opened (send() in another process) enqueues on each queue
+        producer = open_broker(url)
+        producer.publish_sync("q", msgs(3))
+        producer.publish_sync("other", msgs(1))
+        got = await asyncio.gather(*waiting)
+        # Then each consumer was rung and took its queue's messages; the unbound slots refused
+        # and are skipped for a while
+        assert [[d.body for d in g] for g in got] == [[b"m0", b"m1", b"m2"], [b"m0"]]
+        assert first._door.rung >= 1 and second._door.rung >= 1
+        skipped = [t > 0 for t in producer._bell.skip_until]
+        assert skipped == [False, False] + [True] * (sqlite_wake.SLOTS - 2)
+        for b in (first, second):
+            await b.settle("q" if b is first else "other", ack=[d.tag for d in got[b is second]])
+            await b.close()
+        assert first._door is None  # closed: the slot is free for the next consumer
 
     asyncio.run(main())

@@ -77,12 +77,15 @@ ALLOWED: dict[str, set[str]] = {
     "broker.memory": {"broker.base", "message", "errors", "results", "workflow.run",
                       "workflow.state"},
     "broker.sqlite": {"broker.base", "broker.sqlite_sql", "broker.sqlite_storage", "message",
+                      "broker.sqlite_wake",
                       "errors", "results", "broker.sqlite_runs", "workflow.run", "workflow.state"},
     # the SQLite broker's workflow tables and its RunTx
     "broker.sqlite_runs": {"workflow.state", "workflow.run"},
     "broker.sqlite_sql": set(),
     # what the SQLite file's storage errors mean, in words
     "broker.sqlite_storage": {"errors"},
+    # a send wakes the consuming brokers of the same file in other processes (abstract sockets)
+    "broker.sqlite_wake": set(),
     "broker.amqp": {"broker.amqp.broker"},
     # the PostgreSQL broker (the only asyncpg importer) and its SQL text
     "broker.postgres": {"broker.base", "broker.postgres_sql", "broker.postgres_sync", "message",
