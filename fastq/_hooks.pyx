@@ -44,7 +44,16 @@ cdef inline int _bin(const double *bounds, int n, double x) noexcept nogil:
 
 
 cdef class Processing:
-    """What middleware sees of one message in a worker (see fastq.middleware)."""
+    """What middleware sees of one message in a worker.
+
+    ``handler`` is the task's or consumer's name, ``message_id`` the envelope's id (empty for a
+    consumer's raw body), ``queue`` where it came from, ``retries`` how many times it failed
+    before (``attempt`` = retries + 1), ``headers`` the envelope's headers (empty for a raw
+    body), ``enqueued_at`` the unix time ``send`` made it (0.0: unknown). In ``after_process``,
+    ``outcome`` is "ok", "retried" or "dead" and ``result`` what the handler returned (None
+    when it raised). ``started_at``, ``clock`` and ``span`` are for hooks (TimingMiddleware's,
+    the metrics' and the traces' own).
+    """
 
     cdef public str handler, message_id, queue, outcome
     cdef public long retries
