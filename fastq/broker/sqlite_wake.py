@@ -31,7 +31,7 @@ __all__ = ["SLOTS", "Bell", "Door", "names"]
 #: consuming brokers of one file on one host that can be woken (more still poll)
 SLOTS = 8
 #: seconds a slot that refused a wake-up (nobody bound it) is skipped
-PROBE_EVERY = 1.0
+PROBE_EVERY = 0.1
 #: abstract socket names are Linux's
 ENABLED = sys.platform.startswith("linux")
 
