@@ -4,13 +4,10 @@ supervisor that stored a result.
 A process that waits for results (``task.call``, ``task.result`` of a message it sent) binds one
 socket in Linux's abstract namespace (no file to clean up; gone with the process) and names it in
 the messages it sends (``fastq.results.NOTIFY``). The supervisor, once results are committed,
-sends that socket one datagram per batch: a zero byte, then msgpack pairs of message id and
-outcome (the stored bytes themselves when they are at most ``INLINE_BYTES``, else nil: the
-waiter reads the store). A thread of the waiting process reads them and wakes the waiters of
-those ids, sync or async, handing them the outcome, so that a ``call`` needs no read of the store
-after its wake-up. A datagram that cannot go (the waiter left, its buffer is full) is dropped:
-the waiter's store look every ``FALLBACK`` seconds covers it. (Datagrams of ids one per line,
-without the zero byte, are what fastq sent before: they still wake.)
+sends that socket one datagram per batch: their message ids, one per line. A thread of the
+waiting process reads them and wakes the waiters of those ids, sync or async. A datagram that
+cannot go (the waiter left, its buffer is full) is dropped: the waiter's store look every
+``FALLBACK`` seconds covers it.
 """
 
 from __future__ import annotations
@@ -22,35 +19,24 @@ import socket
 import threading
 from collections.abc import Iterable
 
-import msgspec
-
 logger = logging.getLogger(__name__)
 
 #: seconds between a waiter's looks at the store while no wake-up came (a lost datagram)
 FALLBACK = 0.5
 #: the most a wake-up datagram carries (ids of one batch for one waiting process)
 DATAGRAM_BYTES = 8192
-#: the largest outcome a wake-up carries (a larger one is read from the store)
-INLINE_BYTES = 2048
 _PREFIX = "fastq-wait-"
-_V2 = b"\x00"
-_pairs = msgspec.msgpack.Decoder(list[tuple[str, bytes | None]])
-_encoder = msgspec.msgpack.Encoder()
 
 
 class _Waiter:
-    __slots__ = ("event", "future", "loop", "outcome")
+    __slots__ = ("event", "future", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
         self.loop = loop
         self.event = threading.Event() if loop is None else None
         self.future: asyncio.Future[None] | None = None if loop is None else loop.create_future()
-        #: the stored outcome, when the wake-up carried it
-        self.outcome: bytes | None = None
 
-    def wake(self, outcome: bytes | None = None) -> None:
-        if outcome is not None:
-            self.outcome = outcome  # before the wake: the waiter reads it once woken
+    def wake(self) -> None:
         if self.event is not None:
             self.event.set()
         elif self.loop is not None and self.future is not None:
@@ -101,22 +87,11 @@ class Listener:
                 data = self.sock.recv(DATAGRAM_BYTES)
             except OSError:  # closed
                 return
-            for message_id, outcome in _parse(data):
+            for message_id in data.decode("ascii", "replace").split("\n"):
                 with self.lock:
                     waiters = list(self.waiting.get(message_id, ()))
                 for w in waiters:
-                    w.wake(outcome)
-
-
-def _parse(data: bytes) -> list[tuple[str, bytes | None]]:
-    """A wake-up's (message id, outcome or None) pairs; nothing for bytes that do not parse."""
-    if data[:1] != _V2:  # ids one per line (what fastq sent before)
-        return [(i, None) for i in data.decode("ascii", "replace").split("\n")]
-    try:
-        return _pairs.decode(data[1:])
-    except msgspec.DecodeError:
-        logger.warning("a result wake-up that does not parse (%d bytes); ignored", len(data))
-        return []
+                    w.wake()
 
 
 _listener: Listener | None = None
@@ -152,32 +127,21 @@ class Poker:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.setblocking(False)
 
-    def poke(self, pokes: Iterable[tuple[str, str, bytes]]) -> None:
-        """Tell each waiting process that the outcomes of ``(address, message_id, outcome)``
-        are stored, with the outcome itself when it is small: datagrams of at most
-        DATAGRAM_BYTES per address; ones that cannot go are dropped."""
-        by_address: dict[str, list[tuple[str, bytes | None]]] = {}
-        for address, message_id, outcome in pokes:
+    def poke(self, pokes: Iterable[tuple[str, str]]) -> None:
+        """Tell each waiting process the ids of ``(address, message_id)`` that are stored: one
+        datagram per address (per DATAGRAM_BYTES of ids); ones that cannot go are dropped."""
+        by_address: dict[str, list[str]] = {}
+        for address, message_id in pokes:
             if address.startswith(_PREFIX):  # never write to another program's socket
-                inline = outcome if len(outcome) <= INLINE_BYTES else None
-                by_address.setdefault(address, []).append((message_id, inline))
-        for address, pairs in by_address.items():
-            batch: list[tuple[str, bytes | None]] = []
-            size = 1
-            for pair in pairs:
-                more = len(pair[0]) + len(pair[1] or b"") + 16
-                if batch and size + more > DATAGRAM_BYTES:
-                    self._send(address, batch)
-                    batch, size = [], 1
-                batch.append(pair)
-                size += more
-            self._send(address, batch)
-
-    def _send(self, address: str, pairs: list[tuple[str, bytes | None]]) -> None:
-        try:
-            self.sock.sendto(_V2 + _encoder.encode(pairs), "\0" + address)
-        except OSError:  # gone (ECONNREFUSED), full (EAGAIN): its fallback look covers it
-            pass
+                by_address.setdefault(address, []).append(message_id)
+        for address, ids in by_address.items():
+            per = max(1, DATAGRAM_BYTES // (max(map(len, ids)) + 1))
+            for i in range(0, len(ids), per):
+                data = "\n".join(ids[i : i + per]).encode("ascii", "replace")
+                try:
+                    self.sock.sendto(data, "\0" + address)
+                except OSError:  # gone (ECONNREFUSED), full (EAGAIN): its fallback look covers it
+                    pass
 
     def close(self) -> None:
         self.sock.close()

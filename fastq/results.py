@@ -186,8 +186,6 @@ def wait(
             if waiter is not None and waiter.event is not None:
                 waiter.event.wait(sleep)
                 waiter.event.clear()
-                if waiter.outcome is not None:  # the wake-up carried it: no read of the store
-                    return read(waiter.outcome, decoder, message_id=message_id, task=task)
             else:
                 time.sleep(sleep)
     finally:
@@ -218,8 +216,6 @@ async def wait_async(
                 return value
             if waiter is not None and waiter.future is not None:
                 await asyncio.wait({waiter.future}, timeout=sleep)
-                if waiter.outcome is not None:  # the wake-up carried it: no read of the store
-                    return read(waiter.outcome, decoder, message_id=message_id, task=task)
             else:
                 await asyncio.sleep(sleep)
         finally:

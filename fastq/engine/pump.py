@@ -454,7 +454,7 @@ class Pumps:
 
     def wake_waiters(self, results: Sequence[StoredResult]) -> None:
         """Poke the processes waiting for ``results``, now stored (``fastq._notify``)."""
-        pokes = [(r.notify, r.message_id, r.outcome) for r in results if r.notify]
+        pokes = [(r.notify, r.message_id) for r in results if r.notify]
         if pokes:
             if self.poker is None:
                 self.poker = Poker()
