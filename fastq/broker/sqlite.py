@@ -113,8 +113,6 @@ class SqliteBroker(ExchangeBroker):
         #: wake-ups across processes: what a send rings, and what a consuming broker listens on
         self._bell = sqlite_wake.Bell(self.path)
         self._door: sqlite_wake.Door | None = None
-        #: queue -> whether its last claim here took less than it asked (the queue was drained)
-        self._drained: dict[str, bool] = {}
 
     # -- connections ------------------------------------------------------------------------
 
@@ -377,29 +375,15 @@ class SqliteBroker(ExchangeBroker):
             else None
         )
         pause = 0.001
-        # The last claim on this queue took less than it asked, and nothing was published since
-        # (a publish in this process, or a rung one, sets _published): a look now would find
-        # nothing, so this one waits first (for a publish, ``wake`` or the pause).
-        skip = (
-            settle is None
-            and timeout > 0
-            and self._drained.get(queue, False)
-            and not self._published.is_set()
-        )
         while True:
             self._published.clear()
             if settle is None and fetch <= 0:
                 return []
-            if skip:
-                out, skip = [], False
-            else:
-                try:
-                    out = await self._exchange_now(queue, settle, fetch)
-                except BrokerStorageError:
-                    await self._run(self._truncate_wal)  # what a full disk needs first, if it can
-                    raise
-                if fetch > 0:
-                    self._drained[queue] = len(out) < fetch
+            try:
+                out = await self._exchange_now(queue, settle, fetch)
+            except BrokerStorageError:
+                await self._run(self._truncate_wal)  # what a full disk needs first, if it can
+                raise
             settle = None
             remaining = deadline - time.monotonic()
             if out or fetch <= 0 or remaining <= 0 or (wake is not None and wake.is_set()):
