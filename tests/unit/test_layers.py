@@ -155,7 +155,9 @@ ALLOWED: dict[str, set[str]] = {
     "pool.driver": {"engine.fleet", "wire", "codec", "ring", "autosize", "config", "errors",
                     "pool.job", "pool.batches"},
     "task": {"config", "message", "middleware", "broker", "broker.base", "errors", "results",
-             "_notify", "schedule"},
+             "schedule", "calls"},
+    # a task's result() and call(): waiting for what its messages return
+    "calls": {"_notify", "results", "broker.base", "config"},
     "app": {"config", "message", "middleware", "broker", "task", "engine.supervisor", "errors",
             "schedule", "inline", "workflow.graph"},
     # an app's messages run in this process through the workers' handler path: drain() and
