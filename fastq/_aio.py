@@ -64,7 +64,12 @@ async def wait_either(
 
     Between ``Signal``s (the supervisor's pumps, once per fetch) it costs one future registered
     with both and one timer handle: no task, no ``asyncio.wait``."""
-    if event.is_set() or (wake is not None and wake.is_set()):
+    if wake is not None and wake.is_set():
+        return
+    if event.is_set():
+        # yield once all the same: a caller that loops on an event that stays set (a pump
+        # whose consumer is being made again, "connected" set) must let the loop run
+        await asyncio.sleep(0)
         return
     if isinstance(event, Signal) and (wake is None or isinstance(wake, Signal)):
         loop = event._loop

@@ -77,3 +77,18 @@ def test_wait_either_waits_on_asyncio_events_and_without_a_wake():
         return got
 
     assert asyncio.run(run()) == [True, True]
+
+
+def test_wait_either_on_an_event_that_stays_set_lets_the_loop_run():
+    async def run() -> int:
+        event = asyncio.Event()
+        event.set()
+        ran = []
+        asyncio.get_running_loop().call_soon(ran.append, 1)
+        for _ in range(3):  # a caller looping on it, as a pump does while it reconnects
+            await wait_either(event, Signal(), 60.0)
+            if ran:
+                break
+        return len(ran)
+
+    assert asyncio.run(run()) == 1
