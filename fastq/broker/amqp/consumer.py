@@ -68,7 +68,7 @@ class Consumer:
         two thirds of the prefetch stay in flight."""
         self.channel.ack_batch = max(1, prefetch // 3)
 
-    async def flush_stragglers(self, *, force: bool) -> None:
+    def flush_stragglers(self, *, force: bool) -> None:
         """Ack one by one the completed tags past a gap, once STRAGGLERS of them wait or the
         oldest waited STRAGGLER_SECONDS (or now, with ``force``, with the held ack first)."""
         if force:
@@ -281,7 +281,7 @@ class Consumers:
         out: list[Delivery] = []
         while consumer.buffer and len(out) < max_messages:
             out.append(self.delivery(consumer, consumer.buffer.popleft()))
-        await consumer.flush_stragglers(force=False)
+        consumer.flush_stragglers(force=False)
         return out
 
     def delivery(self, consumer: Consumer, message: Delivered) -> Delivery:
