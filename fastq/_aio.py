@@ -50,21 +50,49 @@ class Signal:
         try:
             await waiter
         finally:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
+            self._forget(waiter)
+
+    def _forget(self, waiter: asyncio.Future[None]) -> None:
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
 
 
 async def wait_either(
     event: asyncio.Event | Signal, wake: asyncio.Event | Signal | None, timeout: float
 ) -> None:
-    """Wait until ``event`` or ``wake`` is set, or ``timeout`` seconds pass."""
+    """Wait until ``event`` or ``wake`` is set, or ``timeout`` seconds pass.
+
+    Between ``Signal``s (the supervisor's pumps, once per fetch) it costs one future registered
+    with both and one timer handle: no task, no ``asyncio.wait``."""
+    if wake is not None and wake.is_set():
+        return
+    if event.is_set():
+        # yield once all the same: a caller that loops on an event that stays set (a pump
+        # whose consumer is being made again, "connected" set) must let the loop run
+        await asyncio.sleep(0)
+        return
+    if isinstance(event, Signal) and (wake is None or isinstance(wake, Signal)):
+        loop = event._loop
+        if loop is None:
+            loop = event._loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        event._waiters.append(waiter)
+        if wake is not None:
+            wake._waiters.append(waiter)
+        timer = loop.call_later(timeout, _wake_up, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            event._forget(waiter)
+            if wake is not None:
+                wake._forget(waiter)
+        return
     if wake is None:
         try:
             await asyncio.wait_for(event.wait(), timeout)
         except TimeoutError:
             pass
-        return
-    if wake.is_set():
         return
     waits = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(wake.wait())]
     try:
@@ -72,6 +100,11 @@ async def wait_either(
     finally:
         for w in waits:
             w.cancel()
+
+
+def _wake_up(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def run_loop(main: Coroutine[Any, Any, T]) -> T:

@@ -267,7 +267,8 @@ class Broker(abc.ABC):
         default settles, then fetches: a failed fetch settles again next time, which the
         memory and SQLite brokers ignore.
         """
-        await self.publish_outputs(outputs)
+        if outputs:
+            await self.publish_outputs(outputs)
         if results:
             await self.put_results(results)
         if replies:

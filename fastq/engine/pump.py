@@ -186,7 +186,8 @@ class Pumps:
             self.outcomes[queue], self.settling[queue] = _parts(), parts
             results: list[StoredResult] = parts["results"]
             try:
-                parts = await self.stored(parts)
+                if results and self.store is not None:
+                    parts = await self.stored(parts)
                 deliveries = await self.broker.exchange(
                     queue,
                     **parts,

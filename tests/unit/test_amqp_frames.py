@@ -8,6 +8,7 @@ import decimal
 import importlib
 import random
 from types import ModuleType
+from typing import Any
 
 import pytest
 from pamqp import body, commands, frame, header, heartbeat
@@ -299,3 +300,71 @@ def test_the_outbox_resolves_each_publish_by_its_confirm():
             futures[4].result()
 
     asyncio.run(run())
+
+
+def _acks(written: list[bytes]) -> list[tuple[int, int, int]]:
+    """(method id, delivery tag, bits) of each ack / nack frame written, in order."""
+    import struct
+
+    out = []
+    for data in written:
+        while data:
+            _, _, size, _, method, tag, bits = struct.unpack_from(">BHIHHQB", data)
+            out.append((method, tag, bits))
+            data = data[7 + size + 1 :]
+    return out
+
+
+def _coalescing(seconds: float, batch: int) -> tuple[_Transport, Any]:
+    """A channel of a stream that writes to a list, holding acks ``seconds`` / ``batch``."""
+    from fastq.broker.amqp.stream import Stream, StreamChannel
+
+    stream = Stream()
+    transport = _Transport()
+    stream.connection_made(transport)  # type: ignore[arg-type]
+    channel = stream.channels[1] = StreamChannel(stream, 1)
+    channel.ack_seconds, channel.ack_batch = seconds, batch
+    return transport, channel
+
+
+def test_acks_wait_to_go_as_one_until_they_cover_the_batch():
+    import asyncio
+
+    async def run() -> list[tuple[int, int, int]]:
+        transport, channel = _coalescing(60.0, 3)
+        channel.basic_ack(1, multiple=True)
+        channel.basic_ack(2, multiple=True)
+        assert transport.written == []  # held: 2 of a batch of 3
+        channel.basic_ack(3, multiple=True)
+        channel.basic_ack(4, multiple=True)
+        channel.basic_nack(6, requeue=True)  # the held ack goes first, in order
+        return _acks(transport.written)
+
+    assert asyncio.run(run()) == [(80, 3, 1), (80, 4, 1), (120, 6, 2)]
+
+
+def test_a_held_ack_goes_after_ack_seconds_at_the_latest():
+    import asyncio
+
+    async def run() -> list[tuple[int, int, int]]:
+        transport, channel = _coalescing(0.001, 100)
+        channel.basic_ack(7, multiple=True)
+        channel.basic_ack(9, multiple=True)
+        while not transport.written:
+            await asyncio.sleep(0.001)
+        return _acks(transport.written)
+
+    assert asyncio.run(run()) == [(80, 9, 1)]
+
+
+def test_a_held_ack_of_a_channel_that_closed_is_dropped():
+    import asyncio
+
+    async def run() -> list[bytes]:
+        transport, channel = _coalescing(0.001, 100)
+        channel.basic_ack(5, multiple=True)
+        channel.closed("test: gone")
+        await asyncio.sleep(0.01)
+        return transport.written
+
+    assert asyncio.run(run()) == []

@@ -20,7 +20,8 @@ _RUNTIME = {"wire", "codec", "ring", "message", "middleware", "config", "errors"
 _ENGINE = {"worker", "wire", "ring", "autosize", "broker.base", "config", "errors", "_aio",
            "_notify"}
 _AMQP = {"broker.base", "message", "errors", "config", "ring"}
-_AMQP_ROOMS = {"broker.amqp.stream", "broker.amqp.outbox", "broker.amqp.connection",
+_AMQP_ROOMS = {"broker.amqp.stream", "broker.amqp.channel", "broker.amqp.outbox",
+               "broker.amqp.connection",
                "broker.amqp.publish", "broker.amqp.consumer", "broker.amqp.settle",
                "broker.amqp.management", "broker.amqp.replies", "broker.amqp.leader",
                "broker.amqp.dlq"}
@@ -97,12 +98,15 @@ ALLOWED: dict[str, set[str]] = {
     "broker.postgres_runs": {"broker.base", "workflow.state"},
     "broker.amqp.broker": _AMQP | _AMQP_ROOMS,
     # the consuming connection: its frames read by _amqp (or its twin), the rare ones by pamqp
-    "broker.amqp.stream": {"_amqp", "_amqp_py", "errors"},
+    "broker.amqp.stream": {"_amqp", "_amqp_py", "errors", "broker.amqp.channel"},
+    # one channel of it: its synchronous methods, its coalesced acks
+    "broker.amqp.channel": {"errors"},
     # confirmed publishes on that connection: frames encoded here (field tables by pamqp)
     "broker.amqp.outbox": {"broker.amqp.stream"},
     "broker.amqp.connection": _AMQP | {"broker.amqp.stream", "broker.amqp.outbox"},
     "broker.amqp.publish": _AMQP | {"broker.amqp.connection", "broker.amqp.outbox"},
-    "broker.amqp.consumer": _AMQP | {"broker.amqp.connection", "broker.amqp.stream"},
+    "broker.amqp.consumer": _AMQP | {"broker.amqp.connection", "broker.amqp.stream",
+                                     "broker.amqp.channel"},
     "broker.amqp.settle": _AMQP | {"broker.amqp.connection", "broker.amqp.publish",
                                    "broker.amqp.consumer"},
     "broker.amqp.management": set(),
@@ -185,7 +189,8 @@ HEAVY = {
     "aiormq": {"broker.amqp.connection", "broker.amqp.publish", "broker.amqp.consumer",
                "broker.amqp.settle", "broker.amqp.broker", "broker.amqp.replies",
                "broker.amqp.leader", "broker.amqp.dlq", "_bench"},
-    "pamqp": {"broker.amqp.stream", "broker.amqp.outbox", "broker.amqp.publish", "broker.amqp.dlq",
+    "pamqp": {"broker.amqp.stream", "broker.amqp.channel", "broker.amqp.outbox",
+              "broker.amqp.publish", "broker.amqp.dlq",
               "broker.amqp.settle", "broker.amqp.replies", "_bench"},
     "uvloop": {"_aio"},
     "asyncpg": {"broker.postgres", "_bench"},

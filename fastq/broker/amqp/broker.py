@@ -254,7 +254,7 @@ class AMQPBroker(Broker):
     async def close(self) -> None:
         for consumer in list(self.consumers.by_queue.values()):
             try:
-                await consumer.flush_stragglers(force=True)
+                consumer.flush_stragglers(force=True)
             except Exception:  # noqa: BLE001, S110 - closing anyway; RabbitMQ redelivers what was not acked
                 pass
         await self.connection.close()

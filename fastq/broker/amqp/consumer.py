@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import aiormq
 
+from fastq.broker.amqp.channel import ACK_SECONDS, StreamChannel
 from fastq.broker.amqp.connection import Connection
-from fastq.broker.amqp.stream import StreamChannel
 from fastq.broker.base import Delivery, Signal, wait_either
 from fastq.ring import AckWindow
 
@@ -59,10 +59,20 @@ class Consumer:
         #: a prefetch change was not made (single active consumer): said once
         self.kept_prefetch = False
         self.last_arrival = self.last_check = time.monotonic()
+        channel.ack_seconds = ACK_SECONDS
+        self.coalesce(prefetch)
 
-    async def flush_stragglers(self, *, force: bool) -> None:
+    def coalesce(self, prefetch: int) -> None:
+        """Acks wait to go together (fastq.broker.amqp.channel) until they cover a third of
+        the prefetch, or ACK_SECONDS: what waits for its ack is not work RabbitMQ can send, so
+        two thirds of the prefetch stay in flight."""
+        self.channel.ack_batch = max(1, prefetch // 3)
+
+    def flush_stragglers(self, *, force: bool) -> None:
         """Ack one by one the completed tags past a gap, once STRAGGLERS of them wait or the
-        oldest waited STRAGGLER_SECONDS (or now, with ``force``)."""
+        oldest waited STRAGGLER_SECONDS (or now, with ``force``, with the held ack first)."""
+        if force:
+            self.channel.flush_acks()
         waiting = self.window.waiting()
         if not waiting:
             self.straggling_since = 0.0
@@ -151,6 +161,7 @@ class Consumers:
             await consumer.channel.basic_qos(prefetch_count=prefetch)
             tag = await consumer.channel.basic_consume(queue, consumer.callback)
             old, consumer.tag, consumer.prefetch = consumer.tag, tag, prefetch
+            consumer.coalesce(prefetch)
             await consumer.channel.basic_cancel(old)
             logger.info(
                 "consuming %r with prefetch %d (a new consumer; the old one cancelled)",
@@ -270,7 +281,7 @@ class Consumers:
         out: list[Delivery] = []
         while consumer.buffer and len(out) < max_messages:
             out.append(self.delivery(consumer, consumer.buffer.popleft()))
-        await consumer.flush_stragglers(force=False)
+        consumer.flush_stragglers(force=False)
         return out
 
     def delivery(self, consumer: Consumer, message: Delivered) -> Delivery:

@@ -82,9 +82,9 @@ class Settler:
                 entry = by_consumer.setdefault(id(held.consumer), (held.consumer, [], []))
                 (entry[2] if requeue else entry[1]).append(held.delivery_tag)
         for consumer, acks, releases in by_consumer.values():
-            await self.settle_on(consumer, acks, releases)
+            self.settle_on(consumer, acks, releases)
 
-    async def settle_on(self, consumer: Consumer, acks: list[int], releases: list[int]) -> None:
+    def settle_on(self, consumer: Consumer, acks: list[int], releases: list[int]) -> None:
         window, channel = consumer.window, consumer.channel
         try:
             if acks:
@@ -103,7 +103,7 @@ class Settler:
                 last = window.ack_prefix()  # a release may have closed a gap
                 if last:
                     channel.basic_ack(last, multiple=True)
-            await consumer.flush_stragglers(force=False)
+            consumer.flush_stragglers(force=False)
         except CONNECTION_ERRORS as e:
             # the connection went: RabbitMQ requeues what this channel held, settled or not
             logger.warning(

@@ -15,7 +15,6 @@ connection (fastq.broker.amqp.connection).
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import os
@@ -24,11 +23,11 @@ import struct
 import time
 import urllib.parse
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from pamqp import commands, frame
-from pamqp.base import Frame
 
+from fastq.broker.amqp.channel import ChannelClosed, StreamChannel
 from fastq.errors import FrameError
 
 __all__ = ["ChannelClosed", "Delivered", "Stream", "StreamChannel"]
@@ -56,7 +55,6 @@ FRAME_MAX = 131072
 HANDSHAKE_SECONDS = 10.0
 #: RabbitMQ's default when the URL names no heartbeat
 HEARTBEAT = 60
-_ACK = struct.Struct(">BHIHHQBB")  # method frame: basic.ack / basic.nack, then the frame end
 _HEARTBEAT = b"\x08\x00\x00\x00\x00\x00\x00\xce"
 #: class and method of basic.ack and basic.nack, and what follows them (delivery tag, bits)
 _CONFIRMS = (b"\x00\x3c\x00\x50", b"\x00\x3c\x00\x78")
@@ -69,114 +67,6 @@ CAPABILITIES: dict[str, bool] = {
     "connection.blocked": True,
     "per_consumer_qos": True,
 }
-
-F = TypeVar("F", bound=Frame)
-
-
-class ChannelClosed(ConnectionError):
-    """RabbitMQ closed the channel (or the connection under it); the reason says why."""
-
-
-class StreamChannel:
-    """One channel of the consuming connection: its consumers, and the callback that takes each
-    read's deliveries for it as one list."""
-
-    def __init__(self, stream: Stream, number: int) -> None:
-        self.stream, self.number = stream, number
-        self.is_closed = False
-        self.closed_because = ""
-        #: the consumer tags RabbitMQ knows on this channel (a server's basic.cancel removes one)
-        self.consumers: set[str] = set()
-        self.on_deliveries: Callable[[list[Delivered]], None] | None = None
-        #: in confirm mode (fastq.broker.amqp.outbox): basic.ack / basic.nack (tag, multiple,
-        #: ack), and a returned message (basic.return with its content)
-        self.on_confirm: Callable[[int, bool, bool], None] | None = None
-        self.on_return: Callable[[Delivered], None] | None = None
-        #: told why, once, when it closes
-        self.on_closed: list[Callable[[str], None]] = []
-        self._waiters: collections.deque[tuple[type[Frame], asyncio.Future[Any]]] = (
-            collections.deque()
-        )
-
-    async def basic_qos(self, prefetch_count: int) -> None:
-        await self.rpc(commands.Basic.Qos(prefetch_count=prefetch_count), commands.Basic.QosOk)
-
-    async def basic_consume(
-        self, queue: str, callback: Callable[[list[Delivered]], None] | None = None
-    ) -> str:
-        """Consume ``queue`` (acks on); its deliveries go to ``callback`` (the channel's)."""
-        if callback is not None:
-            self.on_deliveries = callback
-        ok = await self.rpc(commands.Basic.Consume(queue=queue), commands.Basic.ConsumeOk)
-        tag = str(ok.consumer_tag)
-        self.consumers.add(tag)
-        return tag
-
-    async def basic_cancel(self, consumer_tag: str) -> None:
-        await self.rpc(commands.Basic.Cancel(consumer_tag=consumer_tag), commands.Basic.CancelOk)
-        self.consumers.discard(consumer_tag)
-
-    def basic_ack(self, delivery_tag: int, *, multiple: bool = False) -> None:
-        self.stream.write(_ACK.pack(1, self.number, 13, 60, 80, delivery_tag, multiple, 0xCE))
-
-    def basic_nack(
-        self, delivery_tag: int, *, multiple: bool = False, requeue: bool = True
-    ) -> None:
-        bits = (1 if multiple else 0) | (2 if requeue else 0)
-        self.stream.write(_ACK.pack(1, self.number, 13, 60, 120, delivery_tag, bits, 0xCE))
-
-    async def close(self) -> None:
-        if self.is_closed:
-            return
-        try:
-            await self.rpc(commands.Channel.Close(200, "", 0, 0), commands.Channel.CloseOk)
-        finally:
-            self.closed("closed by us")
-
-    async def rpc(self, method: Frame, reply: type[F]) -> F:
-        """Send ``method`` and wait for its ``reply`` (RabbitMQ answers a channel's synchronous
-        methods in order, so one queue of waiters per channel)."""
-        if self.is_closed:
-            raise ChannelClosed(f"channel {self.number} is closed ({self.closed_because})")
-        data = frame.marshal(method, self.number)
-        waiter: asyncio.Future[F] = asyncio.get_running_loop().create_future()
-        self._waiters.append((reply, waiter))
-        self.stream.write(data)
-        return await waiter
-
-    def expect(self, reply: type[F]) -> asyncio.Future[F]:
-        """A waiter for a frame RabbitMQ sends unasked (the handshake's start and tune)."""
-        waiter: asyncio.Future[F] = asyncio.get_running_loop().create_future()
-        self._waiters.append((reply, waiter))
-        return waiter
-
-    def answered(self, value: Frame) -> None:
-        if not self._waiters:
-            logger.warning("unexpected %s on channel %d; ignored", value.name, self.number)
-            return
-        reply, waiter = self._waiters.popleft()
-        if waiter.done():
-            return
-        if isinstance(value, reply):
-            waiter.set_result(value)
-        else:
-            waiter.set_exception(
-                FrameError(f"RabbitMQ answered {value.name} where {reply.name} was due")
-            )
-
-    def closed(self, because: str) -> None:
-        """RabbitMQ closed it (or the connection went): every waiter fails, no more consumers."""
-        if self.is_closed:
-            return
-        self.is_closed, self.closed_because = True, because
-        self.consumers.clear()
-        self.stream.channels.pop(self.number, None)
-        while self._waiters:
-            _, waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(ChannelClosed(f"channel {self.number}: {because}"))
-        for tell in self.on_closed:
-            tell(because)
 
 
 class Stream(asyncio.Protocol):
@@ -196,6 +86,7 @@ class Stream(asyncio.Protocol):
         self._next_channel = 1
         self._control = StreamChannel(self, 0)  # the connection's own methods
         self._beats: asyncio.Task[None] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     # -- connecting ---------------------------------------------------------------------------
 
@@ -372,6 +263,12 @@ class Stream(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lose(f"connection lost ({type(exc).__name__}: {exc})" if exc else "connection closed")
 
+    def timer(self, seconds: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
+        """``callback`` in ``seconds`` on the connection's loop (looked up once)."""
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+        return self.loop.call_later(seconds, callback)
+
     # -- writing and closing ------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
@@ -402,6 +299,9 @@ class Stream(asyncio.Protocol):
         if self.is_closed:
             return
         self.on_lost = None
+        with contextlib.suppress(ConnectionError):
+            for channel in list(self.channels.values()):
+                channel.flush_acks()
         with contextlib.suppress(ConnectionError, TimeoutError):
             async with asyncio.timeout(1.0):
                 await self._control.rpc(
