@@ -231,6 +231,35 @@ def test_sqlite_records_each_step_under_a_savepoint_and_logs_what_breaks(tmp_pat
     assert drive(tx.step("r1", "source", -1)).state == "running"  # rolled back to the savepoint
 
 
+def test_sqlite_records_a_batch_once_when_one_step_in_it_breaks(wf, tmp_path, caplog):
+    """The batch goes under one savepoint; one bad step rolls it back and the batch is recorded
+    again one by one: the good steps' rows, counters and enqueued children exactly once."""
+    from fastq.broker import sqlite_runs
+    from fastq.broker.sqlite import SqliteBroker
+
+    broker = SqliteBroker(f"sqlite:///{tmp_path / 'q.db'}")
+    db = broker._db()
+    db.execute("BEGIN IMMEDIATE")
+    tx = broker._runs(db, 1.0)
+    drive(run.start(tx, "r2", "fan", wf.graph(), _enc.encode([3]), 1.0))
+    drive(tx.put_run(RunRow("r1", "fan", b"\xc1", b"\x90", "running", 1.0)))  # bad graph
+    drive(tx.put_step(StepRow("r1", "source", -1, "running")))
+    batch = [
+        (StepRef("r2", "source", -1), ok([0, 1, 2])),
+        (StepRef("r1", "source", -1), ok([1])),
+        (StepRef("r2", "side", -1), ok(3)),
+    ]
+    sqlite_runs.record(db, tx, batch, 2.0)
+    db.execute("COMMIT")
+    assert caplog.text.count("recording step source (element -1) of run r1 failed") == 1
+    assert drive(tx.step("r1", "source", -1)).state == "running"
+    assert [drive(tx.step("r2", s, -1)).state for s in ("source", "side")] == ["done", "done"]
+    assert drive(tx.add("r2", "open", 0)) == 3
+    assert drive(tx.add("r2", "left:square", 0)) == 3
+    # the roots' message, then three elements and side, each once (the first try rolled back)
+    assert db.execute("SELECT count(*) FROM fastq_messages").fetchone()[0] == 5
+
+
 def test_start_arguments_are_checked_against_the_roots_and_their_defaults_apply():
     app = fastq.App("defaults", broker="memory://unit-defaults")
     wf = app.workflow("d")
