@@ -335,9 +335,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.suite == "workflow":
             from fastq._bench import workflow
 
-            if args.broker:
-                raise UsageError("workflow takes no --broker (memory:// and sqlite:// only, yet)")
-            return workflow.main(runs=args.runs, json_path=args.json)
+            if args.broker and not args.broker.lower().startswith(("amqp://", "amqps://")):
+                raise UsageError(
+                    f"workflow takes --broker amqp://... (memory:// and sqlite:// always run), "
+                    f"got {args.broker.split('://')[0]}://..."
+                )
+            return workflow.main(runs=args.runs, json_path=args.json, broker=args.broker)
         if args.suite == "pipeline":
             from fastq._bench import pipeline
 
