@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -81,6 +82,24 @@ async def four(three: int) -> int:
 FAN = 1_000
 CHAINS = 1_000
 
+#: the producer of the brokers other processes reach (the peers' producers are the bench
+#: process, apart from their workers; so is this one, apart from fastq's supervisor): started
+#: with the bench, it imports the app, then starts what each line of its input says
+PRODUCER = """
+import sys
+
+import {module} as m
+
+for line in sys.stdin:
+    what, n = line.split()
+    if what == "fan":
+        print(m.fan.start(int(n)), flush=True)
+    else:
+        for i in range(int(n)):
+            m.chain.start(i)
+        print("started", flush=True)
+"""
+
 
 class Bench:
     def __init__(
@@ -98,6 +117,46 @@ class Bench:
         self.url = url
         #: each fan-out's elements' mean handler seconds, from the run's step times
         self.handler_s: list[float] = []
+        #: memory:// is reached from this process only: its runs start from a thread here
+        self.producer: subprocess.Popen[str] | None = None
+        self.answer = ""
+        if not url.startswith("memory"):
+            self.producer = subprocess.Popen(
+                [sys.executable, "-c", PRODUCER.format(module=module)],
+                cwd=workdir,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+
+    def produce(self, what: str, n: int) -> Callable[[], None]:
+        """What starts ``n`` runs (``what``: fan, chain), in the producer process if there is
+        one: it returns at once, and ``produced`` reads the producer's answer."""
+        if self.producer is None:
+
+            def start() -> None:
+                if what == "fan":
+                    self.answer = self.module.fan.start(n)
+                    return
+                for i in range(n):
+                    self.module.chain.start(i)
+                self.answer = "started"
+
+            return start
+        stdin = self.producer.stdin
+        assert stdin is not None
+
+        def send() -> None:
+            stdin.write(f"{what} {n}\n")
+            stdin.flush()
+
+        return send
+
+    def produced(self) -> str:
+        if self.producer is None:
+            return self.answer
+        assert self.producer.stdout is not None
+        return self.producer.stdout.readline().strip()
 
     def timed(self, queue: str, settled: int, start: Any) -> float:
         """Seconds from ``start()`` (called once every worker is ready, off the loop) until
@@ -124,23 +183,25 @@ class Bench:
         return run_loop(main())
 
     def fan(self) -> float:
-        ids: list[str] = []
-        took = self.timed(self.fan_q, FAN + 2, lambda: ids.append(self.module.fan.start(FAN)))
-        assert self.module.fan.result(ids[0], timeout=10) == {"join": FAN}
-        elements = self.module.fan.status(ids[0]).steps["work"].elements
+        took = self.timed(self.fan_q, FAN + 2, self.produce("fan", FAN))
+        run_id = self.produced()
+        assert self.module.fan.result(run_id, timeout=10) == {"join": FAN}
+        elements = self.module.fan.status(run_id).steps["work"].elements
         assert len(elements) == FAN
         self.handler_s.append(sum(e.finished_at - e.started_at for e in elements) / FAN)
         return took
 
     def chains(self) -> float:
-        def start() -> None:
-            for i in range(CHAINS):
-                self.module.chain.start(i)
-
-        return self.timed(self.chain_q, 4 * CHAINS, start)
+        took = self.timed(self.chain_q, 4 * CHAINS, self.produce("chain", CHAINS))
+        assert self.produced() == "started"
+        return took
 
     def close(self) -> None:
         sys.path.remove(str(self.dir))
+        if self.producer is not None:
+            assert self.producer.stdin is not None
+            self.producer.stdin.close()
+            self.producer.wait(30)
         if self.url.startswith("amqp"):
             from fastq._bench.wfpeers import delete_queues
 
