@@ -10,7 +10,7 @@ import pytest
 
 import fastq
 from fastq import message, results
-from fastq.testing import drain
+from fastq.testing import AMQP_URL, drain
 from fastq.workflow import run
 from fastq.workflow.state import MemoryRuns, RunRow, StepRef, StepRow, drive
 
@@ -309,3 +309,29 @@ def test_result_async_waits_off_the_loop_and_times_out_saying_what_did_not_end()
         asyncio.run(wf.result_async(run_id, timeout=0.1))
     drain(app)
     assert asyncio.run(wf.result_async(run_id, timeout=5)) == {"two": 2}
+
+
+def test_on_rabbitmq_a_step_queue_gets_the_confirm_allowance_an_ordinary_queue_does_not(tmp_path):
+    """A step's outcome publishes the steps it makes ready, confirmed before its ack, as a
+    publish_to output is: its queue's qos is its prefetch plus the allowance (not opened)."""
+    from fastq.autosize import plan_app
+    from fastq.engine.pump import CONFIRM_ALLOWANCE
+    from fastq.engine.supervisor import Supervisor
+
+    app = fastq.App("allowance", broker=AMQP_URL, result_store=f"sqlite:///{tmp_path / 'r.db'}")
+    wf = app.workflow("w")
+
+    @wf.step(queue="steps")
+    def one(n: int) -> int:
+        return n
+
+    @app.task(queue="plain")
+    def plain(n: int) -> None:
+        return None
+
+    queues = ["steps", "plain"]
+    plan = plan_app(app, queues)
+    sup = Supervisor(app, "allowance:app", plan, app.config, queues)
+    prefetch = {q.name: q.prefetch for q in plan.queues}
+    assert sup.pumps.qos("steps") == prefetch["steps"] + CONFIRM_ALLOWANCE
+    assert sup.pumps.qos("plain") == prefetch["plain"]
