@@ -216,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         help="engine: noop/io/cpu handlers on memory:// and sqlite:// (default); ring: the rings "
         "alone; soak: mixed load with a worker SIGKILLed every minute (--minutes, default 20); "
         "pipeline: 3-stage publish_to chains and call latency (with --broker amqp://: beside "
-        "Celery and Dramatiq); workflow: a fan-out of 1,000 and 1,000 4-step chains",
+        "Celery and Dramatiq); workflow: a fan-out of 1,000 and 1,000 4-step chains beside "
+        "Celery's chord/chain and Dramatiq's group/pipeline (with --broker amqp://: fastq on "
+        "RabbitMQ too)",
     )
     bench.add_argument(
         "--minutes", type=float, default=20.0, help="length of the soak suite (default 20)"
@@ -335,9 +337,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.suite == "workflow":
             from fastq._bench import workflow
 
-            if args.broker:
-                raise UsageError("workflow takes no --broker (memory:// and sqlite:// only, yet)")
-            return workflow.main(runs=args.runs, json_path=args.json)
+            if args.broker and not args.broker.lower().startswith(("amqp://", "amqps://")):
+                raise UsageError(
+                    f"workflow takes --broker amqp://... (memory:// and sqlite:// always run), "
+                    f"got {args.broker.split('://')[0]}://..."
+                )
+            return workflow.main(runs=args.runs, json_path=args.json, broker=args.broker)
         if args.suite == "pipeline":
             from fastq._bench import pipeline
 

@@ -39,6 +39,7 @@ __all__ = [
     "postgres_restarted",
     "require_amqp",
     "require_postgres",
+    "terminate",
     "wait_until",
     "wait_until_async",
 ]
@@ -185,3 +186,14 @@ def rabbitmq_stopped(timeout: float = 180) -> Iterator[None]:
         subprocess.run(
             ["rabbitmqctl", "await_startup"], check=False, capture_output=True, timeout=timeout
         )
+
+
+def terminate(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """End a process started for a test (a worker, a peer's worker): SIGTERM, then SIGKILL if it
+    is still there after ``timeout`` seconds; returns once it is gone."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

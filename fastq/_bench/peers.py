@@ -26,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fastq.testing import terminate
+
 REDIS_URL = "redis://127.0.0.1:6379/15"
 
 #: what both peers' apps have: ~1 ms of CPU, the start of the work (the first stage-a run of
@@ -198,12 +200,7 @@ class Peer:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            terminate(self.proc)
             self.proc = None
 
     def outputs(self) -> int:

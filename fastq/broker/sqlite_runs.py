@@ -81,18 +81,29 @@ def _step(r: tuple[Any, ...]) -> StepRow:
 
 class SqliteRuns:
     """A ``RunTx`` on ``db``, inside the transaction the caller opened (its coroutines never
-    suspend: ``drive`` them)."""
+    suspend: ``drive`` them). It lives for that one transaction, so it keeps the run rows it
+    read (a batch of a fan-out's elements reads the same run once); ``forget`` after a
+    rollback to a savepoint."""
 
     def __init__(
         self, db: sqlite3.Connection, enqueue: Callable[[str, str, bytes, dict[str, str]], None]
     ) -> None:
         self.db, self._enqueue = db, enqueue
+        self._run_rows: dict[str, RunRow | None] = {}
+
+    def forget(self) -> None:
+        """Drop what was read: the transaction rolled back to a savepoint."""
+        self._run_rows.clear()
 
     async def run(self, run_id: str) -> RunRow | None:
+        if run_id in self._run_rows:
+            return self._run_rows[run_id]
         r = self.db.execute(f"SELECT {_RUN} FROM fastq_runs WHERE run_id = ?", (run_id,)).fetchone()
-        return None if r is None else _run(r)
+        row = self._run_rows[run_id] = None if r is None else _run(r)
+        return row
 
     async def put_run(self, row: RunRow) -> None:
+        self._run_rows[row.run_id] = row
         self.db.execute(
             f"INSERT OR REPLACE INTO fastq_runs ({_RUN}) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (row.run_id, row.workflow, row.graph, row.args, row.state, row.created_at,
@@ -143,6 +154,7 @@ class SqliteRuns:
         )
 
     async def delete_run(self, run_id: str) -> None:
+        self._run_rows.pop(run_id, None)
         for table in ("fastq_runs", "fastq_run_steps", "fastq_run_counters", "fastq_run_context"):
             self.db.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
 
@@ -182,9 +194,26 @@ class SqliteRuns:
 def record(
     db: sqlite3.Connection, tx: SqliteRuns, steps: Sequence[tuple[StepRef, bytes]], now: float
 ) -> None:
-    """Record each step's outcome in the caller's transaction, each under a savepoint: one that
-    breaks the state machine (a bug, data of another version) is rolled back and logged, never
-    retried with the batch for ever; a storage error rolls the whole transaction back."""
+    """Record each step's outcome in the caller's transaction: the batch under one savepoint,
+    and only if a step breaks the state machine (a bug, data of another version) again one by
+    one, each under its own, so that that one is rolled back and logged, never retried with the
+    batch for ever; a storage error rolls the whole transaction back."""
+    db.execute("SAVEPOINT fastq_steps")
+    try:
+        for ref, outcome in steps:
+            drive(run.complete(tx, ref, outcome, now))
+    except sqlite3.Error:
+        raise
+    except Exception:  # noqa: BLE001 - the one that breaks is found and logged below
+        db.execute("ROLLBACK TO fastq_steps")
+        tx.forget()
+        _one_by_one(db, tx, steps, now)
+    db.execute("RELEASE fastq_steps")
+
+
+def _one_by_one(
+    db: sqlite3.Connection, tx: SqliteRuns, steps: Sequence[tuple[StepRef, bytes]], now: float
+) -> None:
     for ref, outcome in steps:
         db.execute("SAVEPOINT fastq_step")
         try:
@@ -193,6 +222,7 @@ def record(
             raise
         except Exception:
             db.execute("ROLLBACK TO fastq_step")
+            tx.forget()
             logger.exception(
                 "recording step %s (element %d) of run %s failed; that run does not move on",
                 ref.step,

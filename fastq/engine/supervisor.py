@@ -509,8 +509,12 @@ class Supervisor:
         return {q for q in self.queues if q in getattr(self.app, "consumers", {})}
 
     def publishing_queues(self) -> set[str]:
-        """This supervisor's queues whose handlers publish what they return (publish_to)."""
-        return {queue for queue, _ in self.publish_targets()}
+        """This supervisor's queues whose handlers publish: what they return (publish_to), or
+        the steps that a workflow step's outcome makes ready (on a broker without transactions,
+        each confirmed before the step's ack, as an output is)."""
+        workflows = getattr(self.app, "workflows", {}).values()
+        steps = {step.task.queue for wf in workflows for step in wf.steps.values()}
+        return {queue for queue, _ in self.publish_targets()} | (steps & set(self.queues))
 
     def output_queues(self) -> list[str]:
         """The queues that the handlers of this supervisor's queues publish to, beside its own."""

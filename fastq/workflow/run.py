@@ -142,8 +142,9 @@ async def _ready(tx: RunTx, run: RunRow, graph: Graph, spec: StepSpec, now: floa
     todo = [i for i in range(len(elements)) if i not in done]
     await tx.put_step(row)
     await tx.set(run.run_id, "left:" + spec.name, len(todo))
+    context = await _context(tx, run)  # read once: every element starts with the same one
     for i in todo:
-        mid = await _enqueue(tx, run, spec, i, [elements[i]])
+        mid = await _enqueue(tx, run, spec, i, [elements[i]], context)
         await tx.put_step(StepRow(run.run_id, spec.name, i, RUNNING, queued_at=now, message_id=mid))
     if not todo:
         await _join(tx, run, graph, spec, now)
@@ -192,10 +193,22 @@ async def _ended(tx: RunTx, run: RunRow, graph: Graph, spec: StepSpec, now: floa
         await tx.put_run(msgspec.structs.replace(current, state=state, finished_at=now))
 
 
-async def _enqueue(tx: RunTx, run: RunRow, spec: StepSpec, index: int, values: list[bytes]) -> str:
+async def _context(tx: RunTx, run: RunRow) -> dict[str, msgspec.Raw]:
+    return {k: msgspec.Raw(v) for k, v in (await tx.context(run.run_id)).items()}
+
+
+async def _enqueue(
+    tx: RunTx,
+    run: RunRow,
+    spec: StepSpec,
+    index: int,
+    values: list[bytes],
+    context: dict[str, msgspec.Raw] | None = None,
+) -> str:
     """Publish one step's (or element's) message; its id. Its first argument tells the handler
-    which run it is in and the run's context now."""
-    context = {k: msgspec.Raw(v) for k, v in (await tx.context(run.run_id)).items()}
+    which run it is in and the run's context now (``context``: read already)."""
+    if context is None:
+        context = await _context(tx, run)
     head = _encoder.encode((run.run_id, spec.name, index, context))
     headers = {RUN_HEADER: f"{run.run_id}/{spec.name}/{index}", results.KEEP: "1"}
     message_id, body = message.encode(

@@ -13,7 +13,7 @@ import uuid
 import pika
 import pytest
 
-from fastq.testing import wait_until
+from fastq.testing import terminate, wait_until
 
 pytest.importorskip("opentelemetry.sdk")
 
@@ -90,12 +90,7 @@ def test_a_pika_producers_traceparent_is_the_parent_of_the_consumers_span(tmp_pa
         assert read() == [{"name": f"process {q}", "trace": trace_id, "parent": span_id,
                            "outcome": "ok"}]  # fmt: skip
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
         log.close()
         channel = connection.channel()
         for name in (q, f"{q}.dlq"):

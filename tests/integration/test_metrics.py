@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fastq.testing import wait_until
+from fastq.testing import terminate, wait_until
 
 prometheus_parser = pytest.importorskip("prometheus_client.parser")
 
@@ -105,12 +105,7 @@ def worker(tmp_path: Path):
     yield metrics_app, start, lambda: (tmp_path / "worker.log").read_text()[-3000:]
     for p in procs:  # SIGTERM: the supervisor unlinks its rings on the way out
         if p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+            terminate(p)
     log.close()
     sys.path.remove(str(tmp_path))
     sys.modules.pop("metrics_app", None)

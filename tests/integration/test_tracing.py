@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from fastq.testing import wait_until
+from fastq.testing import terminate, wait_until
 
 pytest.importorskip("opentelemetry.sdk")
 
@@ -108,12 +108,7 @@ def traced(tmp_path: Path):
         return [json.loads(line) for line in spans.read_text().splitlines()]
 
     yield traced_app, read, lambda: (tmp_path / "worker.log").read_text()[-3000:]
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    terminate(proc)
     log.close()
     sys.path.remove(str(tmp_path))
     sys.modules.pop("traced_app", None)

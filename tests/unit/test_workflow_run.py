@@ -10,7 +10,7 @@ import pytest
 
 import fastq
 from fastq import message, results
-from fastq.testing import drain
+from fastq.testing import AMQP_URL, drain
 from fastq.workflow import run
 from fastq.workflow.state import MemoryRuns, RunRow, StepRef, StepRow, drive
 
@@ -231,6 +231,35 @@ def test_sqlite_records_each_step_under_a_savepoint_and_logs_what_breaks(tmp_pat
     assert drive(tx.step("r1", "source", -1)).state == "running"  # rolled back to the savepoint
 
 
+def test_sqlite_records_a_batch_once_when_one_step_in_it_breaks(wf, tmp_path, caplog):
+    """The batch goes under one savepoint; one bad step rolls it back and the batch is recorded
+    again one by one: the good steps' rows, counters and enqueued children exactly once."""
+    from fastq.broker import sqlite_runs
+    from fastq.broker.sqlite import SqliteBroker
+
+    broker = SqliteBroker(f"sqlite:///{tmp_path / 'q.db'}")
+    db = broker._db()
+    db.execute("BEGIN IMMEDIATE")
+    tx = broker._runs(db, 1.0)
+    drive(run.start(tx, "r2", "fan", wf.graph(), _enc.encode([3]), 1.0))
+    drive(tx.put_run(RunRow("r1", "fan", b"\xc1", b"\x90", "running", 1.0)))  # bad graph
+    drive(tx.put_step(StepRow("r1", "source", -1, "running")))
+    batch = [
+        (StepRef("r2", "source", -1), ok([0, 1, 2])),
+        (StepRef("r1", "source", -1), ok([1])),
+        (StepRef("r2", "side", -1), ok(3)),
+    ]
+    sqlite_runs.record(db, tx, batch, 2.0)
+    db.execute("COMMIT")
+    assert caplog.text.count("recording step source (element -1) of run r1 failed") == 1
+    assert drive(tx.step("r1", "source", -1)).state == "running"
+    assert [drive(tx.step("r2", s, -1)).state for s in ("source", "side")] == ["done", "done"]
+    assert drive(tx.add("r2", "open", 0)) == 3
+    assert drive(tx.add("r2", "left:square", 0)) == 3
+    # the roots' message, then three elements and side, each once (the first try rolled back)
+    assert db.execute("SELECT count(*) FROM fastq_messages").fetchone()[0] == 5
+
+
 def test_start_arguments_are_checked_against_the_roots_and_their_defaults_apply():
     app = fastq.App("defaults", broker="memory://unit-defaults")
     wf = app.workflow("d")
@@ -280,3 +309,29 @@ def test_result_async_waits_off_the_loop_and_times_out_saying_what_did_not_end()
         asyncio.run(wf.result_async(run_id, timeout=0.1))
     drain(app)
     assert asyncio.run(wf.result_async(run_id, timeout=5)) == {"two": 2}
+
+
+def test_on_rabbitmq_a_step_queue_gets_the_confirm_allowance_an_ordinary_queue_does_not(tmp_path):
+    """A step's outcome publishes the steps it makes ready, confirmed before its ack, as a
+    publish_to output is: its queue's qos is its prefetch plus the allowance (not opened)."""
+    from fastq.autosize import plan_app
+    from fastq.engine.pump import CONFIRM_ALLOWANCE
+    from fastq.engine.supervisor import Supervisor
+
+    app = fastq.App("allowance", broker=AMQP_URL, result_store=f"sqlite:///{tmp_path / 'r.db'}")
+    wf = app.workflow("w")
+
+    @wf.step(queue="steps")
+    def one(n: int) -> int:
+        return n
+
+    @app.task(queue="plain")
+    def plain(n: int) -> None:
+        return None
+
+    queues = ["steps", "plain"]
+    plan = plan_app(app, queues)
+    sup = Supervisor(app, "allowance:app", plan, app.config, queues)
+    prefetch = {q.name: q.prefetch for q in plan.queues}
+    assert sup.pumps.qos("steps") == prefetch["steps"] + CONFIRM_ALLOWANCE
+    assert sup.pumps.qos("plain") == prefetch["plain"]
