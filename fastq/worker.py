@@ -69,22 +69,6 @@ def pin_to(cpu: int | None, index: int) -> None:
         logger.warning("worker %d could not be pinned to cpu %d: %s", index, cpu, why)
 
 
-def batch_scheduling(index: int) -> None:
-    """Run this worker under Linux's SCHED_BATCH: a worker woken by a frame then waits for its
-    turn instead of preempting the process that is running, most often the supervisor that
-    just wrote that frame and feeds every worker (with as many workers as cores, each wake-up
-    preempted it: about one involuntary switch per workflow step measured; none of its time
-    goes to a worker that way now). Nothing changes for a busy worker: it is a CPU-bound
-    process either way. Elsewhere, or refused: the default policy, logged."""
-    policy = getattr(os, "SCHED_BATCH", None)
-    if policy is None:
-        return
-    try:
-        os.sched_setscheduler(0, policy, os.sched_param(0))
-    except OSError as e:  # reported, not fatal
-        logger.warning("worker %d keeps the default scheduling policy: %s", index, e)
-
-
 def main(spec_bytes: bytes) -> None:
     """Entry point of a worker process (spawn)."""
     spec = msgspec.msgpack.decode(spec_bytes, type=WorkerSpec)
@@ -99,7 +83,6 @@ def main(spec_bytes: bytes) -> None:
         f"%(asctime)s %(process)d worker-{spec.index} %(levelname)s %(message)s",
     )
     pin_to(spec.cpu, spec.index)
-    batch_scheduling(spec.index)
     runtime = Runtime(spec, _load.load(spec.executor))
     code = wire.EXIT_FAILED
     try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import os
 import signal
 import subprocess
 import sys
@@ -229,20 +228,6 @@ def test_every_message_is_processed_exactly_once_by_two_workers(engine):
     assert engine.stop() == 0
     counts = collections.Counter(engine.lines())
     assert len(counts) == 100_000 and set(counts.values()) == {1}
-
-
-def test_workers_run_under_sched_batch_and_the_supervisor_does_not(engine):
-    enqueue(engine, 1_000)
-    engine.start("--processes", "2")
-    engine.wait_for_lines(1_000)
-
-    def policies() -> list[int]:
-        return [os.sched_getscheduler(w.pid) for w in engine.workers()]
-
-    # each worker sets it as it starts: once both have, it stays
-    wait_until(lambda: policies() == [os.SCHED_BATCH] * 2, 30, lambda: str(policies()))
-    assert engine.proc is not None and os.sched_getscheduler(engine.proc.pid) == os.SCHED_OTHER
-    assert engine.stop() == 0
 
 
 def test_bad_and_failing_messages_are_dead_lettered_with_reasons_while_the_rest_flow(engine):
