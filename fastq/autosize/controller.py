@@ -101,7 +101,7 @@ class Controller:
             )
         self.user_max_concurrency = bounds.max_concurrency
         #: the most I/O handlers the steps may reach: the formula's ceiling, or the host's
-        #: (the engine passes Config.io_concurrency_ceiling)
+        #: (the engine passes autosize.IO_CONCURRENCY_CEILING)
         self.ceiling = concurrency_max or IO_CONCURRENCY_MAX
         base = IO_PREFETCH_FACTOR if self.kind == "io" else CPU_PREFETCH_FACTOR
         self.factor_min, self.factor = base, base
@@ -220,16 +220,17 @@ class Controller:
     def start(self, backlog: int) -> Decision:
         """Before the first look: a backlog that the formula's prefetch cannot hold met an I/O
         queue on cores that do nothing yet. Its concurrency goes at once as far as the backlog
-        can feed (``ramp`` of idle cores: up to its maximum, the host's ceiling in the engine,
-        IO_CONCURRENCY_MAX by default), so that a burst is not over before the first look. No
-        rate came before it, so no look can say it did not pay: it stands as a setting the
-        steps reached would, under the rules that follow (saturated cores halve it, memory
-        pressure lowers it). Nothing moves without a backlog: a steady load starts where the
-        formula says."""
+        can feed (``ramp`` of idle cores: up to the formula's ceiling IO_CONCURRENCY_MAX, or
+        its maximum if lower; the looks take it further while that pays), so that a burst is
+        not over before the first look. No rate came before it, so no look
+        can say it did not pay: it stands as a setting the steps reached would, under the
+        rules that follow (saturated cores halve it, memory pressure lowers it). Nothing moves
+        without a backlog: a steady load starts where the formula says."""
         if self.kind != "io" or self.fixed_concurrency or backlog <= self.prefetch:
             return Decision(concurrency=self.concurrency, prefetch=self.prefetch)
         c = self.concurrency
-        new = min(self.max_concurrency, max(c + 1, int(c * ramp(0.0, backlog / max(c, 1)))))
+        top = min(self.max_concurrency, max(IO_CONCURRENCY_MAX, c))
+        new = min(top, max(c + 1, int(c * ramp(0.0, backlog / max(c, 1)))))
         if new <= c:
             return Decision(concurrency=c, prefetch=self.prefetch)
         self.concurrency, self.prefetch = new, self._prefetch_for(new)

@@ -509,7 +509,7 @@ def test_autosize_raises_the_concurrency_of_a_waiting_io_queue_and_loses_nothing
     engine.wait_for_lines(6_000)
     assert engine.stop() == 0
     # Then the controller met the backlog at the start, before the workers were up, raised
-    # concurrency as far as it feeds (the host's ceiling, 1,000), told the workers as they came up,
+    # concurrency as far as it feeds (the whole host's 100), told the workers as they came up,
     # and every message ran once
     import re
 
@@ -523,7 +523,7 @@ def test_autosize_raises_the_concurrency_of_a_waiting_io_queue_and_loses_nothing
     )
     assert first, log[-3000:]
     concurrency = int(first[3])
-    assert int(first[1]) > 5_000 and concurrency == 4 + int(first[2]) == 1000
+    assert int(first[1]) > 5_000 and concurrency == 4 + int(first[2]) == 100
     assert int(first[4]) == 5 * concurrency
     slots = (concurrency + 1) // 2  # the busier of the two workers
     assert (
@@ -592,11 +592,9 @@ def test_auto_handlers_measured_cpu_bound_move_their_queue_to_the_cpu_rules(engi
     assert collections.Counter(engine.lines()) == collections.Counter(str(i) for i in range(3_000))
 
 
-def test_two_busy_io_queues_share_the_hosts_handlers(engine, monkeypatch):
+def test_two_busy_io_queues_share_the_hosts_handlers(engine):
     import re
 
-    # a host of 100 I/O handlers (these handlers would climb past 50 each on the default 1,000)
-    monkeypatch.setenv("FASTQ_IO_CONCURRENCY_CEILING", "100")
     for q, task in (("slow", engine.app.slow), ("shift", engine.app.shift)):
         for start in range(0, 40_000, 5_000):
             engine.app.app.broker.publish_sync(
@@ -621,15 +619,12 @@ def test_two_busy_io_queues_share_the_hosts_handlers(engine, monkeypatch):
 
 
 def test_a_busy_cpu_queue_takes_its_share_of_the_cores_beside_a_busy_io_queue_then_all_of_them(
-    engine, monkeypatch
+    engine,
 ):
     import asyncio
 
     # Given CPU work (one handler per core: 2 on 2 workers) and waiting I/O work of the same
-    # weight (50 ms each: 10,000 take 5 s or more at 100 at once, the host's I/O ceiling here:
-    # on the default 1,000 the I/O queue would drain before the cores are shared), both with a
-    # backlog
-    monkeypatch.setenv("FASTQ_IO_CONCURRENCY_CEILING", "100")
+    # weight (50 ms each: 10,000 take 5 s or more at 100 at once), both with a backlog
     total = 40_000
     for start in range(0, 10_000, 5_000):
         engine.app.app.broker.publish_sync(
