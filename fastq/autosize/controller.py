@@ -100,9 +100,6 @@ class Controller:
                 self.min_concurrency, min(self.max_concurrency, self.max_prefetch)
             )
         self.user_max_concurrency = bounds.max_concurrency
-        #: the most I/O handlers the steps may reach: the formula's ceiling, or the host's
-        #: (the engine passes autosize.IO_CONCURRENCY_CEILING)
-        self.ceiling = concurrency_max or IO_CONCURRENCY_MAX
         base = IO_PREFETCH_FACTOR if self.kind == "io" else CPU_PREFETCH_FACTOR
         self.factor_min, self.factor = base, base
         self.factor_max = IO_PREFETCH_FACTOR_MAX if self.kind == "io" else CPU_PREFETCH_FACTOR_MAX
@@ -160,7 +157,7 @@ class Controller:
                 f"{ceiling}: concurrency {'down' if new < old else 'up'} to {new}",
                 rule="cap",
             )
-        user_max = self.user_max_concurrency or self.ceiling
+        user_max = self.user_max_concurrency or IO_CONCURRENCY_MAX
         self.max_concurrency = max(self.min_concurrency, min(user_max, ceiling))
         if self.concurrency <= self.max_concurrency:
             return Decision(concurrency=self.concurrency, prefetch=self.prefetch)
@@ -220,17 +217,15 @@ class Controller:
     def start(self, backlog: int) -> Decision:
         """Before the first look: a backlog that the formula's prefetch cannot hold met an I/O
         queue on cores that do nothing yet. Its concurrency goes at once as far as the backlog
-        can feed (``ramp`` of idle cores: up to the formula's ceiling IO_CONCURRENCY_MAX, or
-        its maximum if lower; the looks take it further while that pays), so that a burst is
-        not over before the first look. No rate came before it, so no look
+        can feed (``ramp`` of idle cores: up to its maximum, IO_CONCURRENCY_MAX by default), so
+        that a burst is not over before the first look. No rate came before it, so no look
         can say it did not pay: it stands as a setting the steps reached would, under the
         rules that follow (saturated cores halve it, memory pressure lowers it). Nothing moves
         without a backlog: a steady load starts where the formula says."""
         if self.kind != "io" or self.fixed_concurrency or backlog <= self.prefetch:
             return Decision(concurrency=self.concurrency, prefetch=self.prefetch)
         c = self.concurrency
-        top = min(self.max_concurrency, max(IO_CONCURRENCY_MAX, c))
-        new = min(top, max(c + 1, int(c * ramp(0.0, backlog / max(c, 1)))))
+        new = min(self.max_concurrency, max(c + 1, int(c * ramp(0.0, backlog / max(c, 1)))))
         if new <= c:
             return Decision(concurrency=c, prefetch=self.prefetch)
         self.concurrency, self.prefetch = new, self._prefetch_for(new)
@@ -381,9 +376,7 @@ class Controller:
         ):
             return None
         c = min(max(self.before[0], self.min_concurrency), self.max_concurrency)
-        # judged by the throughput it goes back to: the lost one would read as a changed load
-        # once it is back, and the decrease would be tried again at once (a swing)
-        self._ceiling(last, "down")
+        self._ceiling(s, "down")
         self.cooldown = COOLDOWN
         return (
             c,

@@ -22,7 +22,6 @@ from typing import Any, Protocol
 from fastq.autosize import (
     CONTROL_INTERVAL,
     FIRST_LOOK,
-    IO_CONCURRENCY_CEILING,
     LOOK_TICK,
     PRESS_MEMORY,
     Controller,
@@ -90,10 +89,7 @@ class Tuning:
         """The autosize controller of a queue (made from its plan at first use)."""
         if plan.name not in self.controllers:
             self.controllers[plan.name] = Controller(
-                plan,
-                user_concurrency=plan.user_concurrency,
-                user_prefetch=plan.user_prefetch,
-                concurrency_max=IO_CONCURRENCY_CEILING,
+                plan, user_concurrency=plan.user_concurrency, user_prefetch=plan.user_prefetch
             )
         return self.controllers[plan.name]
 
@@ -153,7 +149,6 @@ class Tuning:
             caps = share_slots(
                 {n: self.plans[n].options.weight for n in shared},
                 {n: backlogs.get(n, 0) > 0 or pumps.in_flight[n] > 0 for n in shared},
-                budget=IO_CONCURRENCY_CEILING,
                 floors={n: c.min_concurrency for n, c in shared.items() if c.kind == "io"},
                 cores={n: c.cpu_cores for n, c in shared.items() if c.kind == "cpu"},
                 pressing={n for n in shared if now - waited.get(n, -PRESS_MEMORY) < PRESS_MEMORY},
@@ -226,7 +221,6 @@ class Tuning:
         caps = share_slots(
             {n: self.plans[n].options.weight for n in io},
             {n: backlogs[n] > 0 for n in io},
-            budget=IO_CONCURRENCY_CEILING,
             floors={n: c.min_concurrency for n, c in io.items()},
         )
         for name, controller in io.items():

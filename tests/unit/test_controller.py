@@ -10,7 +10,6 @@ import time
 from fastq.autosize import (
     CONTROL_INTERVAL,
     COOLDOWN,
-    IO_CONCURRENCY_CEILING,
     IO_CONCURRENCY_MAX,
     PROBE_AFTER,
     RAMP_INTERVAL,
@@ -87,23 +86,6 @@ def test_io_work_with_idle_cores_climbs_to_the_ceiling_then_holds():
     # slow handlers: a change needs time to show
     assert ramping.next_look(latency=0.5) == CONTROL_INTERVAL
     assert ctl.next_look(latency=0.01) == CONTROL_INTERVAL
-
-
-def test_the_engines_controller_climbs_past_the_formula_while_cores_stay_idle_then_holds():
-    # Given the engine's controller (its ceiling the host's, not the formula's 100) and I/O
-    # handlers that wait 5 ms and use 50 µs of CPU: 100 at once carry 20,000/s, the two cores
-    # 40,000/s
-    ctl = Controller(queue("io"), concurrency_max=IO_CONCURRENCY_CEILING)
-    trace = run(ctl, 30, cpu_s=50e-6, wait_s=5e-3)
-    concurrency = [c for c, _, _ in trace]
-    # Then the first look sizes it by the idle cores, past the formula's ceiling
-    assert trace[0][2] == "cores 2% busy while 10000 messages wait: concurrency +147"
-    assert max(concurrency) <= IO_CONCURRENCY_CEILING
-    # and once the cores are full it settles where they stay full, and holds (a decrease that
-    # lost, taken back, is not tried again at once: no swing)
-    assert all(t == (302, 1510, "") for t in trace[-12:])
-    assert model(302, 1510, cpu_s=50e-6, wait_s=5e-3).throughput == CORES / 50e-6
-    assert direction_changes(concurrency) <= 4
 
 
 def test_with_busy_cores_an_increase_is_a_doubling():
