@@ -8,6 +8,8 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import msgspec
+
 from fastq.workflow import run
 from fastq.workflow.state import RunRow, StepRef, StepRow, drive
 
@@ -82,18 +84,21 @@ def _step(r: tuple[Any, ...]) -> StepRow:
 class SqliteRuns:
     """A ``RunTx`` on ``db``, inside the transaction the caller opened (its coroutines never
     suspend: ``drive`` them). It lives for that one transaction, so it keeps the run rows it
-    read (a batch of a fan-out's elements reads the same run once); ``forget`` after a
-    rollback to a savepoint."""
+    read (a batch of a fan-out's elements reads the same run once) and the step rows it read
+    or wrote (a step's row is read again as its child's parent); ``forget`` after a rollback
+    to a savepoint."""
 
     def __init__(
         self, db: sqlite3.Connection, enqueue: Callable[[str, str, bytes, dict[str, str]], None]
     ) -> None:
         self.db, self._enqueue = db, enqueue
         self._run_rows: dict[str, RunRow | None] = {}
+        self._step_rows: dict[tuple[str, str, int], StepRow | None] = {}
 
     def forget(self) -> None:
         """Drop what was read: the transaction rolled back to a savepoint."""
         self._run_rows.clear()
+        self._step_rows.clear()
 
     async def run(self, run_id: str) -> RunRow | None:
         if run_id in self._run_rows:
@@ -119,11 +124,16 @@ class SqliteRuns:
         return [_run(r) for r in rows]
 
     async def step(self, run_id: str, step: str, index: int) -> StepRow | None:
-        r = self.db.execute(
-            f"SELECT {_STEP} FROM fastq_run_steps WHERE run_id = ? AND step = ? AND idx = ?",
-            (run_id, step, index),
-        ).fetchone()
-        return None if r is None else _step(r)
+        key = (run_id, step, index)
+        if key in self._step_rows:
+            row = self._step_rows[key]
+        else:
+            r = self.db.execute(
+                f"SELECT {_STEP} FROM fastq_run_steps WHERE run_id = ? AND step = ? AND idx = ?",
+                key,
+            ).fetchone()
+            row = self._step_rows[key] = None if r is None else _step(r)
+        return None if row is None else msgspec.structs.replace(row)  # the caller's to change
 
     async def steps(self, run_id: str, step: str | None = None) -> list[StepRow]:
         if step is None:
@@ -140,6 +150,7 @@ class SqliteRuns:
         return [_step(r) for r in rows]
 
     async def put_step(self, row: StepRow) -> None:
+        self._step_rows[(row.run_id, row.step, row.index)] = msgspec.structs.replace(row)
         self.db.execute(
             f"INSERT OR REPLACE INTO fastq_run_steps ({_STEP}) VALUES "
             "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -148,13 +159,19 @@ class SqliteRuns:
         )  # fmt: skip
 
     async def drop_elements(self, run_id: str, step: str) -> None:
+        self._forget_steps(run_id)
         self.db.execute(
             "DELETE FROM fastq_run_steps WHERE run_id = ? AND step = ? AND idx >= 0",
             (run_id, step),
         )
 
+    def _forget_steps(self, run_id: str) -> None:
+        for key in [k for k in self._step_rows if k[0] == run_id]:
+            del self._step_rows[key]
+
     async def delete_run(self, run_id: str) -> None:
         self._run_rows.pop(run_id, None)
+        self._forget_steps(run_id)
         for table in ("fastq_runs", "fastq_run_steps", "fastq_run_counters", "fastq_run_context"):
             self.db.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
 

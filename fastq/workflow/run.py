@@ -4,10 +4,12 @@ supervisor records a step's result and enqueues its ready children in the transa
 acks the step's message.
 
 Counters make fan-in exact without polling: ``wait:<step>`` is the number of its parents still
-to end, ``left:<step>`` the elements of a fanned-out step still to end, ``open`` the run's steps
-still to end. Each is decremented in the transaction of the outcome that ends something; the
-one that reaches 0 enqueues (or skips) what was waiting, so exactly once. An outcome for a row
-that ended already (a step delivered twice) changes nothing: the first completion wins.
+to end (kept for a step with several: one with a single parent is ready when that one ends),
+``left:<step>`` the elements of a fanned-out step still to end, ``open`` the run's steps still
+to end. Each is decremented in the transaction of the outcome that ends something; the one that
+reaches 0 enqueues (or skips) what was waiting, so exactly once. A step has no row until it is
+enqueued (or skipped): no row is pending. An outcome for a row that ended already (a step
+delivered twice) changes nothing: the first completion wins.
 """
 
 from __future__ import annotations
@@ -66,9 +68,11 @@ async def start(
     """Record a new run and enqueue its root steps (``args``: a msgpack array, their arguments)."""
     run = RunRow(run_id, workflow, _encoder.encode(graph), args, RUN_RUNNING, now)
     await tx.put_run(run)
+    # a step without a row is pending (written when it is enqueued); only a step with several
+    # parents needs a counter: one parent ending is what makes a lone child ready
     for spec in graph.steps:
-        await tx.put_step(StepRow(run_id, spec.name, -1))
-        await tx.set(run_id, "wait:" + spec.name, len(spec.parents))
+        if len(spec.parents) > 1:
+            await tx.set(run_id, "wait:" + spec.name, len(spec.parents))
     await tx.set(run_id, "open", len(graph.steps))
     for spec in graph.steps:
         if not spec.parents:
@@ -112,7 +116,9 @@ async def complete(tx: RunTx, ref: StepRef, outcome: bytes, now: float) -> bool:
 async def _ready(tx: RunTx, run: RunRow, graph: Graph, spec: StepSpec, now: float) -> None:
     """Every parent of ``spec`` ended: enqueue it (each element, if it fans out), or skip it."""
     row = await tx.step(run.run_id, spec.name, -1)
-    if row is None or row.state != PENDING:
+    if row is None:  # not written before it is enqueued
+        row = StepRow(run.run_id, spec.name, -1)
+    elif row.state != PENDING:
         return
     parents = {p: await tx.step(run.run_id, p, -1) for p in spec.parents}
     bad = [f"{p} {r.state if r else 'unknown'}" for p, r in parents.items() if not _done(r)]
@@ -184,7 +190,7 @@ async def _ended(tx: RunTx, run: RunRow, graph: Graph, spec: StepSpec, now: floa
     """``spec`` ended (done, failed, skipped): its children whose last parent it was are ready;
     the run ends with its last step."""
     for child in graph.children(spec.name):
-        if await tx.add(run.run_id, "wait:" + child.name, -1) == 0:
+        if len(child.parents) == 1 or await tx.add(run.run_id, "wait:" + child.name, -1) == 0:
             await _ready(tx, run, graph, child, now)
     if await tx.add(run.run_id, "open", -1) == 0:
         rows = [r for r in await tx.steps(run.run_id) if r.index < 0]
@@ -241,7 +247,8 @@ async def resume(tx: RunTx, run_id: str, now: float) -> list[str]:
         await tx.put_step(StepRow(run_id, spec.name, -1))
         if spec.fan_out and spec.parents[0] in names:
             await tx.drop_elements(run_id, spec.name)
-        await tx.set(run_id, "wait:" + spec.name, sum(p in names for p in spec.parents))
+        if len(spec.parents) > 1:
+            await tx.set(run_id, "wait:" + spec.name, sum(p in names for p in spec.parents))
     await tx.set(run_id, "open", len(again))
     run = msgspec.structs.replace(run, state=RUN_RUNNING, finished_at=0.0)
     await tx.put_run(run)

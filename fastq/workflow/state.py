@@ -158,13 +158,17 @@ def drive(coro: Coroutine[Any, Any, T]) -> T:
 
 class MemoryRuns:
     """Run state in dicts: a ``RunTx`` whose transaction is the caller's lock (its coroutines
-    never suspend: ``drive`` them)."""
+    never suspend: ``drive`` them). Rows and counters are kept by run, so that what a run
+    reads or deletes costs the same however many runs are kept."""
 
     def __init__(self, enqueue: Callable[[str, str, bytes, dict[str, str]], None]) -> None:
         self._enqueue = enqueue
         self.run_rows: dict[str, RunRow] = {}
-        self.step_rows: dict[tuple[str, str, int], StepRow] = {}
+        #: run id -> (step, index) -> row
+        self.step_rows: dict[str, dict[tuple[str, int], StepRow]] = {}
         self.counters: dict[tuple[str, str], int] = {}
+        #: run id -> the names of its counters
+        self._counter_names: dict[str, set[str]] = {}
         self.contexts: dict[str, dict[str, bytes]] = {}
 
     async def run(self, run_id: str) -> RunRow | None:
@@ -182,39 +186,43 @@ class MemoryRuns:
         return sorted(rows, key=lambda r: r.created_at, reverse=True)[:limit]
 
     async def step(self, run_id: str, step: str, index: int) -> StepRow | None:
-        row = self.step_rows.get((run_id, step, index))
+        row = self.step_rows.get(run_id, {}).get((step, index))
         return None if row is None else msgspec.structs.replace(row)
 
     async def steps(self, run_id: str, step: str | None = None) -> list[StepRow]:
         rows = [
             msgspec.structs.replace(r)
-            for (rid, name, index), r in self.step_rows.items()
-            if rid == run_id and (step is None or (name == step and index >= 0))
+            for (name, index), r in self.step_rows.get(run_id, {}).items()
+            if step is None or (name == step and index >= 0)
         ]
         return sorted(rows, key=lambda r: (r.step, r.index))
 
     async def put_step(self, row: StepRow) -> None:
-        self.step_rows[(row.run_id, row.step, row.index)] = msgspec.structs.replace(row)
+        own = self.step_rows.setdefault(row.run_id, {})
+        own[(row.step, row.index)] = msgspec.structs.replace(row)
 
     async def drop_elements(self, run_id: str, step: str) -> None:
-        for key in [k for k in self.step_rows if k[0] == run_id and k[1] == step and k[2] >= 0]:
-            del self.step_rows[key]
+        own = self.step_rows.get(run_id, {})
+        for key in [k for k in own if k[0] == step and k[1] >= 0]:
+            del own[key]
 
     async def delete_run(self, run_id: str) -> None:
         self.run_rows.pop(run_id, None)
         self.contexts.pop(run_id, None)
-        for key in [k for k in self.step_rows if k[0] == run_id]:
-            del self.step_rows[key]
-        for ckey in [k for k in self.counters if k[0] == run_id]:
-            del self.counters[ckey]
+        self.step_rows.pop(run_id, None)
+        for name in self._counter_names.pop(run_id, ()):
+            self.counters.pop((run_id, name), None)
 
     async def add(self, run_id: str, counter: str, delta: int) -> int:
         value = self.counters.get((run_id, counter), 0) + delta
-        self.counters[(run_id, counter)] = value
+        await self.set(run_id, counter, value)
         return value
 
     async def set(self, run_id: str, counter: str, value: int) -> None:
-        self.counters[(run_id, counter)] = value
+        key = (run_id, counter)
+        if key not in self.counters:
+            self._counter_names.setdefault(run_id, set()).add(counter)
+        self.counters[key] = value
 
     async def context(self, run_id: str) -> dict[str, bytes]:
         return dict(self.contexts.get(run_id, {}))

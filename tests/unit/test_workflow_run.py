@@ -92,6 +92,26 @@ def test_start_enqueues_the_roots_with_the_start_arguments(wf):
     assert q.sent == [("default", "source/-1", [3])]
     assert tx.counters[("r1", "open")] == 5
     assert tx.counters[("r1", "wait:cleanup")] == 2
+    # only the join of two parents waits on a counter; a step is written when it is enqueued
+    assert sorted(name for rid, name in tx.counters if rid == "r1") == ["open", "wait:cleanup"]
+    assert [(r.step, r.state) for r in drive(tx.steps("r1"))] == [("source", "running")]
+    assert step(tx, "r1", "total", -1) is None
+
+
+def test_forgetting_a_run_drops_its_rows_and_counters_and_keeps_the_others(wf):
+    tx, q = started(wf)
+    drive(run.start(tx, "r2", "fan", wf.graph(), _enc.encode([2]), 1.0))
+    assert complete(tx, StepRef("r1", "source", -1), ok([0, 1, 2]), 2.0)
+    assert complete(tx, StepRef("r1", "side", -1), failed("no"), 3.0)
+    for i in range(3):
+        assert complete(tx, StepRef("r1", "square", i), failed("no"), 3.0)
+    assert complete(tx, StepRef("r1", "cleanup", -1), ok("clean"), 4.0)
+    assert drive(tx.run("r1")).state == "failed"
+    assert drive(run.forget(tx, "r1"))
+    assert drive(tx.run("r1")) is None and drive(tx.steps("r1")) == []
+    assert [k for k in tx.counters if k[0] == "r1"] == []
+    assert sorted(name for rid, name in tx.counters if rid == "r2") == ["open", "wait:cleanup"]
+    assert [(r.step, r.state) for r in drive(tx.steps("r2"))] == [("source", "running")]
 
 
 def test_fan_out_enqueues_each_element_and_the_join_exactly_once_whatever_the_order(wf):
