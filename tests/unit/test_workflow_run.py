@@ -99,7 +99,7 @@ def test_start_enqueues_the_roots_with_the_start_arguments(wf):
 
 
 def test_forgetting_a_run_drops_its_rows_and_counters_and_keeps_the_others(wf):
-    tx, q = started(wf)
+    tx, _ = started(wf)
     drive(run.start(tx, "r2", "fan", wf.graph(), _enc.encode([2]), 1.0))
     assert complete(tx, StepRef("r1", "source", -1), ok([0, 1, 2]), 2.0)
     assert complete(tx, StepRef("r1", "side", -1), failed("no"), 3.0)
