@@ -107,13 +107,6 @@ def _wake_up(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
-def new_loop() -> asyncio.AbstractEventLoop:
-    """A new uvloop event loop, for a thread of its own (the sync publishers' and stores')."""
-    import uvloop
-
-    return uvloop.new_event_loop()
-
-
 def run_loop(main: Coroutine[Any, Any, T]) -> T:
     """Run ``main`` on a uvloop event loop (this module is the one uvloop importer)."""
     import uvloop

@@ -20,7 +20,6 @@ import aiormq
 import aiormq.abc
 from pamqp.commands import Basic
 
-from fastq._aio import new_loop
 from fastq.broker.amqp.connection import CONNECTION_ERRORS, Connection
 from fastq.broker.amqp.outbox import Nacked, Outbox, Unroutable, publish_frames
 from fastq.broker.base import Message
@@ -278,7 +277,7 @@ class SyncPublisher:
     opened once and shared by every thread that publishes."""
 
     def __init__(self, make: Callable[[], Publishing]) -> None:
-        self.loop = new_loop()
+        self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(
             target=self.loop.run_forever, name="fastq-amqp-publish", daemon=True
         )
