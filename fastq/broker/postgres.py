@@ -348,6 +348,8 @@ class PostgresBroker(AnyThread, ExchangeBroker):
                 if due is not None:
                     pause = min(pause, max(due, 0.0) + 0.001)
                 await wait_either(event, wake, pause)
+                if wake is not None and wake.is_set():  # the caller has work: back to it now,
+                    return []  # not after one more round trip that claims nothing
 
     async def _exchange(
         self,

@@ -389,6 +389,8 @@ class SqliteBroker(ExchangeBroker):
             if out or fetch <= 0 or remaining <= 0 or (wake is not None and wake.is_set()):
                 return out
             await wait_either(self._published, wake, min(pause, remaining))
+            if wake is not None and wake.is_set():  # the caller has work (outcomes to settle):
+                return []  # back to it now, not after one more claim that finds nothing
             if not self._published.is_set():  # other processes publish without telling us
                 pause = min(pause * 2, self.poll)
 
