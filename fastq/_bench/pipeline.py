@@ -4,17 +4,20 @@ noop and of ~1 ms CPU stages, and ``call`` round trips, p50 and p99.
 fastq runs with the defaults a user gets (the plan for this machine, autosize on), its
 supervisor and workers in this process tree: the queue of stage ``a`` is filled, the clock
 starts when every worker is ready and stops when stage ``c`` acked the last message. ``call``
-latency: one caller, one call at a time, against an idle supervisor. On ``--broker amqp://`` the
-same, through RabbitMQ (the chain and ``call`` over direct reply-to), beside the pipelines that
-users write today on the same RabbitMQ, each with its own worker: Celery's ``chain`` and
-Dramatiq's ``pipeline`` (skipped, with a line that says so, when not installed: the ``bench``
-extra installs them), and for ``call``, Celery's ``.delay().get()`` with a Redis result backend
-(``fastq._bench.peers``). Medians of ``runs`` rounds.
+latency: one caller, one call at a time, against an idle supervisor; the caller is a process of
+its own (a thread of the supervisor's on memory://, which no other process reaches). On
+``--broker amqp://`` the same, through RabbitMQ (the chain and ``call`` over direct reply-to),
+beside the pipelines that users write today on the same RabbitMQ, each with its own worker:
+Celery's ``chain`` and Dramatiq's ``pipeline`` (skipped, with a line that says so, when not
+installed: the ``bench`` extra installs them), and for ``call``, Celery's ``.delay().get()``
+with a Redis result backend (``fastq._bench.peers``). Medians of ``runs`` rounds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -74,6 +77,16 @@ async def echo(n: int) -> int:
     return n
 """
 
+#: the caller of ``call``, a process of its own: it prints each call's seconds (JSON)
+CALLER = """
+import json
+
+import {module} as m
+from fastq._bench import timed_calls
+
+print(json.dumps(timed_calls(lambda i: m.echo.call(i, timeout=60), {n}, warmup=20)))
+"""
+
 #: per scenario: messages through the chain
 CHAINS = {"noop": 20_000, "cpu": 1_000}
 CALLS = 500
@@ -123,15 +136,32 @@ class Pipeline:
         return run_loop(main())
 
     def calls(self, n: int) -> list[float]:
-        """Seconds of each of ``n`` sequential calls (after 20 not counted)."""
+        """Seconds of each of ``n`` sequential calls (after 20 not counted), made by a process
+        of their own (as Celery's caller is apart from its workers), or on memory://, which
+        only this process reaches, by a thread of the supervisor's."""
         from fastq._bench import timed_calls
 
         echo = self.module.echo
         sup = self.supervisor([echo.queue])
         times: list[float] = []
+        failed: list[str] = []
 
         def caller() -> None:
-            times.extend(timed_calls(lambda i: echo.call(i, timeout=60), n, warmup=20))
+            if self.module.app.broker.url.startswith("memory"):
+                times.extend(timed_calls(lambda i: echo.call(i, timeout=60), n, warmup=20))
+                return
+            script = CALLER.format(module=self.module.__name__, n=n)
+            done = subprocess.run(
+                [sys.executable, "-c", script],
+                check=False,
+                cwd=self.dir,
+                capture_output=True,
+                text=True,
+            )
+            if done.returncode != 0:
+                failed.append(done.stderr[-2000:])
+                return
+            times.extend(json.loads(done.stdout))
 
         async def main() -> None:
             runner = asyncio.get_running_loop().create_task(sup.run())
@@ -146,6 +176,8 @@ class Pipeline:
         from fastq._aio import run_loop
 
         run_loop(main())
+        if failed:
+            raise RuntimeError(f"the bench's caller process failed: {failed[0]}")
         return times
 
     def close(self) -> None:
