@@ -37,6 +37,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 logger = logging.getLogger(__name__)
 #: numbers the memory:// brokers of ``App.testing``
 _testing = itertools.count()
+#: seconds a workflow keeps an ended run, unless ``app.workflow(name, keep=...)`` says otherwise
+KEEP_RUNS = 7 * 86400.0
 
 #: The queue of a task that names none.
 DEFAULT_QUEUE = "default"
@@ -267,12 +269,15 @@ class App:
 
         return register
 
-    def workflow(self, name: str) -> Workflow:
+    def workflow(self, name: str, *, keep: float | None = KEEP_RUNS) -> Workflow:
         """A new workflow of this App: a typed DAG of steps, each a task (see the README's
-        "Workflows"); ``@wf.step(...)`` defines them.
+        "Workflows"); ``@wf.step(...)`` defines them. ``keep``: seconds an ended run (done or
+        failed) is kept, for ``status``, ``result`` and ``resume`` (7 days by default; None:
+        until ``wf.forget``); older ones are deleted as the workflow starts runs.
 
         Raises:
-            ConfigError: the name is taken, or is not a word (it is part of the steps' names).
+            ConfigError: the name is taken, or is not a word (it is part of the steps' names);
+                ``keep`` is not a number of seconds > 0 or None.
         """
         from fastq.workflow.graph import Workflow
 
@@ -280,7 +285,14 @@ class App:
             raise ConfigError(f"workflow name {name!r} must be letters, digits, - and _")
         if name in self.workflows:
             raise ConfigError(f"a workflow named {name!r} is defined already; one per name")
-        wf = self.workflows[name] = Workflow(self, name)
+        if keep is not None and (
+            isinstance(keep, bool) or not isinstance(keep, int | float) or not keep > 0
+        ):
+            raise ConfigError(
+                f"workflow {name}: keep must be the seconds an ended run is kept (> 0), or None "
+                f"to keep runs until wf.forget; got {keep!r}"
+            )
+        wf = self.workflows[name] = Workflow(self, name, None if keep is None else float(keep))
         return wf
 
     def consumer(

@@ -27,6 +27,7 @@ CREATE TABLE IF NOT EXISTS {s}.runs (
     finished_at float8 NOT NULL
 );
 CREATE INDEX IF NOT EXISTS runs_created ON {s}.runs (workflow, created_at);
+CREATE INDEX IF NOT EXISTS runs_finished ON {s}.runs (workflow, finished_at);
 CREATE TABLE IF NOT EXISTS {s}.run_steps (
     run_id text NOT NULL,
     step text NOT NULL,
@@ -123,6 +124,14 @@ class PostgresRuns:
             workflow, state, limit,
         )  # fmt: skip
         return [_run(r) for r in rows]
+
+    async def ended_before(self, workflow: str, before: float, limit: int) -> list[str]:
+        rows = await self.c.fetch(
+            f"SELECT run_id FROM {self.s}.runs WHERE workflow = $1 AND finished_at > 0 AND "
+            "finished_at < $2 AND state <> 'running' ORDER BY finished_at LIMIT $3",
+            workflow, before, limit,
+        )  # fmt: skip
+        return [r[0] for r in rows]
 
     async def step(self, run_id: str, step: str, index: int) -> StepRow | None:
         r = await self.c.fetchrow(

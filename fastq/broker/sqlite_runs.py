@@ -26,6 +26,7 @@ CREATE TABLE IF NOT EXISTS fastq_runs (
     finished_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS fastq_runs_created ON fastq_runs (workflow, created_at);
+CREATE INDEX IF NOT EXISTS fastq_runs_finished ON fastq_runs (workflow, finished_at);
 CREATE TABLE IF NOT EXISTS fastq_run_steps (  -- idx -1: the step; 0..n-1: its fan-out elements
     run_id TEXT NOT NULL,
     step TEXT NOT NULL,
@@ -164,6 +165,14 @@ class SqliteRuns:
             "DELETE FROM fastq_run_steps WHERE run_id = ? AND step = ? AND idx >= 0",
             (run_id, step),
         )
+
+    async def ended_before(self, workflow: str, before: float, limit: int) -> list[str]:
+        rows = self.db.execute(
+            "SELECT run_id FROM fastq_runs WHERE workflow = ? AND finished_at > 0 AND "
+            "finished_at < ? AND state != 'running' ORDER BY finished_at LIMIT ?",
+            (workflow, before, limit),
+        ).fetchall()
+        return [r[0] for r in rows]
 
     def _forget_steps(self, run_id: str) -> None:
         for key in [k for k in self._step_rows if k[0] == run_id]:

@@ -35,6 +35,9 @@ T = TypeVar("T")
 
 #: seconds between looks at a run that ``result`` waits for
 POLL = 0.05
+#: at most every this many seconds (or ``keep``, if shorter) a start deletes ended runs older
+#: than ``keep``, at most ``EXPIRE_BATCH`` of them
+EXPIRE_EVERY, EXPIRE_BATCH = 60.0, 500
 _args = msgspec.msgpack.Decoder(list[msgspec.Raw])
 _encoder = msgspec.msgpack.Encoder()
 
@@ -201,6 +204,9 @@ class RunAPI:
     app: App
     name: str
     steps: dict[str, Step]
+    #: seconds an ended run is kept (None: until forgotten); when its runs expire next
+    keep: float | None
+    next_expiry: float
 
     def graph(self) -> Graph:
         raise NotImplementedError
@@ -229,21 +235,36 @@ class RunAPI:
             TypeError, msgspec.ValidationError: the arguments do not fit a root step.
         """
         graph, raw = self.graph(), self._encode_start(args, kwargs)
-        run_id = message.new_id()
-        transaction(
-            self.app, lambda tx: run.start(tx, run_id, self.name, graph, raw, time.time()), True
-        )
+        run_id, before = message.new_id(), self._expiry()
+        transaction(self.app, lambda tx: self._started(tx, run_id, graph, raw, before), True)
         return run_id
+
+    def _expiry(self) -> float | None:
+        """When ended runs are due to expire: the wall-clock time before which they ended
+        (None: not due yet, or runs are kept until forgotten)."""
+        now = time.monotonic()
+        if self.keep is None or now < self.next_expiry:
+            return None
+        self.next_expiry = now + min(EXPIRE_EVERY, self.keep)
+        return time.time() - self.keep
+
+    async def _started(
+        self, tx: RunTx, run_id: str, graph: Graph, raw: bytes, before: float | None
+    ) -> None:
+        """Start run ``run_id``; in the same transaction, delete the runs ended ``before``."""
+        await run.start(tx, run_id, self.name, graph, raw, time.time())
+        if before is not None:
+            await run.expire(tx, self.name, before, EXPIRE_BATCH)
 
     async def start_async(self, *args: Any, **kwargs: Any) -> str:
         """``start`` for coroutines (the transaction runs off the event loop)."""
         graph, raw = self.graph(), self._encode_start(args, kwargs)
-        run_id = message.new_id()
+        run_id, before = message.new_id(), self._expiry()
         await asyncio.get_running_loop().run_in_executor(
             None,
             transaction,
             self.app,
-            lambda tx: run.start(tx, run_id, self.name, graph, raw, time.time()),
+            lambda tx: self._started(tx, run_id, graph, raw, before),
             True,
         )
         return run_id

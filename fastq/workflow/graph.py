@@ -111,11 +111,12 @@ class Workflow(RunAPI):
     """A named DAG of steps on an App (``app.workflow(name)``). Its runs live in the broker's
     own store (memory://, sqlite://, postgresql://). Runs are started, read and resumed by the
     methods it has from ``fastq.workflow.api.RunAPI``: ``start``, ``status``, ``result``,
-    ``resume``."""
+    ``resume``; an ended run is kept ``keep`` seconds (None: until ``forget``)."""
 
-    def __init__(self, app: App, name: str) -> None:
-        self.app, self.name = app, name
+    def __init__(self, app: App, name: str, keep: float | None = None) -> None:
+        self.app, self.name, self.keep = app, name, keep
         self.steps: dict[str, Step] = {}
+        self.next_expiry = 0.0
 
     def _error(self, text: str) -> ConfigError:
         return ConfigError(f"workflow {self.name}: {text}")

@@ -39,7 +39,7 @@ from fastq.workflow.state import (
     StepSpec,
 )
 
-__all__ = ["complete", "forget", "resume", "start", "status"]
+__all__ = ["complete", "expire", "forget", "resume", "start", "status"]
 
 # Every function here is a coroutine over an async RunTx: a store with a synchronous transaction
 # (SQLite, memory) never suspends and drives it with ``state.drive``; PostgreSQL awaits it on
@@ -265,6 +265,15 @@ async def forget(tx: RunTx, run_id: str) -> bool:
         return False
     await tx.delete_run(run_id)
     return True
+
+
+async def expire(tx: RunTx, workflow: str, before: float, limit: int) -> int:
+    """Delete at most ``limit`` runs of ``workflow`` that ended before ``before`` (the oldest
+    first), and all they hold; how many. A running run is never one of them."""
+    ended = await tx.ended_before(workflow, before, limit)
+    for run_id in ended:
+        await tx.delete_run(run_id)
+    return len(ended)
 
 
 async def status(tx: RunTx, run_id: str) -> tuple[RunRow, list[StepRow], dict[str, bytes]] | None:

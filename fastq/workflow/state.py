@@ -128,6 +128,11 @@ class RunTx(Protocol):
         """The run and every row of it (steps, counters, context) go."""
         ...
 
+    async def ended_before(self, workflow: str, before: float, limit: int) -> list[str]:
+        """Ids of at most ``limit`` runs of ``workflow`` that ended (done or failed) before
+        ``before`` (wall clock), the oldest first."""
+        ...
+
     async def add(self, run_id: str, counter: str, delta: int) -> int:
         """Add ``delta`` to a counter (created at 0); its new value."""
         ...
@@ -205,6 +210,14 @@ class MemoryRuns:
         own = self.step_rows.get(run_id, {})
         for key in [k for k in own if k[0] == step and k[1] >= 0]:
             del own[key]
+
+    async def ended_before(self, workflow: str, before: float, limit: int) -> list[str]:
+        rows = [
+            r
+            for r in self.run_rows.values()
+            if r.workflow == workflow and r.state != RUN_RUNNING and 0 < r.finished_at < before
+        ]
+        return [r.run_id for r in sorted(rows, key=lambda r: r.finished_at)[:limit]]
 
     async def delete_run(self, run_id: str) -> None:
         self.run_rows.pop(run_id, None)

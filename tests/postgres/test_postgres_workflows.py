@@ -115,3 +115,33 @@ def test_on_rabbitmq_with_a_postgres_result_store_a_fan_out_fans_in_once(amqp_ho
             await store.close()
 
     assert asyncio.run(pending()) == []
+
+
+def test_expire_deletes_ended_runs_older_than_the_cut_on_postgres(pg_url):
+    """The SQLite test's check (tests/unit/test_workflow_run.py) in the broker's schema, and a
+    start that expires them through the API."""
+    app = fastq.App("pgexpire", broker=pg_url)
+    try:
+        _expire_through_the_api(app)
+    finally:
+        app.broker.bridge().close()
+
+
+def _expire_through_the_api(app: fastq.App) -> None:
+    from tests.unit.test_workflow_run import _ended, check_expiry
+
+    app.broker.run_transaction(check_expiry)
+    wf = app.workflow("w", keep=0.01)
+
+    @wf.step()
+    def only(n: int) -> int:
+        return n
+
+    def ended(state: str) -> list[str]:
+        rows = app.broker.run_transaction(lambda tx: tx.runs("w", state, 10), write=False)
+        return sorted(r.run_id for r in rows)
+
+    assert ended("running") == ["w-running"]
+    app.broker.run_transaction(lambda tx: _ended(tx, "w-again", "w", "done", 1.0))
+    started = wf.start(1)
+    assert ended("done") == [] and ended("running") == sorted([started, "w-running"])

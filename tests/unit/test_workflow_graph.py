@@ -3,6 +3,8 @@ parameter, its message pinned."""
 
 from __future__ import annotations
 
+import re
+
 import msgspec
 import pytest
 
@@ -172,6 +174,13 @@ def test_fan_out_over_two_parents_and_bad_options_are_config_errors(wf):
         match=r"^a workflow named 'catalog' is defined already; one per name$",
     ):
         wf.app.workflow("catalog")
+    for keep in (0, -1.0, "7d", True):
+        with pytest.raises(
+            fastq.ConfigError,
+            match=r"^workflow kept: keep must be the seconds an ended run is kept \(> 0\), or "
+            rf"None to keep runs until wf.forget; got {re.escape(repr(keep))}$",
+        ):
+            wf.app.workflow("kept", keep=keep)  # type: ignore[arg-type]
 
 
 def test_a_broker_without_runs_says_which_brokers_keep_them():

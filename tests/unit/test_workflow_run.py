@@ -196,6 +196,87 @@ def test_a_whole_run_through_memory_with_drain_keeps_context_and_result():
         wf.status("nope")
 
 
+async def _ended(tx, run_id, workflow, state, finished_at):
+    await tx.put_run(RunRow(run_id, workflow, b"", b"", state, 1.0, finished_at))
+    await tx.put_step(StepRow(run_id, "only", -1, "done", finished_at=finished_at))
+    await tx.set(run_id, "open", 0)
+    await tx.set_context(run_id, {"k": b"\x01"})
+
+
+async def check_expiry(tx, workflow="w"):
+    """``run.expire`` on any RunTx (a coroutine: PostgreSQL's awaits): ended runs of the
+    workflow older than the cut go, the oldest first, with all they hold; running ones and
+    other workflows' stay."""
+    other = workflow + "-other"
+    await _ended(tx, f"{workflow}-old", workflow, "done", 100.0)
+    await _ended(tx, f"{workflow}-older-failed", workflow, "failed", 50.0)
+    await _ended(tx, f"{workflow}-recent", workflow, "done", 300.0)
+    await _ended(tx, f"{workflow}-running", workflow, "running", 0.0)
+    await _ended(tx, f"{other}-done", other, "done", 10.0)
+    assert await run.expire(tx, workflow, 200.0, 1) == 1
+    assert await tx.run(f"{workflow}-older-failed") is None
+    assert await tx.run(f"{workflow}-old") is not None
+    assert await run.expire(tx, workflow, 200.0, 10) == 1
+    assert await tx.run(f"{workflow}-old") is None and await tx.steps(f"{workflow}-old") == []
+    assert await tx.context(f"{workflow}-old") == {}
+    assert await run.expire(tx, workflow, 1e12, 10) == 1  # "recent"; never the running one
+    assert [r.run_id for r in await tx.runs(workflow, None, 10)] == [f"{workflow}-running"]
+    assert [r.run_id for r in await tx.runs(other, None, 10)] == [f"{other}-done"]
+    assert await tx.steps(f"{workflow}-running") != []
+    assert await tx.context(f"{other}-done") == {"k": b"\x01"}
+
+
+def test_expire_deletes_ended_runs_older_than_the_cut_in_memory():
+    tx = MemoryRuns(Queue())
+    drive(check_expiry(tx))
+    assert ("w-old", "open") not in tx.counters and ("w-running", "open") in tx.counters
+
+
+def test_expire_deletes_ended_runs_older_than_the_cut_in_sqlite(tmp_path):
+    from fastq.broker import sqlite_runs
+    from fastq.broker.sqlite import SqliteBroker
+
+    broker = SqliteBroker(f"sqlite:///{tmp_path / 'q.db'}")
+    db = broker._db()
+    db.execute("BEGIN IMMEDIATE")
+    drive(check_expiry(sqlite_runs.SqliteRuns(db, lambda *a: None)))
+    counters = db.execute("SELECT run_id FROM fastq_run_counters ORDER BY run_id").fetchall()
+    db.execute("COMMIT")
+    assert counters == [("w-other-done",), ("w-running",)]
+
+
+def test_a_start_deletes_the_runs_that_ended_longer_ago_than_keep():
+    app = fastq.App("keeping", broker="memory://unit-keeping")
+    short, kept = app.workflow("short", keep=0.2), app.workflow("kept", keep=None)
+
+    @short.step()
+    def one(n: int) -> int:
+        return n
+
+    @kept.step()
+    def two(n: int) -> int:
+        return n
+
+    # Given an ended run of each, and one of the short-lived workflow's still waiting
+    first, forever = short.start(1), kept.start(2)
+    drain(app)
+    assert short.result(first, timeout=1) == {"one": 1} and kept.result(forever, timeout=1)
+    time.sleep(0.3)
+    waiting = short.start(3)
+    # When the short-lived one starts a run after its keep has passed
+    time.sleep(0.3)
+    last = short.start(4)
+    kept.start(5)
+    # Then its run that ended before the cut is gone, the one not run yet stays, as does
+    # every run of the workflow that keeps them until forgotten
+    with pytest.raises(fastq.ConfigError, match=rf"^no run '{first}' in memory://"):
+        short.status(first)
+    assert short.status(waiting).state == "running" and short.status(last).state == "running"
+    assert kept.result(forever, timeout=1) == {"two": 2}
+    drain(app)
+    assert short.result(waiting, timeout=1) == {"one": 3}
+
+
 def test_a_handler_starts_a_run_and_a_step_reads_typed_context():
     import msgspec as ms
 
