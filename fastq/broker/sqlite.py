@@ -519,16 +519,14 @@ class SqliteBroker(ExchangeBroker):
             assert cur.lastrowid is not None
             into.append((cur.lastrowid, Output(queue, Message(body, message_id, headers))))
 
-        return runs_sql.SqliteRuns(db, enqueue)
+        return runs_sql.SqliteRuns(db, enqueue, into)
 
     async def record_steps(self, steps: Sequence[StoredResult]) -> list[tuple[int, Output]]:
         def work(db: sqlite3.Connection) -> list[tuple[int, Output]]:
             made: list[tuple[int, Output]] = []
             done = [(r.step, r.outcome) for r in steps if r.step is not None]
             runs_sql.record(db, self._outboxed(db, made), done, time.time())
-            # what a rolled-back step enqueued is in the list, not in the outbox: only what is
-            kept = {i for (i,) in db.execute("SELECT id FROM fastq_run_outbox")}
-            return [m for m in made if m[0] in kept]
+            return made  # without what a rolled-back step made (SqliteRuns.forget)
 
         return await self._run(
             lambda: self._write(work, outcome=f"{len(steps)} workflow step(s) were not recorded")

@@ -90,16 +90,29 @@ class SqliteRuns:
     to a savepoint."""
 
     def __init__(
-        self, db: sqlite3.Connection, enqueue: Callable[[str, str, bytes, dict[str, str]], None]
+        self,
+        db: sqlite3.Connection,
+        enqueue: Callable[[str, str, bytes, dict[str, str]], None],
+        made: list[Any] | None = None,
     ) -> None:
         self.db, self._enqueue = db, enqueue
+        #: where ``enqueue`` also lists what it made (an outbox's rows, for the caller to
+        #: publish): cut back with a rollback to a savepoint, which reuses their row ids
+        self.made = made
         self._run_rows: dict[str, RunRow | None] = {}
         self._step_rows: dict[tuple[str, str, int], StepRow | None] = {}
 
-    def forget(self) -> None:
-        """Drop what was read: the transaction rolled back to a savepoint."""
+    def mark(self) -> int:
+        """Where ``forget`` cuts ``made`` back to: take it with the savepoint."""
+        return 0 if self.made is None else len(self.made)
+
+    def forget(self, mark: int) -> None:
+        """The transaction rolled back to the savepoint taken at ``mark``: drop what was read,
+        and what was made since."""
         self._run_rows.clear()
         self._step_rows.clear()
+        if self.made is not None:
+            del self.made[mark:]
 
     async def run(self, run_id: str) -> RunRow | None:
         if run_id in self._run_rows:
@@ -224,6 +237,7 @@ def record(
     and only if a step breaks the state machine (a bug, data of another version) again one by
     one, each under its own, so that that one is rolled back and logged, never retried with the
     batch for ever; a storage error rolls the whole transaction back."""
+    mark = tx.mark()
     db.execute("SAVEPOINT fastq_steps")
     try:
         for ref, outcome in steps:
@@ -232,7 +246,7 @@ def record(
         raise
     except Exception:  # noqa: BLE001 - the one that breaks is found and logged below
         db.execute("ROLLBACK TO fastq_steps")
-        tx.forget()
+        tx.forget(mark)
         _one_by_one(db, tx, steps, now)
     db.execute("RELEASE fastq_steps")
 
@@ -241,6 +255,7 @@ def _one_by_one(
     db: sqlite3.Connection, tx: SqliteRuns, steps: Sequence[tuple[StepRef, bytes]], now: float
 ) -> None:
     for ref, outcome in steps:
+        mark = tx.mark()
         db.execute("SAVEPOINT fastq_step")
         try:
             drive(run.complete(tx, ref, outcome, now))
@@ -248,7 +263,7 @@ def _one_by_one(
             raise
         except Exception:
             db.execute("ROLLBACK TO fastq_step")
-            tx.forget()
+            tx.forget(mark)
             logger.exception(
                 "recording step %s (element %d) of run %s failed; that run does not move on",
                 ref.step,

@@ -361,6 +361,53 @@ def test_sqlite_records_a_batch_once_when_one_step_in_it_breaks(wf, tmp_path, ca
     assert db.execute("SELECT count(*) FROM fastq_messages").fetchone()[0] == 5
 
 
+def test_as_a_result_store_a_batch_with_a_bad_step_hands_out_each_made_message_once(
+    wf, tmp_path, caplog
+):
+    """As RabbitMQ's result store the steps made ready go to the outbox and back to the caller,
+    which publishes them: after a rollback to the batch's savepoint SQLite reuses the outbox
+    ids, so the caller's list must lose what the rolled-back try made."""
+    import asyncio
+
+    from fastq.broker.base import StoredResult
+    from fastq.broker.sqlite import SqliteBroker
+
+    broker = SqliteBroker(f"sqlite:///{tmp_path / 'r.db'}")
+    started: list = []
+    broker.run_transaction(
+        lambda tx: run.start(tx, "r2", "fan", wf.graph(), _enc.encode([3]), 1.0), outbox=started
+    )
+
+    async def bad(tx) -> None:  # a run whose graph does not decode: recording it raises
+        await tx.put_run(RunRow("r1", "fan", b"\xc1", b"\x90", "running", 1.0))
+        await tx.put_step(StepRow("r1", "source", -1, "running"))
+
+    broker.run_transaction(bad)
+    broker.outbox_done_sync([i for i, _ in started])
+
+    def stored(step: StepRef, outcome: bytes) -> StoredResult:
+        return StoredResult(f"m-{step.step}", "", outcome, 1.0, step=step)
+
+    async def recorded() -> list:
+        await broker.open()
+        try:
+            return await broker.record_steps(
+                [
+                    stored(StepRef("r2", "source", -1), ok([0, 1, 2])),
+                    stored(StepRef("r1", "source", -1), ok([1])),
+                ]
+            )
+        finally:
+            await broker.close()
+
+    made = asyncio.run(recorded())
+    assert "recording step source (element -1) of run r1 failed" in caplog.text
+    steps = [o.message.headers["fastq-run"] for _, o in made]
+    assert steps == ["r2/square/0", "r2/square/1", "r2/square/2", "r2/side/-1"]
+    outbox = broker._db().execute("SELECT id, message_id FROM fastq_run_outbox ORDER BY id")
+    assert [(i, o.message.message_id) for i, o in made] == outbox.fetchall()
+
+
 def test_start_arguments_are_checked_against_the_roots_and_their_defaults_apply():
     app = fastq.App("defaults", broker="memory://unit-defaults")
     wf = app.workflow("d")
