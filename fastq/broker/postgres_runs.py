@@ -125,10 +125,19 @@ class PostgresRuns:
         )  # fmt: skip
         return [_run(r) for r in rows]
 
-    async def ended_before(self, workflow: str, before: float, limit: int) -> list[str]:
+    async def expire(self, workflow: str, before: float, limit: int) -> list[str]:
+        # one statement; the runs locked FOR UPDATE and their state checked again once locked
+        # (a run resumed meanwhile no longer matches); one that another transaction holds is
+        # skipped, left for the next expiry
         rows = await self.c.fetch(
+            f"WITH gone AS (DELETE FROM {self.s}.runs WHERE run_id IN ("
             f"SELECT run_id FROM {self.s}.runs WHERE workflow = $1 AND finished_at > 0 AND "
-            "finished_at < $2 AND state <> 'running' ORDER BY finished_at LIMIT $3",
+            "finished_at < $2 AND state <> 'running' ORDER BY finished_at LIMIT $3 "
+            "FOR UPDATE SKIP LOCKED) RETURNING run_id), "
+            f"s AS (DELETE FROM {self.s}.run_steps WHERE run_id IN (SELECT run_id FROM gone)), "
+            f"c AS (DELETE FROM {self.s}.run_counters WHERE run_id IN (SELECT run_id FROM gone)), "
+            f"x AS (DELETE FROM {self.s}.run_context WHERE run_id IN (SELECT run_id FROM gone)) "
+            "SELECT run_id FROM gone",
             workflow, before, limit,
         )  # fmt: skip
         return [r[0] for r in rows]

@@ -67,6 +67,8 @@ OUTBOX = (
 )
 OUTBOX_DONE = "DELETE FROM fastq_run_outbox WHERE id = ?"
 _RUN = "run_id, workflow, graph, args, state, created_at, finished_at"
+#: the tables that hold a run's rows
+_RUN_TABLES = ("fastq_runs", "fastq_run_steps", "fastq_run_counters", "fastq_run_context")
 _STEP = (
     "run_id, step, idx, state, attempts, queued_at, started_at, finished_at, result, error, "
     "message_id"
@@ -179,12 +181,17 @@ class SqliteRuns:
             (run_id, step),
         )
 
-    async def ended_before(self, workflow: str, before: float, limit: int) -> list[str]:
+    async def expire(self, workflow: str, before: float, limit: int) -> list[str]:
         rows = self.db.execute(
             "SELECT run_id FROM fastq_runs WHERE workflow = ? AND finished_at > 0 AND "
             "finished_at < ? AND state != 'running' ORDER BY finished_at LIMIT ?",
             (workflow, before, limit),
         ).fetchall()
+        for run_id in (r[0] for r in rows):
+            self._run_rows.pop(run_id, None)
+            self._forget_steps(run_id)
+        for table in _RUN_TABLES:
+            self.db.executemany(f"DELETE FROM {table} WHERE run_id = ?", rows)
         return [r[0] for r in rows]
 
     def _forget_steps(self, run_id: str) -> None:
@@ -194,7 +201,7 @@ class SqliteRuns:
     async def delete_run(self, run_id: str) -> None:
         self._run_rows.pop(run_id, None)
         self._forget_steps(run_id)
-        for table in ("fastq_runs", "fastq_run_steps", "fastq_run_counters", "fastq_run_context"):
+        for table in _RUN_TABLES:
             self.db.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
 
     async def add(self, run_id: str, counter: str, delta: int) -> int:

@@ -5,6 +5,7 @@ one transaction each."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from fastq.workflow.graph import Step
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 #: seconds between looks at a run that ``result`` waits for
 POLL = 0.05
@@ -235,38 +237,48 @@ class RunAPI:
             TypeError, msgspec.ValidationError: the arguments do not fit a root step.
         """
         graph, raw = self.graph(), self._encode_start(args, kwargs)
-        run_id, before = message.new_id(), self._expiry()
-        transaction(self.app, lambda tx: self._started(tx, run_id, graph, raw, before), True)
+        run_id = message.new_id()
+        transaction(
+            self.app, lambda tx: run.start(tx, run_id, self.name, graph, raw, time.time()), True
+        )
+        self._expire()
         return run_id
 
-    def _expiry(self) -> float | None:
-        """When ended runs are due to expire: the wall-clock time before which they ended
-        (None: not due yet, or runs are kept until forgotten)."""
+    def _expire(self) -> None:
+        """If it is due, delete the runs that ended more than ``keep`` seconds ago, in a
+        transaction of its own; a failure is logged, never raised: the run has started."""
         now = time.monotonic()
         if self.keep is None or now < self.next_expiry:
-            return None
+            return
         self.next_expiry = now + min(EXPIRE_EVERY, self.keep)
-        return time.time() - self.keep
-
-    async def _started(
-        self, tx: RunTx, run_id: str, graph: Graph, raw: bytes, before: float | None
-    ) -> None:
-        """Start run ``run_id``; in the same transaction, delete the runs ended ``before``."""
-        await run.start(tx, run_id, self.name, graph, raw, time.time())
-        if before is not None:
-            await run.expire(tx, self.name, before, EXPIRE_BATCH)
+        before, keep = time.time() - self.keep, self.keep
+        try:
+            gone = transaction(
+                self.app, lambda tx: run.expire(tx, self.name, before, EXPIRE_BATCH), True
+            )
+        except Exception as e:  # noqa: BLE001 - housekeeping: the next start tries again
+            logger.warning(
+                "workflow %s: deleting runs ended over %g s ago failed: %s", self.name, keep, e
+            )
+            return
+        if gone:
+            logger.info(
+                "workflow %s: deleted %d runs that ended over %g s ago", self.name, gone, keep
+            )
 
     async def start_async(self, *args: Any, **kwargs: Any) -> str:
         """``start`` for coroutines (the transaction runs off the event loop)."""
         graph, raw = self.graph(), self._encode_start(args, kwargs)
-        run_id, before = message.new_id(), self._expiry()
-        await asyncio.get_running_loop().run_in_executor(
+        run_id = message.new_id()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(
             None,
             transaction,
             self.app,
-            lambda tx: self._started(tx, run_id, graph, raw, before),
+            lambda tx: run.start(tx, run_id, self.name, graph, raw, time.time()),
             True,
         )
+        await loop.run_in_executor(None, self._expire)
         return run_id
 
     def status(self, run_id: str) -> RunStatus:

@@ -270,10 +270,7 @@ async def forget(tx: RunTx, run_id: str) -> bool:
 async def expire(tx: RunTx, workflow: str, before: float, limit: int) -> int:
     """Delete at most ``limit`` runs of ``workflow`` that ended before ``before`` (the oldest
     first), and all they hold; how many. A running run is never one of them."""
-    ended = await tx.ended_before(workflow, before, limit)
-    for run_id in ended:
-        await tx.delete_run(run_id)
-    return len(ended)
+    return len(await tx.expire(workflow, before, limit))
 
 
 async def status(tx: RunTx, run_id: str) -> tuple[RunRow, list[StepRow], dict[str, bytes]] | None:

@@ -128,9 +128,10 @@ class RunTx(Protocol):
         """The run and every row of it (steps, counters, context) go."""
         ...
 
-    async def ended_before(self, workflow: str, before: float, limit: int) -> list[str]:
-        """Ids of at most ``limit`` runs of ``workflow`` that ended (done or failed) before
-        ``before`` (wall clock), the oldest first."""
+    async def expire(self, workflow: str, before: float, limit: int) -> list[str]:
+        """Delete at most ``limit`` runs of ``workflow`` that ended (done or failed) before
+        ``before`` (wall clock), the oldest first, with every row of them; their ids. A run
+        that is running (resumed meanwhile, say) is never one of them."""
         ...
 
     async def add(self, run_id: str, counter: str, delta: int) -> int:
@@ -211,13 +212,16 @@ class MemoryRuns:
         for key in [k for k in own if k[0] == step and k[1] >= 0]:
             del own[key]
 
-    async def ended_before(self, workflow: str, before: float, limit: int) -> list[str]:
+    async def expire(self, workflow: str, before: float, limit: int) -> list[str]:
         rows = [
             r
             for r in self.run_rows.values()
             if r.workflow == workflow and r.state != RUN_RUNNING and 0 < r.finished_at < before
         ]
-        return [r.run_id for r in sorted(rows, key=lambda r: r.finished_at)[:limit]]
+        ids = [r.run_id for r in sorted(rows, key=lambda r: r.finished_at)[:limit]]
+        for run_id in ids:
+            await self.delete_run(run_id)
+        return ids
 
     async def delete_run(self, run_id: str) -> None:
         self.run_rows.pop(run_id, None)
