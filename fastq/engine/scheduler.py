@@ -92,9 +92,17 @@ class Scheduler:
         for s in self.schedules:
             for tick in due(s, self.last.get(s.name), now, self.started):
                 task = self.app.tasks[s.name]
-                if await self.broker.publish_tick(
-                    s.name, tick, task.queue, task.tick_message(s, tick)
-                ):
+                try:
+                    tick_message = task.tick_message(s, tick)
+                except Exception:  # a before_send hook raised: this schedule waits, not others
+                    logger.exception(
+                        "scheduler: making %s's message for tick %.3f failed (its before_send "
+                        "hooks?); that tick is tried again at the next look",
+                        s.name,
+                        tick,
+                    )
+                    break
+                if await self.broker.publish_tick(s.name, tick, task.queue, tick_message):
                     self.enqueued += 1
                     logger.info("scheduler: enqueued %s for tick %.3f", s.name, tick)
                 self.last[s.name] = tick

@@ -241,3 +241,44 @@ def test_a_tick_passes_the_before_send_hooks_and_keeps_its_own_id():
     assert seen == [("report", sched.message_id(1765000000.0), {"fastq-tick": "1765000000.0"})]
     assert made.message_id == envelope.id == sched.message_id(1765000000.0)
     assert envelope.headers == {"fastq-tick": "1765000000.0", "x-stamp": "1"}
+
+
+def test_a_before_send_hook_that_raises_holds_back_its_own_schedule_only(caplog):
+    import asyncio
+
+    from fastq.engine.scheduler import Scheduler
+    from fastq.middleware import Middleware, Sending
+
+    class Picky(Middleware):
+        def before_send(self, sending: Sending) -> None:
+            if sending.task == "bad":
+                raise RuntimeError("no tenant")
+
+    app = fastq.App("picky", broker="memory://ticks-picky", middleware=[Picky()])
+
+    @app.periodic(every=10.0, catch_up="all")
+    @app.task(name="bad")
+    def bad() -> None: ...
+
+    @app.periodic(every=10.0, catch_up="all")
+    @app.task(name="good")
+    def good() -> None: ...
+
+    async def look() -> Scheduler:
+        await app.broker.open()
+        sched = Scheduler(app, app.broker)
+        sched.started = 1765000000.0
+        await sched.look(1765000035.0)
+        return sched
+
+    from fastq.schedule import due
+
+    sched = asyncio.run(look())
+    # Then "good" got every due tick; "bad" none, its first tick still due, and said why
+    ticks = list(due(app.schedules["good"], None, 1765000035.0, 1765000000.0))
+    assert len(ticks) >= 3 and ticks[-1] == 1765000030.0
+    assert sched.enqueued == len(ticks)
+    assert sched.last == {"bad": None, "good": 1765000030.0}
+    assert app.broker.depth(good.queue) == len(ticks)
+    assert f"making bad's message for tick {ticks[0]:.3f} failed" in caplog.text
+    assert "no tenant" in caplog.text
