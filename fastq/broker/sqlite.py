@@ -368,6 +368,7 @@ class SqliteBroker(ExchangeBroker):
         assert self._published is not None, "open() the broker first"
         if fetch > 0 and self._door is None and self._loop is not None:  # a consumer: listen
             self._door = sqlite_wake.Door(self.path, self._loop, self._published.set)
+            self._bell.own = self._door.slot  # this process is woken in process
         deadline = time.monotonic() + timeout
         settle = (
             (ack, retry, dead, release, results, outputs)
@@ -473,13 +474,10 @@ class SqliteBroker(ExchangeBroker):
         rows = self._write(
             work, db, outcome=f"settling and claiming on {queue!r} did not happen (it is retried)"
         )
-        if (
-            settle is not None
-            and (settle[1] or settle[3] or settle[4] or settle[5])
-            and self._loop is not None
-            and self._published is not None
-        ):
-            self._loop.call_soon_threadsafe(self._published.set)
+        if settle is not None and (
+            settle[1] or settle[3] or settle[5] or any(r.step is not None for r in settle[4])
+        ):  # it made messages (outputs, retries, releases, workflow steps): wake who fetches
+            self._wake()
         return self._deliveries(queue, rows)
 
     # -- results (fastq.results) ------------------------------------------------------------

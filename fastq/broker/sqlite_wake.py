@@ -63,6 +63,8 @@ class Bell:
     def __init__(self, path: str) -> None:
         self.names = names(path) if ENABLED else []
         self.skip_until = [0.0] * len(self.names)
+        #: the slot this process's own Door holds (-1: none): never rung, the process knows
+        self.own = -1
 
     def ring(self) -> None:
         if not self.names:
@@ -70,7 +72,7 @@ class Bell:
         sock = _sender or _socket()
         now = time.monotonic()
         for k, name in enumerate(self.names):
-            if self.skip_until[k] > now:
+            if self.skip_until[k] > now or k == self.own:
                 continue
             try:
                 sock.sendto(b"!", name)

@@ -166,6 +166,38 @@ def test_a_live_consumer_keeps_its_leases(tmp_path):
     asyncio.run(main())
 
 
+def test_outputs_settled_by_one_supervisor_wake_another_consumer_of_the_file_not_itself(tmp_path):
+    from fastq.broker.base import Output
+
+    url = f"sqlite:///{tmp_path}/outputs.db?poll=60"
+
+    async def main():
+        first, second = open_broker(url), open_broker(url)
+        await first.open()
+        await second.open()
+        first.publish_sync("q", msgs(1))
+        # Given a supervisor holding a message, and another consumer of the file waiting for
+        # the queue the first one's handler publishes to
+        (d,) = await first.fetch("q", 1, timeout=1)
+        assert await second.fetch("out", 1, timeout=0.01) == []
+        waiting = asyncio.create_task(second.fetch("out", 10, timeout=30))
+        await asyncio.sleep(0.2)  # it waits between looks now (the next is 60 s away)
+        rung = first._door.rung
+        # When the first settles the message with its output, in one transaction
+        out = Output("out", Message(b"made", "out-1"))
+        await first.exchange("q", ack=[d.tag], outputs=[out], fetch=0)
+        # Then the other one was rung and took it; the first was not rung by its own write
+        got = await asyncio.wait_for(waiting, 10)
+        assert [(g.body, g.message_id) for g in got] == [(b"made", "out-1")]
+        assert second._door.rung >= 1 and first._door.rung == rung
+        assert first._bell.own == first._door.slot
+        await second.settle("out", ack=[g.tag for g in got])
+        await first.close()
+        await second.close()
+
+    asyncio.run(main())
+
+
 def test_a_send_by_another_broker_of_the_file_wakes_its_waiting_consumers(tmp_path):
     from fastq.broker import sqlite_wake
 
