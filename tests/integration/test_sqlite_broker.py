@@ -15,6 +15,14 @@ from fastq.broker.base import Message, QueueDepth
 ctx = multiprocessing.get_context("spawn")
 
 
+async def opened(url, n=2):
+    """``n`` brokers of one file, opened."""
+    brokers = [open_broker(url) for _ in range(n)]
+    for b in brokers:
+        await b.open()
+    return brokers
+
+
 def msgs(n, prefix=b"m"):
     return [Message(prefix + b"%d" % i, f"id-{i}") for i in range(n)]
 
@@ -130,9 +138,7 @@ def test_a_lease_that_lapses_makes_the_message_visible_to_another_consumer(tmp_p
     url = f"sqlite:///{tmp_path}/lease.db?lease=1"
 
     async def main():
-        a, b = open_broker(url), open_broker(url)
-        await a.open()
-        await b.open()
+        a, b = await opened(url)
         a._renewer.cancel()  # a consumer that stopped renewing, as a dead one does
         await a.publish("q", msgs(1))
         (held,) = await a.fetch("q", 1, timeout=1)
@@ -154,9 +160,7 @@ def test_a_live_consumer_keeps_its_leases(tmp_path):
     url = f"sqlite:///{tmp_path}/renew.db?lease=1"
 
     async def main():
-        a, b = open_broker(url), open_broker(url)
-        await a.open()
-        await b.open()
+        a, b = await opened(url)
         await a.publish("q", msgs(1))
         assert len(await a.fetch("q", 1, timeout=1)) == 1
         assert await b.fetch("q", 1, timeout=2.5) == []  # two and a half leases: renewed
@@ -172,9 +176,7 @@ def test_outputs_settled_by_one_supervisor_wake_another_consumer_of_the_file_not
     url = f"sqlite:///{tmp_path}/outputs.db?poll=60"
 
     async def main():
-        first, second = open_broker(url), open_broker(url)
-        await first.open()
-        await second.open()
+        first, second = await opened(url)
         first.publish_sync("q", msgs(1))
         # Given a supervisor holding a message, and another consumer of the file waiting for
         # the queue the first one's handler publishes to
@@ -204,9 +206,7 @@ def test_a_send_by_another_broker_of_the_file_wakes_its_waiting_consumers(tmp_pa
     url = f"sqlite:///{tmp_path}/wake.db?poll=60"
 
     async def main():
-        first, second = open_broker(url), open_broker(url)
-        await first.open()
-        await second.open()
+        first, second = await opened(url)
         # Given two consumers of one file, each listening on a slot of its own once it fetched
         assert await first.fetch("q", 1, timeout=0.01) == []
         assert await second.fetch("other", 1, timeout=0.01) == []
