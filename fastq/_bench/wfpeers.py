@@ -31,6 +31,7 @@ from typing import Any
 
 from fastq._bench import workers
 from fastq._bench.workers import System, _tail, _tree_cpu
+from fastq.broker.base import mask_url
 from fastq.testing import terminate
 
 #: the peers' result backend
@@ -180,7 +181,7 @@ def reachable(url: str, default_port: int) -> bool:
 def present(cores: int, amqp: str, log: Callable[[str], None]) -> list[System]:
     """The peers that can run here; a line for each that cannot."""
     if not reachable(amqp, 5672) or not reachable(REDIS, 6379):
-        log(f"no RabbitMQ at {amqp} or no Redis at {REDIS}: the peers are skipped")
+        log(f"no RabbitMQ at {mask_url(amqp)} or no Redis at {REDIS}: the peers are skipped")
         return []
     out = []
     for s in systems(cores):

@@ -201,7 +201,11 @@ class Bench:
         if self.producer is not None:
             assert self.producer.stdin is not None
             self.producer.stdin.close()
-            self.producer.wait(30)
+            try:
+                self.producer.wait(30)  # it ends at the end of its input
+            except subprocess.TimeoutExpired:
+                self.producer.kill()
+                self.producer.wait()
         if self.url.startswith("amqp"):
             from fastq._bench.wfpeers import delete_queues
 
@@ -239,10 +243,12 @@ def measure(
         ]
         if broker:
             targets.append(("amqp", broker, f"sqlite:///{work / 'results.db'}"))
-        benches = [Bench(label, url, work, burn, store) for label, url, store in targets]
-        peers = wfpeers.present(cores, amqp, log)
+        benches: list[Bench] = []
         handler: dict[str, list[float]] = {}
         try:
+            for label, url, store in targets:  # each made in the try: a failure closes the rest
+                benches.append(Bench(label, url, work, burn, store))
+            peers = wfpeers.present(cores, amqp, log)
             for r in range(runs):
                 for label, b in zip((t[0] for t in targets), benches):
                     name = f"fastq {label}"
@@ -277,7 +283,10 @@ def measure(
                     )
         finally:
             for b in benches:
-                b.close()
+                try:
+                    b.close()
+                except Exception as e:  # noqa: BLE001 - the others are closed all the same
+                    log(f"closing the fastq {b.url} bench failed: {type(e).__name__}: {e}")
     results = [_figures(name, fans, chains, cores) for name, (fans, chains) in figures.items()]
     for row in results:
         if row["system"] in handler:

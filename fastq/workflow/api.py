@@ -352,8 +352,8 @@ class RunAPI:
         }
 
     def forget(self, run_id: str) -> bool:
-        """Delete run ``run_id`` and everything it holds (results, context), if it ended:
-        runs are kept until forgotten. False: it is running (kept), or there is no such run."""
+        """Delete run ``run_id`` and everything it holds (results, context), if it ended,
+        before ``keep`` runs out. False: it is running (kept), or there is no such run."""
         return forget_run(self.app, run_id)
 
     def resume(self, run_id: str) -> list[str]:

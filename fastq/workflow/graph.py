@@ -113,7 +113,7 @@ class Workflow(RunAPI):
     methods it has from ``fastq.workflow.api.RunAPI``: ``start``, ``status``, ``result``,
     ``resume``; an ended run is kept ``keep`` seconds (None: until ``forget``)."""
 
-    def __init__(self, app: App, name: str, keep: float | None = None) -> None:
+    def __init__(self, app: App, name: str, keep: float | None) -> None:
         self.app, self.name, self.keep = app, name, keep
         self.steps: dict[str, Step] = {}
         self.next_expiry = 0.0

@@ -92,6 +92,8 @@ class StreamChannel:
 
     def basic_ack(self, delivery_tag: int, *, multiple: bool = False) -> None:
         if multiple and self.ack_seconds > 0:
+            if self.is_closed:  # nothing to hold an ack for: RabbitMQ requeued what it held
+                raise ChannelClosed(f"channel {self.number} is closed ({self.closed_because})")
             if self.stream.is_closed:
                 raise ChannelClosed(
                     f"the consuming connection is closed ({self.stream.closed_because})"
