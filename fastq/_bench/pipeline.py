@@ -135,10 +135,11 @@ class Pipeline:
 
         return run_loop(main())
 
-    def calls(self, n: int) -> list[float]:
+    def calls(self, n: int, in_process: bool | None = None) -> list[float]:
         """Seconds of each of ``n`` sequential calls (after 20 not counted), made by a process
         of their own (as Celery's caller is apart from its workers), or on memory://, which
-        only this process reaches, by a thread of the supervisor's."""
+        only this process reaches, by a thread of the supervisor's (``in_process``: that
+        thread whatever the broker)."""
         from fastq._bench import timed_calls
 
         echo = self.module.echo
@@ -147,7 +148,7 @@ class Pipeline:
         failed: list[str] = []
 
         def caller() -> None:
-            if self.module.app.broker.url.startswith("memory"):
+            if in_process or self.module.app.broker.url.startswith("memory"):
                 times.extend(timed_calls(lambda i: echo.call(i, timeout=60), n, warmup=20))
                 return
             script = CALLER.format(module=self.module.__name__, n=n)

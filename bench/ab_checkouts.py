@@ -1,0 +1,101 @@
+"""A/B of two checkouts of fastq on one measure, alternating rounds in one run: each round runs
+this script again in a fresh process with ``PYTHONPATH`` set to one checkout (its extensions
+built in place: ``python setup.py build_ext --inplace`` there).
+
+    python bench/ab_checkouts.py BASE NEW MEASURE [rounds]
+
+MEASURE is one of:
+- ``chains-sqlite`` / ``chains-memory``: 1,000 runs of the workflow bench's 4-step noop chain
+  (``fastq._bench.workflow.Bench.chains``), three times a round: chain runs/s;
+- ``fanout-sqlite``: the workflow bench's fan-out of 1,000 ~1 ms steps: seconds divided by the
+  elements' mean handler time (the run's own "1 ms"), so that a slower handler does not read as
+  a slower engine;
+- ``call-sqlite``: 500 sequential ``call`` round trips of an echo task from a caller process of
+  its own against an idle supervisor (``fastq._bench.pipeline``), p50 in ms; and
+  ``call-sqlite-thread``: the same from a thread of the supervisor's process (both checkouts
+  at bc46db5 or later: ``Pipeline.calls(in_process=)``).
+
+Prints each round's figures and the median of each side. A sketch for a quick A/B, not a
+replacement for the suites (``python -m fastq bench ...``), which measure against the peers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+MEASURES = ("chains-sqlite", "chains-memory", "fanout-sqlite", "call-sqlite", "call-sqlite-thread")
+
+
+def measure(what: str) -> list[float]:
+    """One round of ``what`` in this process (the checkout on ``PYTHONPATH``)."""
+    from fastq._bench import _burn_iterations
+
+    with tempfile.TemporaryDirectory(prefix="fastq-ab-") as tmp:
+        work = Path(tmp)
+        if what.startswith("call"):
+            return [_call_p50(work, what.endswith("thread"))]
+        from fastq._bench.workflow import CHAINS, Bench
+
+        memory = what.endswith("memory")
+        url = "memory://ab" if memory else f"sqlite:///{work / 'wf.db'}"
+        b = Bench("ab", url, work, _burn_iterations())
+        try:
+            if what.startswith("fanout"):
+                took = b.fan()
+                return [took / (b.handler_s[-1] * 1e3)]
+            return [CHAINS / b.chains() for _ in range(3)]
+        finally:
+            b.close()
+
+
+def _call_p50(work: Path, thread: bool) -> float:
+    from fastq._bench import _burn_iterations
+    from fastq._bench.pipeline import CALLS, Pipeline
+
+    p = Pipeline("ab", f"sqlite:///{work / 'p.db'}", work, _burn_iterations())
+    try:
+        times = sorted(p.calls(CALLS, in_process=True) if thread else p.calls(CALLS))
+    finally:
+        p.close()
+    return times[len(times) // 2] * 1e3
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--one":
+        print(json.dumps(measure(sys.argv[2])))
+        return 0
+    if len(sys.argv) < 4 or sys.argv[3] not in MEASURES:
+        print(__doc__)
+        return 2
+    base, new, what = sys.argv[1:4]
+    rounds = int(sys.argv[4]) if len(sys.argv) > 4 else 3
+    figures: dict[str, list[float]] = {"base": [], "new": []}
+    for r in range(rounds):
+        for side, path in (("base", base), ("new", new)):
+            env = {**os.environ, "PYTHONPATH": str(Path(path).resolve())}
+            done = subprocess.run(
+                [sys.executable, __file__, "--one", what],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if done.returncode != 0:
+                print(f"round {r + 1} {side} failed:\n{done.stderr[-2000:]}")
+                return 1
+            got = json.loads(done.stdout.strip().splitlines()[-1])
+            figures[side].extend(got)
+            print(f"round {r + 1} {side}: {', '.join(f'{g:,.3f}' for g in got)}", flush=True)
+    for side, values in figures.items():
+        print(f"{side} median {statistics.median(values):,.3f} ({what}, {len(values)} figures)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
