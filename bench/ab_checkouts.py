@@ -10,6 +10,8 @@ MEASURE is one of:
 - ``fanout-sqlite``: the workflow bench's fan-out of 1,000 ~1 ms steps: seconds divided by the
   elements' mean handler time (the run's own "1 ms"), so that a slower handler does not read as
   a slower engine;
+- ``result-sqlite``: 60 sequential ``wf.start`` + ``wf.result`` of a 2-step noop workflow
+  against a ``fastq worker`` of its own, p50 in ms;
 - ``call-sqlite``: 500 sequential ``call`` round trips of an echo task from a caller process of
   its own against an idle supervisor (``fastq._bench.pipeline``), p50 in ms; and
   ``call-sqlite-thread``: the same from a thread of the supervisor's process (both checkouts
@@ -27,9 +29,33 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-MEASURES = ("chains-sqlite", "chains-memory", "fanout-sqlite", "call-sqlite", "call-sqlite-thread")
+MEASURES = (
+    "chains-sqlite",
+    "chains-memory",
+    "fanout-sqlite",
+    "result-sqlite",
+    "call-sqlite",
+    "call-sqlite-thread",
+)
+RESULT_APP = """
+import fastq
+
+app = fastq.App("abresult", broker={url!r})
+chain = app.workflow("chain")
+
+
+@chain.step()
+async def one(n: int) -> int:
+    return n
+
+
+@chain.step(depends_on=[one])
+async def two(one: int) -> int:
+    return one + 1
+"""
 
 
 def measure(what: str) -> list[float]:
@@ -40,6 +66,8 @@ def measure(what: str) -> list[float]:
         work = Path(tmp)
         if what.startswith("call"):
             return [_call_p50(work, what.endswith("thread"))]
+        if what.startswith("result"):
+            return [_result_p50(work)]
         from fastq._bench.workflow import CHAINS, Bench
 
         memory = what.endswith("memory")
@@ -52,6 +80,31 @@ def measure(what: str) -> list[float]:
             return [CHAINS / b.chains() for _ in range(3)]
         finally:
             b.close()
+
+
+def _result_p50(work: Path) -> float:
+    (work / "abresult.py").write_text(RESULT_APP.format(url=f"sqlite:///{work / 'r.db'}"))
+    sys.path.insert(0, str(work))
+    import abresult  # type: ignore[import-not-found]
+
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "fastq", "worker", "abresult:app"],
+        cwd=work,
+        env={**os.environ, "PYTHONPATH": f"{os.environ.get('PYTHONPATH', '')}:{work}"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert abresult.chain.result(abresult.chain.start(0), timeout=60) == {"two": 1}
+        times = []
+        for i in range(60):
+            t = time.perf_counter()
+            assert abresult.chain.result(abresult.chain.start(i), timeout=60) == {"two": i + 1}
+            times.append(time.perf_counter() - t)
+    finally:
+        worker.terminate()
+        worker.wait(30)
+    return statistics.median(times) * 1e3
 
 
 def _call_p50(work: Path, thread: bool) -> float:

@@ -35,8 +35,9 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
-#: seconds between looks at a run that ``result`` waits for
-POLL = 0.05
+#: seconds between looks at a run that ``result`` waits for: FIRST_LOOK, doubling up to POLL
+#: (a short run is seen ending within milliseconds; a long wait reads at most 20 times a second)
+FIRST_LOOK, POLL = 0.001, 0.05
 #: at most every this many seconds (or ``keep``, if shorter) a start deletes ended runs older
 #: than ``keep``, at most ``EXPIRE_BATCH`` of them
 EXPIRE_EVERY, EXPIRE_BATCH = 60.0, 500
@@ -298,35 +299,48 @@ class RunAPI:
 
     def result(self, run_id: str, timeout: float | None = None) -> dict[str, Any]:
         """Wait for run ``run_id`` to end; the values of its sink steps (those no step depends
-        on), by name, decoded as their return annotations say. The run is looked at every
-        ``POLL`` seconds.
+        on), by name, decoded as their return annotations say. Each look reads the run's row
+        alone: after ``FIRST_LOOK`` seconds, then twice as long each time, up to ``POLL``.
 
         Raises:
             WorkflowFailed: a step failed (after its retries); it names them, and why.
             TimeoutError: the run did not end within ``timeout`` seconds.
+            ConfigError: no such run in this App's broker.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        pause = FIRST_LOOK
         while True:
-            st = self.status(run_id)
-            if st.state in (RUN_DONE, RUN_FAILED):
-                return self._ended(run_id, st)
+            if self._state(run_id) in (RUN_DONE, RUN_FAILED):
+                return self._ended(run_id)
             if deadline is not None and time.monotonic() >= deadline:
-                raise self._timed_out(run_id, st, timeout)
-            time.sleep(POLL)
+                raise self._timed_out(run_id, timeout)
+            left = POLL if deadline is None else max(deadline - time.monotonic(), 0.0)
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, POLL)
 
     async def result_async(self, run_id: str, timeout: float | None = None) -> dict[str, Any]:
         """``result`` for coroutines: each look runs off the event loop, free in between."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        pause = FIRST_LOOK
         while True:
-            st = await loop.run_in_executor(None, self.status, run_id)
-            if st.state in (RUN_DONE, RUN_FAILED):
-                return await loop.run_in_executor(None, self._ended, run_id, st)
+            if await loop.run_in_executor(None, self._state, run_id) in (RUN_DONE, RUN_FAILED):
+                return await loop.run_in_executor(None, self._ended, run_id)
             if deadline is not None and loop.time() >= deadline:
-                raise self._timed_out(run_id, st, timeout)
-            await asyncio.sleep(POLL)
+                raise await loop.run_in_executor(None, self._timed_out, run_id, timeout)
+            left = POLL if deadline is None else max(deadline - loop.time(), 0.0)
+            await asyncio.sleep(min(pause, left))
+            pause = min(pause * 2, POLL)
 
-    def _timed_out(self, run_id: str, st: RunStatus, timeout: float | None) -> TimeoutError:
+    def _state(self, run_id: str) -> str:
+        """Run ``run_id``'s state (running, done, failed), from its row alone."""
+        row = transaction(self.app, lambda tx: tx.run(run_id), write=False)
+        if row is None:
+            raise _no_run(self.app, run_id)
+        return row.state
+
+    def _timed_out(self, run_id: str, timeout: float | None) -> TimeoutError:
+        st = self.status(run_id)
         running = [n for n, s in st.steps.items() if s.state not in ("done", "skipped")]
         return TimeoutError(
             f"run {run_id} of workflow {self.name} did not end within {timeout or 0:g} s; "
@@ -334,7 +348,9 @@ class RunAPI:
             "the steps' queues"
         )
 
-    def _ended(self, run_id: str, st: RunStatus) -> dict[str, Any]:
+    def _ended(self, run_id: str) -> dict[str, Any]:
+        """The sink steps' values of ended run ``run_id``; WorkflowFailed if it failed."""
+        st = self.status(run_id)
         if st.state == RUN_FAILED:
             raise WorkflowFailed(self.name, run_id, st.failed, st.skipped)
 

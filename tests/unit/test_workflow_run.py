@@ -3,6 +3,7 @@ records and enqueues, counted exactly; and whole runs through memory:// with dra
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import msgspec
@@ -483,3 +484,40 @@ def test_on_rabbitmq_a_step_queue_gets_the_confirm_allowance_an_ordinary_queue_d
     prefetch = {q.name: q.prefetch for q in plan.queues}
     assert sup.pumps.qos("steps") == prefetch["steps"] + CONFIRM_ALLOWANCE
     assert sup.pumps.qos("plain") == prefetch["plain"]
+
+
+def test_result_waits_without_a_busy_poll_reading_the_run_row_alone(monkeypatch):
+    """Looks at a waited run: 1 ms apart at first, doubling up to 50 ms (never closer: no busy
+    poll, at most 20 a second once waiting long), each the run's row alone; the whole status is
+    read once, for the timeout's message."""
+    from fastq.workflow import api
+
+    app = fastq.App("looks", broker="memory://unit-looks")
+    wf = app.workflow("w")
+
+    @wf.step()
+    def one(n: int) -> int:
+        return n
+
+    run_id = wf.start(1)  # never drained: it stays running
+    looks: list[float] = []
+    statuses: list[str] = []
+    real_transaction, real_status = api.transaction, api.read_status
+
+    def counting(app_, work, write):
+        looks.append(time.monotonic())
+        return real_transaction(app_, work, write)
+
+    def status(app_, rid):
+        statuses.append(rid)
+        return real_status(app_, rid)
+
+    monkeypatch.setattr(api, "transaction", counting)
+    monkeypatch.setattr(api, "read_status", status)
+    with pytest.raises(TimeoutError, match=r"did not end within 0.5 s; not ended: one"):
+        wf.result(run_id, timeout=0.5)
+    assert statuses == [run_id]
+    gaps = [b - a for a, b in itertools.pairwise(looks)]
+    assert len(gaps) <= 6 + 0.5 * 20 + 2
+    for i, gap in enumerate(gaps[:-2]):  # then the look cut by the deadline, and the status
+        assert gap >= min(0.001 * 2**i, 0.05) * 0.95, (i, gaps)
