@@ -15,7 +15,7 @@ MEASURE is one of:
 - ``call-sqlite``: 500 sequential ``call`` round trips of an echo task from a caller process of
   its own against an idle supervisor (``fastq._bench.pipeline``), p50 in ms; and
   ``call-sqlite-thread``: the same from a thread of the supervisor's process (both checkouts
-  at bc46db5 or later: ``Pipeline.calls(in_process=)``).
+  at f79ca61 or later: ``Pipeline.calls(in_process=)``).
 
 Prints each round's figures and the median of each side. A sketch for a quick A/B, not a
 replacement for the suites (``python -m fastq bench ...``), which measure against the peers.
@@ -103,7 +103,11 @@ def _result_p50(work: Path) -> float:
             times.append(time.perf_counter() - t)
     finally:
         worker.terminate()
-        worker.wait(30)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
     return statistics.median(times) * 1e3
 
 

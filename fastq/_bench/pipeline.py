@@ -135,7 +135,7 @@ class Pipeline:
 
         return run_loop(main())
 
-    def calls(self, n: int, in_process: bool | None = None) -> list[float]:
+    def calls(self, n: int, in_process: bool = False) -> list[float]:
         """Seconds of each of ``n`` sequential calls (after 20 not counted), made by a process
         of their own (as Celery's caller is apart from its workers), or on memory://, which
         only this process reaches, by a thread of the supervisor's (``in_process``: that

@@ -475,9 +475,13 @@ class SqliteBroker(ExchangeBroker):
             work, db, outcome=f"settling and claiming on {queue!r} did not happen (it is retried)"
         )
         if settle is not None and (
-            settle[1] or settle[3] or settle[5] or any(r.step is not None for r in settle[4])
-        ):  # it made messages (outputs, retries, releases, workflow steps): wake who fetches
-            self._wake()
+            settle[3]
+            or any(r.delay <= 0 for r in settle[1])
+            or any(o.message.delay <= 0 for o in settle[5])
+            or any(r.step is not None for r in settle[4])
+        ):  # it made messages visible now (releases, outputs, retries, workflow steps): wake who
+            self._wake()  # fetches; a delayed one is found by a look (at most poll apart)
+
         return self._deliveries(queue, rows)
 
     # -- results (fastq.results) ------------------------------------------------------------
@@ -501,11 +505,17 @@ class SqliteBroker(ExchangeBroker):
             db.execute(sql.PURGE_TOMBSTONES, (now,))
             db.execute(sql.PURGE_OUTCOMES, (now,))
 
-    def _runs(self, db: sqlite3.Connection, now: float) -> runs_sql.SqliteRuns:
+    def _runs(
+        self, db: sqlite3.Connection, now: float, made: list[Any] | None = None
+    ) -> runs_sql.SqliteRuns:
+        """A RunTx whose enqueued messages go to this broker's queues (listed in ``made``)."""
+
         def enqueue(queue: str, message_id: str, body: bytes, headers: dict[str, str]) -> None:
             db.execute(sql.INSERT, (queue, message_id, body, pack_headers(headers), now))
+            if made is not None:
+                made.append(message_id)
 
-        return runs_sql.SqliteRuns(db, enqueue)
+        return runs_sql.SqliteRuns(db, enqueue, made)
 
     def _outboxed(
         self, db: sqlite3.Connection, into: list[tuple[int, Output]]
@@ -563,11 +573,13 @@ class SqliteBroker(ExchangeBroker):
                 return drive(work(self._runs(db, time.time())))
             finally:
                 db.execute("COMMIT")
+        made: list[str] = []
         out = self._write(
-            lambda db: drive(work(self._runs(db, time.time()))),
+            lambda db: drive(work(self._runs(db, time.time(), made))),
             outcome="the workflow run was not changed",
         )
-        self._wake()
+        if made:  # it enqueued steps (a start, a resume): wake who fetches
+            self._wake()
         return out
 
     async def put_results(self, results: Sequence[StoredResult]) -> None:
@@ -610,6 +622,7 @@ class SqliteBroker(ExchangeBroker):
         if self._door is not None:
             self._door.close()
             self._door = None
+            self._bell.own = -1  # the slot is free: another consumer may take it
         if self._executor is None:
             return
         if self._renewer is not None:

@@ -42,6 +42,8 @@ class Scheduler:
         self.leads = False
         #: ticks this process enqueued (what its statistics and the tests read)
         self.enqueued = 0
+        #: schedules whose tick message could not be made (logged whole once, then a line)
+        self.failing: set[str] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Until ``stop`` is set; a broker error is logged and tried again."""
@@ -94,14 +96,19 @@ class Scheduler:
                 task = self.app.tasks[s.name]
                 try:
                     tick_message = task.tick_message(s, tick)
-                except Exception:  # a before_send hook raised: this schedule waits, not others
-                    logger.exception(
-                        "scheduler: making %s's message for tick %.3f failed (its before_send "
-                        "hooks?); that tick is tried again at the next look",
-                        s.name,
-                        tick,
-                    )
+                except Exception as e:  # a before_send hook raised: this schedule waits
+                    if s.name in self.failing:
+                        logger.warning("scheduler: %s's tick %.3f still fails: %r", s.name, tick, e)
+                    else:
+                        self.failing.add(s.name)
+                        logger.exception(
+                            "scheduler: making %s's message for tick %.3f failed (its "
+                            "before_send hooks?); that tick is tried again at the next look",
+                            s.name,
+                            tick,
+                        )
                     break
+                self.failing.discard(s.name)
                 if await self.broker.publish_tick(s.name, tick, task.queue, tick_message):
                     self.enqueued += 1
                     logger.info("scheduler: enqueued %s for tick %.3f", s.name, tick)

@@ -5,7 +5,9 @@ one transaction each."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import threading
 import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -21,6 +23,7 @@ from fastq.workflow.state import (
     FAILED,
     RUN_DONE,
     RUN_FAILED,
+    RUN_RUNNING,
     SKIPPED,
     Graph,
     RunRow,
@@ -38,9 +41,9 @@ logger = logging.getLogger(__name__)
 #: seconds between looks at a run that ``result`` waits for: FIRST_LOOK, doubling up to POLL
 #: (a short run is seen ending within milliseconds; a long wait reads at most 20 times a second)
 FIRST_LOOK, POLL = 0.001, 0.05
-#: at most every this many seconds (or ``keep``, if shorter) a start deletes ended runs older
-#: than ``keep``, at most ``EXPIRE_BATCH`` of them
-EXPIRE_EVERY, EXPIRE_BATCH = 60.0, 500
+#: at most every this many seconds (or ``keep``, if shorter) a start has the runs that ended
+#: over ``keep`` ago deleted, off its thread, ``EXPIRE_BATCH`` to a transaction until none is left
+EXPIRE_EVERY, EXPIRE_BATCH = 60.0, 200
 _args = msgspec.msgpack.Decoder(list[msgspec.Raw])
 _encoder = msgspec.msgpack.Encoder()
 
@@ -207,9 +210,11 @@ class RunAPI:
     app: App
     name: str
     steps: dict[str, Step]
-    #: seconds an ended run is kept (None: until forgotten); when its runs expire next
+    #: seconds an ended run is kept (None: until forgotten); when its runs expire next; held
+    #: while a thread deletes them
     keep: float | None
     next_expiry: float
+    expiring: threading.Lock
 
     def graph(self) -> Graph:
         raise NotImplementedError
@@ -246,26 +251,42 @@ class RunAPI:
         return run_id
 
     def _expire(self) -> None:
-        """If it is due, delete the runs that ended more than ``keep`` seconds ago, in a
-        transaction of its own; a failure is logged, never raised: the run has started."""
+        """If it is due, have the runs that ended more than ``keep`` seconds ago deleted by a
+        thread of their own (the start does not wait for it), as many as there are."""
         now = time.monotonic()
-        if self.keep is None or now < self.next_expiry:
+        if self.keep is None or now < self.next_expiry or self.expiring.locked():
             return
         self.next_expiry = now + min(EXPIRE_EVERY, self.keep)
-        before, keep = time.time() - self.keep, self.keep
-        try:
-            gone = transaction(
-                self.app, lambda tx: run.expire(tx, self.name, before, EXPIRE_BATCH), True
-            )
-        except Exception as e:  # noqa: BLE001 - housekeeping: the next start tries again
-            logger.warning(
-                "workflow %s: deleting runs ended over %g s ago failed: %s", self.name, keep, e
-            )
-            return
-        if gone:
-            logger.info(
-                "workflow %s: deleted %d runs that ended over %g s ago", self.name, gone, keep
-            )
+        threading.Thread(
+            target=self._expire_all,
+            args=(self.keep,),
+            name=f"fastq-expire-{self.name}",
+            daemon=True,
+        ).start()
+
+    async def _expired(self, keep: float, tx: RunTx) -> int:
+        return await run.expire(tx, self.name, time.time() - keep, EXPIRE_BATCH)
+
+    def _expire_all(self, keep: float) -> None:
+        """Delete the runs ended over ``keep`` seconds ago, ``EXPIRE_BATCH`` to a transaction
+        (short: a supervisor waits for SQLite's write lock meanwhile) until a batch is not
+        full. A failure is logged, never raised: the next expiry that is due tries again."""
+        with self.expiring:
+            gone = 0
+            try:
+                while True:
+                    n = transaction(self.app, functools.partial(self._expired, keep), True)
+                    gone += n
+                    if n < EXPIRE_BATCH:
+                        break
+            except Exception as e:  # noqa: BLE001 - housekeeping: the next due expiry tries again
+                logger.warning(
+                    "workflow %s: deleting runs ended over %g s ago failed: %s", self.name, keep, e
+                )
+            if gone:
+                logger.info(
+                    "workflow %s: deleted %d runs that ended over %g s ago", self.name, gone, keep
+                )
 
     async def start_async(self, *args: Any, **kwargs: Any) -> str:
         """``start`` for coroutines (the transaction runs off the event loop)."""
@@ -300,7 +321,8 @@ class RunAPI:
     def result(self, run_id: str, timeout: float | None = None) -> dict[str, Any]:
         """Wait for run ``run_id`` to end; the values of its sink steps (those no step depends
         on), by name, decoded as their return annotations say. Each look reads the run's row
-        alone: after ``FIRST_LOOK`` seconds, then twice as long each time, up to ``POLL``.
+        alone: at once, then after ``FIRST_LOOK`` seconds, twice as long each time, up to
+        ``POLL``.
 
         Raises:
             WorkflowFailed: a step failed (after its retries); it names them, and why.
@@ -310,8 +332,11 @@ class RunAPI:
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = FIRST_LOOK
         while True:
-            if self._state(run_id) in (RUN_DONE, RUN_FAILED):
-                return self._ended(run_id)
+            state = self._state(run_id)
+            if state != RUN_RUNNING:
+                ended = self._ended(run_id, state)
+                if ended is not None:
+                    return ended
             if deadline is not None and time.monotonic() >= deadline:
                 raise self._timed_out(run_id, timeout)
             left = POLL if deadline is None else max(deadline - time.monotonic(), 0.0)
@@ -324,8 +349,11 @@ class RunAPI:
         deadline = None if timeout is None else loop.time() + timeout
         pause = FIRST_LOOK
         while True:
-            if await loop.run_in_executor(None, self._state, run_id) in (RUN_DONE, RUN_FAILED):
-                return await loop.run_in_executor(None, self._ended, run_id)
+            state = await loop.run_in_executor(None, self._state, run_id)
+            if state != RUN_RUNNING:
+                ended = await loop.run_in_executor(None, self._ended, run_id, state)
+                if ended is not None:
+                    return ended
             if deadline is not None and loop.time() >= deadline:
                 raise await loop.run_in_executor(None, self._timed_out, run_id, timeout)
             left = POLL if deadline is None else max(deadline - loop.time(), 0.0)
@@ -348,20 +376,30 @@ class RunAPI:
             "the steps' queues"
         )
 
-    def _ended(self, run_id: str) -> dict[str, Any]:
-        """The sink steps' values of ended run ``run_id``; WorkflowFailed if it failed."""
-        st = self.status(run_id)
-        if st.state == RUN_FAILED:
-            raise WorkflowFailed(self.name, run_id, st.failed, st.skipped)
+    def _ended(self, run_id: str, state: str) -> dict[str, Any] | None:
+        """The sink steps' values of run ``run_id``, seen ``state`` (done or failed) a moment
+        ago; WorkflowFailed if it failed; None if it runs again (resumed meanwhile)."""
+        if state == RUN_FAILED:
+            st = self.status(run_id)
+            if st.state == RUN_FAILED:
+                raise WorkflowFailed(self.name, run_id, st.failed, st.skipped)
+            return None if st.state == RUN_RUNNING else self._ended(run_id, st.state)
 
-        async def values(tx: RunTx) -> dict[str, bytes | None]:
+        async def values(tx: RunTx) -> dict[str, bytes | None] | None:
+            row = await tx.run(run_id)  # in the same snapshot as the values
+            if row is None:
+                raise _no_run(self.app, run_id)
+            if row.state != RUN_DONE:
+                return None
             out = {}
             for sink in self.sinks():
-                row = await tx.step(run_id, sink.name, -1)
-                out[sink.name] = None if row is None else row.result
+                step = await tx.step(run_id, sink.name, -1)
+                out[sink.name] = None if step is None else step.result
             return out
 
         raw = transaction(self.app, values, write=False)
+        if raw is None:  # failed or running again since: the caller looks again
+            return None
         return {
             name: run.decode_value(value, msgspec.msgpack.Decoder(self.steps[name].produces))
             for name, value in raw.items()

@@ -13,6 +13,7 @@ defined. See the README's "Workflows".
 from __future__ import annotations
 
 import inspect
+import threading
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -117,6 +118,7 @@ class Workflow(RunAPI):
         self.app, self.name, self.keep = app, name, keep
         self.steps: dict[str, Step] = {}
         self.next_expiry = 0.0
+        self.expiring = threading.Lock()
 
     def _error(self, text: str) -> ConfigError:
         return ConfigError(f"workflow {self.name}: {text}")

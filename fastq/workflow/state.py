@@ -213,6 +213,7 @@ class MemoryRuns:
             del own[key]
 
     async def expire(self, workflow: str, before: float, limit: int) -> list[str]:
+        # every kept run looked at: at most once a minute per workflow, in process
         rows = [
             r
             for r in self.run_rows.values()

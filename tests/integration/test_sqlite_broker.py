@@ -183,7 +183,8 @@ def test_outputs_settled_by_one_supervisor_wake_another_consumer_of_the_file_not
         (d,) = await first.fetch("q", 1, timeout=1)
         assert await second.fetch("out", 1, timeout=0.01) == []
         waiting = asyncio.create_task(second.fetch("out", 10, timeout=30))
-        await asyncio.sleep(0.2)  # it waits between looks now (the next is 60 s away)
+        await asyncio.sleep(0.2)  # it waits between looks now (1 ms doubling up to 60 s):
+        # what proves the wake-up is the ring counted below, not the arrival
         rung = first._door.rung
         # When the first settles the message with its output, in one transaction
         out = Output("out", Message(b"made", "out-1"))

@@ -128,6 +128,7 @@ def test_expire_deletes_ended_runs_older_than_the_cut_on_postgres(pg_url):
 
 
 def _expire_through_the_api(app: fastq.App) -> None:
+    from fastq.testing import wait_until
     from tests.unit.test_workflow_run import _ended, check_expiry
 
     app.broker.run_transaction(check_expiry)
@@ -144,4 +145,5 @@ def _expire_through_the_api(app: fastq.App) -> None:
     assert ended("running") == ["w-running"]
     app.broker.run_transaction(lambda tx: _ended(tx, "w-again", "w", "done", 1.0))
     started = wf.start(1)
-    assert ended("done") == [] and ended("running") == sorted([started, "w-running"])
+    wait_until(lambda: not wf.expiring.locked() and ended("done") == [], 10)
+    assert ended("running") == sorted([started, "w-running"])

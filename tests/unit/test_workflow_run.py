@@ -246,9 +246,15 @@ def test_expire_deletes_ended_runs_older_than_the_cut_in_sqlite(tmp_path):
     assert counters == [("w-other-done",), ("w-running",)]
 
 
-def test_a_start_deletes_the_runs_that_ended_longer_ago_than_keep():
+def test_a_start_has_every_run_that_ended_longer_ago_than_keep_deleted(monkeypatch, caplog):
+    import logging
+
+    from fastq.testing import wait_until
+    from fastq.workflow import api
+
+    monkeypatch.setattr(api, "EXPIRE_BATCH", 2)  # five old runs: three batches, one thread
     app = fastq.App("keeping", broker="memory://unit-keeping")
-    short, kept = app.workflow("short", keep=0.2), app.workflow("kept", keep=None)
+    short, kept = app.workflow("short", keep=60.0), app.workflow("kept", keep=None)
 
     @short.step()
     def one(n: int) -> int:
@@ -258,24 +264,33 @@ def test_a_start_deletes_the_runs_that_ended_longer_ago_than_keep():
     def two(n: int) -> int:
         return n
 
-    # Given an ended run of each, and one of the short-lived workflow's still waiting
-    first, forever = short.start(1), kept.start(2)
-    drain(app)
-    assert short.result(first, timeout=1) == {"one": 1} and kept.result(forever, timeout=1)
-    time.sleep(0.3)
-    waiting = short.start(3)
-    # When the short-lived one starts a run after its keep has passed
-    time.sleep(0.3)
-    last = short.start(4)
-    kept.start(5)
-    # Then its run that ended before the cut is gone, the one not run yet stays, as does
-    # every run of the workflow that keeps them until forgotten
-    with pytest.raises(fastq.ConfigError, match=rf"^no run '{first}' in memory://"):
-        short.status(first)
-    assert short.status(waiting).state == "running" and short.status(last).state == "running"
-    assert kept.result(forever, timeout=1) == {"two": 2}
-    drain(app)
-    assert short.result(waiting, timeout=1) == {"one": 3}
+    now = time.time()
+
+    async def given(tx) -> None:
+        for i in range(5):
+            await _ended(tx, f"old-{i}", "short", "done", now - 120.0)
+            await _ended(tx, f"kept-{i}", "kept", "done", now - 120.0)
+        await _ended(tx, "recent", "short", "failed", now - 1.0)
+
+    def runs(workflow: str) -> list[str]:
+        rows = app.broker.run_transaction(lambda tx: tx.runs(workflow, None, 100), write=False)
+        return sorted(r.run_id for r in rows)
+
+    # Given five runs of each workflow that ended two minutes ago, and one that ended just now
+    app.broker.run_transaction(given)
+    # When each starts a run
+    with caplog.at_level(logging.INFO, logger="fastq.workflow.api"):
+        started = short.start(1)
+        forever = kept.start(2)
+        wait_until(lambda: not short.expiring.locked() and len(runs("short")) == 2, 10, caplog.text)
+    # Then the runs that ended over keep ago are gone, every one though more than a batch, said
+    # so in the log; the recent one and the new one stay; so does every run of the workflow that
+    # keeps them until forgotten
+    assert runs("short") == sorted(["recent", started])
+    assert runs("kept") == sorted([*(f"kept-{i}" for i in range(5)), forever])
+    assert "workflow short: deleted 5 runs that ended over 60 s ago" in caplog.text
+    assert drain(app).ok == 2
+    assert short.result(started, timeout=1) == {"one": 1}
 
 
 def test_a_handler_starts_a_run_and_a_step_reads_typed_context():
