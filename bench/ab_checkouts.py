@@ -15,7 +15,9 @@ MEASURE is one of:
 - ``call-sqlite``: 500 sequential ``call`` round trips of an echo task from a caller process of
   its own against an idle supervisor (``fastq._bench.pipeline``), p50 in ms; and
   ``call-sqlite-thread``: the same from a thread of the supervisor's process (both checkouts
-  at f79ca61 or later: ``Pipeline.calls(in_process=)``).
+  at f79ca61 or later: ``Pipeline.calls(in_process=)``); ``call-amqp``: the same through
+  RabbitMQ at ``$FASTQ_AMQP_URL`` (default ``amqp://guest:guest@127.0.0.1:5672/``), direct
+  reply-to, queues of the round's own, deleted after it.
 
 Prints each round's figures and the median of each side. A sketch for a quick A/B, not a
 replacement for the suites (``python -m fastq bench ...``), which measure against the peers.
@@ -39,6 +41,7 @@ MEASURES = (
     "result-sqlite",
     "call-sqlite",
     "call-sqlite-thread",
+    "call-amqp",
 )
 RESULT_APP = """
 import fastq
@@ -64,6 +67,8 @@ def measure(what: str) -> list[float]:
 
     with tempfile.TemporaryDirectory(prefix="fastq-ab-") as tmp:
         work = Path(tmp)
+        if what == "call-amqp":
+            return [_call_amqp_p50(work)]
         if what.startswith("call"):
             return [_call_p50(work, what.endswith("thread"))]
         if what.startswith("result"):
@@ -109,6 +114,21 @@ def _result_p50(work: Path) -> float:
             worker.kill()
             worker.wait()
     return statistics.median(times) * 1e3
+
+
+def _call_amqp_p50(work: Path) -> float:
+    from fastq._bench import _burn_iterations, peers
+    from fastq._bench.pipeline import CALLS, Pipeline
+
+    url = os.environ.get("FASTQ_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+    prefix = f"fq-ab-{os.getpid()}-"
+    p = Pipeline("abamqp", url, work, _burn_iterations(), prefix)
+    try:
+        times = sorted(p.calls(CALLS))
+    finally:
+        p.close()
+        peers.purge(url, prefix)
+    return times[len(times) // 2] * 1e3
 
 
 def _call_p50(work: Path, thread: bool) -> float:
