@@ -441,7 +441,10 @@ class SqliteBroker(ExchangeBroker):
     ) -> list[Delivery]:
         now, me = time.time(), self.owner
 
+        made: list[str] = []  # the workflow steps its results made ready
+
         def work(db: sqlite3.Connection) -> list[Any]:
+            made.clear()  # a try that rolled back made nothing
             if settle is not None:
                 ack, retry, dead, release, results, outputs = settle
                 if outputs:
@@ -459,7 +462,7 @@ class SqliteBroker(ExchangeBroker):
                         ],
                     )
                 if results:
-                    self._store_results(db, results, now)
+                    self._store_results(db, results, now, made)
                 if dead:
                     db.executemany(sql.BURY, [(reason, now, tag, me) for tag, reason in dead])
                     db.executemany(sql.ACK, [(tag, me) for tag, _ in dead])
@@ -478,7 +481,7 @@ class SqliteBroker(ExchangeBroker):
             settle[3]
             or any(r.delay <= 0 for r in settle[1])
             or any(o.message.delay <= 0 for o in settle[5])
-            or any(r.step is not None for r in settle[4])
+            or made
         ):  # it made messages visible now (releases, outputs, retries, workflow steps): wake who
             self._wake()  # fetches; a delayed one is found by a look (at most poll apart)
 
@@ -487,14 +490,18 @@ class SqliteBroker(ExchangeBroker):
     # -- results (fastq.results) ------------------------------------------------------------
 
     def _store_results(
-        self, db: sqlite3.Connection, results: Sequence[StoredResult], now: float
+        self,
+        db: sqlite3.Connection,
+        results: Sequence[StoredResult],
+        now: float,
+        made: list[str] | None = None,
     ) -> None:
         """Write ``results`` in the caller's transaction; expired ones are purged at most once a
         second (expiry on write). A workflow step's outcome is recorded in its run instead, and
-        what it makes ready enqueued, in that same transaction."""
+        what it makes ready enqueued (listed in ``made``), in that same transaction."""
         if any(r.step is not None for r in results):
             steps = [(r.step, r.outcome) for r in results if r.step is not None]
-            runs_sql.record(db, self._runs(db, now), steps, now)
+            runs_sql.record(db, self._runs(db, now, made), steps, now)
             results = [r for r in results if r.step is None]
         db.executemany(
             sql.PUT_RESULT,

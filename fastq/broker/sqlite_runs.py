@@ -187,22 +187,24 @@ class SqliteRuns:
             "finished_at < ? AND state != 'running' ORDER BY finished_at LIMIT ?",
             (workflow, before, limit),
         ).fetchall()
-        for run_id in (r[0] for r in rows):
-            self._run_rows.pop(run_id, None)
-            self._forget_steps(run_id)
-        for table in _RUN_TABLES:
-            self.db.executemany(f"DELETE FROM {table} WHERE run_id = ?", rows)
-        return [r[0] for r in rows]
+        ids = [r[0] for r in rows]
+        self._delete(ids)
+        return ids
 
     def _forget_steps(self, run_id: str) -> None:
         for key in [k for k in self._step_rows if k[0] == run_id]:
             del self._step_rows[key]
 
     async def delete_run(self, run_id: str) -> None:
-        self._run_rows.pop(run_id, None)
-        self._forget_steps(run_id)
+        self._delete([run_id])
+
+    def _delete(self, run_ids: list[str]) -> None:
+        """These runs and every row of them go, from the file and from what this keeps."""
+        for run_id in run_ids:
+            self._run_rows.pop(run_id, None)
+            self._forget_steps(run_id)
         for table in _RUN_TABLES:
-            self.db.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
+            self.db.executemany(f"DELETE FROM {table} WHERE run_id = ?", [(i,) for i in run_ids])
 
     async def add(self, run_id: str, counter: str, delta: int) -> int:
         row = self.db.execute(

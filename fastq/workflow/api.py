@@ -292,15 +292,14 @@ class RunAPI:
         """``start`` for coroutines (the transaction runs off the event loop)."""
         graph, raw = self.graph(), self._encode_start(args, kwargs)
         run_id = message.new_id()
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(
+        await asyncio.get_running_loop().run_in_executor(
             None,
             transaction,
             self.app,
             lambda tx: run.start(tx, run_id, self.name, graph, raw, time.time()),
             True,
         )
-        await loop.run_in_executor(None, self._expire)
+        self._expire()  # it only hands the deletion to a thread
         return run_id
 
     def status(self, run_id: str) -> RunStatus:
@@ -378,12 +377,12 @@ class RunAPI:
 
     def _ended(self, run_id: str, state: str) -> dict[str, Any] | None:
         """The sink steps' values of run ``run_id``, seen ``state`` (done or failed) a moment
-        ago; WorkflowFailed if it failed; None if it runs again (resumed meanwhile)."""
+        ago; WorkflowFailed if it failed; None if it changed since (resumed): look again."""
         if state == RUN_FAILED:
             st = self.status(run_id)
             if st.state == RUN_FAILED:
                 raise WorkflowFailed(self.name, run_id, st.failed, st.skipped)
-            return None if st.state == RUN_RUNNING else self._ended(run_id, st.state)
+            return None
 
         async def values(tx: RunTx) -> dict[str, bytes | None] | None:
             row = await tx.run(run_id)  # in the same snapshot as the values
