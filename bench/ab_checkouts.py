@@ -31,7 +31,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 MEASURES = (
@@ -67,10 +66,8 @@ def measure(what: str) -> list[float]:
 
     with tempfile.TemporaryDirectory(prefix="fastq-ab-") as tmp:
         work = Path(tmp)
-        if what == "call-amqp":
-            return [_call_amqp_p50(work)]
         if what.startswith("call"):
-            return [_call_p50(work, what.endswith("thread"))]
+            return [_call_p50(work, what)]
         if what.startswith("result"):
             return [_result_p50(work)]
         from fastq._bench.workflow import CHAINS, Bench
@@ -88,10 +85,14 @@ def measure(what: str) -> list[float]:
 
 
 def _result_p50(work: Path) -> float:
+    from fastq._bench import percentile, timed_calls
+    from fastq.testing import terminate
+
     (work / "abresult.py").write_text(RESULT_APP.format(url=f"sqlite:///{work / 'r.db'}"))
     sys.path.insert(0, str(work))
     import abresult  # type: ignore[import-not-found]
 
+    chain = abresult.chain
     worker = subprocess.Popen(
         [sys.executable, "-m", "fastq", "worker", "abresult:app"],
         cwd=work,
@@ -99,48 +100,30 @@ def _result_p50(work: Path) -> float:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    try:
-        assert abresult.chain.result(abresult.chain.start(0), timeout=60) == {"two": 1}
-        times = []
-        for i in range(60):
-            t = time.perf_counter()
-            assert abresult.chain.result(abresult.chain.start(i), timeout=60) == {"two": i + 1}
-            times.append(time.perf_counter() - t)
+    try:  # the run's value is its argument + 1: timed_calls checks each came back
+        times = timed_calls(lambda i: chain.result(chain.start(i), timeout=60)["two"] - 1, 60, 1)
     finally:
-        worker.terminate()
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
-    return statistics.median(times) * 1e3
+        terminate(worker, 30)
+    return percentile(times, 0.5) * 1e3
 
 
-def _call_amqp_p50(work: Path) -> float:
-    from fastq._bench import _burn_iterations, peers
+def _call_p50(work: Path, what: str) -> float:
+    from fastq._bench import _burn_iterations, peers, percentile
     from fastq._bench.pipeline import CALLS, Pipeline
 
+    amqp = what == "call-amqp"
     url = os.environ.get("FASTQ_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-    prefix = f"fq-ab-{os.getpid()}-"
-    p = Pipeline("abamqp", url, work, _burn_iterations(), prefix)
+    prefix = f"fq-ab-{os.getpid()}-" if amqp else ""
+    p = Pipeline(
+        "ab", url if amqp else f"sqlite:///{work / 'p.db'}", work, _burn_iterations(), prefix
+    )
     try:
-        times = sorted(p.calls(CALLS))
+        times = p.calls(CALLS, in_process=True) if what.endswith("thread") else p.calls(CALLS)
     finally:
         p.close()
-        peers.purge(url, prefix)
-    return times[len(times) // 2] * 1e3
-
-
-def _call_p50(work: Path, thread: bool) -> float:
-    from fastq._bench import _burn_iterations
-    from fastq._bench.pipeline import CALLS, Pipeline
-
-    p = Pipeline("ab", f"sqlite:///{work / 'p.db'}", work, _burn_iterations())
-    try:
-        times = sorted(p.calls(CALLS, in_process=True) if thread else p.calls(CALLS))
-    finally:
-        p.close()
-    return times[len(times) // 2] * 1e3
+        if amqp:
+            peers.purge(url, prefix)
+    return percentile(times, 0.5) * 1e3
 
 
 def main() -> int:
