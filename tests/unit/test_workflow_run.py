@@ -508,7 +508,7 @@ def test_result_waits_without_a_busy_poll_reading_the_run_row_alone(monkeypatch)
     from fastq.workflow import api
 
     app = fastq.App("looks", broker="memory://unit-looks")
-    wf = app.workflow("w")
+    wf = app.workflow("w", keep=None)  # no expiry thread: every counted look is result()'s
 
     @wf.step()
     def one(n: int) -> int:
