@@ -216,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         help="engine: noop/io/cpu handlers on memory:// and sqlite:// (default); ring: the rings "
         "alone; soak: mixed load with a worker SIGKILLed every minute (--minutes, default 20); "
         "pipeline: 3-stage publish_to chains and call latency (with --broker amqp://: beside "
-        "Celery and Dramatiq); workflow: a fan-out of 1,000 and 1,000 4-step chains beside "
+        "Celery and Dramatiq, and a hand-written aiormq RPC as the floor); workflow: a fan-out "
+        "of 1,000 and 1,000 4-step chains beside "
         "Celery's chord/chain and Dramatiq's group/pipeline (with --broker amqp://: fastq on "
         "RabbitMQ too)",
     )

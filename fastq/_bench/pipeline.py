@@ -10,7 +10,9 @@ its own (a thread of the supervisor's on memory://, which no other process reach
 beside the pipelines that users write today on the same RabbitMQ, each with its own worker:
 Celery's ``chain`` and Dramatiq's ``pipeline`` (skipped, with a line that says so, when not
 installed: the ``bench`` extra installs them), and for ``call``, Celery's ``.delay().get()``
-with a Redis result backend (``fastq._bench.peers``). Medians of ``runs`` rounds.
+with a Redis result backend (``fastq._bench.peers``), and RabbitMQ's own floor for a call: an
+RPC over direct reply-to written by hand with aiormq (``fastq._bench.rpcfloor``). Medians of
+``runs`` rounds.
 """
 
 from __future__ import annotations
@@ -244,7 +246,7 @@ def main(*, runs: int, url: str | None, json_path: str | None) -> int:
         results.append(measure_fastq("memory", "memory://pipeline", runs, log))
         results.append(measure_fastq("sqlite", "sqlite:///", runs, log))
     else:
-        from fastq._bench import peers
+        from fastq._bench import peers, rpcfloor
 
         prefix = f"fq-pipe-{int(time.time())}-"
         try:
@@ -252,6 +254,7 @@ def main(*, runs: int, url: str | None, json_path: str | None) -> int:
         finally:
             peers.purge(url, prefix)
         results.extend(peers.measure(url, runs, CHAINS, CALLS, log))
+        results.append(rpcfloor.measure(url, runs, CALLS, log))
     print(
         f"fastq bench pipeline on {info['cpu']} ({info['usable_cores']} cores), median of {runs} "
         f"runs: {CHAINS['noop']:,} noop / {CHAINS['cpu']:,} ~1 ms CPU messages through 3 stages "
