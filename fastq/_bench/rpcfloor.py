@@ -12,8 +12,10 @@ thread hop: what any client of this RabbitMQ on this machine pays for one round 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import selectors
 import subprocess
 import sys
 import tempfile
@@ -23,15 +25,18 @@ from typing import Any
 
 SERVER = """
 import asyncio
+import os
+import signal
 
 import aiormq
 from pamqp.commands import Basic
 
 
 async def main():
-    connection = await aiormq.connect({url!r})
+    connection = await aiormq.connect(os.environ["FASTQ_RPC_URL"])
     channel = await connection.channel(publisher_confirms=True)
-    await channel.queue_declare({queue!r}, durable=True)
+    # gone 10 minutes after its last use, should the bench be killed before it deletes it
+    await channel.queue_declare({queue!r}, durable=True, arguments={{"x-expires": 600000}})
     await channel.basic_qos(prefetch_count=10)
 
     async def on_request(m):
@@ -44,8 +49,11 @@ async def main():
         await channel.basic_ack(m.delivery.delivery_tag)
 
     await channel.basic_consume({queue!r}, on_request)
+    stop = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set_result, None)
     print("ready", flush=True)
-    await asyncio.Future()
+    await stop
+    await connection.close()
 
 
 asyncio.run(main())
@@ -54,6 +62,7 @@ asyncio.run(main())
 CLIENT = """
 import asyncio
 import json
+import os
 import time
 
 import aiormq
@@ -61,7 +70,7 @@ from pamqp.commands import Basic
 
 
 async def main():
-    connection = await aiormq.connect({url!r})
+    connection = await aiormq.connect(os.environ["FASTQ_RPC_URL"])
     channel = await connection.channel(publisher_confirms=True)
     waiting = {{}}
 
@@ -97,43 +106,74 @@ asyncio.run(main())
 """
 
 NAME = "hand-written aiormq RPC, direct reply-to"
+#: the longest a server may take to say it is ready, a client to make its calls
+START_TIMEOUT, CLIENT_TIMEOUT = 60.0, 600.0
+
+
+def scrub(url: str, text: str) -> str:
+    """``text`` without ``url``'s password, as written in the URL or decoded."""
+    password = urllib.parse.urlsplit(url).password
+    for secret in {password, urllib.parse.unquote(password)} if password else ():
+        text = text.replace(secret, "***")
+    return text
+
+
+def _last_lines(url: str, f: Any, n: int = 3) -> str:
+    f.seek(0)
+    lines = f.read().decode(errors="replace").strip().splitlines()
+    return scrub(url, " | ".join(lines[-n:])) if lines else "it said nothing"
 
 
 def _round(url: str, queue: str, calls: int, warmup: int) -> list[float]:
+    """One server, one client, ``calls`` timed round trips; the URL reaches them by their
+    environment (never on a command line, which ``ps`` shows), and what they say on failure is
+    scrubbed of its password.
+
+    Raises:
+        RuntimeError: the server did not start, or the client failed or took too long.
+    """
     from fastq.testing import terminate
 
-    with tempfile.TemporaryFile() as errors:
+    env = {**os.environ, "FASTQ_RPC_URL": url}
+    with tempfile.TemporaryFile() as server_err:
         server = subprocess.Popen(
-            [sys.executable, "-c", SERVER.format(url=url, queue=queue)],
+            [sys.executable, "-c", SERVER.format(queue=queue)],
             stdout=subprocess.PIPE,
-            stderr=errors,
+            stderr=server_err,
+            env=env,
         )
         try:
             assert server.stdout is not None
-            if server.stdout.readline().strip() != b"ready":  # nothing: it died
-                server.wait(30)
-                errors.seek(0)
-                said = errors.read().decode(errors="replace").strip().splitlines()
-                last = said[-1] if said else "it said nothing"
-                password = urllib.parse.urlsplit(url).password
+            ready = selectors.DefaultSelector()
+            ready.register(server.stdout, selectors.EVENT_READ)
+            said = server.stdout.readline() if ready.select(START_TIMEOUT) else b""
+            ready.close()
+            if said.strip() != b"ready":  # nothing: it died, or hangs
+                terminate(server)
                 raise RuntimeError(
                     f"the RPC server did not start (exit code {server.returncode}): "
-                    + (last.replace(password, "***") if password else last)
+                    + _last_lines(url, server_err)
                 )
-            done = subprocess.run(
-                [
-                    sys.executable,
-                    "-c",
-                    CLIENT.format(url=url, queue=queue, n=calls, warmup=warmup),
-                ],
-                capture_output=True,
-                text=True,
-                timeout=calls * 60 + 60,
-                check=False,
-            )
+            try:
+                done = subprocess.run(
+                    [sys.executable, "-c", CLIENT.format(queue=queue, n=calls, warmup=warmup)],
+                    capture_output=True,
+                    timeout=CLIENT_TIMEOUT,
+                    check=False,
+                    env=env,
+                )
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(
+                    f"the RPC client made {calls + warmup} calls for over {CLIENT_TIMEOUT:g} s; "
+                    f"the server said: {_last_lines(url, server_err)}"
+                ) from None
             if done.returncode != 0:
-                raise RuntimeError(f"the RPC client failed: {done.stderr[-2000:]}")
-            times: list[float] = json.loads(done.stdout.strip().splitlines()[-1])
+                client = scrub(url, done.stderr.decode(errors="replace").strip())
+                raise RuntimeError(
+                    f"the RPC client failed: {client[-1500:]}; the server said: "
+                    + _last_lines(url, server_err)
+                )
+            times: list[float] = json.loads(done.stdout.decode().strip().splitlines()[-1])
             return times
         finally:
             terminate(server)
@@ -141,11 +181,24 @@ def _round(url: str, queue: str, calls: int, warmup: int) -> list[float]:
                 server.stdout.close()
 
 
+def _delete(url: str, queue: str) -> None:
+    async def run() -> None:
+        import aiormq
+
+        connection = await aiormq.connect(url)
+        try:
+            channel = await connection.channel()
+            await channel.queue_delete(queue)
+        finally:
+            await connection.close()
+
+    asyncio.run(run())
+
+
 def measure(url: str, runs: int, calls: int, log: Any, warmup: int = 20) -> dict[str, Any]:
     """``runs`` rounds of ``calls`` sequential round trips (after ``warmup`` not counted), a
     server and a queue of each round's own (deleted after it): the call figures of the row."""
     from fastq._bench import call_figures
-    from fastq._bench.amqp import _purge
 
     rounds = []
     for r in range(runs):
@@ -153,6 +206,9 @@ def measure(url: str, runs: int, calls: int, log: Any, warmup: int = 20) -> dict
         try:
             rounds.append(_round(url, queue, calls, warmup))
         finally:
-            _purge(url, [queue], delete=True)
+            try:
+                _delete(url, queue)
+            except Exception as e:  # noqa: BLE001 - the round's own error is the one to see
+                log(f"{NAME}: deleting queue {queue!r} failed: {scrub(url, repr(e))}")
         log(f"{NAME} {r + 1}/{runs}: {call_figures(rounds[-1:])}")
     return {"system": NAME, **call_figures(rounds)}
