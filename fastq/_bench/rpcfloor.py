@@ -7,7 +7,8 @@ request's ``reply_to`` on a confirm channel, waits for the confirm, then acks th
 fastq's supervisor does. The client, another process, publishes each request persistent,
 mandatory and confirmed (as fastq's ``call`` does) on the channel that consumes
 ``amq.rabbitmq.reply-to``, and waits for the reply. No task queue, no worker process, no
-thread hop: what any client of this RabbitMQ on this machine pays for one round trip.
+thread hop: what one round trip with fastq's guarantees (a persistent, confirmed request, a
+confirmed reply) costs on this RabbitMQ and this machine with nothing behind the queue.
 """
 
 from __future__ import annotations
