@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import urllib.parse
 
-__all__ = ["MASK", "looks_secret", "mask_url"]
+__all__ = ["MASK", "looks_secret", "mask_url", "scrub"]
 
 MASK = "***"
 #: query parameter names whose values are credentials (compared lowercased, ``-``/``_`` dropped)
@@ -72,3 +72,17 @@ def _mask_by_pattern(url: str) -> str:
     return _QUERY_PAIR.sub(
         lambda m: f"{m['name']}={MASK}" if looks_secret(m["name"]) else m[0], url
     )
+
+
+def scrub(url: str, text: str) -> str:
+    """``text`` (what a library or a child process said about a connection to ``url``) with
+    ``url`` masked wherever it appears whole, and its password, as written in the URL or
+    decoded, replaced by ``***`` anywhere else."""
+    text = text.replace(url, mask_url(url))
+    try:
+        password = urllib.parse.urlsplit(url).password
+    except ValueError:  # a malformed URL: its whole form is masked above
+        return text
+    for secret in {password, urllib.parse.unquote(password)} if password else ():
+        text = text.replace(secret, MASK)
+    return text

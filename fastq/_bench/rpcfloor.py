@@ -13,7 +13,6 @@ confirmed reply) costs on this RabbitMQ and this machine with nothing behind the
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import selectors
@@ -21,8 +20,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
 from typing import Any
+
+from fastq.url import scrub
 
 SERVER = """
 import asyncio
@@ -111,14 +111,6 @@ NAME = "hand-written aiormq RPC, direct reply-to"
 START_TIMEOUT, CLIENT_TIMEOUT = 60.0, 600.0
 
 
-def scrub(url: str, text: str) -> str:
-    """``text`` without ``url``'s password, as written in the URL or decoded."""
-    password = urllib.parse.urlsplit(url).password
-    for secret in {password, urllib.parse.unquote(password)} if password else ():
-        text = text.replace(secret, "***")
-    return text
-
-
 def _last_lines(url: str, f: Any, n: int = 3) -> str:
     f.seek(0)
     lines = f.read().decode(errors="replace").strip().splitlines()
@@ -182,24 +174,11 @@ def _round(url: str, queue: str, calls: int, warmup: int) -> list[float]:
                 server.stdout.close()
 
 
-def _delete(url: str, queue: str) -> None:
-    async def run() -> None:
-        import aiormq
-
-        connection = await aiormq.connect(url)
-        try:
-            channel = await connection.channel()
-            await channel.queue_delete(queue)
-        finally:
-            await connection.close()
-
-    asyncio.run(run())
-
-
 def measure(url: str, runs: int, calls: int, log: Any, warmup: int = 20) -> dict[str, Any]:
     """``runs`` rounds of ``calls`` sequential round trips (after ``warmup`` not counted), a
     server and a queue of each round's own (deleted after it): the call figures of the row."""
     from fastq._bench import call_figures
+    from fastq._bench.wfpeers import delete_queues
 
     rounds = []
     for r in range(runs):
@@ -207,9 +186,6 @@ def measure(url: str, runs: int, calls: int, log: Any, warmup: int = 20) -> dict
         try:
             rounds.append(_round(url, queue, calls, warmup))
         finally:
-            try:
-                _delete(url, queue)
-            except Exception as e:  # noqa: BLE001 - the round's own error is the one to see
-                log(f"{NAME}: deleting queue {queue!r} failed: {scrub(url, repr(e))}")
+            delete_queues(url, [queue])  # never raises: the round's own error is the one to see
         log(f"{NAME} {r + 1}/{runs}: {call_figures(rounds[-1:])}")
     return {"system": NAME, **call_figures(rounds)}

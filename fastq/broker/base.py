@@ -19,7 +19,7 @@ import msgspec
 from fastq._aio import Signal, wait_either
 from fastq.config import EXCHANGE_KINDS, QueueOptions
 from fastq.errors import ConfigError
-from fastq.url import mask_url
+from fastq.url import mask_url, scrub
 from fastq.workflow.state import RunTx, StepRef
 
 T = TypeVar("T")
@@ -43,6 +43,7 @@ __all__ = [
     "mask_url",
     "pack_headers",
     "query_float",
+    "scrub",
     "unpack_headers",
     "wait_either",
 ]

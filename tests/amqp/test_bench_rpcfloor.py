@@ -1,7 +1,7 @@
 """The pipeline bench's floor for ``call`` on RabbitMQ (``fastq._bench.rpcfloor``): its server
 and client processes run against the real RabbitMQ, every request gets its own reply, each
 round's queue is gone afterwards (also when the round fails), no process is left, and the
-password never reaches what it says."""
+password never reaches what it says (``fastq.url.scrub``, tested in tests/unit/test_url.py)."""
 
 from __future__ import annotations
 
@@ -96,12 +96,3 @@ def test_a_server_that_cannot_log_in_says_why_without_the_password() -> None:
         rpcfloor._round(url, f"fq-rpc-bad-{os.getpid()}", 1, 0)
     assert "ACCESS_REFUSED" in str(raised.value)  # RabbitMQ's reason
     assert _children() <= before
-
-
-def test_scrub_removes_the_password_as_written_and_decoded() -> None:
-    url = "amqp://guest:s3cret-pw%21@127.0.0.1:5672/"
-    text = "connect to amqp://guest:s3cret-pw%21@127.0.0.1:5672/ failed; password s3cret-pw!"
-    assert rpcfloor.scrub(url, text) == (
-        "connect to amqp://guest:***@127.0.0.1:5672/ failed; password ***"
-    )
-    assert rpcfloor.scrub("amqp://127.0.0.1:5672/", "no password here") == "no password here"

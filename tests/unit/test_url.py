@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from fastq.url import looks_secret, mask_url
+from fastq.url import looks_secret, mask_url, scrub
 
 
 @pytest.mark.parametrize(
@@ -36,3 +36,10 @@ def test_mask_url_hides_passwords_and_secret_looking_query_values(url, masked):
 def test_which_query_names_look_secret():
     assert all(map(looks_secret, ["password", "PASSWD", "api-key", "access_key", "secret", "key"]))
     assert not any(map(looks_secret, ["lease", "heartbeat", "cafile", "sslmode", "keepalive"]))
+
+
+def test_scrub_removes_the_password_as_written_and_decoded() -> None:
+    url = "amqp://guest:s3cret-pw%21@127.0.0.1:5672/"
+    text = "connect to amqp://guest:s3cret-pw%21@127.0.0.1:5672/ failed; password s3cret-pw!"
+    assert scrub(url, text) == ("connect to amqp://guest:***@127.0.0.1:5672/ failed; password ***")
+    assert scrub("amqp://127.0.0.1:5672/", "no password here") == "no password here"

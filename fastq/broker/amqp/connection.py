@@ -22,7 +22,7 @@ import aiormq.abc
 
 from fastq.broker.amqp.outbox import Outbox
 from fastq.broker.amqp.stream import Stream
-from fastq.broker.base import QueueOptions, mask_url, query_float
+from fastq.broker.base import QueueOptions, mask_url, query_float, scrub
 from fastq.errors import BrokerConnectionError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -90,9 +90,7 @@ class Options:
 
     def scrub(self, text: str) -> str:
         """``text`` without the URL's password, wherever a library put it."""
-        password = urllib.parse.urlsplit(self.aiormq_url).password
-        text = text.replace(self.aiormq_url, self.masked)
-        return text.replace(password, "***") if password else text
+        return scrub(self.aiormq_url, text.replace(self.aiormq_url, self.masked))
 
 
 class Connection:
