@@ -6,7 +6,9 @@ built in place: ``python setup.py build_ext --inplace`` there).
 
 MEASURE is one of:
 - ``chains-sqlite`` / ``chains-memory``: 1,000 runs of the workflow bench's 4-step noop chain
-  (``fastq._bench.workflow.Bench.chains``), three times a round: chain runs/s;
+  (``fastq._bench.workflow.Bench.chains``), three times a round: chain runs/s; ``chains-amqp``:
+  the same through RabbitMQ at ``$FASTQ_AMQP_URL`` with a sqlite:// result store, as the
+  workflow bench runs it (its queues deleted after the round);
 - ``fanout-sqlite``: the workflow bench's fan-out of 1,000 ~1 ms steps: seconds divided by the
   elements' mean handler time (the run's own "1 ms"), so that a slower handler does not read as
   a slower engine;
@@ -36,6 +38,7 @@ from pathlib import Path
 MEASURES = (
     "chains-sqlite",
     "chains-memory",
+    "chains-amqp",
     "fanout-sqlite",
     "result-sqlite",
     "call-sqlite",
@@ -72,9 +75,15 @@ def measure(what: str) -> list[float]:
             return [_result_p50(work)]
         from fastq._bench.workflow import CHAINS, Bench
 
-        memory = what.endswith("memory")
-        url = "memory://ab" if memory else f"sqlite:///{work / 'wf.db'}"
-        b = Bench("ab", url, work, _burn_iterations())
+        store = None
+        if what.endswith("memory"):
+            url = "memory://ab"
+        elif what.endswith("amqp"):
+            url = os.environ.get("FASTQ_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+            store = f"sqlite:///{work / 'store.db'}"
+        else:
+            url = f"sqlite:///{work / 'wf.db'}"
+        b = Bench("ab", url, work, _burn_iterations(), store)
         try:
             if what.startswith("fanout"):
                 took = b.fan()

@@ -27,6 +27,7 @@ from fastq.config import HandlerOptions, Route
 from fastq.errors import RingClosed, RingFull
 from fastq.middleware import Hooks, Processing
 from fastq.wire import Status
+from fastq.workflow import relay
 
 if TYPE_CHECKING:
     from fastq.task import Consumer, Task
@@ -81,6 +82,9 @@ class AppExecutor:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        # runs its handlers started on RabbitMQ: their first steps go out before the worker
+        # leaves (else they wait in the result store's outbox for a supervisor's sweep)
+        relay.flush_all(relay.EXIT_WAIT)
 
     async def run(
         self, body: memoryview, retries: int, queue_index: int

@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import msgspec
 
 from fastq import message
-from fastq.broker.base import Broker, Message, Output
+from fastq.broker.base import Broker, Output
 from fastq.errors import ConfigError, WorkflowFailed
 from fastq.workflow import run
 from fastq.workflow.context import StepRun
+from fastq.workflow.relay import relay_of
 from fastq.workflow.state import (
     FAILED,
     RUN_DONE,
@@ -151,19 +152,15 @@ def store_of(app: App) -> Broker:
 
 def transaction(app: App, work: Callable[[RunTx], Coroutine[Any, Any, T]], write: bool) -> T:
     """``work`` in one transaction where ``app``'s runs live; what it enqueued there for
-    another broker (the store's outbox) published to that broker, then let go."""
+    another broker (the store's outbox) is handed to the app's relay, which publishes it to
+    that broker and then lets it go (``fastq.workflow.relay``): the caller does not wait."""
     store = store_of(app)
     if store is app.broker or not write:
         return store.run_transaction(work, write=write)
     made: list[tuple[int, Output]] = []
     out = store.run_transaction(work, outbox=made)
     if made:
-        by_queue: dict[str, list[Message]] = {}
-        for _, o in made:
-            by_queue.setdefault(o.queue, []).append(o.message)
-        for queue, messages in by_queue.items():
-            app.broker.publish_sync(queue, messages)
-        store.outbox_done_sync([i for i, _ in made])
+        relay_of(app, store).submit(made)
     return out
 
 

@@ -6,7 +6,10 @@ worker SIGKILLed twice (the join once), a failing step resumed."""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 import uuid
 
 import msgspec
@@ -108,6 +111,72 @@ def test_on_rabbitmq_a_sigkilled_supervisor_and_an_unpublished_outbox_lose_no_st
     assert wf.result(second, timeout=60) == {"join": sum(2 * i for i in range(10))}
     assert host.lines("join.txt") == ["join", "join"]
     assert _pending(store) == []
+
+
+@pytest.mark.parametrize("host", [("wf_fanout", FANOUT)], indirect=True)
+def test_on_rabbitmq_runs_started_by_a_process_that_exits_at_once_all_complete(host):
+    """``wf.start`` returns once the run is in the store; the app's relay publishes its root
+    step after (fastq.workflow.relay). A process that starts 40 runs and ends at once, without
+    waiting for anything, has them all published at its exit (even with its relay slowed,
+    holding most of them then): each completes, exactly."""
+    wf = host.app.wf  # the supervisor is up (its start publishes what waits in the outbox)
+    assert wf.result(wf.start(1), timeout=60) == {"join": 0}
+    script = (  # each batch of the relay waits 0.3 s first
+        "import time\n"
+        "import fastq.workflow.relay as r\n"
+        "publish = r.Relay._publish\n"
+        "r.Relay._publish = lambda self, batch: (time.sleep(0.3), publish(self, batch))[1]\n"
+        f"import {host.module} as m\n"
+        "print(' '.join(m.wf.start(n) for n in range(1, 41)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=host.dir,
+        env={
+            **os.environ,
+            "PYTHONPATH": f"{host.dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    run_ids = done.stdout.split()
+    assert len(run_ids) == 40
+    for n, run_id in enumerate(run_ids, start=1):
+        assert wf.result(run_id, timeout=60) == {"join": sum(2 * i for i in range(n))}
+    assert host.lines("join.txt") == ["join"] * 41
+    assert sorted(map(int, host.lines("work.txt"))) == sorted(
+        [0, *(i for n in range(1, 41) for i in range(n))]
+    )
+    assert _pending(host.app.app.result_store) == []
+
+
+@pytest.mark.parametrize("host", [("wf_fanout", FANOUT)], indirect=True)
+def test_on_rabbitmq_a_running_supervisor_publishes_what_a_dead_starter_left_in_the_outbox(host):
+    """A process killed between ``wf.start``'s transaction and its relay's publish leaves the
+    run's root step in the store's outbox; the running supervisor's sweep publishes it (rows
+    seen at two looks in a row, SWEEP_EVERY = 5 s apart), once."""
+    import time
+
+    from fastq.engine.outbox import SWEEP_EVERY
+    from fastq.workflow import run
+
+    wf, store = host.app.wf, host.app.app.result_store
+    assert wf.result(wf.start(1), timeout=60) == {"join": 0}  # the supervisor is up
+    made: list = []
+    store.run_transaction(  # the starter's transaction, and no publish after it
+        lambda tx: run.start(tx, "r-left", "fan", wf.graph(), msgspec.msgpack.encode([5]), 1.0),
+        outbox=made,
+    )
+    assert _pending(store) == [i for i, _ in made]
+    began = time.monotonic()
+    assert wf.result("r-left", timeout=4 * SWEEP_EVERY + 30) == {"join": 20}
+    assert time.monotonic() - began >= SWEEP_EVERY * 0.9  # not before a second look
+    assert host.lines("join.txt") == ["join", "join"]
+    assert sorted(map(int, host.lines("work.txt"))) == [0, 0, 1, 2, 3, 4]
+    assert _pending(store) == []
+    assert "publishing 1 workflow step message(s) left in the outbox" in host.logtext()
 
 
 def _pending(store) -> list[int]:

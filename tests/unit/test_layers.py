@@ -71,8 +71,9 @@ ALLOWED: dict[str, set[str]] = {
     "workflow.state": set(),
     "workflow.run": {"workflow.state", "message", "results"},
     "workflow.context": set(),
-    "workflow.api": {"workflow.run", "workflow.state", "workflow.context", "message",
-                     "broker.base", "errors"},
+    "workflow.api": {"workflow.run", "workflow.state", "workflow.context", "workflow.relay",
+                     "message", "broker.base", "errors"},
+    "workflow.relay": {"broker.base"},
     "workflow.graph": {"workflow.api", "workflow.context", "workflow.state", "errors"},
     "broker.base": {"message", "errors", "_aio", "config", "url", "workflow.state"},
     "broker.memory": {"broker.base", "message", "errors", "results", "workflow.run",
@@ -132,7 +133,7 @@ ALLOWED: dict[str, set[str]] = {
     "tracing": {"middleware", "errors"},
     "worker": _RUNTIME | {"logs"},
     "executors": set(),
-    "executors.app": _RUNTIME | {"tally", "logs"},
+    "executors.app": _RUNTIME | {"tally", "logs", "workflow.relay"},
     "executors.pool": _RUNTIME,
     # worker only as the target a fleet member is spawned with
     "engine": set(),
@@ -147,7 +148,9 @@ ALLOWED: dict[str, set[str]] = {
     "engine.inspect": set(),
     "engine.supervisor": _ENGINE | {"engine.fleet", "engine.placement", "engine.pump",
                                     "engine.tuning", "engine.statistics", "engine.scheduler",
-                                    "engine.inspect", "logs", "metrics"},
+                                    "engine.inspect", "engine.outbox", "logs", "metrics"},
+    # the sweep of a result store's workflow outbox: what no live process published
+    "engine.outbox": _ENGINE,
     # the supervisor's Prometheus /metrics (the only prometheus_client importer): the workers'
     # tallies (wire) and the engine's statistics, passed in by the supervisor
     "metrics": {"wire", "config", "errors", "autosize.topology"},
