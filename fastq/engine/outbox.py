@@ -1,41 +1,78 @@
-"""The supervisor's sweep of a result store's workflow outbox (RabbitMQ with a sqlite:// or
-postgresql:// result store): what nobody published goes out from here.
+"""The supervisor's side of a result store's workflow outbox (RabbitMQ with a sqlite:// or
+postgresql:// result store; ``fastq.workflow``).
 
 A message enters the outbox in the transaction that makes its step ready, and leaves it once
-RabbitMQ confirmed it: the supervisor's own pump publishes what a step's outcome made ready,
-the relay of the process that called ``wf.start`` or ``wf.resume`` what those made
-(``fastq.workflow.relay``). A process killed between its transaction and its publish leaves
-its rows there. The pump publishes what it finds at its start; this sweep looks again every
+RabbitMQ confirmed it. The supervisor's pumps record a batch of steps' outcomes (``record``),
+publish what they made ready with their other outputs, confirmed, then ack the steps and let
+those rows go (``published``). What the process that called ``wf.start`` or ``wf.resume`` put
+there its relay publishes (``fastq.workflow.relay``).
+
+A process killed between its transaction and its publish leaves its rows there (a supervisor
+killed after its publish, before they were let go, too: they go again, as duplicates). The
+first pump publishes what it finds at its start (``flush_at_start``); ``run`` looks again every
 ``SWEEP_EVERY`` seconds and publishes the rows it saw at its look before too (so at least that
-old: a live process publishes its own in milliseconds), except those this supervisor's pump is
-publishing itself. A row that another live process is still trying to publish (RabbitMQ
-unreachable for longer than that) may so go twice: at least once, and a step bears a duplicate
-(the first completion wins).
+old: a live process publishes its own in milliseconds), except those this supervisor has in
+hand. A row that another live process is still trying to publish (RabbitMQ unreachable for
+longer than that) may so go twice: at least once, and a step bears a duplicate (the first
+completion wins).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Sequence
 
-from fastq.broker.base import Broker
+from fastq.broker.base import Broker, Output, StoredResult
 
 logger = logging.getLogger(__name__)
 
 SWEEP_EVERY = 5.0
 
 
-class OutboxSweep:
-    """Publishes ``store``'s outbox rows seen at two looks in a row to ``broker``, then lets
-    them go; ``publishing()`` names the rows this supervisor's pump has in hand."""
+class StoreOutbox:
+    """The outbox of ``store`` (which keeps the runs) for ``broker`` (which keeps none)."""
 
-    def __init__(
-        self, broker: Broker, store: Broker, publishing: Callable[[], Collection[int]]
-    ) -> None:
-        self.broker, self.store, self.publishing = broker, store, publishing
-        self.seen: set[int] = set()
-        self.published = 0
+    def __init__(self, broker: Broker, store: Broker) -> None:
+        self.broker, self.store = broker, store
+        #: made ready by a batch this supervisor recorded, not yet published: message id -> row
+        self.in_hand: dict[str, int] = {}
+        self.flushed = False
+        self.seen: set[int] = set()  # the rows at the sweep's last look
+        self.swept = 0
+
+    async def record(self, steps: Sequence[StoredResult]) -> list[Output]:
+        """Record ``steps``' outcomes in one store transaction; the messages they made ready,
+        to publish before the ack."""
+        made = await self.store.record_steps(steps)
+        for row, o in made:
+            self.in_hand[o.message.message_id] = row
+        return [o for _, o in made]
+
+    async def published(self, outputs: Sequence[Output]) -> None:
+        """``outputs`` were published, confirmed (and their steps acked): those from the outbox
+        leave it (a failure is logged: they go again from there, as duplicates)."""
+        rows = [self.in_hand.pop(o.message.message_id, 0) for o in outputs]
+        if any(rows):
+            try:
+                await self.store.outbox_done([i for i in rows if i])
+            except Exception as e:  # noqa: BLE001 - published: only the outbox keeps them
+                logger.warning("letting published rows go from the workflow outbox failed: %s", e)
+
+    async def flush_at_start(self) -> None:
+        """Publish what a process before this one left in the outbox (once per supervisor; a
+        failure is logged, and the sweep tries again)."""
+        if self.flushed:
+            return
+        self.flushed = True
+        try:
+            pending = await self.store.pending_outbox()
+            if pending:
+                logger.warning("publishing %d workflow steps left in the outbox", len(pending))
+                await self.broker.publish_outputs([o for _, o in pending])
+                await self.store.outbox_done([i for i, _ in pending])
+        except Exception as e:  # noqa: BLE001 - the sweep tries again
+            logger.error("publishing the workflow outbox failed: %s", e)
 
     async def run(self, every: float = SWEEP_EVERY) -> None:
         """Sweep every ``every`` seconds until cancelled (a failed sweep is logged; the next
@@ -48,9 +85,10 @@ class OutboxSweep:
                 logger.warning("sweeping the workflow outbox of %s failed: %s", self.store.url, e)
 
     async def sweep(self) -> int:
-        """One look: publish and let go what the last look saw too; how many."""
+        """One look: publish and let go what the last look saw too and this supervisor does
+        not have in hand; how many."""
         pending = await self.store.pending_outbox()
-        busy = self.publishing()
+        busy = set(self.in_hand.values())
         stale = [(i, o) for i, o in pending if i in self.seen and i not in busy]
         self.seen = {i for i, _ in pending} - {i for i, _ in stale}
         if not stale:
@@ -63,5 +101,5 @@ class OutboxSweep:
         )
         await self.broker.publish_outputs([o for _, o in stale])
         await self.store.outbox_done([i for i, _ in stale])
-        self.published += len(stale)
+        self.swept += len(stale)
         return len(stale)

@@ -33,6 +33,7 @@ from fastq.broker.base import (
 )
 from fastq.config import Config
 from fastq.engine.fleet import DeathPolicy, Fate
+from fastq.engine.outbox import StoreOutbox
 from fastq.errors import FastqError
 from fastq.wire import Returned
 from fastq.workflow.state import ref_of
@@ -142,9 +143,10 @@ class Pumps:
         #: once their messages are acked or dead-lettered: (queue, tag) -> (key, message id)
         self.frees_keys = store is not None and not getattr(broker, "keeps_unique_keys", True)
         self.keys: dict[tuple[str, int], tuple[str, str]] = {}
-        #: workflow messages published from the store's outbox: message id -> outbox id
-        self.outbox: dict[str, int] = {}
-        self.flushed = False
+        #: the store's workflow outbox, where the store keeps the runs and the broker none
+        self.outbox: StoreOutbox | None = None
+        if store is not None and not broker.keeps_runs and store.keeps_runs_for_others:
+            self.outbox = StoreOutbox(broker, store)
 
     def stop(self) -> None:
         """Claim no more; a pump waiting for new messages stops waiting now."""
@@ -160,7 +162,8 @@ class Pumps:
             self.queue_index[queue],
         )
         pause, failures = RETRY_MIN, 0
-        await self.flush_outbox()
+        if self.outbox is not None:
+            await self.outbox.flush_at_start()
         while True:
             wake.clear()
             carrying = self.carrying[queue]
@@ -195,8 +198,8 @@ class Pumps:
                     timeout=0.0 if settling else IDLE_WAIT,
                     wake=wake,
                 )
-                if self.outbox:
-                    await self.published(parts)
+                if self.outbox is not None:
+                    await self.outbox.published(parts["outputs"])
             except Exception as e:
                 if not isinstance(e, FastqError):
                     logger.exception(
@@ -251,50 +254,20 @@ class Pumps:
         apart from the broker (then the broker's round trip has none left to write). Workflow
         steps' outcomes too, where the broker keeps no runs (RabbitMQ): the store records them
         and keeps the messages they made ready in its outbox, which go out with the outputs,
-        confirmed before the ack (``published`` then empties the outbox)."""
+        confirmed before the ack (``StoreOutbox``, fastq.engine.outbox, then lets them go)."""
         if self.store is None or not parts["results"]:
             return parts
         results = parts["results"]
-        apart = not self.broker.keeps_runs and self.store.keeps_runs_for_others
-        steps = [r for r in results if r.step is not None] if apart else []
+        steps = [r for r in results if r.step is not None] if self.outbox is not None else []
         if steps:
             results = [r for r in results if r.step is None]
         if results:
             await self.store.put_results(results)
         if not steps:
             return {**parts, "results": []}
-        made = await self.store.record_steps(steps)
-        for outbox_id, o in made:
-            self.outbox[o.message.message_id] = outbox_id
-        return {**parts, "results": [], "outputs": [*parts["outputs"], *(o for _, o in made)]}
-
-    async def published(self, parts: dict[str, list[Any]]) -> None:
-        """The outputs of ``parts`` were published: those from the store's outbox leave it (a
-        failure here is logged: they go again at the next start, as duplicates)."""
-        assert self.store is not None
-        done = [self.outbox.pop(o.message.message_id, 0) for o in parts["outputs"]]
-        if any(done):
-            try:
-                await self.store.outbox_done([i for i in done if i])
-            except Exception as e:  # noqa: BLE001 - they are published; only the outbox keeps them
-                logger.warning("emptying the workflow outbox failed: %s", e)
-
-    async def flush_outbox(self) -> None:
-        """At start: publish what a supervisor before this one recorded in the store's outbox
-        and died before publishing (once per supervisor; a failure is logged)."""
-        if self.flushed or self.store is None or self.broker.keeps_runs:
-            return
-        self.flushed = True
-        if not self.store.keeps_runs_for_others:
-            return
-        try:
-            pending = await self.store.pending_outbox()
-            if pending:
-                logger.warning("publishing %d workflow steps left in the outbox", len(pending))
-                await self.broker.publish_outputs([o for _, o in pending])
-                await self.store.outbox_done([i for i, _ in pending])
-        except Exception as e:  # noqa: BLE001 - the next start tries again
-            logger.error("publishing the workflow outbox failed: %s", e)
+        assert self.outbox is not None
+        made = await self.outbox.record(steps)
+        return {**parts, "results": [], "outputs": [*parts["outputs"], *made]}
 
     def allowance(self, queue: str) -> int:
         return CONFIRM_ALLOWANCE if queue in self.publishing_queues else 0
@@ -329,8 +302,8 @@ class Pumps:
                 try:
                     parts = await self.stored(parts)
                     await self.broker.exchange(queue, **parts, fetch=0, timeout=0.0, wake=None)
-                    if self.outbox:
-                        await self.published(parts)
+                    if self.outbox is not None:
+                        await self.outbox.published(parts["outputs"])
                     break
                 except Exception as e:  # noqa: BLE001 - whatever it was, the batch is tried again
                     if failures % 60 == 0:

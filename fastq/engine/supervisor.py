@@ -34,7 +34,6 @@ from fastq.broker.base import Broker
 from fastq.config import Config, Route
 from fastq.engine import inspect
 from fastq.engine.fleet import MAX_WORKER_DEATHS, DeathPolicy, Fleet, Member
-from fastq.engine.outbox import OutboxSweep
 from fastq.engine.placement import Placement
 from fastq.engine.pump import Item, Pumps
 from fastq.engine.scheduler import Scheduler
@@ -564,10 +563,8 @@ class Supervisor:
                 self.spawn(self.scheduler.run(self.stopped))
             if self.config.autosize:
                 self.spawn(self.tuning.run())
-            store = self.store
-            if store is not None and not self.broker.keeps_runs and store.keeps_runs_for_others:
-                outbox = self.pumps.outbox  # the rows the pumps have in hand are not swept
-                self.spawn(OutboxSweep(self.broker, store, outbox.values).run())
+            if self.pumps.outbox is not None:  # what nobody published of the store's outbox
+                self.spawn(self.pumps.outbox.run())
             await self.stopped.wait()  # they stop fetching once stopping, and settle on
             deadline = loop.time() + self.config.shutdown_timeout
             while (

@@ -139,7 +139,7 @@ ALLOWED: dict[str, set[str]] = {
     "engine": set(),
     "engine.fleet": _ENGINE,
     "engine.placement": _ENGINE | {"engine.fleet"},
-    "engine.pump": _ENGINE | {"engine.fleet", "results", "workflow.state"},
+    "engine.pump": _ENGINE | {"engine.fleet", "engine.outbox", "results", "workflow.state"},
     "engine.tuning": _ENGINE | {"engine.placement", "engine.pump"},
     "engine.statistics": set(),
     # the periodic scheduler: each tick of the App's schedules, once, through the broker
@@ -148,8 +148,8 @@ ALLOWED: dict[str, set[str]] = {
     "engine.inspect": set(),
     "engine.supervisor": _ENGINE | {"engine.fleet", "engine.placement", "engine.pump",
                                     "engine.tuning", "engine.statistics", "engine.scheduler",
-                                    "engine.inspect", "engine.outbox", "logs", "metrics"},
-    # the sweep of a result store's workflow outbox: what no live process published
+                                    "engine.inspect", "logs", "metrics"},
+    # the supervisor's side of a result store's workflow outbox: record, let go, sweep
     "engine.outbox": _ENGINE,
     # the supervisor's Prometheus /metrics (the only prometheus_client importer): the workers'
     # tallies (wire) and the engine's statistics, passed in by the supervisor
