@@ -11,7 +11,7 @@ MEASURE is one of:
   workflow bench runs it (its queues deleted after the round);
 - ``fanout-sqlite``: the workflow bench's fan-out of 1,000 ~1 ms steps: seconds divided by the
   elements' mean handler time (the run's own "1 ms"), so that a slower handler does not read as
-  a slower engine;
+  a slower engine; ``fanout-amqp``: the same through RabbitMQ, as ``chains-amqp``;
 - ``result-sqlite``: 60 sequential ``wf.start`` + ``wf.result`` of a 2-step noop workflow
   against a ``fastq worker`` of its own, p50 in ms;
 - ``call-sqlite``: 500 sequential ``call`` round trips of an echo task from a caller process of
@@ -40,6 +40,7 @@ MEASURES = (
     "chains-memory",
     "chains-amqp",
     "fanout-sqlite",
+    "fanout-amqp",
     "result-sqlite",
     "call-sqlite",
     "call-sqlite-thread",

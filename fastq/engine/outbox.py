@@ -8,13 +8,13 @@ those rows go (``published``). What the process that called ``wf.start`` or ``wf
 there its relay publishes (``fastq.workflow.relay``).
 
 A process killed between its transaction and its publish leaves its rows there (a supervisor
-killed after its publish, before they were let go, too: they go again, as duplicates). The
-first pump publishes what it finds at its start (``flush_at_start``); ``run`` looks again every
-``SWEEP_EVERY`` seconds and publishes the rows it saw at its look before too (so at least that
-old: a live process publishes its own in milliseconds), except those this supervisor has in
-hand. A row that another live process is still trying to publish (RabbitMQ unreachable for
-longer than that) may so go twice: at least once, and a step bears a duplicate (the first
-completion wins).
+killed after its publish, before they were let go, too: they go again, as duplicates). ``run``
+looks at the outbox when the supervisor starts and then every ``SWEEP_EVERY`` seconds, and
+publishes the rows it saw at its look before too (so at least that old: a live process
+publishes its own in milliseconds), except those this supervisor has in hand. So a supervisor
+that starts while a producer's relay is busy does not publish that relay's rows again; a row
+that another live process is still trying to publish (RabbitMQ unreachable for longer than
+that) may go twice: at least once, and a step bears a duplicate (the first completion wins).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from fastq.broker.base import Broker, Output, StoredResult
 
 logger = logging.getLogger(__name__)
 
-SWEEP_EVERY = 5.0
+SWEEP_EVERY = 2.0
 
 
 class StoreOutbox:
@@ -37,9 +37,7 @@ class StoreOutbox:
         self.broker, self.store = broker, store
         #: made ready by a batch this supervisor recorded, not yet published: message id -> row
         self.in_hand: dict[str, int] = {}
-        self.flushed = False
         self.seen: set[int] = set()  # the rows at the sweep's last look
-        self.swept = 0
 
     async def record(self, steps: Sequence[StoredResult]) -> list[Output]:
         """Record ``steps``' outcomes in one store transaction; the messages they made ready,
@@ -59,30 +57,15 @@ class StoreOutbox:
             except Exception as e:  # noqa: BLE001 - published: only the outbox keeps them
                 logger.warning("letting published rows go from the workflow outbox failed: %s", e)
 
-    async def flush_at_start(self) -> None:
-        """Publish what a process before this one left in the outbox (once per supervisor; a
-        failure is logged, and the sweep tries again)."""
-        if self.flushed:
-            return
-        self.flushed = True
-        try:
-            pending = await self.store.pending_outbox()
-            if pending:
-                logger.warning("publishing %d workflow steps left in the outbox", len(pending))
-                await self.broker.publish_outputs([o for _, o in pending])
-                await self.store.outbox_done([i for i, _ in pending])
-        except Exception as e:  # noqa: BLE001 - the sweep tries again
-            logger.error("publishing the workflow outbox failed: %s", e)
-
-    async def run(self, every: float = SWEEP_EVERY) -> None:
-        """Sweep every ``every`` seconds until cancelled (a failed sweep is logged; the next
-        one tries again)."""
+    async def run(self) -> None:
+        """Sweep now, then every SWEEP_EVERY seconds, until cancelled (a failed sweep is
+        logged; the next one tries again)."""
         while True:
-            await asyncio.sleep(every)
             try:
                 await self.sweep()
             except Exception as e:  # noqa: BLE001 - the rows stay; the next sweep tries again
                 logger.warning("sweeping the workflow outbox of %s failed: %s", self.store.url, e)
+            await asyncio.sleep(SWEEP_EVERY)
 
     async def sweep(self) -> int:
         """One look: publish and let go what the last look saw too and this supervisor does
@@ -95,11 +78,11 @@ class StoreOutbox:
             return 0
         logger.warning(
             "publishing %d workflow step message(s) left in the outbox of %s by a process that "
-            "ended before it published them",
+            "ended before it published them (or has not published them for %g s)",
             len(stale),
             self.store.url,
+            SWEEP_EVERY,
         )
         await self.broker.publish_outputs([o for _, o in stale])
         await self.store.outbox_done([i for i, _ in stale])
-        self.swept += len(stale)
         return len(stale)

@@ -162,8 +162,6 @@ class Pumps:
             self.queue_index[queue],
         )
         pause, failures = RETRY_MIN, 0
-        if self.outbox is not None:
-            await self.outbox.flush_at_start()
         while True:
             wake.clear()
             carrying = self.carrying[queue]

@@ -233,7 +233,10 @@ class RunAPI:
         return encoded
 
     def start(self, *args: Any, **kwargs: Any) -> str:
-        """Start a run: its root steps are enqueued with these arguments; its id.
+        """Start a run: its root steps are enqueued with these arguments; its id. Where the runs
+        are kept apart from the broker (RabbitMQ with a result store) it returns once the run is
+        committed there: the app's relay publishes the root steps right after, from a thread
+        of this process (``fastq.workflow.relay``; before this process exits, too).
 
         Raises:
             ConfigError: the broker keeps no runs (memory://, sqlite:// and postgresql:// do).

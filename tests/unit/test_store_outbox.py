@@ -113,3 +113,24 @@ def test_the_sweep_publishes_rows_seen_twice_and_never_those_in_hand(tmp_path, w
         await store.close()
 
     asyncio.run(main())
+
+
+def test_a_starting_supervisor_does_not_publish_what_a_live_relay_lets_go_meanwhile(tmp_path, wf):
+    """A supervisor that starts while a producer's relay holds rows (published, or about to
+    be): its first look only notes them; gone by its second, they are never published again."""
+    store, broker = SqliteBroker(f"sqlite:///{tmp_path / 'runs.db'}"), Taking()
+    held: list = []
+    store.run_transaction(
+        lambda tx: run.start(tx, "r1", "chain", wf.graph(), msgspec.msgpack.encode([1]), 1.0),
+        outbox=held,
+    )
+
+    async def main() -> None:
+        await store.open()
+        out = StoreOutbox(broker, store)  # type: ignore[arg-type]
+        assert await out.sweep() == 0  # the start's look
+        await store.outbox_done([i for i, _ in held])  # the relay published and let go
+        assert await out.sweep() == 0 and broker.taken == []
+        await store.close()
+
+    asyncio.run(main())
