@@ -52,12 +52,18 @@ def _outbox(store: SqliteBroker) -> list[int]:
     return [r[0] for r in store._db().execute("SELECT id FROM fastq_run_outbox ORDER BY id")]
 
 
-def _start(store: SqliteBroker, wf, run_id: str) -> None:
+def _committed(store: SqliteBroker, wf, run_id: str) -> list:
+    """A starter's transaction: the run, and its root's message in the outbox (its rows)."""
     made: list = []
     store.run_transaction(
         lambda tx: run.start(tx, run_id, "chain", wf.graph(), msgspec.msgpack.encode([1]), 1.0),
         outbox=made,
     )
+    return made
+
+
+def _start(store: SqliteBroker, wf, run_id: str) -> None:
+    made = _committed(store, wf, run_id)
     store.outbox_done_sync([i for i, _ in made])  # as the starter's relay does
 
 
@@ -92,11 +98,7 @@ def test_what_a_batch_made_ready_waits_in_the_outbox_until_it_was_published(tmp_
 def test_the_sweep_publishes_rows_seen_twice_and_never_those_in_hand(tmp_path, wf):
     store, broker = SqliteBroker(f"sqlite:///{tmp_path / 'runs.db'}"), Taking()
     _start(store, wf, "r1")
-    left: list = []  # a starter killed after its transaction: nobody publishes r2's root
-    store.run_transaction(
-        lambda tx: run.start(tx, "r2", "chain", wf.graph(), msgspec.msgpack.encode([2]), 1.0),
-        outbox=left,
-    )
+    left = _committed(store, wf, "r2")  # its starter was killed: nobody publishes r2's root
 
     async def main() -> None:
         await store.open()
@@ -119,11 +121,7 @@ def test_a_starting_supervisor_does_not_publish_what_a_live_relay_lets_go_meanwh
     """A supervisor that starts while a producer's relay holds rows (published, or about to
     be): its first look only notes them; gone by its second, they are never published again."""
     store, broker = SqliteBroker(f"sqlite:///{tmp_path / 'runs.db'}"), Taking()
-    held: list = []
-    store.run_transaction(
-        lambda tx: run.start(tx, "r1", "chain", wf.graph(), msgspec.msgpack.encode([1]), 1.0),
-        outbox=held,
-    )
+    held = _committed(store, wf, "r1")
 
     async def main() -> None:
         await store.open()
