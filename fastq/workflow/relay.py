@@ -7,10 +7,10 @@ them, confirmed, in batches (whatever was handed over while the last batch was c
 only then lets them go from the outbox. So nothing is lost on the way: while the broker refuses
 or cannot be reached the messages wait in the store and the relay tries again (every
 ``RETRY_MAX`` seconds at most); a process that ends normally publishes what it still holds first
-(``flush`` at exit, ``EXIT_WAIT`` seconds at most); one killed before leaves them in the outbox,
-where a supervisor of the app publishes them when it starts. A batch published and then not let
-go (the store failed just then) goes again from there: a duplicate, which a step bears (the
-first completion wins).
+(``flush`` at exit, ``EXIT_WAIT`` seconds at most; a worker before it leaves, ``flush_all``);
+one killed before leaves them in the outbox, where the app's supervisors publish them (their
+sweep, fastq.engine.outbox). A batch published and then not let go (the store failed just then)
+goes again from there: a duplicate, which a step bears (the first completion wins).
 """
 
 from __future__ import annotations
@@ -60,10 +60,14 @@ def flush_all(timeout: float) -> bool:
 
 
 def _forget_after_fork() -> None:
-    """A child of ``fork`` has none of its parent's threads: its relays start afresh (what
-    the parent handed over is the parent's to publish)."""
+    """A child of ``fork`` has none of its parent's threads: its relays start afresh, and the
+    ones it inherited hold nothing (what the parent handed over is the parent's to publish;
+    their ``flush`` at the child's exit must not wait for a thread that is not there)."""
     global _lock
     _lock = threading.Lock()
+    for relay in list(_relays.values()):
+        relay.pending, relay.busy = [], False
+        relay.cond = threading.Condition()
     _relays.clear()
 
 
@@ -97,14 +101,14 @@ class Relay:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything handed over was published and let go (True), or ``timeout``
-        seconds passed (False, logged: a supervisor publishes the rest when it starts)."""
+        seconds passed (False, logged: the app's supervisors publish the rest)."""
         with self.cond:
             done = self.cond.wait_for(lambda: not self.pending and not self.busy, timeout)
             left = len(self.pending)
         if not done:
             logger.warning(
                 "%d workflow step message(s) were not published to %s within %g s; they wait in "
-                "the outbox of %s, and a supervisor of the app publishes them when it starts",
+                "the outbox of %s, where the app's supervisors publish them",
                 left,
                 self.broker.url,
                 timeout or 0.0,
@@ -152,7 +156,8 @@ class Relay:
 
     def _publish(self, batch: list[tuple[int, Output]]) -> None:
         """One batch: each queue's messages in one confirmed publish, then out of the outbox (a
-        failure there is logged: they were published, and go again at a supervisor's start)."""
+        failure there is logged: they were published, and the supervisors' sweep publishes
+        them again)."""
         by_queue: dict[str, list[Message]] = {}
         for _, o in batch:
             by_queue.setdefault(o.queue, []).append(o.message)
@@ -163,7 +168,7 @@ class Relay:
         except Exception as e:  # noqa: BLE001 - published: only the outbox still holds them
             logger.warning(
                 "letting %d published workflow step message(s) go from the outbox of %s "
-                "failed (%s); a supervisor's start publishes them again",
+                "failed (%s); the supervisors' sweep publishes them again",
                 len(batch),
                 self.store.url,
                 e,

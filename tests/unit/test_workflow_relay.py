@@ -123,3 +123,31 @@ def test_flush_all_waits_for_each_relay_even_after_one_that_cannot_finish(tmp_pa
     apps[0].broker.down.clear()
     assert flush_all(30) is True
     assert _outbox(store) == []
+
+
+def test_a_forked_child_neither_publishes_nor_waits_for_what_its_parent_handed_over(tmp_path, wf):
+    """fork copies the relay's list but not its thread: the child's exit must not wait for it
+    (nor publish the parent's messages), and the child gets a relay of its own."""
+    import os
+
+    from fastq.workflow.relay import relay_of
+
+    class FakeApp:
+        def __init__(self, broker: Refusing) -> None:
+            self.broker = broker
+
+    store, app = SqliteBroker(f"sqlite:///{tmp_path / 'runs.db'}"), FakeApp(Refusing())
+    app.broker.down.set()  # the parent's relay holds what it was given
+    parent = relay_of(app, store)  # type: ignore[arg-type]
+    parent.submit(_start(store, wf, "r1"))
+    wait_until(lambda: app.broker.refused >= 1, 30)
+    pid = os.fork()
+    if pid == 0:  # the child
+        began = time.monotonic()
+        ok = parent.flush(5) and relay_of(app, store) is not parent  # type: ignore[arg-type]
+        os._exit(0 if ok and time.monotonic() - began < 1 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert parent.pending and app.broker.taken == []  # still the parent's, still held
+    app.broker.down.clear()
+    assert parent.flush(30) and _outbox(store) == []
