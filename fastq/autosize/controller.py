@@ -58,10 +58,12 @@ class Controller:
     Once per look, ``step`` applies the first rule of ``RULES`` that fits (each is a method
     below, with its own docstring): memory short; an increase that did not pay; a jump sized by
     idle cores that paid less than half of itself; a decrease that lost throughput on idle
-    cores, or on saturated ones; saturated cores; a backlog waiting. A ceiling (kept apart for
-    concurrency and for prefetch, so that one that stopped paying leaves the other to try)
-    holds until the load changes (throughput moves by a quarter) or PROBE_AFTER intervals
-    pass, when one doubling is tried again; decreases hold increases for COOLDOWN intervals.
+    cores, or on saturated ones; saturated cores; a backlog waiting (more concurrency, the
+    prefetch factor to its largest with it; at the concurrency's ceiling, the factor alone). A
+    ceiling (kept apart for concurrency and for prefetch, so that one that stopped paying
+    leaves the other to try) holds until the load changes (throughput moves by a quarter) or
+    PROBE_AFTER intervals pass, when one doubling is tried again; decreases hold increases for
+    COOLDOWN intervals.
     So it settles instead of swinging, and a value the user set never moves. ``cap`` applies
     the queue's share of the host (``share_slots``), ``reclassify`` a kind measured at run time,
     and ``next_look`` says when to look again: sooner after an increase.
@@ -326,19 +328,18 @@ class Controller:
         c, p, reason = self.concurrency, self.prefetch, ""
         before_c, before_factor = self.before
         dimension = "concurrency" if c != before_c else "prefetch"
+        undone = []
+        if c != before_c:  # with the larger prefetch it brought, if any
+            c = min(max(before_c, self.min_concurrency), self.max_concurrency)
+            undone.append(f"concurrency back to {c}")
         if self.factor != before_factor:
             self.factor = before_factor
+            undone.append(f"prefetch back to concurrency x {self.factor}")
+        if undone:
             p = self._prefetch_for(c)
             reason = (
                 f"throughput {s.throughput:,.0f}/s did not grow (latency "
-                f"{s.latency * 1e3:.1f} ms): prefetch back to concurrency x {self.factor}"
-            )
-        elif c != before_c:
-            c = min(max(before_c, self.min_concurrency), self.max_concurrency)
-            p = self._prefetch_for(c)
-            reason = (
-                f"throughput {s.throughput:,.0f}/s did not grow (latency "
-                f"{s.latency * 1e3:.1f} ms): concurrency back to {c}"
+                f"{s.latency * 1e3:.1f} ms): {', '.join(undone)}"
             )
         self._ceiling(s, dimension)
         self.cooldown = COOLDOWN
@@ -421,9 +422,12 @@ class Controller:
     def backlog_waits(self, s: Sample, look: _Look) -> _Change | None:
         """7. A backlog waits: each step is tried and kept only if it pays. With idle cores more
         at once should: I/O concurrency grows by ``ramp`` (sized by the idle cores and the
-        backlog; x2 on busy cores; x4 after a step that paid STRONG_GAIN, never in a probe).
-        Past its ceiling, larger batches (less overhead per message) may: the prefetch factor
-        goes straight to its largest."""
+        backlog; x2 on busy cores; x4 after a step that paid STRONG_GAIN, never in a probe),
+        and the prefetch factor goes to its largest with it unless that was a ceiling (short
+        handlers are carried by what is in flight around the supervisor's round trip, not by
+        handlers: a step that raised both and did not pay goes back whole). Past the
+        concurrency's ceiling, larger batches (less overhead per message) may: the prefetch
+        factor goes straight to its largest."""
         if not (s.backlog > 0 and not self.cooldown):
             return None
         probing, self.probing = self.probing, False  # a probe is this one step
@@ -439,6 +443,8 @@ class Controller:
             if jump == 2.0 and look.strong and not probing:  # busy cores, but each step paid well
                 jump = 4.0
             c = min(self.max_concurrency, max(c + 1, int(c * jump)))
+            if not self.fixed_prefetch and not self.capped["prefetch"] and not probing:
+                self.factor = self.factor_max
             p = self._prefetch_for(c)
             reason = (
                 f"cores {s.busy:.0%} busy while {s.backlog} messages wait: "
