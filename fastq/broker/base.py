@@ -517,6 +517,12 @@ class Broker(abc.ABC):
     async def queue_depth(self, queue: str) -> QueueDepth:
         """How many messages are ready, unacked and delayed."""
 
+    def buffered(self, queue: str) -> int:
+        """Deliveries of ``queue`` this process received and has not handed on yet (RabbitMQ
+        pushes up to the qos ahead): waiting work that ``queue_depth`` counts as unacked, not
+        as ready. None where a fetch claims exactly what it asks for."""
+        return 0
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Release connections; unsettled deliveries come back to some consumer later."""

@@ -197,12 +197,15 @@ class Tuning:
             e.retell()
 
     async def backlogs(self, names: Iterable[str]) -> dict[str, int]:
-        """Messages ready at the broker, per queue; a queue whose depth could not be read (the
-        broker is down) is left out, and said so."""
+        """Messages waiting, per queue: ready at the broker, and delivered to this host but not
+        handed on yet (RabbitMQ pushes a publishing queue's confirm allowance ahead: a backlog
+        it no longer counts as ready); a queue whose depth could not be read (the broker is
+        down) is left out, and said so."""
+        broker = self.engine.broker
         backlogs: dict[str, int] = {}
         for name in names:
             try:
-                backlogs[name] = (await self.engine.broker.queue_depth(name)).ready
+                backlogs[name] = (await broker.queue_depth(name)).ready + broker.buffered(name)
             except Exception as exc:  # noqa: BLE001 - whatever it was: decide next time
                 logger.warning("autosize: no queue depth for %r (%s); holding", name, exc)
         return backlogs

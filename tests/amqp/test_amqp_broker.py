@@ -142,3 +142,37 @@ def test_the_watchdog_rebuilds_a_consumer_that_gets_nothing_while_messages_wait(
         await broker.close()
 
     asyncio.run(main())
+
+
+def test_what_rabbitmq_pushed_ahead_counts_as_waiting_for_autosize(amqp_url, queue):
+    """A publishing queue's qos is its prefetch plus the confirm allowance, so RabbitMQ pushes
+    work ahead of what the pump takes: ready at RabbitMQ it is not, waiting it is. The tuning
+    loop's backlog counts it (a chain queue on RabbitMQ otherwise looked idle to autosize)."""
+    import types
+
+    from fastq.engine.tuning import Tuning
+
+    async def main():
+        broker = open_broker(amqp_url)
+        await broker.open()
+        await broker.declare(queue)
+        await broker.publish(queue, _messages(300))
+        await broker.prefetch(queue, 100)
+        taken: list = []
+        while len(taken) < 30:  # what has arrived, up to 30
+            taken += await broker.fetch(queue, 30 - len(taken), timeout=1)
+        for _ in range(200):  # until RabbitMQ has pushed its 100: 70 wait in this process
+            if broker.buffered(queue) == 70:
+                break
+            await asyncio.sleep(0.05)
+        depth = await broker.queue_depth(queue)
+        assert (depth.ready, broker.buffered(queue)) == (200, 70)
+        tuning = types.SimpleNamespace(engine=types.SimpleNamespace(broker=broker))
+        assert await Tuning.backlogs(tuning, [queue]) == {queue: 270}  # type: ignore[arg-type]
+        await broker.settle(queue, ack=[d.tag for d in taken])
+        rest = await _drain(broker, queue, 270)
+        assert sorted(d.message_id for d in taken + rest) == sorted(f"m{i}" for i in range(300))
+        assert broker.buffered(queue) == 0
+        await broker.close()
+
+    asyncio.run(main())

@@ -184,6 +184,10 @@ class AMQPBroker(Broker):
     ) -> None:
         await self.settler.settle(queue, ack=ack, retry=retry, dead=dead, release=release)
 
+    def buffered(self, queue: str) -> int:
+        consumer = self.consumers.by_queue.get(queue)
+        return len(consumer.buffer) if consumer is not None else 0
+
     async def queue_depth(self, queue: str) -> QueueDepth:
         """Ready and consumers from ``queue.declare`` (passive); dead letters from the dlq's;
         unacked of every host from RabbitMQ's management API when it answers (port
