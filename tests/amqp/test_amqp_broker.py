@@ -28,6 +28,16 @@ def _messages(n: int, start: int = 0) -> list[Message]:
     return [Message(b"%d" % i, f"m{i}") for i in range(start, start + n)]
 
 
+async def _filled(amqp_url: str, queue: str, n: int, *, prefetch: int):
+    """An open broker, ``n`` messages published to ``queue``, its consumer at ``prefetch``."""
+    broker = open_broker(amqp_url)
+    await broker.open()
+    await broker.declare(queue)
+    await broker.publish(queue, _messages(n))
+    await broker.prefetch(queue, prefetch)
+    return broker
+
+
 async def _drain(broker, queue: str, n: int, *, unique: set[str] | None = None) -> list:
     """Fetch and ack until ``n`` deliveries came (or, given ``unique``, until it holds ``n``
     ids)."""
@@ -48,11 +58,7 @@ def test_a_prefetch_change_reaches_the_running_consumer_with_nothing_lost_or_dou
     amqp_url, queue
 ):
     async def main():
-        broker = open_broker(amqp_url)
-        await broker.open()
-        await broker.declare(queue)
-        await broker.publish(queue, _messages(300))
-        await broker.prefetch(queue, 10)
+        broker = await _filled(amqp_url, queue, 300, prefetch=10)
         first = await broker.fetch(queue, 100, timeout=1)
         await asyncio.sleep(0.3)
         first += await broker.fetch(queue, 100, timeout=0.1)
@@ -153,11 +159,7 @@ def test_what_rabbitmq_pushed_ahead_counts_as_waiting_for_autosize(amqp_url, que
     from fastq.engine.tuning import Tuning
 
     async def main():
-        broker = open_broker(amqp_url)
-        await broker.open()
-        await broker.declare(queue)
-        await broker.publish(queue, _messages(300))
-        await broker.prefetch(queue, 100)
+        broker = await _filled(amqp_url, queue, 300, prefetch=100)
         taken: list = []
         while len(taken) < 30:  # what has arrived, up to 30
             taken += await broker.fetch(queue, 30 - len(taken), timeout=1)
