@@ -520,7 +520,7 @@ class Broker(abc.ABC):
     def buffered(self, queue: str) -> int:
         """Deliveries of ``queue`` this process received and has not handed on yet (RabbitMQ
         pushes up to the qos ahead): waiting work that ``queue_depth`` counts as unacked, not
-        as ready. None where a fetch claims exactly what it asks for."""
+        as ready. 0 where a fetch claims exactly what it asks for."""
         return 0
 
     @abc.abstractmethod

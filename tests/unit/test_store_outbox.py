@@ -23,7 +23,6 @@ class Taking:
     """A broker that keeps what it is asked to publish."""
 
     url = "amqp://guest:***@127.0.0.1:5672/"
-    keeps_runs = False
 
     def __init__(self) -> None:
         self.taken: list[str] = []
