@@ -19,6 +19,10 @@ import msgspec
 from fastq.errors import ConfigError
 from fastq.url import mask_url
 
+#: The most I/O handlers autosize raises a host to, all its queues together (the default of
+#: ``io_concurrency_ceiling``): past the formula's min(100, cores x 2) only while each step pays.
+DEFAULT_IO_CONCURRENCY_CEILING = 1000
+
 #: The embedded default: a SQLite file in the working directory.
 DEFAULT_BROKER_URL = "sqlite:///fastq.db"
 
@@ -42,6 +46,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     pin_cpus: bool = True
     #: follow the load: move concurrency and prefetch that you did not set (see fastq.autosize)
     autosize: bool = True
+    #: the most I/O handlers autosize raises the host to, its queues' shares together
+    io_concurrency_ceiling: int = DEFAULT_IO_CONCURRENCY_CEILING
     ring_size_bytes: int = 2 << 20
     batch_max: int = 256
     max_message_bytes: int = 1 << 20
@@ -55,7 +61,13 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     metrics: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("processes", "concurrency", "prefetch", "max_tasks_per_child"):
+        for name in (
+            "processes",
+            "concurrency",
+            "prefetch",
+            "max_tasks_per_child",
+            "io_concurrency_ceiling",
+        ):
             _at_least(name, getattr(self, name), 1)
         _at_least("ring_size_bytes", self.ring_size_bytes, 64 << 10)
         _at_least("batch_max", self.batch_max, 1)

@@ -37,6 +37,7 @@ from fastq.autosize.look import (
 )
 from fastq.autosize.plan import (
     CPU_PREFETCH_FACTOR,
+    IO_CONCURRENCY_CEILING,
     IO_CONCURRENCY_MAX,
     IO_PREFETCH_FACTOR,
     PREFETCH_MEMORY_SHARE,
@@ -56,6 +57,7 @@ __all__ = [
     "CPU_PREFETCH_FACTOR_MAX",
     "FIRST_LOOK",
     "GAIN",
+    "IO_CONCURRENCY_CEILING",
     "IO_CONCURRENCY_MAX",
     "IO_PREFETCH_FACTOR",
     "IO_PREFETCH_FACTOR_MAX",

@@ -102,6 +102,9 @@ class Controller:
                 self.min_concurrency, min(self.max_concurrency, self.max_prefetch)
             )
         self.user_max_concurrency = bounds.max_concurrency
+        #: the most I/O handlers the steps may reach: the formula's ceiling, or the host's
+        #: (the engine passes Config.io_concurrency_ceiling)
+        self.ceiling = concurrency_max or IO_CONCURRENCY_MAX
         base = IO_PREFETCH_FACTOR if self.kind == "io" else CPU_PREFETCH_FACTOR
         self.factor_min, self.factor = base, base
         self.factor_max = IO_PREFETCH_FACTOR_MAX if self.kind == "io" else CPU_PREFETCH_FACTOR_MAX
@@ -159,7 +162,7 @@ class Controller:
                 f"{ceiling}: concurrency {'down' if new < old else 'up'} to {new}",
                 rule="cap",
             )
-        user_max = self.user_max_concurrency or IO_CONCURRENCY_MAX
+        user_max = self.user_max_concurrency or self.ceiling
         self.max_concurrency = max(self.min_concurrency, min(user_max, ceiling))
         if self.concurrency <= self.max_concurrency:
             return Decision(concurrency=self.concurrency, prefetch=self.prefetch)
@@ -219,11 +222,12 @@ class Controller:
     def start(self, backlog: int) -> Decision:
         """Before the first look: a backlog that the formula's prefetch cannot hold met an I/O
         queue on cores that do nothing yet. Its concurrency goes at once as far as the backlog
-        can feed (``ramp`` of idle cores: up to its maximum, IO_CONCURRENCY_MAX by default), so
-        that a burst is not over before the first look. No rate came before it, so no look
-        can say it did not pay: it stands as a setting the steps reached would, under the
-        rules that follow (saturated cores halve it, memory pressure lowers it). Nothing moves
-        without a backlog: a steady load starts where the formula says."""
+        can feed (``ramp`` of idle cores: up to its maximum, the host's ceiling in the engine,
+        IO_CONCURRENCY_MAX by default), so that a burst is not over before the first look. No
+        rate came before it, so no look can say it did not pay: it stands as a setting the
+        steps reached would, under the rules that follow (saturated cores halve it, memory
+        pressure lowers it). Nothing moves without a backlog: a steady load starts where the
+        formula says."""
         if self.kind != "io" or self.fixed_concurrency or backlog <= self.prefetch:
             return Decision(concurrency=self.concurrency, prefetch=self.prefetch)
         c = self.concurrency
@@ -377,7 +381,9 @@ class Controller:
         ):
             return None
         c = min(max(self.before[0], self.min_concurrency), self.max_concurrency)
-        self._ceiling(s, "down")
+        # judged by the throughput it goes back to: the lost one would read as a changed load
+        # once it is back, and the decrease would be tried again at once (a swing)
+        self._ceiling(last, "down")
         self.cooldown = COOLDOWN
         return (
             c,
@@ -396,13 +402,14 @@ class Controller:
         return self.concurrency, self.prefetch, ""
 
     def saturated(self, s: Sample, look: _Look) -> _Change | None:
-        """6. Cores saturated (SATURATED busy or more) while a backlog waits: more at once only
-        adds waiting (the work turned CPU-bound, say); halve I/O concurrency, and keep it while
-        throughput holds (the multiplicative decrease)."""
+        """6. Cores saturated (SATURATED busy or more) while work waits, at the broker or in
+        this host (more in flight than handlers: the prefetch holds what the broker no longer
+        counts): more at once only adds waiting (the work turned CPU-bound, say); halve I/O
+        concurrency, and keep it while throughput holds (the multiplicative decrease)."""
         c = self.concurrency
         if not (
             s.busy >= SATURATED
-            and s.backlog > 0
+            and (s.backlog > 0 or s.in_flight > c)
             and not self.cooldown
             and not self.fixed_concurrency
             and not look.raised

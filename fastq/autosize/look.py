@@ -39,6 +39,9 @@ class Sample(msgspec.Struct, frozen=True, kw_only=True):
     throughput: float
     #: mean seconds a message spent delivered and unsettled (in flight / throughput)
     latency: float
+    #: messages delivered to this host and not settled, at the look (beyond the concurrency,
+    #: they wait in the host: a backlog the broker no longer counts)
+    in_flight: int = 0
     #: share of the memory limit still available, 0..1
     memory_headroom: float = 1.0
 

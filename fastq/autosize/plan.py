@@ -8,7 +8,7 @@ The starting rules (ARCHITECTURE.md, "Sizing"), per host:
 
 | kind | concurrency | prefetch |
 |---|---|---|
-| io (and auto, until measured) | min(100, cores x 2) | concurrency x 5 (may grow to x 10) |
+| io (and auto, until measured) | min(100, cores x 2), may grow to 1,000 | concurrency x 5..10 |
 | cpu | cores (one handler per pinned core) | concurrency x 2 (may grow to x 3) |
 
 ``cores`` is what this process may really use: the affinity mask, cut by a cgroup CPU quota
@@ -26,11 +26,16 @@ from typing import Any, Literal
 import msgspec
 
 from fastq.autosize.topology import Topology
-from fastq.config import Config, HandlerOptions
+from fastq.config import DEFAULT_IO_CONCURRENCY_CEILING, Config, HandlerOptions
 from fastq.errors import ConfigError
 
-#: ceiling of the I/O formula (the "high concurrency" tier), per host
+#: ceiling of the I/O formula (the "high concurrency" tier), per host: where a queue starts
 IO_CONCURRENCY_MAX = 100
+#: the most I/O handlers the controller raises a host to (Config.io_concurrency_ceiling's
+#: default), past the formula, while cores stay idle with a backlog waiting and each step pays
+#: (a 5 ms wait needs 100 handlers for 20,000 messages a second: a host that can do more must
+#: not stop there); the queues' shares split it
+IO_CONCURRENCY_CEILING = DEFAULT_IO_CONCURRENCY_CEILING
 IO_PREFETCH_FACTOR = 5
 CPU_PREFETCH_FACTOR = 2
 #: share of the memory limit a full prefetch of max-size messages may take

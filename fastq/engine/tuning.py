@@ -89,7 +89,10 @@ class Tuning:
         """The autosize controller of a queue (made from its plan at first use)."""
         if plan.name not in self.controllers:
             self.controllers[plan.name] = Controller(
-                plan, user_concurrency=plan.user_concurrency, user_prefetch=plan.user_prefetch
+                plan,
+                user_concurrency=plan.user_concurrency,
+                user_prefetch=plan.user_prefetch,
+                concurrency_max=self.engine.config.io_concurrency_ceiling,
             )
         return self.controllers[plan.name]
 
@@ -149,6 +152,7 @@ class Tuning:
             caps = share_slots(
                 {n: self.plans[n].options.weight for n in shared},
                 {n: backlogs.get(n, 0) > 0 or pumps.in_flight[n] > 0 for n in shared},
+                budget=e.config.io_concurrency_ceiling,
                 floors={n: c.min_concurrency for n, c in shared.items() if c.kind == "io"},
                 cores={n: c.cpu_cores for n, c in shared.items() if c.kind == "cpu"},
                 pressing={n for n in shared if now - waited.get(n, -PRESS_MEMORY) < PRESS_MEMORY},
@@ -184,6 +188,7 @@ class Tuning:
                             backlog=backlogs[name],
                             throughput=throughput,
                             latency=latency,
+                            in_flight=pumps.in_flight[name],
                             memory_headroom=headroom,
                         )
                     )
@@ -224,6 +229,7 @@ class Tuning:
         caps = share_slots(
             {n: self.plans[n].options.weight for n in io},
             {n: backlogs[n] > 0 for n in io},
+            budget=e.config.io_concurrency_ceiling,
             floors={n: c.min_concurrency for n, c in io.items()},
         )
         for name, controller in io.items():

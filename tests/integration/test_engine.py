@@ -509,7 +509,7 @@ def test_autosize_raises_the_concurrency_of_a_waiting_io_queue_and_loses_nothing
     engine.wait_for_lines(6_000)
     assert engine.stop() == 0
     # Then the controller met the backlog at the start, before the workers were up, raised
-    # concurrency as far as it feeds (the whole host's 100), told the workers as they came up,
+    # concurrency as far as it feeds (the host's ceiling, 1,000), told the workers as they came up,
     # and every message ran once
     import re
 
@@ -523,7 +523,7 @@ def test_autosize_raises_the_concurrency_of_a_waiting_io_queue_and_loses_nothing
     )
     assert first, log[-3000:]
     concurrency = int(first[3])
-    assert int(first[1]) > 5_000 and concurrency == 4 + int(first[2]) == 100
+    assert int(first[1]) > 5_000 and concurrency == 4 + int(first[2]) == 1000
     assert int(first[4]) == 5 * concurrency
     slots = (concurrency + 1) // 2  # the busier of the two workers
     assert (
@@ -572,8 +572,10 @@ def test_autosize_follows_io_work_that_turns_cpu_bound_mid_run(engine):
     wait_until(lambda: concurrency_now() >= 32, 60, engine.logtext, interval=0.2)
     # When the same handlers start computing instead of waiting
     (engine.dir / "out.txt.cpu").touch()
-    # Then the saturated cores bring concurrency down to what they carry, halving at each look.
-    # Five halvings from 100; a level may hold for PROBE_AFTER looks (16 looks, ~32 s) when a
+    # Then the saturated cores bring concurrency down to what they carry, halving at each look
+    # while work waits (at the broker, or prefetched into the host: a prefetch of 1,000 x 10
+    # holds a good part of the backlog). Eight halvings from the host's ceiling of 1,000 (the
+    # start jumps there); a level may hold for PROBE_AFTER looks (16 looks, ~32 s) when a
     # halving meets a throughput drop on saturated cores (rule 5), and a backlog must wait all
     # along (none: no halving): computing, two cores finish up to ~1,700 a second, so 5,000
     # more go in every 2.5 s, in short transactions that do not stall the supervisor's (a CI
@@ -612,9 +614,11 @@ def test_auto_handlers_measured_cpu_bound_move_their_queue_to_the_cpu_rules(engi
     assert collections.Counter(engine.lines()) == collections.Counter(str(i) for i in range(3_000))
 
 
-def test_two_busy_io_queues_share_the_hosts_handlers(engine):
+def test_two_busy_io_queues_share_the_hosts_handlers(engine, monkeypatch):
     import re
 
+    # a host of 100 I/O handlers (these handlers would climb past 50 each on the default 1,000)
+    monkeypatch.setenv("FASTQ_IO_CONCURRENCY_CEILING", "100")
     for q, task in (("slow", engine.app.slow), ("shift", engine.app.shift)):
         for start in range(0, 40_000, 5_000):
             engine.app.app.broker.publish_sync(
@@ -639,12 +643,15 @@ def test_two_busy_io_queues_share_the_hosts_handlers(engine):
 
 
 def test_a_busy_cpu_queue_takes_its_share_of_the_cores_beside_a_busy_io_queue_then_all_of_them(
-    engine,
+    engine, monkeypatch
 ):
     import asyncio
 
     # Given CPU work (one handler per core: 2 on 2 workers) and waiting I/O work of the same
-    # weight (50 ms each: 10,000 take 5 s or more at 100 at once), both with a backlog
+    # weight (50 ms each: 10,000 take 5 s or more at 100 at once, the host's I/O ceiling here:
+    # on the default 1,000 the I/O queue would drain before the cores are shared), both with a
+    # backlog
+    monkeypatch.setenv("FASTQ_IO_CONCURRENCY_CEILING", "100")
     total = 40_000
     for start in range(0, 10_000, 5_000):
         engine.app.app.broker.publish_sync(

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import itertools
 import time
+from typing import Any
 
 from fastq.autosize import (
     CONTROL_INTERVAL,
     COOLDOWN,
+    IO_CONCURRENCY_CEILING,
     IO_CONCURRENCY_MAX,
     PROBE_AFTER,
     RAMP_INTERVAL,
@@ -72,6 +74,25 @@ def test_io_work_with_idle_cores_climbs_to_the_ceiling_then_holds():
     # slow handlers: a change needs time to show
     assert ramping.next_look(latency=0.5) == CONTROL_INTERVAL
     assert ctl.next_look(latency=0.01) == CONTROL_INTERVAL
+
+
+def test_the_engines_controller_climbs_past_the_formula_while_cores_stay_idle_then_holds():
+    # Given the engine's controller (its ceiling the host's, not the formula's 100) and I/O
+    # handlers that wait 5 ms and use 50 µs of CPU: 100 at once carry 20,000/s, the two cores
+    # 40,000/s
+    ctl = Controller(queue("io"), concurrency_max=IO_CONCURRENCY_CEILING)
+    trace = run(ctl, 30, cpu_s=50e-6, wait_s=5e-3)
+    concurrency = [c for c, _, _ in trace]
+    # Then the first look sizes it by the idle cores, past the formula's ceiling
+    assert trace[0][2] == "cores 2% busy while 10000 messages wait: concurrency +147"
+    assert max(concurrency) <= IO_CONCURRENCY_CEILING
+    # and once the cores are full it settles where they stay full, and holds (a decrease that
+    # lost, taken back, is not tried again at once: no swing; one look in PROBE_AFTER tries
+    # the halving again, and takes it back)
+    tail = trace[-12:]
+    assert sum(t != (302, 3020, "") for t in tail) <= 2 and tail[-1][:2] == (302, 3020)
+    assert model(302, 3020, cpu_s=50e-6, wait_s=5e-3).throughput == CORES / 50e-6
+    assert direction_changes(concurrency) <= 4
 
 
 def test_with_busy_cores_an_increase_is_a_doubling():
@@ -225,6 +246,26 @@ def test_work_that_turns_cpu_bound_brings_io_concurrency_down_to_what_the_cores_
     assert concurrency[:6] == [50, 25, 12, 6, 3, 1]
     assert "throughput fell to 1,000/s: concurrency back to 3" in [r for _, _, r in trace]
     assert 2 <= concurrency[-1] <= 3 and all(c <= 6 for c in concurrency[6:])
+
+
+def test_saturated_cores_halve_io_concurrency_while_the_work_waits_in_the_host():
+    # Given the engine's controller at 1,000 I/O handlers whose prefetch took the whole
+    # backlog: nothing waits at the broker, 10,000 wait in this host, and the work is now CPU
+    def at_1000() -> Controller:
+        ctl = Controller(queue("io"), concurrency_max=IO_CONCURRENCY_CEILING)
+        assert ctl.start(backlog=100_000).concurrency == 1000
+        ctl.step(Sample(busy=0.5, backlog=0, throughput=40_000.0, latency=0.25, in_flight=10_000))
+        return ctl
+
+    held: dict[str, Any] = {"busy": 1.0, "backlog": 0, "throughput": 2_000.0, "latency": 5.0}
+    # Then the saturated cores halve it, as they would with a backlog at the broker
+    d = at_1000().step(Sample(**held, in_flight=10_000))
+    assert (d.concurrency, d.reason) == (
+        500,
+        "cores 100% busy: concurrency down to 500 while throughput holds",
+    )
+    # but not when what is in flight fits in the handlers (nothing waits anywhere)
+    assert at_1000().step(Sample(**held, in_flight=900)).concurrency == 1000
 
 
 def test_the_users_bounds_hold_every_step():
