@@ -192,6 +192,10 @@ class Broker(abc.ABC):
     #: ``exchange`` writes outputs and results in the ack's own transaction (or at once, in
     #: process): the supervisor need not take them apart from the other outcomes
     atomic_outputs = False
+    #: what is delivered and not settled costs the broker (RabbitMQ's queue and channel
+    #: processes track every unacked message, on cores shared with the handlers): autosize keeps
+    #: an I/O queue's prefetch beyond its handlers to what the formula's 100 handlers had
+    unsettled_costs = False
 
     @abc.abstractmethod
     async def open(self) -> None:

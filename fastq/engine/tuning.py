@@ -93,6 +93,7 @@ class Tuning:
                 user_concurrency=plan.user_concurrency,
                 user_prefetch=plan.user_prefetch,
                 concurrency_max=self.engine.config.io_concurrency_ceiling,
+                shallow=self.engine.broker.unsettled_costs,
             )
         return self.controllers[plan.name]
 

@@ -231,6 +231,25 @@ def test_every_message_is_processed_and_acked(rabbit):
     assert rabbit.depth(rabbit.q) == 0  # every one acked, none left unacked to come back
 
 
+def test_autosize_keeps_rabbitmqs_unacked_window_to_what_100_handlers_had(rabbit):
+    # Given a backlog met at the start: the I/O queue goes to the host's 1,000 handlers
+    _enqueue(rabbit, 6000)
+    rabbit.start("--processes", "2", "--queue", rabbit.q)
+    rabbit.wait_for_lines(6000)
+    assert rabbit.stop() == 0
+    # Then on RabbitMQ its prefetch is 1,000 (100 x 10 at most, not 1,000 x 5): what is
+    # delivered beyond the handlers costs RabbitMQ on the shared cores (SQLite: x 5, 5,000)
+    import re
+
+    sized = re.findall(
+        r"autosize: queue '[^']+': .*; concurrency (\d+), prefetch (\d+)", rabbit.logtext()
+    )
+    assert sized and sized[0] == ("1000", "1000"), rabbit.logtext()[-3000:]
+    assert all(int(p) <= max(int(c), 1000) for c, p in sized)
+    assert collections.Counter(rabbit.lines()) == collections.Counter(str(i) for i in range(6000))
+    assert rabbit.depth(rabbit.q) == 0
+
+
 def test_retries_and_dead_letters_are_counted_exactly(rabbit):
     for i in range(20):
         rabbit.app.flaky.send(i)

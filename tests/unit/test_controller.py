@@ -92,6 +92,11 @@ def test_the_engines_controller_climbs_past_the_formula_while_cores_stay_idle_th
     tail = trace[-12:]
     assert sum(t != (302, 3020, "") for t in tail) <= 2 and tail[-1][:2] == (302, 3020)
     assert model(302, 3020, cpu_s=50e-6, wait_s=5e-3).throughput == CORES / 50e-6
+    # and where the broker pays for what is delivered and unsettled (RabbitMQ: ``shallow``),
+    # past the formula's 100 handlers the prefetch stays what 100 had (x 10)
+    shallow = Controller(queue("io"), concurrency_max=IO_CONCURRENCY_CEILING, shallow=True)
+    trace = run(shallow, 30, cpu_s=50e-6, wait_s=5e-3)
+    assert trace[-1][:2] == (302, 1000) and all(p == 1000 for _, p, _ in trace)
     assert direction_changes(concurrency) <= 4
 
 

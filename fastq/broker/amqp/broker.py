@@ -49,6 +49,9 @@ class AMQPBroker(Broker):
         ConfigError: the URL is not an AMQP URL or one of its options is out of range.
     """
 
+    #: every unacked message is tracked by the queue's and the channel's processes
+    unsettled_costs = True
+
     def __init__(self, url: str, *, routes: dict[str, QueueOptions] | None = None) -> None:
         self.options = Options(url)
         self.url = self.options.masked
