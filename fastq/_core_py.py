@@ -572,6 +572,8 @@ class Dispatcher:
         self._tags: list[set[int]] = [set() for _ in range(workers)]
         self._accepting = [False] * workers
         self._allowed = [[True] * workers for _ in range(queues)]
+        #: where the search for the least busy worker starts: ties go round
+        self._rotor = 0
         self._dispatched = self._completed = self._stale = 0
 
     def attach(self, worker: int, ring: Ring) -> None:
@@ -612,8 +614,9 @@ class Dispatcher:
     def dispatch(
         self, items: Iterable[tuple[int, int, int, Buffer]]
     ) -> list[tuple[int, int, int, Buffer]]:
-        """Write each item to the least busy accepting worker allowed its queue; return the items
-        that found no such worker, or no room in its ring, in their order."""
+        """Write each item to the least busy accepting worker allowed its queue (among equals,
+        the first after the worker chosen last: ties go round); return the items that found no
+        such worker, or no room in its ring, in their order."""
         items = list(items)
         load = [len(t) for t in self._tags]
         full = [False] * self._n
@@ -624,7 +627,8 @@ class Dispatcher:
             queue = check_queue(item[2], self._queues)
             allowed = self._allowed[queue]
             best = -1
-            for w in range(self._n):
+            for k in range(self._n):
+                w = (self._rotor + k) % self._n
                 if (
                     self._accepting[w]
                     and allowed[w]
@@ -635,6 +639,7 @@ class Dispatcher:
             if best >= 0:
                 self._check_size(best, item)
                 load[best] += 1
+                self._rotor = (best + 1) % self._n
             picks.append(best)
         return self._write(items, picks)
 

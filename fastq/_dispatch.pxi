@@ -52,6 +52,7 @@ cdef class Dispatcher:
     cdef Py_ssize_t* _extra      # scratch: load added per worker during one dispatch()
     cdef Py_ssize_t* _pick       # scratch: the worker chosen per item (-1: none)
     cdef Py_ssize_t _pick_cap
+    cdef Py_ssize_t _rotor      # where the search for the least busy worker starts (ties rotate)
     cdef uint64_t _dispatched, _completed, _stale
 
     def __cinit__(self, workers, queues=1):
@@ -108,7 +109,7 @@ cdef class Dispatcher:
 
     def dispatch(self, items):
         cdef list todo = list(items)
-        cdef Py_ssize_t n = len(todo), i, w, best, q
+        cdef Py_ssize_t n = len(todo), i, k, w, best, q
         cdef Py_ssize_t* load = self._load
         cdef Py_ssize_t* pick = self._picks(n)
         memset(self._extra, 0, self._n * sizeof(Py_ssize_t))
@@ -118,7 +119,10 @@ cdef class Dispatcher:
                 raise _ref.bad_item(item)
             q = _check_queue(item[2], self._queues)
             best = -1
-            for w in range(self._n):
+            for k in range(self._n):
+                w = self._rotor + k
+                if w >= self._n:
+                    w -= self._n
                 if self._accepting[w] and self._allowed[q * self._n + w] and (
                     best < 0 or load[w] + self._extra[w] < load[best] + self._extra[best]
                 ):
@@ -126,6 +130,7 @@ cdef class Dispatcher:
             if best >= 0:
                 self._check_size(best, item)
                 self._extra[best] += 1
+                self._rotor = best + 1 if best + 1 < self._n else 0
             pick[i] = best
         return self._write(todo, pick)
 

@@ -53,9 +53,23 @@ def test_dispatch_fills_the_worker_that_holds_fewer(two):
     d, rings = two
     d.dispatch_to(0, [(t, 0, 0, b"x") for t in range(1, 5)])
     d.dispatch([(t, 0, 0, b"y") for t in range(5, 11)])
-    # ties go to the lower index
+    # ties go round: the first after the worker chosen last
     assert [t for t, *_ in deliveries(rings[1])] == [5, 6, 7, 8, 10]
     assert [t for t, *_ in deliveries(rings[0])] == [1, 2, 3, 4, 9]
+
+
+def test_ties_alternate_between_single_dispatches(two):
+    # Given work that comes one at a time and is done before the next (a tie every time: noop
+    # handlers fed by a trickle)
+    d, rings = two
+    picks = []
+    for t in range(1, 7):
+        d.dispatch([(t, 0, 0, b"z")])
+        picked = [w for w, r in enumerate(rings) if deliveries(r)]
+        picks.extend(picked)
+        d.complete(picked[0], [done(t)])
+    # Then it goes round instead of always to worker 0
+    assert picks == [0, 1, 0, 1, 0, 1]
 
 
 def test_complete_returns_ok_tags_and_other_outcomes_with_reasons(two):
