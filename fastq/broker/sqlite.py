@@ -120,16 +120,24 @@ class SqliteBroker(ExchangeBroker):
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
             try:
-                db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
-                db.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
-                db.executescript(sql.SCHEMA)
-                db.executescript(runs_sql.SCHEMA)
-                self._add_columns(db)
+                db = storage.open_busy_retrying(self._open_thread_db)
             except sqlite3.Error as e:
                 raise self._open_error(e) from e
             self._local.db = db
+        return db
+
+    def _open_thread_db(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
+            db.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
+            db.executescript(sql.SCHEMA)
+            db.executescript(runs_sql.SCHEMA)
+            self._add_columns(db)
+        except BaseException:
+            db.close()
+            raise
         return db
 
     @staticmethod

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
+from collections.abc import Callable
 
 from fastq.errors import BrokerConnectionError, BrokerStorageError, FastqError
 
@@ -21,6 +23,27 @@ PROBLEMS = {
         "check that its directory exists and is writable",
     ),
 }
+
+
+#: seconds a new connection keeps trying while another process holds the file in a way SQLite
+#: answers BUSY to at once, without its busy handler (switching a new file to WAL, recovery)
+OPEN_BUSY_SECONDS = 30.0
+
+
+def open_busy_retrying(open_db: Callable[[], sqlite3.Connection]) -> sqlite3.Connection:
+    """``open_db()``, tried again (5 ms, doubling to 200 ms) while it fails BUSY, for up to
+    OPEN_BUSY_SECONDS: several supervisors started at once on a new file meet each other there
+    (seen: one of three on a new result store exited with "database is locked")."""
+    deadline, pause = time.monotonic() + OPEN_BUSY_SECONDS, 0.005
+    while True:
+        try:
+            return open_db()
+        except sqlite3.OperationalError as e:
+            busy = getattr(e, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
+            if not busy or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
 
 
 def open_error(path: str, url: str, e: sqlite3.Error) -> FastqError:
