@@ -20,7 +20,9 @@ from fastq.errors import ConfigError
 from fastq.url import mask_url
 
 #: The most I/O handlers autosize raises a host to, all its queues together (the default of
-#: ``io_concurrency_ceiling``): past the formula's min(100, cores x 2) only while each step pays.
+#: ``io_concurrency_ceiling``): past the formula's min(100, cores x 2) only while cores stay idle
+#: with a backlog waiting and each step pays (a 5 ms wait needs 100 handlers for 20,000 messages
+#: a second: a host that can do more must not stop there); the queues' shares split it.
 DEFAULT_IO_CONCURRENCY_CEILING = 1000
 
 #: The embedded default: a SQLite file in the working directory.

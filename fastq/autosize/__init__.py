@@ -37,7 +37,6 @@ from fastq.autosize.look import (
 )
 from fastq.autosize.plan import (
     CPU_PREFETCH_FACTOR,
-    IO_CONCURRENCY_CEILING,
     IO_CONCURRENCY_MAX,
     IO_PREFETCH_FACTOR,
     PREFETCH_MEMORY_SHARE,
@@ -57,7 +56,6 @@ __all__ = [
     "CPU_PREFETCH_FACTOR_MAX",
     "FIRST_LOOK",
     "GAIN",
-    "IO_CONCURRENCY_CEILING",
     "IO_CONCURRENCY_MAX",
     "IO_PREFETCH_FACTOR",
     "IO_PREFETCH_FACTOR_MAX",

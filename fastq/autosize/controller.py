@@ -85,10 +85,11 @@ class Controller:
         #: a CPU queue's handlers when it has the cores it runs on to itself (its share may be less)
         self.cpu_cores = queue.concurrency
         self.fixed_prefetch = user_prefetch
+        #: the most I/O handlers the steps may reach: the formula's ceiling, or the host's
+        #: (the engine passes Config.io_concurrency_ceiling)
+        self.ceiling = concurrency_max or IO_CONCURRENCY_MAX
         self.min_concurrency = 1 if self.kind == "io" else queue.concurrency
-        self.max_concurrency = (
-            queue.concurrency if self.fixed_concurrency else (concurrency_max or IO_CONCURRENCY_MAX)
-        )
+        self.max_concurrency = queue.concurrency if self.fixed_concurrency else self.ceiling
         bounds = queue.options
         if not self.fixed_concurrency:  # the user's bounds (checked against each other already)
             self.min_concurrency = max(self.min_concurrency, bounds.min_concurrency or 1)
@@ -106,9 +107,6 @@ class Controller:
         #: past the formula's IO_CONCURRENCY_MAX I/O handlers, the prefetch factor applies to
         #: those 100 only (the broker pays for what is delivered and unsettled: RabbitMQ)
         self.shallow = shallow
-        #: the most I/O handlers the steps may reach: the formula's ceiling, or the host's
-        #: (the engine passes Config.io_concurrency_ceiling)
-        self.ceiling = concurrency_max or IO_CONCURRENCY_MAX
         base = IO_PREFETCH_FACTOR if self.kind == "io" else CPU_PREFETCH_FACTOR
         self.factor_min, self.factor = base, base
         self.factor_max = IO_PREFETCH_FACTOR_MAX if self.kind == "io" else CPU_PREFETCH_FACTOR_MAX

@@ -29,16 +29,12 @@ from typing import Any, Literal
 import msgspec
 
 from fastq.autosize.topology import Topology
-from fastq.config import DEFAULT_IO_CONCURRENCY_CEILING, Config, HandlerOptions
+from fastq.config import Config, HandlerOptions
 from fastq.errors import ConfigError
 
 #: ceiling of the I/O formula (the "high concurrency" tier), per host: where a queue starts
+#: (the controller may go past it, to Config.io_concurrency_ceiling)
 IO_CONCURRENCY_MAX = 100
-#: the most I/O handlers the controller raises a host to (Config.io_concurrency_ceiling's
-#: default), past the formula, while cores stay idle with a backlog waiting and each step pays
-#: (a 5 ms wait needs 100 handlers for 20,000 messages a second: a host that can do more must
-#: not stop there); the queues' shares split it
-IO_CONCURRENCY_CEILING = DEFAULT_IO_CONCURRENCY_CEILING
 IO_PREFETCH_FACTOR = 5
 CPU_PREFETCH_FACTOR = 2
 #: share of the memory limit a full prefetch of max-size messages may take

@@ -414,7 +414,7 @@ class SqliteBroker(ExchangeBroker):
             try:
                 out = self._exchange(queue, settle, fetch, self._loop_connection())
             except sqlite3.OperationalError as e:
-                if e.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:  # any BUSY_*  # type: ignore[attr-defined]
+                if not storage.busy(e):
                     raise
             else:
                 # Fairness: SQLite's waiters sleep and poll, so a writer that starts again at once

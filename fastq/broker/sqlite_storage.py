@@ -25,6 +25,17 @@ PROBLEMS = {
 }
 
 
+def primary_code(e: sqlite3.Error) -> int:
+    """SQLite's primary result code of ``e`` (its extended code without the detail; 0 when the
+    error carries none)."""
+    return int(getattr(e, "sqlite_errorcode", 0)) & 0xFF
+
+
+def busy(e: sqlite3.Error) -> bool:
+    """``e`` is SQLITE_BUSY (any BUSY_*): another connection holds what this one needs."""
+    return primary_code(e) == sqlite3.SQLITE_BUSY
+
+
 #: seconds a new connection keeps trying while another process holds the file in a way SQLite
 #: answers BUSY to at once, without its busy handler (switching a new file to WAL, recovery)
 OPEN_BUSY_SECONDS = 30.0
@@ -39,8 +50,7 @@ def open_busy_retrying(open_db: Callable[[], sqlite3.Connection]) -> sqlite3.Con
         try:
             return open_db()
         except sqlite3.OperationalError as e:
-            busy = getattr(e, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
-            if not busy or time.monotonic() + pause > deadline:
+            if not busy(e) or time.monotonic() + pause > deadline:
                 raise
         time.sleep(pause)
         pause = min(pause * 2, 0.2)
@@ -62,8 +72,7 @@ def open_error(path: str, url: str, e: sqlite3.Error) -> FastqError:
 def storage_error(path: str, e: sqlite3.Error, outcome: str) -> BrokerStorageError | None:
     """``e`` as a BrokerStorageError when the storage refused a write (full, read-only, an I/O
     error), saying that ``outcome``; None for any other error."""
-    code = getattr(e, "sqlite_errorcode", 0) & 0xFF
-    problem = PROBLEMS.get(code)
+    problem = PROBLEMS.get(primary_code(e))
     if problem is None:
         return None
     what, fix = problem

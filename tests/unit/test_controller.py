@@ -11,7 +11,6 @@ from typing import Any
 from fastq.autosize import (
     CONTROL_INTERVAL,
     COOLDOWN,
-    IO_CONCURRENCY_CEILING,
     IO_CONCURRENCY_MAX,
     PROBE_AFTER,
     RAMP_INTERVAL,
@@ -21,7 +20,7 @@ from fastq.autosize import (
     plan,
     ramp,
 )
-from fastq.config import Config, HandlerOptions
+from fastq.config import DEFAULT_IO_CONCURRENCY_CEILING, Config, HandlerOptions
 
 CORES = 2
 
@@ -80,12 +79,12 @@ def test_the_engines_controller_climbs_past_the_formula_while_cores_stay_idle_th
     # Given the engine's controller (its ceiling the host's, not the formula's 100) and I/O
     # handlers that wait 5 ms and use 50 µs of CPU: 100 at once carry 20,000/s, the two cores
     # 40,000/s
-    ctl = Controller(queue("io"), concurrency_max=IO_CONCURRENCY_CEILING)
+    ctl = Controller(queue("io"), concurrency_max=DEFAULT_IO_CONCURRENCY_CEILING)
     trace = run(ctl, 30, cpu_s=50e-6, wait_s=5e-3)
     concurrency = [c for c, _, _ in trace]
     # Then the first look sizes it by the idle cores, past the formula's ceiling
     assert trace[0][2] == "cores 2% busy while 10000 messages wait: concurrency +147"
-    assert max(concurrency) <= IO_CONCURRENCY_CEILING
+    assert max(concurrency) <= DEFAULT_IO_CONCURRENCY_CEILING
     # and once the cores are full it settles where they stay full, and holds (a decrease that
     # lost, taken back, is not tried again at once: no swing; one look in PROBE_AFTER tries
     # the halving again, and takes it back)
@@ -94,7 +93,7 @@ def test_the_engines_controller_climbs_past_the_formula_while_cores_stay_idle_th
     assert model(302, 3020, cpu_s=50e-6, wait_s=5e-3).throughput == CORES / 50e-6
     # and where the broker pays for what is delivered and unsettled (RabbitMQ: ``shallow``),
     # past the formula's 100 handlers the prefetch stays what 100 had (x 10)
-    shallow = Controller(queue("io"), concurrency_max=IO_CONCURRENCY_CEILING, shallow=True)
+    shallow = Controller(queue("io"), concurrency_max=DEFAULT_IO_CONCURRENCY_CEILING, shallow=True)
     trace = run(shallow, 30, cpu_s=50e-6, wait_s=5e-3)
     assert trace[-1][:2] == (302, 1000) and all(p == 1000 for _, p, _ in trace)
     assert direction_changes(concurrency) <= 4
@@ -257,7 +256,7 @@ def test_saturated_cores_halve_io_concurrency_while_the_work_waits_in_the_host()
     # Given the engine's controller at 1,000 I/O handlers whose prefetch took the whole
     # backlog: nothing waits at the broker, 10,000 wait in this host, and the work is now CPU
     def at_1000() -> Controller:
-        ctl = Controller(queue("io"), concurrency_max=IO_CONCURRENCY_CEILING)
+        ctl = Controller(queue("io"), concurrency_max=DEFAULT_IO_CONCURRENCY_CEILING)
         assert ctl.start(backlog=100_000).concurrency == 1000
         ctl.step(Sample(busy=0.5, backlog=0, throughput=40_000.0, latency=0.25, in_flight=10_000))
         return ctl
