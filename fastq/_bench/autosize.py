@@ -32,11 +32,12 @@ from fastq._bench import _burn_iterations
 from fastq._bench.engine import Bench
 
 #: per scenario, the (concurrency, prefetch) pairs held by hand; "cores" is the usable cores,
-#: "x2"/"x3" that many times the cores
+#: "xN" N times the cores (x20: a CPU prefetch as deep as the controller's buffer of short
+#: handlers may go)
 SWEEP: dict[str, list[tuple[int | str, int | str]]] = {
     "noop": [(4, 20), (16, 160), (100, 500), (100, 2_000)],
     "io": [(4, 20), (16, 160), (100, 1_000), (500, 5_000), (1_000, 10_000)],
-    "cpu": [("cores", "x2"), ("cores", "x3"), ("2cores", "x2")],
+    "cpu": [("cores", "x2"), ("cores", "x3"), ("cores", "x20"), ("2cores", "x2")],
 }
 #: seconds of each held run; its rate is the median of the last three
 HELD_SECONDS = 5
@@ -49,10 +50,8 @@ def _resolve(value: int | str, cores: int) -> int:
         return cores
     if value == "2cores":
         return 2 * cores
-    if value == "x2":
-        return 2 * cores
-    if value == "x3":
-        return 3 * cores
+    if isinstance(value, str) and value.startswith("x"):
+        return int(value[1:]) * cores
     assert isinstance(value, int)
     return value
 

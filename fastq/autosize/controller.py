@@ -31,6 +31,12 @@ RAMP_TARGET = 0.75
 STRONG_GAIN = 0.20
 IO_PREFETCH_FACTOR_MAX = 10
 CPU_PREFETCH_FACTOR_MAX = 3
+#: past x 3, a CPU queue's prefetch may hold this many seconds of its handlers' work per handler
+#: (a handler's time a message read as concurrency / throughput while work waits): short
+#: handlers then wait for no round trip of the supervisor, and long ones hoard nothing more
+CPU_BUFFER_SECONDS = 0.02
+#: the largest CPU prefetch factor the buffer may reach (handlers of 1 ms or less)
+CPU_PREFETCH_FACTOR_CEILING = 20
 #: memory headroom (share of the limit still available) under which prefetch comes down
 MEMORY_HEADROOM_MIN = 0.10
 #: an increase is kept when throughput grew by at least this share (noise is about half that)
@@ -41,6 +47,20 @@ COOLDOWN = 3
 PROBE_AFTER = 15
 #: at or above this share of busy time the cores are saturated: fewer at once may do as well
 SATURATED = 0.95
+
+
+def cpu_factor_max(s: Sample, concurrency: int) -> int:
+    """The largest CPU prefetch factor for handlers as fast as ``s`` shows them: x 3, or as many
+    messages per handler as CPU_BUFFER_SECONDS of their work, up to CPU_PREFETCH_FACTOR_CEILING.
+    Read only while work waits (a backlog keeps every handler busy, so throughput / concurrency
+    is a handler's rate); else x 3."""
+    if s.backlog <= 0 or s.throughput <= 0:
+        return CPU_PREFETCH_FACTOR_MAX
+    per_handler = s.throughput / max(concurrency, 1)
+    return max(
+        CPU_PREFETCH_FACTOR_MAX,
+        min(CPU_PREFETCH_FACTOR_CEILING, int(CPU_BUFFER_SECONDS * per_handler)),
+    )
 
 
 class Decision(msgspec.Struct, frozen=True, kw_only=True):
@@ -58,8 +78,9 @@ class Controller:
     Once per look, ``step`` applies the first rule of ``RULES`` that fits (each is a method
     below, with its own docstring): memory short; an increase that did not pay; a jump sized by
     idle cores that paid less than half of itself; a decrease that lost throughput on idle
-    cores, or on saturated ones; saturated cores; a backlog waiting (more concurrency, the
-    prefetch factor to its largest with it; at the concurrency's ceiling, the factor alone). A
+    cores, or on saturated ones; saturated cores; a CPU queue's prefetch deeper than its
+    handlers' time allows; a backlog waiting (more concurrency, the prefetch factor to its
+    largest with it; at the concurrency's ceiling, the factor alone). A
     ceiling (kept apart for concurrency and for prefetch, so that one that stopped paying
     leaves the other to try) holds until the load changes (throughput moves by a quarter) or
     PROBE_AFTER intervals pass, when one doubling is tried again; decreases hold increases for
@@ -435,20 +456,45 @@ class Controller:
             f"cores {s.busy:.0%} busy: concurrency down to {c} while throughput holds",
         )
 
+    def cpu_buffer_too_deep(self, s: Sample, look: _Look) -> _Change | None:
+        """7. A CPU queue's prefetch factor is twice what its handlers' time allows now or more
+        (they got slower: ``cpu_factor_max``; twice, so that one slow look on a noisy machine
+        does not swing it): down to that, so that no more than CPU_BUFFER_SECONDS of work waits
+        per handler while other hosts could run it."""
+        if self.kind != "cpu" or self.fixed_prefetch:
+            return None
+        bound = cpu_factor_max(s, self.concurrency)
+        if s.backlog <= 0 or self.factor < 2 * bound:
+            return None
+        self.factor = self.factor_max = bound
+        self.before = (self.concurrency, self.factor)
+        p = self._prefetch_for(self.concurrency)
+        reason = (
+            f"handlers take {self.concurrency / s.throughput * 1e3:.1f} ms a message: prefetch "
+            f"down to concurrency x {bound} ({CPU_BUFFER_SECONDS * 1e3:g} ms of work a handler)"
+        )
+        return self.concurrency, p, reason
+
     def backlog_waits(self, s: Sample, look: _Look) -> _Change | None:
-        """7. A backlog waits: each step is tried and kept only if it pays. With idle cores more
+        """8. A backlog waits: each step is tried and kept only if it pays. With idle cores more
         at once should: I/O concurrency grows by ``ramp`` (sized by the idle cores and the
         backlog; x2 on busy cores; x4 after a step that paid STRONG_GAIN, never in a probe),
         and the prefetch factor goes to its largest with it unless that was a ceiling (short
         handlers are carried by what is in flight around the supervisor's round trip, not by
         handlers: a step that raised both and did not pay goes back whole). Past the
         concurrency's ceiling, larger batches (less overhead per message) may: the prefetch
-        factor goes straight to its largest."""
+        factor goes straight to its largest (a CPU queue's: x 3, or what CPU_BUFFER_SECONDS of
+        its handlers' work holds, ``cpu_factor_max``)."""
         if not (s.backlog > 0 and not self.cooldown):
             return None
         probing, self.probing = self.probing, False  # a probe is this one step
         c, p, reason = self.concurrency, self.prefetch, ""
         self.before = (c, self.factor)
+        if self.kind == "cpu":  # how far its prefetch may go depends on its handlers' time
+            bound = cpu_factor_max(s, c)
+            # past x 3, by twice at least: one look's noise is no reason for a new consumer
+            if self.factor <= CPU_PREFETCH_FACTOR_MAX or bound >= 2 * self.factor:
+                self.factor_max = bound
         if (
             not self.fixed_concurrency
             and c < self.max_concurrency
@@ -494,6 +540,7 @@ class Controller:
         decrease_lost_on_idle_cores,
         decrease_lost_on_saturated_cores,
         saturated,
+        cpu_buffer_too_deep,
         backlog_waits,
     )
 

@@ -9,10 +9,13 @@ The starting rules (ARCHITECTURE.md, "Sizing"), per host:
 | kind | concurrency | prefetch |
 |---|---|---|
 | io (and auto, until measured) | min(100, cores x 2), may grow to 1,000 | concurrency x 5..10 (*) |
-| cpu | cores (one handler per pinned core) | concurrency x 2 (may grow to x 3) |
+| cpu | cores (one handler per pinned core) | concurrency x 2 (may grow to x 3) (**) |
 
 (*) on RabbitMQ (``Broker.unsettled_costs``), past 100 handlers: at least the concurrency, and
 100 x 5..10 (the controller's ``_prefetch_for``).
+
+(**) past x 3 only while work waits and its handlers are short: as many messages a handler as
+20 ms of their work, up to x 20 (the controller's ``cpu_factor_max``; 1 ms handlers: about x 16).
 
 ``cores`` is what this process may really use: the affinity mask, cut by a cgroup CPU quota
 (1.5 cores of quota counts as 1.5 for concurrency and as 1 worker process, as Go's automaxprocs

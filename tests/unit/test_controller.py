@@ -167,13 +167,52 @@ def test_memory_pressure_lowers_prefetch_first_then_concurrency_never_below_the_
     assert trace[-1][0] == 1
 
 
-def test_cpu_work_never_gets_more_than_one_handler_per_core_and_prefetch_stays_within_x3():
+def test_cpu_work_keeps_one_handler_per_core_and_its_prefetch_holds_20_ms_of_short_work():
+    # Given handlers of 1 ms with the cores a little idle between messages: 833/s a handler
     ctl = Controller(queue("cpu"))
     assert (ctl.concurrency, ctl.prefetch) == (2, 4)
-    trace = run(ctl, 20, cpu_s=1e-3, wait_s=0.2e-3)  # cores a little idle between messages
+    trace = run(ctl, 20, cpu_s=1e-3, wait_s=0.2e-3)
+    assert {c for c, _, _ in trace} == {2}
+    # Then the first look takes the prefetch past the formula's x 3, to CPU_BUFFER_SECONDS
+    # (20 ms) of their work a handler: 16 messages
+    assert trace[0] == (
+        2,
+        32,
+        "cores 83% busy while 10000 messages wait: prefetch to concurrency x 16",
+    )
+    # and since in this model a deeper prefetch gains nothing, it goes back whole
+    assert trace[1][:2] == (2, 4)
+    assert max(p for _, p, _ in trace) == 32
+
+
+def test_cpu_work_of_10_ms_or_more_keeps_the_formulas_x3():
+    ctl = Controller(queue("cpu"))
+    trace = run(ctl, 20, cpu_s=10e-3, wait_s=1e-3)
     assert {c for c, _, _ in trace} == {2}
     assert max(p for _, p, _ in trace) == 6
-    assert trace[0][2] == "cores 83% busy while 10000 messages wait: prefetch to concurrency x 3"
+    assert trace[0][2] == "cores 91% busy while 10000 messages wait: prefetch to concurrency x 3"
+
+
+def test_a_deep_cpu_prefetch_comes_down_when_its_handlers_get_slower():
+    ctl = Controller(queue("cpu"))
+    d = ctl.step(Sample(busy=0.9, backlog=10_000, throughput=1_800, latency=0.01))
+    assert (d.concurrency, d.prefetch) == (2, 36)  # 900/s a handler: 18 in 20 ms
+    # a look that reads a little faster makes no new consumer for one more message a handler
+    d = ctl.step(Sample(busy=0.9, backlog=10_000, throughput=1_950, latency=0.01))
+    assert (d.prefetch, d.reason) == (36, "")
+    # nothing waits: nothing to read the handlers' time from, nothing moves
+    d = ctl.step(Sample(busy=0.1, backlog=0, throughput=200, latency=0.01))
+    assert (d.prefetch, d.reason) == (36, "")
+    # with work waiting, handlers of 10 ms: back to x 3
+    d = ctl.step(Sample(busy=0.95, backlog=10_000, throughput=200, latency=0.2))
+    assert (d.concurrency, d.prefetch) == (2, 6)
+    assert d.reason == (
+        "handlers take 10.0 ms a message: prefetch down to concurrency x 3 (20 ms of work a "
+        "handler)"
+    )
+    # and a look a little slower still (half of what it allows, not less) keeps it there
+    d = ctl.step(Sample(busy=0.95, backlog=10_000, throughput=190, latency=0.2))
+    assert d.prefetch == 6
 
 
 def test_what_the_user_set_never_moves():
@@ -304,8 +343,8 @@ def test_auto_handlers_measured_cpu_bound_take_the_cpu_rules():
     assert (ctl.kind, ctl.concurrency, ctl.prefetch) == ("io", 4, 20)
     d = ctl.reclassify("cpu", CORES)
     assert (d.concurrency, d.prefetch, d.reason) == (2, 4, "measured cpu-bound")
-    # then it moves as cpu work does: prefetch x2..x3 only
-    trace = run(ctl, 20, cpu_s=1e-3, wait_s=0.0)
+    # then it moves as cpu work does: prefetch x2..x3 only (handlers of 10 ms)
+    trace = run(ctl, 20, cpu_s=10e-3, wait_s=0.0)
     assert all(c == 2 and 4 <= p <= 6 for c, p, _ in trace)
 
 
@@ -419,7 +458,7 @@ def test_a_cpu_queue_follows_its_share_of_the_cores_down_and_back_up_unless_the_
         "its share of the host's 2 cores beside the other busy queues is 1: concurrency down to 1"
     )
     assert ctl.cap(1).reason == ""  # no change, nothing said
-    assert all(c == 1 and p <= 3 for c, p, _ in run(ctl, 10, cpu_s=1e-3, wait_s=0.0))
+    assert all(c == 1 and p <= 3 for c, p, _ in run(ctl, 10, cpu_s=10e-3, wait_s=0.0))
     d = ctl.cap(2)
     assert (d.concurrency, d.reason.endswith("concurrency up to 2")) == (2, True)
     # an auto queue measured CPU-bound takes the same share; a concurrency the user set does not
@@ -466,8 +505,8 @@ def test_a_jump_that_paid_most_of_itself_is_kept_not_trimmed():
 
 def test_a_share_that_moves_during_a_prefetch_try_puts_the_factor_back_unjudged():
     ctl = Controller(queue("cpu"))
-    d = ctl.step(Sample(busy=0.8, backlog=10_000, throughput=1_000, latency=0.01))
-    assert (d.prefetch, ctl.factor) == (6, 3)  # trying x3
+    d = ctl.step(Sample(busy=0.8, backlog=10_000, throughput=150, latency=0.01))
+    assert (d.prefetch, ctl.factor) == (6, 3)  # trying x3 (handlers of 13 ms)
     d = ctl.cap(1)
     assert (d.concurrency, d.prefetch, ctl.factor) == (1, 2, 2)  # x2 again, to be tried later
 
