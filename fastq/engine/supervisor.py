@@ -243,11 +243,14 @@ class Supervisor:
         self.restarts[(m.index, _cause(gone))] += 1
         if gone.before_ready:
             logger.error(
-                "worker %d (pid %s) exited with %s before it was ready (its log says why); "
+                "worker %d (pid %s) %s before it was ready (its log says why); "
                 "starting it again in %.1f s",
                 m.index,
                 gone.pid,
-                gone.code,
+                f"was stopped for {self.config.worker_stopped_timeout:g} s or more (SIGSTOP?) "
+                "and was killed"
+                if gone.stopped
+                else f"exited with {gone.code}",
                 gone.restart_in,
             )
             if gone.lost:  # never sent to a worker that is not ready; if it were, it never ran
