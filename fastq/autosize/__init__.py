@@ -5,25 +5,13 @@ at the start and then following the load (ARCHITECTURE.md, "Sizing").
 - ``plan``: the starting numbers from the documented formulas, each with its rule (pure);
 - ``share``: the host's handlers and cores shared among the busy queues (pure);
 - ``look``: what a look at a queue sees, and how looks are timed and judged (pure);
-- ``controller``: one queue's steps within its share, one method per rule (pure).
+- ``rules``: the rules a look applies, in order, one method each, and the state they move (pure);
+- ``controller``: one queue's steps within its share: its start, its share, its looks (pure).
 
 The supervisor's loop that measures and applies them is ``fastq.engine.tuning``.
 """
 
-from fastq.autosize.controller import (
-    COOLDOWN,
-    CPU_PREFETCH_FACTOR_MAX,
-    GAIN,
-    IO_PREFETCH_FACTOR_MAX,
-    MEMORY_HEADROOM_MIN,
-    PROBE_AFTER,
-    RAMP_TARGET,
-    SATURATED,
-    STRONG_GAIN,
-    Controller,
-    Decision,
-    ramp,
-)
+from fastq.autosize.controller import Controller, Decision
 from fastq.autosize.look import (
     CONTROL_INTERVAL,
     FIRST_LOOK,
@@ -46,13 +34,30 @@ from fastq.autosize.plan import (
     plan_app,
     split,
 )
+from fastq.autosize.rules import (
+    COOLDOWN,
+    CPU_BUFFER_SECONDS,
+    CPU_PREFETCH_FACTOR_CEILING,
+    CPU_PREFETCH_FACTOR_MAX,
+    GAIN,
+    IO_PREFETCH_FACTOR_MAX,
+    MEMORY_HEADROOM_MIN,
+    PROBE_AFTER,
+    RAMP_TARGET,
+    SATURATED,
+    STRONG_GAIN,
+    cpu_factor_max,
+    ramp,
+)
 from fastq.autosize.share import share_slots
 from fastq.autosize.topology import LoadMeter, Topology, cpu_quota, memory_limit
 
 __all__ = [
     "CONTROL_INTERVAL",
     "COOLDOWN",
+    "CPU_BUFFER_SECONDS",
     "CPU_PREFETCH_FACTOR",
+    "CPU_PREFETCH_FACTOR_CEILING",
     "CPU_PREFETCH_FACTOR_MAX",
     "FIRST_LOOK",
     "GAIN",
@@ -76,6 +81,7 @@ __all__ = [
     "QueuePlan",
     "Sample",
     "Topology",
+    "cpu_factor_max",
     "cpu_quota",
     "memory_limit",
     "plan",

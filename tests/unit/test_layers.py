@@ -55,14 +55,16 @@ ALLOWED: dict[str, set[str]] = {
     # module:attribute -> object, for the cli and for a worker loading its app and executor
     "_load": {"errors"},
     "autosize": {"autosize.topology", "autosize.plan", "autosize.share", "autosize.look",
-                 "autosize.controller"},
+                 "autosize.rules", "autosize.controller"},
     # the cores the fastq processes of one host claimed (files in the runtime dir)
     "autosize.claims": {"_segment"},
     "autosize.topology": {"config", "errors"},
     "autosize.plan": {"autosize.topology", "config", "errors"},
     "autosize.share": {"autosize.plan"},
     "autosize.look": set(),
-    "autosize.controller": {"autosize.plan", "autosize.look", "config", "errors"},
+    "autosize.rules": {"autosize.plan", "autosize.look"},
+    "autosize.controller": {"autosize.plan", "autosize.look", "autosize.rules", "config",
+                            "errors"},
     # QueueOptions is a setting (config); the broker interface re-exports it
     # workflows (issue 16): the package imports nothing; state is the run's values and the
     # storage protocol, run the pure state machine the brokers drive in the ack's transaction,
