@@ -6,7 +6,7 @@ without the settling start, at the trimmed mean rate of its slices. Pure.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import msgspec
 
@@ -66,3 +66,34 @@ def settle_for(interval: float) -> float:
     if interval < RAMP_INTERVAL:  # the first look: one tick for the start to take hold
         return LOOK_TICK
     return RAMP_SETTLE if interval <= RAMP_INTERVAL else interval / 2
+
+
+class Cadence:
+    """When each queue's controller looks next: ``due[queue]`` is (when it last looked, seconds
+    until the next look). A new queue looks FIRST_LOOK after the loop first sees it (the start
+    is a change of load), and so does a queue whose last look saw nothing waiting and nothing
+    in flight once work reaches it (a burst after a quiet spell: at CONTROL_INTERVAL it might be
+    over before its first look); otherwise the controller says (``Controller.next_look``). Pure.
+    """
+
+    def __init__(self) -> None:
+        self.due: dict[str, tuple[float, float]] = {}
+        #: queues whose last look saw no work
+        self.idle: set[str] = set()
+
+    def tick(self, now: float, names: Iterable[str], in_flight: Mapping[str, int]) -> list[str]:
+        """The queues due for a look at ``now`` (within half a tick), after taking in the new
+        ones and the idle ones that have work in flight now."""
+        for name in names:
+            self.due.setdefault(name, (now, FIRST_LOOK))
+        for name in [n for n in self.idle if in_flight.get(n, 0) > 0]:
+            self.idle.discard(name)
+            self.due[name] = (now, FIRST_LOOK)
+        return [n for n, (at, wait) in self.due.items() if now - at >= wait - LOOK_TICK / 2]
+
+    def saw(self, name: str, *, backlog: int, in_flight: int) -> None:
+        """What a look at ``name`` found: no work at all makes it idle until work comes."""
+        if backlog == 0 and in_flight == 0:
+            self.idle.add(name)
+        else:
+            self.idle.discard(name)

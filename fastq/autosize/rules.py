@@ -285,7 +285,7 @@ class Rules:
         if self.kind == "cpu":  # how far its prefetch may go depends on its handlers' time
             bound = cpu_factor_max(s, c)
             # past x 3, by twice at least: one look's noise is no reason for a new consumer
-            if self.factor <= CPU_PREFETCH_FACTOR_MAX or bound >= 2 * self.factor:
+            if bound <= CPU_PREFETCH_FACTOR_MAX or bound >= 2 * self.factor:
                 self.factor_max = bound
         if (
             not self.fixed_concurrency

@@ -2,7 +2,8 @@
 
 Every LOOK_TICK seconds it reads the settled counts and the cores; each queue's controller looks
 when its own interval has passed (``Controller.next_look``: 2 s, 1 s at the start and after an
-increase), judged on its own window without the settling start. At each look it shares the host
+increase; ``Cadence``: FIRST_LOOK after the start and after work reaches a queue that had none),
+judged on its own window without the settling start. At each look it shares the host
 among the busy queues, lets the due controllers decide, and applies what changed: prefetch at
 once (at the broker), concurrency by telling each worker its slots, a CPU queue's share also by
 the workers it runs on. The decisions are pure (fastq.autosize); this module measures and
@@ -21,9 +22,9 @@ from typing import Any, Protocol
 
 from fastq.autosize import (
     CONTROL_INTERVAL,
-    FIRST_LOOK,
     LOOK_TICK,
     PRESS_MEMORY,
+    Cadence,
     Controller,
     Decision,
     LoadMeter,
@@ -119,7 +120,8 @@ class Tuning:
                 self.controller(q)
         loop = asyncio.get_running_loop()
         #: per queue: when it last looked, and how long until its next look
-        due: dict[str, tuple[float, float]] = {}
+        cadence = Cadence()
+        due = cadence.due
         # when each queue last had work waiting at the broker at two reads in a row (one read
         # may catch a queue that keeps up between a publish and its pump's next round trip)
         waited: dict[str, float] = {}
@@ -133,9 +135,9 @@ class Tuning:
             history.append((now, collections.Counter(pumps.settled_by_queue), meter.snapshot()))
             while history[0][0] < now - 2 * CONTROL_INTERVAL:
                 history.popleft()
-            for name in controllers:  # the start is a change of load: the first look comes soon
-                due.setdefault(name, (now, FIRST_LOOK))
-            looking = [n for n, (at, wait) in due.items() if now - at >= wait - LOOK_TICK / 2]
+            # the start, and work reaching a queue that had none, are changes of load: a look
+            # comes FIRST_LOOK after them
+            looking = cadence.tick(now, controllers, pumps.in_flight)
             if not looking:
                 continue
             headroom = meter.memory_headroom()
@@ -146,6 +148,8 @@ class Tuning:
                 if backlogs.get(name, 0) > 0 and ready_before.get(name, 0) > 0:
                     waited[name] = now
                 ready_before[name] = backlogs.get(name, 0)
+                if name in looking and name in backlogs:
+                    cadence.saw(name, backlog=backlogs[name], in_flight=pumps.in_flight[name])
             # Queues with work (demand) share the host by weight: I/O ones its handlers, CPU ones
             # its cores, weighed against the busy queues that press for them (work waiting)
             decided: list[str] = []

@@ -11,9 +11,12 @@ from typing import Any
 from fastq.autosize import (
     CONTROL_INTERVAL,
     COOLDOWN,
+    FIRST_LOOK,
     IO_CONCURRENCY_MAX,
+    LOOK_TICK,
     PROBE_AFTER,
     RAMP_INTERVAL,
+    Cadence,
     Controller,
     Sample,
     Topology,
@@ -191,6 +194,21 @@ def test_cpu_work_of_10_ms_or_more_keeps_the_formulas_x3():
     assert {c for c, _, _ in trace} == {2}
     assert max(p for _, p, _ in trace) == 6
     assert trace[0][2] == "cores 91% busy while 10000 messages wait: prefetch to concurrency x 3"
+
+
+def test_past_x3_a_cpu_prefetch_moves_only_by_twice_or_more():
+    ctl = Controller(queue("cpu"))
+    d = ctl.step(Sample(busy=0.8, backlog=10_000, throughput=150, latency=0.01))
+    assert d.prefetch == 6  # handlers of 13 ms: the formula's x 3
+    # handlers of 4 ms allow x 5: not twice x 3, no new consumer for it
+    d = ctl.step(Sample(busy=0.8, backlog=10_000, throughput=500, latency=0.01))
+    assert (d.prefetch, d.reason) == (6, "")
+    # handlers of 3.3 ms allow x 6: twice, taken
+    d = ctl.step(Sample(busy=0.8, backlog=10_000, throughput=600, latency=0.01))
+    assert (d.prefetch, d.reason) == (
+        12,
+        "cores 80% busy while 10000 messages wait: prefetch to concurrency x 6",
+    )
 
 
 def test_a_deep_cpu_prefetch_comes_down_when_its_handlers_get_slower():
@@ -612,3 +630,26 @@ def test_a_backlog_met_at_the_start_is_sized_at_once_and_a_steady_start_is_not()
     shared = Controller(queue("io"))
     shared.cap(50)
     assert shared.start(5_000).concurrency == 50
+
+
+def test_work_reaching_a_queue_that_had_none_brings_its_look_forward():
+    # Given a queue whose first look (FIRST_LOOK after the start) found no work, and the
+    # controller's next look 2 s after it
+    cadence = Cadence()
+    assert cadence.tick(0.0, ["q"], {"q": 0}) == []
+    assert cadence.tick(FIRST_LOOK, ["q"], {"q": 0}) == ["q"]
+    cadence.saw("q", backlog=0, in_flight=0)
+    cadence.due["q"] = (FIRST_LOOK, CONTROL_INTERVAL)
+    assert cadence.tick(1.0, ["q"], {"q": 0}) == []
+    # When work reaches it (in flight at a tick), 1 s later
+    assert cadence.tick(1.0 + FIRST_LOOK, ["q"], {"q": 40}) == []
+    # Then it looks FIRST_LOOK after that tick, not at 0.375 + 2 s
+    assert cadence.tick(1.0 + 2 * FIRST_LOOK - LOOK_TICK, ["q"], {"q": 40}) == []
+    assert cadence.tick(1.0 + 2 * FIRST_LOOK, ["q"], {"q": 40}) == ["q"]
+    # and a queue whose look found work, or found it waiting at the broker, keeps its pace
+    cadence.saw("q", backlog=0, in_flight=40)
+    cadence.due["q"] = (2.0, CONTROL_INTERVAL)
+    assert cadence.tick(2.5, ["q"], {"q": 40}) == []
+    cadence.saw("q", backlog=500, in_flight=0)
+    assert cadence.tick(3.0, ["q"], {"q": 40}) == []
+    assert cadence.tick(4.0, ["q"], {"q": 40}) == ["q"]
