@@ -243,14 +243,13 @@ class Supervisor:
         self.restarts[(m.index, _cause(gone))] += 1
         if gone.before_ready:
             logger.error(
-                "worker %d (pid %s) %s before it was ready (its log says why); "
-                "starting it again in %.1f s",
+                "worker %d (pid %s) %s; starting it again in %.1f s",
                 m.index,
                 gone.pid,
                 f"was stopped for {self.config.worker_stopped_timeout:g} s or more (SIGSTOP?) "
-                "and was killed"
+                "and was killed before it was ready"
                 if gone.stopped
-                else f"exited with {gone.code}",
+                else f"exited with {gone.code} before it was ready (its log says why)",
                 gone.restart_in,
             )
             if gone.lost:  # never sent to a worker that is not ready; if it were, it never ran
