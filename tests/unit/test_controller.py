@@ -228,7 +228,7 @@ def test_a_deep_cpu_prefetch_comes_down_when_its_handlers_get_slower():
         "handlers take 10.0 ms a message: prefetch down to concurrency x 3 (20 ms of work a "
         "handler)"
     )
-    # and a look a little slower still (half of what it allows, not less) keeps it there
+    # and slower still, x 3 stays: the formula's top is the buffer's floor
     d = ctl.step(Sample(busy=0.95, backlog=10_000, throughput=190, latency=0.2))
     assert d.prefetch == 6
 
