@@ -92,21 +92,15 @@ class Controller(Rules):
                 self.min_concurrency, min(self.max_concurrency, self.max_prefetch)
             )
         self.user_max_concurrency = bounds.max_concurrency
-        #: past the formula's IO_CONCURRENCY_MAX I/O handlers, the prefetch factor applies to
-        #: those 100 only (the broker pays for what is delivered and unsettled: RabbitMQ)
         self.shallow = shallow
         base = IO_PREFETCH_FACTOR if self.kind == "io" else CPU_PREFETCH_FACTOR
-        self.factor_min, self.factor = base, base
+        self.factor = base
         self.factor_max = IO_PREFETCH_FACTOR_MAX if self.kind == "io" else CPU_PREFETCH_FACTOR_MAX
-        #: the memory cap of the plan, and a lower one while memory is short
         self.prefetch_cap = queue.prefetch_cap
         self.memory_cap: int | None = None
         self.cooldown = 0
         self.last: Sample | None = None
         self.raised = False  # the last step was an increase
-        #: where raising concurrency, or the prefetch factor, stopped paying, and the throughput
-        #: then; forgotten when the load changes (throughput moves by a quarter) or PROBE_AFTER
-        #: intervals pass
         self.capped = {"concurrency": False, "prefetch": False, "down": False}
         self.lowered = False  # the last step was a decrease on saturated cores
         self.ceiling_throughput = 0.0
@@ -181,7 +175,7 @@ class Controller(Rules):
                     1, min(cores, self.user_max_concurrency or cores)
                 )
                 self.min_concurrency = self.max_concurrency = self.concurrency
-            self.factor_min = self.factor = CPU_PREFETCH_FACTOR
+            self.factor = CPU_PREFETCH_FACTOR
             self.factor_max = CPU_PREFETCH_FACTOR_MAX
             self.capped = dict.fromkeys(self.capped, False)
             self.raised = self.lowered = False

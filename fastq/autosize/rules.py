@@ -72,15 +72,16 @@ class Rules:
     #: past the formula's IO_CONCURRENCY_MAX I/O handlers, the prefetch factor applies to
     #: those 100 only (the broker pays for what is delivered and unsettled: RabbitMQ)
     shallow: bool
-    factor_min: int
     factor: int
+    #: the kind's largest prefetch factor (a CPU queue's may go past it: ``_largest_factor``)
     factor_max: int
     #: the memory cap of the plan, and a lower one while memory is short
     prefetch_cap: int
     memory_cap: int | None
     cooldown: int
     #: where raising concurrency, or the prefetch factor, stopped paying, and the throughput
-    #: then
+    #: then; forgotten when the load changes (throughput moves by a quarter) or PROBE_AFTER
+    #: intervals pass
     capped: dict[str, bool]
     ceiling_throughput: float
     ceiling_age: int
@@ -112,6 +113,17 @@ class Rules:
         depth = min(concurrency, IO_CONCURRENCY_MAX) if shallow else concurrency
         prefetch = max(concurrency, min(depth * self.factor, cap))
         return min(max(prefetch, self.min_prefetch), self.max_prefetch)  # the user's bounds win
+
+    def _largest_factor(self, s: Sample, concurrency: int) -> int:
+        """The prefetch factor an increase goes to: the kind's largest, for a CPU queue what its
+        handlers' time allows now (``cpu_factor_max``), past x 3 only when that is twice the
+        factor or more (one look's noise is no reason for a new consumer)."""
+        if self.kind != "cpu":
+            return self.factor_max
+        bound = cpu_factor_max(s, concurrency)
+        return (
+            bound if bound <= CPU_PREFETCH_FACTOR_MAX or bound >= 2 * self.factor else self.factor
+        )
 
     def _ceiling(self, s: Sample, *dimensions: str) -> None:
         for dimension in dimensions:
@@ -258,7 +270,7 @@ class Rules:
         bound = cpu_factor_max(s, self.concurrency)
         if s.backlog <= 0 or self.factor < 2 * bound:
             return None
-        self.factor = self.factor_max = bound
+        self.factor = bound
         self.before = (self.concurrency, self.factor)
         p = self._prefetch_for(self.concurrency)
         reason = (
@@ -282,11 +294,7 @@ class Rules:
         probing, self.probing = self.probing, False  # a probe is this one step
         c, p, reason = self.concurrency, self.prefetch, ""
         self.before = (c, self.factor)
-        if self.kind == "cpu":  # how far its prefetch may go depends on its handlers' time
-            bound = cpu_factor_max(s, c)
-            # past x 3, by twice at least: one look's noise is no reason for a new consumer
-            if bound <= CPU_PREFETCH_FACTOR_MAX or bound >= 2 * self.factor:
-                self.factor_max = bound
+        largest = self._largest_factor(s, c)
         if (
             not self.fixed_concurrency
             and c < self.max_concurrency
@@ -298,21 +306,17 @@ class Rules:
                 jump = 4.0
             c = min(self.max_concurrency, max(c + 1, int(c * jump)))
             if not self.fixed_prefetch and not self.capped["prefetch"] and not probing:
-                self.factor = self.factor_max
+                self.factor = largest
             p = self._prefetch_for(c)
             reason = (
                 f"cores {s.busy:.0%} busy while {s.backlog} messages wait: "
                 f"concurrency +{c - self.concurrency}"
             )
             self.raised = True
-        elif (
-            not self.fixed_prefetch
-            and self.factor < self.factor_max
-            and not self.capped["prefetch"]
-        ):
+        elif not self.fixed_prefetch and self.factor < largest and not self.capped["prefetch"]:
             # Straight to the largest factor: the gain of larger batches flattens out, and a
             # step of +1 (x5 to x6) would pay less than the noise of one look.
-            self.factor = self.factor_max
+            self.factor = largest
             p = self._prefetch_for(c)
             if p > self.prefetch:
                 reason = (
